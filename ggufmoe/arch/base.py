@@ -1,0 +1,177 @@
+"""What every architecture module provides, and the pieces they share.
+
+An architecture turns a Hugging Face checkpoint into GGUF metadata and a list of
+:class:`TensorSpec` — GGUF tensors that load lazily, one part (expert slice) at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import gguf
+import torch
+
+from ..errors import GgufmoeError
+from ..source.hf import HFSource
+
+Loader = Callable[[int], torch.Tensor]
+
+
+@dataclass
+class TensorSpec:
+    """One GGUF tensor. ``shape`` is in numpy order (outermost first; experts first for 3-D).
+
+    ``load(i)`` returns part ``i`` as float32: the whole tensor when ``n_parts == 1``,
+    else the 2-D slice of expert ``i``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    load: Loader
+    n_parts: int = 1
+    hf_name: str = ""  # source tensor in the checkpoint; ``{e}`` marks the expert index
+
+    @property
+    def kind(self) -> str:
+        """The tensor's class: its GGUF name without block number and suffix (``ffn_down_exps``)."""
+        return re.sub(r"^blk\.\d+\.", "", self.name).rsplit(".", 1)[0]
+
+    @property
+    def layer(self) -> int | None:
+        m = re.match(r"blk\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_expert(self) -> bool:
+        return self.n_parts > 1
+
+
+@dataclass
+class Architecture:
+    """Base for the per-architecture modules; subclasses set the class attributes."""
+
+    src: HFSource
+    cfg: object  # transformers PretrainedConfig: what transformers computes is the truth
+    hf_architectures: tuple[str, ...] = field(default=(), init=False)
+    gguf_arch: str = field(default="", init=False)
+
+    # --- to implement --------------------------------------------------------------
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        raise NotImplementedError
+
+    def tensors(self) -> Iterator[TensorSpec]:
+        raise NotImplementedError
+
+    # --- shared pieces ---------------------------------------------------------------
+    def require(self, ok: bool, what: str) -> None:
+        if not ok:
+            raise GgufmoeError(f"{self.src.path}: unsupported {self.src.architecture} checkpoint: {what}")
+
+    def plain(self, gguf_name: str, hf_name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              shape: tuple[int, ...] | None = None) -> TensorSpec:
+        """A tensor read straight from one HF tensor (optionally transformed)."""
+        src = self.src
+
+        def load(_: int) -> torch.Tensor:
+            t = src.get(hf_name)
+            return transform(t) if transform else t
+
+        return TensorSpec(gguf_name, shape or src.shape(hf_name), load, hf_name=hf_name)
+
+    def stacked_experts(self, gguf_name: str, hf_template: str, n_expert: int) -> TensorSpec:
+        """A 3-D expert tensor from per-expert HF tensors; ``hf_template`` has ``{e}``."""
+        src = self.src
+        first = src.shape(hf_template.format(e=0))
+        for e in range(n_expert):
+            name = hf_template.format(e=e)
+            if name not in src:
+                raise GgufmoeError(f"{src.path}: expert tensor {name} missing from the checkpoint")
+        return TensorSpec(gguf_name, (n_expert, *first), lambda e: src.get(hf_template.format(e=e)), n_expert,
+                          hf_name=hf_template)
+
+    def embeddings_and_output(self) -> Iterator[TensorSpec]:
+        yield self.plain("token_embd.weight", "model.embed_tokens.weight")
+        yield self.plain("output_norm.weight", "model.norm.weight")
+        if "lm_head.weight" in self.src:
+            yield self.plain("output.weight", "lm_head.weight")
+
+    def gqa_attention(self, il: int, qk_norm: bool = False, bias: bool = False,
+                      permute_qk: bool = False) -> Iterator[TensorSpec]:
+        """Standard q/k/v/o projections of layer ``il``, optional q/k norms and biases."""
+        p = f"model.layers.{il}.self_attn"
+        b = f"blk.{il}"
+        n_head, n_kv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
+        perm_q = (lambda t: rope_permute(t, n_head)) if permute_qk else None
+        perm_k = (lambda t: rope_permute(t, n_kv)) if permute_qk else None
+        yield self.plain(f"{b}.attn_norm.weight", f"model.layers.{il}.input_layernorm.weight")
+        yield self.plain(f"{b}.attn_q.weight", f"{p}.q_proj.weight", perm_q)
+        yield self.plain(f"{b}.attn_k.weight", f"{p}.k_proj.weight", perm_k)
+        yield self.plain(f"{b}.attn_v.weight", f"{p}.v_proj.weight")
+        if bias:
+            yield self.plain(f"{b}.attn_q.bias", f"{p}.q_proj.bias", perm_q)
+            yield self.plain(f"{b}.attn_k.bias", f"{p}.k_proj.bias", perm_k)
+            yield self.plain(f"{b}.attn_v.bias", f"{p}.v_proj.bias")
+        yield self.plain(f"{b}.attn_output.weight", f"{p}.o_proj.weight")
+        if qk_norm:
+            yield self.plain(f"{b}.attn_q_norm.weight", f"{p}.q_norm.weight")
+            yield self.plain(f"{b}.attn_k_norm.weight", f"{p}.k_norm.weight")
+        yield self.plain(f"{b}.ffn_norm.weight", f"model.layers.{il}.post_attention_layernorm.weight")
+
+    def routed_experts(self, il: int, moe_prefix: str, n_expert: int,
+                       names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> Iterator[TensorSpec]:
+        """Router plus the three stacked expert tensors of layer ``il``."""
+        b = f"blk.{il}"
+        gate, up, down = names
+        yield self.plain(f"{b}.ffn_gate_inp.weight", f"{moe_prefix}.gate.weight")
+        yield self.stacked_experts(f"{b}.ffn_gate_exps.weight", f"{moe_prefix}.experts.{{e}}.{gate}.weight", n_expert)
+        yield self.stacked_experts(f"{b}.ffn_up_exps.weight", f"{moe_prefix}.experts.{{e}}.{up}.weight", n_expert)
+        yield self.stacked_experts(f"{b}.ffn_down_exps.weight", f"{moe_prefix}.experts.{{e}}.{down}.weight", n_expert)
+
+    def dense_ffn(self, il: int, prefix: str, suffix: str = "") -> Iterator[TensorSpec]:
+        """A SwiGLU MLP (``suffix`` ``_shexp`` for a shared expert)."""
+        b = f"blk.{il}"
+        yield self.plain(f"{b}.ffn_gate{suffix}.weight", f"{prefix}.gate_proj.weight")
+        yield self.plain(f"{b}.ffn_up{suffix}.weight", f"{prefix}.up_proj.weight")
+        yield self.plain(f"{b}.ffn_down{suffix}.weight", f"{prefix}.down_proj.weight")
+
+    def write_common_metadata(self, w: gguf.GGUFWriter, head_dim: int | None = None) -> None:
+        """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps)."""
+        c = self.cfg
+        w.add_context_length(int(c.max_position_embeddings))
+        w.add_embedding_length(int(c.hidden_size))
+        w.add_block_count(int(c.num_hidden_layers))
+        w.add_feed_forward_length(int(getattr(c, "intermediate_size", 0) or 0))
+        w.add_head_count(int(c.num_attention_heads))
+        w.add_head_count_kv(int(c.num_key_value_heads))
+        if head_dim is not None:
+            w.add_key_length(int(head_dim))
+            w.add_value_length(int(head_dim))
+        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+        w.add_rope_freq_base(float(rope_params(c).get("rope_theta", 10000.0)))
+        w.add_vocab_size(int(c.vocab_size))
+        self.require(rope_params(c).get("rope_type", "default") == "default",
+                     f"rope scaling {rope_params(c).get('rope_type')!r} is not supported for this architecture")
+
+
+def rope_params(cfg) -> dict:
+    """Rope parameters as transformers 5 computes them (``rope_parameters``), older keys as fallback."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    params = dict(params)
+    if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
+        params["rope_theta"] = cfg.rope_theta
+    return params
+
+
+def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q/k rows from HF's rotate-half layout to llama.cpp's interleaved (NORM) rope."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,134 @@
+"""DeepSeek-V3/R1 and V2 (DeepseekV3ForCausalLM, DeepseekV2ForCausalLM) -> llama.cpp ``deepseek2``.
+
+Multi-head latent attention: ``kv_b_proj`` is split into ``attn_k_b`` (transposed) and
+``attn_v_b`` so llama.cpp can absorb them. Leading dense blocks, a shared expert, sigmoid
+or softmax gating, the V3 routing bias ``exp_probs_b`` and expert groups.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import gguf
+import torch
+
+from .base import Architecture, TensorSpec, rope_params
+
+SIGMOID, SOFTMAX = gguf.ExpertGatingFuncType.SIGMOID, gguf.ExpertGatingFuncType.SOFTMAX
+
+
+class Deepseek2(Architecture):
+    hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+    gguf_arch = "deepseek2"
+
+    @property
+    def is_v3(self) -> bool:
+        return self.src.architecture == "DeepseekV3ForCausalLM"
+
+    @property
+    def n_dense(self) -> int:
+        return int(getattr(self.cfg, "first_k_dense_replace", 0) or 0)
+
+    @property
+    def group_routing(self) -> tuple[int, int] | None:
+        """(groups, groups used) when group routing can exclude experts, else None."""
+        n_group = int(getattr(self.cfg, "n_group", 1) or 1)
+        topk_group = int(getattr(self.cfg, "topk_group", n_group) or n_group)
+        if n_group > 1 and topk_group < n_group:
+            return n_group, topk_group
+        return None
+
+    def check(self) -> None:
+        c = self.cfg
+        self.require(getattr(c, "rope_interleave", True), "rope_interleave=false")
+        if not self.is_v3:
+            self.require(self.group_routing is None or getattr(c, "topk_method", "greedy") == "greedy",
+                         f"topk_method {getattr(c, 'topk_method', None)!r} with expert groups")
+        self.require(getattr(c, "moe_layer_freq", 1) == 1, "moe_layer_freq != 1")
+
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        self.check()
+        c = self.cfg
+        w.add_context_length(int(c.max_position_embeddings))
+        w.add_embedding_length(int(c.hidden_size))
+        w.add_block_count(int(c.num_hidden_layers))
+        w.add_feed_forward_length(int(c.intermediate_size))
+        w.add_head_count(int(c.num_attention_heads))
+        w.add_head_count_kv(1)  # MLA runs as multi-query attention over the latent
+        w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+        w.add_vocab_size(int(c.vocab_size))
+        w.add_leading_dense_block_count(self.n_dense)
+        if getattr(c, "q_lora_rank", None):
+            w.add_q_lora_rank(int(c.q_lora_rank))
+        w.add_kv_lora_rank(int(c.kv_lora_rank))
+        w.add_key_length(int(c.kv_lora_rank + c.qk_rope_head_dim))
+        w.add_value_length(int(c.kv_lora_rank))
+        w.add_key_length_mla(int(c.qk_nope_head_dim + c.qk_rope_head_dim))
+        w.add_value_length_mla(int(c.v_head_dim))
+        w.add_rope_dimension_count(int(c.qk_rope_head_dim))
+        w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
+        w.add_expert_count(int(c.n_routed_experts))
+        w.add_expert_used_count(int(c.num_experts_per_tok))
+        w.add_expert_shared_count(int(c.n_shared_experts or 0))
+        w.add_expert_weights_scale(float(getattr(c, "routed_scaling_factor", 1.0) or 1.0))
+        w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
+        scoring = getattr(c, "scoring_func", "sigmoid" if self.is_v3 else "softmax")
+        w.add_expert_gating_func(SIGMOID if scoring == "sigmoid" else SOFTMAX)
+        if self.group_routing:
+            w.add_expert_group_count(self.group_routing[0])
+            w.add_expert_group_used_count(self.group_routing[1])
+        self.write_rope(w)
+
+    def write_rope(self, w: gguf.GGUFWriter) -> None:
+        rope = rope_params(self.cfg)
+        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            return
+        self.require(kind == "yarn", f"rope scaling {kind!r}")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("mscale_all_dim"):
+            # llama.cpp divides this key by 0.1 when loading deepseek2 files
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+
+    def split_kv_b(self, il: int) -> Iterator[TensorSpec]:
+        c = self.cfg
+        name = f"model.layers.{il}.self_attn.kv_b_proj.weight"
+        n_head, nope, v, rank = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+
+        def heads() -> torch.Tensor:
+            return self.src.get(name).reshape(n_head, nope + v, rank)
+
+        yield TensorSpec(f"blk.{il}.attn_k_b.weight", (n_head, rank, nope),
+                         lambda _: heads()[:, :nope, :].transpose(1, 2).contiguous(), hf_name=name)
+        yield TensorSpec(f"blk.{il}.attn_v_b.weight", (n_head, v, rank), lambda _: heads()[:, nope:, :].contiguous(),
+                         hf_name=name)
+
+    def tensors(self) -> Iterator[TensorSpec]:
+        c = self.cfg
+        yield from self.embeddings_and_output()
+        for il in range(c.num_hidden_layers):  # multi-token-prediction layers beyond are skipped
+            p, b = f"model.layers.{il}", f"blk.{il}"
+            a = f"{p}.self_attn"
+            yield self.plain(f"{b}.attn_norm.weight", f"{p}.input_layernorm.weight")
+            if getattr(c, "q_lora_rank", None):
+                yield self.plain(f"{b}.attn_q_a.weight", f"{a}.q_a_proj.weight")
+                yield self.plain(f"{b}.attn_q_a_norm.weight", f"{a}.q_a_layernorm.weight")
+                yield self.plain(f"{b}.attn_q_b.weight", f"{a}.q_b_proj.weight")
+            else:
+                yield self.plain(f"{b}.attn_q.weight", f"{a}.q_proj.weight")
+            yield self.plain(f"{b}.attn_kv_a_mqa.weight", f"{a}.kv_a_proj_with_mqa.weight")
+            yield self.plain(f"{b}.attn_kv_a_norm.weight", f"{a}.kv_a_layernorm.weight")
+            yield from self.split_kv_b(il)
+            yield self.plain(f"{b}.attn_output.weight", f"{a}.o_proj.weight")
+            yield self.plain(f"{b}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight")
+            if il < self.n_dense:
+                yield from self.dense_ffn(il, f"{p}.mlp")
+                continue
+            yield from self.routed_experts(il, f"{p}.mlp", int(c.n_routed_experts))
+            if f"{p}.mlp.gate.e_score_correction_bias" in self.src:
+                yield self.plain(f"{b}.exp_probs_b.bias", f"{p}.mlp.gate.e_score_correction_bias")
+            if c.n_shared_experts:
+                yield from self.dense_ffn(il, f"{p}.mlp.shared_experts", "_shexp")

@@ -1,0 +1,36 @@
+"""Mixtral (MixtralForCausalLM) -> llama.cpp ``llama`` with MoE feed-forward."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import gguf
+
+from .base import Architecture, TensorSpec
+
+
+class Mixtral(Architecture):
+    hf_architectures = ("MixtralForCausalLM",)
+    gguf_arch = "llama"
+
+    @property
+    def head_dim(self) -> int:
+        c = self.cfg
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        c = self.cfg
+        self.require(getattr(c, "sliding_window", None) is None, "sliding-window attention")
+        self.write_common_metadata(w, head_dim=self.head_dim)
+        w.add_rope_dimension_count(self.head_dim)
+        w.add_expert_count(int(c.num_local_experts))
+        w.add_expert_used_count(int(c.num_experts_per_tok))
+
+    def tensors(self) -> Iterator[TensorSpec]:
+        c = self.cfg
+        yield from self.embeddings_and_output()
+        for il in range(c.num_hidden_layers):
+            # llama.cpp's llama rope is interleaved; HF's is rotate-half: permute q and k rows.
+            yield from self.gqa_attention(il, permute_qk=True)
+            yield from self.routed_experts(il, f"model.layers.{il}.block_sparse_moe", int(c.num_local_experts),
+                                           names=("w1", "w3", "w2"))

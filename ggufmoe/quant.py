@@ -1,0 +1,145 @@
+"""Quantization engine: llama.cpp's own quantizers from llama-cpp-python's ``libggml-base``.
+
+``ggml_quantize_chunk`` is called through ctypes (which releases the GIL), rows split across
+a thread pool. Expert tensors are quantized one expert slice at a time with that expert's
+importance row.
+
+Fallback types: K- and IQ-types work on blocks of 256 values per row. A tensor whose rows are
+not a multiple of 256 is written as the fallback of its type: IQ4_NL for Q2_K, Q3_K, IQ4_XS
+and the IQ1/IQ2/IQ3 types; Q5_0 for Q4_K; Q5_1 for Q5_K; Q8_0 for Q6_K — as llama-quantize
+does. Where a row is not even a multiple of 32, F16 is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from .errors import GgufmoeError
+
+# Types a user may ask for, by their llama.cpp names.
+SUPPORTED: dict[str, T] = {t.name: t for t in (
+    T.F32, T.F16, T.BF16, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K, T.IQ4_XS,
+    T.IQ3_S, T.IQ3_XXS, T.IQ2_S, T.IQ2_XS, T.IQ2_XXS, T.IQ1_M, T.IQ1_S)}
+
+FALLBACK: dict[T, T] = {
+    T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL, T.IQ3_XXS: T.IQ4_NL,
+    T.IQ2_S: T.IQ4_NL, T.IQ2_XS: T.IQ4_NL, T.IQ2_XXS: T.IQ4_NL, T.IQ1_M: T.IQ4_NL, T.IQ1_S: T.IQ4_NL,
+    T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0,
+}
+
+# Rows per work item handed to one thread: large enough to amortise the call.
+ROWS_PER_TASK = 64
+
+
+def parse_type(name: str) -> T:
+    t = SUPPORTED.get(name.upper())
+    if t is None:
+        raise GgufmoeError(f"unknown quant type {name!r} (choose from {', '.join(SUPPORTED)})")
+    return t
+
+
+def block_size(t: T) -> int:
+    return GGML_QUANT_SIZES[t][0]
+
+
+def effective_type(t: T, ne0: int) -> T:
+    """The type actually written for rows of ``ne0`` values (see the module docstring)."""
+    if ne0 % block_size(t) == 0:
+        return t
+    fb = FALLBACK.get(t, T.F16)
+    return fb if ne0 % block_size(fb) == 0 else T.F16
+
+
+def row_bytes(t: T, ne0: int) -> int:
+    bs, ts = GGML_QUANT_SIZES[t]
+    return ne0 // bs * ts
+
+
+@lru_cache(maxsize=1)
+def ggml() -> ctypes.CDLL:
+    """llama-cpp-python's bundled libggml-base, with the signatures we use."""
+    import llama_cpp
+
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    candidates = sorted(libdir.glob("libggml-base.*"))
+    if not candidates:
+        raise GgufmoeError(f"libggml-base not found in {libdir}; reinstall llama-cpp-python")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    return lib
+
+
+def requires_imatrix(t: T) -> bool:
+    return bool(ggml().ggml_quantize_requires_imatrix(int(t)))
+
+
+class Quantizer:
+    """Quantizes float32 row blocks with a shared thread pool."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._initialised: set[T] = set()
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+    def __enter__(self) -> "Quantizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def quantize(self, data: np.ndarray, t: T, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """Quantize ``data`` (rows x ne0 float32, any leading shape) to type ``t``; returns uint8 bytes.
+
+        ``imatrix`` is one importance value per column (mean squared input), or None.
+        """
+        ne0 = data.shape[-1]
+        src = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, ne0)
+        if t == T.F32:
+            return src.view(np.uint8).reshape(-1)
+        if ne0 % block_size(t):
+            raise GgufmoeError(f"rows of {ne0} values cannot be stored as {t.name}")
+        if imatrix is None and requires_imatrix(t):
+            raise GgufmoeError(f"{t.name} needs an importance matrix: pass --imatrix (or choose another type)")
+        lib = ggml()
+        if t not in self._initialised:
+            lib.ggml_quantize_init(int(t))  # build lookup tables once, before threads race for them
+            self._initialised.add(t)
+        nrows = src.shape[0]
+        rb = row_bytes(t, ne0)
+        dst = np.empty(nrows * rb, dtype=np.uint8)
+        imat = None
+        if imatrix is not None:
+            imat = np.ascontiguousarray(imatrix, dtype=np.float32)
+            if imat.shape != (ne0,):
+                raise GgufmoeError(f"importance row has {imat.size} values, tensor rows have {ne0}")
+        src_p, dst_p = src.ctypes.data, dst.ctypes.data
+        imat_p = imat.ctypes.data if imat is not None else None
+
+        def run(r0: int) -> int:
+            n = min(ROWS_PER_TASK, nrows - r0)
+            return lib.ggml_quantize_chunk(int(t), src_p, dst_p, r0 * ne0, n, ne0, imat_p)
+
+        starts = range(0, nrows, ROWS_PER_TASK)
+        written = sum(self.pool.map(run, starts) if self.pool and nrows > ROWS_PER_TASK else map(run, starts))
+        if written != dst.size:
+            raise GgufmoeError(f"ggml quantized {written} bytes, expected {dst.size}")
+        return dst
