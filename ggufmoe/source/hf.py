@@ -34,8 +34,8 @@ class HFSource:
             self.config: dict = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
-        self._where = self._index()
         self._handles: dict[str, object] = {}
+        self._where = self._index()
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

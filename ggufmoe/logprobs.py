@@ -1,0 +1,68 @@
+"""Per-token log-probabilities from llama.cpp (a GGUF) and from transformers (the reference)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def llama_logprobs(gguf_path: str | Path, tokens: list[int], threads: int | None = None,
+                   kv_f32: bool = True) -> np.ndarray:
+    """Log-probabilities (n_tokens x vocab) of every position, evaluated by llama.cpp in one context.
+
+    ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16), so that only the
+    weights differ from the reference.
+    """
+    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+
+    n = len(tokens)
+    kv = GGML_TYPE_F32 if kv_f32 else GGML_TYPE_F16
+    llm = Llama(model_path=str(gguf_path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, verbose=False,
+                n_threads=threads, type_k=kv, type_v=kv)
+    try:
+        llm.eval(tokens)
+        return log_softmax(np.array(llm.scores[:n], dtype=np.float32))
+    finally:
+        llm.close()
+
+
+def hf_logprobs(model, tokens: list[int]) -> np.ndarray:
+    """Log-probabilities (n_tokens x vocab) from a transformers causal LM."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]
+    return log_softmax(logits.float().numpy())
+
+
+def token_nll(logprobs: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """Negative log-likelihood of each next token (n_tokens - 1 values)."""
+    nxt = np.asarray(tokens[1:])
+    return -logprobs[np.arange(len(nxt)), nxt]
+
+
+@dataclass
+class Comparison:
+    mean_abs_dnll: float
+    kld_mean: float
+    ppl: float
+    ppl_base: float
+    top1: float
+
+
+def compare(logp: np.ndarray, base: np.ndarray, tokens: list[int]) -> Comparison:
+    """How ``logp`` differs from ``base`` over the positions that predict a next token."""
+    logp, base = logp[:-1], base[:-1]
+    nll, nll_base = token_nll(logp, tokens), token_nll(base, tokens)
+    kld = (np.exp(base) * (base - logp)).sum(axis=-1)
+    return Comparison(
+        mean_abs_dnll=float(np.abs(nll - nll_base).mean()), kld_mean=float(kld.mean()),
+        ppl=float(np.exp(nll.mean())), ppl_base=float(np.exp(nll_base.mean())),
+        top1=float((logp.argmax(-1) == base.argmax(-1)).mean()))

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def eval_tokens() -> list[int]:
+    """1024 token ids of the evaluation text (reference tokenizer)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_models.REF_MODEL / "tokenizer.json"))
+    text = (tiny_models.SHARED_DATA / "eval_doc.txt").read_text()[:20000]
+    return tok.encode(text, add_special_tokens=False).ids[:1024]
+
+
+@pytest.fixture(scope="session")
+def ref_model():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models.REF_MODEL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def ref_f32_gguf(tmp_path_factory) -> Path:
+    """The reference model converted to F32 once per session."""
+    from ggufmoe.convert import ConvertOptions, convert
+    from ggufmoe.tensor_types import TypeRules
+
+    out = tmp_path_factory.mktemp("ref") / "ref-f32.gguf"
+    return convert(tiny_models.REF_MODEL, ConvertOptions(out=out, types=TypeRules.parse("F32"), progress=False))[0]
