@@ -15,24 +15,40 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def llama_logprobs(gguf_path: str | Path, tokens: list[int], threads: int | None = None,
-                   kv_f32: bool = True) -> np.ndarray:
-    """Log-probabilities (n_tokens x vocab) of every position, evaluated by llama.cpp in one context.
+class LlamaScorer:
+    """A GGUF loaded once in llama.cpp, scoring token sequences of up to ``n_ctx`` tokens.
 
     ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16), so that only the
     weights differ from the reference.
     """
-    from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
 
-    n = len(tokens)
-    kv = GGML_TYPE_F32 if kv_f32 else GGML_TYPE_F16
-    llm = Llama(model_path=str(gguf_path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, verbose=False,
-                n_threads=threads, type_k=kv, type_v=kv)
-    try:
-        llm.eval(tokens)
-        return log_softmax(np.array(llm.scores[:n], dtype=np.float32))
-    finally:
-        llm.close()
+    def __init__(self, gguf_path: str | Path, n_ctx: int, threads: int | None = None, kv_f32: bool = True):
+        from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32, Llama
+
+        kv = GGML_TYPE_F32 if kv_f32 else GGML_TYPE_F16
+        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                         verbose=False, n_threads=threads, type_k=kv, type_v=kv)
+
+    def __call__(self, tokens: list[int]) -> np.ndarray:
+        """Log-probabilities (n_tokens x vocab) of every position, in a fresh context."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return log_softmax(np.array(self.llm.scores[:len(tokens)], dtype=np.float32))
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self) -> "LlamaScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def llama_logprobs(gguf_path: str | Path, tokens: list[int], threads: int | None = None) -> np.ndarray:
+    """Log-probabilities (n_tokens x vocab) of one sequence, evaluated by llama.cpp."""
+    with LlamaScorer(gguf_path, len(tokens), threads) as score:
+        return score(tokens)
 
 
 def hf_logprobs(model, tokens: list[int]) -> np.ndarray:

@@ -1,0 +1,93 @@
+"""The command line: real subprocesses, one-line errors, no partial output, split files."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models
+from ggufmoe.logprobs import llama_logprobs
+
+GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+
+
+def run(*args):
+    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_help_lists_commands():
+    proc = run("--help")
+    assert proc.returncode == 0 and "convert" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_inspect_reference_model():
+    proc = run("inspect", tiny_models.REF_MODEL)
+    assert proc.returncode == 0, proc.stderr
+    assert "qwen3moe" in proc.stdout and "24 routed, 4 used" in proc.stdout and "IQ2_XXS" in proc.stdout
+
+
+def test_missing_source(tmp_path):
+    assert_one_line_error(run("convert", tmp_path / "nope", "-o", tmp_path / "o.gguf"), "not a directory")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    shutil.copy(tiny_models.REF_MODEL / "model-00001-of-00005.safetensors", tmp_path / "m" / "model.safetensors")
+    assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf"), "unsupported architecture")
+
+
+def test_missing_shard(tmp_path):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_models.REF_MODEL, src)
+    (src / "model-00003-of-00005.safetensors").unlink()
+    assert_one_line_error(run("convert", src, "-o", tmp_path / "o.gguf"), "model-00003-of-00005.safetensors")
+
+
+def test_corrupt_safetensors_leaves_no_output(tmp_path):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_models.REF_MODEL, src)
+    shard = src / "model-00005-of-00005.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert_one_line_error(run("convert", src, "-o", tmp_path / "o.gguf", "--type", "Q8_0"), "safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_bad_type_and_rule(tmp_path):
+    assert_one_line_error(run("convert", tiny_models.REF_MODEL, "-o", tmp_path / "o.gguf", "--type", "Q9_X"),
+                          "unknown quant type")
+    assert_one_line_error(run("convert", tiny_models.REF_MODEL, "-o", tmp_path / "o.gguf", "--tensor-type", "attn"),
+                          "REGEX=TYPE")
+
+
+def test_unwritable_output(tmp_path):
+    assert_one_line_error(run("convert", tiny_models.REF_MODEL, "-o", tmp_path / "no" / "o.gguf"),
+                          "does not exist")
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe"])
+def test_split_output_loads_and_matches(arch, tmp_path, eval_tokens):
+    one = tmp_path / "one.gguf"
+    assert run("convert", tiny_models.REF_MODEL, "-o", one, "--type", "Q8_0", "-q").returncode == 0
+    proc = run("convert", tiny_models.REF_MODEL, "-o", tmp_path / "split.gguf", "--type", "Q8_0", "-q",
+               "--split-max-size", "12M")
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(shards) >= 3 and shards[0].name == f"split-00001-of-{len(shards):05d}.gguf"
+    assert all(s.stat().st_size <= 12_000_000 + 2_000_000 for s in shards)
+    tokens = eval_tokens[:128]
+    assert np.array_equal(llama_logprobs(shards[0], tokens), llama_logprobs(one, tokens))
