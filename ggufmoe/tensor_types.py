@@ -9,10 +9,15 @@ from gguf import GGMLQuantizationType as T, LlamaFileType
 
 from .arch.base import TensorSpec
 from .errors import GgufmoeError
-from .quant import effective_type, parse_type
+from .quant import effective_type, parse_type, requires_imatrix
 
 # Tensors llama.cpp keeps in full precision whatever the mix: norms, biases, routers.
 ALWAYS_F32 = re.compile(r"(_norm\.weight|\.bias|ffn_gate_inp\.weight|ffn_gate_inp_shexp\.weight)$")
+
+# The token embedding is a row lookup, so no importance matrix ever covers it: when the default
+# type needs one, the embedding gets this type instead (as llama-quantize does for IQ1/IQ2 mixes).
+EMBEDDING = "token_embd.weight"
+EMBEDDING_SUBSTITUTE = T.Q2_K
 
 # general.file_type written for a default type (the closest llama.cpp "mostly" mix).
 FILE_TYPE: dict[T, LlamaFileType] = {
@@ -52,6 +57,8 @@ class TypeRules:
         for pattern, t in self.rules:
             if pattern.search(spec.name):
                 return t
+        if spec.name == EMBEDDING and requires_imatrix(self.default):
+            return EMBEDDING_SUBSTITUTE
         return self.default
 
     def type_for(self, spec: TensorSpec) -> T:

@@ -1,0 +1,346 @@
+"""Importance matrices: llama.cpp's file formats, and collection from the Hugging Face model."""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import tiny_models
+
+from ggufmoe.arch import architecture_for
+from ggufmoe.calibrate import collect_imatrix
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix
+from ggufmoe.source.hf import HFSource
+
+CTX = 512
+CALIB_TOKENS = 8192
+TOP_K = 4
+
+
+def sample_imatrix() -> Imatrix:
+    rng = np.random.default_rng(0)
+    sums = rng.random((4, 8), dtype=np.float32) * 10
+    sums[2] = 0
+    return Imatrix(
+        entries={
+            "blk.0.attn_q.weight": ImatrixEntry(rng.random((1, 16), dtype=np.float32), np.array([100], np.float32)),
+            "blk.0.ffn_down_exps.weight": ImatrixEntry(sums, np.array([7, 3, 0, 12], np.float32)),
+        },
+        datasets=["calib.txt"], chunk_count=3, chunk_size=512)
+
+
+def write_dat(path: Path, entries: dict[str, tuple[int, np.ndarray]], chunks: int | None = None,
+              dataset: str | None = None) -> None:
+    """A legacy llama.cpp .dat imatrix, written by hand."""
+    out = struct.pack("<i", len(entries))
+    for name, (ncall, values) in entries.items():
+        raw = name.encode()
+        out += struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size)
+        out += values.astype("<f4").tobytes()
+    if chunks is not None:
+        out += struct.pack("<i", chunks)
+        if dataset is not None:
+            out += struct.pack("<i", len(dataset)) + dataset.encode()
+    path.write_bytes(out)
+
+
+# --- file formats -----------------------------------------------------------------------------
+
+def test_gguf_round_trip(tmp_path):
+    im = sample_imatrix()
+    path = tmp_path / "im.gguf"
+    save_imatrix(im, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["im.gguf"]  # no temporary left behind
+    back = load_imatrix(path)
+    assert (back.datasets, back.chunk_count, back.chunk_size) == (["calib.txt"], 3, 512)
+    assert back.entries.keys() == im.entries.keys()
+    for name, e in im.entries.items():
+        np.testing.assert_array_equal(back.entries[name].in_sum2, e.in_sum2)
+        np.testing.assert_array_equal(back.entries[name].counts, e.counts)
+    down = im.entries["blk.0.ffn_down_exps.weight"]
+    np.testing.assert_allclose(back.row("blk.0.ffn_down_exps.weight", 1), down.in_sum2[1] / 3, rtol=1e-6)
+    np.testing.assert_array_equal(back.row("blk.0.ffn_down_exps.weight", 2), np.ones(8, np.float32))
+    np.testing.assert_allclose(back.entries["blk.0.ffn_down_exps.weight"].importance(),
+                               np.stack([down.in_sum2[0] / 7, down.in_sum2[1] / 3, np.ones(8), down.in_sum2[3] / 12]),
+                               rtol=1e-6)
+    assert back.row("blk.0.attn_k.weight", None) is None
+    with pytest.raises(GgufmoeError):
+        save_imatrix(im, tmp_path / "no-such-dir" / "im.gguf")
+    with pytest.raises(GgufmoeError):
+        back.row("blk.0.ffn_down_exps.weight", 4)
+
+
+def test_gguf_layout_as_llama_imatrix_writes_it(tmp_path):
+    path = tmp_path / "im.gguf"
+    save_imatrix(sample_imatrix(), path)
+    r = gguf.GGUFReader(path)
+    assert r.get_field("general.type").contents() == "imatrix"
+    assert r.get_field("imatrix.datasets").contents() == ["calib.txt"]
+    assert r.get_field("imatrix.chunk_count").types == [gguf.GGUFValueType.UINT32]
+    assert r.get_field("imatrix.chunk_size").contents() == 512
+    t = {x.name: x for x in r.tensors}
+    assert list(t["blk.0.ffn_down_exps.weight.in_sum2"].shape) == [8, 4]  # ggml order: ne0, n_expert
+    assert list(t["blk.0.ffn_down_exps.weight.counts"].shape) == [1, 4]
+    assert list(t["blk.0.attn_q.weight.counts"].shape) == [1, 1]
+    assert all(x.tensor_type == gguf.GGMLQuantizationType.F32 for x in r.tensors)
+
+
+def test_llama_cpp_reads_our_gguf(tmp_path):
+    """Reads the file with llama.cpp's own GGUF parser (libggml-base), as common_imatrix_load does."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))[0]))
+
+    class InitParams(ctypes.Structure):
+        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+    class TensorHead(ctypes.Structure):  # leading fields of struct ggml_tensor
+        _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
+
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    for fn, res, args in [
+        ("gguf_init_from_file", vp, [ctypes.c_char_p, InitParams]), ("gguf_free", None, [vp]),
+        ("gguf_find_key", i64, [vp, ctypes.c_char_p]), ("gguf_get_kv_type", ctypes.c_int, [vp, i64]),
+        ("gguf_get_arr_type", ctypes.c_int, [vp, i64]), ("gguf_get_arr_n", ctypes.c_size_t, [vp, i64]),
+        ("gguf_get_arr_str", ctypes.c_char_p, [vp, i64, ctypes.c_size_t]),
+        ("gguf_get_val_u32", ctypes.c_uint32, [vp, i64]), ("gguf_get_val_str", ctypes.c_char_p, [vp, i64]),
+        ("ggml_get_first_tensor", vp, [vp]), ("ggml_get_next_tensor", vp, [vp, vp]),
+        ("ggml_get_name", ctypes.c_char_p, [vp]), ("ggml_nelements", i64, [vp]),
+        ("ggml_get_data_f32", ctypes.POINTER(ctypes.c_float), [vp]), ("ggml_free", None, [vp]),
+    ]:
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    GGUF_UINT32, GGUF_STRING, GGUF_ARRAY, GGML_F32 = 4, 8, 9, 0
+
+    im = sample_imatrix()
+    path = tmp_path / "im.gguf"
+    save_imatrix(im, path)
+    ctx = ctypes.c_void_p()
+    g = lib.gguf_init_from_file(str(path).encode(), InitParams(False, ctypes.pointer(ctx)))
+    assert g, "llama.cpp's gguf parser rejected the file"
+    try:
+        key = {k: lib.gguf_find_key(g, k.encode()) for k in
+               ("general.type", "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")}
+        assert all(v >= 0 for v in key.values())  # llama-quantize refuses files without this metadata
+        assert lib.gguf_get_val_str(g, key["general.type"]) == b"imatrix"
+        k = key["imatrix.datasets"]
+        assert (lib.gguf_get_kv_type(g, k), lib.gguf_get_arr_type(g, k)) == (GGUF_ARRAY, GGUF_STRING)
+        assert [lib.gguf_get_arr_str(g, k, i) for i in range(lib.gguf_get_arr_n(g, k))] == [b"calib.txt"]
+        for name, want in (("imatrix.chunk_count", 3), ("imatrix.chunk_size", 512)):
+            assert lib.gguf_get_kv_type(g, key[name]) == GGUF_UINT32
+            assert lib.gguf_get_val_u32(g, key[name]) == want
+        seen = {}
+        t = lib.ggml_get_first_tensor(ctx)
+        while t:
+            name = lib.ggml_get_name(t).decode()
+            if name.endswith((".in_sum2", ".counts")):  # the context also holds the raw data blob
+                head, n = TensorHead.from_address(t), lib.ggml_nelements(t)
+                seen[name] = (head.type, tuple(head.ne[:2]),
+                              np.ctypeslib.as_array(lib.ggml_get_data_f32(t), (n,)).copy())
+            t = lib.ggml_get_next_tensor(ctx, t)
+    finally:
+        lib.gguf_free(g)
+        lib.ggml_free(ctx)
+    assert len(seen) == 2 * len(im.entries)
+    for name, e in im.entries.items():
+        n_expert, ne0 = e.in_sum2.shape
+        typ, ne, data = seen[name + ".in_sum2"]
+        assert (typ, ne) == (GGML_F32, (ne0, n_expert))
+        np.testing.assert_array_equal(data, e.in_sum2.reshape(-1))
+        typ, ne, data = seen[name + ".counts"]
+        assert (typ, ne) == (GGML_F32, (1, n_expert))
+        np.testing.assert_array_equal(data, e.counts)
+
+
+def test_legacy_dat(tmp_path):
+    rng = np.random.default_rng(1)
+    router, gate = rng.random(8, np.float32) * 5, rng.random(4 * 8, np.float32) * 5
+    down, attn = rng.random(4 * 6, np.float32) * 5, rng.random(8, np.float32) * 5
+    path = tmp_path / "im.dat"
+    write_dat(path, {"blk.0.ffn_gate_inp.weight": (10, router), "blk.0.ffn_gate_exps.weight": (10, gate),
+                     "blk.0.ffn_down_exps.weight": (10, down), "blk.0.attn_q.weight": (10, attn)},
+              chunks=10, dataset="wiki.train.raw")
+    im = load_imatrix(path)
+    assert (im.datasets, im.chunk_count) == (["wiki.train.raw"], 10)
+    np.testing.assert_allclose(im.row("blk.0.attn_q.weight", None), attn / 10, rtol=1e-6)
+    for e in range(4):
+        np.testing.assert_allclose(im.row("blk.0.ffn_gate_exps.weight", e), gate[8 * e: 8 * e + 8] / 10, rtol=1e-6)
+        np.testing.assert_allclose(im.row("blk.0.ffn_down_exps.weight", e), down[6 * e: 6 * e + 6] / 10, rtol=1e-6)
+    # the trailer is optional; converting to GGUF keeps the importance values
+    write_dat(path, {"blk.0.attn_q.weight": (3, attn)})
+    im = load_imatrix(path)
+    assert (im.datasets, im.chunk_count) == ([], 0)
+    save_imatrix(im, tmp_path / "im.gguf")
+    np.testing.assert_allclose(load_imatrix(tmp_path / "im.gguf").row("blk.0.attn_q.weight", None), attn / 3,
+                               rtol=1e-6)
+
+
+def test_bad_files(tmp_path):
+    good = tmp_path / "good.gguf"
+    save_imatrix(sample_imatrix(), good)
+    data = good.read_bytes()
+    cases = {
+        "empty": b"",
+        "garbage": bytes(range(256)) * 4,
+        "truncated_gguf": data[: len(data) // 2],
+        "truncated_gguf_header": data[:40],
+        "text": b"blk.0.attn_q.weight 1 2 3\n",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    dat = tmp_path / "dat"
+    write_dat(dat, {"blk.0.attn_q.weight": (1, np.ones(64, np.float32))}, chunks=1, dataset="x")
+    (tmp_path / "truncated_dat").write_bytes(dat.read_bytes()[:100])
+    no_entries = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(no_entries, arch="llama")
+    w.add_tensor("blk.0.attn_q.weight", np.ones((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    for path in [*(tmp_path / n for n in cases), tmp_path / "truncated_dat", no_entries, tmp_path / "missing"]:
+        with pytest.raises(GgufmoeError) as err:
+            load_imatrix(path)
+        assert "\n" not in str(err.value)
+    # an expert entry whose expert count the legacy format cannot give
+    write_dat(dat, {"blk.0.ffn_down_exps.weight": (1, np.ones(64, np.float32))})
+    with pytest.raises(GgufmoeError, match="expert count"):
+        load_imatrix(dat)
+
+
+# --- collection ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calib_tokens() -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models.REF_MODEL)
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:100_000]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:CALIB_TOKENS]
+    assert len(ids) == CALIB_TOKENS
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ref_imatrix() -> Imatrix:
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:100_000]
+    return collect_imatrix(tiny_models.REF_MODEL, text, ctx=CTX, max_tokens=CALIB_TOKENS, progress=False,
+                           dataset="calib.txt")
+
+
+def test_reference_model_entries(ref_imatrix):
+    im = ref_imatrix
+    assert (im.datasets, im.chunk_count, im.chunk_size) == (["calib.txt"], CALIB_TOKENS // CTX, CTX)
+    specs = list(architecture_for(HFSource(tiny_models.REF_MODEL)).tensors())
+    kinds = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+             "ffn_down_exps"}
+    want = {s.name for s in specs if s.kind in kinds or s.name == "output.weight"}
+    assert len(want) == 6 * 8 + 1
+    assert set(im.entries) == want
+    for s in specs:
+        if s.name not in want:
+            continue
+        e = im.entries[s.name]
+        assert e.in_sum2.shape == (s.n_parts, s.shape[-1])
+        if s.is_expert:
+            assert e.counts.sum() == CALIB_TOKENS * TOP_K
+            assert np.all(im.row(s.name, int(np.argmin(e.counts))) > 0)
+        else:
+            assert e.counts.tolist() == [CALIB_TOKENS]
+    for il in range(6):  # gate and up read the same input; all share the routing
+        b = f"blk.{il}"
+        gate, up, down = (im.entries[f"{b}.ffn_{k}_exps.weight"] for k in ("gate", "up", "down"))
+        np.testing.assert_array_equal(gate.in_sum2, up.in_sum2)
+        np.testing.assert_array_equal(gate.counts, down.counts)
+        # every token feeds the router once and top_k experts once each
+        np.testing.assert_allclose(gate.in_sum2.sum(0), TOP_K * im.entries[f"{b}.ffn_gate_inp.weight"].in_sum2[0],
+                                   rtol=1e-4)
+
+
+def test_reference_model_values_recomputed(ref_imatrix, calib_tokens):
+    """attn_q and one expert's ffn_down_exps of layer 0, recomputed without hooks from the checkpoint weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.REF_MODEL, dtype=torch.float32).eval()
+    src = HFSource(tiny_models.REF_MODEL)
+    layer = model.model.layers[0]
+    router = src.get("model.layers.0.mlp.gate.weight").double()
+    expert = int(np.argsort(ref_imatrix.entries["blk.0.ffn_down_exps.weight"].counts)[len(router) // 2])
+    wg, wu = (src.get(f"model.layers.0.mlp.experts.{expert}.{p}_proj.weight").double() for p in ("gate", "up"))
+    q_sum2 = torch.zeros(256, dtype=torch.float64)
+    down_sum2 = torch.zeros(wg.shape[0], dtype=torch.float64)
+    n_routed = 0
+    with torch.no_grad():
+        for i in range(0, CALIB_TOKENS, CTX):
+            ids = torch.tensor([calib_tokens[i: i + CTX]])
+            hs = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+            x = layer.input_layernorm(hs[0])
+            q_sum2 += (x.double() ** 2).sum((0, 1))
+            pos = torch.arange(ids.shape[1])[None]
+            attn, _ = layer.self_attn(x, position_embeddings=model.model.rotary_emb(x, pos), attention_mask=None)
+            resid = hs[0] + attn
+            moe_in = layer.post_attention_layernorm(resid)
+            torch.testing.assert_close(resid + layer.mlp(moe_in), hs[1], rtol=1e-4, atol=1e-4)  # recomputation holds
+            m = moe_in[0].double()
+            top = torch.topk(torch.softmax(m @ router.T, -1), TOP_K, -1).indices
+            xe = m[(top == expert).any(-1)]
+            n_routed += xe.shape[0]
+            down_sum2 += ((torch.nn.functional.silu(xe @ wg.T) * (xe @ wu.T)) ** 2).sum(0)
+    np.testing.assert_allclose(ref_imatrix.entries["blk.0.attn_q.weight"].in_sum2[0], q_sum2.numpy(), rtol=1e-4)
+    down = ref_imatrix.entries["blk.0.ffn_down_exps.weight"]
+    assert n_routed > 0 and down.counts[expert] == n_routed
+    np.testing.assert_allclose(down.in_sum2[expert], down_sum2.numpy(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2moe", "olmoe", "deepseek3", "qwen3moe"])
+def test_tiny_models(tmp_path, arch):
+    """Every matmul and expert tensor gets an entry; expert values match the checkpoint's per-expert weights."""
+    model = tiny_models.build(arch, tmp_path)
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:20_000]
+    ctx, max_tokens = 128, 512
+    im = collect_imatrix(tmp_path, text, ctx=ctx, max_tokens=max_tokens, progress=False)
+    assert im.chunk_count == max_tokens // ctx
+
+    # reference: the routed tokens seen at each experts module, the checkpoint's own expert tensors
+    specs = list(architecture_for(HFSource(tmp_path)).tensors())
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    shared = {s.hf_name for s in specs if s.name.endswith(("attn_k_b.weight", "attn_v_b.weight"))}
+    want = {s.name for s in specs if s.is_expert or (s.hf_name in linear and s.hf_name not in shared)}
+    assert want <= set(im.entries)
+    routed: dict[int, list] = {}  # layer -> (hidden_states, top_k_index) of each experts call
+
+    def keep(il: int):
+        return lambda _m, args: routed.setdefault(il, []).append((args[0], args[1]))
+
+    hooks = [layer.mlp.experts.register_forward_pre_hook(keep(il))
+             for il, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False, verbose=False)["input_ids"]
+    with torch.no_grad():
+        for i in range(0, max_tokens, ctx):
+            model(input_ids=torch.tensor([ids[i: i + ctx]]), use_cache=False)
+    for h in hooks:
+        h.remove()
+    n_tokens = im.entries["blk.0.attn_output.weight"].counts[0]
+    assert n_tokens == max_tokens
+    top_k = model.config.num_experts_per_tok
+    by_name = {s.name: s for s in specs}
+    assert routed
+    for il, calls in routed.items():
+        gate, up, down = (by_name[f"blk.{il}.ffn_{k}_exps.weight"] for k in ("gate", "up", "down"))
+        assert im.entries[down.name].counts.sum() == n_tokens * top_k
+        for e in range(gate.n_parts):
+            wg, wu = gate.load(e).double(), up.load(e).double()
+            x2, mid2, n = 0, 0, 0
+            for h, idx in calls:
+                x = h[(idx == e).any(-1)].double()
+                x2 = x2 + (x ** 2).sum(0)
+                mid2 = mid2 + ((torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) ** 2).sum(0)
+                n += x.shape[0]
+            assert im.entries[gate.name].counts[e] == n
+            if n:
+                np.testing.assert_allclose(im.entries[up.name].in_sum2[e], x2.numpy(), rtol=1e-4)
+                np.testing.assert_allclose(im.entries[down.name].in_sum2[e], mid2.numpy(), rtol=1e-3, atol=1e-12)
