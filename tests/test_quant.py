@@ -9,7 +9,7 @@ import tiny_models
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.logprobs import compare, llama_logprobs
-from ggufmoe.quant import SUPPORTED, Quantizer, effective_type
+from ggufmoe.quant import SUPPORTED, Quantizer, effective_type, requires_imatrix
 from ggufmoe.tensor_types import TypeRules
 
 
@@ -78,7 +78,9 @@ def test_tensor_type_rules_first_match_wins(tmp_path):
 def test_every_type_converts_loads_and_runs(name, tmp_path, ref_imatrix, ref_f32_gguf, eval_tokens):
     out = convert(tiny_models.REF_MODEL, ConvertOptions(out=tmp_path / f"{name}.gguf", types=TypeRules.parse(name),
                                                         imatrix=ref_imatrix, progress=False))[0]
-    assert GGUFReader(out).tensors[0].tensor_type in (SUPPORTED[name], T.F32)
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == SUPPORTED[name]
+    assert types["token_embd.weight"] == (T.Q2_K if requires_imatrix(SUPPORTED[name]) else SUPPORTED[name])
     tokens = eval_tokens[:256]
     result = compare(llama_logprobs(out, tokens), llama_logprobs(ref_f32_gguf, tokens), tokens)
     assert np.isfinite(result.kld_mean) and result.kld_mean < 2.0, result
