@@ -84,7 +84,7 @@ def main() -> None:
         f"Model `{args.model.name}`; importance matrix from the first {args.calib_chars:,} characters of "
         f"calib.txt; {args.chunks} chunks of {args.ctx} tokens of eval_doc.txt; KL divergence to the F32 "
         f"conversion through llama.cpp (F32 KV cache). Whole-model type (norms and routers stay F32; "
-        f"file size includes metadata). Machine: {platform.machine()}, {os.cpu_count()} cores. "
+        f"file size includes metadata). Machine: {platform.machine()}, {os.cpu_count()} cores (convert times are wall times on a shared machine). "
         "Reproduce: `python eval/quant_types.py`.",
         "",
         "| type | file size | bits/weight | KLD to F32 | PPL | top-1 agreement | convert |",
