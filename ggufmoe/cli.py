@@ -24,23 +24,42 @@ def cli() -> None:
                    "IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S).")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE",
               help="Type for tensors whose GGUF name matches REGEX; repeatable, first match wins.")
-@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (llama.cpp .gguf or .dat).")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix (llama.cpp .gguf or .dat) [default: the one in --stats].")
+@click.option("--stats", type=click.Path(path_type=Path),
+              help="Statistics from `ggufmoe calibrate` (or a llama.cpp imatrix: frequency criterion only).")
+@click.option("--keep", type=click.IntRange(min=1), help="Routed experts to keep in every MoE layer.")
+@click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of experts to keep.")
+@click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="routing", show_default=True,
+              help="Which experts to keep: most often routed to, alpha*frequency + (1-alpha)*mean routing weight, "
+                   "or REAP saliency.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of frequency in the routing criterion.")
+@click.option("--top-k", type=click.IntRange(min=1), help="Experts used per token [default: the model's].")
+@click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: Path | None, threads: int | None,
-            split_max_size: str | None, quiet: bool) -> None:
+def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
+            keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
+            top_k_scale: float | None, threads: int | None, split_max_size: str | None, quiet: bool) -> None:
     """Convert the Hugging Face model in SRC to a GGUF file in one streaming pass.
 
-    Norms, biases and routers always stay F32; rows that are not a multiple of a type's
-    block size get that type's fallback (see ggufmoe/quant.py).
+    Optionally prunes routed experts (--keep/--keep-ratio with --stats), remapping the routers,
+    and changes the experts used per token (--top-k/--top-k-scale). Norms, biases and routers
+    always stay F32; rows that are not a multiple of a type's block size get that type's
+    fallback (see ggufmoe/quant.py).
     """
     from .convert import ConvertOptions, convert as run
+    from .prune import PruneRequest
     from .tensor_types import TypeRules
     from .units import format_size, parse_size
 
+    prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha, top_k=top_k,
+                         top_k_scale=top_k_scale)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
-                          split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet)
+                          split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
+                          stats=stats, prune=prune)
     for path in run(src, opts):
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
@@ -52,6 +71,33 @@ def inspect(src: Path) -> None:
     from .inspect import format_summary, summarize
 
     click.echo(format_summary(summarize(src)))
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="Calibration text file (UTF-8).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output stats file (a llama.cpp GGUF imatrix with expert statistics).")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Use at most this many tokens of the text.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per chunk; chunks are independent sequences, as llama-imatrix's.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx: int, quiet: bool) -> None:
+    """Run the Hugging Face model in SRC over calibration text; write its statistics.
+
+    Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
+    expert: tokens routed, routing-weight mass and REAP saliency. The output is a llama.cpp
+    GGUF imatrix: `ggufmoe convert --imatrix` and llama-quantize read it.
+    """
+    from .stats import check_output, collect_stats, format_summary, read_text, save_stats
+
+    check_output(out)
+    text = read_text(text_file)
+    stats = collect_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name)
+    save_stats(stats, out)
+    click.echo(format_summary(stats))
+    click.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .arch import Architecture, TensorSpec, architecture_for
+from .arch import TensorSpec, architecture_for
 from .errors import GgufmoeError
 from .gguf_out import GGUFOutput
 from .imatrix import Imatrix, load_imatrix
+from .prune import PruneRequest, apply_plan, make_plan, write_provenance
 from .quant import Quantizer, requires_imatrix, row_bytes
 from .source.hf import HFSource
+from .stats import load_stats
 from .tensor_types import TypeRules
 from .tokenizer import write_tokenizer
 
@@ -28,6 +30,8 @@ class ConvertOptions:
     threads: int | None = None
     split_max_size: int = 0
     progress: bool = True
+    stats: Path | None = None
+    prune: PruneRequest | None = None
 
 
 @dataclass
@@ -41,11 +45,12 @@ class TensorPlan:
         return row_bytes(self.qtype, ne0) * (self.spec.n_elements // ne0)
 
 
-def plan_tensors(arch: Architecture, types: TypeRules, imatrix: Imatrix | None) -> list[TensorPlan]:
+def plan_tensors(specs: list[TensorSpec], types: TypeRules, imatrix: Imatrix | None) -> list[TensorPlan]:
     """A type for every tensor; fails before anything is written if an imatrix is needed but missing."""
-    plans = [TensorPlan(spec, types.type_for(spec)) for spec in arch.tensors()]
+    plans = [TensorPlan(spec, types.type_for(spec)) for spec in specs]
     for p in plans:
-        if requires_imatrix(p.qtype) and (imatrix is None or imatrix.row(p.spec.name, 0 if p.spec.is_expert else None) is None):
+        first = p.spec.source_expert(0) if p.spec.is_expert else None
+        if requires_imatrix(p.qtype) and (imatrix is None or imatrix.row(p.spec.name, first) is None):
             what = "no --imatrix given" if imatrix is None else "the imatrix has no entry for it"
             raise GgufmoeError(f"{p.spec.name}: type {p.qtype.name} needs an importance matrix, but {what}")
     return plans
@@ -65,7 +70,7 @@ def tensor_parts(p: TensorPlan, q: Quantizer, imatrix: Imatrix | None, bar: tqdm
         data = spec.load(i)
         if tuple(data.shape) != tuple(part_shape):
             raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(part_shape)}")
-        row = imatrix.row(spec.name, i if spec.is_expert else None) if imatrix else None
+        row = imatrix.row(spec.name, spec.source_expert(i) if spec.is_expert else None) if imatrix else None
         out = q.quantize(data.numpy(), p.qtype, row)
         bar.update(out.nbytes)
         yield out
@@ -75,13 +80,16 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` to ``opts.out``; returns the written file(s)."""
     src = HFSource(src_dir)
     arch = architecture_for(src)
-    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else None
-    plans = plan_tensors(arch, opts.types, imatrix)
+    stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
+    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
+    prune = make_plan(arch, stats, opts.prune or PruneRequest())
+    plans = plan_tensors(apply_plan(arch, prune), opts.types, imatrix)
     out = GGUFOutput(opts.out, arch.gguf_arch, opts.split_max_size)
     try:
         with out:
             write_general_metadata(out.writer, src, opts.types)
             arch.write_metadata(out.writer)
+            write_provenance(out.writer, src.name, prune)
             write_tokenizer(out.writer, src.path, int(arch.cfg.vocab_size))
             for p in plans:
                 out.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)

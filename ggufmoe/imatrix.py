@@ -12,6 +12,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -77,10 +78,20 @@ def load_imatrix(path: str | Path) -> Imatrix:
 
 
 def _load_gguf(path: Path) -> Imatrix:
+    return read_imatrix_gguf(path)[0]
+
+
+def read_imatrix_gguf(path: str | Path) -> tuple[Imatrix, gguf.GGUFReader]:
+    """Read a GGUF imatrix; also returns the reader, for keys and tensors other than the entries.
+
+    Like llama.cpp's loader, only tensors named ``<tensor>.in_sum2`` / ``<tensor>.counts`` are
+    entries; any other tensor is left to the caller.
+    """
+    path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise GgufmoeError(f"{path}: corrupt GGUF imatrix ({e})") from None
+        raise GgufmoeError(f"{path}: corrupt GGUF imatrix ({_one_line(e)})") from None
     sums: dict[str, gguf.ReaderTensor] = {}
     counts: dict[str, gguf.ReaderTensor] = {}
     for t in reader.tensors:
@@ -102,8 +113,13 @@ def _load_gguf(path: Path) -> Imatrix:
         if cnt.size == 0 or s.n_elements % cnt.size:
             raise GgufmoeError(f"{path}: imatrix entry {name} has {s.n_elements} sums for {cnt.size} counts")
         entries[name] = ImatrixEntry(np.array(s.data, dtype=np.float32).reshape(cnt.size, -1), cnt)
-    return Imatrix(entries, _datasets(reader), _u32(reader, gguf.Keys.IMatrix.CHUNK_COUNT),
-                   _u32(reader, gguf.Keys.IMatrix.CHUNK_SIZE))
+    imatrix = Imatrix(entries, _datasets(reader), _u32(reader, gguf.Keys.IMatrix.CHUNK_COUNT),
+                      _u32(reader, gguf.Keys.IMatrix.CHUNK_SIZE))
+    return imatrix, reader
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _datasets(reader: gguf.GGUFReader) -> list[str]:
@@ -197,7 +213,21 @@ def _legacy_entry(path: Path, name: str, values: np.ndarray, ncall: int,
 
 def save_imatrix(imatrix: Imatrix, path: str | Path) -> None:
     """Write ``imatrix`` in llama.cpp's GGUF imatrix format, atomically (temporary file, then rename)."""
+    write_imatrix_gguf(imatrix, path)
+
+
+def write_imatrix_gguf(imatrix: Imatrix, path: str | Path, extra_tensors: dict[str, np.ndarray] | None = None,
+                       extra_kv: Callable[[gguf.GGUFWriter], None] | None = None, what: str = "imatrix") -> None:
+    """Write ``imatrix`` as llama-imatrix does, plus ``extra_tensors`` and the keys ``extra_kv`` adds.
+
+    Extra tensor names must not end in ``.in_sum2`` / ``.counts``: llama.cpp reads those (and
+    only those) as entries. Atomic: written under a temporary name, renamed when complete.
+    """
     path = Path(path)
+    extra_tensors = extra_tensors or {}
+    for name in extra_tensors:
+        if name.endswith((SUM2_SUFFIX, COUNTS_SUFFIX)) or name.rsplit(".", 1)[0] in imatrix.entries:
+            raise ValueError(f"extra tensor {name} would be read as an imatrix entry")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     w = gguf.GGUFWriter(tmp, arch="imatrix")
     del w.kv_data[0][gguf.Keys.General.ARCHITECTURE]  # llama-imatrix writes no architecture
@@ -206,6 +236,8 @@ def save_imatrix(imatrix: Imatrix, path: str | Path) -> None:
     w.add_array(gguf.Keys.IMatrix.DATASETS, list(imatrix.datasets) or ["unknown"])
     w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, int(imatrix.chunk_count))
     w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, int(imatrix.chunk_size))
+    if extra_kv is not None:
+        extra_kv(w)
     for name in sorted(imatrix.entries):
         e = imatrix.entries[name]
         sums = np.ascontiguousarray(e.in_sum2, dtype=np.float32)
@@ -214,6 +246,8 @@ def save_imatrix(imatrix: Imatrix, path: str | Path) -> None:
             raise GgufmoeError(f"imatrix entry {name}: sums {sums.shape} do not match {counts.shape[0]} counts")
         w.add_tensor(name + SUM2_SUFFIX, sums)
         w.add_tensor(name + COUNTS_SUFFIX, counts)
+    for name, data in extra_tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -221,7 +255,7 @@ def save_imatrix(imatrix: Imatrix, path: str | Path) -> None:
         w.close()
         os.replace(tmp, path)
     except OSError as e:
-        raise GgufmoeError(f"{path}: cannot write imatrix ({e.strerror or e})") from None
+        raise GgufmoeError(f"{path}: cannot write {what} ({e.strerror or e})") from None
     finally:
         w.close()
         tmp.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ def summarize(path: str | Path) -> Summary:
     return Summary(
         source=str(src.path), hf_architecture=src.architecture, gguf_arch=arch.gguf_arch,
         layers=int(arch.cfg.num_hidden_layers), moe_layers=len(moe_layers), experts=max(experts, default=0),
-        experts_used=int(arch.cfg.num_experts_per_tok),
+        experts_used=arch.top_k,
         params_total=sum(s.n_elements for s in specs), params_expert=sum(s.n_elements for s in specs if s.is_expert),
         size_at=size_at)
 

@@ -6,8 +6,9 @@ importance row.
 
 Fallback types: K- and IQ-types work on blocks of 256 values per row. A tensor whose rows are
 not a multiple of 256 is written as the fallback of its type: IQ4_NL for Q2_K, Q3_K, IQ4_XS
-and the IQ1/IQ2/IQ3 types; Q5_0 for Q4_K; Q5_1 for Q5_K; Q8_0 for Q6_K — as llama-quantize
-does. Where a row is not even a multiple of 32, F16 is used.
+and the IQ1/IQ2/IQ3 types; Q5_0 for Q4_K; Q5_1 for Q5_K; Q8_0 for Q6_K. This follows
+llama-quantize except for Q2_K/Q3_K, where it uses Q4_0: IQ4_NL has the same size and a lower
+error. Where a row is not even a multiple of 32, F16 is used.
 """
 
 from __future__ import annotations

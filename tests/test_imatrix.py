@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import llama_gguf
 import tiny_models
 
 from ggufmoe.arch import architecture_for
@@ -93,68 +93,26 @@ def test_gguf_layout_as_llama_imatrix_writes_it(tmp_path):
 
 def test_llama_cpp_reads_our_gguf(tmp_path):
     """Reads the file with llama.cpp's own GGUF parser (libggml-base), as common_imatrix_load does."""
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))[0]))
-
-    class InitParams(ctypes.Structure):
-        _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
-
-    class TensorHead(ctypes.Structure):  # leading fields of struct ggml_tensor
-        _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4)]
-
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    for fn, res, args in [
-        ("gguf_init_from_file", vp, [ctypes.c_char_p, InitParams]), ("gguf_free", None, [vp]),
-        ("gguf_find_key", i64, [vp, ctypes.c_char_p]), ("gguf_get_kv_type", ctypes.c_int, [vp, i64]),
-        ("gguf_get_arr_type", ctypes.c_int, [vp, i64]), ("gguf_get_arr_n", ctypes.c_size_t, [vp, i64]),
-        ("gguf_get_arr_str", ctypes.c_char_p, [vp, i64, ctypes.c_size_t]),
-        ("gguf_get_val_u32", ctypes.c_uint32, [vp, i64]), ("gguf_get_val_str", ctypes.c_char_p, [vp, i64]),
-        ("ggml_get_first_tensor", vp, [vp]), ("ggml_get_next_tensor", vp, [vp, vp]),
-        ("ggml_get_name", ctypes.c_char_p, [vp]), ("ggml_nelements", i64, [vp]),
-        ("ggml_get_data_f32", ctypes.POINTER(ctypes.c_float), [vp]), ("ggml_free", None, [vp]),
-    ]:
-        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
-    GGUF_UINT32, GGUF_STRING, GGUF_ARRAY, GGML_F32 = 4, 8, 9, 0
-
     im = sample_imatrix()
     path = tmp_path / "im.gguf"
     save_imatrix(im, path)
-    ctx = ctypes.c_void_p()
-    g = lib.gguf_init_from_file(str(path).encode(), InitParams(False, ctypes.pointer(ctx)))
-    assert g, "llama.cpp's gguf parser rejected the file"
-    try:
-        key = {k: lib.gguf_find_key(g, k.encode()) for k in
-               ("general.type", "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")}
-        assert all(v >= 0 for v in key.values())  # llama-quantize refuses files without this metadata
-        assert lib.gguf_get_val_str(g, key["general.type"]) == b"imatrix"
-        k = key["imatrix.datasets"]
-        assert (lib.gguf_get_kv_type(g, k), lib.gguf_get_arr_type(g, k)) == (GGUF_ARRAY, GGUF_STRING)
-        assert [lib.gguf_get_arr_str(g, k, i) for i in range(lib.gguf_get_arr_n(g, k))] == [b"calib.txt"]
-        for name, want in (("imatrix.chunk_count", 3), ("imatrix.chunk_size", 512)):
-            assert lib.gguf_get_kv_type(g, key[name]) == GGUF_UINT32
-            assert lib.gguf_get_val_u32(g, key[name]) == want
-        seen = {}
-        t = lib.ggml_get_first_tensor(ctx)
-        while t:
-            name = lib.ggml_get_name(t).decode()
-            if name.endswith((".in_sum2", ".counts")):  # the context also holds the raw data blob
-                head, n = TensorHead.from_address(t), lib.ggml_nelements(t)
-                seen[name] = (head.type, tuple(head.ne[:2]),
-                              np.ctypeslib.as_array(lib.ggml_get_data_f32(t), (n,)).copy())
-            t = lib.ggml_get_next_tensor(ctx, t)
-    finally:
-        lib.gguf_free(g)
-        lib.ggml_free(ctx)
-    assert len(seen) == 2 * len(im.entries)
+    f = llama_gguf.read_gguf(path)
+    assert f is not None, "llama.cpp's gguf parser rejected the file"
+    # llama-quantize refuses files without this metadata
+    assert f.kv["general.type"] == (llama_gguf.GGUF_STRING, None, "imatrix")
+    assert f.kv["imatrix.datasets"] == (llama_gguf.GGUF_ARRAY, llama_gguf.GGUF_STRING, ["calib.txt"])
+    assert f.kv["imatrix.chunk_count"] == (llama_gguf.GGUF_UINT32, None, 3)
+    assert f.kv["imatrix.chunk_size"] == (llama_gguf.GGUF_UINT32, None, 512)
+    assert len(f.tensors) == 2 * len(im.entries)
     for name, e in im.entries.items():
         n_expert, ne0 = e.in_sum2.shape
-        typ, ne, data = seen[name + ".in_sum2"]
-        assert (typ, ne) == (GGML_F32, (ne0, n_expert))
-        np.testing.assert_array_equal(data, e.in_sum2.reshape(-1))
-        typ, ne, data = seen[name + ".counts"]
-        assert (typ, ne) == (GGML_F32, (1, n_expert))
-        np.testing.assert_array_equal(data, e.counts)
+        assert f.tensors[name + ".in_sum2"][:2] == (llama_gguf.GGML_F32, (ne0, n_expert))
+        assert f.tensors[name + ".counts"][:2] == (llama_gguf.GGML_F32, (1, n_expert))
+    entries = llama_gguf.imatrix_entries(f)
+    assert entries.keys() == im.entries.keys()
+    for name, e in im.entries.items():
+        np.testing.assert_array_equal(entries[name][0], e.in_sum2.reshape(-1))
+        np.testing.assert_array_equal(entries[name][1], e.counts)
 
 
 def test_legacy_dat(tmp_path):

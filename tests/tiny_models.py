@@ -14,7 +14,8 @@ REF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "refmoe-
 SHARED_DATA = REF_MODEL.parents[1] / "data"
 VOCAB = 6144
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-              max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
+              max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              initializer_range=0.08)  # large enough that experts matter
 
 
 def configs() -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import gguf
 import torch
@@ -32,6 +32,10 @@ class TensorSpec:
     load: Loader
     n_parts: int = 1
     hf_name: str = ""  # source tensor in the checkpoint; ``{e}`` marks the expert index
+    expert_ids: tuple[int, ...] | None = None  # source expert of each part, when pruned
+
+    def source_expert(self, part: int) -> int:
+        return self.expert_ids[part] if self.expert_ids is not None else part
 
     @property
     def kind(self) -> str:
@@ -61,8 +65,31 @@ class Architecture:
 
     src: HFSource
     cfg: object  # transformers PretrainedConfig: what transformers computes is the truth
-    hf_architectures: tuple[str, ...] = field(default=(), init=False)
-    gguf_arch: str = field(default="", init=False)
+    hf_architectures: ClassVar[tuple[str, ...]] = ()
+    gguf_arch: ClassVar[str] = ""
+    experts_key: ClassVar[str] = "num_experts"  # config attribute holding the routed expert count
+    # set when pruning: experts kept per layer and experts used per token
+    n_expert_kept: int | None = field(default=None, init=False)
+    n_expert_used: int | None = field(default=None, init=False)
+
+    @property
+    def n_expert(self) -> int:
+        """Routed experts per MoE layer in the source."""
+        return int(getattr(self.cfg, self.experts_key))
+
+    @property
+    def top_k(self) -> int:
+        """Experts used per token in the source."""
+        return int(self.cfg.num_experts_per_tok)
+
+    @property
+    def expert_groups(self) -> tuple[int, int] | None:
+        """(groups, groups used per token) when routing picks groups first, else None."""
+        return None
+
+    def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
+        w.add_expert_count(self.n_expert_kept or self.n_expert)
+        w.add_expert_used_count(self.n_expert_used or self.top_k)
 
     # --- to implement --------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -126,15 +153,15 @@ class Architecture:
             yield self.plain(f"{b}.attn_k_norm.weight", f"{p}.k_norm.weight")
         yield self.plain(f"{b}.ffn_norm.weight", f"model.layers.{il}.post_attention_layernorm.weight")
 
-    def routed_experts(self, il: int, moe_prefix: str, n_expert: int,
+    def routed_experts(self, il: int, moe_prefix: str,
                        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> Iterator[TensorSpec]:
         """Router plus the three stacked expert tensors of layer ``il``."""
         b = f"blk.{il}"
         gate, up, down = names
         yield self.plain(f"{b}.ffn_gate_inp.weight", f"{moe_prefix}.gate.weight")
-        yield self.stacked_experts(f"{b}.ffn_gate_exps.weight", f"{moe_prefix}.experts.{{e}}.{gate}.weight", n_expert)
-        yield self.stacked_experts(f"{b}.ffn_up_exps.weight", f"{moe_prefix}.experts.{{e}}.{up}.weight", n_expert)
-        yield self.stacked_experts(f"{b}.ffn_down_exps.weight", f"{moe_prefix}.experts.{{e}}.{down}.weight", n_expert)
+        yield self.stacked_experts(f"{b}.ffn_gate_exps.weight", f"{moe_prefix}.experts.{{e}}.{gate}.weight", self.n_expert)
+        yield self.stacked_experts(f"{b}.ffn_up_exps.weight", f"{moe_prefix}.experts.{{e}}.{up}.weight", self.n_expert)
+        yield self.stacked_experts(f"{b}.ffn_down_exps.weight", f"{moe_prefix}.experts.{{e}}.{down}.weight", self.n_expert)
 
     def dense_ffn(self, il: int, prefix: str, suffix: str = "") -> Iterator[TensorSpec]:
         """A SwiGLU MLP (``suffix`` ``_shexp`` for a shared expert)."""

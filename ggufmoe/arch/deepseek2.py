@@ -20,6 +20,7 @@ SIGMOID, SOFTMAX = gguf.ExpertGatingFuncType.SIGMOID, gguf.ExpertGatingFuncType.
 class Deepseek2(Architecture):
     hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
     gguf_arch = "deepseek2"
+    experts_key = "n_routed_experts"
 
     @property
     def is_v3(self) -> bool:
@@ -30,7 +31,7 @@ class Deepseek2(Architecture):
         return int(getattr(self.cfg, "first_k_dense_replace", 0) or 0)
 
     @property
-    def group_routing(self) -> tuple[int, int] | None:
+    def expert_groups(self) -> tuple[int, int] | None:
         """(groups, groups used) when group routing can exclude experts, else None."""
         n_group = int(getattr(self.cfg, "n_group", 1) or 1)
         topk_group = int(getattr(self.cfg, "topk_group", n_group) or n_group)
@@ -42,7 +43,7 @@ class Deepseek2(Architecture):
         c = self.cfg
         self.require(getattr(c, "rope_interleave", True), "rope_interleave=false")
         if not self.is_v3:
-            self.require(self.group_routing is None or getattr(c, "topk_method", "greedy") == "greedy",
+            self.require(self.expert_groups is None or getattr(c, "topk_method", "greedy") == "greedy",
                          f"topk_method {getattr(c, 'topk_method', None)!r} with expert groups")
         self.require(getattr(c, "moe_layer_freq", 1) == 1, "moe_layer_freq != 1")
 
@@ -67,16 +68,15 @@ class Deepseek2(Architecture):
         w.add_value_length_mla(int(c.v_head_dim))
         w.add_rope_dimension_count(int(c.qk_rope_head_dim))
         w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
-        w.add_expert_count(int(c.n_routed_experts))
-        w.add_expert_used_count(int(c.num_experts_per_tok))
+        self.write_expert_counts(w)
         w.add_expert_shared_count(int(c.n_shared_experts or 0))
         w.add_expert_weights_scale(float(getattr(c, "routed_scaling_factor", 1.0) or 1.0))
         w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
         scoring = getattr(c, "scoring_func", "sigmoid" if self.is_v3 else "softmax")
         w.add_expert_gating_func(SIGMOID if scoring == "sigmoid" else SOFTMAX)
-        if self.group_routing:
-            w.add_expert_group_count(self.group_routing[0])
-            w.add_expert_group_used_count(self.group_routing[1])
+        if self.expert_groups:
+            w.add_expert_group_count(self.expert_groups[0])
+            w.add_expert_group_used_count(self.expert_groups[1])
         self.write_rope(w)
 
     def write_rope(self, w: gguf.GGUFWriter) -> None:
@@ -127,7 +127,7 @@ class Deepseek2(Architecture):
             if il < self.n_dense:
                 yield from self.dense_ffn(il, f"{p}.mlp")
                 continue
-            yield from self.routed_experts(il, f"{p}.mlp", int(c.n_routed_experts))
+            yield from self.routed_experts(il, f"{p}.mlp")
             if f"{p}.mlp.gate.e_score_correction_bias" in self.src:
                 yield self.plain(f"{b}.exp_probs_b.bias", f"{p}.mlp.gate.e_score_correction_bias")
             if c.n_shared_experts:

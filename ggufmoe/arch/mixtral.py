@@ -12,6 +12,7 @@ from .base import Architecture, TensorSpec
 class Mixtral(Architecture):
     hf_architectures = ("MixtralForCausalLM",)
     gguf_arch = "llama"
+    experts_key = "num_local_experts"
 
     @property
     def head_dim(self) -> int:
@@ -23,8 +24,7 @@ class Mixtral(Architecture):
         self.require(getattr(c, "sliding_window", None) is None, "sliding-window attention")
         self.write_common_metadata(w, head_dim=self.head_dim)
         w.add_rope_dimension_count(self.head_dim)
-        w.add_expert_count(int(c.num_local_experts))
-        w.add_expert_used_count(int(c.num_experts_per_tok))
+        self.write_expert_counts(w)
 
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
@@ -32,5 +32,5 @@ class Mixtral(Architecture):
         for il in range(c.num_hidden_layers):
             # llama.cpp's llama rope is interleaved; HF's is rotate-half: permute q and k rows.
             yield from self.gqa_attention(il, permute_qk=True)
-            yield from self.routed_experts(il, f"model.layers.{il}.block_sparse_moe", int(c.num_local_experts),
+            yield from self.routed_experts(il, f"model.layers.{il}.block_sparse_moe",
                                            names=("w1", "w3", "w2"))

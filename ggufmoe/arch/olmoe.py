@@ -24,12 +24,11 @@ class Olmoe(Architecture):
         self.check()
         c = self.cfg
         self.write_common_metadata(w)
-        w.add_expert_count(int(c.num_experts))
-        w.add_expert_used_count(int(c.num_experts_per_tok))
+        self.write_expert_counts(w)
 
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
         yield from self.embeddings_and_output()
         for il in range(c.num_hidden_layers):
             yield from self.gqa_attention(il, qk_norm=True, bias=bool(getattr(c, "attention_bias", False)))
-            yield from self.routed_experts(il, f"model.layers.{il}.mlp", int(c.num_experts))
+            yield from self.routed_experts(il, f"model.layers.{il}.mlp")

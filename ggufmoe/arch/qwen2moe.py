@@ -26,8 +26,7 @@ class Qwen2Moe(Architecture):
         self.write_common_metadata(w)
         w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
         w.add_expert_shared_feed_forward_length(int(c.shared_expert_intermediate_size))
-        w.add_expert_count(int(c.num_experts))
-        w.add_expert_used_count(int(c.num_experts_per_tok))
+        self.write_expert_counts(w)
 
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
@@ -35,7 +34,7 @@ class Qwen2Moe(Architecture):
         for il in range(c.num_hidden_layers):
             moe = f"model.layers.{il}.mlp"
             yield from self.gqa_attention(il, bias=bool(getattr(c, "qkv_bias", True)))
-            yield from self.routed_experts(il, moe, int(c.num_experts))
+            yield from self.routed_experts(il, moe)
             yield self.plain(f"blk.{il}.ffn_gate_inp_shexp.weight", f"{moe}.shared_expert_gate.weight",
                              lambda t: t.reshape(-1), shape=(int(c.hidden_size),))
             yield from self.dense_ffn(il, f"{moe}.shared_expert", "_shexp")

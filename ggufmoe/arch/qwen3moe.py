@@ -30,11 +30,10 @@ class Qwen3Moe(Architecture):
         c = self.cfg
         self.write_common_metadata(w, head_dim=self.head_dim)
         w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
-        w.add_expert_count(int(c.num_experts))
-        w.add_expert_used_count(int(c.num_experts_per_tok))
+        self.write_expert_counts(w)
 
     def tensors(self) -> Iterator[TensorSpec]:
         yield from self.embeddings_and_output()
         for il in range(self.cfg.num_hidden_layers):
             yield from self.gqa_attention(il, qk_norm=True, bias=bool(getattr(self.cfg, "attention_bias", False)))
-            yield from self.routed_experts(il, f"model.layers.{il}.mlp", int(self.cfg.num_experts))
+            yield from self.routed_experts(il, f"model.layers.{il}.mlp")

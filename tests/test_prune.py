@@ -1,0 +1,124 @@
+"""Pruning: the pruned GGUF in llama.cpp matches the same pruning applied in transformers."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM
+
+import tiny_models
+from ggufmoe.arch import architecture_for
+from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.logprobs import compare, hf_logprobs, llama_logprobs
+from ggufmoe.prune import CRITERIA, PruneRequest, choose, make_plan
+from ggufmoe.prune_hf import prune_hf_model
+from ggufmoe.source.hf import HFSource
+from ggufmoe.stats import collect_stats, save_stats
+from ggufmoe.tensor_types import TypeRules
+
+# arch -> (keep, adjusted top-k request)
+CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4))}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def calibrated(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    tiny_models.build(request.param, d / "hf")
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:30000]
+    save_stats(collect_stats(d / "hf", text, ctx=256, progress=False), d / "stats.gguf")
+    return request.param, d
+
+
+def pruned_pair(d, req):
+    """(pruned GGUF, the transformers model pruned the same way)."""
+    from ggufmoe.stats import load_stats
+
+    out = d / f"pruned-{req.criterion}-{req.top_k}-{req.top_k_scale}.gguf"
+    convert(d / "hf", ConvertOptions(out=out, types=TypeRules.parse("F32"), stats=d / "stats.gguf", prune=req,
+                                     progress=False))
+    plan = make_plan(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"), req)
+    model = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+    return out, prune_hf_model(model, plan), plan
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("adjust_top_k", [False, True])
+def test_pruned_parity(calibrated, criterion, adjust_top_k, eval_tokens):
+    arch, d = calibrated
+    keep, top_k = CASES[arch]
+    req = PruneRequest(keep=keep, criterion=criterion, **(top_k if adjust_top_k else {}))
+    gguf_path, model, plan = pruned_pair(d, req)
+    result = compare(llama_logprobs(gguf_path, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < 1e-3, result
+    fields = GGUFReader(gguf_path).fields
+    prefix = "deepseek2" if arch == "deepseek3" else arch
+    assert fields[f"{prefix}.expert_count"].contents() == keep
+    assert fields[f"{prefix}.expert_used_count"].contents() == plan.top_k
+    assert fields["ggufmoe.prune.criterion"].contents() == criterion
+    for il, kept in plan.kept.items():
+        assert list(fields[f"ggufmoe.prune.kept.{il}"].contents()) == kept
+
+
+def test_pruning_changes_the_model(calibrated, eval_tokens):
+    """Sanity: pruning moves the log-probs by more than the parity tolerance (the parity is not vacuous)."""
+    arch, d = calibrated
+    _, model, _ = pruned_pair(d, PruneRequest(keep=CASES[arch][0], criterion="frequency"))
+    full = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
+    tokens = eval_tokens[:256]
+    assert compare(hf_logprobs(model, tokens), hf_logprobs(full, tokens), tokens).mean_abs_dnll > 1e-3
+
+
+def test_groups_stay_equal_and_contiguous(calibrated):
+    arch, d = calibrated
+    if arch != "deepseek3":
+        pytest.skip("no expert groups")
+    from ggufmoe.stats import load_stats
+
+    plan = make_plan(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"),
+                     PruneRequest(keep=8, criterion="reap"))
+    for kept in plan.kept.values():
+        assert kept == sorted(kept)
+        assert [sum(1 for e in kept if e // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+
+
+def test_impossible_requests(calibrated):
+    arch, d = calibrated
+    from ggufmoe.stats import load_stats
+
+    a, stats = architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf")
+    with pytest.raises(GgufmoeError, match="cannot keep"):
+        make_plan(a, stats, PruneRequest(keep=0))
+    with pytest.raises(GgufmoeError, match="top-k"):
+        make_plan(a, stats, PruneRequest(keep=2 if arch == "qwen3moe" else 4, top_k=5))
+    if arch == "deepseek3":
+        with pytest.raises(GgufmoeError, match="multiple of 4"):
+            make_plan(a, stats, PruneRequest(keep=10))
+
+
+def test_choose_keeps_best_in_original_order():
+    scores = np.array([0.1, 0.9, 0.0, 0.5, 0.7, 0.2])
+    assert choose(scores, 3) == [1, 3, 4]
+    assert choose(scores, 2, groups=2) == [1, 4]
+    assert choose(np.zeros(4), 2) == [0, 1]  # ties: lower index first
+
+
+def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    arch, d = calibrated
+    exe = str(Path(sys.executable).with_name("ggufmoe"))
+    out = tmp_path / "p.gguf"
+    ok = subprocess.run([exe, "convert", d / "hf", "-o", out, "--type", "F16", "--stats", d / "stats.gguf",
+                         "--keep-ratio", "0.5", "--criterion", "reap", "-q"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    prefix = "deepseek2" if arch == "deepseek3" else arch
+    n = architecture_for(HFSource(d / "hf")).n_expert
+    assert GGUFReader(out).fields[f"{prefix}.expert_count"].contents() == n // 2
+    bad = subprocess.run([exe, "convert", d / "hf", "-o", tmp_path / "x.gguf", "--keep", "8"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: pruning needs calibration statistics: pass --stats (from `ggufmoe calibrate`)"]
+    assert not (tmp_path / "x.gguf").exists()
