@@ -117,7 +117,7 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
     prefix = "deepseek2" if arch == "deepseek3" else arch
     n = architecture_for(HFSource(d / "hf")).n_expert
     assert GGUFReader(out).fields[f"{prefix}.expert_count"].contents() == n // 2
-    bad = subprocess.run([exe, "convert", d / "hf", "-o", tmp_path / "x.gguf", "--keep", "8"],
+    bad = subprocess.run([exe, "convert", d / "hf", "-o", tmp_path / "x.gguf", "--keep", str(CASES[arch][0])],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: pruning needs calibration statistics: pass --stats (from `ggufmoe calibrate`)"]
