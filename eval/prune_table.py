@@ -28,7 +28,7 @@ from ggufmoe.calibrate import token_chunks  # noqa: E402
 from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
 from ggufmoe.prune import CRITERIA, PruneRequest  # noqa: E402
-from ggufmoe.stats import collect_stats, save_stats  # noqa: E402
+from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
 from ggufmoe.tensor_types import TypeRules  # noqa: E402
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--stats", type=Path, help="reuse statistics of the whole calib.txt from `ggufmoe calibrate`")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
     chunks = token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), args.ctx, args.chunks * args.ctx)
@@ -56,9 +57,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        stats_path = tmp / "stats.gguf"
-        stats = collect_stats(args.model, (SHARED / "data" / "calib.txt").read_text(), ctx=1024)
-        save_stats(stats, stats_path)
+        stats_path = args.stats or tmp / "stats.gguf"
+        if args.stats:
+            stats = load_stats(stats_path)
+        else:
+            stats = collect_stats(args.model, (SHARED / "data" / "calib.txt").read_text())
+            save_stats(stats, stats_path)
         dead = {il: int((s.counts == 0).sum()) for il, s in sorted(stats.layers.items())}
         k, n = 4, len(next(iter(stats.layers.values())).counts)
 
