@@ -37,12 +37,21 @@ def cli() -> None:
               help="Weight of frequency in the routing criterion.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Experts used per token [default: the model's].")
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Execute a plan from `ggufmoe plan`.")
+@click.option("--budget", metavar="SIZE",
+              help="Plan for this memory budget and convert (calibrates with --calib unless --stats is given).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
+@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context for --budget.")
+@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+              help="KV cache type for --budget.")
+@click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
-            top_k_scale: float | None, threads: int | None, split_max_size: str | None, quiet: bool) -> None:
+            top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
+            kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, quiet: bool) -> None:
     """Convert the Hugging Face model in SRC to a GGUF file in one streaming pass.
 
     Optionally prunes routed experts (--keep/--keep-ratio with --stats), remapping the routers,
@@ -60,7 +69,21 @@ def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: P
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune)
-    for path in run(src, opts):
+    if plan_file and budget:
+        raise GgufmoeError("give --plan or --budget, not both")
+    if plan_file:
+        from .plan import Plan, options_from_plan
+
+        paths = run(src, options_from_plan(Plan.load(plan_file), opts))
+    elif budget:
+        from .plan import Budget, convert_to_budget, format_plan
+
+        plan, paths = convert_to_budget(src, opts, Budget(parse_size(budget), ctx, kv_type, weights_only), calib,
+                                        opts.types, criterion)
+        click.echo(format_plan(plan))
+    else:
+        paths = run(src, opts)
+    for path in paths:
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
 
 
@@ -98,6 +121,41 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     save_stats(stats, out)
     click.echo(format_summary(stats))
     click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--budget", required=True, metavar="SIZE", help="Memory budget, e.g. 128GiB or 20M.")
+@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context to fit.")
+@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+              help="KV cache type.")
+@click.option("--stats", type=click.Path(path_type=Path), help="Statistics from `ggufmoe calibrate`.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text, to measure sensitivities (cached in the stats file).")
+@click.option("--weights-only", is_flag=True, help="Budget the file only, not llama.cpp's runtime memory.")
+@click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE", help="Pin tensors to a type.")
+@click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="reap", show_default=True,
+              help="Which experts to keep when pruning pays.")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
+         rules: tuple[str, ...], criterion: str, out: Path | None, quiet: bool) -> None:
+    """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
+
+    SRC is a model directory or a config.json alone (then default sensitivities are used).
+    """
+    from .plan import Budget, build_plan, format_plan
+    from .stats import read_text
+    from .tensor_types import TypeRules
+    from .units import parse_size
+
+    result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only), stats,
+                        read_text(calib) if calib else None, TypeRules.parse("Q8_0", rules), criterion,
+                        progress=not quiet)
+    click.echo(format_plan(result))
+    if out:
+        result.save(out)
+        click.echo(f"wrote {out}")
 
 
 def main() -> None:

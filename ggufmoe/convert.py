@@ -10,11 +10,11 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from .arch import TensorSpec, architecture_for
+from .arch import Architecture, TensorSpec, architecture_for
 from .errors import GgufmoeError
 from .gguf_out import GGUFOutput
 from .imatrix import Imatrix, load_imatrix
-from .prune import PruneRequest, apply_plan, make_plan, write_provenance
+from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, write_provenance
 from .quant import Quantizer, requires_imatrix, row_bytes
 from .source.hf import HFSource
 from .stats import load_stats
@@ -32,6 +32,7 @@ class ConvertOptions:
     progress: bool = True
     stats: Path | None = None
     prune: PruneRequest | None = None
+    prune_plan: PrunePlan | None = None  # decided already (a budget plan); overrides ``prune``
 
 
 @dataclass
@@ -76,23 +77,34 @@ def tensor_parts(p: TensorPlan, q: Quantizer, imatrix: Imatrix | None, bar: tqdm
         yield out
 
 
+def prepare_output(src: HFSource, arch: Architecture, plans: list[TensorPlan], prune: PrunePlan, types: TypeRules,
+                   out: Path, split_max_size: int = 0) -> GGUFOutput:
+    """Everything the file will hold but the tensor data: metadata and tensor infos (nothing written yet)."""
+    output = GGUFOutput(out, arch.gguf_arch, split_max_size)
+    write_general_metadata(output.writer, src, types)
+    arch.write_metadata(output.writer)
+    write_provenance(output.writer, src.name, prune)
+    if (src.path / "tokenizer.json").is_file() or getattr(src, "has_weights", True):
+        write_tokenizer(output.writer, src.path, int(arch.cfg.vocab_size))
+    for p in plans:
+        output.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)
+    return output
+
+
 def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` to ``opts.out``; returns the written file(s)."""
     src = HFSource(src_dir)
     arch = architecture_for(src)
     stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
-    prune = make_plan(arch, stats, opts.prune or PruneRequest())
+    prune = opts.prune_plan or make_plan(arch, stats, opts.prune or PruneRequest())
+    if prune.n_expert != arch.n_expert:
+        raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
+                           f"{src.path} has {arch.n_expert}")
     plans = plan_tensors(apply_plan(arch, prune), opts.types, imatrix)
-    out = GGUFOutput(opts.out, arch.gguf_arch, opts.split_max_size)
+    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size)
     try:
         with out:
-            write_general_metadata(out.writer, src, opts.types)
-            arch.write_metadata(out.writer)
-            write_provenance(out.writer, src.name, prune)
-            write_tokenizer(out.writer, src.path, int(arch.cfg.vocab_size))
-            for p in plans:
-                out.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)
             out.begin()
             total = sum(p.nbytes for p in plans)
             with Quantizer(opts.threads) as q, tqdm(total=total, unit="B", unit_scale=True, desc="convert",

@@ -66,15 +66,19 @@ class Imatrix:
         return entry.importance_row(expert)
 
 
+def is_gguf(path: Path, what: str) -> bool:
+    """Whether ``path`` starts with the GGUF magic; a one-line error when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError as e:
+        raise GgufmoeError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
 def load_imatrix(path: str | Path) -> Imatrix:
     """Read a llama.cpp imatrix, GGUF or legacy ``.dat`` (told apart by the GGUF magic)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise GgufmoeError(f"{path}: cannot read imatrix ({e.strerror or e})") from None
-    return _load_gguf(path) if magic == GGUF_MAGIC else _load_legacy(path)
+    return _load_gguf(path) if is_gguf(path, "imatrix") else _load_legacy(path)
 
 
 def _load_gguf(path: Path) -> Imatrix:

@@ -32,6 +32,9 @@ key / tensor                            type                    meaning
 ``blk.{il}.ggufmoe_expert_counts``      F32 (n_expert,)         ``counts``
 ``blk.{il}.ggufmoe_weight_mass``        F32 (n_expert,)         ``weight_mass``
 ``blk.{il}.ggufmoe_reap_sum``           F32 (n_expert,)         ``reap_sum``
+other ``ggufmoe.*`` keys                string                  :attr:`Stats.extras`: results derived from
+                                                                the statistics and cached with them (e.g.
+                                                                ``ggufmoe.sensitivity``, JSON)
 ======================================  ======================  ==========================================
 
 :func:`load_stats` also reads files without these additions, i.e. plain llama.cpp imatrix
@@ -48,14 +51,14 @@ statistics at all (``layers == {}``, ``has_routing`` false); its importance matr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from .errors import GgufmoeError
-from .imatrix import GGUF_MAGIC, Imatrix, load_imatrix, read_imatrix_gguf, write_imatrix_gguf
+from .imatrix import Imatrix, is_gguf, load_imatrix, read_imatrix_gguf, write_imatrix_gguf
 
 VERSION = 1
 KEY_VERSION = "ggufmoe.stats.version"
@@ -63,6 +66,8 @@ KEY_SOURCE = "ggufmoe.stats.source"
 KEY_HAS_ROUTING = "ggufmoe.stats.has_routing"
 KEY_LAYERS = "ggufmoe.stats.layers"
 KEY_N_TOKENS = "ggufmoe.stats.n_tokens"
+RESERVED_KEYS = (KEY_VERSION, KEY_SOURCE, KEY_HAS_ROUTING, KEY_LAYERS, KEY_N_TOKENS)
+EXTRA_PREFIX = "ggufmoe."  # Stats.extras keys: any other string key under this prefix
 TENSORS = {"counts": "ggufmoe_expert_counts", "weight_mass": "ggufmoe_weight_mass", "reap_sum": "ggufmoe_reap_sum"}
 
 
@@ -104,6 +109,9 @@ class Stats:
     layers: dict[int, ExpertStats]  # MoE layer index -> stats
     source: str = ""  # model name/path the stats come from
     has_routing: bool = True  # False when loaded from a plain llama.cpp imatrix (only counts known)
+    # other string keys ``ggufmoe.*`` stored with the statistics (results cached with them, e.g.
+    # ``ggufmoe.sensitivity``); kept by save/load, ignored by llama.cpp
+    extras: dict[str, str] = field(default_factory=dict)
 
 
 def collect_stats(model_dir, text: str, ctx: int = 512, max_tokens: int | None = None, progress: bool = True,
@@ -153,6 +161,11 @@ def save_stats(stats: Stats, path: str | Path) -> None:
                 raise GgufmoeError(f"stats of layer {il}: {attr} has {a.size} experts, counts {n}")
             tensors[f"blk.{il}.{suffix}"] = a.astype(np.float32)
 
+    for key in stats.extras:
+        if not key.startswith(EXTRA_PREFIX) or key in RESERVED_KEYS:
+            raise GgufmoeError(f"stats extra key {key!r}: must start with {EXTRA_PREFIX!r} and not be one of "
+                               f"{', '.join(RESERVED_KEYS)}")
+
     def keys(w: gguf.GGUFWriter) -> None:
         w.add_uint32(KEY_VERSION, VERSION)
         w.add_key_value(KEY_SOURCE, stats.source or "", gguf.GGUFValueType.STRING)  # add_string skips ""
@@ -162,6 +175,8 @@ def save_stats(stats: Stats, path: str | Path) -> None:
                             sub_type=gguf.GGUFValueType.INT32)
             w.add_key_value(KEY_N_TOKENS, [int(stats.layers[il].n_tokens) for il in layers],
                             gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.UINT64)
+        for key, value in sorted(stats.extras.items()):
+            w.add_key_value(key, str(value), gguf.GGUFValueType.STRING)
 
     write_imatrix_gguf(stats.imatrix, path, extra_tensors=tensors, extra_kv=keys, what="stats file")
 
@@ -173,12 +188,7 @@ def load_stats(path: str | Path, top_k: int | None = None) -> Stats:
     other single-matrix entries in a MoE block, to estimate that layer's token count.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise GgufmoeError(f"{path}: cannot read stats ({e.strerror or e})") from None
-    if magic != GGUF_MAGIC:
+    if not is_gguf(path, "stats"):
         return Stats(load_imatrix(path), {}, source="", has_routing=False)
     imatrix, reader = read_imatrix_gguf(path)
     if reader.get_field(KEY_VERSION) is None:
@@ -220,7 +230,17 @@ def _load_ours(path: Path, imatrix: Imatrix, reader: gguf.GGUFReader) -> Stats:
         if len({a.size for a in arrays.values()}) != 1:
             raise GgufmoeError(f"{path}: corrupt stats file: layer {il} has arrays of different lengths")
         out[int(il)] = ExpertStats(n_tokens=int(n), **arrays)
-    return Stats(imatrix, dict(sorted(out.items())), source=source, has_routing=bool(has_routing))
+    return Stats(imatrix, dict(sorted(out.items())), source=source, has_routing=bool(has_routing),
+                 extras=_extras(reader))
+
+
+def _extras(reader: gguf.GGUFReader) -> dict[str, str]:
+    """String keys ``ggufmoe.*`` other than the reserved ones (see :attr:`Stats.extras`)."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith(EXTRA_PREFIX) and key not in RESERVED_KEYS and f.types == [gguf.GGUFValueType.STRING]:
+            out[key] = f.contents()
+    return out
 
 
 def _layers_from_imatrix(path: Path, imatrix: Imatrix, top_k: int | None) -> dict[int, ExpertStats]:

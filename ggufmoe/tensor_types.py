@@ -37,6 +37,11 @@ class TypeRules:
 
     default: T
     rules: list[tuple[re.Pattern, T]] = field(default_factory=list)
+    names: dict[str, T] = field(default_factory=dict)  # exact tensor names, checked first (plans)
+
+    @classmethod
+    def exact(cls, names: dict[str, T], default: T = T.Q8_0) -> "TypeRules":
+        return cls(default, names=dict(names))
 
     @classmethod
     def parse(cls, default: str, rules: list[str] | tuple[str, ...] = ()) -> "TypeRules":
@@ -52,6 +57,8 @@ class TypeRules:
         return cls(parse_type(default), parsed)
 
     def requested(self, spec: TensorSpec) -> T:
+        if spec.name in self.names:
+            return self.names[spec.name]
         if len(spec.shape) == 1 or ALWAYS_F32.search(spec.name):
             return T.F32
         for pattern, t in self.rules:

@@ -87,6 +87,24 @@ class Architecture:
         """(groups, groups used per token) when routing picks groups first, else None."""
         return None
 
+    # --- memory model (what llama.cpp allocates per token of context) ----------------------
+    @property
+    def n_layer(self) -> int:
+        """Blocks written to GGUF (``block_count``): the layers llama.cpp keeps a KV cache for."""
+        return int(self.cfg.num_hidden_layers)
+
+    def kv_head_dims(self) -> tuple[int, int]:
+        """(K, V) head size as llama.cpp reads it: ``key_length``/``value_length`` when the module
+        writes them (a ``head_dim`` property), else ``n_embd / n_head`` (llama.cpp's default)."""
+        c = self.cfg
+        hd = getattr(self, "head_dim", None) or int(c.hidden_size) // int(c.num_attention_heads)
+        return int(hd), int(hd)
+
+    def kv_elements_per_token(self) -> int:
+        """KV-cache elements per token of context, all layers: n_layer x n_kv_heads x (head_k + head_v)."""
+        hk, hv = self.kv_head_dims()
+        return self.n_layer * int(self.cfg.num_key_value_heads) * (hk + hv)
+
     def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
         w.add_expert_count(self.n_expert_kept or self.n_expert)
         w.add_expert_used_count(self.n_expert_used or self.top_k)

@@ -93,6 +93,20 @@ class Deepseek2(Architecture):
             # llama.cpp divides this key by 0.1 when loading deepseek2 files
             w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
 
+    def kv_head_dims(self) -> tuple[int, int]:
+        """MLA as written: K head = kv_lora_rank + rope dims, V head = kv_lora_rank, one KV head."""
+        c = self.cfg
+        return int(c.kv_lora_rank + c.qk_rope_head_dim), int(c.kv_lora_rank)
+
+    def kv_elements_per_token(self) -> int:
+        """MLA caches one latent row per layer and token: ``kv_lora_rank + qk_rope_head_dim`` elements.
+
+        llama.cpp (this version) stores K only for MLA (``has_v = !is_mla`` in llama-kv-cache.cpp):
+        the compressed latent ``kv_cmpr`` and the roped ``k_pe`` concatenated, one head
+        (``head_count_kv = 1``); V is a view of the first ``kv_lora_rank`` values of K.
+        """
+        return self.n_layer * self.kv_head_dims()[0]
+
     def split_kv_b(self, il: int) -> Iterator[TensorSpec]:
         c = self.cfg
         name = f"model.layers.{il}.self_attn.kv_b_proj.weight"

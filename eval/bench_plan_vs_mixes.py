@@ -1,0 +1,128 @@
+"""Budgeted plans against llama.cpp's own mixes at the same file size, on the reference model.
+
+    python eval/bench_plan_vs_mixes.py
+
+For each llama.cpp mix (IQ1_M, IQ2_XXS, IQ2_M, Q2_K, Q3_K_M), made from our F32 conversion with
+our importance matrix through `llama_model_quantize`: its file size becomes a weights-only
+budget for `ggufmoe plan`; both files are measured on eval_doc.txt (KL divergence to the F32
+conversion, through llama.cpp). Calibration on calib.txt. Writes eval/results/plan_vs_mixes.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+from ggufmoe.calibrate import token_chunks  # noqa: E402
+from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.llama_quantize import llama_quantize  # noqa: E402
+from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
+from ggufmoe.plan import Budget, build_plan, options_from_plan  # noqa: E402
+from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
+from ggufmoe.tensor_types import TypeRules  # noqa: E402
+
+MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
+
+
+def kld(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int) -> float:
+    with LlamaScorer(path, ctx) as score:
+        return float(np.mean([compare(score(c), b, c).kld_mean for c, b in zip(chunks, base)]))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["mix_bytes"] / 2**20 for r in rows], [r["mix_kld"] for r in rows], "o-", label="llama.cpp mix")
+    ax.plot([r["ours_bytes"] / 2**20 for r in rows], [r["ours_kld"] for r in rows], "s-", label="ggufmoe plan")
+    for r in rows:
+        ax.annotate(r["mix"], (r["mix_bytes"] / 2**20, r["mix_kld"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("KL divergence to F32 (nats/token)")
+    ax.set_yscale("log")
+    ax.set_title("refmoe-qwen3: same size, llama.cpp mixes vs ggufmoe plans")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--work", type=Path, help="keep intermediate files here (stats, sensitivities are cached)")
+    args = ap.parse_args()
+    calib = (SHARED / "data" / "calib.txt").read_text()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    chunks = [c for c in token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), args.ctx,
+                                      args.ctx * (args.chunks + 1)) if len(c) == args.ctx][:args.chunks]
+    work = args.work or Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
+    stats_path = work / "stats.gguf"
+    if not stats_path.exists():
+        save_stats(collect_stats(args.model, calib), stats_path)
+    f32 = work / "F32.gguf"
+    if not f32.exists():
+        convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
+    with LlamaScorer(f32, args.ctx) as score:
+        base = [score(c) for c in chunks]
+    imatrix = load_stats(stats_path).imatrix
+    rows = []
+    for mix in MIXES:
+        theirs = llama_quantize(f32, work / f"mix-{mix}.gguf", mix, imatrix=imatrix)
+        size = theirs.stat().st_size
+        plan = build_plan(args.model, Budget(size, weights_only=True), stats_path, calib)
+        ours = convert(args.model, options_from_plan(plan, ConvertOptions(out=work / f"plan-{mix}.gguf",
+                                                                          types=TypeRules.parse("Q8_0"),
+                                                                          progress=False)))[0]
+        row = dict(mix=mix, mix_bytes=size, mix_kld=kld(theirs, chunks, base, args.ctx),
+                   ours_bytes=ours.stat().st_size, planned_bytes=plan.file_bytes, keep=plan.keep,
+                   ours_kld=kld(ours, chunks, base, args.ctx), predicted_kld=plan.predicted_kld["total"])
+        row["ratio"] = row["ours_kld"] / row["mix_kld"]
+        rows.append(row)
+        print(row, flush=True)
+    out = ROOT / "eval" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_vs_mixes.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / "plan_vs_mixes.png")
+    lines = [
+        "# Budgeted plans vs llama.cpp's mixes at the same size",
+        "",
+        f"Reference model `{args.model.name}`; statistics and sensitivities from calib.txt; KL divergence to the "
+        f"F32 conversion over {len(chunks)} chunks of {args.ctx} tokens of eval_doc.txt through llama.cpp. "
+        "Mixes made by `llama_model_quantize` from our F32 file with our importance matrix; our plan gets the "
+        f"mix's file size as a weights-only budget. Machine: {platform.machine()}, {os.cpu_count()} cores. "
+        "Reproduce: `python eval/bench_plan_vs_mixes.py`.",
+        "",
+        "| llama.cpp mix | its size | its KLD | our size | planned = written | experts kept | our KLD | predicted | ratio |",
+        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['mix']} | {r['mix_bytes']:,} | {r['mix_kld']:.4f} | {r['ours_bytes']:,} | "
+              f"{'yes' if r['planned_bytes'] == r['ours_bytes'] else 'NO'} | {r['keep']} | {r['ours_kld']:.4f} | "
+              f"{r['predicted_kld']:.4f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", "![size vs KL](plan_vs_mixes.png)"]
+    (out / "plan_vs_mixes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Memory-budget planner: which experts to keep and one llama.cpp type per tensor, so that the
+file plus llama.cpp's runtime memory fit the budget at the least predicted KL divergence.
+
+For every candidate keep ratio: prune (as ``convert --keep`` would), start every tensor at its
+cheapest allowed type, then take upgrades in order of predicted KL saved per byte (steps along
+each tensor's lower convex hull of bytes vs. predicted cost) while they fit. The keep ratio with
+the lowest predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+
+from .arch import Architecture, TensorSpec
+from .convert import TensorPlan, prepare_output
+from .errors import GgufmoeError
+from .memory import file_bytes, runtime_memory
+from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, resolve
+from .quant import effective_type, requires_imatrix
+from .sensitivity import CANDIDATES, Sensitivity
+from .stats import Stats
+from .tensor_types import ALWAYS_F32, EMBEDDING, TypeRules
+from .units import format_size
+
+KEEP_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
+# Poor without an importance matrix (llama.cpp warns about them): only offered with statistics.
+NEED_STATS = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
+ALIGN = 32
+
+
+def padded(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class Budget:
+    total: int
+    ctx: int = 8192
+    kv_type: str = "f16"
+    weights_only: bool = False
+
+
+@dataclass
+class Plan:
+    """A plan as written to PLAN.json and executed by ``convert --plan``."""
+
+    source: str
+    architecture: str
+    budget: int
+    ctx: int
+    kv_type: str
+    weights_only: bool
+    n_expert: int
+    top_k_source: int
+    keep: int
+    top_k: int
+    criterion: str
+    kept: dict[int, list[int]]
+    types: dict[str, str]
+    tensor_bytes: dict[str, int]
+    file_bytes: int
+    memory: dict[str, int]
+    predicted_kld: dict[str, float]
+    stats: str | None = None
+    candidates: list[dict] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        try:
+            d = json.loads(Path(path).read_text())
+            d["kept"] = {int(k): v for k, v in d["kept"].items()}
+            return cls(**d)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise GgufmoeError(f"{path}: not a ggufmoe plan ({e})") from None
+
+    def prune_plan(self) -> PrunePlan:
+        return PrunePlan(self.n_expert, self.top_k_source, self.keep, self.top_k, self.criterion, 0.5, self.kept)
+
+    def type_rules(self) -> TypeRules:
+        return TypeRules.exact({name: T[t] for name, t in self.types.items()})
+
+
+@dataclass
+class Option:
+    qtype: T
+    nbytes: int
+    cost: float
+
+
+def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool) -> list[Option]:
+    """Allowed (type, padded bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped."""
+    if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or len(spec.shape) == 1 \
+            or ALWAYS_F32.search(spec.name):
+        t = pins.type_for(spec)
+        return [Option(t, padded(TensorPlan(spec, t).nbytes), 0.0)]
+    costs = sens.cost.get(spec.name, {})
+    seen: dict[T, Option] = {}
+    for t in CANDIDATES:
+        if (t in NEED_STATS and not with_stats) or (spec.name == EMBEDDING and requires_imatrix(t)):
+            continue
+        eff = effective_type(t, spec.shape[-1])
+        if eff in seen or eff.name not in costs and t.name not in costs:
+            continue
+        seen[eff] = Option(eff, padded(TensorPlan(spec, eff).nbytes), costs.get(t.name, costs.get(eff.name, 0.0)))
+    opts = sorted(seen.values(), key=lambda o: (o.nbytes, o.cost))
+    hull: list[Option] = []
+    for o in opts:  # lower convex hull of (bytes, cost), cost falling
+        if hull and o.cost >= hull[-1].cost:
+            continue
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], o):
+            hull.pop()
+        hull.append(o)
+    if not hull:
+        raise GgufmoeError(f"{spec.name}: no allowed type")
+    return hull
+
+
+def _slope(a: Option, b: Option) -> float:
+    return (a.cost - b.cost) / max(b.nbytes - a.nbytes, 1)
+
+
+def allocate(groups: dict[str, list[Option]], budget: int) -> tuple[dict[str, Option], int]:
+    """Cheapest option everywhere, then the best cost-per-byte upgrades that fit. Returns choice and bytes."""
+    level = {name: 0 for name in groups}
+    used = sum(opts[0].nbytes for opts in groups.values())
+    if used > budget:
+        raise _TooSmall(used)
+    heap = [(-_slope(o[0], o[1]), name) for name, o in groups.items() if len(o) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        opts, i = groups[name], level[name]
+        step = opts[i + 1].nbytes - opts[i].nbytes
+        if used + step > budget:
+            continue
+        used += step
+        level[name] = i + 1
+        if i + 2 < len(opts):
+            heapq.heappush(heap, (-_slope(opts[i + 1], opts[i + 2]), name))
+    return {name: groups[name][i] for name, i in level.items()}, used
+
+
+class _TooSmall(Exception):
+    def __init__(self, needed: int):
+        self.needed = needed
+
+
+def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool = False) -> list[int]:
+    n = arch.n_expert
+    if (stats is None or not stats.layers) and not config_only:
+        return [n]
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    keeps = sorted({max(groups, round(r * n / groups) * groups) for r in KEEP_RATIOS}, reverse=True)
+    return [k for k in keeps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+
+
+def prune_cost(plan: PrunePlan, stats: Stats | None, scale: float) -> float:
+    """Predicted KL of pruning: routing mass removed, averaged over layers, times a measured scale."""
+    if not plan.prunes:
+        return 0.0
+    if stats is None:  # configuration alone: assume the removed experts carried their share of routing
+        return scale * (1.0 - plan.keep / plan.n_expert)
+    removed = []
+    for il, kept in plan.kept.items():
+        s = stats.layers[il]
+        mass = s.weight_mass if stats.has_routing else s.counts
+        total = float(mass.sum()) or 1.0
+        removed.append(1.0 - float(mass[kept].sum()) / total)
+    return scale * sum(removed) / max(len(removed), 1)
+
+
+def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
+                     pins: TypeRules, prune_scale: float, criterion: str = "reap",
+                     stats_path: str | None = None) -> Plan:
+    """The best plan over the candidate keep counts; a clear error when nothing fits."""
+    best: Plan | None = None
+    smallest = None
+    candidates = []
+    crit = criterion if stats is None or stats.has_routing else "frequency"
+    config_only = not getattr(src, "has_weights", True)
+    for keep in keep_candidates(arch, stats, config_only):
+        if config_only and keep < arch.n_expert:
+            # which experts is decided at conversion, from calibration; placeholders keep the shapes right
+            _, top_k = resolve(arch, PruneRequest(keep=keep))
+            pplan = _placeholder_kept(arch, PrunePlan(arch.n_expert, arch.top_k, keep, top_k, crit, 0.5))
+        else:
+            pplan = make_plan(arch, stats, PruneRequest(keep=keep, criterion=crit))
+        specs = apply_plan(arch, pplan)
+        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only) for s in specs}
+        first = {name: o[0].qtype for name, o in groups.items()}
+        overhead = _overhead(src, arch, specs, first, pplan)
+        runtime = runtime_memory(arch, 0, budget.ctx, budget.kv_type)
+        fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
+        limit = budget.total - fixed
+        for _ in range(8):  # runtime memory is not exactly linear in the file (repacked weights): back off
+            try:
+                choice, used = allocate(groups, limit)
+            except _TooSmall as e:
+                need = e.needed + (budget.total - limit)
+                smallest = need if smallest is None else min(smallest, need)
+                choice = None
+                break
+            types = {name: o.qtype for name, o in choice.items()}
+            size = file_bytes(prepare_output(src, arch, [TensorPlan(s, types[s.name]) for s in specs], pplan,
+                                             TypeRules(T.Q8_0), Path("plan.gguf")).writer)
+            mem = runtime_memory(arch, size, budget.ctx, budget.kv_type)
+            over = (size if budget.weights_only else mem.total) - budget.total
+            if over <= 0:
+                break
+            limit -= over
+        else:
+            choice = None
+        if choice is None:
+            continue
+        quant = sum(o.cost for o in choice.values())
+        pcost = prune_cost(pplan, stats, prune_scale)
+        plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
+                    kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
+                    top_k_source=arch.top_k, keep=keep, top_k=pplan.top_k, criterion=crit, kept=pplan.kept,
+                    types={n: t.name for n, t in types.items()},
+                    tensor_bytes={s.name: TensorPlan(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
+                    memory=dict(weights=mem.weights, kv_cache=mem.kv_cache, compute=mem.compute,
+                                reserve=mem.reserve, total=mem.total),
+                    predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path)
+        candidates.append(dict(keep=keep, file_bytes=size, predicted_kld=plan.predicted_kld["total"]))
+        if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
+            best = plan
+    if best is None:
+        raise GgufmoeError(f"budget {format_size(budget.total)} is too small: the smallest feasible plan needs "
+                           f"{format_size(smallest)} ({smallest} bytes)")
+    best.candidates = candidates
+    return best
+
+
+def _placeholder_kept(arch: Architecture, pplan: PrunePlan) -> PrunePlan:
+    from .prune import choose
+    import numpy as np
+
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
+    pplan.kept = {il: choose(np.zeros(arch.n_expert), pplan.keep, groups) for il in layers}
+    return pplan
+
+
+def _overhead(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: PrunePlan) -> int:
+    """Bytes of the file that are not (padded) tensor data: header, metadata, tensor infos."""
+    plans = [TensorPlan(s, types[s.name]) for s in specs]
+    out = prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"))
+    return file_bytes(out.writer) - sum(padded(p.nbytes) for p in plans)
+
+
+# Without weights (a configuration alone) the tokenizer is unknown: metadata bytes per vocabulary
+# entry assumed for it (token text, type, merge). Stated in the plan as an estimate.
+TOKENIZER_BYTES_PER_TOKEN = 32
+# Predicted KL per unit of routing mass removed, used when it cannot be measured (no weights).
+DEFAULT_PRUNE_SCALE = 1.0
+
+
+def measure_prune_scale(src_dir: Path, stats_path: Path, text: str, ctx: int = 512, chunks: int = 4) -> float:
+    """KL (through llama.cpp, F16 weights) of pruning a quarter of the experts, per unit of routing mass removed."""
+    import tempfile
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from .arch import architecture_for
+    from .calibrate import token_chunks
+    from .convert import ConvertOptions, convert
+    from .logprobs import LlamaScorer, compare
+    from .source.hf import HFSource
+    from .stats import load_stats
+
+    arch = architecture_for(HFSource(src_dir))
+    stats = load_stats(stats_path, top_k=arch.top_k)
+    keep = keep_candidates(arch, stats)
+    keep = min(keep, key=lambda k: abs(k - 0.75 * arch.n_expert))
+    req = PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
+    removed = prune_cost(make_plan(arch, stats, req), stats, 1.0)
+    if removed <= 0:
+        return DEFAULT_PRUNE_SCALE
+    tok = AutoTokenizer.from_pretrained(src_dir)
+    seqs = [c for c in token_chunks(tok, text, ctx, ctx * chunks) if len(c) == ctx] or \
+        token_chunks(tok, text, ctx, ctx * chunks)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = convert(src_dir, ConvertOptions(out=Path(tmp) / "base.gguf", types=TypeRules.parse("F16"),
+                                               progress=False))[0]
+        pruned = convert(src_dir, ConvertOptions(out=Path(tmp) / "pruned.gguf", types=TypeRules.parse("F16"),
+                                                 stats=stats_path, prune=req, progress=False))[0]
+        n = max(len(s) for s in seqs)
+        with LlamaScorer(base, n) as score:
+            ref = [score(s) for s in seqs]
+        with LlamaScorer(pruned, n) as score:
+            kld = float(np.mean([compare(score(s), r, s).kld_mean for s, r in zip(seqs, ref)]))
+    return kld / removed
+
+
+def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, calib_text: str | None = None,
+               pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True) -> Plan:
+    """Everything ``ggufmoe plan`` does: sensitivities (measured or default), then the best plan."""
+    from .arch import architecture_for
+    from .sensitivity import default_sensitivity, load_or_measure
+    from .source.config import open_source
+    from .stats import load_stats
+
+    src = open_source(source)
+    arch = architecture_for(src)
+    pins = pins or TypeRules(T.Q8_0)
+    stats = None
+    if not getattr(src, "has_weights", True):
+        if stats_path:
+            raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
+        # the conversion will calibrate, so types that need an importance matrix are allowed
+        sens = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True)
+        prune_scale = DEFAULT_PRUNE_SCALE
+    elif stats_path is None:
+        sens, prune_scale = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k), DEFAULT_PRUNE_SCALE
+    else:
+        stats = load_stats(stats_path, top_k=arch.top_k)
+        sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
+        prune_scale = sens.scales.get("prune")
+        if prune_scale is None:
+            if calib_text is None:
+                raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
+            prune_scale = measure_prune_scale(src.path, stats_path, calib_text)
+    plan = make_budget_plan(src, arch, stats, sens, budget, pins, prune_scale, criterion,
+                            str(stats_path) if stats_path else None)
+    if not (src.path / "tokenizer.json").is_file():
+        plan.file_bytes += TOKENIZER_BYTES_PER_TOKEN * int(arch.cfg.vocab_size)
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable summary: pruning, types per tensor class and layer range, memory breakdown."""
+    by_class: dict[tuple[str, str], list[int]] = {}
+    class_bytes: dict[tuple[str, str], int] = {}
+    for name, t in plan.types.items():
+        parts = name.split(".")
+        layer = int(parts[1]) if parts[0] == "blk" else -1
+        kind = ".".join(parts[2:-1]) if parts[0] == "blk" else ".".join(parts[:-1])
+        by_class.setdefault((kind, t), []).append(layer)
+        class_bytes[kind, t] = class_bytes.get((kind, t), 0) + plan.tensor_bytes.get(name, 0)
+    lines = [f"source       {plan.source} ({plan.architecture})",
+             f"experts      keep {plan.keep} of {plan.n_expert} per layer ({plan.criterion}), "
+             f"{plan.top_k} used per token (source: {plan.top_k_source})",
+             "", f"{'tensor class':<22} {'type':<8} {'bytes':>12}  layers"]
+    for (kind, t), layers in sorted(by_class.items()):
+        span = "-" if layers == [-1] else _ranges(sorted(layers))
+        lines.append(f"{kind:<22} {t:<8} {format_size(class_bytes[kind, t]):>12}  {span}")
+    m = plan.memory
+    lines += ["", f"file         {format_size(plan.file_bytes)} ({plan.file_bytes} bytes)",
+              f"memory       weights {format_size(m['weights'])} + KV cache {format_size(m['kv_cache'])} "
+              f"(ctx {plan.ctx}, {plan.kv_type}) + compute {format_size(m['compute'])} + reserve "
+              f"{format_size(m['reserve'])} = {format_size(m['total'])}",
+              f"budget       {format_size(plan.budget)}" + (" (weights only)" if plan.weights_only else ""),
+              f"predicted    KL {plan.predicted_kld['total']:.4f} (pruning {plan.predicted_kld['prune']:.4f}, "
+              f"quantization {plan.predicted_kld['quant']:.4f})"]
+    if len(plan.candidates) > 1:
+        lines.append("candidates   " + ", ".join(f"keep {c['keep']}: KL {c['predicted_kld']:.4f}"
+                                                 for c in plan.candidates))
+    return "\n".join(lines)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def options_from_plan(plan: Plan, base) -> "ConvertOptions":
+    """``base`` convert options with the plan's types, pruning and statistics filled in."""
+    from dataclasses import replace
+
+    stats = base.stats or (Path(plan.stats) if plan.stats else None)
+    return replace(base, types=plan.type_rules(), prune_plan=plan.prune_plan(), stats=stats, prune=None)
+
+
+def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, pins: TypeRules,
+                      criterion: str = "reap") -> tuple[Plan, list[Path]]:
+    """calibrate (unless statistics are given) + plan + convert; the plan is saved beside the output."""
+    from .convert import convert
+    from .stats import check_output, collect_stats, read_text, save_stats
+
+    text = read_text(calib_file) if calib_file else None
+    stats_path = base.stats
+    if stats_path is None:
+        if text is None:
+            raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
+        stats_path = base.out.with_suffix(".stats.gguf")
+        check_output(stats_path)
+        save_stats(collect_stats(src, text, progress=base.progress, dataset=calib_file.name), stats_path)
+    plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress)
+    plan.save(base.out.with_suffix(".plan.json"))
+    return plan, convert(src, options_from_plan(plan, base))

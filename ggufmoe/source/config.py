@@ -1,0 +1,85 @@
+"""A model known only by its config.json: tensor names and shapes from transformers on the meta
+device, no weights. Enough to plan (``ggufmoe plan``) before downloading a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..errors import GgufmoeError
+
+
+class ConfigSource:
+    """Same interface as :class:`~ggufmoe.source.hf.HFSource`, but ``get`` has nothing to read."""
+
+    has_weights = False
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        cfg = path if path.is_file() else path / "config.json"
+        if not cfg.is_file():
+            raise GgufmoeError(f"{path}: no config.json")
+        self.path = cfg.parent
+        try:
+            self.config: dict = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
+
+    @cached_property
+    def architecture(self) -> str:
+        """``architectures[0]``, or the causal-LM class transformers maps the ``model_type`` to."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        archs = self.config.get("architectures") or []
+        arch = archs[0] if archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.config.get("model_type", ""))
+        if not arch:
+            raise GgufmoeError(f"{self.path}/config.json: neither 'architectures' nor a known 'model_type'")
+        return arch
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint tensor names (as transformers saves them) and shapes, from a meta-device model."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.core_model_loading import revert_weight_conversion
+
+        try:
+            cfg = AutoConfig.from_pretrained(str(self.path))
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+            state = revert_weight_conversion(model, model.state_dict())
+        except Exception as e:  # transformers raises many types for configs it cannot build
+            raise GgufmoeError(f"{self.path}/config.json: transformers cannot build the model ({e})") from None
+        return {k: tuple(v.shape) for k, v in state.items()}
+
+    def tensor_names(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._shapes:
+            raise GgufmoeError(f"{self.path}: the configuration defines no tensor {name}")
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        raise GgufmoeError(f"{self.path}: a configuration alone has no weights (tensor {name})")
+
+
+def open_source(path: str | Path):
+    """A checkpoint directory with weights, or a configuration alone (config.json or a directory without weights)."""
+    from .hf import HFSource
+
+    p = Path(path)
+    if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
+        return HFSource(p)
+    if p.is_file() and p.name.endswith(".json") or p.is_dir():
+        return ConfigSource(p)
+    raise GgufmoeError(f"{p}: not a model directory or config.json")

@@ -1,0 +1,143 @@
+"""The memory model: exact file sizes before writing, KV/compute against llama.cpp, RSS within 5 %."""
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import tiny_models
+from ggufmoe.arch import architecture_for
+from ggufmoe.convert import ConvertOptions, convert, plan_tensors, write_general_metadata
+from ggufmoe.memory import (ModelShape, compute_buffer_bytes, file_bytes, kv_cache_bytes, runtime_memory,
+                            shard_bytes, weight_memory)
+from ggufmoe.prune import PruneRequest, apply_plan, make_plan, write_provenance
+from ggufmoe.source.hf import HFSource
+from ggufmoe.stats import collect_stats, load_stats, save_stats
+from ggufmoe.tensor_types import TypeRules
+from ggufmoe.tokenizer import write_tokenizer
+
+MiB = 1 << 20
+BENCH = Path(__file__).resolve().parents[1] / "eval" / "bench_memory.py"
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def prepared_writer(src_dir, types: TypeRules, out: Path, split: int = 0, stats: Path | None = None,
+                    prune: PruneRequest | None = None) -> gguf.GGUFWriter:
+    """The writer state `convert` builds before writing anything (same functions, same order)."""
+    src = HFSource(src_dir)
+    arch = architecture_for(src)
+    st = load_stats(stats, top_k=arch.top_k) if stats else None
+    plan = make_plan(arch, st, prune or PruneRequest())
+    plans = plan_tensors(apply_plan(arch, plan), types, st.imatrix if st else None)
+    try:
+        from ggufmoe.convert import prepare_output
+    except ImportError:
+        prepare_output = None
+    if prepare_output is not None:
+        return prepare_output(src, arch, plans, plan, types, out, split).writer
+    w = gguf.GGUFWriter(None, arch.gguf_arch, split_max_size=split)
+    write_general_metadata(w, src, types)
+    arch.write_metadata(w)
+    write_provenance(w, src.name, plan)
+    write_tokenizer(w, src.path, int(arch.cfg.vocab_size))
+    for p in plans:
+        w.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny qwen3moe and deepseek3 checkpoints, and calibration statistics for the deepseek3 one."""
+    d = tmp_path_factory.mktemp("mem")
+    for name in ("qwen3moe", "deepseek3"):
+        tiny_models.build(name, d / name)
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:8000]
+    save_stats(collect_stats(d / "deepseek3", text, ctx=256, progress=False), d / "stats.gguf")
+    return d
+
+
+CASES = {
+    "f32": dict(model="qwen3moe", types=("F32", ())),
+    "q4_k": dict(model="qwen3moe", types=("Q4_K", ())),
+    "mixed": dict(model="deepseek3",
+                  types=("Q8_0", ("ffn_.*_exps=Q4_K", "attn_.*=Q6_K", "output=F16", "blk\\.0\\..*=Q2_K"))),
+    "split": dict(model="qwen3moe", types=("Q8_0", ()), split=400_000),
+    "pruned": dict(model="deepseek3", types=("Q4_K", ()), prune=PruneRequest(keep=8, criterion="reap", top_k=2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_file_bytes_are_exact(tiny, tmp_path, case):
+    c = CASES[case]
+    types = TypeRules.parse(*c["types"])
+    stats = tiny / "stats.gguf" if c.get("prune") else None
+    out = tmp_path / f"{case}.gguf"
+    w = prepared_writer(tiny / c["model"], types, out, c.get("split", 0), stats, c.get("prune"))
+    predicted, per_shard, weights = file_bytes(w), shard_bytes(w), weight_memory(w, repack={})
+    written = convert(tiny / c["model"], ConvertOptions(out=out, types=types, split_max_size=c.get("split", 0),
+                                                        stats=stats, prune=c.get("prune"), progress=False))
+    assert [p.stat().st_size for p in written] == per_shard
+    assert sum(p.stat().st_size for p in written) == predicted
+    if case == "split":
+        assert len(written) > 2
+    # the writer-side and file-side views of the weights agree
+    assert weight_memory(written, repack={}) == weights
+    assert weight_memory(w) == weight_memory(written)
+
+
+def test_file_bytes_reference_model(ref_f32_gguf, tmp_path):
+    w = prepared_writer(tiny_models.REF_MODEL, TypeRules.parse("F32"), tmp_path / "x.gguf")
+    assert file_bytes(w) == ref_f32_gguf.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3"])
+def test_kv_and_compute_match_llama_cpp(tmp_path, name):
+    """KV size exact and compute buffer within 1 MiB of what llama.cpp plans (metadata-only load)."""
+    tiny_models.build(name, tmp_path / "hf")
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("F16"),
+                                                   progress=False))[0]
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    shape = ModelShape.from_gguf(path)
+    assert ModelShape.from_arch(arch) == shape
+    assert arch.kv_elements_per_token() == shape.kv_elements_per_token
+    if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
+        c = arch.cfg
+        assert arch.kv_elements_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+    b = bench()
+    for ctx, fa in ((512, False), (2048, False), (2048, True)):
+        got = b.llama_reserved(path, ctx, 512, fa)
+        assert abs(got["kv"] - kv_cache_bytes(shape, ctx)) < 0.006 * MiB  # llama.cpp logs 2 decimals
+        assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa)) < 1 * MiB, (ctx, fa)
+
+
+def test_kv_types():
+    shape = ModelShape(n_vocab=6144, n_embd=256, n_layer=6, n_head=4, n_head_kv=2, head_k=64, head_v=64,
+                       n_expert=24, n_expert_used=4, n_ff_exp=256)
+    cells = 2048 * 6 * 2 * 128  # layers x (K + V) x n_head_kv * head
+    assert kv_cache_bytes(shape, 2048, "f16") == cells * 2
+    assert kv_cache_bytes(shape, 2048, "f32") == cells * 4
+    assert kv_cache_bytes(shape, 2048, "q8_0") == cells // 32 * 34
+    assert kv_cache_bytes(shape, 2048, "q4_0") == cells // 32 * 18
+    assert kv_cache_bytes(shape, 2000, "f16") == kv_cache_bytes(shape, 2048, "f16")  # cells padded to 256
+    with pytest.raises(ValueError, match="flash attention"):
+        runtime_memory(None, 0, 2048, "q8_0", flash_attn=False, shape=shape)
+    assert runtime_memory(None, 0, 2048, "q8_0", shape=shape).kv_cache == cells // 32 * 34
+
+
+def test_runtime_memory_within_5_percent(ref_f32_gguf):
+    """Planned total vs peak RSS of llama.cpp evaluating a full 2048-token context (all logits)."""
+    arch = architecture_for(HFSource(tiny_models.REF_MODEL))
+    assert ModelShape.from_arch(arch) == ModelShape.from_gguf(ref_f32_gguf)
+    wm = weight_memory(ref_f32_gguf)
+    planned = runtime_memory(arch, wm.mapped, 2048, repacked_bytes=wm.repacked)
+    peak, logged = bench().run_child(ref_f32_gguf, 2048, "all")
+    assert abs(logged["mapped"] - wm.mapped) < 0.006 * MiB and abs(logged["kv"] - planned.kv_cache) < 0.006 * MiB
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)

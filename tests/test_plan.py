@@ -1,0 +1,42 @@
+"""The budget planner: planned bytes are written bytes; DeepSeek-V3 planned from its config alone."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.plan import Budget, build_plan, options_from_plan
+from ggufmoe.tensor_types import TypeRules
+
+GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+
+
+@pytest.mark.parametrize("budget", [12_000_000, 20_000_000])
+def test_planned_bytes_are_written_bytes(budget, tmp_path):
+    plan = build_plan(tiny_models.REF_MODEL, Budget(budget, weights_only=True), progress=False)
+    assert plan.file_bytes <= budget
+    out = convert(tiny_models.REF_MODEL, options_from_plan(plan, ConvertOptions(
+        out=tmp_path / "p.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]
+    assert out.stat().st_size == plan.file_bytes
+
+
+def test_impossible_budget_names_smallest_size():
+    with pytest.raises(GgufmoeError, match="smallest feasible plan needs"):
+        build_plan(tiny_models.REF_MODEL, Budget(1_000_000, weights_only=True), progress=False)
+
+
+def test_deepseek_v3_671b_at_128gib_from_config(tmp_path):
+    from transformers import DeepseekV3Config
+
+    DeepseekV3Config().save_pretrained(tmp_path)
+    proc = subprocess.run([GGUFMOE, "plan", tmp_path / "config.json", "--budget", "128GiB", "--ctx", "8192",
+                           "-o", tmp_path / "plan.json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["memory"]["total"] <= 128 * 2**30
+    assert plan["memory"]["kv_cache"] > 0 and "KV cache" in proc.stdout
