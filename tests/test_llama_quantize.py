@@ -206,3 +206,13 @@ def test_failure_reason_picks_llama_cpps_line():
     assert failure_reason("a\nllama_model_quantize: failed to quantize: boom\n=====\n") == "boom"
     assert failure_reason("converting to iq2_xxs ..\n", -9) == "process killed by SIGKILL; its last output: converting to iq2_xxs .."
     assert failure_reason("", 1) == "exit status 1, no message"
+
+
+def test_stats_file_is_an_imatrix_for_llama_quantize(ref_f32_gguf, tmp_path, q2k):
+    """A `ggufmoe calibrate` stats file feeds llama.cpp's quantizer exactly like a plain imatrix."""
+    from ggufmoe.stats import collect_stats, load_stats, save_stats
+
+    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:40000]
+    save_stats(collect_stats(tiny_models.REF_MODEL, text, ctx=512, progress=False), tmp_path / "stats.gguf")
+    out = llama_quantize(ref_f32_gguf, tmp_path / "q2k.gguf", "Q2_K", imatrix=load_stats(tmp_path / "stats.gguf").imatrix)
+    assert out.read_bytes() == q2k["imatrix"].read_bytes()
