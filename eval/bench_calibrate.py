@@ -16,28 +16,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
+from common import peak_rss_of  # noqa: E402
 from ggufmoe.stats import load_stats  # noqa: E402
-
-
-def run_child(cmd: list[str]) -> tuple[int, float]:
-    """Run ``cmd`` in a child; its peak RSS in bytes and its wall time."""
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)  # the per-layer summary; errors still reach stderr
-        os.execvp(cmd[0], cmd)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed")
-    return usage.ru_maxrss * 1024, time.perf_counter() - t0
 
 
 def cpu_name() -> str:
@@ -65,8 +51,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "stats.gguf"
         for i in range(args.runs):
-            rss, wall = run_child([exe, "calibrate", args.model, "--text", args.text, "--ctx", str(args.ctx),
-                                   "-o", str(out), "-q"])
+            rss, wall = peak_rss_of([exe, "calibrate", args.model, "--text", args.text, "--ctx", str(args.ctx),
+                                     "-o", str(out), "-q"], quiet=True)
             stats = load_stats(out)
             tokens = next(iter(stats.layers.values())).n_tokens
             rows.append((tokens, wall, rss))

@@ -11,30 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import peak_rss_of  # noqa: E402
 from ggufmoe.arch import architecture_for  # noqa: E402
 from ggufmoe.source.hf import HFSource  # noqa: E402
-
-
-def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
-    """Run ``cmd`` in a child; its peak RSS in bytes (the only child waited for) and wall time."""
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        os.execvp(cmd[0], cmd)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed")
-    return usage.ru_maxrss * 1024, time.perf_counter() - t0
 
 
 def main() -> None:

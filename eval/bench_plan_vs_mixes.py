@@ -18,26 +18,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.calibrate import token_chunks  # noqa: E402
+from common import eval_chunks, score as score_gguf  # noqa: E402
 from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.llama_quantize import llama_quantize  # noqa: E402
-from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
+from ggufmoe.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.plan import Budget, build_plan, options_from_plan  # noqa: E402
 from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
 from ggufmoe.tensor_types import TypeRules  # noqa: E402
 
 MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
-
-
-def kld(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int) -> float:
-    with LlamaScorer(path, ctx) as score:
-        return float(np.mean([compare(score(c), b, c).kld_mean for c, b in zip(chunks, base)]))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -63,8 +56,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
     ap.add_argument("--chunks", type=int, default=8)
@@ -72,9 +63,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep intermediate files here (stats, sensitivities are cached)")
     args = ap.parse_args()
     calib = (SHARED / "data" / "calib.txt").read_text()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    chunks = [c for c in token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), args.ctx,
-                                      args.ctx * (args.chunks + 1)) if len(c) == args.ctx][:args.chunks]
+    chunks = eval_chunks(args.model, args.chunks, args.ctx)
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     stats_path = work / "stats.gguf"
@@ -94,9 +83,9 @@ def main() -> None:
         ours = convert(args.model, options_from_plan(plan, ConvertOptions(out=work / f"plan-{mix}.gguf",
                                                                           types=TypeRules.parse("Q8_0"),
                                                                           progress=False)))[0]
-        row = dict(mix=mix, mix_bytes=size, mix_kld=kld(theirs, chunks, base, args.ctx),
+        row = dict(mix=mix, mix_bytes=size, mix_kld=score_gguf(theirs, chunks, base, args.ctx)["kld"],
                    ours_bytes=ours.stat().st_size, planned_bytes=plan.file_bytes, keep=plan.keep,
-                   ours_kld=kld(ours, chunks, base, args.ctx), predicted_kld=plan.predicted_kld["total"])
+                   ours_kld=score_gguf(ours, chunks, base, args.ctx)["kld"], predicted_kld=plan.predicted_kld["total"])
         row["ratio"] = row["ours_kld"] / row["mix_kld"]
         rows.append(row)
         print(row, flush=True)

@@ -18,15 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.calibrate import token_chunks  # noqa: E402
+from common import eval_chunks, score as score_gguf  # noqa: E402
 from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
-from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
+from ggufmoe.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.prune import CRITERIA, PruneRequest  # noqa: E402
 from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
 from ggufmoe.tensor_types import TypeRules  # noqa: E402
@@ -34,26 +32,14 @@ from ggufmoe.tensor_types import TypeRules  # noqa: E402
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
 
 
-def evaluate(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int) -> dict:
-    with LlamaScorer(path, ctx) as score:
-        cmp = [compare(score(c), b, c) for c, b in zip(chunks, base)]
-    return dict(kld=float(np.mean([c.kld_mean for c in cmp])),
-                ppl=float(np.exp(np.mean([np.log(c.ppl) for c in cmp]))),
-                top1=float(np.mean([c.top1 for c in cmp])), bytes=path.stat().st_size)
-
-
 def main() -> None:
-    from transformers import AutoTokenizer
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--stats", type=Path, help="reuse statistics of the whole calib.txt from `ggufmoe calibrate`")
     args = ap.parse_args()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    chunks = token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), args.ctx, args.chunks * args.ctx)
-    chunks = [c for c in chunks if len(c) == args.ctx][:args.chunks]
+    chunks = eval_chunks(args.model, args.chunks, args.ctx)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -70,7 +56,7 @@ def main() -> None:
             out = tmp / f"{name}.gguf"
             convert(args.model, ConvertOptions(out=out, types=TypeRules.parse("F16"), stats=stats_path, prune=req,
                                                progress=False))
-            r = evaluate(out, chunks, base, args.ctx)
+            r = dict(score_gguf(out, chunks, base, args.ctx), bytes=out.stat().st_size)
             out.unlink()
             return r
 

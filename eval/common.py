@@ -1,0 +1,50 @@
+"""Pieces the benchmark scripts share: child-process peak RSS, evaluation chunks, scoring a GGUF."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
+
+
+def peak_rss_of(cmd: list[str], quiet: bool = False) -> tuple[int, float]:
+    """Run ``cmd`` in a child (stdout dropped when ``quiet``); its peak RSS in bytes and wall time."""
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        if quiet:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # errors still reach stderr
+        os.execvp(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    return usage.ru_maxrss * 1024, time.perf_counter() - t0
+
+
+def eval_chunks(model: Path, n: int, ctx: int) -> list[list[int]]:
+    """The first ``n`` full chunks of ``ctx`` tokens of eval_doc.txt."""
+    from transformers import AutoTokenizer
+
+    from ggufmoe.calibrate import token_chunks
+
+    tok = AutoTokenizer.from_pretrained(model)
+    chunks = token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), ctx, ctx * (n + 1))
+    return [c for c in chunks if len(c) == ctx][:n]
+
+
+def score(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int) -> dict:
+    """Mean KL divergence to ``base``, perplexity and top-1 agreement of a GGUF over ``chunks``."""
+    with LlamaScorer(path, ctx) as s:
+        cmp = [compare(s(c), b, c) for c, b in zip(chunks, base)]
+    return dict(kld=float(np.mean([c.kld_mean for c in cmp])),
+                ppl=float(np.exp(np.mean([np.log(c.ppl) for c in cmp]))),
+                top1=float(np.mean([c.top1 for c in cmp])))
