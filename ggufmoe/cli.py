@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import GgufmoeError
+from .sweep import DEFAULT_BASELINES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,17 +42,21 @@ def cli() -> None:
 @click.option("--budget", metavar="SIZE",
               help="Plan for this memory budget and convert (calibrates with --calib unless --stats is given).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
-@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context for --budget.")
+@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Context for --budget (and num_ctx with --ollama).")
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
               help="KV cache type for --budget.")
 @click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
+@click.option("--ollama", is_flag=True,
+              help="Also write an Ollama Modelfile beside the output (num_ctx: --ctx if given).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
             top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
-            kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, quiet: bool) -> None:
+            kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, ollama: bool,
+            quiet: bool) -> None:
     """Convert the Hugging Face model in SRC to a GGUF file in one streaming pass.
 
     Optionally prunes routed experts (--keep/--keep-ratio with --stats), remapping the routers,
@@ -85,6 +90,11 @@ def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: P
         paths = run(src, opts)
     for path in paths:
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
+    if ollama:
+        from .modelfile import write_modelfile
+
+        explicit = click.get_current_context().get_parameter_source("ctx") != click.core.ParameterSource.DEFAULT
+        click.echo(f"wrote {write_modelfile(paths[0], ctx=ctx if explicit else None)}")
 
 
 @cli.command()
@@ -156,6 +166,122 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
     if out:
         result.save(out)
         click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--budgets", required=True, metavar="LIST", help="Comma-separated budgets, e.g. 8M,10M,12M or 96G,128G.")
+@click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration text.")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text.")
+@click.option("--baselines", default=",".join(DEFAULT_BASELINES), show_default=True, metavar="LIST",
+              help="llama.cpp mixes to compare with ('' for none).")
+@click.option("--memory-budgets", is_flag=True,
+              help="Budgets include llama.cpp's runtime memory at --ctx [default: they are file sizes].")
+@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Context every file is validated at (and planned for with --memory-budgets).")
+@click.option("--eval-ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per eval chunk.")
+@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
+              help="Evaluation tokens per file.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and llama.cpp.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the files and results (a second run resumes).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
+          eval_ctx: int, max_tokens: int, threads: int | None, out: Path, quiet: bool) -> None:
+    """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
+
+    Writes results.json, results.md (one row per file) and pareto.png (size vs KL divergence) in
+    the output folder; points already in results.json are not redone.
+    """
+    from .sweep import SweepOptions, sweep as run
+    from .units import parse_size
+
+    opts = SweepOptions(budgets=[parse_size(b) for b in budgets.split(",") if b.strip()], calib=calib,
+                        text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
+                        weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
+                        threads=threads, progress=not quiet)
+    rows = run(src, opts)
+    click.echo((out / "results.md").read_text())
+    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'} ({len(rows)} files)")
+
+
+@cli.command("eval")
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="Reference: a GGUF (e.g. the F32 conversion) or the Hugging Face model directory.")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text (UTF-8).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per chunk.")
+@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
+              help="Score at most this many tokens of the text.")
+@click.option("--kv-type", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
+              help="KV cache type of both models (f32: only the weights differ).")
+@click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads.")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Where the base's log-probabilities are cached [default: ~/.cache/ggufmoe/logprobs].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv_type: str, threads: int | None,
+          cache_dir: Path | None, as_json: bool, quiet: bool) -> None:
+    """Perplexity, KL divergence (mean, 99th percentile) and top-1 agreement of GGUF against BASE.
+
+    Both score the same chunks of --text through their logits (llama.cpp; transformers for a
+    Hugging Face BASE). The base's log-probabilities are cached, so comparing many files is cheap.
+    """
+    import json
+
+    from .evaluate import evaluate, format_result
+    from .stats import read_text
+
+    result = evaluate(gguf, base, read_text(text_file), ctx, max_tokens, kv_type == "f32", threads, cache_dir,
+                      progress=not quiet)
+    click.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_result(result))
+
+
+@cli.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--ctx", type=click.IntRange(min=1),
+              help="num_ctx [default: the model's context length, at most 8192].")
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path),
+              help="Modelfile to write [default: <GGUF stem>.Modelfile beside the GGUF].")
+def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
+    """Write an Ollama Modelfile for GGUF (any GGUF; for a split one, any shard or the unsplit name).
+
+    FROM the GGUF, a TEMPLATE translated from its chat template (ChatML, Llama-3, [INST],
+    DeepSeek-V3), its EOS and end-of-turn tokens as stops, and num_ctx.
+    """
+    from .modelfile import write_modelfile
+
+    path = write_modelfile(gguf, out, ctx)
+    click.echo(f"wrote {path}")
+    click.echo(f"then: ollama create NAME -f {path}")
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--memory-limit", "limit", required=True, metavar="SIZE",
+              help="Memory the model may use above a bare Python with llama_cpp loaded, e.g. 128GiB.")
+@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Context to fill (every token's logits requested).")
+@click.option("--prompt", default=None, help="Prompt to generate from [default: a short English sentence].")
+@click.option("--n-predict", default=16, show_default=True, type=click.IntRange(min=0), help="Tokens to generate.")
+@click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads [default: llama-cpp-python's].")
+@click.option("--timeout", default=3600, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds before the run counts as failed.")
+def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int, threads: int | None,
+             timeout: float) -> None:
+    """Load and run the GGUF in SRC in llama.cpp under an enforced memory limit.
+
+    A child process loads it (cgroup v2 memory.max where possible, else RLIMIT_AS on its
+    address space above the interpreter's baseline), evaluates a full context and generates a
+    few tokens; reports peak RSS and speed. Fails when it does not fit or does not run. For a
+    split GGUF give the first shard.
+    """
+    from .units import parse_size
+    from .validate import DEFAULT_PROMPT, format_result, validate as run
+
+    result = run(src, parse_size(limit), ctx, prompt if prompt is not None else DEFAULT_PROMPT, n_predict, threads,
+                 timeout)
+    click.echo(format_result(result))
 
 
 def main() -> None:

@@ -64,6 +64,11 @@ def token_nll(logprobs: np.ndarray, tokens: list[int]) -> np.ndarray:
     return -logprobs[np.arange(len(nxt)), nxt]
 
 
+def token_kld(logp: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """KL(base || logp) at each position (rows of log-probabilities)."""
+    return (np.exp(base) * (base - logp)).sum(axis=-1)
+
+
 @dataclass
 class Comparison:
     mean_abs_dnll: float
@@ -77,7 +82,7 @@ def compare(logp: np.ndarray, base: np.ndarray, tokens: list[int]) -> Comparison
     """How ``logp`` differs from ``base`` over the positions that predict a next token."""
     logp, base = logp[:-1], base[:-1]
     nll, nll_base = token_nll(logp, tokens), token_nll(base, tokens)
-    kld = (np.exp(base) * (base - logp)).sum(axis=-1)
+    kld = token_kld(logp, base)
     return Comparison(
         mean_abs_dnll=float(np.abs(nll - nll_base).mean()), kld_mean=float(kld.mean()),
         ppl=float(np.exp(nll.mean())), ppl_base=float(np.exp(nll_base.mean())),

@@ -133,7 +133,7 @@ def local_repack_types() -> dict[gguf.GGMLQuantizationType, int]:
     return {}
 
 
-def _is_repacked(name: str, shape: tuple[int, ...], qtype, repack: dict) -> bool:
+def is_repacked(name: str, shape: tuple[int, ...], qtype, repack: dict) -> bool:
     """Whether llama.cpp puts this weight in the CPU_REPACK buffer: a matrix used by MUL_MAT (2-D)
     or MUL_MAT_ID (3-D ``*_exps``), of a repackable type, rows (ggml ne[1]) a multiple of 8 (4).
     ``token_embd`` is read with GET_ROWS and stays mapped."""
@@ -194,7 +194,7 @@ def weight_memory(source, repack: dict | None = None) -> WeightMemory:
     for rows in _file_tensors(source):
         first, last = None, 0
         for name, shape, qtype, nbytes, offset in rows:
-            if _is_repacked(name, shape, qtype, repack):
+            if is_repacked(name, shape, qtype, repack):
                 repacked += nbytes
             else:
                 first = offset if first is None else min(first, offset)

@@ -1,25 +1,30 @@
 """Memory-budget planner: which experts to keep and one llama.cpp type per tensor, so that the
 file plus llama.cpp's runtime memory fit the budget at the least predicted KL divergence.
 
-For every candidate keep ratio: prune (as ``convert --keep`` would), start every tensor at its
-cheapest allowed type, then take upgrades in order of predicted KL saved per byte (steps along
-each tensor's lower convex hull of bytes vs. predicted cost) while they fit. The keep ratio with
-the lowest predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
+For every candidate keep count (each multiple of the expert-group count from all experts down
+to half, at most :data:`MAX_KEEP_CANDIDATES` of them): prune (as ``convert --keep`` would), start
+every tensor at its cheapest allowed type, then take upgrades in order of predicted KL saved per
+byte (steps along each tensor's lower convex hull of bytes vs. predicted cost) while they fit.
+Bytes are the file's, plus, unless the budget counts the file only, the copies llama.cpp's CPU
+backend makes of repacked types (Q4_K, IQ4_NL ... on x86). The keep count with the lowest
+predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .arch import Architecture, TensorSpec
-from .convert import TensorPlan, prepare_output
+from .convert import ConvertOptions, TensorPlan, prepare_output
 from .errors import GgufmoeError
-from .memory import file_bytes, runtime_memory
+from .memory import file_bytes, is_repacked, local_repack_types, runtime_memory, weight_memory
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, resolve
 from .quant import effective_type, requires_imatrix
 from .sensitivity import CANDIDATES, Sensitivity
@@ -27,7 +32,8 @@ from .stats import Stats
 from .tensor_types import ALWAYS_F32, EMBEDDING, TypeRules
 from .units import format_size
 
-KEEP_RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
+MIN_KEEP_RATIO = 0.5  # pruning more than half the experts never paid on the reference model
+MAX_KEEP_CANDIDATES = 13  # keep counts tried (evenly spread between all and half when there are more)
 # Poor without an importance matrix (llama.cpp warns about them): only offered with statistics.
 NEED_STATS = (T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS)
 ALIGN = 32
@@ -95,12 +101,21 @@ class Option:
     cost: float
 
 
-def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool) -> list[Option]:
-    """Allowed (type, padded bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped."""
+def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool,
+                repack: dict | None = None) -> list[Option]:
+    """Allowed (type, bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped.
+
+    Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
+    llama.cpp's CPU backend makes of it when ``repack`` (:func:`memory.local_repack_types`) holds its type.
+    """
+    def nbytes(t: T) -> int:
+        n = TensorPlan(spec, t).nbytes
+        return padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0)
+
     if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or len(spec.shape) == 1 \
             or ALWAYS_F32.search(spec.name):
         t = pins.type_for(spec)
-        return [Option(t, padded(TensorPlan(spec, t).nbytes), 0.0)]
+        return [Option(t, nbytes(t), 0.0)]
     costs = sens.cost.get(spec.name, {})
     seen: dict[T, Option] = {}
     for t in CANDIDATES:
@@ -109,7 +124,7 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
         eff = effective_type(t, spec.shape[-1])
         if eff in seen or eff.name not in costs and t.name not in costs:
             continue
-        seen[eff] = Option(eff, padded(TensorPlan(spec, eff).nbytes), costs.get(t.name, costs.get(eff.name, 0.0)))
+        seen[eff] = Option(eff, nbytes(eff), costs.get(t.name, costs.get(eff.name, 0.0)))
     opts = sorted(seen.values(), key=lambda o: (o.nbytes, o.cost))
     hull: list[Option] = []
     for o in opts:  # lower convex hull of (bytes, cost), cost falling
@@ -158,8 +173,10 @@ def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool =
     if (stats is None or not stats.layers) and not config_only:
         return [n]
     groups = arch.expert_groups[0] if arch.expert_groups else 1
-    keeps = sorted({max(groups, round(r * n / groups) * groups) for r in KEEP_RATIOS}, reverse=True)
-    return [k for k in keeps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+    steps = list(range(n, max(groups, math.ceil(MIN_KEEP_RATIO * n / groups) * groups) - 1, -groups))
+    if len(steps) > MAX_KEEP_CANDIDATES:
+        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, MAX_KEEP_CANDIDATES).round().astype(int)]
+    return [k for k in steps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
 
 
 def prune_cost(plan: PrunePlan, stats: Stats | None, scale: float) -> float:
@@ -186,6 +203,8 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
     candidates = []
     crit = criterion if stats is None or stats.has_routing else "frequency"
     config_only = not getattr(src, "has_weights", True)
+    local = local_repack_types()  # the memory llama.cpp here takes; the allocation prices it unless weights only
+    repack = {} if budget.weights_only else local
     for keep in keep_candidates(arch, stats, config_only):
         if config_only and keep < arch.n_expert:
             # which experts is decided at conversion, from calibration; placeholders keep the shapes right
@@ -194,13 +213,13 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
         else:
             pplan = make_plan(arch, stats, PruneRequest(keep=keep, criterion=crit))
         specs = apply_plan(arch, pplan)
-        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only) for s in specs}
+        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
         overhead = _overhead(src, arch, specs, first, pplan)
         runtime = runtime_memory(arch, 0, budget.ctx, budget.kv_type)
         fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
         limit = budget.total - fixed
-        for _ in range(8):  # runtime memory is not exactly linear in the file (repacked weights): back off
+        for _ in range(8):  # runtime memory is not exactly linear in the file (pages, margins): back off
             try:
                 choice, used = allocate(groups, limit)
             except _TooSmall as e:
@@ -209,9 +228,10 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
                 choice = None
                 break
             types = {name: o.qtype for name, o in choice.items()}
-            size = file_bytes(prepare_output(src, arch, [TensorPlan(s, types[s.name]) for s in specs], pplan,
-                                             TypeRules(T.Q8_0), Path("plan.gguf")).writer)
-            mem = runtime_memory(arch, size, budget.ctx, budget.kv_type)
+            writer = prepare_output(src, arch, [TensorPlan(s, types[s.name]) for s in specs], pplan,
+                                    TypeRules(T.Q8_0), Path("plan.gguf")).writer
+            size, wm = file_bytes(writer), weight_memory(writer, local)
+            mem = runtime_memory(arch, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked)
             over = (size if budget.weights_only else mem.total) - budget.total
             if over <= 0:
                 break
@@ -242,7 +262,6 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
 
 def _placeholder_kept(arch: Architecture, pplan: PrunePlan) -> PrunePlan:
     from .prune import choose
-    import numpy as np
 
     groups = arch.expert_groups[0] if arch.expert_groups else 1
     layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
@@ -268,7 +287,6 @@ def measure_prune_scale(src_dir: Path, stats_path: Path, text: str, ctx: int = 5
     """KL (through llama.cpp, F16 weights) of pruning a quarter of the experts, per unit of routing mass removed."""
     import tempfile
 
-    import numpy as np
     from transformers import AutoTokenizer
 
     from .arch import architecture_for
@@ -306,7 +324,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
                pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True) -> Plan:
     """Everything ``ggufmoe plan`` does: sensitivities (measured or default), then the best plan."""
     from .arch import architecture_for
-    from .sensitivity import default_sensitivity, load_or_measure
+    from .sensitivity import default_sensitivity, load_or_measure, store
     from .source.config import open_source
     from .stats import load_stats
 
@@ -329,7 +347,8 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         if prune_scale is None:
             if calib_text is None:
                 raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
-            prune_scale = measure_prune_scale(src.path, stats_path, calib_text)
+            prune_scale = sens.scales["prune"] = measure_prune_scale(src.path, stats_path, calib_text)
+            store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
     plan = make_budget_plan(src, arch, stats, sens, budget, pins, prune_scale, criterion,
                             str(stats_path) if stats_path else None)
     if not (src.path / "tokenizer.json").is_file():
@@ -377,7 +396,7 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-def options_from_plan(plan: Plan, base) -> "ConvertOptions":
+def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
     """``base`` convert options with the plan's types, pruning and statistics filled in."""
     from dataclasses import replace
 

@@ -87,9 +87,19 @@ def test_measured_covers_quantized_tensors(measured, ref_specs):
         assert list(probe) == [S.PROBE_TYPE.name] and probe[S.PROBE_TYPE.name] > 0
         members = {s.name for s in specs if s.kind == kind}
         total = sum(c[S.PROBE_TYPE.name] for n, c in sens.cost.items() if n in members)
-        assert total == pytest.approx(probe[S.PROBE_TYPE.name], rel=1e-9)
+        assert total == pytest.approx(probe[S.PROBE_TYPE.name], rel=1e-6)
+    # one probe per block; the share of each block follows it
+    anchor = S.PROBE_TYPE.name
+    assert set(sens.layer_probes) == set(sens.layer_factors) == {str(i) for i in range(6)}
+    block = {n: c[anchor] for n, c in sens.cost.items() if n.startswith("blk.")}
+    for il, kl in sens.layer_probes.items():
+        share = sum(v for n, v in block.items() if n.startswith(f"blk.{il}.")) / sum(block.values())
+        assert share == pytest.approx(kl / sum(sens.layer_probes.values()), rel=1e-3)
+    # the same error costs more early than late (the residual stream grows with depth)
+    assert sens.layer_factors["0"] > sens.layer_factors["5"]
     print(f"\nmeasured in {seconds:.1f} s (error phase {sens.info['error_seconds']} s); scales "
-          + json.dumps({k: float(f'{v:.3g}') for k, v in sens.scales.items()}))
+          + json.dumps({k: float(f'{v:.3g}') for k, v in sens.scales.items()}) + "; layer factors "
+          + json.dumps({k: round(v, 2) for k, v in sens.layer_factors.items()}))
 
 
 def test_costs_fall_with_bits(measured):

@@ -22,7 +22,6 @@ class Olmoe(Architecture):
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()
-        c = self.cfg
         self.write_common_metadata(w)
         self.write_expert_counts(w)
 

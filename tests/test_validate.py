@@ -1,0 +1,94 @@
+"""`ggufmoe validate`: the reference model runs under a limit just above its planned memory and
+fails cleanly, in one line, below it; split GGUFs are validated from their first shard."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from ggufmoe.arch import architecture_for
+from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.memory import runtime_memory, weight_memory
+from ggufmoe.source.hf import HFSource
+from ggufmoe.tensor_types import TypeRules
+from ggufmoe.validate import validate
+
+GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+CTX = 512
+
+
+def run(*args):
+    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def q4k(tmp_path_factory) -> list[Path]:
+    """The reference model at Q4_K (repacked by llama.cpp's CPU backend on x86 and ARM)."""
+    out = tmp_path_factory.mktemp("validate") / "ref-q4_k.gguf"
+    return convert(tiny_models.REF_MODEL, ConvertOptions(out=out, types=TypeRules.parse("Q4_K"), progress=False))
+
+
+def planned(files: list[Path]) -> int:
+    """Planned runtime memory at CTX: mapped and repacked weights, KV, compute and the reserve."""
+    wm = weight_memory(files)
+    arch = architecture_for(HFSource(tiny_models.REF_MODEL))
+    return runtime_memory(arch, wm.mapped, CTX, "f16", repacked_bytes=wm.repacked).total
+
+
+def test_fits_just_above_planned_memory(q4k):
+    total = planned(q4k)
+    proc = run("validate", q4k[0], "--memory-limit", int(total * 1.05), "--ctx", CTX, "--threads", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert "fits and runs" in proc.stdout and "tokens/s" in proc.stdout
+    assert "RLIMIT_AS (address space above the interpreter's baseline of" in proc.stdout or "cgroup" in proc.stdout
+    r = validate(q4k[0], int(total * 1.05), ctx=CTX, n_predict=8, threads=2)
+    assert r.prompt_tokens == CTX and 0 < r.gen_tokens <= 8 and r.text
+    assert r.load_s > 0 and r.prompt_tps > 0 and r.gen_tps > 0
+    assert abs(total - r.peak_rss) / r.peak_rss < 0.05, (total, r)  # the memory model's target
+    assert r.peak_rss <= r.limit + r.baseline_rss
+
+
+@pytest.mark.parametrize("what", ["half the planned memory", "half the file"])
+def test_fails_cleanly_below(q4k, what):
+    limit = planned(q4k) // 2 if what == "half the planned memory" else q4k[0].stat().st_size // 2
+    proc = run("validate", q4k[0], "--memory-limit", limit, "--ctx", CTX, "--threads", 2)
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "does not fit" in lines[0] and q4k[0].name in lines[0]
+    assert "Traceback" not in proc.stderr and "fits and runs" not in proc.stdout
+
+
+def test_split_gguf(tmp_path):
+    files = convert(tiny_models.REF_MODEL, ConvertOptions(out=tmp_path / "ref.gguf", types=TypeRules.parse("Q4_K"),
+                                                          split_max_size=8_000_000, progress=False))
+    assert len(files) >= 2
+    r = validate(files[0], int(planned(files) * 1.05), ctx=CTX, n_predict=4, threads=2)
+    assert r.files == files and r.file_bytes == sum(f.stat().st_size for f in files)
+    assert r.prompt_tokens == CTX and r.text
+    files[-1].unlink()
+    with pytest.raises(GgufmoeError, match="no such file"):
+        validate(files[0], 1 << 30)
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "x.gguf").write_text("not a model")
+    proc = run("validate", tmp_path / "x.gguf", "--memory-limit", "1G")
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'x.gguf'}: not a GGUF file"
+
+
+def test_planned_gguf_memory_matches_peak_rss(tmp_path):
+    """A plan for a memory budget (file + runtime at its ctx): its predicted total is within 5% of the
+    peak RSS llama.cpp reaches loading it and filling the context, and it fits its own prediction."""
+    from ggufmoe.plan import Budget, build_plan, options_from_plan
+
+    plan = build_plan(tiny_models.REF_MODEL, Budget(120 * 2**20, ctx=1024), progress=False)
+    assert plan.memory["total"] <= 120 * 2**20
+    path = convert(tiny_models.REF_MODEL, options_from_plan(plan, ConvertOptions(
+        out=tmp_path / "planned.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]
+    r = validate(path, plan.memory["total"], ctx=plan.ctx, n_predict=4, threads=2)
+    print(f"\npredicted {plan.memory['total'] / 2**20:.1f} MiB, peak RSS {r.peak_rss / 2**20:.1f} MiB")
+    assert abs(plan.memory["total"] - r.peak_rss) / r.peak_rss < 0.05
