@@ -194,9 +194,8 @@ def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str,
     the output folder; points already in results.json are not redone.
     """
     from .sweep import SweepOptions, sweep as run
-    from .units import parse_size
 
-    opts = SweepOptions(budgets=[parse_size(b) for b in budgets.split(",") if b.strip()], calib=calib,
+    opts = SweepOptions(budgets=[b.strip() for b in budgets.split(",") if b.strip()], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
                         weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
                         threads=threads, progress=not quiet)

@@ -59,10 +59,13 @@ def existing_file(path: Path) -> Path:
 def tokenize(gguf_path: Path, text: str, ctx: int, max_tokens: int) -> list[list[int]]:
     """Chunks of ``ctx`` tokens (BOS first when the vocabulary adds one) covering at most ``max_tokens``
     tokens of ``text``: whole chunks only, or one shorter chunk when the text is shorter than ``ctx``."""
-    from llama_cpp import Llama
+    import llama_cpp
+    from llama_cpp._internals import LlamaModel  # the vocabulary alone: no context to create
 
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
     try:
-        vocab = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+        vocab = LlamaModel(path_model=str(gguf_path), params=params, verbose=False)
     except ValueError as e:
         raise GgufmoeError(f"{gguf_path}: llama.cpp cannot read it ({e})") from None
     try:

@@ -449,3 +449,9 @@ def _row_size(qt: gguf.GGMLQuantizationType, n: int) -> int:
     if n % block:
         raise ValueError(f"a KV row of {n} values is not a multiple of {qt.name}'s block of {block}")
     return n // block * size
+
+
+def gguf_runtime_memory(arch, files, ctx: int, kv_type: str = "f16", **kw) -> RuntimeMemory:
+    """:func:`runtime_memory` of written GGUF file(s): mapped pages and repacked copies as llama.cpp here makes them."""
+    wm = weight_memory(files)
+    return runtime_memory(arch, wm.mapped, ctx, kv_type, repacked_bytes=wm.repacked, **kw)

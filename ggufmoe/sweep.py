@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import GgufmoeError
-from .units import format_size
+from .units import format_size, parse_size
 
 DEFAULT_BASELINES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M", "Q4_K_M")
 BASE_TYPE = "F16"
@@ -25,7 +25,7 @@ BASE_TYPE = "F16"
 
 @dataclass
 class SweepOptions:
-    budgets: list[int]
+    budgets: list[str]  # sizes as given ("12M", "128GiB"): they name the points
     calib: Path
     text: Path
     out: Path
@@ -91,6 +91,8 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
         raise GgufmoeError(f"{src}: a sweep converts the model; it needs the weights, not a configuration alone")
     if not opts.budgets:
         raise GgufmoeError("no budgets given")
+    todo = [("ggufmoe", f"plan-{b.replace(' ', '')}", parse_size(b)) for b in opts.budgets] + \
+        [("llama.cpp", f"llama.cpp-{m}", m) for m in opts.baselines]
     calib, text = read_text(opts.calib), read_text(opts.text)
     out = opts.out
     try:
@@ -100,8 +102,6 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
     results_path = out / "results.json"
     points = load_results(results_path)
     n_params = sum(s.n_elements for s in arch.tensors())
-    todo = [("ggufmoe", f"plan-{format_size(b).replace(' ', '')}", b) for b in opts.budgets] + \
-        [("llama.cpp", f"llama.cpp-{m}", m) for m in opts.baselines]
     stats_path, base = _prepare(src, out, calib, opts)
     bar = tqdm(todo, desc="sweep", unit="point", disable=not opts.progress)
     for kind, name, what in bar:
@@ -158,14 +158,14 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
 
 def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
     from .llama_quantize import llama_quantize
-    from .memory import runtime_memory
+    from .memory import gguf_runtime_memory
     from .stats import load_stats
 
     path = opts.out / f"{name}.gguf"
     if not path.is_file():
         llama_quantize(base, path, mix, imatrix=load_stats(stats_path).imatrix, threads=opts.threads)
     size = path.stat().st_size
-    memory = runtime_memory(arch, size, opts.ctx, opts.kv_type).total
+    memory = gguf_runtime_memory(arch, path, opts.ctx, opts.kv_type).total
     return Point(name, "llama.cpp", path.name, size, f"{arch.n_expert}/{arch.n_expert}", arch.top_k, memory)
 
 

@@ -11,7 +11,7 @@ import tiny_models
 from ggufmoe.arch import architecture_for
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.memory import runtime_memory, weight_memory
+from ggufmoe.memory import gguf_runtime_memory
 from ggufmoe.source.hf import HFSource
 from ggufmoe.tensor_types import TypeRules
 from ggufmoe.validate import validate
@@ -33,9 +33,7 @@ def q4k(tmp_path_factory) -> list[Path]:
 
 def planned(files: list[Path]) -> int:
     """Planned runtime memory at CTX: mapped and repacked weights, KV, compute and the reserve."""
-    wm = weight_memory(files)
-    arch = architecture_for(HFSource(tiny_models.REF_MODEL))
-    return runtime_memory(arch, wm.mapped, CTX, "f16", repacked_bytes=wm.repacked).total
+    return gguf_runtime_memory(architecture_for(HFSource(tiny_models.REF_MODEL)), files, CTX).total
 
 
 def test_fits_just_above_planned_memory(q4k):

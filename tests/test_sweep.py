@@ -1,0 +1,60 @@
+"""`ggufmoe sweep`: one command plans, converts, validates and evaluates several budgets plus a
+llama.cpp baseline, writes the three result files, and a second run redoes nothing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import tiny_models
+from ggufmoe.sweep import Point, pareto_front
+
+GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+
+
+def test_sweep_end_to_end_and_resume(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text((tiny_models.SHARED_DATA / "calib.txt").read_text()[:60_000])
+    out = tmp_path / "sweep"
+    cmd = [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
+           "--calib", calib, "--text", tiny_models.SHARED_DATA / "eval_doc.txt", "--ctx", "1024",
+           "--max-tokens", "1024", "--threads", "2", "-o", out, "-q"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["plan-10M", "llama.cpp-Q2_K", "plan-14M"]  # by size
+    for r in rows:
+        assert r["fits"] and r["peak_rss"] > 0 and r["gen_tps"] > 0, r
+        assert 0 < r["kld_mean"] < r["kld_p99"] and 0 < r["top1"] < 1 and r["ppl"] > r["ppl_base"] > 1
+        assert (out / r["file"]).stat().st_size == r["file_bytes"]
+        if r["kind"] == "ggufmoe":
+            assert r["file_bytes"] <= r["budget"]
+    assert rows[0]["kld_mean"] > rows[2]["kld_mean"]  # more bytes, less loss
+    md = (out / "results.md").read_text()
+    assert all(r["name"] in md for r in rows) and "KLD p99" in md and "★" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in proc.stdout
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
+    again = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text()) == rows
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == stamps  # nothing redone
+
+
+def test_bad_budget_is_one_line(tmp_path):
+    proc = subprocess.run([GGUFMOE, "sweep", str(tiny_models.REF_MODEL), "--budgets", "10M,lots", "--calib",
+                           str(tiny_models.SHARED_DATA / "calib.txt"), "--text",
+                           str(tiny_models.SHARED_DATA / "eval_doc.txt"), "-o", str(tmp_path / "s")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: cannot read size 'lots' "
+                                                                         "(examples: 2G, 500M, 128GiB, 1000000)"]
+    assert not (tmp_path / "s").exists()
+
+
+def test_pareto_front():
+    def p(name, size, kld):
+        return Point(name, "ggufmoe", name, size, "24/24", 4, 0, kld_mean=kld)
+
+    pts = [p("a", 1, 0.5), p("b", 2, 0.6), p("c", 3, 0.2), p("d", 3, 0.3), p("e", 4, 0.2)]
+    assert [x.name for x in pareto_front(pts)] == ["a", "c"]
