@@ -2,7 +2,7 @@
 
     python eval/sweep_reference.py [--work DIR]
 
-One `ggufmoe sweep` command: budgets from about the size of llama.cpp's IQ1_M mix to that of its
+One `ggufmoe sweep` command: budgets from just under the size of llama.cpp's IQ1_M mix to just over its
 Q4_K_M, its mixes IQ1_M ... Q4_K_M as baselines, calibration on calib.txt, evaluation on
 eval_doc.txt. The work folder keeps the GGUFs; a second run resumes.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-BUDGETS = "8.5M,10M,11.7M,13M,16.3M,19M"
+BUDGETS = "8.4M,8.5M,10M,11.7M,13M,16.3M,19M,20M"
 BASELINES = "IQ1_M,IQ2_XXS,IQ2_M,Q2_K,Q3_K_M,Q4_K_M"
 
 
