@@ -20,9 +20,10 @@ def cli() -> None:
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
-@click.option("--type", "qtype", default="Q8_0", show_default=True,
+@click.option("--type", "qtype", default=None,
               help="Default type for weight matrices (F32 F16 BF16 Q8_0 Q6_K Q5_K Q4_K Q3_K Q2_K IQ4_XS "
-                   "IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S).")
+                   "IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S) [default: Q8_0; a GGUF source keeps "
+                   "its own types, copied as they are].")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE",
               help="Type for tensors whose GGUF name matches REGEX; repeatable, first match wins.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
@@ -52,12 +53,13 @@ def cli() -> None:
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile beside the output (num_ctx: --ctx if given).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
+def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
             top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, ollama: bool,
             quiet: bool) -> None:
-    """Convert the Hugging Face model in SRC to a GGUF file in one streaming pass.
+    """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
+    file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
     Optionally prunes routed experts (--keep/--keep-ratio with --stats), remapping the routers,
     and changes the experts used per token (--top-k/--top-k-scale). Norms, biases and routers
@@ -100,7 +102,10 @@ def convert(src: Path, out: Path, qtype: str, rules: tuple[str, ...], imatrix: P
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 def inspect(src: Path) -> None:
-    """Show architecture, layers, experts, parameter counts and size at several types."""
+    """Show architecture, layers, experts, parameter counts and size at several types.
+
+    For a GGUF (a file or its first shard) also the types it stores and its bytes by tensor class.
+    """
     from .inspect import format_summary, summarize
 
     click.echo(format_summary(summarize(src)))
@@ -152,7 +157,8 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
          rules: tuple[str, ...], criterion: str, out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
-    SRC is a model directory or a config.json alone (then default sensitivities are used).
+    SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
+    file (default sensitivities; no tensor above the type it stores unless --tensor-type pins it).
     """
     from .plan import Budget, build_plan, format_plan
     from .stats import read_text
@@ -160,7 +166,7 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
     from .units import parse_size
 
     result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only), stats,
-                        read_text(calib) if calib else None, TypeRules.parse("Q8_0", rules), criterion,
+                        read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
                         progress=not quiet)
     click.echo(format_plan(result))
     if out:

@@ -276,8 +276,11 @@ class ModelShape:
     @classmethod
     def from_gguf(cls, path) -> "ModelShape":
         """The shape as llama.cpp reads it from a GGUF file's metadata."""
-        r = gguf.GGUFReader(path)
-        f = r.fields
+        return cls.from_fields(gguf.GGUFReader(path).fields)
+
+    @classmethod
+    def from_fields(cls, f: dict) -> "ModelShape":
+        """The shape from a GGUF's metadata (``GGUFReader.fields``)."""
         a = f["general.architecture"].contents()
 
         def g(key, default=None):
@@ -412,7 +415,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     llama.cpp's worst case; False models runs that take the last token's logits only.
     ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. ``ModelShape.from_gguf``).
     """
-    shape = shape or ModelShape.from_arch(arch)
+    shape = shape or arch.model_shape()
     qt = _kv_type(kv_type)
     if flash_attn is None:
         flash_attn = qt not in (T.F32, T.F16, T.BF16)

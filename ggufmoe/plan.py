@@ -8,6 +8,11 @@ byte (steps along each tensor's lower convex hull of bytes vs. predicted cost) w
 Bytes are the file's, plus, unless the budget counts the file only, the copies llama.cpp's CPU
 backend makes of repacked types (Q4_K, IQ4_NL ... on x86). The keep count with the lowest
 predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
+
+A GGUF source caps precision: a tensor is offered its stored type (copied as it is) and the
+candidates with fewer bits per weight, never more — unless a ``--tensor-type`` pin asks for
+more, which the plan's notes say. Costs stay those against the original weights: the stored
+type's for a copy, the new type's plus the stored type's for a requantized tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .convert import ConvertOptions, TensorPlan, prepare_output
 from .errors import GgufmoeError
 from .memory import file_bytes, is_repacked, local_repack_types, runtime_memory, weight_memory
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, resolve
-from .quant import effective_type, requires_imatrix
+from .quant import bits_per_weight, effective_type, requires_imatrix
 from .sensitivity import CANDIDATES, Sensitivity
 from .stats import Stats
 from .tensor_types import ALWAYS_F32, EMBEDDING, TypeRules
@@ -74,6 +79,7 @@ class Plan:
     predicted_kld: dict[str, float]
     stats: str | None = None
     candidates: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -107,6 +113,8 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
 
     Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
     llama.cpp's CPU backend makes of it when ``repack`` (:func:`memory.local_repack_types`) holds its type.
+    A tensor with a ``source_type`` (GGUF) is offered that type (copied) and the candidates with fewer
+    bits, priced at their own cost plus the stored type's: requantizing keeps the error already there.
     """
     def nbytes(t: T) -> int:
         n = TensorPlan(spec, t).nbytes
@@ -117,6 +125,7 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
         t = pins.type_for(spec)
         return [Option(t, nbytes(t), 0.0)]
     costs = sens.cost.get(spec.name, {})
+    cap = spec.source_type
     seen: dict[T, Option] = {}
     for t in CANDIDATES:
         if (t in NEED_STATS and not with_stats) or (spec.name == EMBEDDING and requires_imatrix(t)):
@@ -124,7 +133,14 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
         eff = effective_type(t, spec.shape[-1])
         if eff in seen or eff.name not in costs and t.name not in costs:
             continue
-        seen[eff] = Option(eff, nbytes(eff), costs.get(t.name, costs.get(eff.name, 0.0)))
+        cost = costs.get(t.name, costs.get(eff.name, 0.0))
+        if cap is not None and eff != cap:
+            if bits_per_weight(eff) >= bits_per_weight(cap):
+                continue
+            cost += _cost_at(cap, costs)  # requantized: the stored type's error stays, the new one adds
+        seen[eff] = Option(eff, nbytes(eff), cost)
+    if cap is not None:
+        seen[cap] = Option(cap, nbytes(cap), _cost_at(cap, costs))
     opts = sorted(seen.values(), key=lambda o: (o.nbytes, o.cost))
     hull: list[Option] = []
     for o in opts:  # lower convex hull of (bytes, cost), cost falling
@@ -136,6 +152,31 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
     if not hull:
         raise GgufmoeError(f"{spec.name}: no allowed type")
     return hull
+
+
+def _cost_at(t: T, costs: dict[str, float]) -> float:
+    """The cost of a type the sensitivities do not price (a source's own, e.g. Q5_0 or F32): that of
+    the priced type with the fewest bits per weight at or above it; 0 above them all."""
+    if t.name in costs:
+        return costs[t.name]
+    above = [(bits_per_weight(T[n]), c) for n, c in costs.items() if bits_per_weight(T[n]) >= bits_per_weight(t)]
+    return min(above)[1] if above else 0.0
+
+
+def source_notes(specs: list[TensorSpec], types: dict[str, T]) -> list[str]:
+    """What a GGUF source's types did to the plan: tensors kept as stored, and any planned above them."""
+    stored = [s for s in specs if s.source_type is not None]
+    if not stored:
+        return []
+    kept = sum(types[s.name] == s.source_type for s in stored)
+    notes = [f"precision capped at the source's types: {kept} of {len(stored)} tensors keep theirs (copied)"]
+    above: dict[tuple[str, str, str], int] = {}  # only --tensor-type pins go there
+    for s in stored:
+        if bits_per_weight(types[s.name]) > bits_per_weight(s.source_type):
+            key = (s.kind, types[s.name].name, s.source_type.name)
+            above[key] = above.get(key, 0) + 1
+    notes += [f"above the source: {kind} {t} over {st} ({n} tensors, --tensor-type)" for (kind, t, st), n in above.items()]
+    return notes
 
 
 def _slope(a: Option, b: Option) -> float:
@@ -202,7 +243,7 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
     smallest = None
     candidates = []
     crit = criterion if stats is None or stats.has_routing else "frequency"
-    config_only = not getattr(src, "has_weights", True)
+    config_only = not src.has_weights
     local = local_repack_types()  # the memory llama.cpp here takes; the allocation prices it unless weights only
     repack = {} if budget.weights_only else local
     for keep in keep_candidates(arch, stats, config_only):
@@ -252,11 +293,12 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
                     predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path)
         candidates.append(dict(keep=keep, file_bytes=size, predicted_kld=plan.predicted_kld["total"]))
         if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
-            best = plan
+            best, best_specs = plan, specs
     if best is None:
         raise GgufmoeError(f"budget {format_size(budget.total)} is too small: the smallest feasible plan needs "
                            f"{format_size(smallest)} ({smallest} bytes)")
     best.candidates = candidates
+    best.notes = source_notes(best_specs, {n: T[t] for n, t in best.types.items()})
     return best
 
 
@@ -330,18 +372,11 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
 
     src = open_source(source)
     arch = architecture_for(src)
-    pins = pins or TypeRules(T.Q8_0)
-    stats = None
-    if not getattr(src, "has_weights", True):
-        if stats_path:
-            raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
-        # the conversion will calibrate, so types that need an importance matrix are allowed
-        sens = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True)
-        prune_scale = DEFAULT_PRUNE_SCALE
-    elif stats_path is None:
-        sens, prune_scale = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k), DEFAULT_PRUNE_SCALE
-    else:
-        stats = load_stats(stats_path, top_k=arch.top_k)
+    pins = pins or TypeRules(None)
+    if stats_path and not src.has_weights:
+        raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
+    stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
+    if stats is not None and src.can_calibrate:
         sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
         prune_scale = sens.scales.get("prune")
         if prune_scale is None:
@@ -349,9 +384,17 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
                 raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
             prune_scale = sens.scales["prune"] = measure_prune_scale(src.path, stats_path, calib_text)
             store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
+    else:
+        # From shapes. Types that need an importance matrix are allowed when there will be one: a
+        # configuration alone is calibrated before converting; a GGUF uses the statistics' imatrix.
+        sens = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k,
+                                   imatrix=stats is not None or not src.has_weights)
+        prune_scale = DEFAULT_PRUNE_SCALE
     plan = make_budget_plan(src, arch, stats, sens, budget, pins, prune_scale, criterion,
                             str(stats_path) if stats_path else None)
-    if not (src.path / "tokenizer.json").is_file():
+    if not sens.measured:
+        plan.notes.append("sensitivities are defaults from tensor shapes (not measured)")
+    if not arch.writes_tokenizer:
         plan.file_bytes += TOKENIZER_BYTES_PER_TOKEN * int(arch.cfg.vocab_size)
     return plan
 
@@ -384,6 +427,7 @@ def format_plan(plan: Plan) -> str:
     if len(plan.candidates) > 1:
         lines.append("candidates   " + ", ".join(f"keep {c['keep']}: KL {c['predicted_kld']:.4f}"
                                                  for c in plan.candidates))
+    lines += [f"note         {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
@@ -406,13 +450,20 @@ def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
 
 def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, pins: TypeRules,
                       criterion: str = "reap") -> tuple[Plan, list[Path]]:
-    """calibrate (unless statistics are given) + plan + convert; the plan is saved beside the output."""
+    """calibrate (unless statistics are given) + plan + convert; the plan is saved beside the output.
+
+    A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
     from .convert import convert
+    from .source.config import open_source
     from .stats import check_output, collect_stats, read_text, save_stats
 
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
-    if stats_path is None:
+    if stats_path is None and not open_source(src, config_ok=False).can_calibrate:
+        if text is not None:
+            raise GgufmoeError(f"{src}: a GGUF cannot be calibrated (transformers runs the Hugging Face model); "
+                               "pass --stats from `ggufmoe calibrate` on that model, or a llama.cpp imatrix")
+    elif stats_path is None:
         if text is None:
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
         stats_path = base.out.with_suffix(".stats.gguf")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -151,20 +151,26 @@ def apply_plan(arch: Architecture, plan: PrunePlan) -> list[TensorSpec]:
             out.append(s)
         elif s.is_expert:
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_parts(s.load, kept),
-                               expert_ids=tuple(kept)))
+                               raw=_parts(s.raw, kept) if s.raw else None, expert_ids=tuple(kept)))
         elif s.kind in PER_EXPERT_ROWS:
-            out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_rows(s.load, kept)))
+            out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_rows(s.load, kept),
+                               raw=_raw_rows(s.raw, kept, s.shape[0]) if s.raw else None))
         else:
             out.append(s)
     return out
 
 
-def _parts(load: Callable[[int], torch.Tensor], kept: list[int]) -> Callable[[int], torch.Tensor]:
+def _parts(load: Callable[[int], Any], kept: list[int]) -> Callable[[int], Any]:
     return lambda i: load(kept[i])
 
 
 def _rows(load: Callable[[int], torch.Tensor], kept: list[int]) -> Callable[[int], torch.Tensor]:
     return lambda i: load(i)[kept]
+
+
+def _raw_rows(raw: Callable[[int], np.ndarray], kept: list[int], n_rows: int) -> Callable[[int], np.ndarray]:
+    """Rows of stored bytes: every row is whole blocks, so a row of any type is a slice of bytes."""
+    return lambda i: raw(i).reshape(n_rows, -1)[kept].reshape(-1)
 
 
 def write_provenance(w: gguf.GGUFWriter, source: str, plan: PrunePlan) -> None:

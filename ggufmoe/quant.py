@@ -63,6 +63,11 @@ def row_bytes(t: T, ne0: int) -> int:
     return ne0 // bs * ts
 
 
+def bits_per_weight(t: T) -> float:
+    bs, ts = GGML_QUANT_SIZES[t]
+    return 8 * ts / bs
+
+
 @lru_cache(maxsize=1)
 def ggml() -> ctypes.CDLL:
     """llama-cpp-python's bundled libggml-base, with the signatures we use."""

@@ -87,8 +87,11 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
     src = Path(src)
     source = open_source(src)
     arch = architecture_for(source)
-    if not getattr(source, "has_weights", True):
+    if not source.has_weights:
         raise GgufmoeError(f"{src}: a sweep converts the model; it needs the weights, not a configuration alone")
+    if not source.can_calibrate:
+        raise GgufmoeError(f"{src}: a sweep calibrates the model with transformers; give the Hugging Face model, "
+                           "not a GGUF")
     if not opts.budgets:
         raise GgufmoeError("no budgets given")
     todo = [("ggufmoe", f"plan-{b.replace(' ', '')}", parse_size(b)) for b in opts.budgets] + \

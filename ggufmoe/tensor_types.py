@@ -1,4 +1,8 @@
-"""Which GGUF type each tensor gets: a default type, ``REGEX=TYPE`` rules, fixed F32 tensors."""
+"""Which GGUF type each tensor gets: a default type, ``REGEX=TYPE`` rules, fixed F32 tensors.
+
+Without a default type each tensor keeps the type its source stores (a GGUF source: copied
+as it is); a source without types of its own (a Hugging Face checkpoint) gets :data:`DEFAULT_TYPE`.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ ALWAYS_F32 = re.compile(r"(_norm\.weight|\.bias|ffn_gate_inp\.weight|ffn_gate_in
 EMBEDDING = "token_embd.weight"
 EMBEDDING_SUBSTITUTE = T.Q2_K
 
+DEFAULT_TYPE = T.Q8_0  # --type when none is given and the source has no types of its own
+
 # general.file_type written for a default type (the closest llama.cpp "mostly" mix).
 FILE_TYPE: dict[T, LlamaFileType] = {
     T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
@@ -33,9 +39,9 @@ FILE_TYPE: dict[T, LlamaFileType] = {
 
 @dataclass
 class TypeRules:
-    """A default type plus ordered ``(regex, type)`` overrides; the first match wins."""
+    """A default type (None: the source's) plus ordered ``(regex, type)`` overrides; the first match wins."""
 
-    default: T
+    default: T | None
     rules: list[tuple[re.Pattern, T]] = field(default_factory=list)
     names: dict[str, T] = field(default_factory=dict)  # exact tensor names, checked first (plans)
 
@@ -44,7 +50,7 @@ class TypeRules:
         return cls(default, names=dict(names))
 
     @classmethod
-    def parse(cls, default: str, rules: list[str] | tuple[str, ...] = ()) -> "TypeRules":
+    def parse(cls, default: str | None, rules: list[str] | tuple[str, ...] = ()) -> "TypeRules":
         parsed = []
         for rule in rules:
             pattern, sep, tname = rule.rpartition("=")
@@ -54,16 +60,22 @@ class TypeRules:
                 parsed.append((re.compile(pattern), parse_type(tname)))
             except re.error as e:
                 raise GgufmoeError(f"--tensor-type {rule!r}: bad regex ({e})") from None
-        return cls(parse_type(default), parsed)
+        return cls(parse_type(default) if default else None, parsed)
 
     def requested(self, spec: TensorSpec) -> T:
         if spec.name in self.names:
             return self.names[spec.name]
-        if len(spec.shape) == 1 or ALWAYS_F32.search(spec.name):
+        fixed = len(spec.shape) == 1 or ALWAYS_F32.search(spec.name)
+        if not fixed:
+            for pattern, t in self.rules:
+                if pattern.search(spec.name):
+                    return t
+        if self.default is None and spec.source_type is not None:
+            return spec.source_type
+        if fixed:
             return T.F32
-        for pattern, t in self.rules:
-            if pattern.search(spec.name):
-                return t
+        if self.default is None:
+            return DEFAULT_TYPE
         if spec.name == EMBEDDING and requires_imatrix(self.default):
             return EMBEDDING_SUBSTITUTE
         return self.default
@@ -73,5 +85,6 @@ class TypeRules:
         return effective_type(self.requested(spec), spec.shape[-1])
 
     @property
-    def file_type(self) -> LlamaFileType:
-        return FILE_TYPE[self.default]
+    def file_type(self) -> LlamaFileType | None:
+        """The llama.cpp mix named after the default type; None when tensors keep the source's types."""
+        return FILE_TYPE[self.default] if self.default is not None else None

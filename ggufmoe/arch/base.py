@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator
 
 import gguf
+import numpy as np
 import torch
 
 from ..errors import GgufmoeError
 from ..source.hf import HFSource
 
 Loader = Callable[[int], torch.Tensor]
+RawLoader = Callable[[int], np.ndarray]
 
 
 @dataclass
@@ -24,7 +26,8 @@ class TensorSpec:
     """One GGUF tensor. ``shape`` is in numpy order (outermost first; experts first for 3-D).
 
     ``load(i)`` returns part ``i`` as float32: the whole tensor when ``n_parts == 1``,
-    else the 2-D slice of expert ``i``.
+    else the 2-D slice of expert ``i``. A source that stores quantized tensors (a GGUF) also
+    gives ``source_type`` and ``raw(i)``: part ``i``'s bytes as stored, copied when the type stays.
     """
 
     name: str
@@ -33,6 +36,8 @@ class TensorSpec:
     n_parts: int = 1
     hf_name: str = ""  # source tensor in the checkpoint; ``{e}`` marks the expert index
     expert_ids: tuple[int, ...] | None = None  # source expert of each part, when pruned
+    source_type: gguf.GGMLQuantizationType | None = None  # type as stored in the source (GGUF)
+    raw: RawLoader | None = None  # part ``i`` as stored (uint8), for sources with ``source_type``
 
     def source_expert(self, part: int) -> int:
         return self.expert_ids[part] if self.expert_ids is not None else part
@@ -68,6 +73,7 @@ class Architecture:
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     gguf_arch: ClassVar[str] = ""
     experts_key: ClassVar[str] = "num_experts"  # config attribute holding the routed expert count
+    source_file_type: ClassVar[int | None] = None  # general.file_type of a source that has one (a GGUF)
     # set when pruning: experts kept per layer and experts used per token
     n_expert_kept: int | None = field(default=None, init=False)
     n_expert_used: int | None = field(default=None, init=False)
@@ -104,6 +110,25 @@ class Architecture:
         """KV-cache elements per token of context, all layers: n_layer x n_kv_heads x (head_k + head_v)."""
         hk, hv = self.kv_head_dims()
         return self.n_layer * int(self.cfg.num_key_value_heads) * (hk + hv)
+
+    def model_shape(self):
+        """The hyper-parameters llama.cpp's memory depends on (:class:`ggufmoe.memory.ModelShape`)."""
+        from ..memory import ModelShape
+
+        return ModelShape.from_arch(self)
+
+    # --- tokenizer -------------------------------------------------------------------
+    @property
+    def writes_tokenizer(self) -> bool:
+        """Whether the output gets the real tokenizer (a configuration alone may lack tokenizer.json)."""
+        return (self.src.path / "tokenizer.json").is_file() or self.src.has_weights
+
+    def write_tokenizer(self, w: gguf.GGUFWriter) -> None:
+        """The ``tokenizer.*`` keys, from the checkpoint's tokenizer.json."""
+        from ..tokenizer import write_tokenizer
+
+        if self.writes_tokenizer:
+            write_tokenizer(w, self.src.path, int(self.cfg.vocab_size))
 
     def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
         w.add_expert_count(self.n_expert_kept or self.n_expert)

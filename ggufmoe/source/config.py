@@ -16,6 +16,7 @@ class ConfigSource:
     """Same interface as :class:`~ggufmoe.source.hf.HFSource`, but ``get`` has nothing to read."""
 
     has_weights = False
+    can_calibrate = False
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -73,13 +74,18 @@ class ConfigSource:
         raise GgufmoeError(f"{self.path}: a configuration alone has no weights (tensor {name})")
 
 
-def open_source(path: str | Path):
-    """A checkpoint directory with weights, or a configuration alone (config.json or a directory without weights)."""
+def open_source(path: str | Path, config_ok: bool = True):
+    """The one place that tells source kinds apart: a GGUF file (or any shard of a split one), a
+    checkpoint directory with weights, or — when ``config_ok`` — a configuration alone (config.json
+    or a directory without weights)."""
+    from .gguf_in import GGUFSource, is_gguf_path
     from .hf import HFSource
 
     p = Path(path)
-    if p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
+    if is_gguf_path(p):
+        return GGUFSource(p)
+    if not config_ok or p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
         return HFSource(p)
     if p.is_file() and p.name.endswith(".json") or p.is_dir():
         return ConfigSource(p)
-    raise GgufmoeError(f"{p}: not a model directory or config.json")
+    raise GgufmoeError(f"{p}: not a model directory, GGUF file or config.json")

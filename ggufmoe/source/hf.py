@@ -23,6 +23,9 @@ FP8_TYPES = (torch.float8_e4m3fn,)
 class HFSource:
     """A Hugging Face model directory, read lazily tensor by tensor."""
 
+    has_weights = True
+    can_calibrate = True  # transformers runs it (calibrate, measured sensitivities)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
