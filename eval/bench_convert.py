@@ -1,7 +1,10 @@
 """ggufmoe convert against llama.cpp's two steps on a DeepSeek-V3-shaped FP8 checkpoint.
 
     python eval/bench_convert.py [--layers 2] [--experts 32] [--repeat 3] [--rss-experts 64]
-                                 [--work DIR] [--llama-cpp DIR] [--threads N] [--keep]
+                                 [--work DIR] [--llama-cpp DIR] [--threads N] [--keep] [--ggufmoe-only]
+
+``--ggufmoe-only`` re-measures ggufmoe alone and keeps llama.cpp's runs, the output comparison and the
+profile from the earlier report (labelled with that run's date).
 
 A benchmark, not a test. It makes a synthetic DeepSeek-V3 checkpoint (``tools/make_synthetic.py``:
 real per-layer shapes, FP8 e4m3 with 128x128 block scales, few layers and experts) and converts it to
@@ -19,7 +22,7 @@ routing bias F32.
 
 Importance matrix: all ones (``ggufmoe.imatrix.save_imatrix``), one row per expert, for every
 quantized matrix except ``token_embd`` (never in an imatrix) and MLA's ``attn_k_b``/``attn_v_b`` (3-D:
-llama.cpp wants one row per head there, ggufmoe one row). ``ggufmoe calibrate`` cannot make a real
+llama.cpp wants one row per head there; ggufmoe takes one row, or one per head). ``ggufmoe calibrate`` cannot make a real
 one here: transformers refuses the FP8 checkpoint without ``accelerate`` and would need the model in
 float32 (16+ GB) on the CPU.
 
@@ -376,12 +379,17 @@ def fmt_b(x: float) -> str:
 def report(res: dict) -> str:
     g, ll = res["ggufmoe"], res["llama"]
     m, model = res["machine"], res["model"]
-    n = len(g)
+    earlier = res.get("earlier_date")
+    llama_label = f"llama.cpp ({earlier})" if earlier else "llama.cpp"
+    measured = (f"Measured by `eval/bench_convert.py` ({res['date']}); medians of {len(g)} runs per pipeline, "
+                "alternating which pipeline runs first.") if not earlier else (
+        f"Measured by `eval/bench_convert.py`: ggufmoe on {res['date']} (`--ggufmoe-only`, "
+        f"{f'median of {len(g)} runs' if len(g) > 1 else 'one run'}); llama.cpp's numbers (median of {len(ll)} runs), the comparison of the "
+        f"outputs and the profile are kept from the earlier run of {earlier}, same machine, checkpoint and mix.")
     lines = [
         "# Converting a DeepSeek-V3-shaped FP8 checkpoint: ggufmoe against llama.cpp",
         "",
-        f"Measured by `eval/bench_convert.py` ({res['date']}); medians of {n} runs per pipeline, alternating "
-        "which pipeline runs first.",
+        measured,
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory'] / GIB:.1f} GiB RAM, Linux {m['kernel']}, "
         f"Python {m['python']}; a shared virtual machine (timings vary with its neighbours). "
@@ -407,7 +415,7 @@ def report(res: dict) -> str:
         f"`{res['llama_cpp']}`, its gguf-py) then `llama_model_quantize` (ftype Q4_K_M, `tt_overrides` = the "
         "rules, same imatrix) through `ggufmoe.llama_quantize`.",
         "",
-        "| | ggufmoe | llama.cpp (convert + quantize) | ratio | target |",
+        f"| | ggufmoe | llama.cpp (convert + quantize{'; run of ' + earlier if earlier else ''}) | ratio | target |",
         "|---|---:|---:|---:|---|",
     ]
     gw, lw = med(g, "wall"), med(ll, "wall")
@@ -427,12 +435,20 @@ def report(res: dict) -> str:
         f"| peak anonymous RSS (RssAnon) | {fmt_b(ga)} | {fmt_b(la)} | {ga / la:.2f}x | |",
         f"| flush of outputs (not timed above) | {fmt_s(med(g, 'flush'))} | {fmt_s(med(ll, 'flush'))} | | |",
         "",
+    ]
+    before = res.get("earlier_ggufmoe")
+    if before:
+        b = before["runs"]
+        lines += [f"ggufmoe in the earlier run ({before['date']}, before the changes measured here): wall "
+                  f"{fmt_s(med(b, 'wall'))}, peak RSS {fmt_b(med(b, 'peak_rss'))}, RssAnon "
+                  f"{fmt_b(med(b, 'peak_rss_anon'))} (median of {len(b)}).", ""]
+    lines += [
         "Every run:",
         "",
         "| pipeline | run | step | wall | peak RSS | RssAnon | ru_maxrss | ru_oublock x 512 | files |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, runs in (("ggufmoe", g), ("llama.cpp", ll)):
+    for label, runs in (("ggufmoe", g), (llama_label, ll)):
         for i, r in enumerate(runs, 1):
             for step, s in r["steps"].items():
                 lines.append(f"| {label} | {i} | {step} | {fmt_s(s['wall'])} | {fmt_b(s['peak_rss'])} | "
@@ -443,6 +459,8 @@ def report(res: dict) -> str:
     for t in cmp["tensors"]:
         st.setdefault(t["status"], []).append(t)
     lines += ["", "## Are the outputs the same?", ""]
+    if earlier:
+        lines += [f"(Compared in the run of {earlier}.)", ""]
     lines.append(f"Final files: ggufmoe {fmt_b(g[-1]['files'][Path(g[-1]['out']).name])}, llama.cpp "
                  f"{fmt_b(ll[-1]['files'][Path(ll[-1]['out']).name])}; byte-identical: "
                  f"{'yes' if res['files_identical'] else 'no'}.")
@@ -485,7 +503,8 @@ def report(res: dict) -> str:
             "",
             "| experts | routed experts as | checkpoint | runs | wall | peak RSS | RssAnon |",
             "|---:|---|---:|---:|---:|---:|---:|",
-            f"| {mr['experts']} | IQ2_XXS | {mr['bytes'] / 1e9:.2f} GB | {mr['runs']} (median) | {fmt_s(mr['wall'])} | "
+            f"| {mr['experts']} | IQ2_XXS | {mr['bytes'] / 1e9:.2f} GB | {mr['runs']}{' (median)' if mr['runs'] > 1 else ''} | "
+            f"{fmt_s(mr['wall'])} | "
             f"{fmt_b(mr['peak_rss'])} | {fmt_b(mr['peak_rss_anon'])} |",
         ]
         for x in (a, b):
@@ -499,12 +518,19 @@ def report(res: dict) -> str:
             f"{'met' if abs(rss['anon_diff_pct']) < 10 else '**missed**'}).",
             "",
         ]
+        old = (before or {}).get("rss_scaling")
+        if old:
+            lines += [f"In the earlier run ({before['date']}): peak RSS {fmt_b(old['small']['peak_rss'])} and "
+                      f"{fmt_b(old['large']['peak_rss'])}, RssAnon {fmt_b(old['small']['peak_rss_anon'])} and "
+                      f"{fmt_b(old['large']['peak_rss_anon'])} at {old['small']['experts']} and "
+                      f"{old['large']['experts']} experts.", ""]
     prof = res.get("profile")
     if prof:
         lines += [
             "## Where ggufmoe's time goes",
             "",
-            f"`eval/profile_convert.py` (ggufmoe's `convert()` in one process with timers around the safetensors "
+            ("" if not earlier else f"From the run of {earlier}. ")
+            + f"`eval/profile_convert.py` (ggufmoe's `convert()` in one process with timers around the safetensors "
             f"reads, the FP8 dequantization and every quantizer call; page cache warm), same checkpoint and mix: "
             f"{fmt_s(prof['total_seconds'])} in all.",
             "",
@@ -518,6 +544,40 @@ def report(res: dict) -> str:
     if res.get("findings"):
         lines += ["## Findings", "", res["findings"], ""]
     return "\n".join(lines)
+
+
+def compare_outputs(res: dict, work: Path, model_dir: Path, imatrix: Path, keep: bool) -> None:
+    """Compare the last outputs of both pipelines (``res["compare"]``, ``files_identical``, ``compare_note``)."""
+    g_out, l_out = Path(res["ggufmoe"][-1]["out"]), Path(res["llama"][-1]["out"])
+    cmp_json = work / "compare.json"
+    print("comparing outputs ...", flush=True)
+    measure([PY, __file__, "--_compare", str(g_out), str(l_out), str(model_dir), str(imatrix), str(cmp_json)],
+            log=work / "compare.log")
+    res["compare"] = json.loads(cmp_json.read_text())
+    res["files_identical"] = subprocess.run(["cmp", "-s", str(g_out), str(l_out)]).returncode == 0
+    checks = res["compare"]["bf16_checks"]
+    if checks and all(c["bf16_rounded_equals_llama"] for c in checks.values()):
+        res["compare_note"] = ("Every tensor class that differs is reproduced exactly by ggufmoe's quantizer from the "
+                               "checkpoint's values rounded to BF16: the only difference is llama.cpp's BF16 "
+                               "intermediate file, which rounds the dequantized FP8 weights (an FP8 value times a "
+                               "float32 block scale needs up to 28 significant bits; BF16 keeps 8). ggufmoe "
+                               "quantizes the exact float32 values.")
+    else:
+        res["compare_note"] = "Some differing tensors are not explained by BF16 rounding alone: see compare.json."
+    if not keep:
+        g_out.unlink(missing_ok=True)
+        l_out.unlink(missing_ok=True)
+
+
+EARLIER_KEYS = ("llama", "compare", "files_identical", "compare_note", "profile")
+
+
+def keep_earlier(res: dict, earlier: dict) -> None:
+    """llama.cpp's runs, the output comparison and the profile from an earlier report, with its date."""
+    res.update({k: earlier[k] for k in EARLIER_KEYS if k in earlier})
+    res["earlier_date"] = earlier.get("earlier_date", earlier["date"])
+    res["earlier_ggufmoe"] = {"date": earlier["date"], "runs": earlier["ggufmoe"],
+                              "rss_scaling": earlier.get("rss_scaling")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,6 +602,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "convert_ds3.md")
     ap.add_argument("--profile", type=Path, help="JSON from eval/profile_convert.py to include (with --render)")
     ap.add_argument("--render", action="store_true", help="only rewrite the report from its .json (and --findings)")
+    ap.add_argument("--ggufmoe-only", action="store_true",
+                    help="run only ggufmoe (its repeats and the two sizes); llama.cpp's runs, the comparison of the "
+                         "outputs and the profile are kept from the earlier report's .json, labelled with its date")
     args = ap.parse_args()
     if args.render:
         res = json.loads(args.out.with_suffix(".json").read_text())
@@ -554,6 +617,7 @@ def main() -> None:
         print(report(res))
         return
     rss_experts = 2 * args.experts if args.rss_experts is None else args.rss_experts
+    earlier = json.loads(args.out.with_suffix(".json").read_text()) if args.ggufmoe_only else None
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -569,8 +633,9 @@ def main() -> None:
                                    "\"Loading an FP8 quantized model requires accelerate (`pip install "
                                    "accelerate`)\"; with it, FP8 needs a GPU, and dequantized to float32 the "
                                    f"{model['params'] / 1e9:.1f} B parameters need {model['params'] * 4 / 1e9:.0f} GB."}
+    pipelines = ("ggufmoe",) if earlier else ("ggufmoe", "llama")
     for r in range(args.repeat):
-        order = ("ggufmoe", "llama") if r % 2 == 0 else ("llama", "ggufmoe")
+        order = pipelines if r % 2 == 0 else pipelines[::-1]
         for which in order:
             print(f"run {r + 1}/{args.repeat}: {which} ...", flush=True)
             if which == "ggufmoe":
@@ -585,26 +650,12 @@ def main() -> None:
                     (work / f).unlink(missing_ok=True)
         (work / f"llama-r{r}-bf16.gguf").unlink(missing_ok=True)
 
-    g_out, l_out = Path(res["ggufmoe"][-1]["out"]), Path(res["llama"][-1]["out"])
-    cmp_json = work / "compare.json"
-    print("comparing outputs ...", flush=True)
-    measure([PY, __file__, "--_compare", str(g_out), str(l_out), str(model_dir), str(imatrix), str(cmp_json)],
-            log=work / "compare.log")
-    res["compare"] = json.loads(cmp_json.read_text())
-    res["files_identical"] = subprocess.run(["cmp", "-s", str(g_out), str(l_out)]).returncode == 0
-    checks = res["compare"]["bf16_checks"]
-    if checks and all(c["bf16_rounded_equals_llama"] for c in checks.values()):
-        res["compare_note"] = ("Every tensor class that differs is reproduced exactly by ggufmoe's quantizer from the "
-                               "checkpoint's values rounded to BF16: the only difference is llama.cpp's BF16 "
-                               "intermediate file, which rounds the dequantized FP8 weights (an FP8 value times a "
-                               "float32 block scale needs up to 28 significant bits; BF16 keeps 8). ggufmoe "
-                               "quantizes the exact float32 values.")
+    if earlier:
+        keep_earlier(res, earlier)
+        if not args.keep:
+            Path(res["ggufmoe"][-1]["out"]).unlink(missing_ok=True)
     else:
-        res["compare_note"] = "Some differing tensors are not explained by BF16 rounding alone: see compare.json."
-    if not args.keep:
-        g_out.unlink(missing_ok=True)
-        l_out.unlink(missing_ok=True)
-
+        compare_outputs(res, work, model_dir, imatrix, args.keep)
     gw, lw = med(res["ggufmoe"], "wall"), med(res["llama"], "wall")
     res["acceptance"] = {"time": gw <= 0.75 * lw,
                          "bytes": med(res["ggufmoe"], "bytes_written") <= 0.5 * med(res["llama"], "bytes_written"),

@@ -3,9 +3,9 @@
     python eval/profile_convert.py MODEL_DIR IMATRIX [--threads N] [--out JSON]
 
 Runs ggufmoe's ``convert()`` in this process on the same mix as ``eval/bench_convert.py``, with
-timers wrapped around ``safetensors`` reads (``HFSource.get`` less its dequantization),
-``dequant_fp8_blocks`` and ``Quantizer.quantize`` (wall time of each call: quantization runs on the
-thread pool, the caller waits). What is left of the total is writing, tensor preparation (MLA split,
+timers wrapped around checkpoint reads (``HFSource.get_rows``, which every read goes through, less its
+dequantization), ``dequant_fp8_blocks`` and ``Quantizer.quantize`` (wall time of each call: quantization
+runs on the thread pool, the caller waits). What is left of the total is writing, tensor preparation (MLA split,
 float conversion) and Python. The output is written to a temporary directory and deleted.
 """
 
@@ -45,7 +45,7 @@ def main() -> None:
     counts: dict[str, int] = defaultdict(int)
     elements: dict[str, int] = defaultdict(int)
 
-    orig_dequant, orig_get, orig_quantize = hf.dequant_fp8_blocks, hf.HFSource.get, Quantizer.quantize
+    orig_dequant, orig_get, orig_quantize = hf.dequant_fp8_blocks, hf.HFSource.get_rows, Quantizer.quantize
 
     def dequant(*a, **k):
         t0 = time.perf_counter()
@@ -55,10 +55,10 @@ def main() -> None:
         elements["fp8 dequant"] += out.numel()
         return out
 
-    def get(self, name):
+    def get_rows(self, name, r0, r1):
         t0 = time.perf_counter()
         before = times["fp8 dequant"]
-        out = orig_get(self, name)
+        out = orig_get(self, name, r0, r1)
         if not name.endswith(hf.SCALE_SUFFIX):  # a scale read inside a weight's get is counted with it
             times["read (safetensors) + float"] += time.perf_counter() - t0 - (times["fp8 dequant"] - before)
             counts["read (safetensors) + float"] += 1
@@ -74,7 +74,7 @@ def main() -> None:
         elements[key] += int(np.prod(data.shape))
         return out
 
-    hf.dequant_fp8_blocks, hf.HFSource.get, Quantizer.quantize = dequant, get, quantize
+    hf.dequant_fp8_blocks, hf.HFSource.get_rows, Quantizer.quantize = dequant, get_rows, quantize
     with tempfile.TemporaryDirectory(dir=args.model.parent) as tmp:
         opts = ConvertOptions(out=Path(tmp) / "out.gguf",
                               types=TypeRules.parse(GGUFMOE_DEFAULT, [f"{p}={t}" for p, t in MIX]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -52,12 +53,15 @@ def cli() -> None:
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile beside the output (num_ctx: --ctx if given).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted conversion to the same output (same source, options and inputs) "
+                   "where it stopped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
             top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, ollama: bool,
-            quiet: bool) -> None:
+            resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -65,6 +69,10 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     and changes the experts used per token (--top-k/--top-k-scale). Norms, biases and routers
     always stay F32; rows that are not a multiple of a type's block size get that type's
     fallback (see ggufmoe/quant.py).
+
+    The file grows in .OUT.partial beside the output and appears only when complete. Interrupted
+    (Ctrl-C, SIGTERM, a full disk), the finished tensors are kept there: the same command with
+    --resume continues. Free disk space is checked before writing.
     """
     from .convert import ConvertOptions, convert as run
     from .prune import PruneRequest
@@ -75,7 +83,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
                          top_k_scale=top_k_scale)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
-                          stats=stats, prune=prune)
+                          stats=stats, prune=prune, resume=resume)
     if plan_file and budget:
         raise GgufmoeError("give --plan or --budget, not both")
     if plan_file:
@@ -289,12 +297,17 @@ def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int
     click.echo(format_result(result))
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: cleaned up, or kept for --resume
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)
     except GgufmoeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        click.echo(f"{e.label}: {e}", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)

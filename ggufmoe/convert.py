@@ -6,23 +6,31 @@ slices included: no dequantization, no requantization loss.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import gguf
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .arch import Architecture, TensorSpec, architecture_for
-from .errors import GgufmoeError
+from .arch.base import RowLoader
+from .errors import GgufmoeError, Interrupted
 from .gguf_out import GGUFOutput
 from .imatrix import Imatrix, load_imatrix
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, write_provenance
 from .quant import Quantizer, requires_imatrix, row_bytes
-from .source.config import open_source
+from .source.config import check_shapes, open_source
 from .stats import load_stats
 from .tensor_types import DEFAULT_TYPE, FILE_TYPE, TypeRules
+from .validate import gguf_files
+
+
+CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
+CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
 
 
 @dataclass
@@ -36,6 +44,7 @@ class ConvertOptions:
     stats: Path | None = None
     prune: PruneRequest | None = None
     prune_plan: PrunePlan | None = None  # decided already (a budget plan); overrides ``prune``
+    resume: bool = False  # continue an interrupted conversion to ``out`` (same plan and inputs)
 
 
 @dataclass
@@ -55,14 +64,34 @@ class TensorPlan:
 
 
 def plan_tensors(specs: list[TensorSpec], types: TypeRules, imatrix: Imatrix | None) -> list[TensorPlan]:
-    """A type for every tensor; fails before anything is written if an imatrix is needed but missing."""
+    """A type for every tensor; fails before anything is written if an imatrix is needed but missing,
+    or has an entry that does not fit its tensor."""
     plans = [TensorPlan(spec, types.type_for(spec)) for spec in specs]
     for p in plans:
-        first = p.spec.source_expert(0) if p.spec.is_expert else None
-        if requires_imatrix(p.qtype) and not p.copies and (imatrix is None or imatrix.row(p.spec.name, first) is None):
+        if p.copies:
+            continue
+        rows = importance(p.spec, 0, imatrix)
+        if rows is None and requires_imatrix(p.qtype):
             what = "no --imatrix given" if imatrix is None else "the imatrix has no entry for it"
             raise GgufmoeError(f"{p.spec.name}: type {p.qtype.name} needs an importance matrix, but {what}")
     return plans
+
+
+def importance(spec: TensorSpec, part: int, imatrix: Imatrix | None) -> np.ndarray | None:
+    """Importance rows of part ``part``: (1, ne0) — one row for all of it — or, for a 3-D tensor without
+    experts whose entry has one row per slice (llama.cpp's per-head rows of MLA's ``attn_k_b``/``attn_v_b``),
+    (ne2, ne0); None without an entry."""
+    if imatrix is None:
+        return None
+    if spec.is_expert:
+        row = imatrix.row(spec.name, spec.source_expert(part))
+        rows = None if row is None else row[None]
+    else:
+        rows = imatrix.slice_rows(spec.name, spec.shape[0] if len(spec.shape) == 3 else 1)
+    if rows is not None and rows.shape[1] != spec.shape[-1]:
+        raise GgufmoeError(f"imatrix entry {spec.name} has rows of {rows.shape[1]} values, "
+                           f"the tensor's rows have {spec.shape[-1]}")
+    return rows
 
 
 def write_general_metadata(w: gguf.GGUFWriter, src, arch: Architecture, types: TypeRules) -> None:
@@ -76,21 +105,50 @@ def write_general_metadata(w: gguf.GGUFWriter, src, arch: Architecture, types: T
 
 
 def tensor_parts(p: TensorPlan, q: Quantizer, imatrix: Imatrix | None, bar: tqdm) -> Iterator[np.ndarray]:
-    """The bytes of one tensor, one part (expert slice) at a time: copied from the source or quantized."""
+    """The bytes of one tensor, one part (expert slice, or row chunk of a big tensor) at a time: copied
+    from the source or quantized. Quantized rows are contiguous in GGUF, so chunks are written in order."""
     for i in range(p.spec.n_parts):
-        out = p.spec.raw(i) if p.copies else quantized_part(p, i, q, imatrix)
-        bar.update(out.nbytes)
-        yield out
+        for out in [p.spec.raw(i)] if p.copies else quantized_part(p, i, q, imatrix):
+            bar.update(out.nbytes)
+            yield out
 
 
-def quantized_part(p: TensorPlan, i: int, q: Quantizer, imatrix: Imatrix | None) -> np.ndarray:
-    spec = p.spec
-    part_shape = spec.shape[1:] if spec.is_expert else spec.shape
-    data = spec.load(i)
-    if tuple(data.shape) != tuple(part_shape):
-        raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(part_shape)}")
-    row = imatrix.row(spec.name, spec.source_expert(i) if spec.is_expert else None) if imatrix else None
-    return q.quantize(data.numpy(), p.qtype, row)
+def quantized_part(p: TensorPlan, i: int, q: Quantizer, imatrix: Imatrix | None) -> Iterator[np.ndarray]:
+    """Part ``i`` quantized, chunk by chunk; with one importance row per slice, each slice with its own."""
+    rows = importance(p.spec, i, imatrix)
+    for r0, data in part_chunks(p.spec, i):
+        if rows is not None and len(rows) > 1:
+            yield np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(data.numpy(), rows[r0:])])
+        else:
+            yield q.quantize(data.numpy(), p.qtype, None if rows is None else rows[0])
+
+
+def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Part ``i`` as float32, with the index of its first row: whole, or in row chunks when the tensor
+    is big and its loader reads rows (see :func:`chunk_rows`)."""
+    step = chunk_rows(spec)
+    if step is None:
+        yield 0, checked_shape(spec, spec.load(i), spec.shape[1:] if spec.is_expert else spec.shape)
+        return
+    n = spec.shape[0]
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        yield r0, checked_shape(spec, spec.load.rows(r0, r1), (r1 - r0, *spec.shape[1:]))
+
+
+def chunk_rows(spec: TensorSpec) -> int | None:
+    """Rows per chunk for a tensor over ``CHUNK_BYTES`` in float32 whose loader reads rows, else None.
+    Chunks are whole multiples of ``CHUNK_ALIGN`` rows (whole FP8 scale blocks) unless the tensor ends."""
+    if not isinstance(spec.load, RowLoader) or 4 * spec.n_elements <= CHUNK_BYTES:
+        return None
+    row_bytes = 4 * spec.n_elements // spec.shape[0]
+    return max(CHUNK_ALIGN, CHUNK_BYTES // row_bytes // CHUNK_ALIGN * CHUNK_ALIGN)
+
+
+def checked_shape(spec: TensorSpec, data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(data.shape) != tuple(shape):
+        raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(shape)}")
+    return data
 
 
 def prepare_output(src, arch: Architecture, plans: list[TensorPlan], prune: PrunePlan, types: TypeRules,
@@ -110,6 +168,7 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
     src = open_source(src_dir, config_ok=False)
     arch = architecture_for(src)
+    check_shapes(src)
     stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
     prune = opts.prune_plan or make_plan(arch, stats, opts.prune or PruneRequest())
@@ -120,12 +179,28 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size)
     try:
         with out:
-            out.begin()
-            total = sum(p.nbytes for p in plans)
-            with Quantizer(opts.threads) as q, tqdm(total=total, unit="B", unit_scale=True, desc="convert",
-                                                    disable=not opts.progress) as bar:
-                for p in plans:
+            done = out.begin(opts.resume, inputs_identity(src_dir, opts))
+            if done:
+                tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
+            with Quantizer(opts.threads) as q, tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True,
+                                                    desc="convert", disable=not opts.progress) as bar:
+                bar.update(sum(p.nbytes for p in plans[:done]))
+                for p in plans[done:]:
                     out.write_tensor(p.spec.name, tensor_parts(p, q, imatrix, bar))
             return out.finish()
+    except KeyboardInterrupt:
+        if not out.kept:
+            raise
+        raise Interrupted(f"{out.tensors_done} of {len(plans)} tensors are kept in {out.state_dir}: "
+                          f"run the same command with --resume to continue") from None
     except OSError as e:
-        raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e})") from None
+        kept = f"; {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""
+        raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e}){kept}") from None
+
+
+def inputs_identity(src_dir: str | Path, opts: ConvertOptions) -> str:
+    """Path, size and modification time of every input file that decides the output's data, as one string."""
+    src = Path(src_dir)
+    files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else gguf_files(src)
+    files += [p for p in (opts.imatrix, opts.stats) if p is not None]
+    return "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)

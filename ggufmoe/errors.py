@@ -1,5 +1,15 @@
-"""The one exception type a user can cause; the CLI turns it into one line and exit code 1."""
+"""The exceptions a user can cause; the CLI turns each into one line and its exit code."""
 
 
 class GgufmoeError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+    label = "error"
+    exit_code = 1
+
+
+class Interrupted(GgufmoeError):
+    """Ctrl-C or SIGTERM; the message says what was kept and how to continue."""
+
+    label = "interrupted"
+    exit_code = 130

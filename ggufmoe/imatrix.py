@@ -65,6 +65,20 @@ class Imatrix:
             raise GgufmoeError(f"imatrix entry {name} has {n_expert} expert rows, expert {expert} asked for")
         return entry.importance_row(expert)
 
+    def slice_rows(self, name: str, n_slices: int) -> np.ndarray | None:
+        """Importance of tensor ``name`` without experts whose outermost dimension has ``n_slices`` slices
+        (ne2 of a 3-D tensor, else 1): (1, ne0), one row for all of it, or (n_slices, ne0), one row per
+        slice, as llama.cpp's imatrix stores MLA's 3-D ``attn_k_b``/``attn_v_b`` (per head). None when
+        it has no entry."""
+        entry = self.entries.get(name)
+        if entry is None:
+            return None
+        n_rows = entry.in_sum2.shape[0]
+        if n_rows not in (1, n_slices):
+            need = "1" if n_slices == 1 else f"1 or {n_slices} (one per slice)"
+            raise GgufmoeError(f"imatrix entry {name} has {n_rows} rows, but its tensor has no experts: needs {need}")
+        return entry.importance()
+
 
 def is_gguf(path: Path, what: str) -> bool:
     """Whether ``path`` starts with the GGUF magic; a one-line error when it cannot be read."""

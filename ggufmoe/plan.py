@@ -377,6 +377,9 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
     stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
     if stats is not None and src.can_calibrate:
+        if calib_text is not None:  # sensitivities may be measured (minutes): say first if the budget is impossible
+            rough = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True)
+            make_budget_plan(src, arch, stats, rough, budget, pins, DEFAULT_PRUNE_SCALE, criterion, None)
         sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
         prune_scale = sens.scales.get("prune")
         if prune_scale is None:
@@ -450,7 +453,8 @@ def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
 
 def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, pins: TypeRules,
                       criterion: str = "reap") -> tuple[Plan, list[Path]]:
-    """calibrate (unless statistics are given) + plan + convert; the plan is saved beside the output.
+    """calibrate (unless statistics are given, or kept beside the output for --resume) + plan + convert;
+    the statistics and the plan are saved beside the output.
 
     A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
     from .convert import convert
@@ -468,7 +472,8 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
         stats_path = base.out.with_suffix(".stats.gguf")
         check_output(stats_path)
-        save_stats(collect_stats(src, text, progress=base.progress, dataset=calib_file.name), stats_path)
+        if not (base.resume and stats_path.is_file()):  # a resumed run plans from the same statistics
+            save_stats(collect_stats(src, text, progress=base.progress, dataset=calib_file.name), stats_path)
     plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress)
     plan.save(base.out.with_suffix(".plan.json"))
     return plan, convert(src, options_from_plan(plan, base))

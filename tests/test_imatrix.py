@@ -302,3 +302,63 @@ def test_tiny_models(tmp_path, arch):
             if n:
                 np.testing.assert_allclose(im.entries[up.name].in_sum2[e], x2.numpy(), rtol=1e-4)
                 np.testing.assert_allclose(im.entries[down.name].in_sum2[e], mid2.numpy(), rtol=1e-3, atol=1e-12)
+
+
+# --- MLA's 3-D attn_k_b / attn_v_b: one importance row per head, as llama.cpp's imatrix stores them ----------
+
+def per_head_imatrix(specs, rng: np.random.Generator, n_rows: int | None = None) -> Imatrix:
+    """Random per-head entries for every ``attn_k_b``/``attn_v_b`` (one head never seen: its row is ones)."""
+    entries = {}
+    for s in specs:
+        if s.kind in ("attn_k_b", "attn_v_b"):
+            n = n_rows or s.shape[0]
+            counts = rng.integers(1, 50, n).astype(np.float32)
+            counts[-1] = 0
+            entries[s.name] = ImatrixEntry(rng.uniform(0.01, 10, (n, s.shape[-1])).astype(np.float32) * counts[:, None],
+                                           counts)
+    return Imatrix(entries, ["random"], 1, 1)
+
+
+@pytest.fixture(scope="module")
+def mla_model(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 whose k_b rows (32) take Q5_0 (Q4_K's fallback) and v_b rows (256) Q4_K."""
+    d = tmp_path_factory.mktemp("mla") / "hf"
+    tiny_models.build("deepseek3", d, config=tiny_models.deepseek3_config(
+        num_hidden_layers=2, qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=256))
+    return d
+
+
+def test_per_head_imatrix_rows_quantize_each_head(mla_model, tmp_path):
+    from ggufmoe.convert import ConvertOptions, convert
+    from ggufmoe.quant import Quantizer
+    from ggufmoe.tensor_types import TypeRules
+
+    specs = {s.name: s for s in architecture_for(HFSource(mla_model)).tensors()}
+    imatrix = per_head_imatrix(specs.values(), np.random.default_rng(0))
+    save_imatrix(imatrix, tmp_path / "im.gguf")
+    out = tmp_path / "out.gguf"
+    convert(mla_model, ConvertOptions(out=out, types=TypeRules.parse("Q4_K"), imatrix=tmp_path / "im.gguf",
+                                      threads=2, progress=False))
+    written = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    back = load_imatrix(tmp_path / "im.gguf")
+    with Quantizer(2) as q:
+        for name, entry in back.entries.items():
+            t, heads = written[name], specs[name].load(0).numpy()
+            assert t.tensor_type == (gguf.GGMLQuantizationType.Q5_0 if "attn_k_b" in name else
+                                     gguf.GGMLQuantizationType.Q4_K)
+            want = np.concatenate([q.quantize(h, t.tensor_type, entry.importance_row(i)) for i, h in enumerate(heads)])
+            assert np.array_equal(np.asarray(t.data).reshape(-1), want), name
+            one_row = q.quantize(heads, t.tensor_type, entry.importance_row(0))
+            assert not np.array_equal(want, one_row)  # the rows differ, and each head got its own
+
+
+def test_imatrix_rows_that_fit_no_slicing_fail_before_writing(mla_model, tmp_path):
+    from ggufmoe.convert import ConvertOptions, convert
+    from ggufmoe.tensor_types import TypeRules
+
+    specs = architecture_for(HFSource(mla_model)).tensors()
+    save_imatrix(per_head_imatrix(specs, np.random.default_rng(1), n_rows=3), tmp_path / "im.gguf")
+    with pytest.raises(GgufmoeError, match=r"attn_k_b.weight has 3 rows.*1 or 4 \(one per slice\)"):
+        convert(mla_model, ConvertOptions(out=tmp_path / "o.gguf", types=TypeRules.parse("Q4_K"),
+                                          imatrix=tmp_path / "im.gguf", progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["im.gguf"]

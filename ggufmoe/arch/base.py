@@ -21,13 +21,31 @@ Loader = Callable[[int], torch.Tensor]
 RawLoader = Callable[[int], np.ndarray]
 
 
+@dataclass(frozen=True)
+class RowLoader:
+    """The loader of a tensor read straight from one checkpoint tensor: whole (``load(0)``), or a
+    range of its rows (``rows(r0, r1)``), so a big tensor can be converted in row chunks. Wrapping it
+    (pruning's row selection, a transform) gives a plain callable, which loads whole tensors only."""
+
+    src: HFSource
+    hf_name: str
+
+    def __call__(self, _: int) -> torch.Tensor:
+        return self.src.get(self.hf_name)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` (outermost dimension) as float32."""
+        return self.src.get_rows(self.hf_name, r0, r1)
+
+
 @dataclass
 class TensorSpec:
     """One GGUF tensor. ``shape`` is in numpy order (outermost first; experts first for 3-D).
 
     ``load(i)`` returns part ``i`` as float32: the whole tensor when ``n_parts == 1``,
-    else the 2-D slice of expert ``i``. A source that stores quantized tensors (a GGUF) also
-    gives ``source_type`` and ``raw(i)``: part ``i``'s bytes as stored, copied when the type stays.
+    else the 2-D slice of expert ``i``; a :class:`RowLoader` also loads a range of rows. A source
+    that stores quantized tensors (a GGUF) also gives ``source_type`` and ``raw(i)``: part ``i``'s
+    bytes as stored, copied when the type stays.
     """
 
     name: str
@@ -152,10 +170,10 @@ class Architecture:
         src = self.src
 
         def load(_: int) -> torch.Tensor:
-            t = src.get(hf_name)
-            return transform(t) if transform else t
+            return transform(src.get(hf_name))
 
-        return TensorSpec(gguf_name, shape or src.shape(hf_name), load, hf_name=hf_name)
+        return TensorSpec(gguf_name, shape or src.shape(hf_name), load if transform else RowLoader(src, hf_name),
+                          hf_name=hf_name)
 
     def stacked_experts(self, gguf_name: str, hf_template: str, n_expert: int) -> TensorSpec:
         """A 3-D expert tensor from per-expert HF tensors; ``hf_template`` has ``{e}``."""

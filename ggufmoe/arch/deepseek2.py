@@ -12,6 +12,7 @@ from typing import Iterator
 import gguf
 import torch
 
+from ..source.hf import HFSource
 from .base import Architecture, TensorSpec, rope_params
 
 SIGMOID, SOFTMAX = gguf.ExpertGatingFuncType.SIGMOID, gguf.ExpertGatingFuncType.SOFTMAX
@@ -107,13 +108,14 @@ class Deepseek2(Architecture):
         """
         return self.n_layer * self.kv_head_dims()[0]
 
-    def split_kv_b(self, il: int) -> Iterator[TensorSpec]:
+    def split_kv_b(self, il: int, kv_b: ReadForTwo) -> Iterator[TensorSpec]:
+        """``attn_k_b`` and ``attn_v_b`` from layer ``il``'s ``kv_b_proj``, read once for both."""
         c = self.cfg
         name = f"model.layers.{il}.self_attn.kv_b_proj.weight"
         n_head, nope, v, rank = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
 
         def heads() -> torch.Tensor:
-            return self.src.get(name).reshape(n_head, nope + v, rank)
+            return kv_b.get(name).reshape(n_head, nope + v, rank)
 
         yield TensorSpec(f"blk.{il}.attn_k_b.weight", (n_head, rank, nope),
                          lambda _: heads()[:, :nope, :].transpose(1, 2).contiguous(), hf_name=name)
@@ -122,6 +124,7 @@ class Deepseek2(Architecture):
 
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
+        kv_b = ReadForTwo(self.src)
         yield from self.embeddings_and_output()
         for il in range(c.num_hidden_layers):  # multi-token-prediction layers beyond are skipped
             p, b = f"model.layers.{il}", f"blk.{il}"
@@ -135,7 +138,7 @@ class Deepseek2(Architecture):
                 yield self.plain(f"{b}.attn_q.weight", f"{a}.q_proj.weight")
             yield self.plain(f"{b}.attn_kv_a_mqa.weight", f"{a}.kv_a_proj_with_mqa.weight")
             yield self.plain(f"{b}.attn_kv_a_norm.weight", f"{a}.kv_a_layernorm.weight")
-            yield from self.split_kv_b(il)
+            yield from self.split_kv_b(il, kv_b)
             yield self.plain(f"{b}.attn_output.weight", f"{a}.o_proj.weight")
             yield self.plain(f"{b}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight")
             if il < self.n_dense:
@@ -146,3 +149,20 @@ class Deepseek2(Architecture):
                 yield self.plain(f"{b}.exp_probs_b.bias", f"{p}.mlp.gate.e_score_correction_bias")
             if c.n_shared_experts:
                 yield from self.dense_ffn(il, f"{p}.mlp.shared_experts", "_shexp")
+
+
+class ReadForTwo:
+    """One slot for a tensor two specs are cut from: the first ``get`` reads and keeps it, the next
+    ``get`` of the same name hands it over and forgets it (so at most one tensor is held)."""
+
+    def __init__(self, src: HFSource):
+        self.src = src
+        self.name: str | None = None
+        self.value: torch.Tensor | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.name == name and self.value is not None:
+            value, self.name, self.value = self.value, None, None
+            return value
+        self.name, self.value = name, self.src.get(name)
+        return self.value

@@ -45,7 +45,7 @@ class ConfigSource:
         return self.path.resolve().name
 
     @cached_property
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
+    def shapes(self) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensor names (as transformers saves them) and shapes, from a meta-device model."""
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.core_model_loading import revert_weight_conversion
@@ -60,18 +60,31 @@ class ConfigSource:
         return {k: tuple(v.shape) for k, v in state.items()}
 
     def tensor_names(self) -> list[str]:
-        return list(self._shapes)
+        return list(self.shapes)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._shapes
+        return name in self.shapes
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self._shapes:
+        if name not in self.shapes:
             raise GgufmoeError(f"{self.path}: the configuration defines no tensor {name}")
-        return self._shapes[name]
+        return self.shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
         raise GgufmoeError(f"{self.path}: a configuration alone has no weights (tensor {name})")
+
+
+def check_shapes(src) -> None:
+    """Fail, before anything is written, when a checkpoint tensor's shape is not the one its
+    config.json defines (transformers builds the model on the meta device to tell)."""
+    if not src.has_weights or not (src.path / "config.json").is_file():
+        return  # a GGUF: its shapes are its own metadata
+    expected = ConfigSource(src.path).shapes
+    for name in src.tensor_names():
+        want, got = expected.get(name), tuple(src.shape(name))
+        if want is not None and got != want:
+            raise GgufmoeError(f"{src.path}: tensor {name} has shape {list(got)}, but config.json defines "
+                               f"{list(want)}")
 
 
 def open_source(path: str | Path, config_ok: bool = True):

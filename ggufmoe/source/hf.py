@@ -1,23 +1,166 @@
 """Lazy reader for Hugging Face checkpoints: config.json plus single or sharded safetensors.
 
-Tensors are opened one at a time and returned as float32; FP8 e4m3 weights with a
-``weight_scale_inv`` companion (128x128 block scales, as DeepSeek-V3 ships) are
-dequantized one row-block at a time.
+Every shard's header is parsed and validated when the source is opened (a truncated or corrupt
+shard fails before anything is written). Tensor data is read with ``pread`` at the header's
+offsets, whole or a range of rows, and returned as float32: nothing is memory-mapped, so pages
+read do not stay in the process's RSS. FP8 e4m3 weights with a ``weight_scale_inv`` companion
+(128x128 block scales, as DeepSeek-V3 ships) are dequantized one row-block at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from ..errors import GgufmoeError
 
 SCALE_SUFFIX = "_scale_inv"
-FP8_TYPES = (torch.float8_e4m3fn,)
+FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
+MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
+
+# safetensors dtype -> (bytes per element, torch dtype)
+DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "BOOL": (1, torch.bool), "U8": (1, torch.uint8), "I8": (1, torch.int8),
+    "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
+    "I16": (2, torch.int16), "U16": (2, torch.uint16), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
+    "I32": (4, torch.int32), "U32": (4, torch.uint32), "F32": (4, torch.float32),
+    "I64": (8, torch.int64), "U64": (8, torch.uint64), "F64": (8, torch.float64),
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes are: ``file`` from byte ``start`` (absolute), ``nbytes`` long."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        """Extent of the outermost dimension (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file, its header validated strictly against the file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _truncated(path, f"{size} bytes, no header")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER:
+                raise _corrupt(path, f"header length {n} is implausible")
+            if 8 + n > size:
+                raise _truncated(path, f"header of {n} bytes, file of {size}")
+            text = f.read(n)
+    except OSError as e:
+        raise GgufmoeError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(text.decode("utf-8"), parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _corrupt(path, f"header is not JSON: {_one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _corrupt(path, "__metadata__ is not an object of strings")
+    entries = {name: _entry(path, name, info, 8 + n) for name, info in header.items()}
+    _check_layout(path, entries, 8 + n, size)
+    return entries
+
+
+def _entry(path: Path, name: str, info: object, base: int) -> TensorEntry:
+    """One header entry, checked: known dtype, shape of non-negative ints, offsets matching the shape."""
+    if not isinstance(info, dict):
+        raise _corrupt(path, f"entry {_short(name)} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
+            or not 0 <= offsets[0] <= offsets[1]:
+        raise _corrupt(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
+    nbytes = math.prod(shape) * DTYPES[dtype][0]
+    if offsets[1] - offsets[0] != nbytes:
+        raise _corrupt(path, f"tensor {_short(name)}: data_offsets {_short(offsets)} hold {offsets[1] - offsets[0]} "
+                             f"bytes, shape {_short(shape)} in {dtype} needs {nbytes}")
+    return TensorEntry(path, dtype, tuple(shape), base + offsets[0], nbytes)
+
+
+def _check_layout(path: Path, entries: dict[str, TensorEntry], base: int, size: int) -> None:
+    """Tensors must tile the data section (from ``base``) without gaps or overlaps, up to the file's end."""
+    end = base
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        if e.start != end:
+            why = "past the end of the file" if e.start + e.nbytes > size else "a gap or an overlap"
+            raise _corrupt(path, f"tensor {_short(name)} starts at data byte {e.start - base}, "
+                                 f"expected {end - base}: {why}")
+        end += e.nbytes
+    if end > size:
+        raise _truncated(path, f"tensor data runs to byte {end}, file has {size}")
+    if end < size:
+        raise _corrupt(path, f"{size - end} bytes after the last tensor")
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _short(v: object, limit: int = 60) -> str:
+    """``repr(v)``, cut to ``limit`` characters (a corrupt header can hold anything)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _corrupt(path: Path, what: str) -> GgufmoeError:
+    return GgufmoeError(f"{path}: corrupt safetensors file ({what})")
+
+
+def _truncated(path: Path, what: str) -> GgufmoeError:
+    return GgufmoeError(f"{path}: truncated safetensors file ({what})")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_at(path: Path, buf: np.ndarray, offset: int) -> None:
+    """Fill ``buf`` with the bytes of ``path`` from ``offset`` on, by ``pread`` (no mapping)."""
+    view = memoryview(buf).cast("B")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise _truncated(path, f"ends before byte {offset + len(view)} (changed while reading?)")
+                done += n
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise GgufmoeError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 class HFSource:
@@ -37,38 +180,30 @@ class HFSource:
             self.config: dict = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
-        self._handles: dict[str, object] = {}
-        self._where = self._index()
+        self._tensors = self._index()
 
-    def _index(self) -> dict[str, str]:
+    def _index(self) -> dict[str, TensorEntry]:
+        """Every tensor's entry: the index's weight map, each shard's header read and checked."""
         index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise GgufmoeError(f"{index}: not a valid safetensors index ({e})") from None
-            for shard in sorted(set(weight_map.values())):
-                if not (self.path / shard).is_file():
-                    raise GgufmoeError(f"{self.path}: shard {shard} named in the index is missing")
-            return dict(weight_map)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise GgufmoeError(f"{self.path}: no .safetensors files")
-        where: dict[str, str] = {}
-        for f in files:
-            for name in self._open(f.name).keys():
-                where[name] = f.name
-        return where
-
-    def _open(self, shard: str):
-        handle = self._handles.get(shard)
-        if handle is None:
-            try:
-                handle = safe_open(str(self.path / shard), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise GgufmoeError(f"{self.path / shard}: unreadable safetensors file ({e})") from None
-            self._handles[shard] = handle
-        return handle
+        if not index.is_file():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise GgufmoeError(f"{self.path}: no .safetensors files")
+            return {name: e for f in files for name, e in read_header(f).items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise GgufmoeError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise GgufmoeError(f"{index}: not a valid safetensors index (weight_map is not names to files)")
+        for shard in sorted(set(weight_map.values())):
+            if not (self.path / shard).is_file():
+                raise GgufmoeError(f"{self.path}: shard {shard} named in the index is missing")
+        headers = {shard: read_header(self.path / shard) for shard in sorted(set(weight_map.values()))}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise GgufmoeError(f"{index}: tensor {name} is not in {shard}, where the index puts it")
+        return {name: headers[shard][name] for name, shard in weight_map.items()}
 
     @cached_property
     def architecture(self) -> str:
@@ -87,45 +222,64 @@ class HFSource:
         return int(block[0]), int(block[1])
 
     def tensor_names(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._tensors
 
-    def _slice(self, name: str):
-        if name not in self._where:
+    def _entry(self, name: str) -> TensorEntry:
+        entry = self._tensors.get(name)
+        if entry is None:
             raise GgufmoeError(f"{self.path}: tensor {name} not found in the checkpoint")
-        return self._open(self._where[name]).get_slice(name)
+        return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._entry(name).shape
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as float32, FP8 block scales applied."""
-        if name not in self._where:
-            raise GgufmoeError(f"{self.path}: tensor {name} not found in the checkpoint")
-        try:
-            raw = self._open(self._where[name]).get_tensor(name)
-        except Exception as e:
-            raise GgufmoeError(f"{self.path}: cannot read tensor {name} ({e})") from None
-        if raw.dtype in FP8_TYPES:
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in self._where:
-                raise GgufmoeError(f"{self.path}: FP8 tensor {name} has no {scale_name}")
-            return dequant_fp8_blocks(raw, self.get(scale_name), self.fp8_block)
+        return self.get_rows(name, 0, self._entry(name).rows).reshape(self.shape(name))
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
+        e = self._entry(name)
+        if not 0 <= r0 <= r1 <= e.rows:
+            raise ValueError(f"rows {r0}:{r1} of {name}, which has {e.rows}")
+        buf = np.empty((r1 - r0) * e.row_nbytes, dtype=np.uint8)
+        read_at(e.file, buf, e.start + r0 * e.row_nbytes)
+        raw = torch.from_numpy(buf).view(DTYPES[e.dtype][1]).reshape(r1 - r0, *e.shape[1:])
+        if e.dtype == FP8_BLOCK_SCALED:
+            return dequant_fp8_blocks(raw, self._fp8_scale(name, e), self.fp8_block, r0)
         return raw.float()
 
+    def _fp8_scale(self, name: str, e: TensorEntry) -> torch.Tensor:
+        """The block scales of FP8 matrix ``name``, their shape checked against it."""
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self._tensors:
+            raise GgufmoeError(f"{e.file}: FP8 tensor {name} has no {scale_name}")
+        if len(e.shape) != 2:
+            raise GgufmoeError(f"{e.file}: FP8 tensor {name} has shape {e.shape}, block scales need a matrix")
+        scale = self.get(scale_name)
+        want = tuple(-(-d // b) for d, b in zip(e.shape, self.fp8_block))
+        if tuple(scale.shape) != want:
+            raise GgufmoeError(f"{e.file}: {scale_name} has shape {tuple(scale.shape)}, "
+                               f"{e.shape} in blocks of {self.fp8_block} needs {want}")
+        return scale
 
-def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Dequantize an FP8 matrix with one scale per block, one row-block at a time."""
+
+def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                       row0: int = 0) -> torch.Tensor:
+    """Dequantize rows ``row0:row0 + len(w)`` of an FP8 matrix (``w`` holds them; ``scale_inv`` has
+    one scale per block of the whole matrix), one row-block at a time."""
     rows, cols = w.shape
     bs_r, bs_c = block
     srows, scols = scale_inv.shape
-    if srows != -(-rows // bs_r) or scols != -(-cols // bs_c):
-        raise GgufmoeError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)}")
+    if srows < -(-(row0 + rows) // bs_r) or scols != -(-cols // bs_c):
+        raise GgufmoeError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight rows "
+                           f"{row0}:{row0 + rows} of {cols} columns")
     out = torch.empty((rows, cols), dtype=torch.float32)
-    for i in range(srows):
-        r0, r1 = i * bs_r, min((i + 1) * bs_r, rows)
+    for i in range(row0 // bs_r, -(-(row0 + rows) // bs_r)):
+        a, b = max(i * bs_r, row0) - row0, min((i + 1) * bs_r, row0 + rows) - row0
         s = scale_inv[i].float().repeat_interleave(bs_c)[:cols]
-        out[r0:r1] = w[r0:r1].float() * s
+        out[a:b] = w[a:b].float() * s
     return out

@@ -1,0 +1,37 @@
+"""Big plain tensors are converted in row chunks (bounded memory) with the very bytes of a whole-tensor pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiny_models
+
+import ggufmoe.convert as convert_mod
+from ggufmoe.arch import architecture_for
+from ggufmoe.convert import ConvertOptions, chunk_rows, convert
+from ggufmoe.source.hf import HFSource
+from ggufmoe.tensor_types import TypeRules
+
+
+@pytest.fixture(scope="module")
+def fp8_model(tmp_path_factory):
+    """A tiny FP8 DeepSeek-V3 whose dense FFN has 640 rows: chunks of 256 rows cut FP8 scale blocks' rows."""
+    d = tmp_path_factory.mktemp("chunks")
+    cfg = tiny_models.deepseek3_config(num_hidden_layers=2, hidden_size=256, intermediate_size=640,
+                                       moe_intermediate_size=128)
+    tiny_models.build("deepseek3", d / "hf", config=cfg)
+    tiny_models.save_fp8(d / "hf", d / "fp8")
+    return d / "fp8"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "F32"])
+def test_row_chunks_write_the_same_bytes(fp8_model, tmp_path, monkeypatch, qtype):
+    types = TypeRules.parse(qtype)
+    whole = convert(fp8_model, ConvertOptions(out=tmp_path / "whole.gguf", types=types, progress=False))[0]
+    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 64 << 10)
+    specs = list(architecture_for(HFSource(fp8_model)).tensors())
+    chunked = {s.name for s in specs if chunk_rows(s) is not None}
+    assert {"token_embd.weight", "output.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= chunked
+    assert not any(s.is_expert or s.kind in ("attn_k_b", "attn_v_b") for s in specs if s.name in chunked)
+    parts = convert(fp8_model, ConvertOptions(out=tmp_path / "parts.gguf", types=types, progress=False))[0]
+    assert np.array_equal(np.fromfile(whole, np.uint8), np.fromfile(parts, np.uint8))

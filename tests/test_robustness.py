@@ -1,0 +1,145 @@
+"""Bad inputs and hostile environments: one `error:` line, exit code 1, no output left behind.
+
+Complements test_cli.py (missing source or shard, corrupt safetensors, unsupported architecture,
+missing output folder), test_gguf_source.py (truncated GGUF) and test_resume.py (Ctrl-C).
+"""
+
+import contextlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tiny_models
+from ggufmoe.arch import architecture_for
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.gguf_in import GGUFSource
+from test_cli import assert_one_line_error, run
+
+REF = tiny_models.REF_MODEL
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, *options: str):
+    """A small file system of its own (needs root: mount); skips the test where it cannot be mounted."""
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_not_enough_free_disk_is_checked_before_writing(tmp_path):
+    with tmpfs(tmp_path / "small", "8m") as small:
+        proc = run("convert", REF, "-o", small / "m.gguf", "--type", "Q8_0", "-q")
+        assert_one_line_error(proc, "not enough free disk", "m.gguf", "needs 33.")
+        assert list(small.iterdir()) == []
+
+
+def test_read_only_output_folder(tmp_path):
+    with tmpfs(tmp_path / "ro", "64m", "ro") as ro:
+        assert_one_line_error(run("convert", REF, "-o", ro / "m.gguf", "--type", "Q8_0", "-q"), "cannot write there")
+        assert list(ro.iterdir()) == []
+
+
+def test_shape_that_disagrees_with_config(tmp_path):
+    src = tmp_path / "m"
+    shutil.copytree(REF, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["moe_intermediate_size"] *= 2
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("convert", src, "-o", tmp_path / "o.gguf", "--type", "Q8_0", "-q"), "shape")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_budget_too_small_for_convert(tmp_path):
+    stats = tmp_path / "s.gguf"
+    assert run("calibrate", REF, "--text", tiny_models.SHARED_DATA / "calib.txt", "--max-tokens", "256",
+               "-o", stats, "-q").returncode == 0
+    proc = run("convert", REF, "-o", tmp_path / "o.gguf", "--budget", "1M", "--stats", stats, "--weights-only", "-q",
+               "--calib", tiny_models.SHARED_DATA / "calib.txt")
+    assert_one_line_error(proc, "smallest feasible plan needs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
+
+
+# --- GGUF sources ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE as an F16 GGUF, split in two."""
+    work = tmp_path_factory.mktemp("tiny")
+    tiny_models.build("qwen3moe", work / "hf")
+    proc = run("convert", work / "hf", "-o", work / "t.gguf", "--type", "F16", "-q", "--split-max-size", "200K")
+    assert proc.returncode == 0, proc.stderr
+    return sorted(work.glob("t-*-of-*.gguf"))[0]
+
+
+def test_missing_gguf_shard(tiny_gguf, tmp_path):
+    shards = sorted(tiny_gguf.parent.glob("t-*-of-*.gguf"))
+    for s in shards[:-1]:
+        shutil.copy(s, tmp_path / s.name)
+    assert_one_line_error(run("convert", tmp_path / shards[0].name, "-o", tmp_path / "o.gguf", "-q"), shards[-1].name)
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_unsupported_gguf_architecture(tiny_gguf, tmp_path):
+    src = GGUFSource(tiny_gguf)
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(bad, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert architecture_for(src)  # the good one reads
+    assert_one_line_error(run("convert", bad, "-o", tmp_path / "o.gguf", "-q"), "gpt2")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory) -> bytes:
+    """A small complete GGUF model file (the tiny model at F16, one file)."""
+    work = tmp_path_factory.mktemp("fuzz")
+    tiny_models.build("qwen3moe", work / "hf")
+    assert run("convert", work / "hf", "-o", work / "t.gguf", "--type", "F16", "-q").returncode == 0
+    return (work / "t.gguf").read_bytes()
+
+
+def read_everything(path: Path) -> None:
+    """What `convert` and `inspect` read of a GGUF source: metadata, architecture, every tensor."""
+    src = GGUFSource(path)
+    arch = architecture_for(src)
+    for spec in arch.tensors():
+        for i in range(min(spec.n_parts, 2)):
+            spec.load(i)
+            if spec.raw is not None:
+                spec.raw(i)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_gguf_header_is_read_or_refused(small_gguf, tmp_path_factory, data):
+    """Mutated header bytes (metadata and tensor infos): the reader reads the file or says it is damaged."""
+    header_end = min(len(small_gguf), 64 * 1024)
+    buf = bytearray(small_gguf)
+    for _ in range(data.draw(st.integers(1, 8), label="mutations")):
+        pos = data.draw(st.integers(0, header_end - 1), label="position")
+        buf[pos] = data.draw(st.integers(0, 255), label="byte")
+    if data.draw(st.booleans(), label="truncate"):
+        buf = buf[: data.draw(st.integers(0, len(buf)), label="length")]
+    path = tmp_path_factory.mktemp("f") / "m.gguf"
+    path.write_bytes(bytes(buf))
+    try:
+        read_everything(path)
+    except GgufmoeError as e:
+        assert "\n" not in str(e)
