@@ -334,7 +334,8 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
                                np.full(len(idx), freq[i] * len(data) / len(idx) * mass_ratio)))
         return out
     data = spec.load(0).numpy().reshape(-1, ne0)
-    imp = imx.row(spec.name, None) if spec.name in imx.entries else None
+    rows = imx.slice_rows(spec.name, spec.shape[0] if len(spec.shape) == 3 else 1)
+    imp = None if rows is None else rows.mean(axis=0)  # per-head rows (MLA's attn_k_b/attn_v_b): their mean
     col_w = np.ones(ne0) if imp is None else imp.astype(np.float64)
     n = len(data)
     if spec.name == EMBEDDING and token_freq is not None and len(token_freq) == n:

@@ -362,3 +362,16 @@ def test_imatrix_rows_that_fit_no_slicing_fail_before_writing(mla_model, tmp_pat
         convert(mla_model, ConvertOptions(out=tmp_path / "o.gguf", types=TypeRules.parse("Q4_K"),
                                           imatrix=tmp_path / "im.gguf", progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["im.gguf"]
+
+
+def test_per_head_imatrix_rows_feed_the_sensitivities(mla_model):
+    """The planner's error measurement takes per-head entries too (their mean is the tensor's importance)."""
+    from ggufmoe.sensitivity import measure_errors
+    from ggufmoe.stats import Stats
+
+    arch = architecture_for(HFSource(mla_model))
+    specs = [s for s in arch.tensors() if s.kind in ("attn_k_b", "attn_v_b")]
+    stats = Stats(per_head_imatrix(specs, np.random.default_rng(2)), {})
+    errors = measure_errors(specs, stats, None, arch.n_expert, arch.top_k, threads=1, progress=False)
+    for s in specs:
+        assert errors[s.name]["IQ2_XXS"] > errors[s.name]["Q4_K"] > errors[s.name]["Q8_0"] > 0, s.name
