@@ -52,3 +52,19 @@ def test_reference_model_parity(ref_f32_gguf, ref_model, eval_tokens):
     result = compare(llama_logprobs(ref_f32_gguf, eval_tokens), hf_logprobs(ref_model, eval_tokens), eval_tokens)
     assert result.mean_abs_dnll < TOL, result
     assert result.ppl < 20  # a trained model, not noise
+
+
+def test_deepseek_yarn_parity(tmp_path, eval_tokens):
+    """DeepSeek-V3's own YaRN rope scaling (factor 40, mscale_all_dim 1, beta 32/1) matches transformers."""
+    from gguf import GGUFReader
+
+    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=64,
+                beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+    cfg = tiny_models.deepseek3_config(rope_parameters=rope, max_position_embeddings=2560)
+    model = tiny_models.build("deepseek3", tmp_path / "hf", config=cfg)
+    gguf_path = f32(tmp_path / "hf", tmp_path / "m.gguf")
+    fields = {k: f.contents() for k, f in GGUFReader(gguf_path).fields.items()}
+    assert fields["deepseek2.rope.scaling.yarn_beta_fast"] == 32.0
+    assert fields["deepseek2.rope.scaling.yarn_beta_slow"] == 1.0
+    result = compare(llama_logprobs(gguf_path, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < TOL, result

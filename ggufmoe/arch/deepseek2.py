@@ -90,6 +90,11 @@ class Deepseek2(Architecture):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rope["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        # llama.cpp's converter writes them; newer llama.cpp reads them (this one keeps its 32/1 defaults)
+        if rope.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
         if rope.get("mscale_all_dim"):
             # llama.cpp divides this key by 0.1 when loading deepseek2 files
             w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
