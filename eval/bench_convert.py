@@ -439,7 +439,7 @@ def report(res: dict) -> str:
     before = res.get("earlier_ggufmoe")
     if before:
         b = before["runs"]
-        lines += [f"ggufmoe in the earlier run ({before['date']}, before the changes measured here): wall "
+        lines += [f"ggufmoe in the previous report ({before['date']}): wall "
                   f"{fmt_s(med(b, 'wall'))}, peak RSS {fmt_b(med(b, 'peak_rss'))}, RssAnon "
                   f"{fmt_b(med(b, 'peak_rss_anon'))} (median of {len(b)}).", ""]
     lines += [
@@ -520,7 +520,7 @@ def report(res: dict) -> str:
         ]
         old = (before or {}).get("rss_scaling")
         if old:
-            lines += [f"In the earlier run ({before['date']}): peak RSS {fmt_b(old['small']['peak_rss'])} and "
+            lines += [f"In the previous report ({before['date']}): peak RSS {fmt_b(old['small']['peak_rss'])} and "
                       f"{fmt_b(old['large']['peak_rss'])}, RssAnon {fmt_b(old['small']['peak_rss_anon'])} and "
                       f"{fmt_b(old['large']['peak_rss_anon'])} at {old['small']['experts']} and "
                       f"{old['large']['experts']} experts.", ""]
