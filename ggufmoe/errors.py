@@ -13,3 +13,8 @@ class Interrupted(GgufmoeError):
 
     label = "interrupted"
     exit_code = 130
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (library messages may span several), or its type's name."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -17,7 +17,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .errors import GgufmoeError
+from .errors import GgufmoeError, one_line
 
 GGUF_MAGIC = b"GGUF"
 SUM2_SUFFIX, COUNTS_SUFFIX = ".in_sum2", ".counts"
@@ -109,7 +109,7 @@ def read_imatrix_gguf(path: str | Path) -> tuple[Imatrix, gguf.GGUFReader]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise GgufmoeError(f"{path}: corrupt GGUF imatrix ({_one_line(e)})") from None
+        raise GgufmoeError(f"{path}: corrupt GGUF imatrix ({one_line(e)})") from None
     sums: dict[str, gguf.ReaderTensor] = {}
     counts: dict[str, gguf.ReaderTensor] = {}
     for t in reader.tensors:
@@ -134,10 +134,6 @@ def read_imatrix_gguf(path: str | Path) -> tuple[Imatrix, gguf.GGUFReader]:
     imatrix = Imatrix(entries, _datasets(reader), _u32(reader, gguf.Keys.IMatrix.CHUNK_COUNT),
                       _u32(reader, gguf.Keys.IMatrix.CHUNK_SIZE))
     return imatrix, reader
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _datasets(reader: gguf.GGUFReader) -> list[str]:

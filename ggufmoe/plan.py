@@ -366,7 +366,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
                pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True) -> Plan:
     """Everything ``ggufmoe plan`` does: sensitivities (measured or default), then the best plan."""
     from .arch import architecture_for
-    from .sensitivity import default_sensitivity, load_or_measure, store
+    from .sensitivity import cached_sensitivity, default_sensitivity, load_or_measure, store
     from .source.config import open_source
     from .stats import load_stats
 
@@ -377,7 +377,8 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
     stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
     if stats is not None and src.can_calibrate:
-        if calib_text is not None:  # sensitivities may be measured (minutes): say first if the budget is impossible
+        if calib_text is not None and cached_sensitivity(src.path, stats, calib_text) is None:
+            # sensitivities will be measured (minutes): say first if the budget is impossible
             rough = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True)
             make_budget_plan(src, arch, stats, rough, budget, pins, DEFAULT_PRUNE_SCALE, criterion, None)
         sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)

@@ -94,6 +94,7 @@ from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
 from .arch import TensorSpec
+from .convert import importance
 from .errors import GgufmoeError
 from .quant import Quantizer, effective_type, requires_imatrix
 from .stats import Stats
@@ -334,7 +335,7 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
                                np.full(len(idx), freq[i] * len(data) / len(idx) * mass_ratio)))
         return out
     data = spec.load(0).numpy().reshape(-1, ne0)
-    rows = imx.slice_rows(spec.name, spec.shape[0] if len(spec.shape) == 3 else 1)
+    rows = importance(spec, 0, imx)
     imp = None if rows is None else rows.mean(axis=0)  # per-head rows (MLA's attn_k_b/attn_v_b): their mean
     col_w = np.ones(ne0) if imp is None else imp.astype(np.float64)
     n = len(data)

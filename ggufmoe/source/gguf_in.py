@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
-from ..errors import GgufmoeError
-from ..imatrix import _one_line
+from ..errors import GgufmoeError, one_line
 from ..validate import gguf_files
 
 # Keys that describe one file's layout, not the model: never carried to another file.
@@ -54,7 +53,7 @@ def _read(path: Path) -> gguf.GGUFReader:
     except OSError as e:
         raise GgufmoeError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damaged files
-        raise GgufmoeError(f"{path}: truncated or corrupt GGUF ({_one_line(e)})") from None
+        raise GgufmoeError(f"{path}: truncated or corrupt GGUF ({one_line(e)})") from None
     if reader.byte_order != "I":
         raise GgufmoeError(f"{path}: big-endian GGUF files are not supported")
     return reader

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GgufmoeError
+from ..errors import GgufmoeError, one_line
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
@@ -74,7 +74,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     try:
         header = json.loads(text.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _corrupt(path, f"header is not JSON: {_one_line(e)}") from None
+        raise _corrupt(path, f"header is not JSON: {one_line(e)}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -141,10 +141,6 @@ def _truncated(path: Path, what: str) -> GgufmoeError:
     return GgufmoeError(f"{path}: truncated safetensors file ({what})")
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def read_at(path: Path, buf: np.ndarray, offset: int) -> None:
     """Fill ``buf`` with the bytes of ``path`` from ``offset`` on, by ``pread`` (no mapping)."""
     view = memoryview(buf).cast("B")
@@ -193,7 +189,7 @@ class HFSource:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise GgufmoeError(f"{index}: not a valid safetensors index ({_one_line(e)})") from None
+            raise GgufmoeError(f"{index}: not a valid safetensors index ({one_line(e)})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise GgufmoeError(f"{index}: not a valid safetensors index (weight_map is not names to files)")
         for shard in sorted(set(weight_map.values())):
