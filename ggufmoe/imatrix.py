@@ -17,7 +17,8 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .errors import GgufmoeError, one_line
+from .errors import GgufmoeError
+from .gguf_file import read_gguf
 
 GGUF_MAGIC = b"GGUF"
 SUM2_SUFFIX, COUNTS_SUFFIX = ".in_sum2", ".counts"
@@ -106,10 +107,7 @@ def read_imatrix_gguf(path: str | Path) -> tuple[Imatrix, gguf.GGUFReader]:
     entries; any other tensor is left to the caller.
     """
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise GgufmoeError(f"{path}: corrupt GGUF imatrix ({one_line(e)})") from None
+    reader = read_gguf(path, "GGUF imatrix")
     sums: dict[str, gguf.ReaderTensor] = {}
     counts: dict[str, gguf.ReaderTensor] = {}
     for t in reader.tensors:

@@ -20,6 +20,8 @@ from gguf import GGUFValueType, GGUFWriter
 from gguf.constants import GGUF_MAGIC, GGUF_VERSION, Keys
 from gguf.gguf_writer import GGUFValue
 
+from .gguf_file import read_gguf
+
 # --------------------------------------------------------------------------------------------
 # exact file size
 # --------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def _file_tensors(source) -> list[list[tuple[str, tuple[int, ...], object, int, 
     paths = [source] if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else list(source)
     files = []
     for path in paths:
-        r = gguf.GGUFReader(path)
+        r = read_gguf(path)
         files.append([(t.name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type, int(t.n_bytes),
                        int(t.data_offset)) for t in r.tensors])
     return files
@@ -276,7 +278,7 @@ class ModelShape:
     @classmethod
     def from_gguf(cls, path) -> "ModelShape":
         """The shape as llama.cpp reads it from a GGUF file's metadata."""
-        return cls.from_fields(gguf.GGUFReader(path).fields)
+        return cls.from_fields(read_gguf(path).fields)
 
     @classmethod
     def from_fields(cls, f: dict) -> "ModelShape":

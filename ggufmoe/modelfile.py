@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 
 from .errors import GgufmoeError
+from .gguf_file import read_gguf
 
 DEFAULT_MAX_CTX = 8192  # num_ctx when none is given: the model's context, at most this
 
@@ -312,17 +313,7 @@ def _relative(target: Path, base: Path) -> str:
 
 def _read_metadata(path: Path) -> dict:
     """The GGUF's scalar and string keys, and ``tokenizer.ggml.tokens``."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise GgufmoeError(f"{path}: not a GGUF file")
-        reader = gguf.GGUFReader(path)
-    except OSError as e:
-        raise GgufmoeError(f"{path}: cannot read ({e.strerror or e})") from None
-    except GgufmoeError:
-        raise
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise GgufmoeError(f"{path}: corrupt GGUF ({' '.join(str(e).split()) or type(e).__name__})") from None
+    reader = read_gguf(path)
     keys = ("general.architecture", "tokenizer.chat_template", gguf.Keys.Tokenizer.EOS_ID,
             gguf.Keys.Tokenizer.EOT_ID, gguf.Keys.Tokenizer.LIST)
     meta = {k: reader.fields[k].contents() for k in keys if k in reader.fields}

@@ -1,11 +1,19 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+
+# The suite (and CI) replays the same fuzz cases every run; HYPOTHESIS_PROFILE=explore draws new
+# ones with many more examples, for hunting.
+settings.register_profile("suite", max_examples=150, derandomize=True)
+settings.register_profile("explore", max_examples=3000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture(scope="session")

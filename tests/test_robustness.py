@@ -126,7 +126,7 @@ def read_everything(path: Path) -> None:
                 spec.raw(i)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_gguf_header_is_read_or_refused(small_gguf, tmp_path_factory, data):
     """Mutated header bytes (metadata and tensor infos): the reader reads the file or says it is damaged."""

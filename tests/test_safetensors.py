@@ -184,7 +184,7 @@ def reference(path: Path) -> dict[str, torch.Tensor] | None:
     return out
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_file_reads_correctly_or_raises_ggufmoe_error(valid_file, data):
     path, good = valid_file, valid_file.with_name("valid.bin").read_bytes()

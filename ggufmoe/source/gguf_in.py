@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
-from ..errors import GgufmoeError, one_line
+from ..errors import GgufmoeError
+from ..gguf_file import read_gguf
 from ..validate import gguf_files
 
 # Keys that describe one file's layout, not the model: never carried to another file.
@@ -47,18 +48,6 @@ def is_gguf_path(path: Path) -> bool:
     return path.suffix == ".gguf" and not path.is_dir()
 
 
-def _read(path: Path) -> gguf.GGUFReader:
-    try:
-        reader = gguf.GGUFReader(path)
-    except OSError as e:
-        raise GgufmoeError(f"{path}: cannot read ({e.strerror or e})") from None
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on damaged files
-        raise GgufmoeError(f"{path}: truncated or corrupt GGUF ({one_line(e)})") from None
-    if reader.byte_order != "I":
-        raise GgufmoeError(f"{path}: big-endian GGUF files are not supported")
-    return reader
-
-
 class GGUFSource:
     """A GGUF file or a split GGUF (given by any of its shards), read lazily tensor by tensor."""
 
@@ -69,7 +58,7 @@ class GGUFSource:
     def __init__(self, path: str | Path):
         self.files = gguf_files(path)
         self.path = self.files[0]
-        readers = [_read(f) for f in self.files]
+        readers = [read_gguf(f) for f in self.files]
         self.fields = readers[0].fields
         count = self.value("split.count", 1)
         if int(count) != len(self.files):
