@@ -6,10 +6,11 @@ slices included: no dequantization, no requantization loss.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -23,6 +24,7 @@ from .gguf_out import GGUFOutput
 from .imatrix import Imatrix, load_imatrix
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, write_provenance
 from .quant import Quantizer, requires_imatrix, row_bytes
+from .read_ahead import read_ahead
 from .source.config import check_shapes, open_source
 from .stats import load_stats
 from .tensor_types import DEFAULT_TYPE, FILE_TYPE, TypeRules
@@ -104,23 +106,43 @@ def write_general_metadata(w: gguf.GGUFWriter, src, arch: Architecture, types: T
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tensor_parts(p: TensorPlan, q: Quantizer, imatrix: Imatrix | None, bar: tqdm) -> Iterator[np.ndarray]:
-    """The bytes of one tensor, one part (expert slice, or row chunk of a big tensor) at a time: copied
-    from the source or quantized. Quantized rows are contiguous in GGUF, so chunks are written in order."""
-    for i in range(p.spec.n_parts):
-        for out in [p.spec.raw(i)] if p.copies else quantized_part(p, i, q, imatrix):
-            bar.update(out.nbytes)
-            yield out
+@dataclass
+class Piece:
+    """One part of a tensor as read from the source, in write order: the stored bytes to copy, or
+    float32 rows to quantize with their importance rows (one row, or one per outermost slice)."""
+
+    plan: TensorPlan
+    data: np.ndarray
+    importance: np.ndarray | None = None
 
 
-def quantized_part(p: TensorPlan, i: int, q: Quantizer, imatrix: Imatrix | None) -> Iterator[np.ndarray]:
-    """Part ``i`` quantized, chunk by chunk; with one importance row per slice, each slice with its own."""
-    rows = importance(p.spec, i, imatrix)
-    for r0, data in part_chunks(p.spec, i):
-        if rows is not None and len(rows) > 1:
-            yield np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(data.numpy(), rows[r0:])])
-        else:
-            yield q.quantize(data.numpy(), p.qtype, None if rows is None else rows[0])
+def read_pieces(plans: list[TensorPlan], imatrix: Imatrix | None) -> Iterator[Piece]:
+    """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time."""
+    for p in plans:
+        for i in range(p.spec.n_parts):
+            if p.copies:
+                yield Piece(p, p.spec.raw(i))
+                continue
+            rows = importance(p.spec, i, imatrix)
+            for r0, data in part_chunks(p.spec, i):
+                yield Piece(p, data.numpy(), rows if rows is None or len(rows) == 1 else rows[r0:])
+
+
+def encode(piece: Piece, q: Quantizer) -> np.ndarray:
+    """The bytes written for ``piece``. Quantized rows are contiguous in GGUF, so parts are written in order."""
+    p, rows = piece.plan, piece.importance
+    if p.copies:
+        return piece.data
+    if rows is not None and len(rows) > 1:
+        return np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(piece.data, rows)])
+    return q.quantize(piece.data, p.qtype, None if rows is None else rows[0])
+
+
+def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm) -> Iterator[np.ndarray]:
+    for piece in pieces:
+        data = encode(piece, q)
+        bar.update(data.nbytes)
+        yield data
 
 
 def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -182,11 +204,13 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
             done = out.begin(opts.resume, inputs_identity(src_dir, opts))
             if done:
                 tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
-            with Quantizer(opts.threads) as q, tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True,
-                                                    desc="convert", disable=not opts.progress) as bar:
+            with (Quantizer(opts.threads) as q,
+                  read_ahead(read_pieces(plans[done:], imatrix)) as pieces,
+                  tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
+                       disable=not opts.progress) as bar):
                 bar.update(sum(p.nbytes for p in plans[:done]))
-                for p in plans[done:]:
-                    out.write_tensor(p.spec.name, tensor_parts(p, q, imatrix, bar))
+                for name, group in itertools.groupby(pieces, key=lambda piece: piece.plan.spec.name):
+                    out.write_tensor(name, encoded(group, q, bar))
             return out.finish()
     except KeyboardInterrupt:
         if not out.kept:
