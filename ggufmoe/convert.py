@@ -23,7 +23,7 @@ from .errors import GgufmoeError, Interrupted
 from .gguf_out import GGUFOutput
 from .imatrix import Imatrix, load_imatrix
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, write_provenance
-from .quant import Quantizer, requires_imatrix, row_bytes
+from .quant import Quantizer, one_torch_thread, requires_imatrix, row_bytes
 from .read_ahead import read_ahead
 from .source.config import check_shapes, open_source
 from .stats import load_stats
@@ -204,7 +204,7 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
             done = out.begin(opts.resume, inputs_identity(src_dir, opts))
             if done:
                 tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
-            with (Quantizer(opts.threads) as q,
+            with (Quantizer(opts.threads) as q, one_torch_thread(),
                   read_ahead(read_pieces(plans[done:], imatrix)) as pieces,
                   tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
                        disable=not opts.progress) as bar):

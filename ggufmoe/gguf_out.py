@@ -11,6 +11,7 @@ With ``split_max_size`` the output is sharded llama.cpp-style (``NAME-00001-of-0
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -64,6 +65,7 @@ class GGUFOutput:
         self.state_dir = self.path.with_name(f".{self.path.name}.partial")
         self.progress: Progress | None = None
         self._owns_state = False  # whether the state directory is this run's to delete
+        self._lock_fd: int | None = None
 
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
                         nbytes: int) -> None:
@@ -86,10 +88,10 @@ class GGUFOutput:
         """Write header, metadata and tensor infos — or, with ``resume``, take up the files an
         interrupted run with the same header and ``inputs`` (what else decides the data: source
         files, importance matrix) kept. Returns how many tensors are already written."""
+        self._lock()
         kept = self._kept(resume)
         self._check_free_disk(kept.tensors if kept else 0)
         try:
-            self.state_dir.mkdir(exist_ok=True)
             scratch = self.state_dir / SCRATCH
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir()
@@ -107,13 +109,37 @@ class GGUFOutput:
             raise GgufmoeError(f"{self.path.parent}: cannot write there ({e.strerror or e})") from None
         return self.tensors_done
 
+    def _lock(self) -> None:
+        """Hold the state directory (created if need be) for this run: a second ggufmoe writing the same
+        output at the same time would destroy this one's files."""
+        try:
+            self._owns_state = not self.state_dir.exists()
+            self.state_dir.mkdir(exist_ok=True)
+            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise GgufmoeError(f"{self.path.parent}: cannot write there ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GgufmoeError(f"{self.path}: another ggufmoe is writing this output right now") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _kept(self, resume: bool) -> Progress | None:
         """The progress of an interrupted run to continue; a kept one is never silently dropped."""
-        if not self.state_dir.exists():
-            return None
         kept = Progress.load(self.state_dir)
-        if kept is None:  # interrupted before its first tensor was complete: nothing worth keeping
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        if kept is None:  # new, or interrupted before its first tensor was complete: nothing worth keeping
+            for f in self.state_dir.iterdir():
+                if f.is_dir():
+                    shutil.rmtree(f)
+                else:
+                    f.unlink()
+            self._owns_state = True
             return None
         if not resume:
             raise GgufmoeError(f"{self.state_dir} holds an interrupted conversion to {self.path.name} "
@@ -206,6 +232,7 @@ class GGUFOutput:
             paths.append(final)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self._owns_state = False
+        self._unlock()
         return paths
 
     def abort(self, keep: bool = False) -> None:
@@ -214,6 +241,7 @@ class GGUFOutput:
         if self._owns_state and not (keep and self.tensors_done > 0):
             shutil.rmtree(self.state_dir, ignore_errors=True)
         self._owns_state = False
+        self._unlock()
 
     @property
     def kept(self) -> bool:

@@ -96,7 +96,7 @@ from tqdm import tqdm
 from .arch import TensorSpec
 from .convert import importance
 from .errors import GgufmoeError
-from .quant import Quantizer, effective_type, requires_imatrix
+from .quant import Quantizer, effective_type, one_torch_thread, requires_imatrix
 from .stats import Stats
 from .tensor_types import EMBEDDING, EMBEDDING_SUBSTITUTE, TypeRules
 
@@ -537,17 +537,11 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
     blocks, each probed with all its tensors at the anchor type, set how cost is spread over depth
     (:func:`apply_layer_factors`; 0: by error alone).
     """
-    import torch
-
-    # torch only converts single tensors here (BF16 -> F32); its intra-op threads only contend with
-    # the quantizer's and llama.cpp's (10 ms instead of 0.1 ms per small tensor on a busy machine)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # torch only converts single tensors here (BF16 -> F32): 10 ms instead of 0.1 ms per small tensor
+    # on a busy machine with its own threads
+    with one_torch_thread():
         return _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max_experts, probe_types,
                         uniform_types, layer_probes)
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max_experts, probe_types,

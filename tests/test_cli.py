@@ -2,30 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tiny_models
+from cli_run import assert_one_line_error, run
 from ggufmoe.logprobs import llama_logprobs
-
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
-
-
-def run(*args):
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 1, proc
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_help_lists_commands():

@@ -9,6 +9,7 @@ import tiny_models
 import ggufmoe.convert as convert_mod
 from ggufmoe.arch import architecture_for
 from ggufmoe.convert import ConvertOptions, chunk_rows, convert
+from ggufmoe.source.gguf_in import GGUFSource
 from ggufmoe.source.hf import HFSource
 from ggufmoe.tensor_types import TypeRules
 
@@ -34,4 +35,16 @@ def test_row_chunks_write_the_same_bytes(fp8_model, tmp_path, monkeypatch, qtype
     assert {"token_embd.weight", "output.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= chunked
     assert not any(s.is_expert or s.kind in ("attn_k_b", "attn_v_b") for s in specs if s.name in chunked)
     parts = convert(fp8_model, ConvertOptions(out=tmp_path / "parts.gguf", types=types, progress=False))[0]
+    assert np.array_equal(np.fromfile(whole, np.uint8), np.fromfile(parts, np.uint8))
+
+
+def test_gguf_source_row_chunks_write_the_same_bytes(fp8_model, tmp_path, monkeypatch):
+    """Re-quantizing a GGUF: big tensors are dequantized a row chunk at a time, with the same result."""
+    src = convert(fp8_model, ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"), progress=False))[0]
+    types = TypeRules.parse("Q4_K")
+    whole = convert(src, ConvertOptions(out=tmp_path / "whole.gguf", types=types, progress=False))[0]
+    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 64 << 10)
+    chunked = {s.name for s in architecture_for(GGUFSource(src)).tensors() if chunk_rows(s) is not None}
+    assert {"token_embd.weight", "output.weight", "blk.0.ffn_gate.weight"} <= chunked
+    parts = convert(src, ConvertOptions(out=tmp_path / "parts.gguf", types=types, progress=False))[0]
     assert np.array_equal(np.fromfile(whole, np.uint8), np.fromfile(parts, np.uint8))

@@ -1,23 +1,17 @@
 """`ggufmoe eval`: KL divergence, perplexity and top-1 through llama.cpp, against a GGUF or transformers."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import tiny_models
+from cli_run import run
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.evaluate import evaluate
 from ggufmoe.tensor_types import TypeRules
 
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 TEXT = tiny_models.SHARED_DATA / "eval_doc.txt"
-
-
-def run(*args):
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

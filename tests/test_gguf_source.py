@@ -2,8 +2,6 @@
 
 import filecmp
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_models
+from cli_run import run
 from ggufmoe.arch import architecture_for
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
@@ -26,14 +25,9 @@ from ggufmoe.source.hf import HFSource
 from ggufmoe.stats import collect_stats, load_stats, save_stats
 from ggufmoe.tensor_types import TypeRules
 
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 CALIB_CHARS = 8000
 KEEP = 16  # of the reference model's 24 experts
 KEEP_TYPES = TypeRules(None)  # no --type: every tensor keeps its stored type
-
-
-def run(*args):
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
 
 
 def calib_text() -> str:

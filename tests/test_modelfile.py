@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import pytest
 
 import tiny_models
+from cli_run import run
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.modelfile import (CHATML_TEMPLATE, LLAMA3_TEMPLATE, Modelfile, build_modelfile, chat_family,
                                go_template, parse_modelfile, render_modelfile, write_modelfile)
 
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                "{% endif %}")
@@ -35,10 +33,6 @@ LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' +
           "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' %}{{ content }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 UNKNOWN = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}Assistant:"
-
-
-def run(*args):
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
 
 
 def instructions(path: Path) -> list[tuple[str, str, str]]:

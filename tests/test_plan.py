@@ -2,18 +2,15 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import tiny_models
+from cli_run import GGUFMOE
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.plan import Budget, build_plan, options_from_plan
 from ggufmoe.tensor_types import TypeRules
-
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 
 
 @pytest.mark.parametrize("budget", [12_000_000, 20_000_000])

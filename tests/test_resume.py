@@ -11,8 +11,8 @@ from typing import Callable
 import pytest
 
 import tiny_models
+from cli_run import GGUFMOE, assert_one_line_error, run
 from ggufmoe.gguf_out import Progress
-from test_cli import GGUFMOE, assert_one_line_error, run
 from test_robustness import tmpfs
 
 # IQ3_S on one thread: slow enough (several seconds) to interrupt between tensors.
@@ -117,3 +117,15 @@ def test_disk_filled_during_conversion_then_resumed(tmp_path):
         proc = run(*convert_args(out, None), "--resume")
         assert proc.returncode == 0, proc.stderr
         assert gguf_files(disk) == full and not state.exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path, resume):
+    out, state = tmp_path / "m.gguf", tmp_path / ".m.gguf.partial"
+    second = []
+    first = run_until(convert_args(out, None), state,
+                      lambda _: second.append(run(*convert_args(out, None), *(["--resume"] if resume else []))),
+                      after=1)
+    assert_one_line_error(second[0], "another ggufmoe is writing", str(out))
+    assert first.returncode == 0, first.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

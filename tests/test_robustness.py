@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tiny_models
+from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.gguf_in import GGUFSource
-from test_cli import assert_one_line_error, run
 
 REF = tiny_models.REF_MODEL
 

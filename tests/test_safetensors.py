@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 import tiny_models
-from test_cli import assert_one_line_error, run
+from cli_run import assert_one_line_error, run
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.hf import DTYPES, HFSource, dequant_fp8_blocks

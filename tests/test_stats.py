@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -13,6 +11,7 @@ import torch
 
 import llama_gguf
 import tiny_models
+from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
 from ggufmoe.calibrate import Collector
 from ggufmoe.errors import GgufmoeError
@@ -24,7 +23,6 @@ from test_imatrix import write_dat
 CTX = 512
 N_TOKENS = 4096
 TOP_K = 4
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 
 
 def calib_text() -> str:
@@ -271,18 +269,6 @@ def test_bad_stats_files(ref_stats, tmp_path):
 
 
 # --- command line ---------------------------------------------------------------------------------
-
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode == 1, proc
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
 
 def test_cli_calibrate(tmp_path):
     text = tmp_path / "calib.txt"

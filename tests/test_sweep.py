@@ -3,13 +3,10 @@ llama.cpp baseline, writes the three result files, and a second run redoes nothi
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import tiny_models
+from cli_run import GGUFMOE
 from ggufmoe.sweep import Point, pareto_front
-
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 
 
 def test_sweep_end_to_end_and_resume(tmp_path):

@@ -1,13 +1,12 @@
 """`ggufmoe validate`: the reference model runs under a limit just above its planned memory and
 fails cleanly, in one line, below it; split GGUFs are validated from their first shard."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import tiny_models
+from cli_run import run
 from ggufmoe.arch import architecture_for
 from ggufmoe.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
@@ -16,12 +15,7 @@ from ggufmoe.source.hf import HFSource
 from ggufmoe.tensor_types import TypeRules
 from ggufmoe.validate import validate
 
-GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 CTX = 512
-
-
-def run(*args):
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

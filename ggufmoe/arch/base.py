@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator, Protocol
 
 import gguf
 import numpy as np
@@ -21,21 +21,29 @@ Loader = Callable[[int], torch.Tensor]
 RawLoader = Callable[[int], np.ndarray]
 
 
+class RowSource(Protocol):
+    """A source that reads a range of a tensor's rows (outermost dimension) as float32."""
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class RowLoader:
-    """The loader of a tensor read straight from one checkpoint tensor: whole (``load(0)``), or a
-    range of its rows (``rows(r0, r1)``), so a big tensor can be converted in row chunks. Wrapping it
+    """The loader of a tensor read straight from one source tensor: whole (``load(0)``), or a range
+    of its rows (``rows(r0, r1)``), so a big tensor can be converted in row chunks. Wrapping it
     (pruning's row selection, a transform) gives a plain callable, which loads whole tensors only."""
 
-    src: HFSource
-    hf_name: str
+    src: RowSource
+    tensor: str
 
     def __call__(self, _: int) -> torch.Tensor:
-        return self.src.get(self.hf_name)
+        return self.src.get(self.tensor)
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` (outermost dimension) as float32."""
-        return self.src.get_rows(self.hf_name, r0, r1)
+        return self.src.get_rows(self.tensor, r0, r1)
 
 
 @dataclass

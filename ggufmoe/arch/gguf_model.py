@@ -16,7 +16,7 @@ import gguf
 
 from ..errors import GgufmoeError
 from ..source.gguf_in import GGUFSource
-from .base import Architecture, TensorSpec
+from .base import Architecture, RowLoader, TensorSpec
 
 REWRITTEN = ("general.architecture", "general.name", "general.file_type", "general.quantization_version")
 OURS = "ggufmoe."
@@ -129,8 +129,7 @@ class GGUFModel(Architecture):
                 yield TensorSpec(name, shape, lambda e, n=name: src.get(n, e), n_parts=shape[0], source_type=qtype,
                                  raw=lambda e, n=name: src.raw(n, e))
             else:
-                yield TensorSpec(name, shape, lambda _, n=name: src.get(n), source_type=qtype,
-                                 raw=lambda _, n=name: src.raw(n))
+                yield TensorSpec(name, shape, RowLoader(src, name), source_type=qtype, raw=lambda _, n=name: src.raw(n))
 
 
 def _is_expert(name: str, shape: tuple[int, ...]) -> bool:

@@ -126,12 +126,21 @@ class GGUFSource:
 
     def get(self, name: str, part: int | None = None) -> torch.Tensor:
         """The tensor (or its outermost slice ``part``) as float32, dequantized."""
-        t = self._tensor(name)
-        shape = self.shape(name)[0 if part is None else 1:]
+        return self._dequantize(name, self.raw(name, part), self.shape(name)[0 if part is None else 1:])
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the outermost dimension as float32, dequantized (only their bytes are read)."""
+        shape = self.shape(name)
+        if not 0 <= r0 <= r1 <= shape[0]:
+            raise ValueError(f"rows {r0}:{r1} of {name}, which has {shape[0]}")
+        return self._dequantize(name, self.raw(name).reshape(shape[0], -1)[r0:r1], (r1 - r0, *shape[1:]))
+
+    def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        qtype = self.qtype(name)
         try:
-            values = gguf.quants.dequantize(self.raw(name, part), t.tensor_type)
+            values = gguf.quants.dequantize(data, qtype)
         except NotImplementedError:
-            raise GgufmoeError(f"{self.path}: tensor {name}: gguf-py cannot read type {t.tensor_type.name}") from None
+            raise GgufmoeError(f"{self.path}: tensor {name}: gguf-py cannot read type {qtype.name}") from None
         return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
 
     def tensors(self) -> Iterator[tuple[str, tuple[int, ...], T]]:

@@ -1,0 +1,21 @@
+"""Running the installed `ggufmoe` command as a user would, and checking its one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit code 1, one `error:` line on stderr holding every one of ``words``, no traceback."""
+    assert proc.returncode == 1, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
