@@ -531,7 +531,8 @@ def report(res: dict) -> str:
             "",
             ("" if not earlier else f"From the run of {earlier}. ")
             + f"`eval/profile_convert.py` (ggufmoe's `convert()` in one process with timers around the safetensors "
-            f"reads, the FP8 dequantization and every quantizer call; page cache warm), same checkpoint and mix: "
+            f"reads and the FP8 dequantization, both in convert's read-ahead thread and overlapped with quantization, "
+            f"and around every quantizer call; page cache warm), same checkpoint and mix: "
             f"{fmt_s(prof['total_seconds'])} in all.",
             "",
             "| part | seconds | share | calls | M values/s |",
