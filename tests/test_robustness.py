@@ -106,6 +106,18 @@ def test_unsupported_gguf_architecture(tiny_gguf, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
+def test_invalid_utf8_in_a_gguf_string_is_one_line_error(tiny_gguf, tmp_path):
+    """A damaged byte inside a metadata string (gguf-py decodes strings lazily) is refused on open."""
+    data = bytearray(tiny_gguf.read_bytes())
+    at = data.index(b"qwen3moe")  # the value of general.architecture
+    data[at] = 0xFF
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    for args in (["convert", bad, "-o", tmp_path / "o.gguf", "-q"], ["inspect", bad]):
+        assert_one_line_error(run(*args), "bad.gguf", "truncated or corrupt GGUF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
+
+
 @pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory) -> bytes:
     """A small complete GGUF model file (the tiny model at F16, one file)."""
