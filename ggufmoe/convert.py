@@ -21,9 +21,9 @@ from .arch import Architecture, TensorSpec, architecture_for
 from .arch.base import RowLoader
 from .errors import GgufmoeError, Interrupted
 from .gguf_out import GGUFOutput
-from .imatrix import Imatrix, load_imatrix
+from .imatrix import Imatrix, QuantizeKeys, load_imatrix, quantize_keys, write_quantize_keys
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, write_provenance
-from .quant import Quantizer, one_torch_thread, requires_imatrix, row_bytes
+from .quant import FLOAT_TYPES, Quantizer, one_torch_thread, requires_imatrix, row_bytes
 from .read_ahead import read_ahead
 from .source.config import check_shapes, open_source
 from .stats import load_stats
@@ -173,13 +173,22 @@ def checked_shape(spec: TensorSpec, data: torch.Tensor, shape: tuple[int, ...]) 
     return data
 
 
+def imatrix_keys(plans: list[TensorPlan], imatrix: Imatrix | None, path: str | Path | None) -> QuantizeKeys:
+    """llama-quantize's ``quantize.imatrix.*`` keys (file name, not path) when ``imatrix`` shapes a quantized tensor."""
+    if imatrix is None or path is None or all(p.copies or p.qtype in FLOAT_TYPES for p in plans):
+        return []
+    return quantize_keys(imatrix, Path(path).name)
+
+
 def prepare_output(src, arch: Architecture, plans: list[TensorPlan], prune: PrunePlan, types: TypeRules,
-                   out: Path, split_max_size: int = 0) -> GGUFOutput:
-    """Everything the file will hold but the tensor data: metadata and tensor infos (nothing written yet)."""
+                   out: Path, split_max_size: int = 0, imatrix_keys: QuantizeKeys | None = None) -> GGUFOutput:
+    """Everything the file will hold but the tensor data: metadata and tensor infos (nothing written yet).
+    ``imatrix_keys``: llama-quantize's keys for the importance matrix used, if any."""
     output = GGUFOutput(out, arch.gguf_arch, split_max_size)
     write_general_metadata(output.writer, src, arch, types)
     arch.write_metadata(output.writer)
     write_provenance(output.writer, src.name, prune)
+    write_quantize_keys(output.writer, imatrix_keys or [])
     arch.write_tokenizer(output.writer)
     for p in plans:
         output.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)
@@ -198,7 +207,8 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
         raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
                            f"{src.path} has {arch.n_expert}")
     plans = plan_tensors(apply_plan(arch, prune), opts.types, imatrix)
-    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size)
+    keys = imatrix_keys(plans, imatrix, opts.imatrix or opts.stats)
+    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size, keys)
     try:
         with out:
             done = out.begin(opts.resume, inputs_identity(src_dir, opts))

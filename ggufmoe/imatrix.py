@@ -23,6 +23,15 @@ from .gguf_file import read_gguf
 GGUF_MAGIC = b"GGUF"
 SUM2_SUFFIX, COUNTS_SUFFIX = ".in_sum2", ".counts"
 
+# Keys llama-quantize writes into a model quantized with an imatrix (strings at most 127 bytes there).
+KV_FILE = "quantize.imatrix.file"
+KV_DATASET = "quantize.imatrix.dataset"
+KV_ENTRIES = "quantize.imatrix.entries_count"
+KV_CHUNKS = "quantize.imatrix.chunks_count"
+KV_STR_MAX = 127
+
+QuantizeKeys = list[tuple[str, str | int]]
+
 
 @dataclass
 class ImatrixEntry:
@@ -79,6 +88,31 @@ class Imatrix:
             need = "1" if n_slices == 1 else f"1 or {n_slices} (one per slice)"
             raise GgufmoeError(f"imatrix entry {name} has {n_rows} rows, but its tensor has no experts: needs {need}")
         return entry.importance()
+
+
+def quantize_keys(imatrix: Imatrix, file: str | None = None) -> QuantizeKeys:
+    """The ``quantize.imatrix.*`` keys llama-quantize writes for ``imatrix`` (read from ``file``), in its order."""
+    def cut(text: str) -> str:
+        return text.encode()[:KV_STR_MAX].decode(errors="ignore")
+
+    kv: QuantizeKeys = []
+    if file:
+        kv.append((KV_FILE, cut(file)))
+    if imatrix.datasets:
+        kv.append((KV_DATASET, cut(imatrix.datasets[0])))
+    kv.append((KV_ENTRIES, len(imatrix.entries)))
+    if imatrix.chunk_count > 0:
+        kv.append((KV_CHUNKS, int(imatrix.chunk_count)))
+    return kv
+
+
+def write_quantize_keys(w: gguf.GGUFWriter, kv: QuantizeKeys) -> None:
+    """Write :func:`quantize_keys` as llama-quantize does: strings, and integers as uint32."""
+    for key, value in kv:
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
 
 
 def is_gguf(path: Path, what: str) -> bool:

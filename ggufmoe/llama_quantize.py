@@ -44,7 +44,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .errors import GgufmoeError
-from .imatrix import Imatrix
+from .imatrix import Imatrix, quantize_keys
 
 # llama.cpp mix names -> enum llama_ftype (LLAMA_FTYPE_MOSTLY_*; F32 is LLAMA_FTYPE_ALL_F32).
 FTYPES: dict[str, int] = {
@@ -62,11 +62,6 @@ OVERRIDE_TYPES: dict[str, int] = {t.name: int(t) for t in (
     T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
     T.Q6_K, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ4_NL, T.IQ4_XS,
     T.TQ1_0, T.TQ2_0, T.MXFP4)}
-
-# Keys llama-quantize writes when it is given an imatrix.
-KV_DATASET = "quantize.imatrix.dataset"
-KV_ENTRIES = "quantize.imatrix.entries_count"
-KV_CHUNKS = "quantize.imatrix.chunks_count"
 
 JOB_FILE, IMATRIX_FILE, LOG_FILE = "job.json", "imatrix.f32", "llama.log"
 
@@ -175,11 +170,8 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str, imatrix: Imatri
                      "overrides": overrides, "imatrix": None, "kv": []}
         if imatrix is not None:
             job["imatrix"] = {"path": str(work / IMATRIX_FILE), "index": write_imatrix(imatrix, work / IMATRIX_FILE)}
-            if imatrix.datasets:
-                job["kv"].append([KV_DATASET, "str", imatrix.datasets[0]])
-            job["kv"].append([KV_ENTRIES, "int", len(imatrix.entries)])
-            if imatrix.chunk_count > 0:
-                job["kv"].append([KV_CHUNKS, "int", int(imatrix.chunk_count)])
+            job["kv"] = [[key, "str" if isinstance(value, str) else "int", value]
+                         for key, value in quantize_keys(imatrix)]
         (work / JOB_FILE).write_text(json.dumps(job))
 
         env = dict(os.environ)
@@ -235,7 +227,7 @@ def _child(job_path: str) -> int:
                 kvs[i].value.val_i64 = value
             else:
                 kvs[i].tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
-                kvs[i].value.val_str = value.encode()[:127].decode(errors="ignore").encode()  # char[128]
+                kvs[i].value.val_str = value.encode()  # char[128]; quantize_keys() cut it to 127 bytes
         params.kv_overrides = ctypes.cast(kvs, ctypes.POINTER(lc.llama_model_kv_override))
         keep.append(kvs)
 

@@ -21,6 +21,7 @@ from gguf.constants import GGUF_MAGIC, GGUF_VERSION, Keys
 from gguf.gguf_writer import GGUFValue
 
 from .gguf_file import read_gguf
+from .quant import FLOAT_TYPES
 
 # --------------------------------------------------------------------------------------------
 # exact file size
@@ -420,8 +421,8 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     shape = shape or arch.model_shape()
     qt = _kv_type(kv_type)
     if flash_attn is None:
-        flash_attn = qt not in (T.F32, T.F16, T.BF16)
-    elif not flash_attn and qt not in (T.F32, T.F16, T.BF16):
+        flash_attn = qt not in FLOAT_TYPES
+    elif not flash_attn and qt not in FLOAT_TYPES:
         raise ValueError(f"a {kv_type} KV cache needs flash attention "
                          "(llama.cpp refuses a quantized V cache without it)")
     n_batch = min(n_batch, kv_size(ctx))

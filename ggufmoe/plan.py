@@ -27,7 +27,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .arch import Architecture, TensorSpec
-from .convert import ConvertOptions, TensorPlan, prepare_output
+from .convert import ConvertOptions, TensorPlan, imatrix_keys, prepare_output
+from .gguf_out import GGUFOutput
 from .errors import GgufmoeError
 from .memory import file_bytes, is_repacked, local_repack_types, runtime_memory, weight_memory
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, resolve
@@ -256,7 +257,7 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
         specs = apply_plan(arch, pplan)
         groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
-        overhead = _overhead(src, arch, specs, first, pplan)
+        overhead = _overhead(src, arch, specs, first, pplan, stats, stats_path)
         runtime = runtime_memory(arch, 0, budget.ctx, budget.kv_type)
         fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
         limit = budget.total - fixed
@@ -269,8 +270,7 @@ def make_budget_plan(src, arch: Architecture, stats: Stats | None, sens: Sensiti
                 choice = None
                 break
             types = {name: o.qtype for name, o in choice.items()}
-            writer = prepare_output(src, arch, [TensorPlan(s, types[s.name]) for s in specs], pplan,
-                                    TypeRules(T.Q8_0), Path("plan.gguf")).writer
+            writer = _planned_output(src, arch, specs, types, pplan, stats, stats_path).writer
             size, wm = file_bytes(writer), weight_memory(writer, local)
             mem = runtime_memory(arch, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked)
             over = (size if budget.weights_only else mem.total) - budget.total
@@ -311,11 +311,19 @@ def _placeholder_kept(arch: Architecture, pplan: PrunePlan) -> PrunePlan:
     return pplan
 
 
-def _overhead(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: PrunePlan) -> int:
-    """Bytes of the file that are not (padded) tensor data: header, metadata, tensor infos."""
+def _planned_output(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: PrunePlan,
+                    stats: Stats | None, stats_path: str | None) -> GGUFOutput:
+    """The output convert will prepare for these types (nothing written): its header gives exact bytes."""
     plans = [TensorPlan(s, types[s.name]) for s in specs]
-    out = prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"))
-    return file_bytes(out.writer) - sum(padded(p.nbytes) for p in plans)
+    keys = imatrix_keys(plans, stats.imatrix if stats else None, stats_path)
+    return prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"), imatrix_keys=keys)
+
+
+def _overhead(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: PrunePlan,
+              stats: Stats | None, stats_path: str | None) -> int:
+    """Bytes of the file that are not (padded) tensor data: header, metadata, tensor infos."""
+    out = _planned_output(src, arch, specs, types, pplan, stats, stats_path)
+    return file_bytes(out.writer) - sum(padded(ti.nbytes) for t in out.writer.tensors for ti in t.values())
 
 
 # Without weights (a configuration alone) the tokenizer is unknown: metadata bytes per vocabulary

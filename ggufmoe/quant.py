@@ -39,6 +39,7 @@ FALLBACK: dict[T, T] = {
 
 # Rows per work item handed to one thread: large enough to amortise the call.
 ROWS_PER_TASK = 64
+FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
 
 def parse_type(name: str) -> T:

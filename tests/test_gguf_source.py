@@ -197,6 +197,8 @@ def test_budget_plan_on_gguf_bytes_exact_and_capped(q4km, ref_stats, tmp_path):
     out = convert(q4km, options_from_plan(plan, ConvertOptions(out=tmp_path / "p.gguf", types=KEEP_TYPES,
                                                                progress=False)))[0]
     assert out.stat().st_size == plan.file_bytes
+    keys = gguf.GGUFReader(out).get_field("quantize.imatrix.file")  # counted in the plan too
+    assert keys is not None and keys.contents() == ref_stats.name
     src, written = tensors(q4km), tensors(out)
     copied = 0
     for name, (qtype, _, data) in written.items():

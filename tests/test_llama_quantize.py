@@ -216,3 +216,24 @@ def test_stats_file_is_an_imatrix_for_llama_quantize(ref_f32_gguf, tmp_path, q2k
     save_stats(collect_stats(tiny_models.REF_MODEL, text, ctx=512, progress=False), tmp_path / "stats.gguf")
     out = llama_quantize(ref_f32_gguf, tmp_path / "q2k.gguf", "Q2_K", imatrix=load_stats(tmp_path / "stats.gguf").imatrix)
     assert out.read_bytes() == q2k["imatrix"].read_bytes()
+
+
+def test_convert_writes_llama_quantizes_imatrix_keys(tmp_path, imatrix, q2k):
+    """ggufmoe's file says which imatrix shaped it with llama-quantize's keys, types and values,
+    plus the file's name; a file with no quantized tensor gets none."""
+    from ggufmoe.convert import ConvertOptions, convert
+    from ggufmoe.tensor_types import TypeRules
+
+    save_imatrix(imatrix, tmp_path / "ref.imatrix.gguf")
+    made = {}
+    for t in ("Q2_K", "F16"):
+        made[t] = convert(tiny_models.REF_MODEL, ConvertOptions(out=tmp_path / f"{t}.gguf", types=TypeRules.parse(t),
+                                                               imatrix=tmp_path / "ref.imatrix.gguf", progress=False))[0]
+    ours, theirs = GGUFReader(made["Q2_K"]), GGUFReader(q2k["imatrix"])
+    keys = [k for k in theirs.fields if k.startswith("quantize.imatrix.")]
+    assert sorted(keys) == ["quantize.imatrix.chunks_count", "quantize.imatrix.dataset", "quantize.imatrix.entries_count"]
+    for k in keys:
+        assert ours.get_field(k).types == theirs.get_field(k).types, k
+        assert ours.get_field(k).contents() == theirs.get_field(k).contents(), k
+    assert ours.get_field("quantize.imatrix.file").contents() == "ref.imatrix.gguf"
+    assert not [k for k in GGUFReader(made["F16"]).fields if k.startswith("quantize.")]
