@@ -181,14 +181,15 @@ def imatrix_keys(plans: list[TensorPlan], imatrix: Imatrix | None, path: str | P
 
 
 def prepare_output(src, arch: Architecture, plans: list[TensorPlan], prune: PrunePlan, types: TypeRules,
-                   out: Path, split_max_size: int = 0, imatrix_keys: QuantizeKeys | None = None) -> GGUFOutput:
+                   out: Path, split_max_size: int = 0, imatrix: Imatrix | None = None,
+                   imatrix_path: str | Path | None = None) -> GGUFOutput:
     """Everything the file will hold but the tensor data: metadata and tensor infos (nothing written yet).
-    ``imatrix_keys``: llama-quantize's keys for the importance matrix used, if any."""
+    ``imatrix``, read from ``imatrix_path``: the importance matrix used, if any (recorded as llama-quantize does)."""
     output = GGUFOutput(out, arch.gguf_arch, split_max_size)
     write_general_metadata(output.writer, src, arch, types)
     arch.write_metadata(output.writer)
     write_provenance(output.writer, src.name, prune)
-    write_quantize_keys(output.writer, imatrix_keys or [])
+    write_quantize_keys(output.writer, imatrix_keys(plans, imatrix, imatrix_path))
     arch.write_tokenizer(output.writer)
     for p in plans:
         output.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)
@@ -207,8 +208,8 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
         raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
                            f"{src.path} has {arch.n_expert}")
     plans = plan_tensors(apply_plan(arch, prune), opts.types, imatrix)
-    keys = imatrix_keys(plans, imatrix, opts.imatrix or opts.stats)
-    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size, keys)
+    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size, imatrix,
+                         opts.imatrix or opts.stats)
     try:
         with out:
             done = out.begin(opts.resume, inputs_identity(src_dir, opts))

@@ -27,9 +27,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .arch import Architecture, TensorSpec
-from .convert import ConvertOptions, TensorPlan, imatrix_keys, prepare_output
-from .gguf_out import GGUFOutput
+from .convert import ConvertOptions, TensorPlan, prepare_output
 from .errors import GgufmoeError
+from .gguf_out import GGUFOutput
 from .memory import file_bytes, is_repacked, local_repack_types, runtime_memory, weight_memory
 from .prune import PrunePlan, PruneRequest, apply_plan, make_plan, resolve
 from .quant import bits_per_weight, effective_type, requires_imatrix
@@ -315,8 +315,8 @@ def _planned_output(src, arch: Architecture, specs: list[TensorSpec], types: dic
                     stats: Stats | None, stats_path: str | None) -> GGUFOutput:
     """The output convert will prepare for these types (nothing written): its header gives exact bytes."""
     plans = [TensorPlan(s, types[s.name]) for s in specs]
-    keys = imatrix_keys(plans, stats.imatrix if stats else None, stats_path)
-    return prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"), imatrix_keys=keys)
+    return prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"),
+                          imatrix=stats.imatrix if stats else None, imatrix_path=stats_path)
 
 
 def _overhead(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: PrunePlan,

@@ -38,12 +38,11 @@ def prepared_writer(src_dir, types: TypeRules, out: Path, split: int = 0, stats:
     plan = make_plan(arch, st, prune or PruneRequest())
     plans = plan_tensors(apply_plan(arch, plan), types, st.imatrix if st else None)
     try:
-        from ggufmoe.convert import imatrix_keys, prepare_output
+        from ggufmoe.convert import prepare_output
     except ImportError:
         prepare_output = None
     if prepare_output is not None:
-        keys = imatrix_keys(plans, st.imatrix if st else None, stats)
-        return prepare_output(src, arch, plans, plan, types, out, split, keys).writer
+        return prepare_output(src, arch, plans, plan, types, out, split, st.imatrix if st else None, stats).writer
     w = gguf.GGUFWriter(None, arch.gguf_arch, split_max_size=split)
     write_general_metadata(w, src, types)
     arch.write_metadata(w)
