@@ -7,6 +7,8 @@ slices included: no dequantization, no requantization loss.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +200,7 @@ def prepare_output(src, arch: Architecture, plans: list[TensorPlan], prune: Prun
 
 def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
+    refuse_overwriting_inputs(input_files(src_dir, opts), [opts.out], opts.split_max_size > 0)
     src = open_source(src_dir, config_ok=False)
     arch = architecture_for(src)
     check_shapes(src)
@@ -233,9 +236,29 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
         raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e}){kept}") from None
 
 
+def input_files(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
+    """Every input file that decides the output's data: the source's files, the imatrix and the statistics."""
+    src = Path(src_dir)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file())
+    else:  # a GGUF and its shards; a missing source is left for open_source to report
+        files = gguf_files(src) if src.is_file() else []
+    return files + [p for p in (opts.imatrix, opts.stats) if p is not None and p.exists()]
+
+
 def inputs_identity(src_dir: str | Path, opts: ConvertOptions) -> str:
     """Path, size and modification time of every input file that decides the output's data, as one string."""
-    src = Path(src_dir)
-    files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else gguf_files(src)
-    files += [p for p in (opts.imatrix, opts.stats) if p is not None]
-    return "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    return "\n".join(f"{p.resolve()} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in input_files(src_dir, opts))
+
+
+def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path], split: bool = False) -> None:
+    """Fail, before anything is read, when an output would replace an input: the same file (same inode,
+    through symlinks and hard links too) or, for a split output, one of its shard names."""
+    for out in outputs:
+        shard = re.compile(re.escape(out.stem) + r"-\d{5}-of-\d{5}\.gguf")
+        for f in inputs:
+            same = out.exists() and os.path.samefile(out, f)
+            if not same and split and out.parent.is_dir() and shard.fullmatch(f.name):
+                same = os.path.samefile(out.parent, f.parent)
+            if same:
+                raise GgufmoeError(f"{out}: the output would overwrite the input {f}; choose another output path")

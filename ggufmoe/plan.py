@@ -466,10 +466,13 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
     the statistics and the plan are saved beside the output.
 
     A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
-    from .convert import convert
+    from .convert import convert, input_files, refuse_overwriting_inputs
     from .source.config import open_source
     from .stats import check_output, collect_stats, read_text, save_stats
 
+    outputs = [base.out, base.out.with_suffix(".plan.json")] + ([] if base.stats else [base.out.with_suffix(".stats.gguf")])
+    refuse_overwriting_inputs(input_files(src, base) + ([calib_file] if calib_file else []), outputs,
+                              base.split_max_size > 0)
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
     if stats_path is None and not open_source(src, config_ok=False).can_calibrate:

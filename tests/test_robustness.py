@@ -155,3 +155,66 @@ def test_fuzzed_gguf_header_is_read_or_refused(small_gguf, tmp_path_factory, dat
         read_everything(path)
     except GgufmoeError as e:
         assert "\n" not in str(e)
+
+
+# --- an output that would overwrite an input -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single_gguf(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE as one F16 GGUF file."""
+    work = tmp_path_factory.mktemp("single")
+    tiny_models.build("qwen3moe", work / "hf")
+    assert run("convert", work / "hf", "-o", work / "t.gguf", "--type", "F16", "-q").returncode == 0
+    return work / "t.gguf"
+
+
+def _assert_refused_unchanged(proc, src: Path, before: bytes) -> None:
+    assert_one_line_error(proc, "would overwrite the input")
+    assert src.read_bytes() == before
+    assert not list(src.parent.glob(".*.partial"))
+
+
+def test_output_that_is_the_source_is_refused(single_gguf, tmp_path):
+    src = tmp_path / "m.gguf"
+    shutil.copy(single_gguf, src)
+    before = src.read_bytes()
+    _assert_refused_unchanged(run("convert", src, "-o", src, "--type", "Q4_K", "-q"), src, before)
+
+
+def test_output_through_a_symlink_or_hard_link_to_the_source_is_refused(single_gguf, tmp_path):
+    src = tmp_path / "m.gguf"
+    shutil.copy(single_gguf, src)
+    before = src.read_bytes()
+    (tmp_path / "link.gguf").symlink_to(src)
+    (tmp_path / "src-link.gguf").symlink_to(src)
+    (tmp_path / "hard.gguf").hardlink_to(src)
+    _assert_refused_unchanged(run("convert", src, "-o", tmp_path / "link.gguf", "--type", "Q8_0", "-q"), src, before)
+    _assert_refused_unchanged(run("convert", tmp_path / "src-link.gguf", "-o", src, "-q"), src, before)
+    _assert_refused_unchanged(run("convert", src, "-o", tmp_path / "hard.gguf", "-q"), src, before)
+
+
+def test_output_that_is_a_shard_of_the_source_is_refused(tiny_gguf, tmp_path):
+    for s in tiny_gguf.parent.glob("t-*-of-*.gguf"):
+        shutil.copy(s, tmp_path / s.name)
+    shards = sorted(tmp_path.glob("t-*-of-*.gguf"))
+    before = shards[-1].read_bytes()
+    _assert_refused_unchanged(run("convert", shards[0], "-o", shards[-1], "--type", "Q8_0", "-q"), shards[-1], before)
+    # a split output named like the source writes the source's shard names
+    before = shards[0].read_bytes()
+    _assert_refused_unchanged(run("convert", shards[0], "-o", tmp_path / "t.gguf", "--split-max-size", "200K", "-q"),
+                              shards[0], before)
+
+
+def test_output_that_is_a_file_of_the_checkpoint_or_the_stats_is_refused(tmp_path):
+    src = tmp_path / "m"
+    tiny_models.build("qwen3moe", src)
+    (src / "x.gguf").write_bytes(b"not a model")
+    assert_one_line_error(run("convert", src, "-o", src / "x.gguf", "--type", "Q8_0", "-q"), "would overwrite")
+    assert (src / "x.gguf").read_bytes() == b"not a model"
+    stats = tmp_path / "s.gguf"
+    stats.write_bytes(b"stats")
+    assert_one_line_error(run("convert", src, "-o", stats, "--stats", stats, "-q"), "would overwrite")
+    assert stats.read_bytes() == b"stats"
+    assert_one_line_error(run("convert", src, "-o", stats, "--budget", "10M", "--stats", stats, "-q"),
+                          "would overwrite")
+    assert stats.read_bytes() == b"stats"
