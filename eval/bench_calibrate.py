@@ -23,7 +23,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from common import peak_rss_of  # noqa: E402
-from ggufmoe.stats import load_stats  # noqa: E402
+from ggufmoe.stats.file import load_stats  # noqa: E402
 
 
 def cpu_name() -> str:

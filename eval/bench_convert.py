@@ -13,7 +13,7 @@ the same mix of types two ways:
 * ggufmoe: ``ggufmoe convert SRC -o OUT --type Q4_K --tensor-type ...  --imatrix IM`` — one pass.
 * llama.cpp: its converter ``convert_hf_to_gguf.py --outtype bf16`` (llama.cpp's source tree, its own
   gguf-py, run with this venv's python), then llama.cpp's ``llama_model_quantize`` (through
-  ``ggufmoe.llama_quantize``) with the same per-tensor types (``tt_overrides``) and importance matrix.
+  ``ggufmoe.runtime.llama_quantize``) with the same per-tensor types (``tt_overrides``) and importance matrix.
 
 The mix (first matching rule wins, the same rules both ways): routed experts ``ffn_*_exps`` IQ2_XXS,
 shared expert ``ffn_*_shexp`` Q6_K, attention ``attn_*`` Q4_K (``attn_k_b``, rows of 128, falls back to
@@ -213,10 +213,10 @@ def run_llama(src: Path, work: Path, imatrix: Path, threads: int, llama_cpp: Pat
 
 
 def _llama_quantize_child(src: str, dst: str, imatrix: str, threads: str) -> None:
-    """Internal: llama.cpp's llama_model_quantize with the MIX overrides (ggufmoe.llama_quantize)."""
+    """Internal: llama.cpp's llama_model_quantize with the MIX overrides (ggufmoe.runtime.llama_quantize)."""
     sys.path.insert(0, str(ROOT))
-    from ggufmoe.imatrix import load_imatrix
-    from ggufmoe.llama_quantize import llama_quantize
+    from ggufmoe.stats.imatrix import load_imatrix
+    from ggufmoe.runtime.llama_quantize import llama_quantize
 
     llama_quantize(src, dst, LLAMA_FTYPE, imatrix=load_imatrix(imatrix), tensor_types=MIX, threads=int(threads))
 
@@ -249,7 +249,7 @@ def _ones_imatrix_child(model: str, out: str) -> None:
     import numpy as np
 
     from ggufmoe.arch import architecture_for
-    from ggufmoe.imatrix import Imatrix, ImatrixEntry, save_imatrix
+    from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, save_imatrix
     from ggufmoe.source.hf import HFSource
 
     entries = {}
@@ -318,8 +318,8 @@ def _compare_child(ours: str, theirs: str, model: str, imatrix: str, out_json: s
 
     # Does quantizing the BF16-rounded float32 values reproduce llama.cpp's bytes?
     from ggufmoe.arch import architecture_for
-    from ggufmoe.imatrix import load_imatrix
-    from ggufmoe.quant import Quantizer
+    from ggufmoe.stats.imatrix import load_imatrix
+    from ggufmoe.quant.ggml import Quantizer
     from ggufmoe.source.hf import HFSource
 
     arch = architecture_for(HFSource(model))
@@ -413,7 +413,7 @@ def report(res: dict) -> str:
         "Commands: ggufmoe — `ggufmoe convert SRC -o OUT --type Q4_K --tensor-type ... --imatrix ONES`; "
         "llama.cpp — `convert_hf_to_gguf.py SRC --outtype bf16` (llama.cpp's tree "
         f"`{res['llama_cpp']}`, its gguf-py) then `llama_model_quantize` (ftype Q4_K_M, `tt_overrides` = the "
-        "rules, same imatrix) through `ggufmoe.llama_quantize`.",
+        "rules, same imatrix) through `ggufmoe.runtime.llama_quantize`.",
         "",
         f"| | ggufmoe | llama.cpp (convert + quantize{'; run of ' + earlier if earlier else ''}) | ratio | target |",
         "|---|---:|---:|---:|---|",

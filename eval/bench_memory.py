@@ -1,4 +1,4 @@
-"""Planned vs measured memory of llama.cpp: `ggufmoe.memory.runtime_memory` against the peak RSS
+"""Planned vs measured memory of llama.cpp: `ggufmoe.plan.memory.runtime_memory` against the peak RSS
 of llama.cpp running a full context, and the compute-buffer formula against llama.cpp's own numbers.
 
     python eval/bench_memory.py [MODEL_DIR] [--ctx 512,2048,4096] [--no-shapes]
@@ -128,17 +128,18 @@ def reference_ggufs(model: Path, tmp: Path) -> list[tuple[str, Path, int | None]
     """(label, path, experts kept) of the converted reference model."""
     import tiny_models
 
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.prune import PruneRequest
-    from ggufmoe.stats import collect_stats, save_stats
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.prune.criteria import PruneRequest
+    from ggufmoe.stats.collect import collect_stats
+    from ggufmoe.stats.file import save_stats
+    from ggufmoe.quant.rules import TypeRules
 
     out = []
     for t in ("F16", "Q8_0", "Q4_K"):
         p = tmp / f"ref-{t}.gguf"
         convert(model, ConvertOptions(out=p, types=TypeRules.parse(t), progress=False))
         out.append((t, p, None))
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:60000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:60000]
     save_stats(collect_stats(model, text, ctx=512, progress=False), tmp / "stats.gguf")
     p = tmp / "ref-pruned12-Q8_0.gguf"
     convert(model, ConvertOptions(out=p, types=TypeRules.parse("Q8_0"), stats=tmp / "stats.gguf",
@@ -150,13 +151,14 @@ def reference_ggufs(model: Path, tmp: Path) -> list[tuple[str, Path, int | None]
 def predicted(model: Path, gguf_path: Path, keep: int | None, ctx: int, logits_all: bool, flash_attn: bool = False,
               kv_type: str = "f16"):
     from ggufmoe.arch import architecture_for
-    from ggufmoe.memory import ModelShape, runtime_memory, weight_memory
+    from ggufmoe.arch.shape import ModelShape
+    from ggufmoe.plan.memory import runtime_memory, weight_memory
     from ggufmoe.source.hf import HFSource
 
     arch = architecture_for(HFSource(model))
     if keep:
         arch.n_expert_kept = keep
-    assert ModelShape.from_arch(arch) == ModelShape.from_gguf(gguf_path), "module and file disagree on the shape"
+    assert arch.model_shape() == ModelShape.from_gguf(gguf_path), "module and file disagree on the shape"
     wm = weight_memory(gguf_path)
     return runtime_memory(arch, wm.mapped, ctx, kv_type, n_batch=N_BATCH, n_ubatch=N_BATCH, flash_attn=flash_attn,
                           repacked_bytes=wm.repacked, logits_all=logits_all), wm
@@ -201,22 +203,24 @@ def write_metadata_only(cfg, architecture: str, out: Path):
     import tiny_models
 
     from ggufmoe.arch import ARCHITECTURES
-    from ggufmoe.convert import plan_tensors, write_general_metadata
+    from ggufmoe.plan.layout import assign_types, write_general_metadata
     from ggufmoe.source.config import ConfigSource
-    from ggufmoe.memory import shard_bytes
-    from ggufmoe.prune import PruneRequest, apply_plan, make_plan, write_provenance
-    from ggufmoe.tensor_types import TypeRules
-    from ggufmoe.tokenizer import write_tokenizer
+    from ggufmoe.gguf.header import shard_bytes
+    from ggufmoe.prune.criteria import PruneRequest, choose_experts
+    from ggufmoe.prune.apply import prune_model, write_provenance
+    from ggufmoe.quant.rules import TypeRules
+    from ggufmoe.source.tokenizer import write_tokenizer
 
     cfg.architectures = [architecture]
     cfg.save_pretrained(out.parent / f"{out.stem}-config")
     src = ConfigSource(out.parent / f"{out.stem}-config")
     arch = ARCHITECTURES[architecture](src, cfg)
-    prune = make_plan(arch, None, PruneRequest())
+    prune = choose_experts(arch, None, PruneRequest())
     types = TypeRules.parse("Q4_K")
-    plans = plan_tensors(list(apply_plan(arch, prune)), types, None)
+    arch, specs = prune_model(arch, prune)
+    plans = assign_types(specs, types, None)
     w = gguf.GGUFWriter(None, arch.gguf_arch)
-    write_general_metadata(w, src, types)
+    write_general_metadata(w, src, arch, types)
     arch.write_metadata(w)
     write_provenance(w, src.name, prune)
     write_tokenizer(w, tiny_models.REF_MODEL, int(cfg.vocab_size))  # the reference tokenizer, padded
@@ -249,8 +253,8 @@ def main() -> None:
     model = Path(args.model)
     ctxs = [int(c) for c in args.ctx.split(",")]
 
-    from ggufmoe.memory import (MISC_BYTES, OS_MARGIN_FRACTION, PROCESS_BYTES, ModelShape, compute_buffer_bytes,
-                                local_repack_types)
+    from ggufmoe.plan.memory import (MISC_BYTES, OS_MARGIN_FRACTION, PROCESS_BYTES, compute_buffer_bytes, local_repack_types)
+    from ggufmoe.arch.shape import ModelShape
 
     base_rss, _ = run_child("none", 0)
     lines = [
@@ -343,9 +347,10 @@ def main() -> None:
 def compute_buffer_section(tmp: Path) -> list[str]:
     import tiny_models
 
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.memory import ModelShape, compute_buffer_bytes, kv_cache_bytes
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.arch.shape import ModelShape
+    from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes
+    from ggufmoe.quant.rules import TypeRules
 
     lines = [
         "",

@@ -23,12 +23,14 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from common import eval_chunks, score as score_gguf  # noqa: E402
-from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
-from ggufmoe.llama_quantize import llama_quantize  # noqa: E402
-from ggufmoe.logprobs import LlamaScorer  # noqa: E402
-from ggufmoe.plan import Budget, build_plan, options_from_plan  # noqa: E402
-from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
-from ggufmoe.tensor_types import TypeRules  # noqa: E402
+from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
+from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
+from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.plan.budget import Budget  # noqa: E402
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
+from ggufmoe.runtime.logprobs import LlamaScorer, compare  # noqa: E402
 
 
 def peak_rss_of(cmd: list[str], quiet: bool = False) -> tuple[int, float]:
@@ -34,7 +34,7 @@ def eval_chunks(model: Path, n: int, ctx: int) -> list[list[int]]:
     """The first ``n`` full chunks of ``ctx`` tokens of eval_doc.txt."""
     from transformers import AutoTokenizer
 
-    from ggufmoe.calibrate import token_chunks
+    from ggufmoe.stats.text import token_chunks
 
     tok = AutoTokenizer.from_pretrained(model)
     chunks = token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), ctx, ctx * (n + 1))

@@ -15,7 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.plan import Budget, build_plan, format_plan  # noqa: E402
+from ggufmoe.pipeline.budget import build_plan  # noqa: E402
+from ggufmoe.plan.budget import Budget  # noqa: E402
+from ggufmoe.plan.report import format_plan  # noqa: E402
 
 PAPER = """\
 ## How it compares with the paper's 103 GB configuration
@@ -76,7 +78,7 @@ def main() -> None:
         "# DeepSeek-V3 (671B) planned for 128 GiB, from its configuration alone",
         "",
         "`ggufmoe plan config.json --budget 128GiB --ctx 8192` on transformers' `DeepseekV3Config()` "
-        "defaults (the 671B model), without weights: default sensitivities (`ggufmoe/sensitivity.py`), "
+        "defaults (the 671B model), without weights: default sensitivities (`ggufmoe/sensitivity/defaults.py`), "
         "default pruning cost, tokenizer metadata estimated. Which experts are kept is decided at "
         f"conversion from calibration statistics; the plan fixes how many. Planned in {seconds:.1f} s on "
         f"this {os.cpu_count()}-core machine. Reproduce: `python eval/plan_deepseek_v3.py`.",

@@ -42,9 +42,9 @@ def main() -> None:
     import numpy as np
 
     import ggufmoe.source.hf as hf
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.quant import Quantizer
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.ggml import Quantizer
+    from ggufmoe.quant.rules import TypeRules
 
     times: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)

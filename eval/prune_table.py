@@ -23,11 +23,12 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 from common import eval_chunks, score as score_gguf  # noqa: E402
-from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
-from ggufmoe.logprobs import LlamaScorer  # noqa: E402
-from ggufmoe.prune import CRITERIA, PruneRequest  # noqa: E402
-from ggufmoe.stats import collect_stats, load_stats, save_stats  # noqa: E402
-from ggufmoe.tensor_types import TypeRules  # noqa: E402
+from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
+from ggufmoe.prune.criteria import CRITERIA, PruneRequest  # noqa: E402
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5)
 

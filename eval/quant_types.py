@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.calibrate import collect_imatrix  # noqa: E402
-from ggufmoe.convert import ConvertOptions, convert  # noqa: E402
-from ggufmoe.imatrix import save_imatrix  # noqa: E402
-from ggufmoe.logprobs import LlamaScorer, compare  # noqa: E402
-from ggufmoe.quant import SUPPORTED  # noqa: E402
-from ggufmoe.tensor_types import TypeRules  # noqa: E402
+from ggufmoe.stats.collect import collect_imatrix  # noqa: E402
+from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.stats.imatrix import save_imatrix  # noqa: E402
+from ggufmoe.runtime.logprobs import LlamaScorer, compare  # noqa: E402
+from ggufmoe.model.qtypes import USER_TYPES
+from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 
 def eval_chunks(model: Path, n: int, ctx: int) -> list[list[int]]:
@@ -59,7 +59,7 @@ def main() -> None:
         with LlamaScorer(base_path, args.ctx) as score:
             base = [score(c) for c in chunks]
         n_params = None
-        for name in SUPPORTED:
+        for name in USER_TYPES:
             t0 = time.perf_counter()
             path = convert(args.model, ConvertOptions(out=tmp / f"{name}.gguf", types=TypeRules.parse(name),
                                                       imatrix=imatrix, progress=False))[0]

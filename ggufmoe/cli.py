@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .errors import GgufmoeError
-from .sweep import DEFAULT_BASELINES
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.qtypes import DEFAULT_BASELINES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,40 +68,34 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     Optionally prunes routed experts (--keep/--keep-ratio with --stats), remapping the routers,
     and changes the experts used per token (--top-k/--top-k-scale). Norms, biases and routers
     always stay F32; rows that are not a multiple of a type's block size get that type's
-    fallback (see ggufmoe/quant.py).
+    fallback (see ggufmoe/model/qtypes.py).
 
     The file grows in .OUT.partial beside the output and appears only when complete. Interrupted
     (Ctrl-C, SIGTERM, a full disk), the finished tensors are kept there: the same command with
     --resume continues. Free disk space is checked before writing.
     """
-    from .convert import ConvertOptions, convert as run
-    from .prune import PruneRequest
-    from .tensor_types import TypeRules
-    from .units import format_size, parse_size
+    from ggufmoe.pipeline.convert import ConvertOptions
+    from ggufmoe.pipeline.convert_job import ConvertJob
+    from ggufmoe.plan.budget import Budget
+    from ggufmoe.plan.report import format_plan
+    from ggufmoe.prune.criteria import PruneRequest
+    from ggufmoe.quant.rules import TypeRules
+    from ggufmoe.units import format_size, parse_size
 
     prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha, top_k=top_k,
                          top_k_scale=top_k_scale)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)
-    if plan_file and budget:
-        raise GgufmoeError("give --plan or --budget, not both")
-    if plan_file:
-        from .plan import Plan, options_from_plan
-
-        paths = run(src, options_from_plan(Plan.load(plan_file), opts))
-    elif budget:
-        from .plan import Budget, convert_to_budget, format_plan
-
-        plan, paths = convert_to_budget(src, opts, Budget(parse_size(budget), ctx, kv_type, weights_only), calib,
-                                        opts.types, criterion)
+    job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only) if budget else None, calib,
+                     criterion)
+    plan, paths = job.run(src)
+    if budget:
         click.echo(format_plan(plan))
-    else:
-        paths = run(src, opts)
     for path in paths:
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
     if ollama:
-        from .modelfile import write_modelfile
+        from ggufmoe.gguf.modelfile import write_modelfile
 
         explicit = click.get_current_context().get_parameter_source("ctx") != click.core.ParameterSource.DEFAULT
         click.echo(f"wrote {write_modelfile(paths[0], ctx=ctx if explicit else None)}")
@@ -114,7 +108,7 @@ def inspect(src: Path) -> None:
 
     For a GGUF (a file or its first shard) also the types it stores and its bytes by tensor class.
     """
-    from .inspect import format_summary, summarize
+    from ggufmoe.pipeline.inspect import format_summary, summarize
 
     click.echo(format_summary(summarize(src)))
 
@@ -136,7 +130,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     expert: tokens routed, routing-weight mass and REAP saliency. The output is a llama.cpp
     GGUF imatrix: `ggufmoe convert --imatrix` and llama-quantize read it.
     """
-    from .stats import check_output, collect_stats, format_summary, read_text, save_stats
+    from ggufmoe.stats.collect import collect_stats
+    from ggufmoe.stats.file import check_output, format_summary, save_stats
+    from ggufmoe.stats.text import read_text
 
     check_output(out)
     text = read_text(text_file)
@@ -168,10 +164,12 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
     file (default sensitivities; no tensor above the type it stores unless --tensor-type pins it).
     """
-    from .plan import Budget, build_plan, format_plan
-    from .stats import read_text
-    from .tensor_types import TypeRules
-    from .units import parse_size
+    from ggufmoe.pipeline.budget import build_plan
+    from ggufmoe.plan.budget import Budget
+    from ggufmoe.plan.report import format_plan
+    from ggufmoe.stats.text import read_text
+    from ggufmoe.quant.rules import TypeRules
+    from ggufmoe.units import parse_size
 
     result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only), stats,
                         read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
@@ -207,7 +205,7 @@ def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str,
     Writes results.json, results.md (one row per file) and pareto.png (size vs KL divergence) in
     the output folder; points already in results.json are not redone.
     """
-    from .sweep import SweepOptions, sweep as run
+    from ggufmoe.pipeline.sweep import SweepOptions, sweep as run
 
     opts = SweepOptions(budgets=[b.strip() for b in budgets.split(",") if b.strip()], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
@@ -242,8 +240,8 @@ def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv
     """
     import json
 
-    from .evaluate import evaluate, format_result
-    from .stats import read_text
+    from ggufmoe.runtime.evaluate import evaluate, format_result
+    from ggufmoe.stats.text import read_text
 
     result = evaluate(gguf, base, read_text(text_file), ctx, max_tokens, kv_type == "f32", threads, cache_dir,
                       progress=not quiet)
@@ -262,7 +260,7 @@ def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
     FROM the GGUF, a TEMPLATE translated from its chat template (ChatML, Llama-3, [INST],
     DeepSeek-V3), its EOS and end-of-turn tokens as stops, and num_ctx.
     """
-    from .modelfile import write_modelfile
+    from ggufmoe.gguf.modelfile import write_modelfile
 
     path = write_modelfile(gguf, out, ctx)
     click.echo(f"wrote {path}")
@@ -289,8 +287,8 @@ def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int
     few tokens; reports peak RSS and speed. Fails when it does not fit or does not run. For a
     split GGUF give the first shard.
     """
-    from .units import parse_size
-    from .validate import DEFAULT_PROMPT, format_result, validate as run
+    from ggufmoe.units import parse_size
+    from ggufmoe.runtime.validate import DEFAULT_PROMPT, format_result, validate as run
 
     result = run(src, parse_size(limit), ctx, prompt if prompt is not None else DEFAULT_PROMPT, n_predict, threads,
                  timeout)

@@ -22,7 +22,7 @@ def eval_tokens() -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tiny_models.REF_MODEL / "tokenizer.json"))
-    text = (tiny_models.SHARED_DATA / "eval_doc.txt").read_text()[:20000]
+    text = (tiny_models.TEST_DATA / "eval_doc.txt").read_text()[:20000]
     return tok.encode(text, add_special_tokens=False).ids[:1024]
 
 
@@ -37,8 +37,8 @@ def ref_model():
 @pytest.fixture(scope="session")
 def ref_f32_gguf(tmp_path_factory) -> Path:
     """The reference model converted to F32 once per session."""
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
 
     out = tmp_path_factory.mktemp("ref") / "ref-f32.gguf"
     return convert(tiny_models.REF_MODEL, ConvertOptions(out=out, types=TypeRules.parse("F32"), progress=False))[0]

@@ -8,7 +8,7 @@ import pytest
 
 import tiny_models
 from cli_run import assert_one_line_error, run
-from ggufmoe.logprobs import llama_logprobs
+from ggufmoe.runtime.logprobs import llama_logprobs
 
 
 def test_help_lists_commands():

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tiny_models
 
-import ggufmoe.convert as convert_mod
+import ggufmoe.pipeline.convert as convert_mod
 from ggufmoe.arch import architecture_for
-from ggufmoe.convert import ConvertOptions, chunk_rows, convert
+from ggufmoe.pipeline.convert import ConvertOptions, chunk_rows, convert
 from ggufmoe.source.gguf_in import GGUFSource
 from ggufmoe.source.hf import HFSource
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.quant.rules import TypeRules
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import pytest
 
 import tiny_models
 from cli_run import run
-from ggufmoe.convert import ConvertOptions, convert
-from ggufmoe.evaluate import evaluate
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.runtime.evaluate import evaluate
+from ggufmoe.quant.rules import TypeRules
 
-TEXT = tiny_models.SHARED_DATA / "eval_doc.txt"
+TEXT = tiny_models.TEST_DATA / "eval_doc.txt"
 
 
 @pytest.fixture(scope="module")

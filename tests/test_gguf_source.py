@@ -11,19 +11,22 @@ import pytest
 import tiny_models
 from cli_run import run
 from ggufmoe.arch import architecture_for
-from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.evaluate import evaluate
-from ggufmoe.imatrix import save_imatrix
-from ggufmoe.llama_quantize import llama_quantize
-from ggufmoe.logprobs import llama_logprobs
-from ggufmoe.plan import Budget, build_plan, format_plan, options_from_plan
-from ggufmoe.prune import PruneRequest
-from ggufmoe.quant import bits_per_weight
+from ggufmoe.runtime.evaluate import evaluate
+from ggufmoe.stats.imatrix import save_imatrix
+from ggufmoe.runtime.llama_quantize import llama_quantize
+from ggufmoe.runtime.logprobs import llama_logprobs
+from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.plan.budget import Budget
+from ggufmoe.plan.report import format_plan
+from ggufmoe.prune.criteria import PruneRequest
+from ggufmoe.model.qtypes import bits_per_weight
 from ggufmoe.source.gguf_in import GGUFSource
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats import collect_stats, load_stats, save_stats
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.quant.rules import TypeRules
 
 CALIB_CHARS = 8000
 KEEP = 16  # of the reference model's 24 experts
@@ -31,7 +34,7 @@ KEEP_TYPES = TypeRules(None)  # no --type: every tensor keeps its stored type
 
 
 def calib_text() -> str:
-    return (tiny_models.SHARED_DATA / "calib.txt").read_text()[:CALIB_CHARS]
+    return (tiny_models.TEST_DATA / "calib.txt").read_text()[:CALIB_CHARS]
 
 
 def tensors(*paths) -> dict[str, tuple[gguf.GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
@@ -161,7 +164,7 @@ def test_pruned_q4km_copies_every_kept_byte_and_runs(q4km, q4km_pruned, work, ca
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "qwen3moe.rope.freq_base", "general.name"):
         assert meta[key] == src_meta[key], key
 
-    text = (tiny_models.SHARED_DATA / "eval_doc.txt").read_text()
+    text = (tiny_models.TEST_DATA / "eval_doc.txt").read_text()
     r = evaluate(q4km_pruned, q4km, text, ctx=512, max_tokens=2048, cache_dir=work / "cache", progress=False)
     with capsys.disabled():
         print(f"\npruned Q4_K_M ({KEEP} of 24 experts, reap) vs Q4_K_M: KL {r.kld_mean:.4f} nats/token "
@@ -233,7 +236,7 @@ def test_convert_budget_cli_on_gguf(q4km, ref_stats, tmp_path):
     assert out.stat().st_size == plan["file_bytes"] and plan["memory"]["total"] <= plan["budget"]
     assert "precision capped" in proc.stdout
     bad = run("convert", q4km, "-o", tmp_path / "c.gguf", "--budget", "90M", "--calib",
-              tiny_models.SHARED_DATA / "calib.txt")
+              tiny_models.TEST_DATA / "calib.txt")
     assert bad.returncode == 1 and "a GGUF cannot be calibrated" in bad.stderr
 
 

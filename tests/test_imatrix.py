@@ -13,9 +13,9 @@ import llama_gguf
 import tiny_models
 
 from ggufmoe.arch import architecture_for
-from ggufmoe.calibrate import collect_imatrix
+from ggufmoe.stats.collect import collect_imatrix
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix
 from ggufmoe.source.hf import HFSource
 
 CTX = 512
@@ -175,7 +175,7 @@ def calib_tokens() -> list[int]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models.REF_MODEL)
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:100_000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:100_000]
     ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][:CALIB_TOKENS]
     assert len(ids) == CALIB_TOKENS
     return ids
@@ -183,7 +183,7 @@ def calib_tokens() -> list[int]:
 
 @pytest.fixture(scope="module")
 def ref_imatrix() -> Imatrix:
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:100_000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:100_000]
     return collect_imatrix(tiny_models.REF_MODEL, text, ctx=CTX, max_tokens=CALIB_TOKENS, progress=False,
                            dataset="calib.txt")
 
@@ -256,7 +256,7 @@ def test_reference_model_values_recomputed(ref_imatrix, calib_tokens):
 def test_tiny_models(tmp_path, arch):
     """Every matmul and expert tensor gets an entry; expert values match the checkpoint's per-expert weights."""
     model = tiny_models.build(arch, tmp_path)
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:20_000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
     ctx, max_tokens = 128, 512
     im = collect_imatrix(tmp_path, text, ctx=ctx, max_tokens=max_tokens, progress=False)
     assert im.chunk_count == max_tokens // ctx
@@ -329,9 +329,9 @@ def mla_model(tmp_path_factory) -> Path:
 
 
 def test_per_head_imatrix_rows_quantize_each_head(mla_model, tmp_path):
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.quant import Quantizer
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.ggml import Quantizer
+    from ggufmoe.quant.rules import TypeRules
 
     specs = {s.name: s for s in architecture_for(HFSource(mla_model)).tensors()}
     imatrix = per_head_imatrix(specs.values(), np.random.default_rng(0))
@@ -353,8 +353,8 @@ def test_per_head_imatrix_rows_quantize_each_head(mla_model, tmp_path):
 
 
 def test_imatrix_rows_that_fit_no_slicing_fail_before_writing(mla_model, tmp_path):
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
 
     specs = architecture_for(HFSource(mla_model)).tensors()
     save_imatrix(per_head_imatrix(specs, np.random.default_rng(1), n_rows=3), tmp_path / "im.gguf")
@@ -366,8 +366,8 @@ def test_imatrix_rows_that_fit_no_slicing_fail_before_writing(mla_model, tmp_pat
 
 def test_per_head_imatrix_rows_feed_the_sensitivities(mla_model):
     """The planner's error measurement takes per-head entries too (their mean is the tensor's importance)."""
-    from ggufmoe.sensitivity import measure_errors
-    from ggufmoe.stats import Stats
+    from ggufmoe.sensitivity.quant_error import measure_errors
+    from ggufmoe.stats.file import Stats
 
     arch = architecture_for(HFSource(mla_model))
     specs = [s for s in arch.tensors() if s.kind in ("attn_k_b", "attn_v_b")]

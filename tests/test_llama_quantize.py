@@ -6,19 +6,20 @@ from gguf import GGMLQuantizationType as T, GGUFReader
 
 import tiny_models
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.imatrix import ImatrixEntry, Imatrix, load_imatrix, save_imatrix
-from ggufmoe.llama_quantize import FTYPES, failure_reason, llama_quantize
-from ggufmoe.logprobs import compare, llama_logprobs
-from ggufmoe.quant import Quantizer
+from ggufmoe.stats.imatrix import ImatrixEntry, Imatrix, load_imatrix, save_imatrix
+from ggufmoe.model.qtypes import MIXES
+from ggufmoe.runtime.llama_quantize import failure_reason, llama_quantize
+from ggufmoe.runtime.logprobs import compare, llama_logprobs
+from ggufmoe.quant.ggml import Quantizer
 
 TOKENS = 512  # evaluation tokens for KL
 
 
 @pytest.fixture(scope="module")
 def imatrix():
-    from ggufmoe.calibrate import collect_imatrix
+    from ggufmoe.stats.collect import collect_imatrix
 
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:40000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:40000]
     return collect_imatrix(tiny_models.REF_MODEL, text, ctx=512, progress=False)
 
 
@@ -68,12 +69,12 @@ def field(path, key):
 def test_ftypes_are_llama_cpp_enum_values():
     import llama_cpp
 
-    for name, value in FTYPES.items():
+    for name, value in MIXES.items():
         const = "LLAMA_FTYPE_ALL_F32" if name == "F32" else f"LLAMA_FTYPE_MOSTLY_{name}"
         assert getattr(llama_cpp, const) == value, name
     for mix in ("Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS IQ4_NL IQ3_M "
                 "IQ3_S IQ3_XS IQ3_XXS IQ2_M IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S F16 BF16").split():
-        assert mix in FTYPES
+        assert mix in MIXES
 
 
 def test_q4_k_m_without_imatrix(ref_f32_gguf, tmp_path, kld):
@@ -84,7 +85,7 @@ def test_q4_k_m_without_imatrix(ref_f32_gguf, tmp_path, kld):
     assert types["blk.0.attn_q.weight"] == T.Q4_K
     assert types["blk.0.ffn_gate_inp.weight"] == T.F32  # routers stay F32
     assert types["output.weight"] == T.Q6_K
-    assert field(out, "general.file_type") == FTYPES["Q4_K_M"]
+    assert field(out, "general.file_type") == MIXES["Q4_K_M"]
     assert field(out, "quantize.imatrix.entries_count") is None
     assert 0 < kld(out) < 0.1
 
@@ -106,7 +107,7 @@ def test_iq2_xxs_with_our_imatrix(ref_f32_gguf, tmp_path, imatrix, kld, q2k):
         for kind in ("gate", "up", "down"):
             assert types[f"blk.{layer}.ffn_{kind}_exps.weight"] == T.IQ2_XXS
     assert types["blk.0.ffn_gate_inp.weight"] == T.F32
-    assert field(out, "general.file_type") == FTYPES["IQ2_XXS"]
+    assert field(out, "general.file_type") == MIXES["IQ2_XXS"]
     assert field(out, "quantize.imatrix.entries_count") == len(imatrix.entries)
     assert field(out, "quantize.imatrix.chunks_count") == imatrix.chunk_count
     assert field(out, "quantize.imatrix.dataset") == imatrix.datasets[0]
@@ -210,9 +211,10 @@ def test_failure_reason_picks_llama_cpps_line():
 
 def test_stats_file_is_an_imatrix_for_llama_quantize(ref_f32_gguf, tmp_path, q2k):
     """A `ggufmoe calibrate` stats file feeds llama.cpp's quantizer exactly like a plain imatrix."""
-    from ggufmoe.stats import collect_stats, load_stats, save_stats
+    from ggufmoe.stats.collect import collect_stats
+    from ggufmoe.stats.file import load_stats, save_stats
 
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:40000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:40000]
     save_stats(collect_stats(tiny_models.REF_MODEL, text, ctx=512, progress=False), tmp_path / "stats.gguf")
     out = llama_quantize(ref_f32_gguf, tmp_path / "q2k.gguf", "Q2_K", imatrix=load_stats(tmp_path / "stats.gguf").imatrix)
     assert out.read_bytes() == q2k["imatrix"].read_bytes()
@@ -221,8 +223,8 @@ def test_stats_file_is_an_imatrix_for_llama_quantize(ref_f32_gguf, tmp_path, q2k
 def test_convert_writes_llama_quantizes_imatrix_keys(tmp_path, imatrix, q2k):
     """ggufmoe's file says which imatrix shaped it with llama-quantize's keys, types and values,
     plus the file's name; a file with no quantized tensor gets none."""
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
 
     save_imatrix(imatrix, tmp_path / "ref.imatrix.gguf")
     made = {}

@@ -4,19 +4,22 @@ import importlib.util
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 import tiny_models
 from ggufmoe.arch import architecture_for
-from ggufmoe.convert import ConvertOptions, convert, plan_tensors, write_general_metadata
-from ggufmoe.memory import (ModelShape, compute_buffer_bytes, file_bytes, kv_cache_bytes, runtime_memory,
-                            shard_bytes, weight_memory)
-from ggufmoe.prune import PruneRequest, apply_plan, make_plan, write_provenance
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.plan.layout import assign_types, prepare_output
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes, runtime_memory, weight_memory
+from ggufmoe.gguf.header import file_bytes
+from ggufmoe.gguf.header import shard_bytes
+from ggufmoe.prune.criteria import PruneRequest, choose_experts
+from ggufmoe.prune.apply import prune_model
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats import collect_stats, load_stats, save_stats
-from ggufmoe.tensor_types import TypeRules
-from ggufmoe.tokenizer import write_tokenizer
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.quant.rules import TypeRules
 
 MiB = 1 << 20
 BENCH = Path(__file__).resolve().parents[1] / "eval" / "bench_memory.py"
@@ -35,22 +38,10 @@ def prepared_writer(src_dir, types: TypeRules, out: Path, split: int = 0, stats:
     src = HFSource(src_dir)
     arch = architecture_for(src)
     st = load_stats(stats, top_k=arch.top_k) if stats else None
-    plan = make_plan(arch, st, prune or PruneRequest())
-    plans = plan_tensors(apply_plan(arch, plan), types, st.imatrix if st else None)
-    try:
-        from ggufmoe.convert import prepare_output
-    except ImportError:
-        prepare_output = None
-    if prepare_output is not None:
-        return prepare_output(src, arch, plans, plan, types, out, split, st.imatrix if st else None, stats).writer
-    w = gguf.GGUFWriter(None, arch.gguf_arch, split_max_size=split)
-    write_general_metadata(w, src, types)
-    arch.write_metadata(w)
-    write_provenance(w, src.name, plan)
-    write_tokenizer(w, src.path, int(arch.cfg.vocab_size))
-    for p in plans:
-        w.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
-    return w
+    plan = choose_experts(arch, st, prune or PruneRequest())
+    arch, specs = prune_model(arch, plan)
+    plans = assign_types(specs, types, st.imatrix if st else None)
+    return prepare_output(src, arch, plans, plan, types, out, split, st.imatrix if st else None, stats).writer
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("mem")
     for name in ("qwen3moe", "deepseek3"):
         tiny_models.build(name, d / name)
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:8000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:8000]
     save_stats(collect_stats(d / "deepseek3", text, ctx=256, progress=False), d / "stats.gguf")
     return d
 
@@ -106,7 +97,7 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
                                                    progress=False))[0]
     arch = architecture_for(HFSource(tmp_path / "hf"))
     shape = ModelShape.from_gguf(path)
-    assert ModelShape.from_arch(arch) == shape
+    assert arch.model_shape() == shape
     assert arch.kv_elements_per_token() == shape.kv_elements_per_token
     if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
         c = arch.cfg
@@ -135,7 +126,7 @@ def test_kv_types():
 def test_runtime_memory_within_5_percent(ref_f32_gguf):
     """Planned total vs peak RSS of llama.cpp evaluating a full 2048-token context (all logits)."""
     arch = architecture_for(HFSource(tiny_models.REF_MODEL))
-    assert ModelShape.from_arch(arch) == ModelShape.from_gguf(ref_f32_gguf)
+    assert arch.model_shape() == ModelShape.from_gguf(ref_f32_gguf)
     wm = weight_memory(ref_f32_gguf)
     planned = runtime_memory(arch, wm.mapped, 2048, repacked_bytes=wm.repacked)
     peak, logged = bench().run_child(ref_f32_gguf, 2048, "all")

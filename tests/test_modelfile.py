@@ -12,7 +12,7 @@ import pytest
 import tiny_models
 from cli_run import run
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.modelfile import (CHATML_TEMPLATE, LLAMA3_TEMPLATE, Modelfile, build_modelfile, chat_family,
+from ggufmoe.gguf.modelfile import (CHATML_TEMPLATE, LLAMA3_TEMPLATE, Modelfile, build_modelfile, chat_family,
                                go_template, parse_modelfile, render_modelfile, write_modelfile)
 
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
@@ -69,8 +69,8 @@ def chatml_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chatml_gguf(chatml_model, tmp_path_factory) -> Path:
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
 
     out = tmp_path_factory.mktemp("chatml-gguf") / "tiny-chat.gguf"
     return convert(chatml_model, ConvertOptions(out=out, types=TypeRules.parse("Q8_0"), progress=False))[0]

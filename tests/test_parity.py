@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny_models
-from ggufmoe.convert import ConvertOptions, convert
-from ggufmoe.logprobs import compare, hf_logprobs, llama_logprobs
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.runtime.logprobs import compare, hf_logprobs, llama_logprobs
+from ggufmoe.quant.rules import TypeRules
 
 TOL = 1e-3
 

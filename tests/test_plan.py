@@ -7,10 +7,11 @@ import pytest
 
 import tiny_models
 from cli_run import GGUFMOE
-from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.plan import Budget, build_plan, options_from_plan
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.plan.budget import Budget
+from ggufmoe.quant.rules import TypeRules
 
 
 @pytest.mark.parametrize("budget", [12_000_000, 20_000_000])

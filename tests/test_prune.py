@@ -8,14 +8,15 @@ from transformers import AutoModelForCausalLM
 
 import tiny_models
 from ggufmoe.arch import architecture_for
-from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.logprobs import compare, hf_logprobs, llama_logprobs
-from ggufmoe.prune import CRITERIA, PruneRequest, choose, make_plan
-from ggufmoe.prune_hf import prune_hf_model
+from ggufmoe.runtime.logprobs import compare, hf_logprobs, llama_logprobs
+from ggufmoe.prune.criteria import CRITERIA, PruneRequest, choose, choose_experts
+from prune_hf import prune_hf_model
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats import collect_stats, save_stats
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.file import save_stats
+from ggufmoe.quant.rules import TypeRules
 
 # arch -> (keep, adjusted top-k request)
 CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4))}
@@ -25,19 +26,19 @@ CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4))
 def calibrated(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     tiny_models.build(request.param, d / "hf")
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:30000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:30000]
     save_stats(collect_stats(d / "hf", text, ctx=256, progress=False), d / "stats.gguf")
     return request.param, d
 
 
 def pruned_pair(d, req):
     """(pruned GGUF, the transformers model pruned the same way)."""
-    from ggufmoe.stats import load_stats
+    from ggufmoe.stats.file import load_stats
 
     out = d / f"pruned-{req.criterion}-{req.top_k}-{req.top_k_scale}.gguf"
     convert(d / "hf", ConvertOptions(out=out, types=TypeRules.parse("F32"), stats=d / "stats.gguf", prune=req,
                                      progress=False))
-    plan = make_plan(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"), req)
+    plan = choose_experts(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"), req)
     model = AutoModelForCausalLM.from_pretrained(d / "hf", dtype=torch.float32).eval()
     return out, prune_hf_model(model, plan), plan
 
@@ -73,9 +74,9 @@ def test_groups_stay_equal_and_contiguous(calibrated):
     arch, d = calibrated
     if arch != "deepseek3":
         pytest.skip("no expert groups")
-    from ggufmoe.stats import load_stats
+    from ggufmoe.stats.file import load_stats
 
-    plan = make_plan(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"),
+    plan = choose_experts(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"),
                      PruneRequest(keep=8, criterion="reap"))
     for kept in plan.kept.values():
         assert kept == sorted(kept)
@@ -84,16 +85,16 @@ def test_groups_stay_equal_and_contiguous(calibrated):
 
 def test_impossible_requests(calibrated):
     arch, d = calibrated
-    from ggufmoe.stats import load_stats
+    from ggufmoe.stats.file import load_stats
 
     a, stats = architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf")
     with pytest.raises(GgufmoeError, match="cannot keep"):
-        make_plan(a, stats, PruneRequest(keep=0))
+        choose_experts(a, stats, PruneRequest(keep=0))
     with pytest.raises(GgufmoeError, match="top-k"):
-        make_plan(a, stats, PruneRequest(keep=2 if arch == "qwen3moe" else 4, top_k=5))
+        choose_experts(a, stats, PruneRequest(keep=2 if arch == "qwen3moe" else 4, top_k=5))
     if arch == "deepseek3":
         with pytest.raises(GgufmoeError, match="multiple of 4"):
-            make_plan(a, stats, PruneRequest(keep=10))
+            choose_experts(a, stats, PruneRequest(keep=10))
 
 
 def test_choose_keeps_best_in_original_order():

@@ -6,19 +6,20 @@ from gguf import GGMLQuantizationType as T, GGUFReader
 from gguf.quants import dequantize, quantize as gguf_quantize
 
 import tiny_models
-from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.logprobs import compare, llama_logprobs
-from ggufmoe.quant import SUPPORTED, Quantizer, effective_type, requires_imatrix
-from ggufmoe.tensor_types import TypeRules
+from ggufmoe.runtime.logprobs import compare, llama_logprobs
+from ggufmoe.model.qtypes import USER_TYPES, effective_type
+from ggufmoe.quant.ggml import Quantizer, requires_imatrix
+from ggufmoe.quant.rules import TypeRules
 
 
 @pytest.fixture(scope="module")
 def ref_imatrix(tmp_path_factory):
-    from ggufmoe.calibrate import collect_imatrix
-    from ggufmoe.imatrix import save_imatrix
+    from ggufmoe.stats.collect import collect_imatrix
+    from ggufmoe.stats.imatrix import save_imatrix
 
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:60000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:60000]
     path = tmp_path_factory.mktemp("imatrix") / "ref.imatrix.gguf"
     save_imatrix(collect_imatrix(tiny_models.REF_MODEL, text, ctx=512, progress=False), path)
     return path
@@ -74,13 +75,13 @@ def test_tensor_type_rules_first_match_wins(tmp_path):
     assert got["token_embd.weight"] == T.Q8_0
 
 
-@pytest.mark.parametrize("name", [n for n in SUPPORTED if n != "F32"])
+@pytest.mark.parametrize("name", [n for n in USER_TYPES if n != "F32"])
 def test_every_type_converts_loads_and_runs(name, tmp_path, ref_imatrix, ref_f32_gguf, eval_tokens):
     out = convert(tiny_models.REF_MODEL, ConvertOptions(out=tmp_path / f"{name}.gguf", types=TypeRules.parse(name),
                                                         imatrix=ref_imatrix, progress=False))[0]
     types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
-    assert types["blk.0.ffn_down_exps.weight"] == SUPPORTED[name]
-    assert types["token_embd.weight"] == (T.Q2_K if requires_imatrix(SUPPORTED[name]) else SUPPORTED[name])
+    assert types["blk.0.ffn_down_exps.weight"] == USER_TYPES[name]
+    assert types["token_embd.weight"] == (T.Q2_K if requires_imatrix(USER_TYPES[name]) else USER_TYPES[name])
     tokens = eval_tokens[:256]
     result = compare(llama_logprobs(out, tokens), llama_logprobs(ref_f32_gguf, tokens), tokens)
     assert np.isfinite(result.kld_mean) and result.kld_mean < 2.0, result

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from ggufmoe.read_ahead import read_ahead
+from ggufmoe.pipeline.read_ahead import read_ahead
 
 
 def test_items_in_order_made_in_another_thread():

@@ -1,7 +1,13 @@
 """convert --resume: an interrupted conversion continues where it stopped and gives the very file an
-uninterrupted run gives; the interruption leaves no output file, only the state kept for --resume."""
+uninterrupted run gives; the interruption leaves no output file, only the state kept for --resume.
+
+Nothing here depends on timing: the writer's test-only hook (``GGUFMOE_TEST_WAIT_AFTER``/``_FILE``,
+see ``ggufmoe.gguf.writer``) pauses a run after a known number of complete tensors, and the test
+acts (a real SIGINT or SIGTERM, a full disk, a second run) while it waits."""
 
 import contextlib
+import os
+import select
 import signal
 import subprocess
 import time
@@ -12,29 +18,47 @@ import pytest
 
 import tiny_models
 from cli_run import GGUFMOE, assert_one_line_error, run
-from ggufmoe.gguf_out import Progress
+from ggufmoe.gguf.writer import TEST_WAIT_AFTER, TEST_WAIT_FILE, Progress
 from test_robustness import tmpfs
 
-# IQ3_S on one thread: slow enough (several seconds) to interrupt between tensors.
+# IQ3_S on one thread: several seconds, many tensors.
 ARGS = ("--type", "IQ3_S", "--threads", "1", "-q")
+TIMEOUT = 300  # generous: for a loaded machine, never reached by a working run
 
 
 def convert_args(out: Path, split: str | None) -> list:
     return ["convert", tiny_models.REF_MODEL, "-o", out, *ARGS, *(["--split-max-size", split] if split else [])]
 
 
-def run_until(args: list, state_dir: Path, action: Callable[[subprocess.Popen], None],
-              after: int = 3) -> subprocess.CompletedProcess:
-    """Run ``args``; once ``after`` tensors are complete, do ``action`` to the running process."""
-    proc = subprocess.Popen([GGUFMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        progress = Progress.load(state_dir)
-        if progress and progress.tensors >= after:
-            action(proc)
-            break
-        time.sleep(0.01)
-    out, err = proc.communicate(timeout=120)
+@pytest.fixture
+def gate(tmp_path_factory) -> Path:
+    """Where a paused run waits for its go (outside the test's own folder, which tests list)."""
+    return tmp_path_factory.mktemp("gate") / "go"
+
+
+def run_paused(args: list, gate: Path, action: Callable[[subprocess.Popen], None],
+               after: int = 3) -> subprocess.CompletedProcess:
+    """Run ``args``; once exactly ``after`` tensors are complete and recorded, the writer waits: do
+    ``action`` to the waiting process, then let it go on."""
+    env = {**os.environ, TEST_WAIT_AFTER: str(after), TEST_WAIT_FILE: str(gate)}
+    ready = gate.with_name(gate.name + ".ready")
+    proc = subprocess.Popen([GGUFMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not ready.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"exited ({proc.returncode}) before {after} tensors were complete: {proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{after} tensors not complete within {TIMEOUT} s")
+            time.sleep(0.01)
+        action(proc)
+        gate.touch()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -43,7 +67,7 @@ def gguf_files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("split, sig", [(None, signal.SIGINT), ("5M", signal.SIGTERM)])
-def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, split, sig):
+def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, gate, split, sig):
     (tmp_path / "full").mkdir()
     (tmp_path / "part").mkdir()
     assert run(*convert_args(tmp_path / "full" / "m.gguf", split)).returncode == 0
@@ -52,12 +76,12 @@ def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, split, s
 
     out = tmp_path / "part" / "m.gguf"
     state = tmp_path / "part" / ".m.gguf.partial"
-    proc = run_until(convert_args(out, split), state, lambda p: p.send_signal(sig))
+    proc = run_paused(convert_args(out, split), gate, lambda p: p.send_signal(sig))  # a real signal, after tensor 3
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("interrupted: ") and "--resume" in lines[0] and str(state) in lines[0]
     kept = Progress.load(state)
-    assert kept is not None and 3 <= kept.tensors < 6 * 11
+    assert kept is not None and kept.tensors == 3
     assert gguf_files(tmp_path / "part") == {}, "no output file before the conversion is complete"
 
     # without --resume the kept work is neither lost nor overwritten
@@ -73,16 +97,41 @@ def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, split, s
     assert not state.exists()
 
 
+def read_until(proc: subprocess.Popen, word: bytes) -> bytes:
+    """What ``proc`` writes on stderr up to and including ``word`` (progress bars end no lines)."""
+    fd, seen = proc.stderr.fileno(), b""
+    deadline = time.monotonic() + TIMEOUT
+    while word not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            pytest.fail(f"no {word!r} on stderr within {TIMEOUT} s: {seen!r}")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            proc.wait()
+            pytest.fail(f"exited ({proc.returncode}) before {word!r}: {seen.decode(errors='replace')}")
+        seen += chunk
+    return seen
+
+
 def test_interrupt_before_any_tensor_leaves_nothing(tmp_path):
     """Ctrl-C while the budget run is still calibrating: no statistics, plan or output are left."""
     proc = subprocess.Popen([GGUFMOE, "convert", str(tiny_models.REF_MODEL), "-o", str(tmp_path / "m.gguf"),
-                             "--budget", "20M", "--calib", str(tiny_models.SHARED_DATA / "calib.txt"), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)
-    assert proc.poll() is None, "calibration on calib.txt takes about a minute"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip() == "interrupted", err
+                             "--budget", "20M", "--calib", str(tiny_models.TEST_DATA / "calib.txt")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # the calibration bar is drawn as its loop starts, which runs about a minute on calib.txt
+        seen = read_until(proc, b"calibrate:")
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = (seen + rest).decode(errors="replace")
+    lines = err.replace("\r", "\n").strip().splitlines()
+    assert proc.returncode == 130 and lines[-1] == "interrupted" and "Traceback" not in err, err
+    assert not any(line.startswith(("error", "interrupted: ")) for line in lines), err
+    assert "convert:" not in err, "interrupted while calibrating, before converting"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -92,7 +141,7 @@ def test_resume_without_kept_state_converts_normally(tmp_path):
     assert "resuming" not in proc.stderr and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
-def test_disk_filled_during_conversion_then_resumed(tmp_path):
+def test_disk_filled_during_conversion_then_resumed(tmp_path, gate):
     """Someone else fills the disk mid-conversion: one line, the complete tensors kept; space freed, --resume."""
     (tmp_path / "full").mkdir()
     assert run(*convert_args(tmp_path / "full" / "m.gguf", None)).returncode == 0
@@ -108,11 +157,11 @@ def test_disk_filled_during_conversion_then_resumed(tmp_path):
                         f.write(bytes(1 << 20))
                         f.flush()
 
-        proc = run_until(convert_args(out, None), state, fill_disk)
+        proc = run_paused(convert_args(out, None), gate, fill_disk)  # full after tensor 3
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "No space left on device" in lines[0] and "--resume" in lines[0], lines[0]
-        assert not out.exists() and Progress.load(state).tensors >= 3
+        assert not out.exists() and Progress.load(state).tensors == 3
         filler.unlink()
         proc = run(*convert_args(out, None), "--resume")
         assert proc.returncode == 0, proc.stderr
@@ -120,12 +169,12 @@ def test_disk_filled_during_conversion_then_resumed(tmp_path):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path, resume):
-    out, state = tmp_path / "m.gguf", tmp_path / ".m.gguf.partial"
+def test_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path, gate, resume):
+    out = tmp_path / "m.gguf"
     second = []
-    first = run_until(convert_args(out, None), state,
-                      lambda _: second.append(run(*convert_args(out, None), *(["--resume"] if resume else []))),
-                      after=1)
+    first = run_paused(convert_args(out, None), gate,  # the second runs while the first waits after tensor 1
+                       lambda _: second.append(run(*convert_args(out, None), *(["--resume"] if resume else []))),
+                       after=1)
     assert_one_line_error(second[0], "another ggufmoe is writing", str(out))
     assert first.returncode == 0, first.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -63,10 +63,10 @@ def test_shape_that_disagrees_with_config(tmp_path):
 
 def test_budget_too_small_for_convert(tmp_path):
     stats = tmp_path / "s.gguf"
-    assert run("calibrate", REF, "--text", tiny_models.SHARED_DATA / "calib.txt", "--max-tokens", "256",
+    assert run("calibrate", REF, "--text", tiny_models.TEST_DATA / "calib.txt", "--max-tokens", "256",
                "-o", stats, "-q").returncode == 0
     proc = run("convert", REF, "-o", tmp_path / "o.gguf", "--budget", "1M", "--stats", stats, "--weights-only", "-q",
-               "--calib", tiny_models.SHARED_DATA / "calib.txt")
+               "--calib", tiny_models.TEST_DATA / "calib.txt")
     assert_one_line_error(proc, "smallest feasible plan needs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
 
@@ -205,16 +205,11 @@ def test_output_that_is_a_shard_of_the_source_is_refused(tiny_gguf, tmp_path):
                               shards[0], before)
 
 
-def test_output_that_is_a_file_of_the_checkpoint_or_the_stats_is_refused(tmp_path):
+def test_output_that_is_the_stats_or_the_imatrix_is_refused(tmp_path):
     src = tmp_path / "m"
     tiny_models.build("qwen3moe", src)
-    (src / "x.gguf").write_bytes(b"not a model")
-    assert_one_line_error(run("convert", src, "-o", src / "x.gguf", "--type", "Q8_0", "-q"), "would overwrite")
-    assert (src / "x.gguf").read_bytes() == b"not a model"
     stats = tmp_path / "s.gguf"
     stats.write_bytes(b"stats")
-    assert_one_line_error(run("convert", src, "-o", stats, "--stats", stats, "-q"), "would overwrite")
-    assert stats.read_bytes() == b"stats"
-    assert_one_line_error(run("convert", src, "-o", stats, "--budget", "10M", "--stats", stats, "-q"),
-                          "would overwrite")
-    assert stats.read_bytes() == b"stats"
+    for args in (["--stats", stats], ["--imatrix", stats, "--type", "Q4_K"], ["--budget", "10M", "--stats", stats]):
+        assert_one_line_error(run("convert", src, "-o", stats, *args, "-q"), "would overwrite the input")
+        assert stats.read_bytes() == b"stats"

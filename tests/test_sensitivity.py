@@ -13,14 +13,19 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 import tiny_models
-from ggufmoe import sensitivity as S
+from ggufmoe.model.qtypes import CANDIDATES
+from ggufmoe.pipeline.measure import load_or_measure
+from ggufmoe.sensitivity.cache import KEY, cached_sensitivity
+from ggufmoe.sensitivity.cost import PROBE_TYPE, quantizable
+from ggufmoe.sensitivity.defaults import GAUSSIAN_REL_ERROR, default_sensitivity, gaussian_rel_errors
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.imatrix import load_imatrix
-from ggufmoe.quant import requires_imatrix
+from ggufmoe.stats.imatrix import load_imatrix
+from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats import Stats, collect_stats, load_stats, save_stats
-from ggufmoe.tensor_types import EMBEDDING
+from ggufmoe.stats.file import Stats, load_stats, save_stats
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.quant.rules import EMBEDDING
 
 # Small but real: 1 chunk of 512 tokens per probe, 64 sampled rows per tensor (the defaults are 4 and 256).
 MEASURE = dict(chunks=1, max_rows=64)
@@ -28,7 +33,7 @@ K_CHAIN = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 
 def calib_text() -> str:
-    return (tiny_models.SHARED_DATA / "calib.txt").read_text()[:60_000]
+    return (tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000]
 
 
 def bpw(name: str) -> float:
@@ -63,7 +68,7 @@ def stats_path(tmp_path_factory) -> Path:
 def measured(stats_path):
     """(sensitivity, seconds) of the first, measuring call."""
     t0 = time.perf_counter()
-    sens = S.load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
+    sens = load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
     return sens, time.perf_counter() - t0
 
 
@@ -71,25 +76,25 @@ def test_measured_covers_quantized_tensors(measured, ref_specs):
     sens, seconds = measured
     specs = ref_specs[0]
     assert sens.measured
-    quantized = {s.name for s in specs if S.quantizable(s)}
+    quantized = {s.name for s in specs if quantizable(s)}
     assert set(sens.cost) == quantized
     assert not any(n.endswith(("_norm.weight", "ffn_gate_inp.weight")) for n in sens.cost)  # F32 tensors: none
     for name, costs in sens.cost.items():
-        expected = [t.name for t in S.CANDIDATES if name != EMBEDDING or not requires_imatrix(t)]
+        expected = [t.name for t in CANDIDATES if name != EMBEDDING or not requires_imatrix(t)]
         assert list(costs) == expected, name  # the embedding has no imatrix: no IQ2_XXS/IQ2_XS/IQ1_S
         assert all(np.isfinite(c) and c >= 0 for c in costs.values())
-    kinds = {s.kind for s in specs if S.quantizable(s)}
+    kinds = {s.kind for s in specs if quantizable(s)}
     assert set(sens.scales) == kinds == set(sens.probes) == set(sens.exponents)
     assert all(v > 0 for v in sens.scales.values())
     assert all(0.5 <= v <= 1.5 for v in sens.exponents.values())
     # one probe per class, at the anchor type, reproduced exactly by the class's costs
     for kind, probe in sens.probes.items():
-        assert list(probe) == [S.PROBE_TYPE.name] and probe[S.PROBE_TYPE.name] > 0
+        assert list(probe) == [PROBE_TYPE.name] and probe[PROBE_TYPE.name] > 0
         members = {s.name for s in specs if s.kind == kind}
-        total = sum(c[S.PROBE_TYPE.name] for n, c in sens.cost.items() if n in members)
-        assert total == pytest.approx(probe[S.PROBE_TYPE.name], rel=1e-6)
+        total = sum(c[PROBE_TYPE.name] for n, c in sens.cost.items() if n in members)
+        assert total == pytest.approx(probe[PROBE_TYPE.name], rel=1e-6)
     # one probe per block; the share of each block follows it
-    anchor = S.PROBE_TYPE.name
+    anchor = PROBE_TYPE.name
     assert set(sens.layer_probes) == set(sens.layer_factors) == {str(i) for i in range(6)}
     block = {n: c[anchor] for n, c in sens.cost.items() if n.startswith("blk.")}
     for il, kl in sens.layer_probes.items():
@@ -118,9 +123,9 @@ def test_costs_fall_with_bits(measured):
 
 def test_uniform_prediction_matches_llama_cpp(measured, stats_path, eval_tokens):
     """Whole model at Q4_K and Q3_K: the summed costs against KL measured on held-out text."""
-    from ggufmoe.convert import ConvertOptions, convert
-    from ggufmoe.logprobs import LlamaScorer, compare
-    from ggufmoe.tensor_types import TypeRules
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.runtime.logprobs import LlamaScorer, compare
+    from ggufmoe.quant.rules import TypeRules
 
     sens, _ = measured
     tokens = eval_tokens[:512]
@@ -147,21 +152,21 @@ def test_uniform_prediction_matches_llama_cpp(measured, stats_path, eval_tokens)
 def test_cache_in_stats_file(measured, stats_path):
     sens, first = measured
     t0 = time.perf_counter()
-    again = S.load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
+    again = load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
     second = time.perf_counter() - t0
     assert again == sens
     assert second < 2.0 and second < first / 10
     # without text: whatever text it was measured on
-    assert S.load_or_measure(tiny_models.REF_MODEL, stats_path, None, progress=False, **MEASURE) == sens
+    assert load_or_measure(tiny_models.REF_MODEL, stats_path, None, progress=False, **MEASURE) == sens
     # the file is still an imatrix llama.cpp reads, and a stats file with the result in its extras
     stats = load_stats(stats_path)
-    assert S.KEY in stats.extras and json.loads(stats.extras[S.KEY])["sensitivity"]["cost"] == sens.cost
+    assert KEY in stats.extras and json.loads(stats.extras[KEY])["sensitivity"]["cost"] == sens.cost
     assert load_imatrix(stats_path).entries.keys() == stats.imatrix.entries.keys()
     # another text, other parameters or other statistics: not the cached result
-    assert S.cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text() + "x", **MEASURE) is None
-    assert S.cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), chunks=2, max_rows=64) is None
+    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text() + "x", **MEASURE) is None
+    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), chunks=2, max_rows=64) is None
     stats.layers[0].counts[0] += 1
-    assert S.cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), **MEASURE) is None
+    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), **MEASURE) is None
     # extras are string keys under ggufmoe.*, never the reserved ones
     for bad in ("sensitivity", "ggufmoe.stats.source"):
         with pytest.raises(GgufmoeError, match="extra key"):
@@ -169,27 +174,27 @@ def test_cache_in_stats_file(measured, stats_path):
     # no cache and no text: one clear error
     save_stats(Stats(stats.imatrix, {}, source="x"), stats_path.with_name("bare.gguf"))
     with pytest.raises(GgufmoeError, match="needs calibration text"):
-        S.load_or_measure(tiny_models.REF_MODEL, stats_path.with_name("bare.gguf"), None, progress=False)
+        load_or_measure(tiny_models.REF_MODEL, stats_path.with_name("bare.gguf"), None, progress=False)
 
 
 def test_gaussian_table_is_current(measured):
     """The module's relative-error table is what our quantizer gives (lookup tables are built by now)."""
-    fresh = S.gaussian_rel_errors()
-    assert fresh.keys() == S.GAUSSIAN_REL_ERROR.keys()
+    fresh = gaussian_rel_errors()
+    assert fresh.keys() == GAUSSIAN_REL_ERROR.keys()
     for t, v in fresh.items():
-        assert v == pytest.approx(S.GAUSSIAN_REL_ERROR[t], rel=1e-4), t
+        assert v == pytest.approx(GAUSSIAN_REL_ERROR[t], rel=1e-4), t
 
 
 def test_default_on_reference_agrees_with_measured(measured, ref_specs):
     sens, _ = measured
     specs, n_expert, top_k = ref_specs
-    default = S.default_sensitivity(specs, n_expert, top_k)
+    default = default_sensitivity(specs, n_expert, top_k)
     assert not default.measured and set(default.cost) == set(sens.cost)
     for name, costs in default.cost.items():
         assert not any(requires_imatrix(T[t]) for t in costs)  # no statistics: no imatrix types
         chain = [costs[t] for t in K_CHAIN]
         assert all(a > b for a, b in zip(chain, chain[1:]))
-    with_imatrix = S.default_sensitivity(specs, n_expert, top_k, imatrix=True)
+    with_imatrix = default_sensitivity(specs, n_expert, top_k, imatrix=True)
     assert "IQ2_XXS" in with_imatrix.cost["blk.0.ffn_down_exps.weight"]
     assert "IQ2_XXS" not in with_imatrix.cost[EMBEDDING]
     with pytest.raises(GgufmoeError, match="needs an importance matrix"):
@@ -210,9 +215,9 @@ def test_default_from_config_alone(tmp_path):
     arch = architecture_for(ConfigSource(tmp_path))
     specs = list(arch.tensors())
     t0 = time.perf_counter()
-    sens = S.default_sensitivity(specs, arch.n_expert, arch.top_k)
+    sens = default_sensitivity(specs, arch.n_expert, arch.top_k, aliases=arch.sensitivity_aliases)
     assert time.perf_counter() - t0 < 1.0
-    assert set(sens.cost) == {s.name for s in specs if S.quantizable(s)}
+    assert set(sens.cost) == {s.name for s in specs if quantizable(s)}
     assert not any(k in sens.cost for k in ("blk.3.ffn_gate_inp.weight", "blk.3.exp_probs_b.bias"))
     for costs in sens.cost.values():
         chain = [costs[t] for t in K_CHAIN]
@@ -225,8 +230,8 @@ def test_default_from_config_alone(tmp_path):
     exps, shexp = "blk.3.ffn_down_exps.weight", "blk.3.ffn_down_shexp.weight"
     per_el = [sens.cost[n]["Q4_K"] / by_name[n].n_elements for n in (exps, shexp)]
     assert per_el[0] / per_el[1] == pytest.approx(arch.top_k / arch.n_expert)
-    assert set(sens.scales) == {s.kind for s in specs if S.quantizable(s)} and all(v > 0 for v in sens.scales.values())
+    assert set(sens.scales) == {s.kind for s in specs if quantizable(s)} and all(v > 0 for v in sens.scales.values())
     # totals stay at the reference model's scale: a whole model at Q4_K costs what the reference does
     ref = architecture_for(HFSource(tiny_models.REF_MODEL))
-    ref_default = S.default_sensitivity(list(ref.tensors()), ref.n_expert, ref.top_k)
+    ref_default = default_sensitivity(list(ref.tensors()), ref.n_expert, ref.top_k)
     assert 0.33 < sens.predict("Q4_K") / ref_default.predict("Q4_K") < 3

@@ -13,11 +13,12 @@ import llama_gguf
 import tiny_models
 from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
-from ggufmoe.calibrate import Collector
+from ggufmoe.stats.collect import Collector
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix, write_imatrix_gguf
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix, write_imatrix_gguf
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats import ExpertStats, Stats, collect_stats, load_stats, save_stats
+from ggufmoe.stats.file import ExpertStats, Stats, load_stats, save_stats
+from ggufmoe.stats.collect import collect_stats
 from test_imatrix import write_dat
 
 CTX = 512
@@ -26,7 +27,7 @@ TOP_K = 4
 
 
 def calib_text() -> str:
-    return (tiny_models.SHARED_DATA / "calib.txt").read_text()[:60_000]
+    return (tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000]
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +93,10 @@ def test_token_ids_in_pieces():
     """The text is tokenized in pieces cut after newlines, up to max_tokens; the ids are the whole text's."""
     from transformers import AutoTokenizer
 
-    from ggufmoe import calibrate
+    from ggufmoe.stats import text as calibrate
 
     tok = AutoTokenizer.from_pretrained(tiny_models.REF_MODEL)
-    text = (tiny_models.SHARED_DATA / "calib.txt").read_text()[:300_000]
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:300_000]
     whole = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
     assert calibrate._cut_safe(tok, text) and len(calibrate._cuts(text, calibrate.PIECE_CHARS)) >= 3
     for n in (1, 777, 30_000):

@@ -6,15 +6,15 @@ import subprocess
 
 import tiny_models
 from cli_run import GGUFMOE
-from ggufmoe.sweep import Point, pareto_front
+from ggufmoe.pipeline.sweep import Point, pareto_front
 
 
 def test_sweep_end_to_end_and_resume(tmp_path):
     calib = tmp_path / "calib.txt"
-    calib.write_text((tiny_models.SHARED_DATA / "calib.txt").read_text()[:60_000])
+    calib.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000])
     out = tmp_path / "sweep"
     cmd = [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
-           "--calib", calib, "--text", tiny_models.SHARED_DATA / "eval_doc.txt", "--ctx", "1024",
+           "--calib", calib, "--text", tiny_models.TEST_DATA / "eval_doc.txt", "--ctx", "1024",
            "--max-tokens", "1024", "--threads", "2", "-o", out, "-q"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -41,8 +41,8 @@ def test_sweep_end_to_end_and_resume(tmp_path):
 
 def test_bad_budget_is_one_line(tmp_path):
     proc = subprocess.run([GGUFMOE, "sweep", str(tiny_models.REF_MODEL), "--budgets", "10M,lots", "--calib",
-                           str(tiny_models.SHARED_DATA / "calib.txt"), "--text",
-                           str(tiny_models.SHARED_DATA / "eval_doc.txt"), "-o", str(tmp_path / "s")],
+                           str(tiny_models.TEST_DATA / "calib.txt"), "--text",
+                           str(tiny_models.TEST_DATA / "eval_doc.txt"), "-o", str(tmp_path / "s")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: cannot read size 'lots' "
                                                                          "(examples: 2G, 500M, 128GiB, 1000000)"]

@@ -12,10 +12,10 @@ from gguf import TokenType
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.tokenizer import PRE_TOKENIZERS, detect_pre_tokenizer, write_tokenizer
+from ggufmoe.source.tokenizer import PRE_TOKENIZERS, detect_pre_tokenizer, write_tokenizer
 
-REF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "refmoe-qwen3"
-DATA = REF_MODEL.parents[1] / "data"
+REF_MODEL = Path(__file__).resolve().parents[1] / "models" / "refmoe-qwen3"
+DATA = Path(__file__).resolve().parent / "data"
 SPACE = "\u2581"
 
 # Pre-tokenizers as the original models' tokenizer.json files define them.
@@ -231,7 +231,7 @@ def _tiny_spm(vocab: list[str], merges: list[str], metaspace: bool) -> dict:
                       "vocab": {t: i for i, t in enumerate(["<unk>", *vocab])}, "merges": merges}}
 
 
-@pytest.mark.xfail(strict=True, reason="documented llama.cpp SPM difference (see ggufmoe.tokenizer)")
+@pytest.mark.xfail(strict=True, reason="documented llama.cpp SPM difference (see ggufmoe.source.tokenizer)")
 @pytest.mark.parametrize("tokenizer, text", [
     # merges b+c before a+b, so HF stops at "a bc"; llama.cpp merges a+bc since "abc" is a token
     (_tiny_spm([SPACE, "a", "b", "c", "bc", "ab", "abc"], ["b c", "a b", "ab c"], metaspace=False), "abc"),

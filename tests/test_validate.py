@@ -8,12 +8,12 @@ import pytest
 import tiny_models
 from cli_run import run
 from ggufmoe.arch import architecture_for
-from ggufmoe.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.memory import gguf_runtime_memory
+from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.source.hf import HFSource
-from ggufmoe.tensor_types import TypeRules
-from ggufmoe.validate import validate
+from ggufmoe.quant.rules import TypeRules
+from ggufmoe.runtime.validate import validate
 
 CTX = 512
 
@@ -75,7 +75,8 @@ def test_not_a_gguf(tmp_path):
 def test_planned_gguf_memory_matches_peak_rss(tmp_path):
     """A plan for a memory budget (file + runtime at its ctx): its predicted total is within 5% of the
     peak RSS llama.cpp reaches loading it and filling the context, and it fits its own prediction."""
-    from ggufmoe.plan import Budget, build_plan, options_from_plan
+    from ggufmoe.pipeline.budget import build_plan, options_from_plan
+    from ggufmoe.plan.budget import Budget
 
     plan = build_plan(tiny_models.REF_MODEL, Budget(120 * 2**20, ctx=1024), progress=False)
     assert plan.memory["total"] <= 120 * 2**20

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-REF_MODEL = Path(__file__).resolve().parents[2] / "shared" / "models" / "refmoe-qwen3"
-SHARED_DATA = REF_MODEL.parents[1] / "data"
+REPO = Path(__file__).resolve().parents[1]
+REF_MODEL = REPO / "models" / "refmoe-qwen3"  # the reference model embedded in the repo
+TEST_DATA = Path(__file__).resolve().parent / "data"  # calib.txt, eval_doc.txt
 VOCAB = 6144
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
               max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,

@@ -291,7 +291,7 @@ def tokenizer_from_vocab_gguf(vocab: Path, out: Path) -> tuple[int, int]:
     import gguf
 
     sys.path.insert(0, str(ROOT))
-    from ggufmoe.tokenizer import PRE_TOKENIZERS
+    from ggufmoe.source.tokenizer import PRE_TOKENIZERS
 
     r = gguf.GGUFReader(vocab)
 

@@ -1,21 +1,16 @@
-"""Architecture registry: Hugging Face ``architectures`` name -> module class."""
+"""The architecture modules: one per family, each registered (:mod:`ggufmoe.arch.registry`) when
+imported here; :func:`architecture_for` finds a source's module."""
 
 from __future__ import annotations
 
-from ..errors import GgufmoeError
-from ..source.gguf_in import GGUFSource
-from ..source.hf import HFSource
-from .base import Architecture, TensorSpec
-from .deepseek2 import Deepseek2
-from .gguf_model import GGUFModel
-from .mixtral import Mixtral
-from .olmoe import Olmoe
-from .qwen2moe import Qwen2Moe
-from .qwen3moe import Qwen3Moe
-
-ARCHITECTURES: dict[str, type[Architecture]] = {
-    name: cls for cls in (Deepseek2, Qwen3Moe, Qwen2Moe, Mixtral, Olmoe) for name in cls.hf_architectures
-}
+# Importing a family module registers it.
+from ggufmoe.arch import deepseek2, mixtral, olmoe, qwen2moe, qwen3moe  # noqa: F401
+from ggufmoe.arch.base import Architecture
+from ggufmoe.arch.gguf_model import GGUFModel
+from ggufmoe.arch.registry import ARCHITECTURES, gguf_architectures
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.gguf_in import GGUFSource
+from ggufmoe.source.hf import HFSource
 
 
 def load_config(src: HFSource):
@@ -32,7 +27,7 @@ def architecture_for(src) -> Architecture:
     """The module for a source: by its HF ``architectures`` name, or the GGUF's own (:class:`GGUFModel`)."""
     if isinstance(src, GGUFSource):
         model = GGUFModel(src)
-        known = sorted({cls.gguf_arch for cls in ARCHITECTURES.values()})
+        known = gguf_architectures()
         if model.gguf_arch not in known:
             raise GgufmoeError(f"{src.path}: unsupported llama.cpp architecture {model.gguf_arch} "
                                f"(supported: {', '.join(known)})")
@@ -44,4 +39,4 @@ def architecture_for(src) -> Architecture:
     return cls(src, load_config(src))
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "GGUFModel", "TensorSpec", "architecture_for", "load_config"]
+__all__ = ["ARCHITECTURES", "Architecture", "GGUFModel", "architecture_for", "load_config"]

@@ -6,89 +6,19 @@ An architecture turns a Hugging Face checkpoint into GGUF metadata and a list of
 
 from __future__ import annotations
 
-import re
+import copy
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Protocol
+from typing import Callable, ClassVar, Iterator
 
 import gguf
-import numpy as np
 import torch
+from gguf.constants import MODEL_TENSOR
 
-from ..errors import GgufmoeError
-from ..source.hf import HFSource
-
-Loader = Callable[[int], torch.Tensor]
-RawLoader = Callable[[int], np.ndarray]
-
-
-class RowSource(Protocol):
-    """A source that reads a range of a tensor's rows (outermost dimension) as float32."""
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class RowLoader:
-    """The loader of a tensor read straight from one source tensor: whole (``load(0)``), or a range
-    of its rows (``rows(r0, r1)``), so a big tensor can be converted in row chunks. Wrapping it
-    (pruning's row selection, a transform) gives a plain callable, which loads whole tensors only."""
-
-    src: RowSource
-    tensor: str
-
-    def __call__(self, _: int) -> torch.Tensor:
-        return self.src.get(self.tensor)
-
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` (outermost dimension) as float32."""
-        return self.src.get_rows(self.tensor, r0, r1)
-
-
-@dataclass
-class TensorSpec:
-    """One GGUF tensor. ``shape`` is in numpy order (outermost first; experts first for 3-D).
-
-    ``load(i)`` returns part ``i`` as float32: the whole tensor when ``n_parts == 1``,
-    else the 2-D slice of expert ``i``; a :class:`RowLoader` also loads a range of rows. A source
-    that stores quantized tensors (a GGUF) also gives ``source_type`` and ``raw(i)``: part ``i``'s
-    bytes as stored, copied when the type stays.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    load: Loader
-    n_parts: int = 1
-    hf_name: str = ""  # source tensor in the checkpoint; ``{e}`` marks the expert index
-    expert_ids: tuple[int, ...] | None = None  # source expert of each part, when pruned
-    source_type: gguf.GGMLQuantizationType | None = None  # type as stored in the source (GGUF)
-    raw: RawLoader | None = None  # part ``i`` as stored (uint8), for sources with ``source_type``
-
-    def source_expert(self, part: int) -> int:
-        return self.expert_ids[part] if self.expert_ids is not None else part
-
-    @property
-    def kind(self) -> str:
-        """The tensor's class: its GGUF name without block number and suffix (``ffn_down_exps``)."""
-        return re.sub(r"^blk\.\d+\.", "", self.name).rsplit(".", 1)[0]
-
-    @property
-    def layer(self) -> int | None:
-        m = re.match(r"blk\.(\d+)\.", self.name)
-        return int(m.group(1)) if m else None
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def is_expert(self) -> bool:
-        return self.n_parts > 1
-
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.tensor import RowLoader, TensorSpec
+from ggufmoe.source.hf import HFSource
+from ggufmoe.source.tokenizer import write_tokenizer
 
 @dataclass
 class Architecture:
@@ -100,6 +30,10 @@ class Architecture:
     gguf_arch: ClassVar[str] = ""
     experts_key: ClassVar[str] = "num_experts"  # config attribute holding the routed expert count
     source_file_type: ClassVar[int | None] = None  # general.file_type of a source that has one (a GGUF)
+    # Tensors besides the 3-D expert tensors whose rows are experts (pruning gathers their rows).
+    per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
+    # Tensor classes without default sensitivities of their own -> the reference class they take.
+    sensitivity_aliases: ClassVar[dict[str, str]] = {}
     # set when pruning: experts kept per layer and experts used per token
     n_expert_kept: int | None = field(default=None, init=False)
     n_expert_used: int | None = field(default=None, init=False)
@@ -108,6 +42,10 @@ class Architecture:
     def n_expert(self) -> int:
         """Routed experts per MoE layer in the source."""
         return int(getattr(self.cfg, self.experts_key))
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.cfg.vocab_size)
 
     @property
     def top_k(self) -> int:
@@ -137,11 +75,21 @@ class Architecture:
         hk, hv = self.kv_head_dims()
         return self.n_layer * int(self.cfg.num_key_value_heads) * (hk + hv)
 
-    def model_shape(self):
-        """The hyper-parameters llama.cpp's memory depends on (:class:`ggufmoe.memory.ModelShape`)."""
-        from ..memory import ModelShape
+    def model_shape(self) -> ModelShape:
+        """The hyper-parameters llama.cpp's memory depends on, as this module writes them."""
+        c = self.cfg
+        hk, hv = self.kv_head_dims()
+        return ModelShape(n_vocab=int(c.vocab_size), n_embd=int(c.hidden_size), n_layer=self.n_layer,
+                          n_head=int(c.num_attention_heads), n_head_kv=int(c.num_key_value_heads), head_k=hk, head_v=hv,
+                          n_expert=int(self.n_expert_kept or self.n_expert),
+                          n_expert_used=int(self.n_expert_used or self.top_k), n_ff_exp=self.n_ff_exp,
+                          n_ff_shexp=int(getattr(c, "shared_expert_intermediate_size", 0) or 0))
 
-        return ModelShape.from_arch(self)
+    @property
+    def n_ff_exp(self) -> int:
+        """FFN width of one routed expert."""
+        c = self.cfg
+        return int(getattr(c, "moe_intermediate_size", None) or c.intermediate_size)
 
     # --- tokenizer -------------------------------------------------------------------
     @property
@@ -151,10 +99,14 @@ class Architecture:
 
     def write_tokenizer(self, w: gguf.GGUFWriter) -> None:
         """The ``tokenizer.*`` keys, from the checkpoint's tokenizer.json."""
-        from ..tokenizer import write_tokenizer
-
         if self.writes_tokenizer:
             write_tokenizer(w, self.src.path, int(self.cfg.vocab_size))
+
+    def with_expert_counts(self, n_expert: int, top_k: int) -> "Architecture":
+        """A copy that writes ``n_expert`` experts per layer and ``top_k`` used per token (a pruned model)."""
+        out = copy.copy(self)
+        out.n_expert_kept, out.n_expert_used = n_expert, top_k
+        return out
 
     def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
         w.add_expert_count(self.n_expert_kept or self.n_expert)

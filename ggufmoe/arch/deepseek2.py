@@ -11,17 +11,25 @@ from typing import Iterator
 
 import gguf
 import torch
+from gguf.constants import MODEL_TENSOR
 
-from ..source.hf import HFSource
-from .base import Architecture, TensorSpec, rope_params
+from ggufmoe.arch.registry import register
+from ggufmoe.arch.base import Architecture, rope_params
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.source.hf import HFSource
 
 SIGMOID, SOFTMAX = gguf.ExpertGatingFuncType.SIGMOID, gguf.ExpertGatingFuncType.SOFTMAX
 
 
+@register
 class Deepseek2(Architecture):
     hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
     gguf_arch = "deepseek2"
     experts_key = "n_routed_experts"
+    per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}  # V3's routing bias
+    sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k", "attn_k_b": "attn_k",
+                           "attn_v_b": "attn_v"}  # MLA's projections default to the GQA ones
 
     @property
     def is_v3(self) -> bool:
@@ -112,6 +120,17 @@ class Deepseek2(Architecture):
         (``head_count_kv = 1``); V is a view of the first ``kv_lora_rank`` values of K.
         """
         return self.n_layer * self.kv_head_dims()[0]
+
+    def model_shape(self) -> ModelShape:
+        """MLA (one latent KV head, decompressed K heads of qk_nope + qk_rope), shared experts, dense blocks."""
+        c = self.cfg
+        s = super().model_shape()
+        s.n_head_kv, s.mla = 1, True
+        s.head_k_mla = int(c.qk_nope_head_dim + c.qk_rope_head_dim)
+        s.n_ff_shexp = int(c.n_shared_experts or 0) * self.n_ff_exp
+        s.n_dense = self.n_dense
+        s.n_ff_dense = int(c.intermediate_size) if self.n_dense else 0
+        return s
 
     def split_kv_b(self, il: int, kv_b: ReadForTwo) -> Iterator[TensorSpec]:
         """``attn_k_b`` and ``attn_v_b`` from layer ``il``'s ``kv_b_proj``, read once for both."""

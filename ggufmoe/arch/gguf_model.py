@@ -14,9 +14,13 @@ from typing import Iterator
 
 import gguf
 
-from ..errors import GgufmoeError
-from ..source.gguf_in import GGUFSource
-from .base import Architecture, RowLoader, TensorSpec
+from ggufmoe.arch.registry import family_for_gguf
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.model.names import EXPERT_TENSORS, role
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.gguf_in import GGUFSource
+from ggufmoe.arch.base import Architecture
+from ggufmoe.model.tensor import RowLoader, TensorSpec
 
 REWRITTEN = ("general.architecture", "general.name", "general.file_type", "general.quantization_version")
 OURS = "ggufmoe."
@@ -45,6 +49,19 @@ class GGUFModel(Architecture):
     @property
     def gguf_arch(self) -> str:  # type: ignore[override]
         return str(self.src.value("general.architecture"))
+
+    @property
+    def family(self) -> type[Architecture]:
+        """The module that writes this llama.cpp architecture (its tensor facts hold for the file)."""
+        return family_for_gguf(self.gguf_arch) or Architecture
+
+    @property
+    def per_expert_rows(self) -> frozenset:  # type: ignore[override]
+        return self.family.per_expert_rows
+
+    @property
+    def sensitivity_aliases(self) -> dict[str, str]:  # type: ignore[override]
+        return self.family.sensitivity_aliases
 
     def key(self, name: str) -> str:
         return f"{self.gguf_arch}.{name}"
@@ -82,9 +99,7 @@ class GGUFModel(Architecture):
     def n_layer(self) -> int:
         return self._int("block_count")
 
-    def model_shape(self):
-        from ..memory import ModelShape
-
+    def model_shape(self) -> ModelShape:
         shape = ModelShape.from_fields(self.src.fields)
         shape.n_expert = self.n_expert_kept or self.n_expert
         shape.n_expert_used = self.n_expert_used or self.top_k
@@ -134,4 +149,4 @@ class GGUFModel(Architecture):
 
 def _is_expert(name: str, shape: tuple[int, ...]) -> bool:
     """A routed-experts tensor: 3-D ``*_exps``, experts outermost."""
-    return "_exps." in name and len(shape) == 3
+    return role(name) in EXPERT_TENSORS and len(shape) == 3

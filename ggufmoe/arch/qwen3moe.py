@@ -6,9 +6,12 @@ from typing import Iterator
 
 import gguf
 
-from .base import Architecture, TensorSpec
+from ggufmoe.arch.registry import register
+from ggufmoe.arch.base import Architecture
+from ggufmoe.model.tensor import TensorSpec
 
 
+@register
 class Qwen3Moe(Architecture):
     hf_architectures = ("Qwen3MoeForCausalLM",)
     gguf_arch = "qwen3moe"

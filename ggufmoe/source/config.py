@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import GgufmoeError
+from ggufmoe.errors import GgufmoeError
 
 
 class ConfigSource:
@@ -85,20 +85,3 @@ def check_shapes(src) -> None:
         if want is not None and got != want:
             raise GgufmoeError(f"{src.path}: tensor {name} has shape {list(got)}, but config.json defines "
                                f"{list(want)}")
-
-
-def open_source(path: str | Path, config_ok: bool = True):
-    """The one place that tells source kinds apart: a GGUF file (or any shard of a split one), a
-    checkpoint directory with weights, or — when ``config_ok`` — a configuration alone (config.json
-    or a directory without weights)."""
-    from .gguf_in import GGUFSource, is_gguf_path
-    from .hf import HFSource
-
-    p = Path(path)
-    if is_gguf_path(p):
-        return GGUFSource(p)
-    if not config_ok or p.is_dir() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
-        return HFSource(p)
-    if p.is_file() and p.name.endswith(".json") or p.is_dir():
-        return ConfigSource(p)
-    raise GgufmoeError(f"{p}: not a model directory, GGUF file or config.json")

@@ -8,7 +8,6 @@ stays) and as float32 (``get``: dequantized with ``gguf.quants.dequantize``, for
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,14 +18,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
-from ..errors import GgufmoeError
-from ..gguf_file import read_gguf
-from ..validate import gguf_files
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.gguf_file import read_gguf
+from ggufmoe.source.gguf_file import ShardName
+from ggufmoe.source.gguf_file import gguf_files
 
 # Keys that describe one file's layout, not the model: never carried to another file.
 LAYOUT_PREFIXES = ("GGUF.", "split.")
 LAYOUT_KEYS = ("general.alignment",)
-_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class GGUFSource:
 
     @property
     def name(self) -> str:
-        return str(self.value("general.name", "") or _SHARD_SUFFIX.sub("", self.path.stem))
+        return str(self.value("general.name", "") or _unsplit_stem(self.path))
 
     def value(self, key: str, default: Any = None) -> Any:
         f = self.fields.get(key)
@@ -147,3 +146,8 @@ class GGUFSource:
         """(name, numpy-order shape, type) of every tensor, in file order."""
         for name in self._tensors:
             yield name, self.shape(name), self.qtype(name)
+
+
+def _unsplit_stem(path: Path) -> str:
+    shard = ShardName.parse(path.name)
+    return shard.base if shard else path.stem

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GgufmoeError, one_line
+from ggufmoe.errors import GgufmoeError, one_line
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales

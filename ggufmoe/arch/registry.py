@@ -1,0 +1,26 @@
+"""The registry of architecture modules: each family registers itself with :func:`register`."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from ggufmoe.arch.base import Architecture
+
+ARCHITECTURES: dict[str, type[Architecture]] = {}  # Hugging Face ``architectures`` name -> module class
+A = TypeVar("A", bound=type[Architecture])
+
+
+def register(cls: A) -> A:
+    """Class decorator: ``cls`` converts every Hugging Face architecture in its ``hf_architectures``."""
+    for name in cls.hf_architectures:
+        ARCHITECTURES[name] = cls
+    return cls
+
+
+def family_for_gguf(gguf_arch: str) -> type[Architecture] | None:
+    """The registered module that writes llama.cpp architecture ``gguf_arch``, if any."""
+    return next((cls for cls in ARCHITECTURES.values() if cls.gguf_arch == gguf_arch), None)
+
+
+def gguf_architectures() -> list[str]:
+    return sorted({cls.gguf_arch for cls in ARCHITECTURES.values()})

@@ -1,0 +1,64 @@
+"""The hyper-parameters llama.cpp's memory depends on, as an architecture writes them or a GGUF holds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ggufmoe.source.gguf_file import read_gguf
+
+
+@dataclass
+class ModelShape:
+    """The hyper-parameters llama.cpp's caches and compute graph depend on, as written to GGUF."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_k: int          # K head size as cached (MLA: kv_lora_rank + rope dims)
+    head_v: int          # V head size as cached (MLA: kv_lora_rank)
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_ff_shexp: int = 0  # shared expert(s), all together
+    n_ff_dense: int = 0  # leading dense blocks (DeepSeek)
+    n_dense: int = 0
+    mla: bool = False
+    head_k_mla: int = 0  # MLA: qk_nope + qk_rope (the decompressed K head)
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        if self.mla:
+            return self.n_layer * self.head_k
+        return self.n_layer * self.n_head_kv * (self.head_k + self.head_v)
+
+    @classmethod
+    def from_gguf(cls, path) -> "ModelShape":
+        """The shape as llama.cpp reads it from a GGUF file's metadata."""
+        return cls.from_fields(read_gguf(path).fields)
+
+    @classmethod
+    def from_fields(cls, f: dict) -> "ModelShape":
+        """The shape from a GGUF's metadata (``GGUFReader.fields``)."""
+        a = f["general.architecture"].contents()
+
+        def g(key, default=None):
+            field = f.get(f"{a}.{key}")
+            return field.contents() if field is not None else default
+
+        n_embd, n_head = int(g("embedding_length")), int(g("attention.head_count"))
+        n_vocab = g("vocab_size") or len(f["tokenizer.ggml.tokens"].data)
+        mla = g("attention.key_length_mla") is not None
+        ff = int(g("feed_forward_length", 0))
+        return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=int(g("block_count")), n_head=n_head,
+                   n_head_kv=int(g("attention.head_count_kv", n_head)),
+                   head_k=int(g("attention.key_length", n_embd // n_head)),
+                   head_v=int(g("attention.value_length", n_embd // n_head)),
+                   n_expert=int(g("expert_count")), n_expert_used=int(g("expert_used_count")),
+                   n_ff_exp=int(g("expert_feed_forward_length", ff)),
+                   n_ff_shexp=int(g("expert_shared_feed_forward_length", 0)) or
+                   int(g("expert_shared_count", 0)) * int(g("expert_feed_forward_length", ff)),
+                   n_ff_dense=ff if g("leading_dense_block_count") else 0,
+                   n_dense=int(g("leading_dense_block_count", 0)),
+                   mla=mla, head_k_mla=int(g("attention.key_length_mla", 0)))

@@ -1,0 +1,1 @@
+"""Writing GGUF: the streaming writer, exact file sizes before writing, Ollama Modelfiles."""

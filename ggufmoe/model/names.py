@@ -1,0 +1,67 @@
+"""GGUF tensor names, parsed and built through gguf-py's own table (``MODEL_TENSOR`` / ``TENSOR_NAMES``).
+
+``blk.3.ffn_gate_exps.weight`` is ``TensorName(MODEL_TENSOR.FFN_GATE_EXP, 3, "weight")``. Code asks
+for a tensor's role (:attr:`TensorName.tensor`) instead of matching substrings of its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
+
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@lru_cache(maxsize=1)
+def _by_base() -> dict[tuple[bool, str], MODEL_TENSOR]:
+    """(in a block, name without block prefix) -> role; gguf-py lists a few roles under two names."""
+    table: dict[tuple[bool, str], MODEL_TENSOR] = {}
+    for t, pattern in TENSOR_NAMES.items():
+        block = pattern.startswith("blk.{bid}.")
+        table.setdefault((block, pattern.removeprefix("blk.{bid}.")), t)
+    return table
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """A parsed GGUF tensor name: role (None when gguf-py has no name for it), block, suffix."""
+
+    base: str  # the name without block prefix and suffix: the tensor's class (``ffn_down_exps``)
+    layer: int | None = None
+    suffix: str = "weight"
+    tensor: MODEL_TENSOR | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> "TensorName":
+        m = _BLOCK.fullmatch(name)
+        layer, rest = (int(m.group(1)), m.group(2)) if m else (None, name)
+        base, _, suffix = rest.rpartition(".")
+        if not base:
+            base, suffix = rest, ""
+        return cls(base, layer, suffix, _by_base().get((layer is not None, base)))
+
+    def __str__(self) -> str:
+        head = self.base if self.layer is None else f"blk.{self.layer}.{self.base}"
+        return f"{head}.{self.suffix}" if self.suffix else head
+
+
+def tensor_name(tensor: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
+    """The GGUF name of ``tensor`` (in block ``layer``), e.g. ``blk.3.ffn_gate_inp.weight``."""
+    pattern = TENSOR_NAMES[tensor]
+    base = pattern.format(bid=layer) if "{bid}" in pattern else pattern
+    return f"{base}.{suffix}" if suffix else base
+
+
+def role(name: str) -> MODEL_TENSOR | None:
+    return TensorName.parse(name).tensor
+
+
+# Roles by what they do: the routed experts (3-D, experts outermost) and the routers.
+EXPERT_TENSORS = frozenset({MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP})
+GATE_UP_EXPERTS = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP)  # read the layer's MoE input
+EXPERT_ORDER = (*GATE_UP_EXPERTS, MODEL_TENSOR.FFN_DOWN_EXP)
+ROUTER = MODEL_TENSOR.FFN_GATE_INP
+EMBEDDING = MODEL_TENSOR.TOKEN_EMBD

@@ -1,0 +1,177 @@
+"""One streaming pass from a model (Hugging Face checkpoint or GGUF) to a GGUF file: read, quantize, write.
+
+A tensor whose type stays what the source stores (a GGUF source) is copied byte for byte, expert
+slices included: no dequantization, no requantization loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ggufmoe.arch import architecture_for
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.model.tensor import RowLoader
+from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
+from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
+from ggufmoe.prune.apply import prune_model
+from ggufmoe.quant.ggml import Quantizer, one_torch_thread
+from ggufmoe.pipeline.read_ahead import read_ahead
+from ggufmoe.source.config import check_shapes
+from ggufmoe.source import open_source
+from ggufmoe.stats.file import load_stats
+from ggufmoe.quant.rules import TypedTensor, TypeRules
+from ggufmoe.plan.layout import assign_types, prepare_output
+from ggufmoe.source.fingerprint import file_identity, model_files
+from ggufmoe.source.gguf_file import is_shard_of
+
+
+CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
+CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
+
+
+@dataclass
+class ConvertOptions:
+    out: Path
+    types: TypeRules
+    imatrix: Path | None = None
+    threads: int | None = None
+    split_max_size: int = 0
+    progress: bool = True
+    stats: Path | None = None
+    prune: PruneRequest | None = None
+    pruning: Pruning | None = None  # decided already (a budget plan); overrides ``prune``
+    resume: bool = False  # continue an interrupted conversion to ``out`` (same plan and inputs)
+
+
+@dataclass
+class Piece:
+    """One part of a tensor as read from the source, in write order: the stored bytes to copy, or
+    float32 rows to quantize with their importance rows (one row, or one per outermost slice)."""
+
+    plan: TypedTensor
+    data: np.ndarray
+    importance: np.ndarray | None = None
+
+
+def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None) -> Iterator[Piece]:
+    """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time."""
+    for p in plans:
+        for i in range(p.spec.n_parts):
+            if p.copies:
+                yield Piece(p, p.spec.raw(i))
+                continue
+            rows = importance(p.spec, i, imatrix)
+            for r0, data in part_chunks(p.spec, i):
+                yield Piece(p, data.numpy(), rows if rows is None or len(rows) == 1 else rows[r0:])
+
+
+def encode(piece: Piece, q: Quantizer) -> np.ndarray:
+    """The bytes written for ``piece``. Quantized rows are contiguous in GGUF, so parts are written in order."""
+    p, rows = piece.plan, piece.importance
+    if p.copies:
+        return piece.data
+    if rows is not None and len(rows) > 1:
+        return np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(piece.data, rows)])
+    return q.quantize(piece.data, p.qtype, None if rows is None else rows[0])
+
+
+def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm) -> Iterator[np.ndarray]:
+    for piece in pieces:
+        data = encode(piece, q)
+        bar.update(data.nbytes)
+        yield data
+
+
+def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Part ``i`` as float32, with the index of its first row: whole, or in row chunks when the tensor
+    is big and its loader reads rows (see :func:`chunk_rows`)."""
+    step = chunk_rows(spec)
+    if step is None:
+        yield 0, checked_shape(spec, spec.load(i), spec.shape[1:] if spec.is_expert else spec.shape)
+        return
+    n = spec.shape[0]
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        yield r0, checked_shape(spec, spec.load.rows(r0, r1), (r1 - r0, *spec.shape[1:]))
+
+
+def chunk_rows(spec: TensorSpec) -> int | None:
+    """Rows per chunk for a tensor over ``CHUNK_BYTES`` in float32 whose loader reads rows, else None.
+    Chunks are whole multiples of ``CHUNK_ALIGN`` rows (whole FP8 scale blocks) unless the tensor ends."""
+    if not isinstance(spec.load, RowLoader) or 4 * spec.n_elements <= CHUNK_BYTES:
+        return None
+    row_bytes = 4 * spec.n_elements // spec.shape[0]
+    return max(CHUNK_ALIGN, CHUNK_BYTES // row_bytes // CHUNK_ALIGN * CHUNK_ALIGN)
+
+
+def checked_shape(spec: TensorSpec, data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(data.shape) != tuple(shape):
+        raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(shape)}")
+    return data
+
+
+def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
+    """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
+    refuse_overwriting_inputs(input_files(src_dir, opts), [opts.out], opts.split_max_size > 0)
+    src = open_source(src_dir, config_ok=False)
+    arch = architecture_for(src)
+    check_shapes(src)
+    stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
+    imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
+    prune = opts.pruning or choose_experts(arch, stats, opts.prune or PruneRequest())
+    if prune.n_expert != arch.n_expert:
+        raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
+                           f"{src.path} has {arch.n_expert}")
+    arch, specs = prune_model(arch, prune)
+    plans = assign_types(specs, opts.types, imatrix)
+    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size, imatrix,
+                         opts.imatrix or opts.stats)
+    try:
+        with out:
+            done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
+            if done:
+                tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
+            with (Quantizer(opts.threads) as q, one_torch_thread(),
+                  read_ahead(read_pieces(plans[done:], imatrix)) as pieces,
+                  tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
+                       disable=not opts.progress) as bar):
+                bar.update(sum(p.nbytes for p in plans[:done]))
+                for name, group in itertools.groupby(pieces, key=lambda piece: piece.plan.spec.name):
+                    out.write_tensor(name, encoded(group, q, bar))
+            return out.finish()
+    except KeyboardInterrupt:
+        if not out.kept:
+            raise
+        raise Interrupted(f"{out.tensors_done} of {len(plans)} tensors are kept in {out.state_dir}: "
+                          f"run the same command with --resume to continue") from None
+    except OSError as e:
+        kept = f"; {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""
+        raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e}){kept}") from None
+
+
+def input_files(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
+    """Every input file that decides the output's data: the source's files, the imatrix and the statistics
+    (a missing source is left for ``open_source`` to report)."""
+    return model_files(src_dir) + [p for p in (opts.imatrix, opts.stats) if p is not None and p.exists()]
+
+
+def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path], split: bool = False) -> None:
+    """Fail, before anything is read, when an output would replace an input: the same file (same inode,
+    through symlinks and hard links too) or, for a split output, one of its shard names."""
+    for out in outputs:
+        for f in inputs:
+            same = out.exists() and os.path.samefile(out, f)
+            if not same and split and out.parent.is_dir() and is_shard_of(f.name, out.stem):
+                same = os.path.samefile(out.parent, f.parent)
+            if same:
+                raise GgufmoeError(f"{out}: the output would overwrite the input {f}; choose another output path")

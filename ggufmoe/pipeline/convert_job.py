@@ -1,0 +1,32 @@
+"""``ggufmoe convert`` as asked: a conversion as given, the execution of a saved plan, or a plan made
+for a memory budget first (calibrating when needed) and then executed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.pipeline.budget import convert_to_budget, options_from_plan
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.plan.budget import Budget, Plan
+
+
+@dataclass
+class ConvertJob:
+    opts: ConvertOptions
+    plan_file: Path | None = None  # a plan from `ggufmoe plan`
+    budget: Budget | None = None  # plan for this budget first
+    calib: Path | None = None  # calibration text for the budget plan
+    criterion: str = "reap"  # which experts the budget plan keeps
+
+    def run(self, src: str | Path) -> tuple[Plan | None, list[Path]]:
+        """The plan made or executed (None for a conversion as given) and the files written."""
+        if self.plan_file and self.budget:
+            raise GgufmoeError("give --plan or --budget, not both")
+        if self.plan_file:
+            plan = Plan.load(self.plan_file)
+            return plan, convert(src, options_from_plan(plan, self.opts))
+        if self.budget:
+            return convert_to_budget(src, self.opts, self.budget, self.calib, self.opts.types, self.criterion)
+        return None, convert(src, self.opts)

@@ -1,0 +1,244 @@
+"""Memory-budget planner: which experts to keep and one llama.cpp type per tensor, so that the
+file plus llama.cpp's runtime memory fit the budget at the least predicted KL divergence.
+
+For every candidate keep count (each multiple of the expert-group count from all experts down
+to half, at most :data:`MAX_KEEP_CANDIDATES` of them): prune (as ``convert --keep`` would), start
+every tensor at its cheapest allowed type, then take upgrades in order of predicted KL saved per
+byte (steps along each tensor's lower convex hull of bytes vs. predicted cost) while they fit.
+Bytes are the file's, plus, unless the budget counts the file only, the copies llama.cpp's CPU
+backend makes of repacked types (Q4_K, IQ4_NL ... on x86). The keep count with the lowest
+predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
+
+A GGUF source caps precision: a tensor is offered its stored type (copied as it is) and the
+candidates with fewer bits per weight, never more — unless a ``--tensor-type`` pin asks for
+more, which the plan's notes say. Costs stay those against the original weights: the stored
+type's for a copy, the new type's plus the stored type's for a requantized tensor.
+
+The bytes come from the output ``convert`` would prepare (:mod:`ggufmoe.plan.layout`), the costs
+from the sensitivities (:mod:`ggufmoe.sensitivity`), runtime memory from :mod:`ggufmoe.plan.memory`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ggufmoe.arch import Architecture
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.gguf.header import file_bytes
+from ggufmoe.model.qtypes import CANDIDATES, POOR_WITHOUT_IMATRIX, bits_per_weight, effective_type
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.plan.budget import Budget, Plan
+from ggufmoe.plan.layout import overhead_bytes, padded, planned_output
+from ggufmoe.plan.memory import is_repacked, local_repack_types, runtime_memory, weight_memory
+from ggufmoe.plan.report import source_notes
+from ggufmoe.prune.apply import prune_model
+from ggufmoe.prune.criteria import Pruning, PruneRequest, choose, choose_experts, resolve
+from ggufmoe.quant.ggml import requires_imatrix
+from ggufmoe.quant.rules import EMBEDDING, TypedTensor, TypeRules, always_f32
+from ggufmoe.sensitivity.cost import Sensitivity
+from ggufmoe.stats.file import Stats
+from ggufmoe.units import format_size
+
+MIN_KEEP_RATIO = 0.5  # pruning more than half the experts never paid on the reference model
+MAX_KEEP_CANDIDATES = 13  # keep counts tried (evenly spread between all and half when there are more)
+# Predicted KL per unit of routing mass removed, used when it cannot be measured (no weights).
+DEFAULT_PRUNE_SCALE = 1.0
+
+
+@dataclass
+class Option:
+    """One way to store a tensor: its type, the bytes it takes from the budget, its predicted KL."""
+
+    qtype: T
+    nbytes: int
+    cost: float
+
+
+def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool,
+                repack: dict | None = None) -> list[Option]:
+    """Allowed (type, bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped.
+
+    Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
+    llama.cpp's CPU backend makes of it when ``repack`` (:func:`ggufmoe.plan.memory.local_repack_types`)
+    holds its type.
+    A tensor with a ``source_type`` (GGUF) is offered that type (copied) and the candidates with fewer
+    bits, priced at their own cost plus the stored type's: requantizing keeps the error already there.
+    """
+    def nbytes(t: T) -> int:
+        n = TypedTensor(spec, t).nbytes
+        return padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0)
+
+    if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or always_f32(spec):
+        t = pins.type_for(spec)
+        return [Option(t, nbytes(t), 0.0)]
+    costs = sens.cost.get(spec.name, {})
+    cap = spec.source_type
+    seen: dict[T, Option] = {}
+    for t in CANDIDATES:
+        if (t in POOR_WITHOUT_IMATRIX and not with_stats) or (spec.name == EMBEDDING and requires_imatrix(t)):
+            continue
+        eff = effective_type(t, spec.shape[-1])
+        if eff in seen or eff.name not in costs and t.name not in costs:
+            continue
+        cost = costs.get(t.name, costs.get(eff.name, 0.0))
+        if cap is not None and eff != cap:
+            if bits_per_weight(eff) >= bits_per_weight(cap):
+                continue
+            cost += _cost_at(cap, costs)  # requantized: the stored type's error stays, the new one adds
+        seen[eff] = Option(eff, nbytes(eff), cost)
+    if cap is not None:
+        seen[cap] = Option(cap, nbytes(cap), _cost_at(cap, costs))
+    opts = sorted(seen.values(), key=lambda o: (o.nbytes, o.cost))
+    hull: list[Option] = []
+    for o in opts:  # lower convex hull of (bytes, cost), cost falling
+        if hull and o.cost >= hull[-1].cost:
+            continue
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], o):
+            hull.pop()
+        hull.append(o)
+    if not hull:
+        raise GgufmoeError(f"{spec.name}: no allowed type")
+    return hull
+
+
+def _cost_at(t: T, costs: dict[str, float]) -> float:
+    """The cost of a type the sensitivities do not price (a source's own, e.g. Q5_0 or F32): that of
+    the priced type with the fewest bits per weight at or above it; 0 above them all."""
+    if t.name in costs:
+        return costs[t.name]
+    above = [(bits_per_weight(T[n]), c) for n, c in costs.items() if bits_per_weight(T[n]) >= bits_per_weight(t)]
+    return min(above)[1] if above else 0.0
+
+
+def _slope(a: Option, b: Option) -> float:
+    return (a.cost - b.cost) / max(b.nbytes - a.nbytes, 1)
+
+
+def allocate(groups: dict[str, list[Option]], budget: int) -> tuple[dict[str, Option], int]:
+    """Cheapest option everywhere, then the best cost-per-byte upgrades that fit. Returns choice and bytes."""
+    level = {name: 0 for name in groups}
+    used = sum(opts[0].nbytes for opts in groups.values())
+    if used > budget:
+        raise _TooSmall(used)
+    heap = [(-_slope(o[0], o[1]), name) for name, o in groups.items() if len(o) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        opts, i = groups[name], level[name]
+        step = opts[i + 1].nbytes - opts[i].nbytes
+        if used + step > budget:
+            continue
+        used += step
+        level[name] = i + 1
+        if i + 2 < len(opts):
+            heapq.heappush(heap, (-_slope(opts[i + 1], opts[i + 2]), name))
+    return {name: groups[name][i] for name, i in level.items()}, used
+
+
+class _TooSmall(Exception):
+    def __init__(self, needed: int):
+        self.needed = needed
+
+
+def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool = False) -> list[int]:
+    n = arch.n_expert
+    if (stats is None or not stats.layers) and not config_only:
+        return [n]
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    steps = list(range(n, max(groups, math.ceil(MIN_KEEP_RATIO * n / groups) * groups) - 1, -groups))
+    if len(steps) > MAX_KEEP_CANDIDATES:
+        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, MAX_KEEP_CANDIDATES).round().astype(int)]
+    return [k for k in steps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+
+
+def prune_cost(plan: Pruning, stats: Stats | None, scale: float) -> float:
+    """Predicted KL of pruning: routing mass removed, averaged over layers, times a measured scale."""
+    if not plan.prunes:
+        return 0.0
+    if stats is None:  # configuration alone: assume the removed experts carried their share of routing
+        return scale * (1.0 - plan.keep / plan.n_expert)
+    removed = []
+    for il, kept in plan.kept.items():
+        s = stats.layers[il]
+        mass = s.weight_mass if stats.has_routing else s.counts
+        total = float(mass.sum()) or 1.0
+        removed.append(1.0 - float(mass[kept].sum()) / total)
+    return scale * sum(removed) / max(len(removed), 1)
+
+
+def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
+                     pins: TypeRules, prune_scale: float, criterion: str = "reap",
+                     stats_path: str | None = None) -> Plan:
+    """The best plan over the candidate keep counts; a clear error when nothing fits."""
+    best: Plan | None = None
+    smallest = None
+    candidates = []
+    crit = criterion if stats is None or stats.has_routing else "frequency"
+    config_only = not src.has_weights
+    local = local_repack_types()  # the memory llama.cpp here takes; the allocation prices it unless weights only
+    repack = {} if budget.weights_only else local
+    for keep in keep_candidates(arch, stats, config_only):
+        if config_only and keep < arch.n_expert:
+            # which experts is decided at conversion, from calibration; placeholders keep the shapes right
+            _, top_k = resolve(arch, PruneRequest(keep=keep))
+            pplan = _placeholder_kept(arch, Pruning(arch.n_expert, arch.top_k, keep, top_k, crit, 0.5))
+        else:
+            pplan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit))
+        pruned, specs = prune_model(arch, pplan)
+        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack) for s in specs}
+        first = {name: o[0].qtype for name, o in groups.items()}
+        overhead = overhead_bytes(src, pruned, specs, first, pplan, stats, stats_path)
+        runtime = runtime_memory(pruned, 0, budget.ctx, budget.kv_type)
+        fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
+        limit = budget.total - fixed
+        for _ in range(8):  # runtime memory is not exactly linear in the file (pages, margins): back off
+            try:
+                choice, used = allocate(groups, limit)
+            except _TooSmall as e:
+                need = e.needed + (budget.total - limit)
+                smallest = need if smallest is None else min(smallest, need)
+                choice = None
+                break
+            types = {name: o.qtype for name, o in choice.items()}
+            writer = planned_output(src, pruned, specs, types, pplan, stats, stats_path).writer
+            size, wm = file_bytes(writer), weight_memory(writer, local)
+            mem = runtime_memory(pruned, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked)
+            over = (size if budget.weights_only else mem.total) - budget.total
+            if over <= 0:
+                break
+            limit -= over
+        else:
+            choice = None
+        if choice is None:
+            continue
+        quant = sum(o.cost for o in choice.values())
+        pcost = prune_cost(pplan, stats, prune_scale)
+        plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
+                    kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
+                    top_k_source=arch.top_k, keep=keep, top_k=pplan.top_k, criterion=crit, kept=pplan.kept,
+                    types={n: t.name for n, t in types.items()},
+                    tensor_bytes={s.name: TypedTensor(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
+                    memory=dict(weights=mem.weights, kv_cache=mem.kv_cache, compute=mem.compute,
+                                reserve=mem.reserve, total=mem.total),
+                    predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path)
+        candidates.append(dict(keep=keep, file_bytes=size, predicted_kld=plan.predicted_kld["total"]))
+        if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
+            best, best_specs = plan, specs
+    if best is None:
+        raise GgufmoeError(f"budget {format_size(budget.total)} is too small: the smallest feasible plan needs "
+                           f"{format_size(smallest)} ({smallest} bytes)")
+    best.candidates = candidates
+    best.notes = source_notes(best_specs, {n: T[t] for n, t in best.types.items()})
+    return best
+
+
+def _placeholder_kept(arch: Architecture, pplan: Pruning) -> Pruning:
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
+    pplan.kept = {il: choose(np.zeros(arch.n_expert), pplan.keep, groups) for il in layers}
+    return pplan

@@ -1,0 +1,1 @@
+"""Expert pruning: which experts to keep (criteria) and the pruned tensor list (apply)."""

@@ -1,0 +1,69 @@
+"""Pruning applied: the tensor list of the pruned model, with routers, routing biases and expert
+tensors kept consistent, and the provenance keys that record it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+import torch
+
+from ggufmoe.arch import Architecture
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.prune.criteria import Pruning
+
+
+def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[TensorSpec]]:
+    """The pruned model: an architecture that writes the new expert counts (``arch`` itself is left
+    as it is) and its tensor list, with expert parts and per-expert rows (routers, routing biases)
+    gathered."""
+    pruned = arch.with_expert_counts(plan.keep, plan.top_k)
+    specs = list(pruned.tensors())
+    if not plan.prunes:
+        return pruned, specs
+    out = []
+    for s in specs:
+        kept = plan.kept.get(s.layer) if s.layer is not None else None
+        if kept is None:
+            out.append(s)
+        elif s.is_expert:
+            out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_parts(s.load, kept),
+                               raw=_parts(s.raw, kept) if s.raw else None, expert_ids=tuple(kept)))
+        elif s.parsed.tensor in arch.per_expert_rows:
+            out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_rows(s.load, kept),
+                               raw=_raw_rows(s.raw, kept, s.shape[0]) if s.raw else None))
+        else:
+            out.append(s)
+    return pruned, out
+
+
+def _parts(load: Callable[[int], Any], kept: list[int]) -> Callable[[int], Any]:
+    return lambda i: load(kept[i])
+
+
+def _rows(load: Callable[[int], torch.Tensor], kept: list[int]) -> Callable[[int], torch.Tensor]:
+    return lambda i: load(i)[kept]
+
+
+def _raw_rows(raw: Callable[[int], np.ndarray], kept: list[int], n_rows: int) -> Callable[[int], np.ndarray]:
+    """Rows of stored bytes: every row is whole blocks, so a row of any type is a slice of bytes."""
+    return lambda i: raw(i).reshape(n_rows, -1)[kept].reshape(-1)
+
+
+def write_provenance(w: gguf.GGUFWriter, source: str, plan: Pruning) -> None:
+    """``ggufmoe.*`` keys: where the file comes from and which experts it kept."""
+    w.add_string("ggufmoe.source", source)
+    if not plan.changes:
+        return
+    w.add_uint32("ggufmoe.prune.expert_count_source", plan.n_expert)
+    w.add_uint32("ggufmoe.prune.expert_used_count_source", plan.top_k_source)
+    w.add_uint32("ggufmoe.prune.keep", plan.keep)
+    w.add_uint32("ggufmoe.prune.expert_used_count", plan.top_k)
+    if not plan.prunes:
+        return
+    w.add_string("ggufmoe.prune.criterion", plan.criterion)
+    w.add_float32("ggufmoe.prune.alpha", plan.alpha)
+    for il, kept in sorted(plan.kept.items()):
+        w.add_array(f"ggufmoe.prune.kept.{il}", kept)

@@ -1,0 +1,131 @@
+"""Which experts to keep: score experts from calibration statistics, keep the best per layer.
+
+Every layer keeps the same number of experts (llama.cpp has one ``expert_count``) but picks its
+own. Kept experts stay in their original order. With DeepSeek-style group routing each group
+keeps ``keep / groups`` experts, so groups stay equal and contiguous and group selection is
+unchanged for the kept experts; a ``keep`` that is not a multiple of the group count is refused
+(the error names the nearest valid counts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ggufmoe.arch import Architecture
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.stats.file import ExpertStats, Stats
+
+CRITERIA = ("frequency", "routing", "reap")
+
+
+@dataclass
+class PruneRequest:
+    """What the user asked for; ``keep``/``keep_ratio`` None keeps all experts."""
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+    criterion: str = "routing"
+    alpha: float = 0.5
+    top_k: int | None = None
+    top_k_scale: float | None = None
+
+
+@dataclass
+class Pruning:
+    """Experts kept per MoE layer (original indices, new order) and experts used per token."""
+
+    n_expert: int
+    top_k_source: int
+    keep: int
+    top_k: int
+    criterion: str
+    alpha: float
+    kept: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep < self.n_expert
+
+    @property
+    def changes(self) -> bool:
+        return self.prunes or self.top_k != self.top_k_source
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    total = float(np.sum(x))
+    return x / total if total > 0 else np.zeros_like(x, dtype=np.float64)
+
+
+def expert_scores(s: ExpertStats, criterion: str, alpha: float) -> np.ndarray:
+    """Higher is more useful. ``routing`` is alpha * frequency + (1 - alpha) * mean routing weight,
+    each normalised over the layer's experts; ``reap`` is the REAP saliency."""
+    if criterion == "frequency":
+        return s.frequency
+    if criterion == "routing":
+        return alpha * normalised(s.frequency) + (1 - alpha) * normalised(s.mean_routing)
+    if criterion == "reap":
+        return s.reap
+    raise GgufmoeError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
+
+
+def choose(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
+    """The ``keep`` best experts in original order; with groups, ``keep / groups`` from each group."""
+    n = len(scores)
+    size, per_group = n // groups, keep // groups
+    kept: list[int] = []
+    for g in range(groups):
+        members = np.arange(g * size, (g + 1) * size)
+        order = np.argsort(-scores[members], kind="stable")  # ties: lower index first
+        kept += sorted(members[order[:per_group]].tolist())
+    return kept
+
+
+def resolve(arch: Architecture, req: PruneRequest) -> tuple[int, int]:
+    """(experts kept, experts used per token) for a request, checked against the model."""
+    n, k = arch.n_expert, arch.top_k
+    if req.keep is not None and req.keep_ratio is not None:
+        raise GgufmoeError("give --keep or --keep-ratio, not both")
+    keep = n if req.keep is None and req.keep_ratio is None else (
+        req.keep if req.keep is not None else round(req.keep_ratio * n))
+    if not 1 <= keep <= n:
+        raise GgufmoeError(f"cannot keep {keep} of {n} experts")
+    if req.top_k is not None and req.top_k_scale is not None:
+        raise GgufmoeError("give --top-k or --top-k-scale, not both")
+    top_k = req.top_k if req.top_k is not None else (math.ceil(req.top_k_scale * k - 1e-9) if req.top_k_scale else k)
+    groups = arch.expert_groups
+    if groups:
+        n_group, used = groups
+        if keep % n_group:
+            lo, hi = keep // n_group * n_group, (keep // n_group + 1) * n_group
+            raise GgufmoeError(f"--keep {keep}: the model routes through {n_group} expert groups, so the kept "
+                               f"count must be a multiple of {n_group} (e.g. {lo or hi} or {hi})")
+        reachable = used * keep // n_group
+    else:
+        reachable = keep
+    if not 1 <= top_k <= reachable:
+        raise GgufmoeError(f"top-k {top_k} is impossible with {keep} experts kept (at most {reachable} reachable)")
+    return keep, top_k
+
+
+def choose_experts(arch: Architecture, stats: Stats | None, req: PruneRequest) -> Pruning:
+    keep, top_k = resolve(arch, req)
+    plan = Pruning(arch.n_expert, arch.top_k, keep, top_k, req.criterion, req.alpha)
+    if not plan.prunes:
+        return plan
+    if stats is None:
+        raise GgufmoeError("pruning needs calibration statistics: pass --stats (from `ggufmoe calibrate`)")
+    if req.criterion != "frequency" and not stats.has_routing:
+        raise GgufmoeError(f"criterion {req.criterion!r} needs routing statistics from `ggufmoe calibrate`; "
+                           "a llama.cpp imatrix only supports --criterion frequency")
+    moe_layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    for il in moe_layers:
+        layer = stats.layers.get(il)
+        if layer is None or len(layer.counts) != arch.n_expert:
+            raise GgufmoeError(f"the statistics do not match this model (layer {il}: "
+                               f"{'missing' if layer is None else f'{len(layer.counts)} experts'})")
+        plan.kept[il] = choose(expert_scores(layer, req.criterion, req.alpha), keep, groups)
+    return plan

@@ -1,0 +1,1 @@
+"""Quantization: llama.cpp's quantizers through ctypes, and which type each tensor gets."""

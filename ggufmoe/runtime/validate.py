@@ -1,0 +1,213 @@
+"""Run a GGUF in llama.cpp under an enforced memory limit: does it load, fill a context and
+generate, and how much memory and time does that take?
+
+The model runs in a child process (``python -m ggufmoe.runtime.validate_child``: the standard library
+and llama_cpp only, ``MALLOC_ARENA_MAX=1``) whose memory is limited by the kernel:
+
+* cgroup v2, when the current unified cgroup lets us create a child with a ``memory.max``
+  (the child cgroup is removed afterwards);
+* otherwise RLIMIT_AS, the process's address space. A Python that has imported llama_cpp
+  already has an address space (libraries, thread stacks of numpy's BLAS, reserved heap) that
+  is not model memory, so the child measures its VmSize after importing llama_cpp and before
+  loading the model, and sets RLIMIT_AS to that baseline + the limit. The address space is
+  stricter than resident memory: the memory-mapped model file counts in full as soon as it is
+  mapped, and so do reserved but untouched ranges (8 MiB of stack per llama.cpp thread,
+  llama-cpp-python's n_batch x n_vocab logits array).
+
+Either way the limit applies to what loading and running the model adds above the baseline
+of the interpreter. Afterwards the child's peak RSS (VmHWM) must also be at most the limit +
+its baseline RSS.
+
+The run: load, evaluate a full context of ``ctx`` tokens (the prompt repeated) asking for
+every token's logits (llama.cpp's worst case, which ``memory.runtime_memory`` plans by
+default), then greedily generate ``n_predict`` tokens after the prompt in a cleared context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.gguf_file import gguf_files
+from ggufmoe.units import format_size
+
+DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+_METHODS = {"cgroup": "cgroup v2 memory.max", "rlimit": "RLIMIT_AS"}
+
+
+@dataclass
+class ValidateResult:
+    path: Path             # the file given to llama.cpp (the first shard of a split GGUF)
+    files: list[Path]      # every shard
+    file_bytes: int        # summed over the shards
+    limit: int
+    method: str            # "cgroup" or "rlimit"
+    ctx: int
+    baseline_vm: int       # the child's address space after importing llama_cpp, before loading
+    baseline_rss: int      # its resident memory then
+    peak_vm: int           # VmPeak
+    peak_rss: int          # VmHWM
+    load_s: float
+    prompt_tokens: int
+    prompt_s: float
+    gen_tokens: int
+    gen_s: float
+    text: str
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.gen_tokens / self.gen_s if self.gen_s else 0.0
+
+
+class _Cgroup:
+    """A child of the current cgroup v2 with ``memory.max``, or nothing when not possible."""
+
+    def __init__(self, limit: int):
+        self.path: Path | None = None
+        root = Path("/sys/fs/cgroup")
+        try:
+            if not (root / "cgroup.controllers").exists():
+                return  # no unified hierarchy mounted
+            line = next(x for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
+            path = root / line[3:].lstrip("/") / f"ggufmoe-validate-{os.getpid()}"
+            path.mkdir()
+        except (OSError, StopIteration):
+            return
+        try:
+            (path / "memory.max").write_text(str(limit))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+            self.path = path
+        except OSError:  # no memory controller here
+            path.rmdir()
+
+    def oom_killed(self) -> bool:
+        try:
+            events = (self.path / "memory.events").read_text() if self.path else ""
+        except OSError:
+            return False
+        return any(line.split()[0] == "oom_kill" and line.split()[1] != "0" for line in events.splitlines())
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                if self.path:
+                    self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
+             threads: int | None = None, timeout: float | None = None) -> ValidateResult:
+    """Load and run ``path`` in llama.cpp under a memory limit of ``limit`` bytes (see the
+    module docstring); raise :class:`GgufmoeError` with a one-line reason when it does not
+    fit or does not run."""
+    if limit <= 0:
+        raise GgufmoeError("the memory limit must be positive")
+    if n_predict >= ctx:
+        raise GgufmoeError(f"--n-predict ({n_predict}) must be smaller than --ctx ({ctx})")
+    files = gguf_files(path)
+    name, size = files[0].name, sum(f.stat().st_size for f in files)
+    cgroup = _Cgroup(limit)
+    req = dict(path=str(files[0]), limit=limit, ctx=ctx, prompt=prompt, n_predict=n_predict, threads=threads,
+               cgroup=str(cgroup.path) if cgroup.path else None)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", GGML_NO_BACKTRACE="1")  # no gdb on a GGML_ASSERT
+    with tempfile.TemporaryDirectory(prefix="ggufmoe-validate-") as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        try:
+            with open(log, "wb") as err:
+                proc = subprocess.Popen([sys.executable, "-m", "ggufmoe.runtime.validate_child", json.dumps(req), str(result)],
+                                        stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env)
+                try:
+                    rc = proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    raise GgufmoeError(f"{name} did not finish within {timeout:g} s under a memory limit of "
+                                       f"{format_size(limit)}") from None
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            oom = cgroup.oom_killed()
+        finally:
+            cgroup.remove()
+        try:
+            out = json.loads(result.read_text())
+        except (OSError, ValueError):  # never started, or killed while writing
+            out = {}
+        last = next((x.strip() for x in reversed(log.read_text(errors="replace").splitlines()) if x.strip()), "")
+        last = re.sub(r"^/\S*/(\S+:\d+: )", r"\1", last)[:200]  # ggml.c:1644: GGML_ASSERT(...) failed
+    method = out.get("method") or ("cgroup" if cgroup.path else "rlimit")
+    where = f"under a memory limit of {format_size(limit)} ({_METHODS[method]})"
+    if not out.get("ok"):
+        raise GgufmoeError(f"{name} does not fit or does not run {where}: {_reason(rc, out, oom, last, ctx)}")
+    r = ValidateResult(path=files[0], files=files, file_bytes=size, limit=limit, method=method, ctx=ctx,
+                       **{k: out[k] for k in ("baseline_vm", "baseline_rss", "peak_vm", "peak_rss", "load_s",
+                                              "prompt_tokens", "prompt_s", "gen_tokens", "gen_s", "text")})
+    if r.peak_rss > limit + r.baseline_rss:
+        raise GgufmoeError(f"{name} ran {where} but its peak RSS, {format_size(r.peak_rss)}, exceeds the limit + "
+                           f"the interpreter's baseline RSS ({format_size(limit + r.baseline_rss)})")
+    return r
+
+
+def _reason(rc: int, out: dict, oom: bool, last: str, ctx: int) -> str:
+    """Why the child failed, in a few words."""
+    stage = {"load": "loading the model", "context": f"evaluating a context of {ctx} tokens",
+             "generate": "generating"}.get(out.get("stage", ""), "starting")
+    error = out.get("error", "")
+    if oom:
+        return f"killed by the out-of-memory killer while {stage}"
+    if rc < 0:
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
+        what = "aborted (SIGABRT)" if sig == "SIGABRT" else f"was killed by {sig}"
+        return f"llama.cpp {what} while {stage}" + (f" ({last})" if last else "")
+    if error == "MemoryError":
+        return f"out of memory (MemoryError) while {stage}"
+    if error.startswith("ValueError: Failed to load model"):
+        return "llama.cpp could not load the model (an allocation failed, or the file is not loadable)"
+    if error.startswith("ValueError: Failed to create llama_context"):
+        return "llama.cpp could not allocate its context (KV cache, compute buffers)"
+    if error.startswith("RuntimeError: llama_decode returned"):
+        return f"llama.cpp could not allocate memory while {stage} ({error[14:]})"
+    if error:
+        return f"{error[:200]} while {stage}"
+    if "Thread creation failed" in last:
+        return f"llama.cpp could not start its threads while {stage} ({last})"
+    return f"llama.cpp exited with code {rc} while {stage}" + (f" ({last})" if last else "")
+
+
+def format_result(r: ValidateResult) -> str:
+    """A readable report of a successful run."""
+    shards = f", {len(r.files)} shards" if len(r.files) > 1 else ""
+    if r.method == "rlimit":
+        how = f"RLIMIT_AS (address space above the interpreter's baseline of {format_size(r.baseline_vm)})"
+    else:
+        how = f"cgroup v2 memory.max (memory charged above the interpreter's baseline of {format_size(r.baseline_rss)})"
+    return "\n".join([
+        f"{r.path.name}: fits and runs in {format_size(r.limit)}",
+        f"  file:          {format_size(r.file_bytes)}{shards}",
+        f"  limit method:  {how}",
+        f"  load:          {r.load_s:.2f} s",
+        f"  peak RSS:      {format_size(r.peak_rss)} ({format_size(r.peak_rss - r.baseline_rss)} above the "
+        f"baseline of {format_size(r.baseline_rss)})",
+        f"  peak address:  {format_size(r.peak_vm - r.baseline_vm)} above the baseline",
+        f"  prompt:        {r.prompt_tokens} tokens (full context) at {r.prompt_tps:.1f} tokens/s",
+        f"  generation:    {r.gen_tokens} tokens at {r.gen_tps:.1f} tokens/s",
+        f"  sample:        {r.text!r}",
+    ])

@@ -1,0 +1,1 @@
+"""Calibration statistics: importance matrices, routing statistics, the stats file, text to tokens."""

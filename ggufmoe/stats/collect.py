@@ -1,0 +1,409 @@
+"""Run the Hugging Face model over calibration text and collect what quantization and pruning need.
+
+Two kinds of statistics come out of one pass (see :mod:`ggufmoe.stats.file` for the file):
+
+- the importance matrix: per weight matrix (per expert for expert tensors) the sum of the
+  squared inputs of its matmul, per input column, and the token count, as llama.cpp's
+  ``llama-imatrix`` collects it;
+- per MoE layer and routed expert: routing slots (tokens routed), routing-weight mass and the
+  REAP saliency sum (gate weight x L2 norm of the expert's output).
+
+Ordinary matmuls (``nn.Linear`` and the routers, which hold a 2-D ``weight``) are observed
+with forward pre-hooks. Experts: transformers 5 keeps them fused in one module
+(``gate_up_proj`` (E, 2*ff, hidden), ``down_proj`` (E, hidden, ff), built by
+``use_experts_implementation``) whose forward takes ``(hidden_states, top_k_index,
+top_k_weights)`` — the weights after the model's own normalisation and scaling (DeepSeek's
+``routed_scaling_factor`` included). For the run, that module's forward is replaced by
+:func:`experts_forward`, which computes what transformers' experts kernels compute (routing
+slots sorted by expert with one sort, one gate/up and one down matmul per expert with the
+module's own weights, biases, ``_apply_gate`` and post-expert norm, the weighted outputs
+added per token) and records, from what it computes anyway, the inputs of the gate/up and
+down matmuls and each routed token's expert output — nothing is computed twice.
+
+The output matmul (``lm_head``) only has its input recorded: the logits are never used, so
+its forward returns an empty tensor instead of computing them (a fifth of the model's work
+for a small vocabulary, most of it for a large one).
+
+Sums are accumulated in float32 within one forward (a batch of chunks, at most
+``BATCH_TOKENS`` tokens) and folded into float64 after it. Chunks of ``ctx`` tokens are
+independent sequences, as llama.cpp's imatrix chunks are; several are run as one batch,
+which makes the per-expert matmuls large enough to be efficient on a CPU. Memory is bounded
+by one batch's activations plus the token ids of the text (int32), which is tokenized in
+pieces (:func:`token_ids`).
+
+Checkpoint names map to model parameters through transformers' own loading renames
+(Mixtral's ``block_sparse_moe.experts.{e}.w1.weight`` is ``mlp.experts.gate_up_proj``).
+
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gguf.constants import MODEL_TENSOR
+
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.arch import architecture_for
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.stats.file import ExpertStats, Stats
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
+from ggufmoe.stats.text import batches, special_prefix, token_ids
+from ggufmoe.source.hf import HFSource
+
+
+
+
+def square_sums(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(float32 sums of squares per column, number of rows) of ``x`` taken as rows of its last dimension."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return (x * x).sum(0), x.shape[0]
+
+
+@dataclass
+class Accumulator:
+    """float64 sums of squared inputs, (n_expert, ne0), and token counts per expert."""
+
+    n_expert: int
+    ne0: int
+    sum2: torch.Tensor = field(init=False)
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sum2 = torch.zeros(self.n_expert, self.ne0, dtype=torch.float64)
+        self.counts = torch.zeros(self.n_expert, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, expert: int = 0) -> None:
+        """Add the rows of ``x`` (any leading shape) to ``expert``: float32 sums, folded into float64."""
+        self.add_sums(*square_sums(x), expert)
+
+    def add_sums(self, sum2: torch.Tensor, rows: int, expert: int = 0) -> None:
+        if sum2.shape[0] != self.ne0:
+            raise GgufmoeError(f"calibration: a matmul input has {sum2.shape[0]} columns, expected {self.ne0}")
+        self.sum2[expert] += sum2.to("cpu", torch.float64)  # sums made on a GPU come back here
+        self.counts[expert] += rows
+
+    def fold(self, sum2: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add per-expert sums (n_expert, ne0) and counts (n_expert,) of one forward."""
+        self.sum2 += sum2.to("cpu", torch.float64)
+        self.counts += counts.to("cpu", torch.float64)
+
+    def entry(self) -> ImatrixEntry:
+        return ImatrixEntry(self.sum2.numpy().astype(np.float32), self.counts.numpy().astype(np.float32))
+
+
+@dataclass
+class RoutingAccumulator:
+    """Per-expert routing statistics of one MoE layer, float64."""
+
+    n_expert: int
+    counts: torch.Tensor = field(init=False)
+    weight_mass: torch.Tensor = field(init=False)
+    reap_sum: torch.Tensor = field(init=False)
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts, self.weight_mass, self.reap_sum = (torch.zeros(self.n_expert, dtype=torch.float64)
+                                                        for _ in range(3))
+
+    def stats(self) -> ExpertStats:
+        return ExpertStats(self.counts.numpy().copy(), self.weight_mass.numpy().copy(), self.reap_sum.numpy().copy(),
+                           self.n_tokens)
+
+
+def model_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Checkpoint tensor name -> model parameter (or buffer) name, as transformers renames them when loading."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    out = {}
+    for name in names:
+        key, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        out[name] = key if key in params else name
+    return out
+
+
+def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    y = x @ weight if transposed else x @ weight.T
+    return y if bias is None else y + bias
+
+
+@dataclass
+class ExpertsState:
+    """What a patched experts module records into: ``m._ggufmoe``."""
+
+    x_acc: Accumulator  # inputs of the gate/up matmuls, one row per expert
+    mid_acc: Accumulator  # inputs of the down matmul
+    routing: RoutingAccumulator
+    # the streamed path's phase 1: receives (hidden_states, top_k_index, top_k_weights) of a forward
+    sink: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class ExpertWeights:
+    """One routed expert's matrices in the fused module's layout (``gate_up`` = cat(gate, up) on the output side)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+def module_weights(m: nn.Module) -> Callable[[int], ExpertWeights]:
+    """Expert ``e``'s weights as the fused module holds them (the whole-model path)."""
+    has_bias = getattr(m, "has_bias", False)
+
+    def get(e: int) -> ExpertWeights:
+        return ExpertWeights(m.gate_up_proj[e], m.down_proj[e], m.gate_up_proj_bias[e] if has_bias else None,
+                             m.down_proj_bias[e] if has_bias else None)
+
+    return get
+
+
+def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  weights: Callable[[int], ExpertWeights], out: torch.Tensor, step: int | None = None,
+                  device: torch.device | None = None) -> None:
+    """Add the weighted routed-experts output of ``hidden`` (tokens, hidden) to ``out`` and record statistics.
+
+    What transformers' experts kernels compute: routing slots sorted by expert with one sort, per
+    expert one gate/up and one down matmul (``weights(e)``, asked for in ascending order of the
+    experts that got tokens, each once), the module's ``_apply_gate`` and post-expert norm, the
+    weighted outputs added per token. Recorded from what it computes anyway, into ``m._ggufmoe``
+    (:class:`ExpertsState`): the inputs of the gate/up and down matmuls (float32 sums over at most
+    ``step`` rows, folded into float64), routing slots, routing-weight mass and REAP. ``hidden`` and
+    ``out`` may live on the CPU (the streamed path's stores) while the experts run on ``device``.
+    Ids at or beyond the expert count (expert-parallel sentinels) contribute nothing, as in transformers.
+    """
+    state: ExpertsState = m._ggufmoe
+    x_acc, mid_acc, routing = state.x_acc, state.mid_acc, state.routing
+    n_expert = x_acc.n_expert
+    transposed = getattr(m, "is_transposed", False)
+    post_norm = m.post_expert_norm if getattr(m, "has_post_expert_norm", False) else None
+    n_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
+    ids = top_k_index.reshape(-1).to(hidden.device)
+    order = torch.argsort(ids, stable=True)  # routing slots grouped by expert; sentinels (ids >= n_expert) last
+    counts = torch.bincount(ids.clamp(0, n_expert), minlength=n_expert + 1)[:n_expert]
+    order = order[: int(counts.sum())]
+    token = order // top_k
+    w = top_k_weights.reshape(-1).to(hidden.device)[order]
+    x2 = torch.zeros(n_expert, hidden.shape[-1], dtype=torch.float64)
+    mid2 = torch.zeros(n_expert, mid_acc.ne0, dtype=torch.float64)
+    reap = torch.zeros(n_expert, dtype=torch.float64)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if not c:
+            continue
+        ew = weights(e)
+        for a in range(start, start + c, step or c):
+            b = min(a + (step or c), start + c)
+            tok = token[a:b]
+            xe, we = hidden[tok], w[a:b]
+            if device is not None:
+                xe, we = xe.to(device), we.to(device)
+            mid = m._apply_gate(_expert_linear(xe, ew.gate_up, ew.gate_up_bias, transposed))
+            ye = _expert_linear(mid, ew.down, ew.down_bias, transposed)
+            if post_norm is not None:
+                ye = post_norm(ye)
+            out.index_add_(0, tok, (ye * we[:, None].to(ye.dtype)).to(out.device, out.dtype))
+            # statistics, float32 within these rows
+            xf, mf, wf = xe.float(), mid.float(), we.float()
+            x2[e] += (xf * xf).sum(0).to("cpu", torch.float64)
+            mid2[e] += (mf * mf).sum(0).to("cpu", torch.float64)
+            reap[e] += float((wf * torch.linalg.vector_norm(ye.float(), dim=-1)).sum())
+        start += c
+    counts64 = counts.double().cpu()
+    x_acc.fold(x2, counts64)  # one importance row per routing slot, as llama.cpp counts
+    mid_acc.fold(mid2, counts64)
+    routing.counts += counts64
+    routing.weight_mass += torch.bincount(ids[order], weights=w.double(), minlength=n_expert).cpu()
+    routing.reap_sum += reap
+    routing.n_tokens += n_tokens
+
+
+def experts_forward(m: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The fused experts module's forward, recording statistics (see :func:`route_experts`).
+
+    Bound to the module by :meth:`Collector.hook_experts`; ``m._ggufmoe`` is its :class:`ExpertsState`.
+    """
+    h = hidden_states.reshape(top_k_index.shape[0], -1)
+    final = torch.zeros_like(h)
+    route_experts(m, h, top_k_index, top_k_weights, module_weights(m), final)
+    return final.to(hidden_states.dtype)
+
+
+def output_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output matmul during calibration: records its input, computes no logits."""
+    m._ggufmoe.add(x)
+    return x.new_empty(*x.shape[:-1], 0)
+
+
+class Collector:
+    """Instruments a loaded model; each forward adds to the accumulators. ``remove()`` restores it."""
+
+    def __init__(self, model: nn.Module, specs: list[TensorSpec], forward: Callable = experts_forward):
+        self.forward = forward  # what a fused experts module runs instead of its own forward
+        self.acc: dict[str, Accumulator] = {}
+        self.routing: dict[int, RoutingAccumulator] = {}
+        self.experts: dict[int, nn.Module] = {}  # layer -> its patched experts module
+        self.handles: list = []
+        self.patched: list[nn.Module] = []
+        self._last: tuple[torch.Tensor, int, tuple[torch.Tensor, int]] | None = None
+        modules = dict(model.named_modules())
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        shared = Counter(s.hf_name for s in specs)
+        # a checkpoint tensor cut into two GGUF tensors (MLA's kv_b) has no one input to hook
+        plain = [s for s in specs if not s.is_expert and shared[s.hf_name] == 1]
+        experts = [s for s in specs if s.is_expert]
+        keys = model_keys(model, [s.hf_name for s in plain] + [s.hf_name.format(e=0) for s in experts])
+        for s in plain:
+            path, _, leaf = keys[s.hf_name].rpartition(".")
+            mod = modules.get(path)
+            weight = getattr(mod, "weight", None)
+            if leaf == "weight" and isinstance(weight, torch.Tensor) and weight.ndim == 2 \
+                    and not isinstance(mod, nn.Embedding):
+                self.hook_matmul(s.name, mod, weight.shape[1], is_output=mod is output)
+        by_module: dict[str, list[TensorSpec]] = {}
+        for s in experts:
+            by_module.setdefault(keys[s.hf_name.format(e=0)].rpartition(".")[0], []).append(s)
+        for path, group in by_module.items():
+            self.hook_experts(path, modules.get(path), group)
+
+    def hook_matmul(self, name: str, mod: nn.Module, ne0: int, is_output: bool = False) -> None:
+        acc = self.acc[name] = Accumulator(1, ne0)
+        if is_output and isinstance(mod, nn.Linear):
+            self.patch(mod, output_forward, acc)
+        else:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                acc.add_sums(*self.square_sums(args[0]))
+
+            self.handles.append(mod.register_forward_pre_hook(hook))
+
+    def square_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """:func:`square_sums`, computed once for matmuls that read the same tensor (q, k and v projections)."""
+        if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+            return self._last[2]
+        out = square_sums(x)
+        self._last = (x, x._version, out)  # the reference keeps x alive, so identity is safe
+        return out
+
+    def patch(self, mod: nn.Module, forward, state) -> None:
+        mod._ggufmoe = state
+        mod.forward = types.MethodType(forward, mod)
+        self.patched.append(mod)
+
+    def hook_experts(self, path: str, mod: nn.Module | None, specs: list[TensorSpec]) -> None:
+        names = ", ".join(s.name for s in specs)
+        if mod is None or not all(hasattr(mod, a) for a in ("gate_up_proj", "down_proj", "_apply_gate")) \
+                or not getattr(mod, "has_gate", True):
+            raise GgufmoeError(f"calibration: no fused gate/up/down experts module at {path!r} for {names}")
+        transposed = getattr(mod, "is_transposed", False)  # (E, in, out) instead of (E, out, in)
+        n_expert = mod.down_proj.shape[0]
+        hidden = mod.gate_up_proj.shape[1 if transposed else 2]
+        ff = mod.down_proj.shape[1 if transposed else 2]
+        if n_expert != specs[0].n_parts:
+            raise GgufmoeError(f"calibration: {path} has {n_expert} experts, the checkpoint {specs[0].n_parts}")
+        layer = specs[0].layer
+        if layer is None or layer in self.routing:
+            raise GgufmoeError(f"calibration: cannot tell the layer of the experts module {path!r} ({names})")
+        x_acc, mid_acc = Accumulator(n_expert, hidden), Accumulator(n_expert, ff)
+        for s in specs:
+            self.acc[s.name] = mid_acc if s.parsed.tensor == MODEL_TENSOR.FFN_DOWN_EXP else x_acc
+        routing = self.routing[layer] = RoutingAccumulator(n_expert)
+        self.experts[layer] = mod
+        self.patch(mod, self.forward, ExpertsState(x_acc, mid_acc, routing))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for mod in self.patched:
+            del mod.forward, mod._ggufmoe
+        self.patched.clear()
+        self._last = None
+
+    def entries(self) -> dict[str, ImatrixEntry]:
+        """Entries of the tensors that saw input (a hooked module never called has none)."""
+        return {name: a.entry() for name, a in sorted(self.acc.items()) if a.counts.sum() > 0}
+
+    def layers(self) -> dict[int, ExpertStats]:
+        return {il: r.stats() for il, r in sorted(self.routing.items())}
+
+
+def load_model(model_dir: Path, progress: bool = True):
+    """(tokenizer, float32 model in eval mode) or one clear error."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = load_tokenizer(model_dir)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except Exception as e:  # transformers raises many types for unloadable models
+        raise _cannot_load(model_dir, e) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return tokenizer, model
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or one clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises many types for unloadable tokenizers
+        raise _cannot_load(model_dir, e) from None
+
+
+def _cannot_load(model_dir: Path, e: Exception) -> GgufmoeError:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return GgufmoeError(f"{model_dir}: transformers cannot load the model or tokenizer ({msg})")
+
+
+def collect_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: int | None = None,
+                  progress: bool = True, dataset: str = "calibration") -> Stats:
+    """Run the Hugging Face model (float32, CPU) over ``text`` in chunks of ``ctx`` tokens; return its statistics."""
+    model_dir = Path(model_dir)
+    specs = list(architecture_for(HFSource(model_dir)).tensors())
+    if not text or not text.strip():
+        raise GgufmoeError("calibration text is empty")
+    tokenizer, model = load_model(model_dir, progress)
+    prefix = special_prefix(tokenizer, ctx)
+    ids = torch.from_numpy(token_ids(tokenizer, text, max_tokens))
+    if not len(ids):
+        raise GgufmoeError("calibration text is empty")
+    body = ctx - len(prefix)
+    n_chunks = -(-len(ids) // body)
+    collector = Collector(model, specs)
+    try:
+        with torch.no_grad(), tqdm(total=len(ids) + n_chunks * len(prefix), unit="tok", unit_scale=True,
+                                   desc="calibrate", disable=not progress) as bar:
+            for batch in batches(ids, prefix, ctx):
+                model(input_ids=batch, use_cache=False)
+                bar.update(batch.numel())
+    finally:
+        collector.remove()
+    imatrix = Imatrix(collector.entries(), [dataset], n_chunks, ctx)
+    return Stats(imatrix, collector.layers(), source=str(model_dir), has_routing=True)
+
+
+def collect_imatrix(model_dir: Path, text: str, ctx: int = 512, max_tokens: int | None = None,
+                    progress: bool = True, dataset: str = "calibration") -> Imatrix:
+    """Run the model (float32, CPU) over ``text`` in chunks of ``ctx`` tokens; return its imatrix."""
+    return collect_stats(model_dir, text, ctx, max_tokens, progress, dataset).imatrix

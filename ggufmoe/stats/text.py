@@ -1,0 +1,118 @@
+"""Text to token chunks: reading a text file, tokenizing it lazily in pieces, chunks and batches."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ggufmoe.errors import GgufmoeError
+
+BATCH_TOKENS = 4096  # tokens per forward: whole chunks of ctx tokens batched together
+PIECE_CHARS = 1 << 16  # characters of text tokenized at a time
+CHECK_CHARS = 1 << 14  # opening of the text on which tokenizing in pieces is checked
+_CUT = re.compile(r"\n(?=\S)")
+
+
+def read_text(path: str | Path) -> str:
+    """A calibration text file (UTF-8; undecodable bytes replaced), or one clear error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except IsADirectoryError:
+        raise GgufmoeError(f"{path}: is a directory, not a text file") from None
+    except OSError as e:
+        raise GgufmoeError(f"{path}: cannot read calibration text ({e.strerror or e})") from None
+    if not text.strip():
+        raise GgufmoeError(f"{path}: calibration text is empty")
+    return text
+
+
+def _cuts(text: str, every: int) -> list[int]:
+    """Positions about ``every`` characters apart, each just after a newline followed by a non-space."""
+    out, pos = [], 0
+    while True:
+        m = _CUT.search(text, pos + every)
+        if m is None:
+            return out
+        pos = m.end()
+        out.append(pos)
+
+
+def _pieces(text: str, cuts: list[int]) -> Iterator[str]:
+    bounds = [0, *cuts, len(text)]
+    return (text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
+def _cut_safe(tokenizer, text: str) -> bool:
+    """Whether tokenizing the text in pieces cut after newlines gives the ids the whole text gives.
+
+    True for byte-level BPE with GPT-2/Qwen2-style split rules (a newline followed by a
+    non-space always ends a pre-token); false, for instance, for SentencePiece-style
+    tokenizers that mark the start of the text. Checked on the opening of the text itself.
+    """
+    sample = text[:CHECK_CHARS]
+    cuts = _cuts(sample, CHECK_CHARS // 16)
+    if not cuts:
+        return False
+
+    def ids(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]
+
+    return [i for piece in _pieces(sample, cuts) for i in ids(piece)] == ids(sample)
+
+
+def token_ids(tokenizer, text: str, max_tokens: int | None = None) -> np.ndarray:
+    """The token ids (int32) of ``text`` without special tokens, at most ``max_tokens`` of them.
+
+    Tokenized lazily, in pieces of about ``PIECE_CHARS`` characters cut after newlines, when
+    that gives the ids of the whole text (see :func:`_cut_safe`): memory holds the ids and one
+    piece's encoding, never the encoding of the whole text, and tokenizing stops once
+    ``max_tokens`` ids are known. Otherwise the whole text is tokenized at once.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise GgufmoeError(f"max_tokens must be positive, not {max_tokens}")
+    pieces = _pieces(text, _cuts(text, PIECE_CHARS)) if _cut_safe(tokenizer, text) else iter([text])
+    out, n = [], 0
+    for piece in pieces:
+        ids = np.asarray(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32)
+        out.append(ids)
+        n += ids.size
+        if max_tokens is not None and n >= max_tokens:
+            break
+    ids = np.concatenate(out) if out else np.zeros(0, np.int32)
+    return ids[:max_tokens] if max_tokens is not None else ids
+
+
+def special_prefix(tokenizer, ctx: int) -> list[int]:
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
+    if ctx - len(prefix) < 1:
+        raise GgufmoeError(f"context {ctx} is too small")
+    return prefix
+
+
+def token_chunks(tokenizer, text: str, ctx: int, max_tokens: int | None) -> list[list[int]]:
+    """Chunks of at most ``ctx`` tokens, each opening with the tokenizer's special prefix (BOS) if any."""
+    prefix = special_prefix(tokenizer, ctx)
+    body = ctx - len(prefix)
+    ids = token_ids(tokenizer, text, max_tokens).tolist()
+    if not ids:
+        raise GgufmoeError("calibration text is empty")
+    return [prefix + ids[i: i + body] for i in range(0, len(ids), body)]
+
+
+def batches(ids: torch.Tensor, prefix: list[int], ctx: int, batch_tokens: int = BATCH_TOKENS) -> Iterator[torch.Tensor]:
+    """(batch, ctx) tensors of whole chunks (each opening with ``prefix``); the shorter last chunk alone."""
+    body = ctx - len(prefix)
+    per_batch = max(1, batch_tokens // ctx)
+    n_full = len(ids) // body
+    head = torch.tensor(prefix, dtype=torch.long)
+    for i in range(0, n_full, per_batch):
+        n = min(per_batch, n_full - i)
+        chunk = ids[i * body: (i + n) * body].view(n, body).long()
+        yield torch.cat([head.expand(n, -1), chunk], 1) if prefix else chunk
+    if len(ids) % body:
+        yield torch.cat([head, ids[n_full * body:].long()])[None]

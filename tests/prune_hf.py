@@ -1,0 +1,52 @@
+"""Apply a pruning plan to a transformers model in memory — the reference for parity tests and
+for measuring what pruning costs through transformers.
+
+transformers 5 MoE blocks share one shape: a router module (``weight`` (E, hidden), ``top_k``,
+``num_experts``, DeepSeek's ``e_score_correction_bias``) and a fused experts module
+(``gate_up_proj`` / ``down_proj`` (E, ...), ``num_experts``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.prune.criteria import Pruning
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
+
+
+def _gather(module: nn.Module, names: tuple[str, ...], kept: list[int]) -> None:
+    idx = torch.tensor(kept)
+    for name in names:
+        t = getattr(module, name, None)
+        if isinstance(t, nn.Parameter):
+            setattr(module, name, nn.Parameter(t.data[idx].clone(), requires_grad=False))
+        elif isinstance(t, torch.Tensor):
+            module.register_buffer(name, t[idx].clone())
+    module.num_experts = len(kept)
+
+
+def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
+    """Keep ``plan.kept[layer]`` experts in every MoE layer and route to ``plan.top_k``; in place."""
+    touched = set()
+    for name, mod in model.named_modules():
+        m = re.search(r"layers\.(\d+)\.", name)
+        if m is None:
+            continue
+        il = int(m.group(1))
+        kept = plan.kept.get(il)
+        if hasattr(mod, "gate_up_proj") and kept is not None:
+            _gather(mod, EXPERT_TENSORS, kept)
+        elif hasattr(mod, "top_k") and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            if kept is not None:
+                _gather(mod, ROUTER_TENSORS, kept)
+            mod.top_k = plan.top_k
+            touched.add(il)
+    if not touched:
+        raise GgufmoeError(f"{type(model).__name__}: no MoE router found to prune")
+    return model
