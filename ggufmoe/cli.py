@@ -122,22 +122,54 @@ def inspect(src: Path) -> None:
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Use at most this many tokens of the text.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
               help="Tokens per chunk; chunks are independent sequences, as llama-imatrix's.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted calibration to the same output (same source, text and options) "
+                   "after its last complete layer.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where each layer runs: cpu, or cuda / cuda:N when torch sees a GPU.")
+@click.option("--max-memory", metavar="SIZE", default="4GiB", show_default=True,
+              help="Bound on the working set: one layer's weights, the experts read ahead, one batch's "
+                   "activations and the hidden states of all tokens; beyond it the hidden states live in a "
+                   "file in .OUT.partial beside the output.")
+@click.option("--whole", is_flag=True,
+              help="Load the whole model into transformers (float32, CPU) instead of streaming it layer by "
+                   "layer; the reference the streamed path is tested against. Needs RAM for all of it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx: int, quiet: bool) -> None:
+def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx: int, resume: bool, device: str,
+              max_memory: str, whole: bool, quiet: bool) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
     Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
     expert: tokens routed, routing-weight mass and REAP saliency. The output is a llama.cpp
     GGUF imatrix: `ggufmoe convert --imatrix` and llama-quantize read it.
+
+    The model runs one decoder layer at a time, read from the checkpoint (FP8 included) with
+    only that layer's weights in memory and routed experts loaded one at a time, so a model far
+    larger than RAM calibrates. The state grows in .OUT.partial beside the output and is saved
+    after every layer: interrupted (Ctrl-C, SIGTERM), the same command with --resume continues
+    after the last complete layer.
     """
-    from ggufmoe.stats.collect import collect_stats
     from ggufmoe.stats.file import check_output, format_summary, save_stats
     from ggufmoe.stats.text import read_text
+    from ggufmoe.units import parse_size
 
     check_output(out)
+    limit = parse_size(max_memory)
+    explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
+                if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if whole and explicit:
+        raise GgufmoeError(f"--whole loads the whole model on the CPU; it takes no {', '.join(explicit)}")
     text = read_text(text_file)
-    stats = collect_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name)
-    save_stats(stats, out)
+    if whole:
+        from ggufmoe.stats.collect import collect_stats
+
+        stats = collect_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name)
+        save_stats(stats, out)
+    else:
+        from ggufmoe.stats.stream import stream_stats
+
+        stats = stream_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name,
+                             out=out, resume=resume, device=device, max_memory=limit)
     click.echo(format_summary(stats))
     click.echo(f"wrote {out}")
 

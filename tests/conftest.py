@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,11 @@ import tiny_models  # noqa: E402
 settings.register_profile("suite", max_examples=150, derandomize=True)
 settings.register_profile("explore", max_examples=3000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+# The tests Ctrl-C `ggufmoe` processes with a real SIGINT. A suite started in the background of a
+# non-interactive shell inherits SIGINT ignored, and an ignored signal stays ignored across exec, so
+# those children would never see it; with a handler here, each child starts with the default again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

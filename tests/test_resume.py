@@ -119,8 +119,9 @@ def test_interrupt_before_any_tensor_leaves_nothing(tmp_path):
                              "--budget", "20M", "--calib", str(tiny_models.TEST_DATA / "calib.txt")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        # the calibration bar is drawn as its loop starts, which runs about a minute on calib.txt
-        seen = read_until(proc, b"calibrate:")
+        # the streamed calibration draws its first layer's bar as that layer starts; the layer runs many
+        # seconds on calib.txt, and nothing is kept before it is complete
+        seen = read_until(proc, b"layer 1/")
         proc.send_signal(signal.SIGINT)
         _, rest = proc.communicate(timeout=TIMEOUT)
     finally:

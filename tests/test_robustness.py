@@ -6,8 +6,10 @@ missing output folder), test_gguf_source.py (truncated GGUF) and test_resume.py 
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -16,10 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tiny_models
-from cli_run import assert_one_line_error, run
+from cli_run import GGUFMOE, assert_one_line_error, run
 from ggufmoe.arch import architecture_for
-from ggufmoe.errors import GgufmoeError
+from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.pipeline import budget as budget_flow
+from ggufmoe.pipeline.budget import convert_to_budget
+from ggufmoe.pipeline.convert import ConvertOptions
+from ggufmoe.plan.budget import Budget
+from ggufmoe.quant.rules import TypeRules
 from ggufmoe.source.gguf_in import GGUFSource
+from ggufmoe.stats.stream import TEST_INTERRUPT_LAYER, StreamedRun
 
 REF = tiny_models.REF_MODEL
 
@@ -69,6 +77,88 @@ def test_budget_too_small_for_convert(tmp_path):
                "--calib", tiny_models.TEST_DATA / "calib.txt")
     assert_one_line_error(proc, "smallest feasible plan needs")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.gguf"]
+
+
+# --- convert --budget that calibrates: a failed run leaves nothing it made (issue 17) ----------------
+
+def small_calib(folder: Path) -> Path:
+    calib = folder / "calib.txt"
+    calib.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000])
+    return calib
+
+
+def budget_run(folder: Path, *more, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``convert --budget`` with a budget no plan fits, so it calibrates and then fails in planning."""
+    args = ["convert", REF, "-o", folder / "o.gguf", "--budget", "1M", "--weights-only", "--calib",
+            folder / "calib.txt", *more]
+    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_failed_budget_conversion_leaves_no_statistics(tmp_path):
+    """Calibrated, then the plan fails: no statistics file, plan or calibration state is left behind."""
+    small_calib(tmp_path)
+    assert_one_line_error(budget_run(tmp_path, "-q"), "smallest feasible plan needs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
+def test_budget_calibration_that_fails_leaves_no_state(tmp_path, monkeypatch):
+    """A calibration error after complete layers (not an interruption): its state directory goes too."""
+    real = StreamedRun.layer
+
+    def layer(self, skeleton, k, *args):
+        if k == 2:
+            raise GgufmoeError("the test breaks layer 2")
+        return real(self, skeleton, k, *args)
+
+    monkeypatch.setattr(StreamedRun, "layer", layer)
+    types = TypeRules.parse(None)
+    with pytest.raises(GgufmoeError, match="the test breaks layer 2"):
+        convert_to_budget(REF, ConvertOptions(out=tmp_path / "o.gguf", types=types, progress=False),
+                          Budget(1 << 20, weights_only=True), small_calib(tmp_path), types)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
+def test_budget_interrupted_while_planning_keeps_the_statistics(tmp_path, monkeypatch):
+    """Ctrl-C after the calibration: the statistics stay, and say so; --resume plans from them, and a resumed
+    run that fails leaves them as they were (it did not make them)."""
+    types = TypeRules.parse(None)
+    opts = ConvertOptions(out=tmp_path / "o.gguf", types=types, progress=False)
+    budget = Budget(1 << 20, weights_only=True)
+    calib = small_calib(tmp_path)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(budget_flow, "build_plan", interrupt)
+        with pytest.raises(Interrupted, match="statistics are kept in .*o.stats.gguf: run the same command with "
+                                              "--resume"):
+            convert_to_budget(REF, opts, budget, calib, types)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]
+    kept = (tmp_path / "o.stats.gguf").read_bytes()
+    monkeypatch.setattr(budget_flow, "stream_stats", lambda *a, **k: pytest.fail("calibrated again"))
+    with pytest.raises(GgufmoeError, match="smallest feasible plan needs"):
+        convert_to_budget(REF, replace(opts, resume=True), budget, calib, types)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]
+    assert (tmp_path / "o.stats.gguf").read_bytes() == kept
+
+
+def test_budget_calibration_interrupted_then_resumed(tmp_path):
+    """Interrupted in the middle of a layer, the complete layers are kept (and said so); --resume continues
+    the calibration; the run that then fails leaves nothing."""
+    small_calib(tmp_path)
+    state = tmp_path / ".o.stats.gguf.partial"
+    proc = budget_run(tmp_path, "-q", env={TEST_INTERRUPT_LAYER: "2"})
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines() == [
+        f"interrupted: 2 of 6 layers are kept in {state}: run the same command with --resume to continue"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.name, "calib.txt"]
+    assert_one_line_error(budget_run(tmp_path, "-q"), str(state), "interrupted calibration", "--resume")
+    proc = budget_run(tmp_path, "--resume")  # with progress: it says it resumes
+    lines = proc.stderr.replace("\r", "\n").strip().splitlines()
+    assert proc.returncode == 1 and "resuming: 2 of 6 layers are done already" in lines, proc.stderr
+    assert lines[-1].startswith("error: ") and "smallest feasible plan needs" in lines[-1], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
 
 
 # --- GGUF sources ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Streaming GGUF writer: tensor infos first, then data tensor by tensor, part by part.
 
-The files grow in a state directory beside the output, ``.NAME.partial``, and are renamed into
-place only when complete, so a failed run leaves no output behind. After every tensor the
+The files grow in a state directory beside the output, ``.NAME.partial`` (held locked while a run
+writes it, so that a second run to the same output is refused: :mod:`ggufmoe.state_dir`), and are
+renamed into place only when complete, so a failed run leaves no output behind. After every tensor the
 directory records how much of the files is complete (``progress.json``). An interrupted run
 (Ctrl-C, SIGTERM, a write error such as a full disk) keeps the directory when at least one tensor
 is complete, and ``begin(resume=True)`` takes it up again — after checking that the header
@@ -11,7 +12,6 @@ With ``split_max_size`` the output is sharded llama.cpp-style (``NAME-00001-of-0
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.state_dir import StateDir
 from ggufmoe.units import format_size
 
 PROGRESS = "progress.json"
@@ -72,10 +73,10 @@ class GGUFOutput:
         if not self.path.parent.is_dir():
             raise GgufmoeError(f"{self.path.parent}: output directory does not exist")
         self.writer = gguf.GGUFWriter(None, arch, split_max_size=split_max_size)
-        self.state_dir = self.path.with_name(f".{self.path.name}.partial")
+        self.state = StateDir.beside(self.path, f"{self.path}: another ggufmoe is writing this output right now")
+        self.state_dir = self.state.path
         self.progress: Progress | None = None
         self._owns_state = False  # whether the state directory is this run's to delete
-        self._lock_fd: int | None = None
         self._test_wait = _test_wait_point()
 
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
@@ -99,7 +100,8 @@ class GGUFOutput:
         """Write header, metadata and tensor infos — or, with ``resume``, take up the files an
         interrupted run with the same header and ``inputs`` (what else decides the data: source
         files, importance matrix) kept. Returns how many tensors are already written."""
-        self._lock()
+        self._owns_state = not self.state_dir.exists()
+        self.state.lock()
         kept = self._kept(resume)
         self._check_free_disk(kept.tensors if kept else 0)
         try:
@@ -120,36 +122,11 @@ class GGUFOutput:
             raise GgufmoeError(f"{self.path.parent}: cannot write there ({e.strerror or e})") from None
         return self.tensors_done
 
-    def _lock(self) -> None:
-        """Hold the state directory (created if need be) for this run: a second ggufmoe writing the same
-        output at the same time would destroy this one's files."""
-        try:
-            self._owns_state = not self.state_dir.exists()
-            self.state_dir.mkdir(exist_ok=True)
-            fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            raise GgufmoeError(f"{self.path.parent}: cannot write there ({e.strerror or e})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise GgufmoeError(f"{self.path}: another ggufmoe is writing this output right now") from None
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
     def _kept(self, resume: bool) -> Progress | None:
         """The progress of an interrupted run to continue; a kept one is never silently dropped."""
         kept = Progress.load(self.state_dir)
         if kept is None:  # new, or interrupted before its first tensor was complete: nothing worth keeping
-            for f in self.state_dir.iterdir():
-                if f.is_dir():
-                    shutil.rmtree(f)
-                else:
-                    f.unlink()
+            self.state.clear()
             self._owns_state = True
             return None
         if not resume:
@@ -243,18 +220,15 @@ class GGUFOutput:
         for final in self.final_paths:
             (self.state_dir / final.name).replace(final)
             paths.append(final)
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.state.remove()
         self._owns_state = False
-        self._unlock()
         return paths
 
     def abort(self, keep: bool = False) -> None:
         """Close the files; drop them unless ``keep`` and at least one tensor is complete."""
         self.writer.close()
-        if self._owns_state and not (keep and self.tensors_done > 0):
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.state.release(keep=not self._owns_state or (keep and self.tensors_done > 0))
         self._owns_state = False
-        self._unlock()
 
     @property
     def kept(self) -> bool:

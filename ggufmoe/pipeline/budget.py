@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ggufmoe.arch import architecture_for
-from ggufmoe.errors import GgufmoeError
+from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.gguf.writer import Progress
 from ggufmoe.pipeline.convert import ConvertOptions, convert, input_files, refuse_overwriting_inputs
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
@@ -23,8 +24,9 @@ from ggufmoe.sensitivity.cache import cached_sensitivity, store
 from ggufmoe.sensitivity.defaults import default_sensitivity
 from ggufmoe.source import open_source
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats.collect import collect_stats
-from ggufmoe.stats.file import check_output, load_stats, save_stats
+from ggufmoe.state_dir import partial_path
+from ggufmoe.stats.file import check_output, load_stats
+from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import read_text, token_chunks
 
 
@@ -101,12 +103,20 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
     """calibrate (unless statistics are given, or kept beside the output for --resume) + plan + convert;
     the statistics and the plan are saved beside the output.
 
+    The calibration streams (:func:`ggufmoe.stats.stream.stream_stats`), its state in
+    ``.OUT.stats.gguf.partial``: interrupted with complete layers, ``--resume`` continues it. A run
+    that fails leaves none of the files it made (statistics, plan, calibration state) behind, except
+    what ``--resume`` continues from: an interruption keeps the complete calibration layers or the
+    statistics, and a conversion kept for ``--resume`` keeps the statistics and plan it was made from.
+
     A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
-    outputs = [base.out, base.out.with_suffix(".plan.json")] + ([] if base.stats else [base.out.with_suffix(".stats.gguf")])
+    plan_path = base.out.with_suffix(".plan.json")
+    outputs = [base.out, plan_path] + ([] if base.stats else [base.out.with_suffix(".stats.gguf")])
     refuse_overwriting_inputs(input_files(src, base) + ([calib_file] if calib_file else []), outputs,
                               base.split_max_size > 0)
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
+    made: list[Path] = []  # files this run wrote, removed again when it fails
     if stats_path is None and not open_source(src, config_ok=False).can_calibrate:
         if text is not None:
             raise GgufmoeError(f"{src}: a GGUF cannot be calibrated (transformers runs the Hugging Face model); "
@@ -116,8 +126,30 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
         stats_path = base.out.with_suffix(".stats.gguf")
         check_output(stats_path)
-        if not (base.resume and stats_path.is_file()):  # a resumed run plans from the same statistics
-            save_stats(collect_stats(src, text, progress=base.progress, dataset=calib_file.name), stats_path)
-    plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress)
-    plan.save(base.out.with_suffix(".plan.json"))
-    return plan, convert(src, options_from_plan(plan, base))
+        # a resumed conversion plans from the statistics it was made from (kept beside it); so does a run that
+        # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
+        if not (stats_path.is_file() and (base.resume or _conversion_kept(base.out))):
+            stream_stats(src, text, progress=base.progress, dataset=calib_file.name, out=stats_path,
+                         resume=base.resume, keep_on_error=False)
+            made.append(stats_path)
+    try:
+        plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress)
+        made.append(plan_path)
+        plan.save(plan_path)
+        return plan, convert(src, options_from_plan(plan, base))
+    except BaseException as e:
+        if _conversion_kept(base.out):  # --resume continues it from these statistics
+            raise
+        interrupted = isinstance(e, KeyboardInterrupt) and stats_path in made
+        for f in made:
+            if not (interrupted and f == stats_path):
+                f.unlink(missing_ok=True)
+        if interrupted:
+            raise Interrupted(f"the statistics are kept in {stats_path}: run the same command with --resume "
+                              f"to continue") from None
+        raise
+
+
+def _conversion_kept(out: Path) -> bool:
+    """Whether an interrupted conversion to ``out`` kept complete tensors for --resume."""
+    return Progress.load(partial_path(out)) is not None

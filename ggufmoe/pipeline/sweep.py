@@ -1,6 +1,7 @@
 """Sweep memory budgets: for each, plan + convert + validate + eval; llama.cpp's own mixes as baselines.
 
-Everything lands in one folder: ``stats.gguf`` (calibration, with the cached sensitivities),
+Everything lands in one folder: ``stats.gguf`` (calibration, streamed layer by layer with its
+state in ``.stats.gguf.partial`` until it is complete, and the cached sensitivities),
 ``base-F16.gguf`` (the reference every file is scored against, and the input of the baselines),
 one GGUF (and plan) per point, ``results.json``, ``results.md`` and ``pareto.png``. A point is
 done when its row is in ``results.json``: a second run redoes nothing that finished, and an
@@ -26,9 +27,8 @@ from ggufmoe.runtime.evaluate import evaluate
 from ggufmoe.runtime.llama_quantize import llama_quantize
 from ggufmoe.runtime.validate import validate
 from ggufmoe.source import open_source
-from ggufmoe.stats.collect import collect_stats
 from ggufmoe.stats.file import load_stats
-from ggufmoe.stats.file import save_stats
+from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import read_text
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
@@ -133,10 +133,12 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
 
 
 def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions) -> tuple[Path, Path]:
-    """The statistics (calibrated once) and the base GGUF (converted once)."""
+    """The statistics (calibrated once; an interrupted calibration continues after its last complete layer)
+    and the base GGUF (converted once)."""
     stats_path = out / "stats.gguf"
     if not stats_path.is_file():
-        save_stats(collect_stats(src, calib, progress=opts.progress, dataset=opts.calib.name), stats_path)
+        stream_stats(src, calib, progress=opts.progress, dataset=opts.calib.name, out=stats_path, resume=True,
+                     resume_hint="run the same sweep again")
     base = out / f"base-{BASE_TYPE}.gguf"
     if not base.is_file():
         convert(src, ConvertOptions(out=base, types=TypeRules.parse(BASE_TYPE), threads=opts.threads,

@@ -34,6 +34,11 @@ pieces (:func:`token_ids`).
 Checkpoint names map to model parameters through transformers' own loading renames
 (Mixtral's ``block_sparse_moe.experts.{e}.w1.weight`` is ``mlp.experts.gate_up_proj``).
 
+This is the whole-model path: the model is loaded with ``from_pretrained``. The streamed path
+(:mod:`ggufmoe.stats.stream`, the default of ``ggufmoe calibrate``) runs one decoder layer at a
+time with the same :class:`Collector` and the same routed-experts computation
+(:func:`route_experts`, which takes the expert weights from a getter: the module's fused
+tensors here, the checkpoint expert by expert there); this path is its reference.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.file import ExpertStats, Stats
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
-from ggufmoe.stats.text import batches, special_prefix, token_ids
+from ggufmoe.stats.text import batches, calibration_tokens
 from ggufmoe.source.hf import HFSource
 
 
@@ -384,10 +389,8 @@ def collect_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: 
     if not text or not text.strip():
         raise GgufmoeError("calibration text is empty")
     tokenizer, model = load_model(model_dir, progress)
-    prefix = special_prefix(tokenizer, ctx)
-    ids = torch.from_numpy(token_ids(tokenizer, text, max_tokens))
-    if not len(ids):
-        raise GgufmoeError("calibration text is empty")
+    ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
+    ids = torch.from_numpy(ids)
     body = ctx - len(prefix)
     n_chunks = -(-len(ids) // body)
     collector = Collector(model, specs)

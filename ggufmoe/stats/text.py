@@ -94,13 +94,21 @@ def special_prefix(tokenizer, ctx: int) -> list[int]:
     return prefix
 
 
+def calibration_tokens(tokenizer, text: str, ctx: int, max_tokens: int | None) -> tuple[np.ndarray, list[int]]:
+    """The token ids of ``text`` (at most ``max_tokens``; none is an error) and the special prefix that
+    every chunk of ``ctx`` tokens opens with."""
+    prefix = special_prefix(tokenizer, ctx)
+    ids = token_ids(tokenizer, text, max_tokens)
+    if not len(ids):
+        raise GgufmoeError("calibration text is empty")
+    return ids, prefix
+
+
 def token_chunks(tokenizer, text: str, ctx: int, max_tokens: int | None) -> list[list[int]]:
     """Chunks of at most ``ctx`` tokens, each opening with the tokenizer's special prefix (BOS) if any."""
-    prefix = special_prefix(tokenizer, ctx)
+    ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
+    ids = ids.tolist()
     body = ctx - len(prefix)
-    ids = token_ids(tokenizer, text, max_tokens).tolist()
-    if not ids:
-        raise GgufmoeError("calibration text is empty")
     return [prefix + ids[i: i + body] for i in range(0, len(ids), body)]
 
 

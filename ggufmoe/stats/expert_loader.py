@@ -1,0 +1,84 @@
+"""The routed experts of one MoE layer, read from the checkpoint ahead of their use.
+
+A streamed calibration computes a layer's routed experts one at a time over the tokens routed to
+them (:func:`ggufmoe.stats.collect.route_experts`), so a 256-expert layer never has all its
+experts in memory. :class:`ExpertLoader` reads them (gate, up and down of the layer's specs,
+``gate_up = cat(gate, up)`` as transformers fuses them) in the order they will be asked for, a
+bounded number of bytes ahead in a background thread, so the disk works while the CPU computes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from gguf.constants import MODEL_TENSOR
+from torch import nn
+
+from ggufmoe.arch.base import Architecture
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.stats.collect import ExpertWeights
+from ggufmoe.stats.skeleton import unsupported
+
+EXPERT_TENSORS = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP)
+
+
+class ExpertLoader:
+    """Routed experts of one layer, read from the checkpoint in the order they will be asked for (``order``),
+    up to ``ahead_bytes`` of them ahead in a background thread; ``loader(e)`` is expert ``e``'s
+    :class:`ExpertWeights` in the fused module's layout, on the device."""
+
+    def __init__(self, arch: Architecture, m: nn.Module, specs: list[TensorSpec], order: list[int],
+                 device: torch.device, ahead_bytes: int, on_next=None):
+        by_kind = {s.parsed.tensor: s for s in specs if s.is_expert}
+        if set(by_kind) != set(EXPERT_TENSORS):
+            raise unsupported(arch, f"layer experts {sorted(s.name for s in specs if s.is_expert)} are not "
+                                    f"gate, up and down")
+        if getattr(m, "has_bias", False) or not getattr(m, "has_gate", True):
+            raise unsupported(arch, "experts with biases or without a gate")
+        self.gate, self.up, self.down = (by_kind[t] for t in EXPERT_TENSORS)
+        self.transposed = getattr(m, "is_transposed", False)
+        hidden, ff = self.gate.shape[2], self.gate.shape[1]
+        want_gu, want_down = (hidden, 2 * ff) if self.transposed else (2 * ff, hidden), \
+            (ff, hidden) if self.transposed else (hidden, ff)
+        if tuple(m.gate_up_proj.shape[1:]) != want_gu or tuple(m.down_proj.shape[1:]) != want_down \
+                or tuple(self.down.shape[1:]) != (hidden, ff):
+            raise unsupported(arch, f"expert shapes {tuple(m.gate_up_proj.shape)}/{tuple(m.down_proj.shape)} do not "
+                                    f"match the checkpoint's {self.gate.shape}/{self.down.shape}")
+        self.nbytes = 3 * hidden * ff * 4
+        self.n_ahead = max(1, ahead_bytes // self.nbytes)
+        self.order, self.next = order, 0
+        self.device, self.on_next = device, on_next
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ggufmoe-experts")
+        self.pending: deque[tuple[int, Future]] = deque()
+
+    def _load(self, e: int) -> ExpertWeights:
+        gate_up = torch.cat([self.gate.load(e), self.up.load(e)])  # (2 ff, hidden), as transformers fuses them
+        down = self.down.load(e)  # (hidden, ff)
+        if self.transposed:
+            gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
+        return ExpertWeights(gate_up, down)
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.n_ahead and self.next < len(self.order):
+            e = self.order[self.next]
+            self.pending.append((e, self.pool.submit(self._load, e)))
+            self.next += 1
+
+    def __call__(self, e: int) -> ExpertWeights:
+        if self.on_next is not None:
+            self.on_next(e)
+        self._fill()
+        if not self.pending or self.pending[0][0] != e:
+            raise RuntimeError(f"expert {e} asked for out of order")
+        w = self.pending.popleft()[1].result()
+        self._fill()
+        return ExpertWeights(w.gate_up.to(self.device), w.down.to(self.device))
+
+    def close(self) -> None:
+        for _, f in self.pending:
+            f.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+

@@ -1,0 +1,216 @@
+"""The model of a streamed calibration, built on the meta device, one part made real at a time.
+
+transformers stays the reference implementation: the model is built from its configuration
+(``from_config``) on the meta device, which costs no memory and gives every module class, path
+and parameter name; the part about to run (one decoder layer, or the final norm and output
+matmul) is then made real, float32 on the run's device, from the checkpoint through our own
+reader, under the checkpoint names transformers' loading renames map the model's names from.
+The fused routed-expert tensors and the embeddings never are: the experts are computed expert by
+expert from the checkpoint (:mod:`ggufmoe.stats.expert_loader`), and the tokens' embedding rows
+are read from the table in row spans (:func:`embedding_rows`).
+
+What the model hands its decoder layers (the rotary ``position_embeddings``, the mask, the
+position ids) is captured by running its own forward with stand-ins for the layers
+(:meth:`Skeleton.capture`); it depends on the batch's shape only and is kept per shape.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ggufmoe.arch.base import Architecture
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.tensor import RowLoader, TensorSpec
+from ggufmoe.source.hf import SCALE_SUFFIX, HFSource
+from ggufmoe.stats.collect import model_keys
+
+EMBED_SPAN_BYTES = 64 * 1024**2  # embedding rows read at once at most
+EMBED_GAP = 64  # rows between two wanted ones read through rather than read apart
+
+
+def unsupported(arch: Architecture, what: str) -> GgufmoeError:
+    """The error for a model the streamed path cannot run as it is."""
+    return GgufmoeError(f"streamed calibration of {arch.src.architecture}: {what}; calibrate with --whole")
+
+
+class _Stop(Exception):
+    """Ends a capture pass after its last decoder layer."""
+
+
+class _Capture(nn.Module):
+    """Stands in for decoder layer ``index`` in a capture pass: hands what it gets to ``sink``, returns its input."""
+
+    def __init__(self, index: int, sink, last: bool, like: nn.Module):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+        if hasattr(like, "attention_type"):  # models that pick a mask per layer type read it
+            self.attention_type = like.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.sink(self.index, hidden_states, args, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _to(obj, device: torch.device):
+    """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Skeleton:
+    """The model built on the meta device; parts made real from the checkpoint when they run."""
+
+    def __init__(self, src: HFSource, arch: Architecture, specs: list[TensorSpec], device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.src, self.arch, self.device = src, arch, device
+        cfg = copy.copy(arch.cfg)
+        cfg._attn_implementation = "sdpa"  # a config made outside from_pretrained defaults to eager
+        self.cfg = cfg
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        except Exception as e:  # transformers raises many types for configurations it cannot build
+            raise GgufmoeError(f"{src.path}: transformers cannot build the model ({e})") from None
+        self.model = model.eval()
+        self.base = model.base_model
+        layers = getattr(self.base, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) != int(cfg.num_hidden_layers):
+            raise unsupported(arch, "no list of num_hidden_layers decoder layers in the model")
+        self.layers = layers
+        embed = model.get_input_embeddings()
+        if type(embed) is not nn.Embedding:  # a subclass may scale or otherwise change the lookup
+            raise unsupported(arch, f"input embedding {type(embed).__name__}")
+        self.embeddings = {id(embed), id(model.get_output_embeddings())}  # never materialized
+        rotary = getattr(self.base, "rotary_emb", None)
+        if rotary is not None:  # its inverse frequencies are computed, not loaded: build it for real
+            self.base.rotary_emb = type(rotary)(config=cfg)
+        self.paths = {id(m): path for path, m in model.named_modules()}
+        # checkpoint names of the model's tensors (parameters and buffers), through transformers' renames
+        experts = [s for s in specs if s.is_expert]
+        instances = {s.hf_name.format(e=e) for s in experts for e in range(s.n_parts)}
+        names = [n for n in src.tensor_names() if not n.endswith(SCALE_SUFFIX) and n not in instances]
+        firsts = [s.hf_name.format(e=0) for s in experts]
+        keys = model_keys(model, names + firsts)
+        self.checkpoint: dict[str, str] = {}
+        self.fused: set[str] = set()  # model tensors several checkpoint tensors are merged into
+        for name in names:
+            key = keys[name]
+            if key in self.checkpoint:
+                self.fused.add(key)
+            self.checkpoint[key] = name
+        # the fused routed-expert tensors, never materialized: computed expert by expert from the specs
+        self.expert_keys = {keys[s.hf_name.format(e=0)] for s in experts}
+        self.experts_path = {s.layer: keys[s.hf_name.format(e=0)].rpartition(".")[0] for s in experts}
+        self._args: dict[tuple[int, ...], dict[int, tuple]] = {}
+
+    # --- weights
+    def materialize(self, module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
+        """Every meta parameter and buffer of ``module`` read from the checkpoint, float32 on the device; the
+        fused routed-expert tensors, the embeddings and the modules in ``skip`` (with theirs) stay on meta."""
+        skipped = self.embeddings | {id(m) for m in skip}
+        todo = [module]
+        while todo:
+            mod = todo.pop()
+            if id(mod) in skipped:
+                continue
+            todo.extend(mod.children())
+            path = self.paths[id(mod)]
+            for kind in ("_parameters", "_buffers"):
+                for leaf, t in list(getattr(mod, kind).items()):
+                    full = f"{path}.{leaf}" if path else leaf
+                    if t is None or not t.is_meta or full in self.expert_keys:
+                        continue
+                    name = self.checkpoint.get(full)
+                    if name is None or full in self.fused:
+                        why = "several checkpoint tensors are merged into it" if name else "no checkpoint tensor"
+                        raise unsupported(self.arch, f"cannot load {full} ({why})")
+                    value = self.src.get(name)
+                    if tuple(value.shape) != tuple(t.shape):
+                        raise unsupported(self.arch, f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                                                     f"the model's {full} {tuple(t.shape)}")
+                    value = value.to(self.device)
+                    if kind == "_parameters":
+                        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                    else:
+                        mod._buffers[leaf] = value
+
+    def experts_module(self, k: int) -> nn.Module | None:
+        path = self.experts_path.get(k)
+        try:
+            return None if path is None else self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    # --- what the model hands its layers
+    def capture(self, inputs_embeds: torch.Tensor) -> dict[int, tuple]:
+        """Run the model's forward on ``inputs_embeds`` with capturing layers: layer -> (hidden, args, kwargs)."""
+        records: dict[int, tuple] = {}
+
+        def sink(i: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+            records[i] = (hidden, args, kwargs)
+
+        n = len(self.layers)
+        self.base.layers = nn.ModuleList([_Capture(i, sink, i == n - 1, layer) for i, layer in enumerate(self.layers)])
+        try:
+            with torch.no_grad():
+                self.base(inputs_embeds=inputs_embeds, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            self.base.layers = self.layers
+        if sorted(records) != list(range(n)):
+            raise unsupported(self.arch, "its forward does not run every decoder layer once")
+        return records
+
+    def layer_args(self, shape: tuple[int, ...], k: int) -> tuple[tuple, dict]:
+        """(args, kwargs) the model hands layer ``k`` for hidden states of ``shape`` (batch, tokens), on the device."""
+        if shape not in self._args:
+            records = self.capture(torch.zeros(*shape, int(self.cfg.hidden_size)))
+            self.remember(shape, records)
+        return self._args[shape][k]
+
+    def remember(self, shape: tuple[int, ...], records: dict[int, tuple]) -> None:
+        if shape not in self._args:
+            self._args[shape] = {i: (_to(a, self.device), _to(kw, self.device)) for i, (_, a, kw) in records.items()}
+
+    def output_pass(self, hidden: torch.Tensor) -> None:
+        """The model's forward with no decoder layers: final norm and the (patched) output matmul."""
+        self.base.layers = nn.ModuleList()
+        try:
+            with torch.no_grad():
+                self.model(inputs_embeds=hidden, use_cache=False)
+        finally:
+            self.base.layers = self.layers
+
+
+def embedding_rows(spec: TensorSpec, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the embedding table (float32), read in spans of rows, never the whole table."""
+    loader = spec.load
+    if not isinstance(loader, RowLoader):
+        return loader(0)[ids]
+    width = spec.shape[-1]
+    uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    u = uniq.tolist()
+    rows = torch.empty(len(u), width)
+    span = max(1, EMBED_SPAN_BYTES // (4 * width))
+    i = 0
+    while i < len(u):
+        j = i
+        while j + 1 < len(u) and u[j + 1] - u[j] <= EMBED_GAP and u[j + 1] - u[i] < span:
+            j += 1
+        block = loader.rows(u[i], u[j] + 1)
+        rows[i: j + 1] = block[uniq[i: j + 1] - u[i]]
+        i = j + 1
+    return rows[inverse].reshape(*ids.shape, width)
+

@@ -1,0 +1,459 @@
+"""Streamed calibration: the statistics of :mod:`ggufmoe.stats.collect`, one decoder layer at a time.
+
+The whole-model path loads the model with ``from_pretrained`` in float32, which a 671B model
+cannot afford (2.7 TB). Here the model is built on the meta device only to learn its module
+classes, paths and parameter names (transformers stays the reference implementation: every
+layer that runs is transformers' own decoder-layer module), and the weights come from the
+checkpoint through our own reader (:class:`ggufmoe.source.hf.HFSource`: ``pread``, FP8 block
+dequantization; no ``accelerate``, no GPU needed).
+
+This module is the run itself (:func:`stream_stats`, :class:`StreamedRun`). Its pieces: the
+meta-device model, made real one part at a time (:mod:`ggufmoe.stats.skeleton`), the routed
+experts read ahead from the checkpoint (:mod:`ggufmoe.stats.expert_loader`), the hidden states
+between layers (:mod:`ggufmoe.stats.hidden`) and the resumable state
+(:mod:`ggufmoe.stats.calib_state`).
+
+The run, for calibration tokens laid out in batches of chunks exactly as the whole-model path
+lays them out (:func:`ggufmoe.stats.text.batches`):
+
+1. **Embedding.** The rows of the tokens are read from the embedding table (the architecture's
+   ``token_embd`` spec, in row spans, never the whole table), and the model's own forward is run
+   up to its first decoder layer with decoder layers that only capture what they get (the hidden
+   states, and the rotary ``position_embeddings``, mask and position ids the model hands each
+   layer; those depend on the batch's shape only and are kept per shape).
+2. **Per layer** ``k``: the layer's parameters and buffers other than the fused routed-expert
+   matrices are made real (float32, on ``device``), read under the checkpoint names transformers'
+   loading renames map them from. The statistics are recorded by the same :class:`Collector` as
+   in the whole-model path, restricted to the layer's tensors. Phase 1 runs the layer over every
+   batch; its fused experts module does not compute: it records its input, routing indices and
+   weights for all tokens and returns zeros. Phase 2 loads the routed experts one at a time from
+   the checkpoint (gate/up/down specs of the layer; ``gate_up = cat(gate, up)`` as transformers
+   fuses them), read ahead in a background thread within a bound in bytes, computes each over
+   every token routed to it and adds the weighted outputs to the layer's output — the shared
+   :func:`route_experts`, which records the imatrix rows, routing counts, routing mass and REAP
+   exactly as the whole-model path does. The layer is then put back on the meta device.
+   Phase 2 relies on the routed output being added linearly to the layer's output after the
+   experts call (true for qwen3moe, qwen2moe, mixtral, olmoe, deepseek2); every MoE layer checks
+   it on a few tokens before running (a family for which it is false fails with one clear error
+   instead of giving wrong statistics), and the parity tests compare with the whole-model path.
+3. **Output.** After the last layer the model's own forward runs with no decoder layers (its
+   final norm) into the output matmul, whose input is recorded (no logits are computed).
+
+The hidden states (tokens x hidden, float32) pass from layer to layer in two :class:`RowStore`
+buffers, plus one for the experts' input: in memory when they fit in ``max_memory`` beside one
+layer's step (its weights and statistics, the experts in use and read ahead, a forward's
+activations), else mapped from files in the state directory (:meth:`StreamedRun.plan`). A forward
+runs at most ``BATCH_TOKENS`` tokens (whole chunks), fewer when ``max_memory`` is tight; the
+statistics do not depend on it beyond summation order.
+
+Resumable: everything lives in a state directory beside the output, ``.NAME.partial``, locked
+as ``convert``'s is (:mod:`ggufmoe.state_dir`). After every layer the layer's output (the next
+layer's input), the layer's statistics (``layer.K.npz``) and then the progress record
+(``state.json``: layers complete and a fingerprint of the source files, the token ids and the
+context) are written durably (:mod:`ggufmoe.stats.calib_state`). Ctrl-C (or SIGTERM) keeps what
+is complete; ``resume=True`` continues after the last complete layer; without it an existing
+state directory is an error that says what to do. The directory is removed once the statistics
+are written.
+
+Memory: one layer's non-expert weights, the routed experts in use and read ahead (at most
+``max_memory / 16``, 1 GiB, at least one expert), one batch's activations, the statistics of one
+layer, and the hidden states (mapped: the pages touched since they were last handed back).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ggufmoe.arch import architecture_for
+from ggufmoe.arch.base import Architecture
+from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.source.hf import HFSource
+from ggufmoe.state_dir import partial_path
+from ggufmoe.stats.calib_state import (HIDDEN, MOE_IN, STATE_VERSION, CalibrationState, Progress,
+                                       calibration_fingerprint)
+from ggufmoe.stats.collect import Collector, load_tokenizer, route_experts
+from ggufmoe.stats.expert_loader import ExpertLoader
+from ggufmoe.stats.file import ExpertStats, Stats, save_stats
+from ggufmoe.stats.hidden import RowStore
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
+from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
+from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens
+from ggufmoe.units import format_size
+
+DEFAULT_MAX_MEMORY = 4 * 1024**3
+MAX_AHEAD = 1024**3  # routed experts read ahead at most
+PROBE_TOKENS = 16  # tokens the linearity check of a MoE layer runs
+
+# TEST-ONLY hook (tests/test_stream.py sets it; not a user setting, never documented for users):
+# with GGUFMOE_TEST_INTERRUPT_LAYER=N the process sends itself SIGINT in the middle of layer N (0-based),
+# after its phase 1 has overwritten part of the state and before its experts run, as Ctrl-C can.
+TEST_INTERRUPT_LAYER = "GGUFMOE_TEST_INTERRUPT_LAYER"
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``cpu`` or ``cuda[:N]``, checked against what torch sees, or one clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GgufmoeError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GgufmoeError(f"--device {device}: torch sees no GPU (CUDA unavailable in this torch build "
+                               f"{torch.__version__} or on this machine)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GgufmoeError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise GgufmoeError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: int | None = None,
+                 progress: bool = True, dataset: str = "calibration", out: str | Path | None = None,
+                 resume: bool = False, device: str | torch.device = "cpu", max_memory: int = DEFAULT_MAX_MEMORY,
+                 in_memory: bool | None = None, keep_on_error: bool = True,
+                 resume_hint: str = "run the same command with --resume") -> Stats:
+    """The statistics :func:`ggufmoe.stats.collect.collect_stats` gives, computed one layer at a time.
+
+    With ``out`` the statistics are written there (atomically) and the state directory beside it
+    makes the run resumable (``resume``); without it a temporary directory (``tempfile``'s) holds
+    what does not stay in memory and nothing is resumable. ``in_memory`` forces where the hidden
+    states live (None: decided by ``max_memory``).
+
+    Interrupted (Ctrl-C, SIGTERM) after a complete layer, the state directory is kept and the
+    :class:`Interrupted` error says so, ending with ``resume_hint`` (how to continue). Failed with
+    another error after a complete layer, it is kept only with ``keep_on_error``.
+    """
+    model_dir = Path(model_dir)
+    dev = parse_device(device)
+    src = HFSource(model_dir)
+    if not src.can_calibrate:
+        raise GgufmoeError(f"{model_dir}: cannot be calibrated (no weights)")
+    arch = architecture_for(src)
+    specs = list(arch.tensors())
+    if not text or not text.strip():
+        raise GgufmoeError("calibration text is empty")
+    tokenizer = load_tokenizer(model_dir)
+    ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
+    ids = torch.from_numpy(ids)
+    fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx)
+    run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress)
+    n_chunks = run.n_chunks
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="ggufmoe-calibrate-") as tmp:
+            state = CalibrationState(Path(tmp) / "state", "calibration")
+            stats = run.run(state, fingerprint, False, max_memory, in_memory)
+    else:
+        out = Path(out)
+        state = CalibrationState(partial_path(out), out.name)
+        stats = run.run(state, fingerprint, resume, max_memory, in_memory, out=out, keep_on_error=keep_on_error,
+                        resume_hint=resume_hint)
+    stats.imatrix = Imatrix(stats.imatrix.entries, [dataset], n_chunks, ctx)
+    if out is not None:
+        save_stats(stats, out)
+        state.remove()
+    return stats
+
+
+def deferred_forward(m: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Phase 1's experts forward: hands its inputs to the run's sink, which returns zeros (computed in phase 2)."""
+    return m._ggufmoe.sink(hidden_states, top_k_index, top_k_weights)
+
+
+# --- the run --------------------------------------------------------------------------------------------
+
+@dataclass
+class Budget:
+    """How the working set is spent (bytes, estimated): where the hidden states live, the experts read
+    ahead, and the tokens per forward."""
+
+    fixed: int  # one layer's weights and statistics, the experts in use and read ahead
+    ahead: int
+    stores: int  # the hidden states and the experts' input of every token
+    in_memory: bool
+    batch_tokens: int
+    per_token: int  # activations of one token in a forward
+
+
+class StreamedRun:
+    def __init__(self, src: HFSource, arch: Architecture, specs: list[TensorSpec], ids: torch.Tensor,
+                 prefix: list[int], ctx: int, device: torch.device, progress: bool):
+        self.src, self.arch, self.specs, self.device, self.progress = src, arch, specs, device, progress
+        self.ids, self.prefix, self.ctx = ids, prefix, ctx
+        self.n_chunks = -(-len(ids) // (ctx - len(prefix)))
+        self.rows = len(ids) + self.n_chunks * len(prefix)  # tokens, special prefixes included
+        self.batches: list[torch.Tensor] = []  # laid out by plan()
+        self.offsets: list[int] = [0]
+        self.width = int(arch.cfg.hidden_size)
+        self.n_layers = int(arch.cfg.num_hidden_layers)
+        self.by_layer: dict[int | None, list[TensorSpec]] = {}
+        for s in specs:
+            self.by_layer.setdefault(s.layer, []).append(s)
+        self.moe_layers = {s.layer for s in specs if s.is_expert}
+        self.durable = True  # whether the state directory is kept for --resume (set by run())
+        self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
+        self.interrupt_at = int(os.environ[TEST_INTERRUPT_LAYER]) if os.environ.get(TEST_INTERRUPT_LAYER) else None
+
+    def plan(self, max_memory: int, in_memory: bool | None) -> Budget:
+        """Spend ``max_memory``: hidden states in memory if they fit beside one layer's step, and as many
+        whole chunks per forward as fit (at most ``BATCH_TOKENS`` tokens, as the whole-model path runs)."""
+        cfg = self.arch.cfg
+
+        def per_layer(size) -> int:
+            return max((sum(size(s) for s in self.by_layer.get(k, [])) for k in range(self.n_layers)), default=0)
+
+        weights = per_layer(lambda s: 0 if s.is_expert else s.n_elements * 4)
+        expert = per_layer(lambda s: s.n_elements // s.n_parts * 4 if s.is_expert else 0)
+        stats = per_layer(lambda s: s.n_parts * s.shape[-1] * 8)
+        ahead = min(MAX_AHEAD, max(expert, max_memory // 16)) if expert else 0
+        fixed = weights + stats + ahead + expert
+        # a forward's activations per token: a few dozen hidden-wide tensors and a row of attention scores
+        per_token = self.width * 4 * 24 + int(cfg.num_attention_heads) * self.ctx * 4
+        if fixed + self.ctx * per_token > max_memory:
+            raise GgufmoeError(f"--max-memory {format_size(max_memory)} is too small: one layer's step needs about "
+                               f"{format_size(fixed + self.ctx * per_token)} (weights {format_size(weights)}, "
+                               f"experts {format_size(ahead + expert)}, activations of one chunk "
+                               f"{format_size(self.ctx * per_token)})")
+        stores = (3 if self.moe_layers else 2) * self.rows * self.width * 4
+        if in_memory is None:
+            in_memory = fixed + stores + min(BATCH_TOKENS, self.rows) * per_token <= max_memory
+        room = max_memory - fixed - (stores if in_memory else 0)
+        batch_tokens = max(self.ctx, min(BATCH_TOKENS, room // per_token))
+        self.batches = list(batches(self.ids, self.prefix, self.ctx, batch_tokens))
+        self.offsets = np.cumsum([0] + [b.numel() for b in self.batches]).tolist()
+        assert self.offsets[-1] == self.rows
+        return Budget(fixed, ahead, stores, in_memory, batch_tokens, per_token)
+
+    def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
+            out: Path | None = None, keep_on_error: bool = True,
+            resume_hint: str = "run the same command with --resume") -> Stats:
+        budget = self.plan(max_memory, in_memory)
+        self.durable = out is not None  # a temporary state directory is never resumed: nothing to keep on disk
+        skeleton = Skeleton(self.src, self.arch, self.specs, self.device)
+        state.lock()
+        kept = None
+        try:
+            kept = state.kept()
+            if kept is not None and not resume:
+                raise GgufmoeError(f"{state.path} holds an interrupted calibration to {state.what} "
+                                   f"({kept.layers_done} of {kept.n_layers} layers): add --resume to continue it, "
+                                   f"or delete the directory to start over")
+            if kept is not None and (kept.version, kept.fingerprint, kept.n_layers, kept.rows, kept.width) != \
+                    (STATE_VERSION, fingerprint, self.n_layers, self.rows, self.width):
+                raise GgufmoeError(f"{state.path}: the interrupted calibration kept there was made from another "
+                                   f"source, text or context; delete the directory to start over")
+            state.progress = kept
+            self._check_disk(state, budget)
+            if kept is not None and self.progress:
+                tqdm.write(f"resuming: {kept.layers_done} of {self.n_layers} layers are done already", file=sys.stderr)
+        except BaseException:
+            state.release(keep=kept is not None)  # an earlier run's, else nothing in it
+            raise
+        try:
+            return self._run(skeleton, state, fingerprint, budget)
+        except KeyboardInterrupt:
+            if state.layers_done == 0 or out is None:
+                state.remove()
+                raise
+            state.unlock()
+            raise Interrupted(f"{state.layers_done} of {self.n_layers} layers are kept in {state.path}: "
+                              f"{resume_hint} to continue") from None
+        except BaseException:
+            state.release(keep=state.layers_done > 0 and out is not None and keep_on_error)
+            raise
+
+    def _check_disk(self, state: CalibrationState, budget: Budget) -> None:
+        one = self.rows * self.width * 4
+        need = (2 if budget.in_memory else 3 if self.moe_layers else 2) * one
+        have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in (*HIDDEN, MOE_IN))
+        free = shutil.disk_usage(state.path).free
+        if need - have > free:
+            raise GgufmoeError(f"{state.path.parent}: not enough free disk for the calibration activations: "
+                               f"needs {format_size(need)}, {format_size(free + have)} free")
+
+    def _run(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, budget: Budget) -> Stats:
+        start = state.layers_done
+        paths = [state.path / name for name in HIDDEN]
+        mem = budget.in_memory
+        if start == 0:
+            h_in = RowStore.create(paths[0], self.rows, self.width, mem)
+            self.embed(skeleton, h_in)
+        else:
+            h_in = RowStore.open(paths[start % 2], self.rows, self.width, mem)
+        h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
+        moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
+        for k in range(start, self.n_layers):
+            entries, layers = self.layer(skeleton, k, h_in, h_out, moe_in, budget)
+            if self.durable:
+                h_out.save()
+            state.save_layer(k, entries, layers)
+            state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
+            h_in.drop_pages()
+            h_in, h_out = h_out, h_in
+        del h_out, moe_in
+        entries, layers = {}, {}
+        for k in range(self.n_layers):
+            e, r = state.load_layer(k)
+            entries.update(e)
+            layers.update(r)
+        entries.update(self.output(skeleton, h_in))
+        return Stats(Imatrix(dict(sorted(entries.items())), [], 0, 0), dict(sorted(layers.items())),
+                     source=str(self.src.path), has_routing=True)
+
+    def embed(self, skeleton: Skeleton, h0: RowStore) -> None:
+        """Layer 0's input: embedding rows through the model's own forward up to its first layer."""
+        spec = next((s for s in self.by_layer.get(None, []) if s.parsed.base == "token_embd"), None)
+        if spec is None:
+            raise unsupported(self.arch, "no token embedding tensor")
+        for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+            records = skeleton.capture(embedding_rows(spec, batch))
+            skeleton.remember(tuple(batch.shape), records)
+            h0.tensor[a:b] = records[0][0].reshape(b - a, self.width)
+
+    def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
+              budget: Budget) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats]]:
+        """Run layer ``k`` over every token: ``h_out`` = its output; returns its statistics."""
+        layer = skeleton.layers[k]
+        specs = self.by_layer.get(k, [])
+        moe = k in self.moe_layers
+        try:
+            skeleton.materialize(layer)
+            experts = skeleton.experts_module(k) if moe else None
+            if moe:
+                if experts is None:
+                    raise unsupported(self.arch, f"no fused experts module for layer {k}")
+                self.check_linear(skeleton, k, layer, experts, h_in)
+            collector = Collector(skeleton.model, specs, forward=deferred_forward)
+            try:
+                return self._layer(skeleton, k, layer, collector, h_in, h_out, moe_in, budget)
+            finally:
+                collector.remove()
+        finally:
+            layer.to("meta")
+
+    def _layer(self, skeleton: Skeleton, k: int, layer: nn.Module, collector: Collector, h_in: RowStore,
+               h_out: RowStore, moe_in: RowStore | None, budget: Budget):
+        experts = collector.experts.get(k)
+        top_k = self.arch.top_k
+        idx = torch.empty(self.rows, top_k, dtype=torch.long) if experts is not None else None
+        weights = torch.empty(self.rows, top_k) if experts is not None else None
+        where = [0, 0]  # rows of the batch running
+
+        def sink(hs: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+            a, b = where
+            if hs.shape[0] != b - a or top_k_index.shape != (b - a, top_k):
+                raise unsupported(self.arch, f"layer {k}'s experts got {tuple(hs.shape)} inputs and "
+                                             f"{tuple(top_k_index.shape)} routes for {b - a} tokens")
+            moe_in.tensor[a:b] = hs.detach().to("cpu", torch.float32)
+            idx[a:b] = top_k_index.to("cpu")
+            weights[a:b] = top_k_weights.to("cpu", torch.float32)
+            return torch.zeros_like(hs)
+
+        if experts is not None:
+            experts._ggufmoe.sink = sink
+        share = self.phase1_share if experts is not None else 1.0
+        t0 = time.perf_counter()
+        with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
+                                   disable=not self.progress) as bar:
+            for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+                where[:] = a, b
+                args, kwargs = skeleton.layer_args(tuple(batch.shape), k)
+                h = h_in.tensor[a:b].view(*batch.shape, self.width).to(self.device)
+                y = layer(h, *args, **kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
+                for store in (h_in, h_out, moe_in):
+                    if store is not None:
+                        store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
+                bar.update((b - a) * share)
+            if self.interrupt_at == k:
+                signal.raise_signal(signal.SIGINT)  # test-only (TEST_INTERRUPT_LAYER)
+            if experts is not None:
+                t1 = time.perf_counter()
+                self.run_experts(k, experts, moe_in, idx, weights, h_out, budget, bar, 1.0 - share)
+                t2 = time.perf_counter()
+                self.phase1_share = min(0.95, max(0.05, (t1 - t0) / max(t2 - t0, 1e-9)))
+            bar.update(max(0.0, bar.total - bar.n))
+        return collector.entries(), collector.layers()
+
+    def run_experts(self, k: int, experts: nn.Module, moe_in: RowStore, idx: torch.Tensor, weights: torch.Tensor,
+                    h_out: RowStore, budget: Budget, bar: tqdm, share: float) -> None:
+        """Phase 2: every routed expert of layer ``k`` over the tokens routed to it, added to ``h_out``."""
+        n_expert = experts._ggufmoe.x_acc.n_expert
+        counts = torch.bincount(idx.reshape(-1).clamp(0, n_expert), minlength=n_expert + 1)[:n_expert].tolist()
+        order = [e for e, c in enumerate(counts) if c]
+        total = max(1, sum(counts))
+        last, touched = [None], [0]
+        window = max(budget.ahead, 64 * 1024**2)  # bytes of mapped rows touched before they are handed back
+
+        def advance(e: int) -> None:
+            if last[0] is not None:
+                bar.update(self.rows * share * counts[last[0]] / total)
+                touched[0] += 2 * counts[last[0]] * self.width * 4
+                if touched[0] > window:
+                    moe_in.drop_pages()
+                    h_out.drop_pages()
+                    touched[0] = 0
+            last[0] = e
+
+        loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, budget.ahead, advance)
+        try:
+            with torch.no_grad():
+                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=budget.batch_tokens,
+                              device=self.device)
+        finally:
+            loader.close()
+        moe_in.drop_pages()
+        h_out.drop_pages()
+
+    def check_linear(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore) -> None:
+        """Phase 2 adds the routed output after the layer ran: the layer's output must be linear in its experts'
+        output with slope 1. Checked on the first tokens of the first chunk with zeros and a random output."""
+        n = min(PROBE_TOKENS, self.batches[0].shape[1])
+        h = h_in.tensor[:n].reshape(1, n, self.width).to(self.device)
+        args, kwargs = skeleton.layer_args((1, n), k)
+        gen = torch.Generator().manual_seed(k)
+        probe = (torch.randn(n, self.width, generator=gen) * float(h.std().clamp(min=1e-3))).to(self.device)
+        outs = []
+        try:
+            for r in (torch.zeros_like(probe), probe):
+                experts.forward = lambda hs, *_, r=r, **__: r.reshape(hs.shape).to(hs.dtype)
+                with torch.no_grad():
+                    y = layer(h, *args, **kwargs)
+                outs.append((y[0] if isinstance(y, tuple) else y).reshape(n, self.width))
+        finally:
+            del experts.forward
+        scale = float(outs[0].abs().max()) + float(probe.abs().max())
+        if not torch.allclose(outs[1] - outs[0], probe, rtol=0, atol=1e-4 * scale):
+            raise unsupported(self.arch, f"layer {k} does not add its routed experts' output to its output as it is")
+
+    def output(self, skeleton: Skeleton, h: RowStore) -> dict[str, ImatrixEntry]:
+        """The output matmul's input: the model's final norm over every token (on the CPU; no logits)."""
+        specs = self.by_layer.get(None, [])
+        if not any(s.parsed.base == "output" for s in specs):
+            return {}
+        device, skeleton.device = skeleton.device, torch.device("cpu")
+        try:
+            skeleton.materialize(skeleton.model, skip=(skeleton.layers,))
+        finally:
+            skeleton.device = device
+        collector = Collector(skeleton.model, specs)
+        try:
+            for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+                skeleton.output_pass(h.tensor[a:b].view(*batch.shape, self.width))
+        finally:
+            collector.remove()
+        return collector.entries()
