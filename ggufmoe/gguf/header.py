@@ -75,8 +75,3 @@ def shard_bytes(w: GGUFWriter) -> list[int]:
 def file_bytes(w: GGUFWriter) -> int:
     """Exact number of bytes the output of ``w`` will have, summed over its shards."""
     return sum(shard_bytes(w))
-
-
-def tensor_data_bytes(w: GGUFWriter) -> int:
-    """Bytes of tensor data (unpadded) declared on ``w``: what llama.cpp loads as weights."""
-    return sum(ti.nbytes for t in w.tensors for ti in t.values())

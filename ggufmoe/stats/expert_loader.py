@@ -13,15 +13,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from gguf.constants import MODEL_TENSOR
 from torch import nn
 
 from ggufmoe.arch.base import Architecture
+from ggufmoe.model.names import EXPERT_ORDER, EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.stats.collect import ExpertWeights
 from ggufmoe.stats.skeleton import unsupported
 
-EXPERT_TENSORS = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP, MODEL_TENSOR.FFN_DOWN_EXP)
 
 
 class ExpertLoader:
@@ -32,12 +31,12 @@ class ExpertLoader:
     def __init__(self, arch: Architecture, m: nn.Module, specs: list[TensorSpec], order: list[int],
                  device: torch.device, ahead_bytes: int, on_next=None):
         by_kind = {s.parsed.tensor: s for s in specs if s.is_expert}
-        if set(by_kind) != set(EXPERT_TENSORS):
+        if set(by_kind) != EXPERT_TENSORS:
             raise unsupported(arch, f"layer experts {sorted(s.name for s in specs if s.is_expert)} are not "
                                     f"gate, up and down")
         if getattr(m, "has_bias", False) or not getattr(m, "has_gate", True):
             raise unsupported(arch, "experts with biases or without a gate")
-        self.gate, self.up, self.down = (by_kind[t] for t in EXPERT_TENSORS)
+        self.gate, self.up, self.down = (by_kind[t] for t in EXPERT_ORDER)
         self.transposed = getattr(m, "is_transposed", False)
         hidden, ff = self.gate.shape[2], self.gate.shape[1]
         want_gu, want_down = (hidden, 2 * ff) if self.transposed else (2 * ff, hidden), \
