@@ -5,7 +5,10 @@
 For each llama.cpp mix (IQ1_M, IQ2_XXS, IQ2_M, Q2_K, Q3_K_M), made from our F32 conversion with
 our importance matrix through `llama_model_quantize`: its file size becomes a weights-only
 budget for `ggufmoe plan`; both files are measured on eval_doc.txt (KL divergence to the F32
-conversion, through llama.cpp). Calibration on calib.txt. Writes eval/results/plan_vs_mixes.{md,json,png}.
+conversion, through llama.cpp). Calibration on calib.txt, streamed with local errors (`ggufmoe calibrate`).
+``--sensitivity probes`` (the default of a model this small) writes eval/results/plan_vs_mixes.{md,json,png};
+``--sensitivity local`` (local errors mapped by the reference tables, no probe through llama.cpp)
+writes eval/results/plan_vs_mixes_local.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
-from ggufmoe.stats.collect import collect_stats
-from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
+from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
@@ -63,14 +66,16 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--work", type=Path, help="keep intermediate files here (stats, sensitivities are cached)")
+    ap.add_argument("--sensitivity", choices=("probes", "local"), default="probes")
+    ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
     args = ap.parse_args()
-    calib = (SHARED / "data" / "calib.txt").read_text()
+    calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     chunks = eval_chunks(args.model, args.chunks, args.ctx)
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     stats_path = work / "stats.gguf"
     if not stats_path.exists():
-        save_stats(collect_stats(args.model, calib), stats_path)
+        save_stats(calibrate(args.model, calib), stats_path)
     f32 = work / "F32.gguf"
     if not f32.exists():
         convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
@@ -81,7 +86,8 @@ def main() -> None:
     for mix in MIXES:
         theirs = llama_quantize(f32, work / f"mix-{mix}.gguf", mix, imatrix=imatrix)
         size = theirs.stat().st_size
-        plan = build_plan(args.model, Budget(size, weights_only=True), stats_path, calib)
+        plan = build_plan(args.model, Budget(size, weights_only=True), stats_path, calib,
+                          sensitivity=args.sensitivity)
         ours = convert(args.model, options_from_plan(plan, ConvertOptions(out=work / f"plan-{mix}.gguf",
                                                                           types=TypeRules.parse("Q8_0"),
                                                                           progress=False)))[0]
@@ -93,25 +99,31 @@ def main() -> None:
         print(row, flush=True)
     out = ROOT / "eval" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan_vs_mixes.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out / "plan_vs_mixes.png")
+    name = "plan_vs_mixes" + ("_local" if args.sensitivity == "local" else "")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, out / f"{name}.png")
+    how = ("local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local.py (no probe "
+           "through llama.cpp)" if args.sensitivity == "local" else "measured with probes through llama.cpp")
     lines = [
         "# Budgeted plans vs llama.cpp's mixes at the same size",
         "",
-        f"Reference model `{args.model.name}`; statistics and sensitivities from calib.txt; KL divergence to the "
+        f"Reference model `{args.model.name}`; statistics (streamed, with local errors) from "
+        f"{'the first {:,} characters of '.format(args.chars) if args.chars else ''}calib.txt; "
+        f"sensitivities and pruning costs {how}; KL divergence to the "
         f"F32 conversion over {len(chunks)} chunks of {args.ctx} tokens of eval_doc.txt through llama.cpp. "
         "Mixes made by `llama_model_quantize` from our F32 file with our importance matrix; our plan gets the "
         f"mix's file size as a weights-only budget. Machine: {platform.machine()}, {os.cpu_count()} cores. "
         "Reproduce: `python eval/bench_plan_vs_mixes.py`.",
         "",
-        "| llama.cpp mix | its size | its KLD | our size | planned = written | experts kept | our KLD | predicted | ratio |",
-        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|",
+        "| llama.cpp mix | its size | its KLD | our size | planned = written | experts kept | our KLD | predicted | "
+        "predicted / measured | ratio to the mix |",
+        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['mix']} | {r['mix_bytes']:,} | {r['mix_kld']:.4f} | {r['ours_bytes']:,} | "
               f"{'yes' if r['planned_bytes'] == r['ours_bytes'] else 'NO'} | {r['keep']} | {r['ours_kld']:.4f} | "
-              f"{r['predicted_kld']:.4f} | {r['ratio']:.2f} |" for r in rows]
-    lines += ["", "![size vs KL](plan_vs_mixes.png)"]
-    (out / "plan_vs_mixes.md").write_text("\n".join(lines) + "\n")
+              f"{r['predicted_kld']:.4f} | {r['predicted_kld'] / r['ours_kld']:.2f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", f"![size vs KL]({name}.png)"]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -49,6 +49,10 @@ def cli() -> None:
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
               help="KV cache type for --budget.")
 @click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
+@click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
+              help="--budget: how tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
+                   "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
+                   "up to 2 GiB of F16 weights, local errors above.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
@@ -60,8 +64,8 @@ def cli() -> None:
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
             top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
-            kv_type: str, weights_only: bool, threads: int | None, split_max_size: str | None, ollama: bool,
-            resume: bool, quiet: bool) -> None:
+            kv_type: str, weights_only: bool, sensitivity: str, threads: int | None, split_max_size: str | None,
+            ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -88,7 +92,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)
     job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only) if budget else None, calib,
-                     criterion)
+                     criterion, sensitivity)
     plan, paths = job.run(src)
     if budget:
         click.echo(format_plan(plan))
@@ -166,9 +170,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
         stats = collect_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name)
         save_stats(stats, out)
     else:
-        from ggufmoe.stats.stream import stream_stats
+        from ggufmoe.pipeline.calibrate import calibrate as calibrate_streamed
 
-        stats = stream_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name,
+        stats = calibrate_streamed(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name,
                              out=out, resume=resume, device=device, max_memory=limit)
     click.echo(format_summary(stats))
     click.echo(f"wrote {out}")
@@ -187,10 +191,14 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE", help="Pin tensors to a type.")
 @click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="reap", show_default=True,
               help="Which experts to keep when pruning pays.")
+@click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
+              help="How tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
+                   "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
+                   "up to 2 GiB of F16 weights, local errors above.")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
-         rules: tuple[str, ...], criterion: str, out: Path | None, quiet: bool) -> None:
+         rules: tuple[str, ...], criterion: str, sensitivity: str, out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
@@ -205,7 +213,7 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 
     result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only), stats,
                         read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
-                        progress=not quiet)
+                        progress=not quiet, sensitivity=sensitivity)
     click.echo(format_plan(result))
     if out:
         result.save(out)

@@ -137,7 +137,7 @@ def test_budget_interrupted_while_planning_keeps_the_statistics(tmp_path, monkey
             convert_to_budget(REF, opts, budget, calib, types)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]
     kept = (tmp_path / "o.stats.gguf").read_bytes()
-    monkeypatch.setattr(budget_flow, "stream_stats", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(budget_flow, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     with pytest.raises(GgufmoeError, match="smallest feasible plan needs"):
         convert_to_budget(REF, replace(opts, resume=True), budget, calib, types)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]

@@ -16,7 +16,8 @@ import tiny_models
 from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.sensitivity.cache import KEY, cached_sensitivity
-from ggufmoe.sensitivity.cost import PROBE_TYPE, quantizable
+from ggufmoe.sensitivity.cost import PROBE_TYPE
+from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.defaults import GAUSSIAN_REL_ERROR, default_sensitivity, gaussian_rel_errors
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError

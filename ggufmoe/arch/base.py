@@ -32,6 +32,8 @@ class Architecture:
     source_file_type: ClassVar[int | None] = None  # general.file_type of a source that has one (a GGUF)
     # Tensors besides the 3-D expert tensors whose rows are experts (pruning gathers their rows).
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
+    # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
+    router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
     # Tensor classes without default sensitivities of their own -> the reference class they take.
     sensitivity_aliases: ClassVar[dict[str, str]] = {}
     # set when pruning: experts kept per layer and experts used per token

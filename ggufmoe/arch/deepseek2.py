@@ -28,6 +28,7 @@ class Deepseek2(Architecture):
     gguf_arch = "deepseek2"
     experts_key = "n_routed_experts"
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}  # V3's routing bias
+    router_tensors = Architecture.router_tensors + ("e_score_correction_bias",)
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k", "attn_k_b": "attn_k",
                            "attn_v_b": "attn_v"}  # MLA's projections default to the GQA ones
 

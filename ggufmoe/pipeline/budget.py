@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.gguf.writer import Progress
+from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert, input_files, refuse_overwriting_inputs
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
@@ -22,74 +24,138 @@ from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity.cache import cached_sensitivity, store
 from ggufmoe.sensitivity.defaults import default_sensitivity
+from ggufmoe.sensitivity.local import PRUNE_EXPONENT, PRUNE_SCALE, local_sensitivity, prune_unit
+from ggufmoe.sensitivity.local import prune_cost as prune_cost_local
 from ggufmoe.source import open_source
-from ggufmoe.source.hf import HFSource
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.file import check_output, load_stats
-from ggufmoe.stats.stream import stream_stats
+from ggufmoe.stats.local import local_errors
 from ggufmoe.stats.text import read_text, token_chunks
 
 
-def measure_prune_scale(src_dir: Path, stats_path: Path, text: str, ctx: int = 512, chunks: int = 4) -> float:
-    """KL (through llama.cpp, F16 weights) of pruning a quarter of the experts, per unit of routing mass removed."""
+def pruning_kl(src_dir: Path, stats_path: Path, text: str, requests: list[PruneRequest], ctx: int = 512,
+               chunks: int = 4) -> list[float]:
+    """KL divergence (through llama.cpp, F16 weights, mean over ``chunks`` chunks of ``ctx`` tokens of ``text``)
+    of each pruning in ``requests`` against the unpruned model."""
     from transformers import AutoTokenizer  # heavy: only when measuring
 
-    arch = architecture_for(HFSource(src_dir))
-    stats = load_stats(stats_path, top_k=arch.top_k)
-    keep = keep_candidates(arch, stats)
-    keep = min(keep, key=lambda k: abs(k - 0.75 * arch.n_expert))
-    req = PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
-    removed = prune_cost(choose_experts(arch, stats, req), stats, 1.0)
-    if removed <= 0:
-        return DEFAULT_PRUNE_SCALE
     tok = AutoTokenizer.from_pretrained(src_dir)
     seqs = [c for c in token_chunks(tok, text, ctx, ctx * chunks) if len(c) == ctx] or \
         token_chunks(tok, text, ctx, ctx * chunks)
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         base = convert(src_dir, ConvertOptions(out=Path(tmp) / "base.gguf", types=TypeRules.parse("F16"),
                                                progress=False))[0]
-        pruned = convert(src_dir, ConvertOptions(out=Path(tmp) / "pruned.gguf", types=TypeRules.parse("F16"),
-                                                 stats=stats_path, prune=req, progress=False))[0]
         ref = base_logprobs(base, seqs)
-        kld = float(np.mean([c.kld_mean for c in score_against(pruned, seqs, ref)]))  # mean over chunks
-    return kld / removed
+        for req in requests:
+            pruned = convert(src_dir, ConvertOptions(out=Path(tmp) / "pruned.gguf", types=TypeRules.parse("F16"),
+                                                     stats=stats_path, prune=req, progress=False))[0]
+            out.append(float(np.mean([c.kld_mean for c in score_against(pruned, seqs, ref)])))  # mean over chunks
+            pruned.unlink()
+    return out
+
+
+def probe_pruning(arch, stats) -> PruneRequest:
+    """The pruning a probe measures: a quarter of the experts, by REAP (frequency without routing statistics)."""
+    keep = min(keep_candidates(arch, stats), key=lambda k: abs(k - 0.75 * arch.n_expert))
+    return PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
+
+
+SENSITIVITY_MODES = ("auto", "probes", "local")
+PROBE_MAX_BYTES = 2 * 1024**3  # F16 size up to which ``auto`` probes the model through llama.cpp
 
 
 def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, calib_text: str | None = None,
-               pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True) -> Plan:
-    """Everything ``ggufmoe plan`` does: sensitivities (measured or default), then the best plan."""
+               pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True,
+               sensitivity: str = "auto") -> Plan:
+    """Everything ``ggufmoe plan`` does: sensitivities and pruning costs, then the best plan.
+
+    With statistics of a model with weights, ``sensitivity`` says how costs are made: ``probes`` measures
+    them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: about a dozen conversions of the model, on its
+    local errors when the statistics hold them); ``local`` maps the statistics' local errors to KL with
+    the reference model's factors (:mod:`ggufmoe.sensitivity.local`; nothing is converted); ``auto`` probes
+    a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the local errors of a bigger one (probes
+    when it has none). The plan's notes say which was used. Without statistics: defaults from shapes."""
+    if sensitivity not in SENSITIVITY_MODES:
+        raise GgufmoeError(f"sensitivity {sensitivity!r}: choose from {', '.join(SENSITIVITY_MODES)}")
     src = open_source(source)
     arch = architecture_for(src)
     pins = pins or TypeRules(None)
     if stats_path and not src.has_weights:
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
     stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
+    local = local_errors(stats) if stats is not None else None
+    n_layers = int(arch.cfg.num_hidden_layers)
+    notes = []
     if stats is not None and src.can_calibrate:
-        if calib_text is not None and cached_sensitivity(src.path, stats, calib_text) is None:
-            # sensitivities will be measured (minutes): say first if the budget is impossible
-            rough = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True,
-                                        aliases=arch.sensitivity_aliases)
-            allocate_budget(src, arch, stats, rough, budget, pins, DEFAULT_PRUNE_SCALE, criterion, None)
-        sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
-        prune_scale = sens.scales.get("prune")
-        if prune_scale is None:
-            if calib_text is None:
-                raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
-            prune_scale = sens.scales["prune"] = measure_prune_scale(src.path, stats_path, calib_text)
-            store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
+        mode = sensitivity
+        if mode == "auto":
+            small = 2 * sum(s.n_elements for s in arch.tensors()) <= PROBE_MAX_BYTES
+            mode = "local" if local is not None and not small else "probes"
+        if mode == "local":
+            if local is None:
+                raise GgufmoeError(f"{stats_path}: the statistics hold no local errors (they come from a streamed "
+                                   "`ggufmoe calibrate`); measure with probes instead")
+            sens = local_sensitivity(list(arch.tensors()), local, n_layers, arch.n_expert, arch.top_k,
+                                     arch.sensitivity_aliases)
+            prune_kl = _local_prune_kl(local, n_layers, PRUNE_SCALE, stats)
+            notes.append("sensitivities and pruning costs: local errors mapped to KL by the reference model's "
+                         "factors (no probes)")
+        else:
+            sens, prune_kl = _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, criterion,
+                                     progress)
+            notes.append("sensitivities: " + ("local errors" if sens.info.get("local_errors") else "importance-"
+                                              "weighted errors") + " calibrated by probes through llama.cpp")
     else:
         # From shapes. Types that need an importance matrix are allowed when there will be one: a
         # configuration alone is calibrated before converting; a GGUF uses the statistics' imatrix.
         sens = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k,
                                    imatrix=stats is not None or not src.has_weights, aliases=arch.sensitivity_aliases)
-        prune_scale = DEFAULT_PRUNE_SCALE
-    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_scale, criterion,
-                            str(stats_path) if stats_path else None)
-    if not sens.measured:
-        plan.notes.append("sensitivities are defaults from tensor shapes (not measured)")
+        prune_kl = partial(prune_cost, stats=stats, scale=DEFAULT_PRUNE_SCALE)
+        notes.append("sensitivities are defaults from tensor shapes (not measured)")
+    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, criterion,
+                           str(stats_path) if stats_path else None)
+    plan.notes += notes
     if not arch.writes_tokenizer:
         plan.file_bytes += TOKENIZER_BYTES_PER_TOKEN * arch.n_vocab
     return plan
+
+
+def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, criterion, progress):
+    """(measured sensitivity, pruning cost) calibrated by probes through llama.cpp, cached in the stats file."""
+    if calib_text is not None and cached_sensitivity(src.path, stats, calib_text) is None:
+        # sensitivities will be measured (minutes): say first if the budget is impossible
+        rough = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True,
+                                    aliases=arch.sensitivity_aliases)
+        allocate_budget(src, arch, stats, rough, budget, pins, partial(prune_cost, stats=stats, scale=1.0),
+                        criterion, None)
+    sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
+    n_layers = int(arch.cfg.num_hidden_layers)
+    key = "prune_local" if local is not None else "prune"
+    if key not in sens.scales:
+        if calib_text is None:
+            raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
+        req = probe_pruning(arch, stats)
+        pplan = choose_experts(arch, stats, req)
+        unit = prune_unit(local, pplan, n_layers) if local is not None else prune_cost(pplan, stats, 1.0)
+        if not unit:
+            sens.scales[key] = PRUNE_SCALE if local is not None else DEFAULT_PRUNE_SCALE
+        else:
+            kl = pruning_kl(src.path, stats_path, calib_text, [req])[0]
+            sens.scales[key] = kl / (unit ** PRUNE_EXPONENT if local is not None else unit)
+        store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
+    if local is not None:
+        return sens, _local_prune_kl(local, n_layers, sens.scales[key], stats)
+    return sens, partial(prune_cost, stats=stats, scale=sens.scales[key])
+
+
+def _local_prune_kl(local, n_layers: int, scale: float, stats):
+    """Predicted KL of a pruning from the local pruning errors (the routing-mass model where none was measured)."""
+    def kl(plan) -> float:
+        unit = prune_unit(local, plan, n_layers)
+        return prune_cost_local(unit, scale) if unit is not None else prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
+
+    return kl
 
 
 def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
@@ -99,7 +165,7 @@ def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
 
 
 def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, pins: TypeRules,
-                      criterion: str = "reap") -> tuple[Plan, list[Path]]:
+                      criterion: str = "reap", sensitivity: str = "auto") -> tuple[Plan, list[Path]]:
     """calibrate (unless statistics are given, or kept beside the output for --resume) + plan + convert;
     the statistics and the plan are saved beside the output.
 
@@ -129,11 +195,12 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
         # a resumed conversion plans from the statistics it was made from (kept beside it); so does a run that
         # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
         if not (stats_path.is_file() and (base.resume or _conversion_kept(base.out))):
-            stream_stats(src, text, progress=base.progress, dataset=calib_file.name, out=stats_path,
+            calibrate(src, text, progress=base.progress, dataset=calib_file.name, out=stats_path,
                          resume=base.resume, keep_on_error=False)
             made.append(stats_path)
     try:
-        plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress)
+        plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress,
+                          sensitivity=sensitivity)
         made.append(plan_path)
         plan.save(plan_path)
         return plan, convert(src, options_from_plan(plan, base))

@@ -19,6 +19,7 @@ class ConvertJob:
     budget: Budget | None = None  # plan for this budget first
     calib: Path | None = None  # calibration text for the budget plan
     criterion: str = "reap"  # which experts the budget plan keeps
+    sensitivity: str = "auto"  # how the budget plan's costs are made (pipeline.budget.build_plan)
 
     def run(self, src: str | Path) -> tuple[Plan | None, list[Path]]:
         """The plan made or executed (None for a conversion as given) and the files written."""
@@ -28,5 +29,6 @@ class ConvertJob:
             plan = Plan.load(self.plan_file)
             return plan, convert(src, options_from_plan(plan, self.opts))
         if self.budget:
-            return convert_to_budget(src, self.opts, self.budget, self.calib, self.opts.types, self.criterion)
+            return convert_to_budget(src, self.opts, self.budget, self.calib, self.opts.types, self.criterion,
+                                     self.sensitivity)
         return None, convert(src, self.opts)

@@ -1,8 +1,9 @@
 """Measured sensitivity (weights + calibration statistics + text): the conversions and llama.cpp
 runs that calibrate the cost model, and the cache around them.
 
-1. **Error** of every tensor at every candidate type, from the weights and the statistics
-   (:mod:`ggufmoe.sensitivity.quant_error`).
+1. **Error** of every tensor at every candidate type: the local errors the streamed calibration
+   measured (:mod:`ggufmoe.stats.local`) where the statistics hold them, else from the weights and the
+   importance matrix (:mod:`ggufmoe.sensitivity.quant_error`, the diagonal approximation).
 2. **Calibration.** Per tensor class (:attr:`TensorSpec.kind`: ``attn_q``, ``ffn_down_exps``,
    ``token_embd``, ...) one probe: ``convert`` with that class (all layers) at the anchor type
    :data:`~ggufmoe.sensitivity.cost.PROBE_TYPE` (Q3_K) and everything else F16, mean KL divergence
@@ -38,12 +39,14 @@ from ggufmoe.quant.ggml import one_torch_thread
 from ggufmoe.quant.rules import EMBEDDING, TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity import cache
-from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity, quantizable
+from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
+from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.fit import apply_layer_factors, calibrate, layer_groups
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import save_imatrix
+from ggufmoe.stats.local import local_errors
 from ggufmoe.stats.text import token_ids
 
 MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
@@ -118,7 +121,12 @@ def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max
     if sum(len(s) - 1 for s in seqs) < 1:
         raise GgufmoeError("calibration text too short to measure KL divergence")
 
-    error = measure_errors(specs, stats, freq, n_expert, top_k, threads, max_rows, max_experts, progress)
+    # the local errors the streamed calibration measured where there are some, else the diagonal approximation
+    local = local_errors(stats)
+    measured_locally = {s.name: local.quant[s.name] for s in specs if local and s.name in local.quant}
+    rest = [s for s in specs if s.name not in measured_locally]
+    error = measure_errors(rest, stats, freq, n_expert, top_k, threads, max_rows, max_experts, progress) if rest else {}
+    error.update(measured_locally)
     t_error = time.perf_counter() - t_start
 
     kinds: dict[str, list[str]] = {}
@@ -174,7 +182,7 @@ def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max
                      exponents_fitted=len(probe_types) > 1, chunks=len(seqs), ctx=ctx,
                      kl_tokens=sum(len(s) - 1 for s in seqs), max_rows=max_rows, max_experts=max_experts,
                      error_seconds=round(t_error, 2), total_seconds=round(time.perf_counter() - t_start, 2),
-                     probe_fit=fit, uniform=uniform)
+                     probe_fit=fit, uniform=uniform, local_errors=sorted(measured_locally))
     return sens
 
 

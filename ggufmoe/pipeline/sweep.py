@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ggufmoe.arch import architecture_for
+from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.budget import build_plan, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
@@ -28,7 +29,6 @@ from ggufmoe.runtime.llama_quantize import llama_quantize
 from ggufmoe.runtime.validate import validate
 from ggufmoe.source import open_source
 from ggufmoe.stats.file import load_stats
-from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import read_text
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
@@ -137,7 +137,7 @@ def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions) -> tuple[Path
     and the base GGUF (converted once)."""
     stats_path = out / "stats.gguf"
     if not stats_path.is_file():
-        stream_stats(src, calib, progress=opts.progress, dataset=opts.calib.name, out=stats_path, resume=True,
+        calibrate(src, calib, progress=opts.progress, dataset=opts.calib.name, out=stats_path, resume=True,
                      resume_hint="run the same sweep again")
     base = out / f"base-{BASE_TYPE}.gguf"
     if not base.is_file():

@@ -2,7 +2,7 @@
 file plus llama.cpp's runtime memory fit the budget at the least predicted KL divergence.
 
 For every candidate keep count (each multiple of the expert-group count from all experts down
-to half, at most :data:`MAX_KEEP_CANDIDATES` of them): prune (as ``convert --keep`` would), start
+to half, at most :data:`~ggufmoe.prune.criteria.MAX_KEEP_CANDIDATES` of them): prune (as ``convert --keep`` would), start
 every tensor at its cheapest allowed type, then take upgrades in order of predicted KL saved per
 byte (steps along each tensor's lower convex hull of bytes vs. predicted cost) while they fit.
 Bytes are the file's, plus, unless the budget counts the file only, the copies llama.cpp's CPU
@@ -21,8 +21,8 @@ from the sensitivities (:mod:`ggufmoe.sensitivity`), runtime memory from :mod:`g
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -37,15 +37,13 @@ from ggufmoe.plan.layout import overhead_bytes, padded, planned_output
 from ggufmoe.plan.memory import is_repacked, local_repack_types, runtime_memory, weight_memory
 from ggufmoe.plan.report import source_notes
 from ggufmoe.prune.apply import prune_model
-from ggufmoe.prune.criteria import Pruning, PruneRequest, choose, choose_experts, resolve
+from ggufmoe.prune.criteria import Pruning, PruneRequest, choose, choose_experts, keep_counts, resolve
 from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.quant.rules import EMBEDDING, TypedTensor, TypeRules, always_f32
 from ggufmoe.sensitivity.cost import Sensitivity
 from ggufmoe.stats.file import Stats
 from ggufmoe.units import format_size
 
-MIN_KEEP_RATIO = 0.5  # pruning more than half the experts never paid on the reference model
-MAX_KEEP_CANDIDATES = 13  # keep counts tried (evenly spread between all and half when there are more)
 # Predicted KL per unit of routing mass removed, used when it cannot be measured (no weights).
 DEFAULT_PRUNE_SCALE = 1.0
 
@@ -146,14 +144,10 @@ class _TooSmall(Exception):
 
 
 def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool = False) -> list[int]:
-    n = arch.n_expert
+    """The keep counts a plan tries: all experts only, unless there are statistics or only a configuration."""
     if (stats is None or not stats.layers) and not config_only:
-        return [n]
-    groups = arch.expert_groups[0] if arch.expert_groups else 1
-    steps = list(range(n, max(groups, math.ceil(MIN_KEEP_RATIO * n / groups) * groups) - 1, -groups))
-    if len(steps) > MAX_KEEP_CANDIDATES:
-        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, MAX_KEEP_CANDIDATES).round().astype(int)]
-    return [k for k in steps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+        return [arch.n_expert]
+    return keep_counts(arch)
 
 
 def prune_cost(plan: Pruning, stats: Stats | None, scale: float) -> float:
@@ -172,9 +166,10 @@ def prune_cost(plan: Pruning, stats: Stats | None, scale: float) -> float:
 
 
 def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
-                     pins: TypeRules, prune_scale: float, criterion: str = "reap",
+                     pins: TypeRules, prune_kl: Callable[[Pruning], float], criterion: str = "reap",
                      stats_path: str | None = None) -> Plan:
-    """The best plan over the candidate keep counts; a clear error when nothing fits."""
+    """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
+    predicted KL of a pruning (e.g. :func:`prune_cost` with a measured scale)."""
     best: Plan | None = None
     smallest = None
     candidates = []
@@ -217,7 +212,7 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         if choice is None:
             continue
         quant = sum(o.cost for o in choice.values())
-        pcost = prune_cost(pplan, stats, prune_scale)
+        pcost = prune_kl(pplan)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
                     kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
                     top_k_source=arch.top_k, keep=keep, top_k=pplan.top_k, criterion=crit, kept=pplan.kept,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.file import ExpertStats, Stats
 
 CRITERIA = ("frequency", "routing", "reap")
+MIN_KEEP_RATIO = 0.5  # pruning more than half the experts never paid on the reference model
+MAX_KEEP_CANDIDATES = 13  # keep counts tried (evenly spread between all and half when there are more)
 
 
 @dataclass
@@ -129,3 +132,26 @@ def choose_experts(arch: Architecture, stats: Stats | None, req: PruneRequest) -
                                f"{'missing' if layer is None else f'{len(layer.counts)} experts'})")
         plan.kept[il] = choose(expert_scores(layer, req.criterion, req.alpha), keep, groups)
     return plan
+
+
+def keep_counts(arch: Architecture) -> list[int]:
+    """The keep counts worth trying: each multiple of the expert-group count from all experts down to
+    half, at most :data:`MAX_KEEP_CANDIDATES` of them, each leaving ``top_k`` experts reachable."""
+    n = arch.n_expert
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+    steps = list(range(n, max(groups, math.ceil(MIN_KEEP_RATIO * n / groups) * groups) - 1, -groups))
+    if len(steps) > MAX_KEEP_CANDIDATES:
+        steps = [steps[i] for i in np.linspace(0, len(steps) - 1, MAX_KEEP_CANDIDATES).round().astype(int)]
+    return [k for k in steps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+
+
+def kept_sets(arch: Architecture, alpha: float = 0.5) -> Callable[[ExpertStats], dict[str, dict[int, list[int]]]]:
+    """For one layer's statistics: the experts each criterion keeps at each keep count below all (what the
+    streamed calibration measures pruning errors for, :mod:`ggufmoe.stats.prune_error`)."""
+    counts = [k for k in keep_counts(arch) if k < arch.n_expert]
+    groups = arch.expert_groups[0] if arch.expert_groups else 1
+
+    def sets(layer: ExpertStats) -> dict[str, dict[int, list[int]]]:
+        return {c: {k: choose(expert_scores(layer, c, alpha), k, groups) for k in counts} for c in CRITERIA}
+
+    return sets

@@ -102,3 +102,8 @@ class TypedTensor:
     def copies(self) -> bool:
         """Whether the source's bytes are written as they are (the type stays)."""
         return self.spec.raw is not None and self.spec.source_type == self.qtype
+
+
+def quantizable(spec: TensorSpec) -> bool:
+    """Whether ``convert`` quantizes the tensor (not 1-D, norm, bias or router: those stay F32)."""
+    return TypeRules(T.F16).requested(spec) != T.F32

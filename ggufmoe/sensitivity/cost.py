@@ -22,7 +22,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import requires_imatrix
-from ggufmoe.quant.rules import EMBEDDING, EMBEDDING_SUBSTITUTE, TypeRules
+from ggufmoe.quant.rules import EMBEDDING, EMBEDDING_SUBSTITUTE
 
 PROBE_TYPE = T.Q3_K  # the anchor type: each class is calibrated there (see :mod:`.fit`)
 METHOD_VERSION = 2  # part of the cache key: a new version measures again
@@ -74,11 +74,6 @@ class Sensitivity:
 
 def _name(t: str | T) -> str:
     return t.name if isinstance(t, T) else str(t).upper()
-
-
-def quantizable(spec: TensorSpec) -> bool:
-    """Whether ``convert`` quantizes the tensor (not 1-D, norm, bias or router: those stay F32)."""
-    return TypeRules(T.F16).requested(spec) != T.F32
 
 
 def candidates_for(spec: TensorSpec, has_imatrix: bool) -> list[T]:

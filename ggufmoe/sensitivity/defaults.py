@@ -29,9 +29,8 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.quant.rules import EMBEDDING
-from ggufmoe.sensitivity.cost import (METHOD_VERSION, PROBE_TYPE, Sensitivity, active_elements, candidates_for,
-                                      quantizable)
+from ggufmoe.quant.rules import EMBEDDING, quantizable
+from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity, active_elements, candidates_for
 
 
 # Relative error E(w - w_hat)^2 / E w^2 of each type (candidates and their fallbacks) with our

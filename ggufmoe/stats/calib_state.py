@@ -29,16 +29,18 @@ from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.state_dir import StateDir
 from ggufmoe.stats.file import ExpertStats
 from ggufmoe.stats.imatrix import ImatrixEntry
+from ggufmoe.stats.local import LocalErrors
 
 STATE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: layers keep their local errors
 HIDDEN = ("hidden.0.f32", "hidden.1.f32")  # input of layer k: HIDDEN[k % 2]
 MOE_IN = "moe_in.f32"
 
 
-def calibration_fingerprint(model_dir: Path, ids: torch.Tensor, prefix: list[int], ctx: int) -> str:
-    """What decides the statistics: the source's files, the token ids, the chunk prefix and the context."""
-    sha = hashlib.sha256(f"ggufmoe calibrate {STATE_VERSION}\n{ctx}\n{prefix}\n".encode())
+def calibration_fingerprint(model_dir: Path, ids: torch.Tensor, prefix: list[int], ctx: int, local: str = "") -> str:
+    """What decides the statistics: the source's files, the token ids, the chunk prefix, the context and how
+    local errors are measured (``local``)."""
+    sha = hashlib.sha256(f"ggufmoe calibrate {STATE_VERSION}\n{ctx}\n{prefix}\n{local}\n".encode())
     sha.update(file_identity(model_files(model_dir)).encode())
     sha.update(ids.numpy().astype("<i4").tobytes())
     return sha.hexdigest()
@@ -88,9 +90,10 @@ class CalibrationState(StateDir):
     def layer_file(self, k: int) -> Path:
         return self.path / f"layer.{k}.npz"
 
-    def save_layer(self, k: int, entries: dict[str, ImatrixEntry], layers: dict[int, ExpertStats]) -> None:
-        """Layer ``k``'s statistics, durably and atomically."""
-        arrays = {}
+    def save_layer(self, k: int, entries: dict[str, ImatrixEntry], layers: dict[int, ExpertStats],
+                   local: LocalErrors | None = None) -> None:
+        """Layer ``k``'s statistics (and local errors), durably and atomically."""
+        arrays = {} if local is None else {"local": np.array(local.to_json())}
         for name, e in entries.items():
             arrays[f"sum2:{name}"], arrays[f"counts:{name}"] = e.in_sum2, e.counts
         for il, s in layers.items():
@@ -99,7 +102,7 @@ class CalibrationState(StateDir):
         path = self.layer_file(k)
         self.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration statistics")
 
-    def load_layer(self, k: int) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats]]:
+    def load_layer(self, k: int) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors | None]:
         path = self.layer_file(k)
         try:
             with np.load(path) as z:
@@ -108,6 +111,7 @@ class CalibrationState(StateDir):
             raise GgufmoeError(f"{path}: kept statistics unreadable ({e}); delete {path.parent} to start over") \
                 from None
         entries, layers = {}, {}
+        local = LocalErrors.from_json(str(arrays.pop("local"))) if "local" in arrays else None
         for key, a in arrays.items():
             kind, _, name = key.partition(":")
             if kind == "sum2":
@@ -115,4 +119,4 @@ class CalibrationState(StateDir):
             elif kind == "routing":
                 layers[int(name)] = ExpertStats(a[0].copy(), a[1].copy(), a[2].copy(),
                                                 int(arrays[f"n_tokens:{name}"]))
-        return entries, layers
+        return entries, layers, local

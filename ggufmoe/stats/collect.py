@@ -65,8 +65,6 @@ from ggufmoe.stats.text import batches, calibration_tokens
 from ggufmoe.source.hf import HFSource
 
 
-
-
 def square_sums(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(float32 sums of squares per column, number of rows) of ``x`` taken as rows of its last dimension."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -177,9 +175,19 @@ def module_weights(m: nn.Module) -> Callable[[int], ExpertWeights]:
     return get
 
 
+def expert_output(m: nn.Module, ew: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input of the down matmul, output) of one routed expert of the fused module ``m`` for rows ``x``."""
+    transposed = getattr(m, "is_transposed", False)
+    mid = m._apply_gate(_expert_linear(x, ew.gate_up, ew.gate_up_bias, transposed))
+    y = _expert_linear(mid, ew.down, ew.down_bias, transposed)
+    if getattr(m, "has_post_expert_norm", False):
+        y = m.post_expert_norm(y)
+    return mid, y
+
+
 def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   weights: Callable[[int], ExpertWeights], out: torch.Tensor, step: int | None = None,
-                  device: torch.device | None = None) -> None:
+                  device: torch.device | None = None, on_expert: Callable | None = None) -> None:
     """Add the weighted routed-experts output of ``hidden`` (tokens, hidden) to ``out`` and record statistics.
 
     What transformers' experts kernels compute: routing slots sorted by expert with one sort, per
@@ -190,12 +198,12 @@ def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
     ``step`` rows, folded into float64), routing slots, routing-weight mass and REAP. ``hidden`` and
     ``out`` may live on the CPU (the streamed path's stores) while the experts run on ``device``.
     Ids at or beyond the expert count (expert-parallel sentinels) contribute nothing, as in transformers.
+    ``on_expert(e, weights, tokens, routing weights, gate/up input sums, down input sums)`` is called after
+    each expert with its routing slots (the streamed path's local errors).
     """
     state: ExpertsState = m._ggufmoe
     x_acc, mid_acc, routing = state.x_acc, state.mid_acc, state.routing
     n_expert = x_acc.n_expert
-    transposed = getattr(m, "is_transposed", False)
-    post_norm = m.post_expert_norm if getattr(m, "has_post_expert_norm", False) else None
     n_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
     ids = top_k_index.reshape(-1).to(hidden.device)
     order = torch.argsort(ids, stable=True)  # routing slots grouped by expert; sentinels (ids >= n_expert) last
@@ -217,16 +225,15 @@ def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
             xe, we = hidden[tok], w[a:b]
             if device is not None:
                 xe, we = xe.to(device), we.to(device)
-            mid = m._apply_gate(_expert_linear(xe, ew.gate_up, ew.gate_up_bias, transposed))
-            ye = _expert_linear(mid, ew.down, ew.down_bias, transposed)
-            if post_norm is not None:
-                ye = post_norm(ye)
+            mid, ye = expert_output(m, ew, xe)
             out.index_add_(0, tok, (ye * we[:, None].to(ye.dtype)).to(out.device, out.dtype))
             # statistics, float32 within these rows
             xf, mf, wf = xe.float(), mid.float(), we.float()
             x2[e] += (xf * xf).sum(0).to("cpu", torch.float64)
             mid2[e] += (mf * mf).sum(0).to("cpu", torch.float64)
             reap[e] += float((wf * torch.linalg.vector_norm(ye.float(), dim=-1)).sum())
+        if on_expert is not None:
+            on_expert(e, ew, token[start:start + c], w[start:start + c], x2[e], mid2[e])
         start += c
     counts64 = counts.double().cpu()
     x_acc.fold(x2, counts64)  # one importance row per routing slot, as llama.cpp counts
@@ -258,8 +265,10 @@ def output_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Collector:
     """Instruments a loaded model; each forward adds to the accumulators. ``remove()`` restores it."""
 
-    def __init__(self, model: nn.Module, specs: list[TensorSpec], forward: Callable = experts_forward):
+    def __init__(self, model: nn.Module, specs: list[TensorSpec], forward: Callable = experts_forward,
+                 sample: Callable[[str, torch.Tensor], None] | None = None):
         self.forward = forward  # what a fused experts module runs instead of its own forward
+        self.sample = sample  # also given every plain matmul's input (the streamed path's local errors)
         self.acc: dict[str, Accumulator] = {}
         self.routing: dict[int, RoutingAccumulator] = {}
         self.experts: dict[int, nn.Module] = {}  # layer -> its patched experts module
@@ -288,6 +297,9 @@ class Collector:
 
     def hook_matmul(self, name: str, mod: nn.Module, ne0: int, is_output: bool = False) -> None:
         acc = self.acc[name] = Accumulator(1, ne0)
+        if self.sample is not None:
+            sample = self.sample
+            self.handles.append(mod.register_forward_pre_hook(lambda _m, args: sample(name, args[0])))
         if is_output and isinstance(mod, nn.Linear):
             self.patch(mod, output_forward, acc)
         else:

@@ -22,7 +22,6 @@ from ggufmoe.stats.collect import ExpertWeights
 from ggufmoe.stats.skeleton import unsupported
 
 
-
 class ExpertLoader:
     """Routed experts of one layer, read from the checkpoint in the order they will be asked for (``order``),
     up to ``ahead_bytes`` of them ahead in a background thread; ``loader(e)`` is expert ``e``'s
@@ -58,6 +57,12 @@ class ExpertLoader:
         if self.transposed:
             gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
         return ExpertWeights(gate_up, down)
+
+    def parts(self, w: ExpertWeights) -> dict[str, torch.Tensor]:
+        """An expert's matrices as the checkpoint (and the GGUF) stores them, by spec name: the fusion undone."""
+        gate_up, down = (w.gate_up.T, w.down.T) if self.transposed else (w.gate_up, w.down)
+        ff = self.gate.shape[1]
+        return {self.gate.name: gate_up[:ff], self.up.name: gate_up[ff:], self.down.name: down}
 
     def _fill(self) -> None:
         while len(self.pending) < self.n_ahead and self.next < len(self.order):

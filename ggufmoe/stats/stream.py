@@ -84,11 +84,14 @@ from ggufmoe.source.hf import HFSource
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import (HIDDEN, MOE_IN, STATE_VERSION, CalibrationState, Progress,
                                        calibration_fingerprint)
-from ggufmoe.stats.collect import Collector, load_tokenizer, route_experts
+from ggufmoe.quant.rules import quantizable
+from ggufmoe.stats.collect import Collector, expert_output, load_tokenizer, route_experts
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
+from ggufmoe.stats.local import KEY as LOCAL_KEY, LocalErrors, LocalMeter, LocalOptions
+from ggufmoe.stats.prune_error import KeptSets, PruneProbe
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
 from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens
 from ggufmoe.units import format_size
@@ -124,12 +127,16 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
                  progress: bool = True, dataset: str = "calibration", out: str | Path | None = None,
                  resume: bool = False, device: str | torch.device = "cpu", max_memory: int = DEFAULT_MAX_MEMORY,
                  in_memory: bool | None = None, keep_on_error: bool = True,
-                 resume_hint: str = "run the same command with --resume") -> Stats:
+                 resume_hint: str = "run the same command with --resume", local: LocalOptions | None = None,
+                 measure_local: bool = True, kept_sets: KeptSets | None = None) -> Stats:
     """The statistics :func:`ggufmoe.stats.collect.collect_stats` gives, computed one layer at a time.
 
     With ``out`` the statistics are written there (atomically) and the state directory beside it
     makes the run resumable (``resume``); without it a temporary directory (``tempfile``'s) holds
-    what does not stay in memory and nothing is resumable. ``in_memory`` forces where the hidden
+    what does not stay in memory and nothing is resumable. ``measure_local``: also measure the local
+    errors of :mod:`ggufmoe.stats.local` (sampled as ``local`` says), stored with the statistics, and with
+    ``kept_sets`` (the candidate prunings of a layer, from its statistics) the local pruning errors of
+    :mod:`ggufmoe.stats.prune_error`. ``in_memory`` forces where the hidden
     states live (None: decided by ``max_memory``).
 
     Interrupted (Ctrl-C, SIGTERM) after a complete layer, the state directory is kept and the
@@ -148,8 +155,9 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
     tokenizer = load_tokenizer(model_dir)
     ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
     ids = torch.from_numpy(ids)
-    fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx)
-    run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress)
+    local = (local or LocalOptions()) if measure_local else None
+    fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local))
+    run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress, local, kept_sets if local else None)
     n_chunks = run.n_chunks
     if out is None:
         with tempfile.TemporaryDirectory(prefix="ggufmoe-calibrate-") as tmp:
@@ -190,8 +198,11 @@ class Budget:
 
 class StreamedRun:
     def __init__(self, src: HFSource, arch: Architecture, specs: list[TensorSpec], ids: torch.Tensor,
-                 prefix: list[int], ctx: int, device: torch.device, progress: bool):
+                 prefix: list[int], ctx: int, device: torch.device, progress: bool, local: LocalOptions | None = None,
+                 kept_sets: KeptSets | None = None):
         self.src, self.arch, self.specs, self.device, self.progress = src, arch, specs, device, progress
+        self.local, self.kept_sets = local, kept_sets
+        self.meter: LocalMeter | None = None  # while running, when local errors are measured
         self.ids, self.prefix, self.ctx = ids, prefix, ctx
         self.n_chunks = -(-len(ids) // (ctx - len(prefix)))
         self.rows = len(ids) + self.n_chunks * len(prefix)  # tokens, special prefixes included
@@ -285,36 +296,56 @@ class StreamedRun:
                                f"needs {format_size(need)}, {format_size(free + have)} free")
 
     def _run(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, budget: Budget) -> Stats:
+        self.meter = LocalMeter(self.rows, self.local) if self.local is not None else None
+        try:
+            return self._run_layers(skeleton, state, fingerprint, budget)
+        finally:
+            if self.meter is not None:
+                self.meter.close()
+                self.meter = None
+
+    def _run_layers(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, budget: Budget) -> Stats:
         start = state.layers_done
         paths = [state.path / name for name in HIDDEN]
         mem = budget.in_memory
+        embedded = None
         if start == 0:
             h_in = RowStore.create(paths[0], self.rows, self.width, mem)
-            self.embed(skeleton, h_in)
+            embedded = self.embed(skeleton, h_in)
         else:
             h_in = RowStore.open(paths[start % 2], self.rows, self.width, mem)
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
         for k in range(start, self.n_layers):
-            entries, layers = self.layer(skeleton, k, h_in, h_out, moe_in, budget)
+            entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, budget)
+            if k == 0 and embedded is not None:
+                local.update(embedded)
             if self.durable:
                 h_out.save()
-            state.save_layer(k, entries, layers)
+            state.save_layer(k, entries, layers, local if self.meter else None)
             state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
             h_in.drop_pages()
             h_in, h_out = h_out, h_in
         del h_out, moe_in
-        entries, layers = {}, {}
+        entries, layers, local = {}, {}, LocalErrors(info=self.meter.info if self.meter else {})
         for k in range(self.n_layers):
-            e, r = state.load_layer(k)
+            e, r, lo = state.load_layer(k)
             entries.update(e)
             layers.update(r)
-        entries.update(self.output(skeleton, h_in))
-        return Stats(Imatrix(dict(sorted(entries.items())), [], 0, 0), dict(sorted(layers.items())),
-                     source=str(self.src.path), has_routing=True)
+            if lo is not None:
+                local.update(lo)
+        out_entries, out_local = self.output(skeleton, h_in)
+        entries.update(out_entries)
+        stats = Stats(Imatrix(dict(sorted(entries.items())), [], 0, 0), dict(sorted(layers.items())),
+                      source=str(self.src.path), has_routing=True)
+        if self.meter is not None:
+            local.update(out_local)
+            stats.extras[LOCAL_KEY] = local.to_json()
+        return stats
 
-    def embed(self, skeleton: Skeleton, h0: RowStore) -> None:
-        """Layer 0's input: embedding rows through the model's own forward up to its first layer."""
+    def embed(self, skeleton: Skeleton, h0: RowStore) -> LocalErrors | None:
+        """Layer 0's input: embedding rows through the model's own forward up to its first layer; the
+        embedding's local errors."""
         spec = next((s for s in self.by_layer.get(None, []) if s.parsed.base == "token_embd"), None)
         if spec is None:
             raise unsupported(self.arch, "no token embedding tensor")
@@ -322,10 +353,14 @@ class StreamedRun:
             records = skeleton.capture(embedding_rows(spec, batch))
             skeleton.remember(tuple(batch.shape), records)
             h0.tensor[a:b] = records[0][0].reshape(b - a, self.width)
+        if self.meter is None or not quantizable(spec):
+            return None
+        self.meter.embedding(spec, torch.cat([b.reshape(-1) for b in self.batches]))
+        return self.meter.finish([spec.name], None)
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
-              budget: Budget) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats]]:
-        """Run layer ``k`` over every token: ``h_out`` = its output; returns its statistics."""
+              budget: Budget) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
+        """Run layer ``k`` over every token: ``h_out`` = its output; returns its statistics and local errors."""
         layer = skeleton.layers[k]
         specs = self.by_layer.get(k, [])
         moe = k in self.moe_layers
@@ -336,11 +371,18 @@ class StreamedRun:
                 if experts is None:
                     raise unsupported(self.arch, f"no fused experts module for layer {k}")
                 self.check_linear(skeleton, k, layer, experts, h_in)
-            collector = Collector(skeleton.model, specs, forward=deferred_forward)
+            collector = Collector(skeleton.model, specs, forward=deferred_forward,
+                                  sample=self.meter.sample if self.meter else None)
             try:
-                return self._layer(skeleton, k, layer, collector, h_in, h_out, moe_in, budget)
+                entries, layers, local, probe, residual = self._layer(skeleton, k, layer, collector, h_in, h_out,
+                                                                      moe_in, budget)
             finally:
                 collector.remove()
+            if probe is not None and k in layers:
+                block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
+                local.prune[str(k)] = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]),
+                                                   residual, self.arch.router_tensors)
+            return entries, layers, local
         finally:
             layer.to("meta")
 
@@ -365,11 +407,19 @@ class StreamedRun:
         if experts is not None:
             experts._ggufmoe.sink = sink
         share = self.phase1_share if experts is not None else 1.0
+        meter = self.meter
+        measured = [s for s in self.by_layer.get(k, []) if quantizable(s)]
+        residual, probe = 0.0, None
+        if meter is not None:
+            residual = meter.residual_energy(h_in.tensor)
+            meter.wanted = {s.name for s in measured if not s.is_expert}
         t0 = time.perf_counter()
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
                                    disable=not self.progress) as bar:
             for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
                 where[:] = a, b
+                if meter is not None:
+                    meter.offset = a
                 args, kwargs = skeleton.layer_args(tuple(batch.shape), k)
                 h = h_in.tensor[a:b].view(*batch.shape, self.width).to(self.device)
                 y = layer(h, *args, **kwargs)
@@ -381,16 +431,25 @@ class StreamedRun:
                 bar.update((b - a) * share)
             if self.interrupt_at == k:
                 signal.raise_signal(signal.SIGINT)  # test-only (TEST_INTERRUPT_LAYER)
+            if meter is not None:
+                for s in measured:
+                    if not s.is_expert and s.name in collector.acc:
+                        entry = collector.acc[s.name].entry()
+                        meter.plain(s, entry.importance_row(0) if entry.counts.sum() > 0 else None)
             if experts is not None:
+                if meter is not None and self.kept_sets is not None:
+                    pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
+                    probe = PruneProbe(moe_in.tensor[pos].clone(), idx[pos], weights[pos])
                 t1 = time.perf_counter()
-                self.run_experts(k, experts, moe_in, idx, weights, h_out, budget, bar, 1.0 - share)
+                self.run_experts(k, experts, moe_in, idx, weights, h_out, budget, bar, 1.0 - share, probe)
                 t2 = time.perf_counter()
                 self.phase1_share = min(0.95, max(0.05, (t1 - t0) / max(t2 - t0, 1e-9)))
+            local = meter.finish([s.name for s in measured], residual) if meter is not None else LocalErrors()
             bar.update(max(0.0, bar.total - bar.n))
-        return collector.entries(), collector.layers()
+        return collector.entries(), collector.layers(), local, probe, residual
 
     def run_experts(self, k: int, experts: nn.Module, moe_in: RowStore, idx: torch.Tensor, weights: torch.Tensor,
-                    h_out: RowStore, budget: Budget, bar: tqdm, share: float) -> None:
+                    h_out: RowStore, budget: Budget, bar: tqdm, share: float, probe: PruneProbe | None = None) -> None:
         """Phase 2: every routed expert of layer ``k`` over the tokens routed to it, added to ``h_out``."""
         n_expert = experts._ggufmoe.x_acc.n_expert
         counts = torch.bincount(idx.reshape(-1).clamp(0, n_expert), minlength=n_expert + 1)[:n_expert].tolist()
@@ -410,10 +469,27 @@ class StreamedRun:
             last[0] = e
 
         loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, budget.ahead, advance)
+        meter = self.meter
+
+        def measure(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
+            """The local errors of expert ``e`` on a sample of its routing slots."""
+            c = len(tokens)
+            pick = torch.from_numpy(np.unique(np.linspace(0, c - 1, min(c, meter.options.expert_tokens)).round()
+                                              .astype(np.int64)))
+            x = moe_in.tensor[tokens[pick].cpu()].to(self.device)
+            mid, _ = expert_output(experts, ew, x)
+            parts = loader.parts(ew)
+            gate_up_in = (x2 / c).float().numpy()
+            inputs = {n: (mid if n == loader.down.name else x) for n in parts}
+            imatrix = {n: ((mid2 / c).float().numpy() if n == loader.down.name else gate_up_in) for n in parts}
+            meter.expert(parts, e, inputs, w[pick], c, self.rows, imatrix, len(order))
+            if probe is not None:
+                probe.expert(experts, e, ew)
+
         try:
             with torch.no_grad():
                 route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=budget.batch_tokens,
-                              device=self.device)
+                              device=self.device, on_expert=measure if meter is not None else None)
         finally:
             loader.close()
         moe_in.drop_pages()
@@ -440,20 +516,33 @@ class StreamedRun:
         if not torch.allclose(outs[1] - outs[0], probe, rtol=0, atol=1e-4 * scale):
             raise unsupported(self.arch, f"layer {k} does not add its routed experts' output to its output as it is")
 
-    def output(self, skeleton: Skeleton, h: RowStore) -> dict[str, ImatrixEntry]:
-        """The output matmul's input: the model's final norm over every token (on the CPU; no logits)."""
+    def output(self, skeleton: Skeleton, h: RowStore) -> tuple[dict[str, ImatrixEntry], LocalErrors]:
+        """The output matmul's input: the model's final norm over every token (on the CPU; no logits); its
+        local errors."""
         specs = self.by_layer.get(None, [])
-        if not any(s.parsed.base == "output" for s in specs):
-            return {}
+        out = [s for s in specs if s.parsed.base == "output"]
+        if not out:
+            return {}, LocalErrors()
+        meter = self.meter
+        if meter is not None:
+            meter.wanted = {s.name for s in out if quantizable(s)}
         device, skeleton.device = skeleton.device, torch.device("cpu")
         try:
             skeleton.materialize(skeleton.model, skip=(skeleton.layers,))
         finally:
             skeleton.device = device
-        collector = Collector(skeleton.model, specs)
+        collector = Collector(skeleton.model, specs, sample=meter.sample if meter else None)
         try:
             for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+                if meter is not None:
+                    meter.offset = a
                 skeleton.output_pass(h.tensor[a:b].view(*batch.shape, self.width))
         finally:
             collector.remove()
-        return collector.entries()
+        entries = collector.entries()
+        if meter is None:
+            return entries, LocalErrors()
+        for s in out:
+            if s.name in meter.wanted and s.name in entries:
+                meter.plain(s, entries[s.name].importance_row(0))
+        return entries, meter.finish([s.name for s in out], None)

@@ -1,0 +1,129 @@
+"""Local pruning errors, measured in the streamed calibration: how much a MoE layer's routed output
+changes when the layer is pruned to a candidate set of experts and its tokens are routed as the
+pruned model routes them.
+
+On a sample of the layer's tokens (every ``stride``-th token, at most ``max_tokens``), every routed
+expert's output is computed while the expert is loaded anyway (phase 2 of the run); outputs wider
+than ``dim`` are kept as a seeded Gaussian projection to ``dim`` values (Johnson-Lindenstrauss: the
+squared norms of differences are kept in expectation). Then, for every candidate set of kept experts
+(per criterion and keep count, given by the caller), the layer's own MoE block runs on the sampled
+tokens with its router cut to the kept experts (:func:`pruned_router`: the rows of the router's
+per-expert tensors gathered, its expert count set, as a pruned GGUF routes in llama.cpp), its
+experts module capturing the new routes instead of computing. The error is the mean over the sampled
+tokens of ``||y - y_pruned||^2`` with ``y`` the routed output of the unpruned model, relative to the
+mean squared norm of the layer's input hidden state, as the quantization errors of
+:mod:`ggufmoe.stats.local` are. Experts that got no calibration token are never loaded: a token
+re-routed to one is counted as losing that share of its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ggufmoe.stats.collect import ExpertWeights, expert_output
+from ggufmoe.stats.file import ExpertStats
+
+# (layer statistics) -> criterion -> keep count -> experts kept (original indices); from the pruning stage
+KeptSets = Callable[[ExpertStats], dict[str, dict[int, list[int]]]]
+COUNT = "num_experts"  # the expert count a transformers router reads
+
+
+def router_of(block: nn.Module, n_expert: int) -> nn.Module | None:
+    """The router module of a transformers MoE block: a child with ``top_k`` and an (n_expert, hidden) weight."""
+    for m in block.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "top_k") and isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == n_expert:
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def pruned_router(router: nn.Module, kept: list[int], per_expert: tuple[str, ...]) -> Iterator[None]:
+    """The router routes to ``kept`` only (new indices are positions in ``kept``) while inside; ``per_expert``
+    names its tensors whose rows are experts (the architecture's ``router_tensors``)."""
+    idx = torch.tensor(kept, device=router.weight.device)
+    tensors = {n: getattr(router, n) for n in per_expert if isinstance(getattr(router, n, None), torch.Tensor)}
+    counts = {n: getattr(router, n) for n in (COUNT,) if hasattr(router, n)}
+    try:
+        for n, t in tensors.items():
+            _set(router, n, t.data[idx])
+        for n in counts:
+            setattr(router, n, len(kept))
+        yield
+    finally:
+        for n, t in tensors.items():
+            _set(router, n, t)
+        for n, v in counts.items():
+            setattr(router, n, v)
+
+
+def _set(m: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter, buffer or plain tensor attribute without the checks ``setattr`` makes."""
+    for table in (m._parameters, m._buffers):
+        if name in table:
+            table[name] = value
+            return
+    setattr(m, name, value)
+
+
+class PruneProbe:
+    """Gathers the sampled tokens' expert outputs of one MoE layer, then measures each candidate pruning."""
+
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, dim: int = 512):
+        self.x = x  # (m, hidden): the experts' input at the sampled positions
+        self.idx, self.weights = idx, weights  # (m, top_k): the unpruned routes
+        width = x.shape[-1]
+        gen = torch.Generator().manual_seed(0)
+        self.proj = None if width <= dim else torch.randn(width, dim, generator=gen) / dim ** 0.5
+        self.out: dict[int, torch.Tensor] = {}  # expert -> (m, dim) output on every sampled token
+
+    def expert(self, experts: nn.Module, e: int, ew: ExpertWeights) -> None:
+        _, y = expert_output(experts, ew, self.x.to(ew.down.device, ew.down.dtype))
+        y = y.to("cpu", torch.float32)
+        self.out[e] = y @ self.proj if self.proj is not None else y
+
+    def routed(self, outputs: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed output of every sampled token for routes ``idx`` (original expert ids) and their weights,
+        from ``outputs`` (n_expert, m, dim)."""
+        rows = torch.arange(len(idx))[:, None]
+        return (outputs[idx, rows] * weights[..., None].float()).sum(1)
+
+    def errors(self, block: nn.Module, experts: nn.Module, n_expert: int, kept: dict[str, dict[int, list[int]]],
+               residual: float, router_tensors: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """criterion -> keep -> mean ||y - y_pruned||^2 / residual, the block rerouting as pruned."""
+        router = router_of(block, n_expert)
+        if router is None or residual <= 0:
+            return {}
+        dim = self.proj.shape[1] if self.proj is not None else self.x.shape[1]
+        outputs = torch.zeros(n_expert, len(self.x), dim)  # experts never loaded (no token): no output
+        for e, y in self.out.items():
+            outputs[e] = y
+        full = self.routed(outputs, self.idx, self.weights)
+        got: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def capture(hs: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_, **__):
+            got.append((top_k_index.to("cpu"), top_k_weights.to("cpu", torch.float32)))
+            return torch.zeros_like(hs)
+
+        out: dict[str, dict[str, float]] = {}
+        experts.forward = capture
+        try:
+            x = self.x.to(router.weight.device).reshape(1, len(self.x), -1)
+            for criterion, sets in kept.items():
+                for keep, members in sets.items():
+                    got.clear()
+                    with torch.no_grad(), pruned_router(router, members, router_tensors):
+                        block(x)
+                    if not got:
+                        return {}
+                    new_idx, new_w = got[0]
+                    ids = torch.tensor(members)[new_idx.clamp(0, len(members) - 1)]
+                    diff = full - self.routed(outputs, ids, new_w)
+                    out.setdefault(criterion, {})[str(keep)] = float((diff.double() ** 2).sum(1).mean()) / residual
+        finally:
+            del experts.forward
+        return out

@@ -1,0 +1,125 @@
+"""Local errors of the streamed calibration (ggufmoe.stats.local, ggufmoe.stats.prune_error) against
+transformers: with sampling switched off, a tensor's error is exactly ``mean ||(W - Q(W)) x||^2`` over the
+inputs transformers' own model gives it, and a layer's pruning error is exactly how much transformers' MoE
+block output changes when the same experts are pruned (tests/prune_hf.py), DeepSeek groups and routing bias
+included. Then the plan made from local errors alone."""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+import tiny_models
+from prune_hf import prune_hf_model
+from ggufmoe.arch import architecture_for
+from ggufmoe.model.qtypes import effective_type
+from ggufmoe.pipeline.budget import build_plan
+from ggufmoe.pipeline.calibrate import calibrate
+from ggufmoe.plan.budget import Budget
+from ggufmoe.prune.criteria import PruneRequest, choose_experts, keep_counts
+from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.source.hf import HFSource
+from ggufmoe.stats.collect import load_model
+from ggufmoe.stats.file import save_stats
+from ggufmoe.stats.local import LocalOptions, local_errors
+from ggufmoe.stats.text import batches, calibration_tokens
+
+CTX = 128
+N_TOKENS = 600
+EXACT = LocalOptions(max_tokens=10**6, max_rows=10**6, expert_tokens=10**6, prune_tokens=10**6)  # no sampling
+
+
+def calib_text() -> str:
+    return (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
+
+
+def run_whole(model_dir, hooks: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every token's input of each hooked module, from transformers' whole model over the calibration batches."""
+    tokenizer, model = load_model(model_dir, progress=False)
+    ids, prefix = calibration_tokens(tokenizer, calib_text(), CTX, N_TOKENS)
+    got: dict[str, list[torch.Tensor]] = {k: [] for k in hooks}
+    mods = dict(model.named_modules())
+    handles = [mods[path].register_forward_pre_hook(
+        lambda _m, args, key=key: got[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
+        for key, path in hooks.items()]
+    with torch.no_grad():
+        for batch in batches(torch.from_numpy(ids), prefix, CTX):
+            model(input_ids=batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}, model
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("local") / "qwen3moe"
+    tiny_models.build("qwen3moe", path)
+    return path
+
+
+def test_quantization_errors_equal_transformers(qwen3):
+    stats = calibrate(qwen3, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False, local=EXACT)
+    local = local_errors(stats)
+    inputs, _ = run_whole(qwen3, {"h0": "model.layers.0", "q": "model.layers.0.self_attn.q_proj",
+                                  "out": "lm_head"})
+    specs = {s.name: s for s in architecture_for(HFSource(qwen3)).tensors()}
+    residual = float((inputs["h0"].double() ** 2).sum(1).mean())
+    with Quantizer(1) as q:
+        for name, x, ref in (("blk.0.attn_q.weight", inputs["q"], residual), ("output.weight", inputs["out"], None)):
+            w = specs[name].load(0).numpy()
+            imp = stats.imatrix.row(name, None)
+            if ref is None:
+                ref = float(((x.double() @ torch.from_numpy(w).double().T) ** 2).sum(1).mean())
+            for t in (T.IQ2_XXS, T.Q3_K, T.Q6_K):
+                eff = effective_type(t, w.shape[1])  # as convert writes it: the fallback where rows do not fit
+                d = gguf.quants.dequantize(q.quantize(w, eff, imp).reshape(len(w), -1), eff)
+                err = ((x.double() @ torch.from_numpy(w - d).double().T) ** 2).sum(1).mean()
+                assert local.quant[name][t.name] == pytest.approx(float(err) / ref, rel=1e-3), (name, t)
+    order = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0"]
+    for name, e in local.quant.items():  # every tensor measured, errors falling with bits
+        assert all(e[a] >= e[b] >= 0 for a, b in zip(order, order[1:])), name
+    quantizable = [n for n, s in specs.items() if s.kind not in ("ffn_gate_inp",) and len(s.shape) > 1]
+    assert sorted(local.quant) == sorted(quantizable)
+
+
+def test_pruning_errors_equal_transformers(tmp_path):
+    """DeepSeek-V3 layout: groups, sigmoid routing with a correction bias, shared experts, a dense first layer."""
+    model_dir = tmp_path / "deepseek3"
+    tiny_models.build("deepseek3", model_dir)
+    arch = architecture_for(HFSource(model_dir))
+    stats = calibrate(model_dir, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False, local=EXACT)
+    local = local_errors(stats)
+    moe = sorted(stats.layers)
+    assert moe and set(local.prune) == {str(k) for k in moe}
+    counts = [k for k in keep_counts(arch) if k < arch.n_expert]
+    for k in moe:
+        assert set(local.prune[str(k)]) == {"frequency", "routing", "reap"}
+        assert all(set(v) == {str(c) for c in counts} for v in local.prune[str(k)].values())
+    layer = moe[0]
+    inputs, model = run_whole(model_dir, {"h": f"model.layers.{layer}", "x": f"model.layers.{layer}.mlp"})
+    residual = float((inputs["h"].double() ** 2).sum(1).mean())
+    for criterion in ("reap", "routing"):
+        keep = counts[-1]
+        plan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=criterion))
+        pruned = prune_hf_model(copy.deepcopy(model), plan)
+        with torch.no_grad():
+            x = inputs["x"][None]
+            diff = model.model.layers[layer].mlp(x) - pruned.model.layers[layer].mlp(x)
+        want = float((diff[0].double() ** 2).sum(1).mean()) / residual
+        assert want > 0
+        assert local.prune[str(layer)][criterion][str(keep)] == pytest.approx(want, rel=1e-3)
+
+
+def test_plan_from_local_errors_only(qwen3, tmp_path):
+    stats_path = tmp_path / "stats.gguf"
+    save_stats(calibrate(qwen3, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False), stats_path)
+    size = sum(s.n_elements for s in architecture_for(HFSource(qwen3)).tensors())  # about 8 bits a weight
+    plan = build_plan(qwen3, Budget(size, weights_only=True), stats_path, None, sensitivity="local", progress=False)
+    assert any("local errors" in n and "no probes" in n for n in plan.notes)
+    assert plan.file_bytes <= size and plan.predicted_kld["total"] > 0
+    assert np.isfinite(plan.predicted_kld["total"])
