@@ -49,6 +49,7 @@ from ggufmoe.stats.skeleton import embedding_rows
 
 KEY = "ggufmoe.local_errors"
 VERSION = 1
+MAX_PENDING = 32  # error computations queued at most (each holds its sampled rows and inputs)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class LocalMeter:
         self.pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1), thread_name_prefix="ggufmoe-local")
         self.q = Quantizer(1)
         self.jobs: dict[str, list[Future]] = {}
+        self.pending: list[Future] = []
         self.info = dict(asdict(self.options), stride=self.stride)
         for t in {effective_type(t, 256) for t in CANDIDATES}:  # lookup tables, before the threads race for them
             self.q.quantize(np.zeros((1, 256), np.float32), t, np.ones(256, np.float32))
@@ -184,6 +186,16 @@ class LocalMeter:
 
     # --- measuring ------------------------------------------------------------------------------------
 
+    def submit(self, name: str, fn, *args) -> None:
+        """Queue ``fn(quantizer, *args)`` for tensor ``name``; at most :data:`MAX_PENDING` wait (their samples
+        are held until they run), so the caller waits when the pool falls behind."""
+        self.pending = [f for f in self.pending if not f.done()]
+        while len(self.pending) >= MAX_PENDING:
+            self.pending.pop(0).result()
+        f = self.pool.submit(fn, self.q, *args)
+        self.pending.append(f)
+        self.jobs.setdefault(name, []).append(f)
+
     def plain(self, spec: TensorSpec, imatrix: np.ndarray | None) -> None:
         """Queue the error of a plain tensor over its sampled inputs (nothing when no input was seen)."""
         chunks = self.inputs.pop(spec.name, None)
@@ -196,8 +208,7 @@ class LocalMeter:
         idx = _pick(n, self.options.max_rows, _rng(spec.name))
         rows = embedding_rows(spec, torch.from_numpy(idx)).numpy()
         tw = np.full(len(x), 1.0 / len(x))  # per token: the mean over the sampled positions
-        self.jobs.setdefault(spec.name, []).append(
-            self.pool.submit(output_errors, self.q, rows, x, tw, n / len(idx), imatrix))
+        self.submit(spec.name, output_errors, rows, x, tw, n / len(idx), imatrix)
 
     def expert(self, matrices: dict[str, torch.Tensor], e: int, inputs: dict[str, torch.Tensor],
                slot_weights: torch.Tensor, n_slots: int, n_tokens: int, imatrix: dict[str, np.ndarray],
@@ -215,8 +226,7 @@ class LocalMeter:
             mat = matrix.detach().to("cpu", torch.float32).numpy()
             idx = _pick(len(mat), per, _rng(f"{name}:{e}"))
             x = inputs[name].detach().to("cpu", torch.float32).numpy()
-            self.jobs.setdefault(name, []).append(
-                self.pool.submit(output_errors, self.q, mat[idx], x, tw, len(mat) / len(idx), imatrix[name]))
+            self.submit(name, output_errors, mat[idx], x, tw, len(mat) / len(idx), imatrix[name])
 
     def embedding(self, spec: TensorSpec, ids: torch.Tensor) -> None:
         """The embedding's errors over the rows of the text's tokens, weighted by their frequency."""
@@ -234,7 +244,7 @@ class LocalMeter:
             scale = counts[rest].sum() / max(counts[pick].sum(), 1)
             w[np.isin(idx, pick)] *= scale
         rows = embedding_rows(spec, torch.from_numpy(idx)).numpy()
-        self.jobs.setdefault(spec.name, []).append(self.pool.submit(lookup_errors, self.q, rows, w / w.sum()))
+        self.submit(spec.name, lookup_errors, rows, w / w.sum())
 
     def finish(self, names: list[str], residual: float | None) -> LocalErrors:
         """The errors of ``names`` (once computed) relative to ``residual`` (the layer input's mean squared

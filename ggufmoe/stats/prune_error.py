@@ -30,6 +30,7 @@ from ggufmoe.stats.file import ExpertStats
 # (layer statistics) -> criterion -> keep count -> experts kept (original indices); from the pruning stage
 KeptSets = Callable[[ExpertStats], dict[str, dict[int, list[int]]]]
 COUNT = "num_experts"  # the expert count a transformers router reads
+PROBE_DIM = 512  # expert outputs wider than this are kept as a projection to this many values
 
 
 def router_of(block: nn.Module, n_expert: int) -> nn.Module | None:
@@ -73,7 +74,7 @@ def _set(m: nn.Module, name: str, value: torch.Tensor) -> None:
 class PruneProbe:
     """Gathers the sampled tokens' expert outputs of one MoE layer, then measures each candidate pruning."""
 
-    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, dim: int = 512):
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, dim: int = PROBE_DIM):
         self.x = x  # (m, hidden): the experts' input at the sampled positions
         self.idx, self.weights = idx, weights  # (m, top_k): the unpruned routes
         width = x.shape[-1]

@@ -57,7 +57,13 @@ are written.
 
 Memory: one layer's non-expert weights, the routed experts in use and read ahead (at most
 ``max_memory / 16``, 1 GiB, at least one expert), one batch's activations, the statistics of one
-layer, and the hidden states (mapped: the pages touched since they were last handed back).
+layer, what the local errors sample in one layer (:meth:`StreamedRun.local_bytes`), and the hidden
+states (mapped: the pages touched since they were last handed back).
+
+Local errors (:mod:`ggufmoe.stats.local`, :mod:`ggufmoe.stats.prune_error`) are measured on the way:
+plain tensors' inputs are sampled by the :class:`Collector`'s hooks in phase 1 and their errors computed
+(in a thread pool) once the layer's importance rows are complete; each routed expert's, while phase 2
+has it loaded; the pruning errors after phase 2, with the layer's own MoE block re-routing.
 """
 
 from __future__ import annotations
@@ -90,8 +96,8 @@ from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
-from ggufmoe.stats.local import KEY as LOCAL_KEY, LocalErrors, LocalMeter, LocalOptions
-from ggufmoe.stats.prune_error import KeptSets, PruneProbe
+from ggufmoe.stats.local import KEY as LOCAL_KEY, MAX_PENDING, LocalErrors, LocalMeter, LocalOptions
+from ggufmoe.stats.prune_error import PROBE_DIM, KeptSets, PruneProbe
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
 from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens
 from ggufmoe.units import format_size
@@ -230,7 +236,7 @@ class StreamedRun:
         expert = per_layer(lambda s: s.n_elements // s.n_parts * 4 if s.is_expert else 0)
         stats = per_layer(lambda s: s.n_parts * s.shape[-1] * 8)
         ahead = min(MAX_AHEAD, max(expert, max_memory // 16)) if expert else 0
-        fixed = weights + stats + ahead + expert
+        fixed = weights + stats + ahead + expert + self.local_bytes(per_layer)
         # a forward's activations per token: a few dozen hidden-wide tensors and a row of attention scores
         per_token = self.width * 4 * 24 + int(cfg.num_attention_heads) * self.ctx * 4
         if fixed + self.ctx * per_token > max_memory:
@@ -247,6 +253,20 @@ class StreamedRun:
         self.offsets = np.cumsum([0] + [b.numel() for b in self.batches]).tolist()
         assert self.offsets[-1] == self.rows
         return Budget(fixed, ahead, stores, in_memory, batch_tokens, per_token)
+
+    def local_bytes(self, per_layer) -> int:
+        """What measuring the local errors holds at most in one layer: the sampled inputs of its plain tensors,
+        the queued expert samples, and the pruning probe's tokens and expert outputs."""
+        o = self.local
+        if o is None:
+            return 0
+        tokens = min(o.max_tokens, self.rows)
+        plain = per_layer(lambda s: 0 if s.is_expert else tokens * s.shape[-1] * 4)
+        widest = per_layer(lambda s: s.shape[-1] if s.is_expert else 0)
+        queued = MAX_PENDING * min(o.expert_tokens, self.rows) * 2 * widest * 4
+        probe = min(o.prune_tokens, self.rows) * (self.width + self.arch.n_expert * min(self.width, PROBE_DIM)) * 4 \
+            if self.moe_layers and self.kept_sets else 0
+        return plain + queued + probe
 
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
