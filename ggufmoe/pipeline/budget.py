@@ -85,9 +85,9 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
     stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
     local = local_errors(stats) if stats is not None else None
-    n_layers = int(arch.cfg.num_hidden_layers)
     notes = []
     if stats is not None and src.can_calibrate:
+        n_layers = int(arch.cfg.num_hidden_layers)
         mode = sensitivity
         if mode == "auto":
             small = 2 * sum(s.n_elements for s in arch.tensors()) <= PROBE_MAX_BYTES

@@ -236,14 +236,15 @@ class StreamedRun:
         expert = per_layer(lambda s: s.n_elements // s.n_parts * 4 if s.is_expert else 0)
         stats = per_layer(lambda s: s.n_parts * s.shape[-1] * 8)
         ahead = min(MAX_AHEAD, max(expert, max_memory // 16)) if expert else 0
-        fixed = weights + stats + ahead + expert + self.local_bytes(per_layer)
+        local = self.local_bytes(per_layer)
+        fixed = weights + stats + ahead + expert + local
         # a forward's activations per token: a few dozen hidden-wide tensors and a row of attention scores
         per_token = self.width * 4 * 24 + int(cfg.num_attention_heads) * self.ctx * 4
         if fixed + self.ctx * per_token > max_memory:
             raise GgufmoeError(f"--max-memory {format_size(max_memory)} is too small: one layer's step needs about "
                                f"{format_size(fixed + self.ctx * per_token)} (weights {format_size(weights)}, "
-                               f"experts {format_size(ahead + expert)}, activations of one chunk "
-                               f"{format_size(self.ctx * per_token)})")
+                               f"experts {format_size(ahead + expert)}, local-error samples {format_size(local)}, "
+                               f"activations of one chunk {format_size(self.ctx * per_token)})")
         stores = (3 if self.moe_layers else 2) * self.rows * self.width * 4
         if in_memory is None:
             in_memory = fixed + stores + min(BATCH_TOKENS, self.rows) * per_token <= max_memory
