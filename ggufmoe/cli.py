@@ -152,6 +152,10 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     larger than RAM calibrates. The state grows in .OUT.partial beside the output and is saved
     after every layer: interrupted (Ctrl-C, SIGTERM), the same command with --resume continues
     after the last complete layer.
+
+    The same pass measures local errors, stored in the output: what each tensor at each
+    candidate type, and each MoE layer pruned to each candidate keep count, change on the
+    layer's real inputs. `plan --stats` plans a model too big to probe from them alone.
     """
     from ggufmoe.stats.file import check_output, format_summary, save_stats
     from ggufmoe.stats.text import read_text

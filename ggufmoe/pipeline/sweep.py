@@ -210,15 +210,17 @@ def format_table(rows: list[Point], src: Path, opts: SweepOptions) -> str:
         f"{BASE_TYPE} file with the same importance matrix. Bits per weight count the source's parameters. "
         f"Machine: {os.cpu_count()} cores. ★ = on the Pareto front (size vs KLD).",
         "",
-        "| file | bytes | bits/weight | experts | top-k | PPL | KLD | KLD p99 | top-1 | peak RSS | predicted "
-        "memory | prompt tok/s | gen tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | bytes | bits/weight | experts | top-k | PPL | KLD | predicted KLD | KLD p99 | top-1 | peak RSS | "
+        "predicted memory | prompt tok/s | gen tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in rows:
         rss = format_size(p.peak_rss) if p.fits else "does not fit"
         speed = (f"{p.prompt_tps:,.0f} | {p.gen_tps:,.1f}" if p.fits else "– | –")
+        predicted = "–" if p.predicted_kld is None else f"{p.predicted_kld:.4f}"
         lines.append(f"| {'★ ' if p.name in front else ''}{p.name} | {p.file_bytes:,} | {p.bpw:.2f} | {p.experts} | "
-                     f"{p.top_k} | {p.ppl:.3f} | {p.kld_mean:.4f} | {p.kld_p99:.3f} | {100 * p.top1:.1f}% | {rss} | "
+                     f"{p.top_k} | {p.ppl:.3f} | {p.kld_mean:.4f} | {predicted} | {p.kld_p99:.3f} | "
+                     f"{100 * p.top1:.1f}% | {rss} | "
                      f"{format_size(p.predicted_memory)} | {speed} |")
     notes = [f"- {p.name}: {p.note}" for p in rows if p.note]
     if notes:
