@@ -89,7 +89,7 @@ def test_file_bytes_reference_model(ref_f32_gguf, tmp_path):
     assert file_bytes(w) == ref_f32_gguf.stat().st_size
 
 
-@pytest.mark.parametrize("name", ["qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3"])
+@pytest.mark.parametrize("name", tiny_models.FAMILIES)
 def test_kv_and_compute_match_llama_cpp(tmp_path, name):
     """KV size exact and compute buffer within 1 MiB of what llama.cpp plans (metadata-only load)."""
     tiny_models.build(name, tmp_path / "hf")

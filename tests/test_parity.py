@@ -16,7 +16,7 @@ def f32(src, out):
     return convert(src, ConvertOptions(out=out, types=TypeRules.parse("F32"), progress=False))[0]
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3"])
+@pytest.mark.parametrize("arch", tiny_models.FAMILIES)
 def test_tiny_model_parity(arch, tmp_path, eval_tokens):
     model = tiny_models.build(arch, tmp_path / "hf")
     result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), eval_tokens),
@@ -68,3 +68,33 @@ def test_deepseek_yarn_parity(tmp_path, eval_tokens):
     assert fields["deepseek2.rope.scaling.yarn_beta_slow"] == 1.0
     result = compare(llama_logprobs(gguf_path, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
     assert result.mean_abs_dnll < TOL, result
+
+
+def test_glm_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
+    """GLM-4.5 checkpoints store an MTP block after the last layer: convert and calibrate skip it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ggufmoe.stats.stream import stream_stats
+
+    cfg = tiny_models.configs()["glm4moe"]
+    cfg.num_hidden_layers += 1
+    tiny_models.build("glm4moe", tmp_path / "hf", config=cfg)
+    shard = next((tmp_path / "hf").glob("*.safetensors"))
+    tensors = load_file(shard)
+    n = cfg.num_hidden_layers - 1  # the last layer becomes the MTP block, with its own extra tensors
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.randn(cfg.hidden_size, 2 * cfg.hidden_size)
+    tensors[f"model.layers.{n}.enorm.weight"] = torch.ones(cfg.hidden_size)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), eval_tokens),
+                     hf_logprobs(reference, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < TOL, result
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
+    stats = stream_stats(tmp_path / "hf", text, ctx=128, max_tokens=512, progress=False)
+    assert sorted(stats.layers) == list(range(cfg.first_k_dense_replace, n))

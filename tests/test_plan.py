@@ -38,3 +38,16 @@ def test_deepseek_v3_671b_at_128gib_from_config(tmp_path):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["memory"]["total"] <= 128 * 2**30
     assert plan["memory"]["kv_cache"] > 0 and "KV cache" in proc.stdout
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_every_family_plans_the_bytes_it_writes(family, tmp_path):
+    hf = tmp_path / "hf"
+    tiny_models.build(family, hf)
+    q8 = convert(hf, ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"), progress=False))[0]
+    budget = q8.stat().st_size * 3 // 4  # tiny models are mostly embeddings: a smaller budget fits nothing
+    plan = build_plan(hf, Budget(budget, weights_only=True), progress=False)
+    assert plan.file_bytes <= budget
+    out = convert(hf, options_from_plan(plan, ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("Q8_0"),
+                                                             progress=False)))[0]
+    assert out.stat().st_size == plan.file_bytes

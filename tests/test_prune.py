@@ -19,7 +19,7 @@ from ggufmoe.stats.file import save_stats
 from ggufmoe.quant.rules import TypeRules
 
 # arch -> (keep, adjusted top-k request)
-CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4))}
+CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4)), "glm4moe": (8, dict(top_k=4))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -53,7 +53,7 @@ def test_pruned_parity(calibrated, criterion, adjust_top_k, eval_tokens):
     result = compare(llama_logprobs(gguf_path, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
     assert result.mean_abs_dnll < 1e-3, result
     fields = GGUFReader(gguf_path).fields
-    prefix = "deepseek2" if arch == "deepseek3" else arch
+    prefix = architecture_for(HFSource(d / "hf")).gguf_arch
     assert fields[f"{prefix}.expert_count"].contents() == keep
     assert fields[f"{prefix}.expert_used_count"].contents() == plan.top_k
     assert fields["ggufmoe.prune.criterion"].contents() == criterion
@@ -71,28 +71,28 @@ def test_pruning_changes_the_model(calibrated, eval_tokens):
 
 
 def test_groups_stay_equal_and_contiguous(calibrated):
-    arch, d = calibrated
-    if arch != "deepseek3":
+    _, d = calibrated
+    a = architecture_for(HFSource(d / "hf"))
+    if a.expert_groups is None:
         pytest.skip("no expert groups")
     from ggufmoe.stats.file import load_stats
 
-    plan = choose_experts(architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf"),
-                     PruneRequest(keep=8, criterion="reap"))
+    plan = choose_experts(a, load_stats(d / "stats.gguf"), PruneRequest(keep=8, criterion="reap"))
     for kept in plan.kept.values():
         assert kept == sorted(kept)
         assert [sum(1 for e in kept if e // 4 == g) for g in range(4)] == [2, 2, 2, 2]
 
 
 def test_impossible_requests(calibrated):
-    arch, d = calibrated
+    _, d = calibrated
     from ggufmoe.stats.file import load_stats
 
     a, stats = architecture_for(HFSource(d / "hf")), load_stats(d / "stats.gguf")
     with pytest.raises(GgufmoeError, match="cannot keep"):
         choose_experts(a, stats, PruneRequest(keep=0))
     with pytest.raises(GgufmoeError, match="top-k"):
-        choose_experts(a, stats, PruneRequest(keep=2 if arch == "qwen3moe" else 4, top_k=5))
-    if arch == "deepseek3":
+        choose_experts(a, stats, PruneRequest(keep=a.expert_groups[0] if a.expert_groups else 2, top_k=5))
+    if a.expert_groups:
         with pytest.raises(GgufmoeError, match="multiple of 4"):
             choose_experts(a, stats, PruneRequest(keep=10))
 
@@ -115,7 +115,7 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
     ok = subprocess.run([exe, "convert", d / "hf", "-o", out, "--type", "F16", "--stats", d / "stats.gguf",
                          "--keep-ratio", "0.5", "--criterion", "reap", "-q"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    prefix = "deepseek2" if arch == "deepseek3" else arch
+    prefix = architecture_for(HFSource(d / "hf")).gguf_arch
     n = architecture_for(HFSource(d / "hf")).n_expert
     assert GGUFReader(out).fields[f"{prefix}.expert_count"].contents() == n // 2
     bad = subprocess.run([exe, "convert", d / "hf", "-o", tmp_path / "x.gguf", "--keep", str(CASES[arch][0])],

@@ -21,6 +21,10 @@ SPACE = "\u2581"
 # Pre-tokenizers as the original models' tokenizer.json files define them.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_SPLIT = ("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+"
+               "(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+"
+               "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")  # gpt-oss (o200k)
 DEEPSEEK3_SPLITS = (
     r"\p{N}{1,3}",
     "[一-龥\u3040-ゟ゠-ヿ]+",
@@ -41,6 +45,7 @@ BYTE_LEVEL_CASES = {  # expected tokenizer.ggml.pre -> (HF pre-tokenizer, BPE ig
     "llama-bpe": (lambda: _split_then_bytes(LLAMA3_SPLIT), True),
     "smaug-bpe": (lambda: _split_then_bytes(LLAMA3_SPLIT), False),
     "deepseek-v3": (lambda: _split_then_bytes(*DEEPSEEK3_SPLITS), False),
+    "gpt-4o": (lambda: _split_then_bytes(GPT4O_SPLIT), False),
 }
 
 

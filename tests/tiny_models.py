@@ -19,6 +19,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               initializer_range=0.08)  # large enough that experts matter
 
 
+FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe")  # the keys of configs()
+
+
 def configs() -> dict:
     import transformers as T
 
@@ -32,6 +35,10 @@ def configs() -> dict:
         "olmoe": T.OlmoeConfig(**COMMON, intermediate_size=32, num_key_value_heads=4, num_experts=8,
                                num_experts_per_tok=2),
         "deepseek3": deepseek3_config(),
+        "glm4moe": T.Glm4MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=2,
+                                   head_dim=32, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                   first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                                   use_qk_norm=True, attention_bias=True),
     }
 
 

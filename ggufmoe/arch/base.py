@@ -154,9 +154,10 @@ class Architecture:
         if "lm_head.weight" in self.src:
             yield self.plain("output.weight", "lm_head.weight")
 
-    def gqa_attention(self, il: int, qk_norm: bool = False, bias: bool = False,
-                      permute_qk: bool = False) -> Iterator[TensorSpec]:
-        """Standard q/k/v/o projections of layer ``il``, optional q/k norms and biases."""
+    def gqa_attention(self, il: int, qk_norm: bool = False, bias: bool = False, permute_qk: bool = False,
+                      post_norm: str = "ffn_norm") -> Iterator[TensorSpec]:
+        """Standard q/k/v/o projections of layer ``il``, optional q/k norms and biases, and the norm
+        after attention (``post_norm``: the GGUF name the family's graph reads it by)."""
         p = f"model.layers.{il}.self_attn"
         b = f"blk.{il}"
         n_head, n_kv = self.cfg.num_attention_heads, self.cfg.num_key_value_heads
@@ -174,7 +175,7 @@ class Architecture:
         if qk_norm:
             yield self.plain(f"{b}.attn_q_norm.weight", f"{p}.q_norm.weight")
             yield self.plain(f"{b}.attn_k_norm.weight", f"{p}.k_norm.weight")
-        yield self.plain(f"{b}.ffn_norm.weight", f"model.layers.{il}.post_attention_layernorm.weight")
+        yield self.plain(f"{b}.{post_norm}.weight", f"model.layers.{il}.post_attention_layernorm.weight")
 
     def routed_experts(self, il: int, moe_prefix: str,
                        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> Iterator[TensorSpec]:

@@ -11,24 +11,19 @@ from typing import Iterator
 
 import gguf
 import torch
-from gguf.constants import MODEL_TENSOR
 
+from ggufmoe.arch.biased_routing import BiasedRoutingMoe
 from ggufmoe.arch.registry import register
-from ggufmoe.arch.base import Architecture, rope_params
+from ggufmoe.arch.base import rope_params
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source.hf import HFSource
 
-SIGMOID, SOFTMAX = gguf.ExpertGatingFuncType.SIGMOID, gguf.ExpertGatingFuncType.SOFTMAX
-
 
 @register
-class Deepseek2(Architecture):
+class Deepseek2(BiasedRoutingMoe):
     hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
     gguf_arch = "deepseek2"
-    experts_key = "n_routed_experts"
-    per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}  # V3's routing bias
-    router_tensors = Architecture.router_tensors + ("e_score_correction_bias",)
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k", "attn_k_b": "attn_k",
                            "attn_v_b": "attn_v"}  # MLA's projections default to the GQA ones
 
@@ -37,17 +32,8 @@ class Deepseek2(Architecture):
         return self.src.architecture == "DeepseekV3ForCausalLM"
 
     @property
-    def n_dense(self) -> int:
-        return int(getattr(self.cfg, "first_k_dense_replace", 0) or 0)
-
-    @property
-    def expert_groups(self) -> tuple[int, int] | None:
-        """(groups, groups used) when group routing can exclude experts, else None."""
-        n_group = int(getattr(self.cfg, "n_group", 1) or 1)
-        topk_group = int(getattr(self.cfg, "topk_group", n_group) or n_group)
-        if n_group > 1 and topk_group < n_group:
-            return n_group, topk_group
-        return None
+    def scoring(self) -> str:
+        return getattr(self.cfg, "scoring_func", "sigmoid" if self.is_v3 else "softmax")
 
     def check(self) -> None:
         c = self.cfg
@@ -68,7 +54,6 @@ class Deepseek2(Architecture):
         w.add_head_count_kv(1)  # MLA runs as multi-query attention over the latent
         w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
         w.add_vocab_size(int(c.vocab_size))
-        w.add_leading_dense_block_count(self.n_dense)
         if getattr(c, "q_lora_rank", None):
             w.add_q_lora_rank(int(c.q_lora_rank))
         w.add_kv_lora_rank(int(c.kv_lora_rank))
@@ -77,16 +62,7 @@ class Deepseek2(Architecture):
         w.add_key_length_mla(int(c.qk_nope_head_dim + c.qk_rope_head_dim))
         w.add_value_length_mla(int(c.v_head_dim))
         w.add_rope_dimension_count(int(c.qk_rope_head_dim))
-        w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
-        self.write_expert_counts(w)
-        w.add_expert_shared_count(int(c.n_shared_experts or 0))
-        w.add_expert_weights_scale(float(getattr(c, "routed_scaling_factor", 1.0) or 1.0))
-        w.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
-        scoring = getattr(c, "scoring_func", "sigmoid" if self.is_v3 else "softmax")
-        w.add_expert_gating_func(SIGMOID if scoring == "sigmoid" else SOFTMAX)
-        if self.expert_groups:
-            w.add_expert_group_count(self.expert_groups[0])
-            w.add_expert_group_used_count(self.expert_groups[1])
+        self.write_routing(w)
         self.write_rope(w)
 
     def write_rope(self, w: gguf.GGUFWriter) -> None:
@@ -128,9 +104,6 @@ class Deepseek2(Architecture):
         s = super().model_shape()
         s.n_head_kv, s.mla = 1, True
         s.head_k_mla = int(c.qk_nope_head_dim + c.qk_rope_head_dim)
-        s.n_ff_shexp = int(c.n_shared_experts or 0) * self.n_ff_exp
-        s.n_dense = self.n_dense
-        s.n_ff_dense = int(c.intermediate_size) if self.n_dense else 0
         return s
 
     def split_kv_b(self, il: int, kv_b: ReadForTwo) -> Iterator[TensorSpec]:
@@ -166,14 +139,7 @@ class Deepseek2(Architecture):
             yield from self.split_kv_b(il, kv_b)
             yield self.plain(f"{b}.attn_output.weight", f"{a}.o_proj.weight")
             yield self.plain(f"{b}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight")
-            if il < self.n_dense:
-                yield from self.dense_ffn(il, f"{p}.mlp")
-                continue
-            yield from self.routed_experts(il, f"{p}.mlp")
-            if f"{p}.mlp.gate.e_score_correction_bias" in self.src:
-                yield self.plain(f"{b}.exp_probs_b.bias", f"{p}.mlp.gate.e_score_correction_bias")
-            if c.n_shared_experts:
-                yield from self.dense_ffn(il, f"{p}.mlp.shared_experts", "_shexp")
+            yield from self.feed_forward(il)
 
 
 class ReadForTwo:

@@ -43,6 +43,13 @@ GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_REGEX = QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+_GPT4O_WORD = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_GPT4O_SUFFIX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+#: OpenAI's o200k split (gpt-oss; Llama-4 and MiniMax-M2 use it too).
+GPT4O_REGEX = (rf"[^\r\n\p{{L}}\p{{N}}]?{_GPT4O_WORD}*{_GPT4O_LOWER}+{_GPT4O_SUFFIX}"
+               rf"|[^\r\n\p{{L}}\p{{N}}]?{_GPT4O_WORD}+{_GPT4O_LOWER}*{_GPT4O_SUFFIX}"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 DEEPSEEK3_REGEXES = (
     r"\p{N}{1,3}",
     "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
@@ -68,6 +75,7 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
     PreTokenizer("llama-bpe", (LLAMA3_REGEX,), ignore_merges=True),
     PreTokenizer("smaug-bpe", (LLAMA3_REGEX,)),
     PreTokenizer("deepseek-v3", DEEPSEEK3_REGEXES),
+    PreTokenizer("gpt-4o", (GPT4O_REGEX,)),
 )
 
 SPACE = "\u2581"  # SentencePiece's visible space
