@@ -50,7 +50,7 @@ log = tempfile.TemporaryFile()
 saved = os.dup(2); os.dup2(log.fileno(), 2)
 kv = getattr(llama_cpp, "GGML_TYPE_" + sys.argv[6].upper())
 llm = llama_cpp.Llama(model_path=path, n_ctx=ctx, n_batch=int(sys.argv[5]), n_ubatch=int(sys.argv[5]), n_threads=2,
-                      verbose=True, flash_attn=flash, type_k=kv, type_v=kv)
+                      verbose=True, flash_attn=flash, type_k=kv, type_v=kv, swa_full=sys.argv[7] == "1")
 rnd = random.Random(0)
 tokens = [rnd.randrange(1, llm.n_vocab()) for _ in range(ctx)]
 if mode != "load":
@@ -68,7 +68,7 @@ print(json.dumps(dict(compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
 NO_ALLOC_CHILD = r'''
 import json, os, re, sys, tempfile
 import llama_cpp as L
-path, ctx, ub, flash = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+path, ctx, ub, flash, swa_full = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"
 log = tempfile.TemporaryFile(); saved = os.dup(2); os.dup2(log.fileno(), 2)
 L.llama_backend_init()
 mp = L.llama_model_default_params(); mp.no_alloc = True; mp.load_mode = L.LLAMA_LOAD_MODE_NONE
@@ -76,6 +76,7 @@ model = L.llama_model_load_from_file(path.encode(), mp)
 cp = L.llama_context_default_params()
 cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads = ctx, max(ub, 512), ub, 2
 cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+cp.swa_full = swa_full
 ok = bool(L.llama_init_from_model(model, cp))
 os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
@@ -85,7 +86,7 @@ print(json.dumps(dict(ok=ok, compute=mib(r"CPU compute buffer size =\s*([\d.]+) 
 
 
 def run_child(gguf_path: str | Path, ctx: int, mode: str = "all", flash_attn: bool = False,
-              n_batch: int = N_BATCH, kv_type: str = "f16") -> tuple[int, dict]:
+              n_batch: int = N_BATCH, kv_type: str = "f16", swa_full: bool = True) -> tuple[int, dict]:
     """Peak RSS (bytes) of a fresh Python running llama.cpp on ``gguf_path``, and the buffer sizes
     llama.cpp logged. ``gguf_path="none"``: import llama_cpp only.
 
@@ -96,7 +97,7 @@ def run_child(gguf_path: str | Path, ctx: int, mode: str = "all", flash_attn: bo
     would read as the child's peak. The wait4 value is returned in the dict as ``ru_maxrss``."""
     with tempfile.TemporaryFile() as out:
         cmd = [sys.executable, "-c", CHILD, str(gguf_path), str(ctx), mode, "1" if flash_attn else "0", str(n_batch),
-               kv_type]
+               kv_type, "1" if swa_full else "0"]
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -111,10 +112,11 @@ def run_child(gguf_path: str | Path, ctx: int, mode: str = "all", flash_attn: bo
     return info["peak"], info
 
 
-def llama_reserved(gguf_path: str | Path, ctx: int, n_ubatch: int, flash_attn: bool) -> dict:
-    """Buffer sizes llama.cpp plans for a metadata-only GGUF (``no_alloc``: nothing allocated)."""
+def llama_reserved(gguf_path: str | Path, ctx: int, n_ubatch: int, flash_attn: bool, swa_full: bool = True) -> dict:
+    """Buffer sizes llama.cpp plans for a metadata-only GGUF (``no_alloc``: nothing allocated); the KV size
+    sums the caches llama.cpp logs (two for sliding-window models)."""
     r = subprocess.run([sys.executable, "-c", NO_ALLOC_CHILD, str(gguf_path), str(ctx), str(n_ubatch),
-                        "1" if flash_attn else "0"], capture_output=True, text=True)
+                        "1" if flash_attn else "0", "1" if swa_full else "0"], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"no_alloc load of {gguf_path} failed: {r.stderr[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

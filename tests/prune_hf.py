@@ -2,7 +2,7 @@
 for measuring what pruning costs through transformers.
 
 transformers 5 MoE blocks share one shape: a router module (``weight`` (E, hidden), ``top_k``,
-``num_experts``, DeepSeek's ``e_score_correction_bias``) and a fused experts module
+``num_experts``, DeepSeek's ``e_score_correction_bias``, which MiniMax-M2 keeps on the block) and a fused experts module
 (``gate_up_proj`` / ``down_proj`` (E, ...), ``num_experts``).
 """
 
@@ -21,13 +21,18 @@ ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
 
 
 def _gather(module: nn.Module, names: tuple[str, ...], kept: list[int]) -> None:
+    """Keep ``kept`` along each tensor's expert axis: the first one longer than every kept index (ERNIE's
+    routing bias is 1 x experts)."""
     idx = torch.tensor(kept)
     for name in names:
         t = getattr(module, name, None)
+        if not isinstance(t, torch.Tensor):
+            continue
+        axis = next(i for i, n in enumerate(t.shape) if n > max(kept))
         if isinstance(t, nn.Parameter):
-            setattr(module, name, nn.Parameter(t.data[idx].clone(), requires_grad=False))
-        elif isinstance(t, torch.Tensor):
-            module.register_buffer(name, t[idx].clone())
+            setattr(module, name, nn.Parameter(t.data.index_select(axis, idx).clone(), requires_grad=False))
+        else:
+            module.register_buffer(name, t.index_select(axis, idx).clone())
     module.num_experts = len(kept)
 
 
@@ -47,6 +52,11 @@ def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
                 _gather(mod, ROUTER_TENSORS, kept)
             mod.top_k = plan.top_k
             touched.add(il)
+        elif isinstance(getattr(mod, "e_score_correction_bias", None), torch.Tensor):  # a block's routing bias
+            if kept is not None:
+                _gather(mod, ("e_score_correction_bias",), kept)
+            if hasattr(mod, "top_k"):
+                mod.top_k = plan.top_k
     if not touched:
         raise GgufmoeError(f"{type(model).__name__}: no MoE router found to prune")
     return model

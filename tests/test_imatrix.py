@@ -252,6 +252,14 @@ def test_reference_model_values_recomputed(ref_imatrix, calib_tokens):
     np.testing.assert_allclose(down.in_sum2[expert], down_sum2.numpy(), rtol=1e-3)
 
 
+def glu(config, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The experts' gated activation: SwiGLU, or gpt-oss's clamped variant ``(u + 1) * g * sigmoid(alpha g)``."""
+    if config.model_type != "gpt_oss":
+        return torch.nn.functional.silu(g) * u
+    g, u = g.clamp(max=config.swiglu_limit), u.clamp(-config.swiglu_limit, config.swiglu_limit)
+    return (u + 1) * g * torch.sigmoid(config.swiglu_alpha * g)
+
+
 @pytest.mark.parametrize("arch", tiny_models.FAMILIES)
 def test_tiny_models(tmp_path, arch):
     """Every matmul and expert tensor gets an entry; expert values match the checkpoint's per-expert weights."""
@@ -290,13 +298,15 @@ def test_tiny_models(tmp_path, arch):
     for il, calls in routed.items():
         gate, up, down = (by_name[f"blk.{il}.ffn_{k}_exps.weight"] for k in ("gate", "up", "down"))
         assert im.entries[down.name].counts.sum() == n_tokens * top_k
+        biases = [by_name.get(f"blk.{il}.ffn_{k}_exps.bias") for k in ("gate", "up")]
         for e in range(gate.n_parts):
             wg, wu = gate.load(e).double(), up.load(e).double()
+            bg, bu = (b.load(0)[e].double() if b else 0.0 for b in biases)
             x2, mid2, n = 0, 0, 0
             for h, idx in calls:
                 x = h[(idx == e).any(-1)].double()
                 x2 = x2 + (x ** 2).sum(0)
-                mid2 = mid2 + ((torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) ** 2).sum(0)
+                mid2 = mid2 + (glu(model.config, x @ wg.T + bg, x @ wu.T + bu) ** 2).sum(0)
                 n += x.shape[0]
             assert im.entries[gate.name].counts[e] == n
             if n:

@@ -103,10 +103,14 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
         c = arch.cfg
         assert arch.kv_elements_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
     b = bench()
-    for ctx, fa in ((512, False), (2048, False), (2048, True)):
-        got = b.llama_reserved(path, ctx, 512, fa)
-        assert abs(got["kv"] - kv_cache_bytes(shape, ctx)) < 0.006 * MiB  # llama.cpp logs 2 decimals
-        assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa)) < 1 * MiB, (ctx, fa)
+    caches = 2 if shape.n_layer_swa else 1  # llama.cpp logs each cache's size with 2 decimals
+    for ctx, fa, swa_full in ((512, False, True), (2048, False, True), (2048, True, True), (2048, False, False)):
+        if not swa_full and not shape.n_layer_swa:
+            continue
+        got = b.llama_reserved(path, ctx, 512, fa, swa_full)
+        assert abs(got["kv"] - kv_cache_bytes(shape, ctx, swa_full=swa_full)) < 0.006 * MiB * caches, (ctx, swa_full)
+        assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa, swa_full=swa_full)) < 1 * MiB, \
+            (ctx, fa, swa_full)
 
 
 def test_kv_types():
@@ -131,4 +135,23 @@ def test_runtime_memory_within_5_percent(ref_f32_gguf):
     planned = runtime_memory(arch, wm.mapped, 2048, repacked_bytes=wm.repacked)
     peak, logged = bench().run_child(ref_f32_gguf, 2048, "all")
     assert abs(logged["mapped"] - wm.mapped) < 0.006 * MiB and abs(logged["kv"] - planned.kv_cache) < 0.006 * MiB
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
+
+
+@pytest.mark.parametrize("swa_full", [True, False])
+def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
+    """gpt-oss (sliding-window and full layers): planned total vs llama.cpp's peak RSS over a 4096-token
+    context, with the sliding layers caching the whole context (llama-cpp-python's default) or the window."""
+    cfg = tiny_models.configs()["gpt-oss"]
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 256, 8, 4, 32
+    cfg.intermediate_size, cfg.sliding_window = 128, 128
+    tiny_models.build("gpt-oss", tmp_path / "hf", config=cfg)
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
+                                                   progress=False))[0]
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    assert arch.model_shape() == ModelShape.from_gguf(path) and arch.model_shape().n_layer_swa == 2
+    wm = weight_memory(path)
+    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, swa_full=swa_full)
+    peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
+    assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)

@@ -1,5 +1,6 @@
 """F32 GGUF in llama.cpp reproduces transformers' per-token log-probs, for every architecture."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -98,3 +99,60 @@ def test_glm_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
     text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
     stats = stream_stats(tmp_path / "hf", text, ctx=128, max_tokens=512, progress=False)
     assert sorted(stats.layers) == list(range(cfg.first_k_dense_replace, n))
+
+
+def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """ggml's block_mxfp4 bytes (exponent, then byte j = value j | value j+16 << 4) from a checkpoint's blocks
+    (value 2i in the low nibble of byte i) and E8M0 scales: the codes moved, none changed."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], qs], axis=-1).astype(np.uint8).reshape(-1)
+
+
+def test_gpt_oss_mxfp4_checkpoint(tmp_path, eval_tokens):
+    """OpenAI's MXFP4 experts: converted to F32 they are the model transformers dequantizes; written as MXFP4
+    (the default for them) they are the checkpoint's own codes and scales, and llama.cpp runs the file."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+    from safetensors.numpy import load_file
+
+    tiny_models.build("gpt-oss", tmp_path / "hf")
+    tiny_models.save_mxfp4(tmp_path / "hf", tmp_path / "mx")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    want = hf_logprobs(reference, eval_tokens)
+    assert compare(llama_logprobs(f32(tmp_path / "mx", tmp_path / "f32.gguf"), eval_tokens), want,
+                   eval_tokens).mean_abs_dnll < TOL
+
+    kept = convert(tmp_path / "mx", ConvertOptions(out=tmp_path / "kept.gguf", types=TypeRules.parse(None),
+                                                   progress=False))[0]
+    source = {k: v for f in (tmp_path / "mx").glob("*.safetensors") for k, v in load_file(f).items()}
+    experts = [t for t in GGUFReader(kept).tensors if t.name.endswith("_exps.weight")]
+    assert len(experts) == 3 * reference.config.num_hidden_layers
+    for t in experts:
+        assert t.tensor_type == T.MXFP4, t.name
+        il, kind = int(t.name.split(".")[1]), t.name.split(".")[2]
+        name = f"model.layers.{il}.mlp.experts.{'down_proj' if kind == 'ffn_down_exps' else 'gate_up_proj'}"
+        rows = {"ffn_gate_exps": slice(0, None, 2), "ffn_up_exps": slice(1, None, 2)}.get(kind, slice(None))
+        blocks, scales = source[name + "_blocks"][:, rows], source[name + "_scales"][:, rows]
+        assert np.array_equal(np.asarray(t.data).reshape(-1), repack_mxfp4(blocks, scales)), t.name
+    # llama.cpp quantizes activations for MXFP4 (and Q8_0) matmuls on the CPU, so the file is not bit-exact:
+    # it stays closer to transformers than the same experts requantized to Q8_0
+    q8 = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse(None, ["_exps=Q8_0"]),
+                                                 progress=False))[0]
+    got = compare(llama_logprobs(kept, eval_tokens), want, eval_tokens).mean_abs_dnll
+    assert got < compare(llama_logprobs(q8, eval_tokens), want, eval_tokens).mean_abs_dnll
+
+
+def test_gpt_oss_untruncated_yarn_is_noted(tmp_path):
+    """gpt-oss ships YaRN with truncate=false, which llama.cpp rounds: the conversion says so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tiny_models.configs()["gpt-oss"]
+    cfg.rope_parameters = dict(tiny_models.GPT_OSS_YARN, truncate=False)
+    tiny_models.build("gpt-oss", tmp_path / "hf", config=cfg)
+    exe = str(Path(sys.executable).with_name("ggufmoe"))
+    proc = subprocess.run([exe, "convert", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--type", "F16", "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: YaRN with truncate=false" in proc.stderr

@@ -51,3 +51,20 @@ def test_every_family_plans_the_bytes_it_writes(family, tmp_path):
     out = convert(hf, options_from_plan(plan, ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("Q8_0"),
                                                              progress=False)))[0]
     assert out.stat().st_size == plan.file_bytes
+
+
+def test_mxfp4_experts_are_planned_as_stored(tmp_path):
+    """A gpt-oss MXFP4 checkpoint: the planner keeps its experts' MXFP4 (copied) or goes below it, and the
+    planned bytes are written."""
+    from gguf import GGUFReader
+
+    tiny_models.build("gpt-oss", tmp_path / "hf")
+    tiny_models.save_mxfp4(tmp_path / "hf", tmp_path / "mx")
+    q8 = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"),
+                                                 progress=False))[0]
+    plan = build_plan(tmp_path / "mx", Budget(q8.stat().st_size * 3 // 4, weights_only=True), progress=False)
+    out = convert(tmp_path / "mx", options_from_plan(plan, ConvertOptions(out=tmp_path / "p.gguf",
+                                                                          types=TypeRules.parse(None), progress=False)))[0]
+    assert out.stat().st_size == plan.file_bytes
+    bits = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors if t.name.endswith("_exps.weight")}
+    assert "MXFP4" in bits.values() and "Q8_0" not in bits.values(), bits

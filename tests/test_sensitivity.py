@@ -115,10 +115,11 @@ def test_costs_fall_with_bits(measured):
         assert all(a > b for a, b in zip(chain, chain[1:])), (name, chain)
         assert costs["F16"] <= costs["Q8_0"]
         assert costs["Q8_0"] < 0.05 * costs["Q4_K"]
-        # overall ordering: a type at least half a bit per weight larger never costs more
+        # overall ordering: a type at least half a bit per weight larger never costs more; MXFP4 (power-of-two
+        # block scales, no importance weighting) is there for weights stored as MXFP4, and measures worse
         for a in costs:
             for b in costs:
-                if bpw(b) >= bpw(a) + 0.5:
+                if bpw(b) >= bpw(a) + 0.5 and "MXFP4" not in (a, b):
                     assert costs[b] < costs[a], (name, a, b, costs[a], costs[b])
 
 

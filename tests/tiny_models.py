@@ -19,7 +19,11 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               initializer_range=0.08)  # large enough that experts matter
 
 
-FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe")  # the keys of configs()
+# gpt-oss's own YaRN, but with the correction range rounded as llama.cpp always does (it ships truncate=false)
+GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
+                    original_max_position_embeddings=4096)
+FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
+            "ernie4_5-moe")  # the keys of configs()
 
 
 def configs() -> dict:
@@ -39,6 +43,16 @@ def configs() -> dict:
                                    head_dim=32, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
                                    first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
                                    use_qk_norm=True, attention_bias=True),
+        "gpt-oss": T.GptOssConfig(**{**COMMON, "max_position_embeddings": 131072, "num_hidden_layers": 4},
+                                  intermediate_size=32,  # 4 layers: sliding, full, sliding, full as gpt-oss ends
+                                  num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                                  sliding_window=64, rope_parameters=GPT_OSS_YARN),
+        "minimax-m2": T.MiniMaxM2Config(**COMMON, intermediate_size=32, num_key_value_heads=2, head_dim=32,
+                                        num_local_experts=8, num_experts_per_tok=2, rotary_dim=16,
+                                        bos_token_id=None, eos_token_id=None),
+        "ernie4_5-moe": T.Ernie4_5_MoeConfig(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=128,
+                                             moe_intermediate_size=32, num_key_value_heads=2, num_experts=8,
+                                             num_experts_per_tok=2, moe_num_shared_experts=1, moe_layer_start_index=1),
     }
 
 
@@ -53,6 +67,11 @@ def deepseek3_config(**overrides):
     return T.DeepseekV3Config(**kw)
 
 
+# Spread of the random routing biases: large enough to move routes, small enough that every expert
+# is still routed to (MiniMax-M2 and ERNIE route on their scores alone, with no groups to spread the choice)
+ROUTING_BIAS_STD = {"minimax-m2": 0.03, "ernie4_5-moe": 0.03}
+
+
 def build(name: str, out: Path, seed: int = 0, config=None):
     """Build, randomise (routing bias included) and save a tiny model; returns the model."""
     from transformers import AutoModelForCausalLM
@@ -64,10 +83,10 @@ def build(name: str, out: Path, seed: int = 0, config=None):
             if n.endswith("norm.weight") or "layernorm" in n:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif "e_score_correction_bias" in n:
-                p.copy_(0.3 * torch.randn_like(p))
+                p.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(p))
         for n, b in model.named_buffers():
             if "e_score_correction_bias" in n:
-                b.copy_(0.3 * torch.randn_like(b))
+                b.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(b))
     model.eval()
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -116,3 +135,46 @@ def save_fp8(model_dir: Path, fp8_dir: Path) -> None:
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                   "weight_block_size": [128, 128]}
     (fp8_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 as gpt-oss checkpoints store it: ``w`` (..., cols) -> blocks (..., cols/32, 16) uint8 (value
+    2i in the low nibble of byte i) and E8M0 scales (..., cols/32), the nearest E2M1 code per value."""
+    x = w.reshape(*w.shape[:-1], -1, 32)
+    amax = x.abs().amax(-1, keepdim=True).clamp(min=2.0 ** -100)
+    exp = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)  # 6 = 1.5 * 2^2 is the largest code
+    scaled = x / torch.exp2(exp)
+    mag = (scaled.abs().unsqueeze(-1) - E2M1_GRID).abs().argmin(-1)
+    codes = (mag | ((scaled < 0) & (mag > 0)).to(torch.int64) << 3).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+def save_mxfp4(model_dir: Path, mxfp4_dir: Path) -> None:
+    """Write an MXFP4 copy of gpt-oss ``model_dir`` (its experts as blocks and scales, as OpenAI ships them) to
+    ``mxfp4_dir`` and replace the experts in ``model_dir`` by transformers' own dequantization of them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    shutil.copytree(model_dir, mxfp4_dir)
+    for f in sorted(model_dir.glob("*.safetensors")):
+        sd = load_file(f)
+        packed, deq = {}, {}
+        for name, t in sd.items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                blocks, scales = to_mxfp4(t.transpose(1, 2))  # stored with the outputs as rows
+                packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+                deq[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            else:
+                packed[name] = deq[name] = t
+        save_file(packed, mxfp4_dir / f.name, metadata={"format": "pt"})
+        save_file(deq, f, metadata={"format": "pt"})
+    cfg = json.loads((mxfp4_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mxfp4_dir / "config.json").write_text(json.dumps(cfg, indent=2))

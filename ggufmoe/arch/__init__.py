@@ -4,7 +4,8 @@ imported here; :func:`architecture_for` finds a source's module."""
 from __future__ import annotations
 
 # Importing a family module registers it.
-from ggufmoe.arch import deepseek2, glm4moe, mixtral, olmoe, qwen2moe, qwen3moe  # noqa: F401
+from ggufmoe.arch import (  # noqa: F401
+    deepseek2, ernie4_5_moe, glm4moe, gpt_oss, minimax_m2, mixtral, olmoe, qwen2moe, qwen3moe)
 from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.gguf_model import GGUFModel
 from ggufmoe.arch.registry import ARCHITECTURES, gguf_architectures

@@ -34,6 +34,11 @@ class Architecture:
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
     # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
     router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    # llama.cpp's default sliding-window period for the family (every n-th layer full; 0: no sliding window),
+    # for GGUF files that have a window but no per-layer pattern
+    swa_pattern: ClassVar[int] = 0
+    # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
+    rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
     # Tensor classes without default sensitivities of their own -> the reference class they take.
     sensitivity_aliases: ClassVar[dict[str, str]] = {}
     # set when pruning: experts kept per layer and experts used per token
@@ -113,6 +118,11 @@ class Architecture:
     def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
         w.add_expert_count(self.n_expert_kept or self.n_expert)
         w.add_expert_used_count(self.n_expert_used or self.top_k)
+
+    def caveats(self) -> list[str]:
+        """Where llama.cpp will run the converted model slightly differently from transformers (a note
+        for the user; what it cannot run at all is refused by :meth:`require`)."""
+        return []
 
     # --- to implement --------------------------------------------------------------
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
@@ -207,10 +217,30 @@ class Architecture:
             w.add_key_length(int(head_dim))
             w.add_value_length(int(head_dim))
         w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-        w.add_rope_freq_base(float(rope_params(c).get("rope_theta", 10000.0)))
         w.add_vocab_size(int(c.vocab_size))
-        self.require(rope_params(c).get("rope_type", "default") == "default",
-                     f"rope scaling {rope_params(c).get('rope_type')!r} is not supported for this architecture")
+        self.write_rope(w)
+
+    @property
+    def rope_kind(self) -> str:
+        rope = rope_params(self.cfg)
+        return rope.get("rope_type", rope.get("type", "default"))
+
+    def write_rope(self, w: gguf.GGUFWriter) -> None:
+        """Rope base and scaling; only the scalings in :attr:`rope_kinds` (tested against transformers)."""
+        rope = rope_params(self.cfg)
+        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        kind = self.rope_kind
+        self.require(kind in self.rope_kinds, f"rope scaling {kind!r}")
+        if kind != "yarn":
+            return
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        # llama.cpp's converter writes them; newer llama.cpp reads them (this one keeps its 32/1 defaults)
+        if rope.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
 
 
 def rope_params(cfg) -> dict:

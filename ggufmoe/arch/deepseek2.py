@@ -24,6 +24,7 @@ from ggufmoe.source.hf import HFSource
 class Deepseek2(BiasedRoutingMoe):
     hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
     gguf_arch = "deepseek2"
+    rope_kinds = ("default", "yarn")
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k", "attn_k_b": "attn_k",
                            "attn_v_b": "attn_v"}  # MLA's projections default to the GQA ones
 
@@ -66,23 +67,11 @@ class Deepseek2(BiasedRoutingMoe):
         self.write_rope(w)
 
     def write_rope(self, w: gguf.GGUFWriter) -> None:
-        rope = rope_params(self.cfg)
-        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "default":
-            return
-        self.require(kind == "yarn", f"rope scaling {kind!r}")
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        # llama.cpp's converter writes them; newer llama.cpp reads them (this one keeps its 32/1 defaults)
-        if rope.get("beta_fast") is not None:
-            w.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
-        if rope.get("beta_slow") is not None:
-            w.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
-        if rope.get("mscale_all_dim"):
+        super().write_rope(w)
+        mscale_all_dim = rope_params(self.cfg).get("mscale_all_dim")
+        if self.rope_kind == "yarn" and mscale_all_dim:
             # llama.cpp divides this key by 0.1 when loading deepseek2 files
-            w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+            w.add_rope_scaling_yarn_log_mul(0.1 * float(mscale_all_dim))
 
     def kv_head_dims(self) -> tuple[int, int]:
         """MLA as written: K head = kv_lora_rank + rope dims, V head = kv_lora_rank, one KV head."""

@@ -26,6 +26,8 @@ class ModelShape:
     n_dense: int = 0
     mla: bool = False
     head_k_mla: int = 0  # MLA: qk_nope + qk_rope (the decompressed K head)
+    n_swa: int = 0  # sliding window (tokens) of the sliding-window layers
+    n_layer_swa: int = 0  # layers that attend to a sliding window only
 
     @property
     def kv_elements_per_token(self) -> int:
@@ -34,13 +36,14 @@ class ModelShape:
         return self.n_layer * self.n_head_kv * (self.head_k + self.head_v)
 
     @classmethod
-    def from_gguf(cls, path) -> "ModelShape":
+    def from_gguf(cls, path, swa_pattern: int = 0) -> "ModelShape":
         """The shape as llama.cpp reads it from a GGUF file's metadata."""
-        return cls.from_fields(read_gguf(path).fields)
+        return cls.from_fields(read_gguf(path).fields, swa_pattern)
 
     @classmethod
-    def from_fields(cls, f: dict) -> "ModelShape":
-        """The shape from a GGUF's metadata (``GGUFReader.fields``)."""
+    def from_fields(cls, f: dict, swa_pattern: int = 0) -> "ModelShape":
+        """The shape from a GGUF's metadata (``GGUFReader.fields``). ``swa_pattern``: the family's default
+        sliding-window period (every n-th layer full), for files that have a window but no pattern key."""
         a = f["general.architecture"].contents()
 
         def g(key, default=None):
@@ -51,7 +54,13 @@ class ModelShape:
         n_vocab = g("vocab_size") or len(f["tokenizer.ggml.tokens"].data)
         mla = g("attention.key_length_mla") is not None
         ff = int(g("feed_forward_length", 0))
-        return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=int(g("block_count")), n_head=n_head,
+        n_layer, n_swa = int(g("block_count")), int(g("attention.sliding_window", 0))
+        pattern = g("attention.sliding_window_pattern", swa_pattern)
+        if isinstance(pattern, list):
+            n_layer_swa = sum(bool(p) for p in pattern)
+        else:  # llama.cpp's set_swa_pattern: layer il slides unless il % n == n - 1
+            n_layer_swa = sum(il % int(pattern) < int(pattern) - 1 for il in range(n_layer)) if pattern else 0
+        return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=int(g("attention.head_count_kv", n_head)),
                    head_k=int(g("attention.key_length", n_embd // n_head)),
                    head_v=int(g("attention.value_length", n_embd // n_head)),
@@ -61,4 +70,5 @@ class ModelShape:
                    int(g("expert_shared_count", 0)) * int(g("expert_feed_forward_length", ff)),
                    n_ff_dense=ff if g("leading_dense_block_count") else 0,
                    n_dense=int(g("leading_dense_block_count", 0)),
-                   mla=mla, head_k_mla=int(g("attention.key_length_mla", 0)))
+                   mla=mla, head_k_mla=int(g("attention.key_length_mla", 0)),
+                   n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0)

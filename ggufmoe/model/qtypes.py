@@ -41,6 +41,7 @@ TABLE: tuple[QuantType, ...] = (
     QuantType(T.IQ3_S, T.IQ4_NL, True, True, False, F.MOSTLY_IQ3_S),
     QuantType(T.Q3_K, T.IQ4_NL, True, True, False, F.MOSTLY_Q3_K_M),
     QuantType(T.IQ4_XS, T.IQ4_NL, True, True, False, F.MOSTLY_IQ4_XS),
+    QuantType(T.MXFP4, None, True, True, False, F.MOSTLY_MXFP4_MOE),
     QuantType(T.Q4_K, T.Q5_0, True, True, False, F.MOSTLY_Q4_K_M),
     QuantType(T.Q5_K, T.Q5_1, True, True, False, F.MOSTLY_Q5_K_M),
     QuantType(T.Q6_K, T.Q8_0, True, True, False, F.MOSTLY_Q6_K),
@@ -50,7 +51,7 @@ TABLE: tuple[QuantType, ...] = (
     QuantType(T.F32, None, True, False, False, F.ALL_F32),
     # fallbacks and types only llama.cpp's own quantizer is asked for (tensor type overrides)
     QuantType(T.IQ4_NL), QuantType(T.Q5_0), QuantType(T.Q5_1), QuantType(T.Q4_0), QuantType(T.Q4_1),
-    QuantType(T.TQ1_0), QuantType(T.TQ2_0), QuantType(T.MXFP4),
+    QuantType(T.TQ1_0), QuantType(T.TQ2_0),
 )
 BY_TYPE: dict[T, QuantType] = {q.type: q for q in TABLE}
 

@@ -125,6 +125,8 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     refuse_overwriting_inputs(input_files(src_dir, opts), [opts.out], opts.split_max_size > 0)
     src = open_source(src_dir, config_ok=False)
     arch = architecture_for(src)
+    for caveat in arch.caveats():
+        print(f"note: {caveat}", file=sys.stderr)
     check_shapes(src)
     stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None

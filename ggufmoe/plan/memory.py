@@ -163,18 +163,30 @@ def kv_size(ctx: int) -> int:
     return -(-ctx // 256) * 256
 
 
-def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str = "f16") -> int:
+def swa_kv_size(shape: ModelShape, ctx: int, n_ubatch: int = 512, swa_full: bool = True) -> int:
+    """KV cells of a sliding-window layer: the full count with ``swa_full`` (llama.cpp's library default,
+    which llama-cpp-python keeps), else the window plus one ubatch, padded to 256 (llama-server's default)."""
+    full = kv_size(ctx)
+    return full if swa_full else min(full, -(-(shape.n_swa + n_ubatch) // 256) * 256)
+
+
+def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str = "f16", n_ubatch: int = 512,
+                   swa_full: bool = True) -> int:
     """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
-    row, except with MLA where V is a view of K), at the KV type's ggml row size."""
+    row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
+    layers have :func:`swa_kv_size` cells."""
     qt = _kv_type(kv_type)
     if shape.mla:
-        return shape.n_layer * kv_size(ctx) * _row_size(qt, shape.head_k)
-    per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
-    return shape.n_layer * kv_size(ctx) * per_cell
+        per_cell = _row_size(qt, shape.head_k)
+    else:
+        per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
+    cells = ((shape.n_layer - shape.n_layer_swa) * kv_size(ctx)
+             + shape.n_layer_swa * swa_kv_size(shape, ctx, n_ubatch, swa_full))
+    return cells * per_cell
 
 
 def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
-                         n_outputs: int | None = None) -> int:
+                         n_outputs: int | None = None, swa_full: bool = True) -> int:
     """Size of llama.cpp's CPU compute buffer (``sched_reserve: CPU compute buffer size``).
 
     llama.cpp reserves the graph of one full ubatch (T = min(n_ubatch, ctx) tokens, every KV
@@ -192,6 +204,9 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
       (n_embd > 2·n_ff_exp);
     * shared expert / leading dense FFN: S + n_embd + 3·n_ff;
     * output: logits n_vocab·n_outputs + 2·n_embd·n_outputs (n_outputs = T as reserved).
+
+    A model with sliding-window layers has a second KQ mask, over the window's cells
+    (:func:`swa_kv_size`); the attention scores use the full cache's n_kv (its full layers).
 
     ``n_outputs`` set to 1 gives what a run that asks for the last token's logits only touches.
     The routed expert count enters only through router-sized tensors (n_expert·T), which fit in
@@ -215,6 +230,8 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
         q_holes = n_q if flash_attn else 2 * n_q
         v_idx = 0 if flash_attn else 2 * s.n_head_kv * s.head_v
     mask = n_kv * t * (2 if flash_attn else 4)
+    if s.n_layer_swa:  # full and sliding-window layers each have their mask, both alive within the layers
+        mask += swa_kv_size(s, ctx, n_ubatch, swa_full) * t * (2 if flash_attn else 4)
     stack = u * (3 * e + q_holes + v_idx) + mask
     attn = stack + (u * n_q if flash_attn else 4 * n_kv * t * s.n_head)
     if s.mla and not flash_attn:
@@ -246,7 +263,7 @@ def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_at
 def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_batch: int = 512,
                    n_ubatch: int = 512, *, flash_attn: bool | None = None, repacked_bytes: int = 0,
                    logits_all: bool = True, process_bytes: int = PROCESS_BYTES,
-                   shape: ModelShape | None = None) -> RuntimeMemory:
+                   shape: ModelShape | None = None, swa_full: bool = True) -> RuntimeMemory:
     """Peak memory of llama.cpp (CPU backend, llama-cpp-python 0.3.36) serving ``ctx`` tokens.
 
     ``weights_bytes``: the resident weight bytes (the tensor data, or ``weight_memory(w).mapped``);
@@ -256,6 +273,8 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     ``logits_all``: a batch may ask for the logits of all its tokens (perplexity, log-probs),
     llama.cpp's worst case; False models runs that take the last token's logits only.
     ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. ``ModelShape.from_gguf``).
+    ``swa_full``: sliding-window layers cache the whole context (llama-cpp-python's default) or the
+    window only (llama-server's ``--swa-full`` off).
     """
     shape = shape or arch.model_shape()
     qt = _kv_type(kv_type)
@@ -266,10 +285,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
                          "(llama.cpp refuses a quantized V cache without it)")
     n_batch = min(n_batch, kv_size(ctx))
     n_ubatch = min(n_ubatch, n_batch)
-    kv = kv_cache_bytes(shape, ctx, kv_type)  # checks that the rows fit the type's blocks
-    if arch is not None:  # the module's own count of cached values per token
-        block, size = gguf.GGML_QUANT_SIZES[qt]
-        kv = kv_size(ctx) * arch.kv_elements_per_token() * size // block
+    kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full)
     n_out = n_batch if logits_all else 1
     compute = (compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1)
                + 4 * shape.n_vocab * n_out                       # output buffer (logits of n_out tokens)

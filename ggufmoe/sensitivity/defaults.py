@@ -41,7 +41,7 @@ GAUSSIAN_REL_ERROR: dict[str, float] = {
     "IQ1_S": 0.237194, "IQ1_M": 0.205848, "IQ2_XXS": 0.11874, "IQ2_XS": 0.0905738, "IQ2_S": 0.0622478,
     "Q2_K": 0.072034, "IQ3_XXS": 0.0331575, "IQ3_S": 0.0188533, "Q3_K": 0.0210717, "IQ4_XS": 0.00576195,
     "Q4_K": 0.00502778, "Q5_K": 0.00125966, "Q6_K": 0.000300997, "Q8_0": 2.88222e-05, "F16": 4.27768e-08,
-    "IQ4_NL": 0.00565746, "Q5_0": 0.00164318, "Q5_1": 0.00115316,
+    "IQ4_NL": 0.00565746, "Q5_0": 0.00164318, "Q5_1": 0.00115316, "MXFP4": 0.0133629,
 }
 
 # KL (nats/token) at the anchor type per unit of (Gaussian relative error x active elements) per

@@ -236,14 +236,19 @@ class HFSource:
         """The tensor as float32, FP8 block scales applied."""
         return self.get_rows(name, 0, self._entry(name).rows).reshape(self.shape(name))
 
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
+    def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the outermost dimension as stored (their own dtype)."""
         e = self._entry(name)
         if not 0 <= r0 <= r1 <= e.rows:
             raise ValueError(f"rows {r0}:{r1} of {name}, which has {e.rows}")
         buf = np.empty((r1 - r0) * e.row_nbytes, dtype=np.uint8)
         read_at(e.file, buf, e.start + r0 * e.row_nbytes)
-        raw = torch.from_numpy(buf).view(DTYPES[e.dtype][1]).reshape(r1 - r0, *e.shape[1:])
+        return torch.from_numpy(buf).view(DTYPES[e.dtype][1]).reshape(r1 - r0, *e.shape[1:])
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
+        e = self._entry(name)
+        raw = self.raw_rows(name, r0, r1)
         if e.dtype == FP8_BLOCK_SCALED:
             return dequant_fp8_blocks(raw, self._fp8_scale(name, e), self.fp8_block, r0)
         return raw.float()

@@ -3,7 +3,8 @@
 A streamed calibration computes a layer's routed experts one at a time over the tokens routed to
 them (:func:`ggufmoe.stats.collect.route_experts`), so a 256-expert layer never has all its
 experts in memory. :class:`ExpertLoader` reads them (gate, up and down of the layer's specs,
-``gate_up = cat(gate, up)`` as transformers fuses them) in the order they will be asked for, a
+fused into ``gate_up`` as the module holds them: ``cat(gate, up)``, or gate and up interleaved row
+by row for gpt-oss) in the order they will be asked for, a
 bounded number of bytes ahead in a background thread, so the disk works while the CPU computes.
 """
 
@@ -33,10 +34,12 @@ class ExpertLoader:
         if set(by_kind) != EXPERT_TENSORS:
             raise unsupported(arch, f"layer experts {sorted(s.name for s in specs if s.is_expert)} are not "
                                     f"gate, up and down")
-        if getattr(m, "has_bias", False) or not getattr(m, "has_gate", True):
-            raise unsupported(arch, "experts with biases or without a gate")
+        if not getattr(m, "has_gate", True):
+            raise unsupported(arch, "experts without a gate")
         self.gate, self.up, self.down = (by_kind[t] for t in EXPERT_ORDER)
         self.transposed = getattr(m, "is_transposed", False)
+        self.concatenated = getattr(m, "is_concatenated", True)
+        self.module = m  # its biases (small, loaded with the layer) are used as they are
         hidden, ff = self.gate.shape[2], self.gate.shape[1]
         want_gu, want_down = (hidden, 2 * ff) if self.transposed else (2 * ff, hidden), \
             (ff, hidden) if self.transposed else (hidden, ff)
@@ -52,7 +55,9 @@ class ExpertLoader:
         self.pending: deque[tuple[int, Future]] = deque()
 
     def _load(self, e: int) -> ExpertWeights:
-        gate_up = torch.cat([self.gate.load(e), self.up.load(e)])  # (2 ff, hidden), as transformers fuses them
+        gate, up = self.gate.load(e), self.up.load(e)  # (ff, hidden) each
+        # (2 ff, hidden) as transformers fuses them
+        gate_up = torch.cat([gate, up]) if self.concatenated else torch.stack([gate, up], 1).reshape(-1, gate.shape[1])
         down = self.down.load(e)  # (hidden, ff)
         if self.transposed:
             gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
@@ -62,7 +67,15 @@ class ExpertLoader:
         """An expert's matrices as the checkpoint (and the GGUF) stores them, by spec name: the fusion undone."""
         gate_up, down = (w.gate_up.T, w.down.T) if self.transposed else (w.gate_up, w.down)
         ff = self.gate.shape[1]
-        return {self.gate.name: gate_up[:ff], self.up.name: gate_up[ff:], self.down.name: down}
+        gate, up = (gate_up[:ff], gate_up[ff:]) if self.concatenated else (gate_up[0::2], gate_up[1::2])
+        return {self.gate.name: gate, self.up.name: up, self.down.name: down}
+
+    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert ``e``'s (gate_up, down) biases from the module, or Nones."""
+        m = self.module
+        if not getattr(m, "has_bias", False):
+            return None, None
+        return m.gate_up_proj_bias[e], m.down_proj_bias[e]
 
     def _fill(self) -> None:
         while len(self.pending) < self.n_ahead and self.next < len(self.order):
@@ -78,7 +91,7 @@ class ExpertLoader:
             raise RuntimeError(f"expert {e} asked for out of order")
         w = self.pending.popleft()[1].result()
         self._fill()
-        return ExpertWeights(w.gate_up.to(self.device), w.down.to(self.device))
+        return ExpertWeights(w.gate_up.to(self.device), w.down.to(self.device), *self.biases(e))
 
     def close(self) -> None:
         for _, f in self.pending:

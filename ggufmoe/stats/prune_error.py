@@ -43,21 +43,33 @@ def router_of(block: nn.Module, n_expert: int) -> nn.Module | None:
 
 
 @contextlib.contextmanager
-def pruned_router(router: nn.Module, kept: list[int], per_expert: tuple[str, ...]) -> Iterator[None]:
-    """The router routes to ``kept`` only (new indices are positions in ``kept``) while inside; ``per_expert``
-    names its tensors whose rows are experts (the architecture's ``router_tensors``)."""
-    idx = torch.tensor(kept, device=router.weight.device)
-    tensors = {n: getattr(router, n) for n in per_expert if isinstance(getattr(router, n, None), torch.Tensor)}
-    counts = {n: getattr(router, n) for n in (COUNT,) if hasattr(router, n)}
+def pruned_router(router: nn.Module, kept: list[int], per_expert: tuple[str, ...], n_expert: int) -> Iterator[None]:
+    """The router routes to ``kept`` only (new indices are positions in ``kept``) while inside.
+
+    ``per_expert`` names (dotted paths below ``router``) its tensors with an axis of experts, the first
+    of ``n_expert`` entries (the architecture's ``router_tensors``: ERNIE's bias is 1 x experts in a child).
+    Used on the MoE block too, for a routing bias the block holds and hands its router (MiniMax-M2)."""
+    found: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+    for path in per_expert:
+        owner_path, _, leaf = path.rpartition(".")
+        try:
+            owner = router.get_submodule(owner_path)  # "" is the router itself
+        except AttributeError:
+            continue
+        t = getattr(owner, leaf, None)
+        if isinstance(t, torch.Tensor) and n_expert in t.shape:
+            found[path] = (owner, leaf, t)
+    counts = {n: getattr(router, n) for n in (COUNT,) if hasattr(router, n) and found}
     try:
-        for n, t in tensors.items():
-            _set(router, n, t.data[idx])
+        for owner, leaf, t in found.values():
+            idx = torch.tensor(kept, device=t.device)
+            _set(owner, leaf, t.data.index_select(list(t.shape).index(n_expert), idx))
         for n in counts:
             setattr(router, n, len(kept))
         yield
     finally:
-        for n, t in tensors.items():
-            _set(router, n, t)
+        for owner, leaf, t in found.values():
+            _set(owner, leaf, t)
         for n, v in counts.items():
             setattr(router, n, v)
 
@@ -117,7 +129,8 @@ class PruneProbe:
             for criterion, sets in kept.items():
                 for keep, members in sets.items():
                     got.clear()
-                    with torch.no_grad(), pruned_router(router, members, router_tensors):
+                    with torch.no_grad(), pruned_router(router, members, router_tensors, n_expert), \
+                            pruned_router(block, members, router_tensors, n_expert):
                         block(x)
                     if not got:
                         return {}

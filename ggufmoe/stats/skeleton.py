@@ -36,6 +36,14 @@ def unsupported(arch: Architecture, what: str) -> GgufmoeError:
     return GgufmoeError(f"streamed calibration of {arch.src.architecture}: {what}; calibrate with --whole")
 
 
+def supports_sdpa(cfg) -> bool:
+    """Whether transformers' causal-LM class for ``cfg`` runs torch's fused attention (gpt-oss's sinks do not)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
 class _Stop(Exception):
     """Ends a capture pass after its last decoder layer."""
 
@@ -75,7 +83,7 @@ class Skeleton:
 
         self.src, self.arch, self.device = src, arch, device
         cfg = copy.copy(arch.cfg)
-        cfg._attn_implementation = "sdpa"  # a config made outside from_pretrained defaults to eager
+        cfg._attn_implementation = "sdpa" if supports_sdpa(cfg) else "eager"  # outside from_pretrained: eager
         self.cfg = cfg
         try:
             with torch.device("meta"):
