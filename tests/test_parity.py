@@ -156,3 +156,21 @@ def test_gpt_oss_untruncated_yarn_is_noted(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "note: YaRN with truncate=false" in proc.stderr
+
+
+def test_llama4_long_context_parity(tmp_path):
+    """Llama-4 past llama.cpp's built-in chunk of 8192 tokens, where the chunked layers stop seeing the first
+    chunk and the rope-less layers' temperature starts to grow; with Llama-3 rope scaling (rope_freqs)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_models.REF_MODEL / "tokenizer.json"))
+    text = (tiny_models.TEST_DATA / "eval_doc.txt").read_text()
+    tokens = tok.encode(text, add_special_tokens=False).ids[:8400]
+    assert len(tokens) == 8400
+    cfg = tiny_models.configs()["llama4"]
+    cfg.rope_parameters = dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, high_freq_factor=1.0,
+                               low_freq_factor=1.0, original_max_position_embeddings=8192)
+    model = tiny_models.build("llama4", tmp_path / "hf", config=cfg)
+    result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), tokens), hf_logprobs(model, tokens),
+                     tokens)
+    assert result.mean_abs_dnll < TOL, result

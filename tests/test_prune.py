@@ -125,3 +125,27 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: pruning needs calibration statistics: pass --stats (from `ggufmoe calibrate`)"]
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family", tiny_models.UNCALIBRATED)
+def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
+    """A family that cannot be calibrated still prunes exactly to a given plan (and calibrating it is refused)."""
+    from ggufmoe.prune.criteria import Pruning
+    from ggufmoe.stats.stream import stream_stats
+
+    tiny_models.build(family, tmp_path / "hf")
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    moe = sorted({s.layer for s in arch.tensors() if s.is_expert})
+    kept = {il: sorted(np.random.default_rng(il).choice(arch.n_expert, 5, replace=False).tolist()) for il in moe}
+    plan = Pruning(n_expert=arch.n_expert, top_k_source=arch.top_k, keep=5, top_k=arch.top_k, criterion="frequency",
+                   alpha=0.5, kept=kept)
+    out = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("F32"), pruning=plan,
+                                                  progress=False))[0]
+    model = prune_hf_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval(), plan)
+    result = compare(llama_logprobs(out, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < 1e-3, result
+    assert GGUFReader(out).fields[f"{arch.gguf_arch}.expert_count"].contents() == 5
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:5000]
+    for calibrate in (collect_stats, stream_stats):
+        with pytest.raises(GgufmoeError, match="cannot be calibrated"):
+            calibrate(tmp_path / "hf", text, ctx=128, progress=False)

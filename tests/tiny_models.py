@@ -22,8 +22,11 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 # gpt-oss's own YaRN, but with the correction range rounded as llama.cpp always does (it ships truncate=false)
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
+# families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
+UNCALIBRATED = ("llama4",)
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe")  # the keys of configs()
+            "ernie4_5-moe", "llama4")  # the keys of configs()
+CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 
 
 def configs() -> dict:
@@ -53,6 +56,9 @@ def configs() -> dict:
         "ernie4_5-moe": T.Ernie4_5_MoeConfig(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=128,
                                              moe_intermediate_size=32, num_key_value_heads=2, num_experts=8,
                                              num_experts_per_tok=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+        "llama4": T.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 4}, intermediate_size=32, intermediate_size_mlp=128,
+                                     num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=1,
+                                     interleave_moe_layer_step=2, architectures=["Llama4ForCausalLM"]),
     }
 
 

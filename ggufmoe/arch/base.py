@@ -37,6 +37,8 @@ class Architecture:
     # llama.cpp's default sliding-window period for the family (every n-th layer full; 0: no sliding window),
     # for GGUF files that have a window but no per-layer pattern
     swa_pattern: ClassVar[int] = 0
+    # Why the family's transformers model cannot be calibrated (None: it can)
+    calibration_refused: ClassVar[str | None] = None
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
     # Tensor classes without default sensitivities of their own -> the reference class they take.
@@ -158,6 +160,17 @@ class Architecture:
         return TensorSpec(gguf_name, (n_expert, *first), lambda e: src.get(hf_template.format(e=e)), n_expert,
                           hf_name=hf_template)
 
+    def fused_experts(self, gguf_name: str, hf_name: str, outputs: slice) -> TensorSpec:
+        """One of gate / up / down from a fused (experts, inputs, outputs) checkpoint tensor (gpt-oss,
+        Llama-4), expert by expert: the ``outputs`` columns of each expert, as GGUF rows."""
+        src = self.src
+        n_expert, n_in, n_out = src.shape(hf_name)
+
+        def load(e: int) -> torch.Tensor:
+            return src.get_rows(hf_name, e, e + 1)[0][:, outputs].T.contiguous()
+
+        return TensorSpec(gguf_name, (n_expert, len(range(n_out)[outputs]), n_in), load, n_expert, hf_name=hf_name)
+
     def embeddings_and_output(self) -> Iterator[TensorSpec]:
         yield self.plain("token_embd.weight", "model.embed_tokens.weight")
         yield self.plain("output_norm.weight", "model.norm.weight")
@@ -204,13 +217,14 @@ class Architecture:
         yield self.plain(f"{b}.ffn_up{suffix}.weight", f"{prefix}.up_proj.weight")
         yield self.plain(f"{b}.ffn_down{suffix}.weight", f"{prefix}.down_proj.weight")
 
-    def write_common_metadata(self, w: gguf.GGUFWriter, head_dim: int | None = None) -> None:
-        """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps)."""
+    def write_common_metadata(self, w: gguf.GGUFWriter, head_dim: int | None = None, n_ff: int | None = None) -> None:
+        """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps); ``n_ff``: the
+        dense feed-forward width where it is not ``intermediate_size``."""
         c = self.cfg
         w.add_context_length(int(c.max_position_embeddings))
         w.add_embedding_length(int(c.hidden_size))
         w.add_block_count(int(c.num_hidden_layers))
-        w.add_feed_forward_length(int(getattr(c, "intermediate_size", 0) or 0))
+        w.add_feed_forward_length(int(n_ff if n_ff is not None else getattr(c, "intermediate_size", 0) or 0))
         w.add_head_count(int(c.num_attention_heads))
         w.add_head_count_kv(int(c.num_key_value_heads))
         if head_dim is not None:

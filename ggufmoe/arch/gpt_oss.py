@@ -126,13 +126,7 @@ class GptOss(Architecture):
         """One of gate / up / down, expert by expert: ``rows`` of each expert's output rows."""
         if hf_name + BLOCKS in self.src:
             return self.mxfp4_experts(gguf_name, hf_name, rows)
-        src = self.src
-        n_expert, n_in, n_out = src.shape(hf_name)  # stored transposed: (experts, inputs, outputs)
-
-        def load(e: int) -> torch.Tensor:
-            return src.get_rows(hf_name, e, e + 1)[0][:, rows].T.contiguous()
-
-        return TensorSpec(gguf_name, (n_expert, len(range(n_out)[rows]), n_in), load, n_expert, hf_name=hf_name)
+        return self.fused_experts(gguf_name, hf_name, rows)
 
     def mxfp4_experts(self, gguf_name: str, hf_name: str, rows: slice) -> TensorSpec:
         """As :meth:`experts`, from MXFP4 ``blocks`` / ``scales``: dequantized, or as ggml MXFP4 bytes."""

@@ -22,7 +22,7 @@ class ModelShape:
     n_expert_used: int
     n_ff_exp: int
     n_ff_shexp: int = 0  # shared expert(s), all together
-    n_ff_dense: int = 0  # leading dense blocks (DeepSeek)
+    n_ff_dense: int = 0  # dense (non-MoE) blocks: leading (DeepSeek, GLM) or interleaved (Llama-4)
     n_dense: int = 0
     mla: bool = False
     head_k_mla: int = 0  # MLA: qk_nope + qk_rope (the decompressed K head)
@@ -55,6 +55,9 @@ class ModelShape:
         mla = g("attention.key_length_mla") is not None
         ff = int(g("feed_forward_length", 0))
         n_layer, n_swa = int(g("block_count")), int(g("attention.sliding_window", 0))
+        step = int(g("interleave_moe_layer_step", 1) or 1)  # MoE in every step-th layer (after the leading dense)
+        lead = int(g("leading_dense_block_count", 0))
+        n_dense = lead + sum((il + 1) % step != 0 for il in range(lead, n_layer))
         pattern = g("attention.sliding_window_pattern", swa_pattern)
         if isinstance(pattern, list):
             n_layer_swa = sum(bool(p) for p in pattern)
@@ -68,7 +71,6 @@ class ModelShape:
                    n_ff_exp=int(g("expert_feed_forward_length", ff)),
                    n_ff_shexp=int(g("expert_shared_feed_forward_length", 0)) or
                    int(g("expert_shared_count", 0)) * int(g("expert_feed_forward_length", ff)),
-                   n_ff_dense=ff if g("leading_dense_block_count") else 0,
-                   n_dense=int(g("leading_dense_block_count", 0)),
+                   n_ff_dense=ff if n_dense else 0, n_dense=n_dense,
                    mla=mla, head_k_mla=int(g("attention.key_length_mla", 0)),
                    n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.arch import architecture_for
+from ggufmoe.arch import Architecture, architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.file import ExpertStats, Stats
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
@@ -393,11 +393,18 @@ def _cannot_load(model_dir: Path, e: Exception) -> GgufmoeError:
     return GgufmoeError(f"{model_dir}: transformers cannot load the model or tokenizer ({msg})")
 
 
+def calibratable(arch: Architecture) -> Architecture:
+    """``arch``, or the error saying why its family cannot be calibrated."""
+    if arch.calibration_refused:
+        raise GgufmoeError(f"{arch.src.path}: {arch.src.architecture} cannot be calibrated: {arch.calibration_refused}")
+    return arch
+
+
 def collect_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: int | None = None,
                   progress: bool = True, dataset: str = "calibration") -> Stats:
     """Run the Hugging Face model (float32, CPU) over ``text`` in chunks of ``ctx`` tokens; return its statistics."""
     model_dir = Path(model_dir)
-    specs = list(architecture_for(HFSource(model_dir)).tensors())
+    specs = list(calibratable(architecture_for(HFSource(model_dir))).tensors())
     if not text or not text.strip():
         raise GgufmoeError("calibration text is empty")
     tokenizer, model = load_model(model_dir, progress)

@@ -91,7 +91,7 @@ from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import (HIDDEN, MOE_IN, STATE_VERSION, CalibrationState, Progress,
                                        calibration_fingerprint)
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.stats.collect import Collector, expert_output, load_tokenizer, route_experts
+from ggufmoe.stats.collect import Collector, calibratable, expert_output, load_tokenizer, route_experts
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
@@ -154,7 +154,7 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
     src = HFSource(model_dir)
     if not src.can_calibrate:
         raise GgufmoeError(f"{model_dir}: cannot be calibrated (no weights)")
-    arch = architecture_for(src)
+    arch = calibratable(architecture_for(src))
     specs = list(arch.tensors())
     if not text or not text.strip():
         raise GgufmoeError("calibration text is empty")
