@@ -25,7 +25,7 @@ GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fas
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
 UNCALIBRATED = ("llama4",)
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe", "llama4")  # the keys of configs()
+            "ernie4_5-moe", "llama4", "dots1")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 
 
@@ -56,6 +56,10 @@ def configs() -> dict:
         "ernie4_5-moe": T.Ernie4_5_MoeConfig(**{**COMMON, "tie_word_embeddings": True}, intermediate_size=128,
                                              moe_intermediate_size=32, num_key_value_heads=2, num_experts=8,
                                              num_experts_per_tok=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+        "dots1": T.Dots1Config(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=4,
+                               n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+                               first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                               norm_topk_prob=True, sliding_window=None),
         "llama4": T.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 4}, intermediate_size=32, intermediate_size_mlp=128,
                                      num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=1,
                                      interleave_moe_layer_step=2, architectures=["Llama4ForCausalLM"]),
