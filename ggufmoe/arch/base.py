@@ -34,6 +34,8 @@ class Architecture:
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
     # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
     router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    # whether the module writes key/value length (the config's head_dim; else llama.cpp takes n_embd / n_head)
+    writes_head_dim: ClassVar[bool] = False
     # llama.cpp's default sliding-window period for the family (every n-th layer full; 0: no sliding window),
     # for GGUF files that have a window but no per-layer pattern
     swa_pattern: ClassVar[int] = 0
@@ -72,11 +74,23 @@ class Architecture:
         """Blocks written to GGUF (``block_count``): the layers llama.cpp keeps a KV cache for."""
         return int(self.cfg.num_hidden_layers)
 
+    @property
+    def head_dim(self) -> int:
+        """Per-head size: the config's ``head_dim``, else ``n_embd / n_head``."""
+        c = self.cfg
+        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    @property
+    def rope_dims(self) -> int:
+        """Rotated dimensions per head (transformers: ``int(head_dim * partial_rotary_factor)``)."""
+        factor = rope_params(self.cfg).get("partial_rotary_factor", getattr(self.cfg, "partial_rotary_factor", None))
+        return int(self.head_dim * float(factor if factor is not None else 1.0))
+
     def kv_head_dims(self) -> tuple[int, int]:
         """(K, V) head size as llama.cpp reads it: ``key_length``/``value_length`` when the module
-        writes them (a ``head_dim`` property), else ``n_embd / n_head`` (llama.cpp's default)."""
+        writes them (:attr:`writes_head_dim`), else ``n_embd / n_head`` (llama.cpp's default)."""
         c = self.cfg
-        hd = getattr(self, "head_dim", None) or int(c.hidden_size) // int(c.num_attention_heads)
+        hd = self.head_dim if self.writes_head_dim else int(c.hidden_size) // int(c.num_attention_heads)
         return int(hd), int(hd)
 
     def kv_elements_per_token(self) -> int:
@@ -217,7 +231,7 @@ class Architecture:
         yield self.plain(f"{b}.ffn_up{suffix}.weight", f"{prefix}.up_proj.weight")
         yield self.plain(f"{b}.ffn_down{suffix}.weight", f"{prefix}.down_proj.weight")
 
-    def write_common_metadata(self, w: gguf.GGUFWriter, head_dim: int | None = None, n_ff: int | None = None) -> None:
+    def write_common_metadata(self, w: gguf.GGUFWriter, n_ff: int | None = None) -> None:
         """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps); ``n_ff``: the
         dense feed-forward width where it is not ``intermediate_size``."""
         c = self.cfg
@@ -227,9 +241,9 @@ class Architecture:
         w.add_feed_forward_length(int(n_ff if n_ff is not None else getattr(c, "intermediate_size", 0) or 0))
         w.add_head_count(int(c.num_attention_heads))
         w.add_head_count_kv(int(c.num_key_value_heads))
-        if head_dim is not None:
-            w.add_key_length(int(head_dim))
-            w.add_value_length(int(head_dim))
+        if self.writes_head_dim:
+            w.add_key_length(self.head_dim)
+            w.add_value_length(self.head_dim)
         w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
         w.add_vocab_size(int(c.vocab_size))
         self.write_rope(w)

@@ -21,11 +21,8 @@ from ggufmoe.model.tensor import TensorSpec
 class Dots1(BiasedRoutingMoe):
     hf_architectures = ("Dots1ForCausalLM",)
     gguf_arch = "dots1"
+    writes_head_dim = True
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
@@ -33,7 +30,7 @@ class Dots1(BiasedRoutingMoe):
         self.require(c.num_key_value_heads == c.num_attention_heads,
                      "grouped-query attention (llama.cpp's dots1 sizes K and V by the query heads)")
         self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         self.write_routing(w)
 
     def tensors(self) -> Iterator[TensorSpec]:

@@ -1,5 +1,6 @@
 """ERNIE-4.5 MoE (Ernie4_5_MoeForCausalLM) -> llama.cpp ``ernie4_5-moe``.
 
+The DeepSeek-V3 layout of :mod:`ggufmoe.arch.biased_routing` with its own names and keys.
 Leading dense layers, then MoE layers with a softmax router whose selection bias
 ``moe_statics.e_score_correction_bias`` (stored 1 x experts) becomes ``exp_probs_b``, top-k weights
 renormalised, optional shared experts, interleaved (GPT-J) rope as llama.cpp's NORM rope, optional
@@ -12,21 +13,20 @@ from __future__ import annotations
 from typing import Iterator
 
 import gguf
-from gguf.constants import MODEL_TENSOR
-
 from ggufmoe.arch.base import Architecture
+from ggufmoe.arch.biased_routing import BiasedRoutingMoe
 from ggufmoe.arch.registry import register
-from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 
 BIAS = "moe_statics.e_score_correction_bias"
 
 
 @register
-class Ernie45Moe(Architecture):
+class Ernie45Moe(BiasedRoutingMoe):
     hf_architectures = ("Ernie4_5_MoeForCausalLM",)
     gguf_arch = "ernie4_5-moe"
-    per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}
+    writes_head_dim = True
+    experts_key = Architecture.experts_key
     router_tensors = Architecture.router_tensors + (BIAS,)
 
     @property
@@ -36,13 +36,6 @@ class Ernie45Moe(Architecture):
     @property
     def n_shared(self) -> int:
         return int(getattr(self.cfg, "moe_num_shared_experts", 0) or 0)
-
-    @property
-    def head_dim(self) -> int | None:
-        """Written as key/value length only where it is not llama.cpp's default n_embd / n_head."""
-        c = self.cfg
-        hd = getattr(c, "head_dim", None)
-        return int(hd) if hd and int(hd) != c.hidden_size // c.num_attention_heads else None
 
     def check(self) -> None:
         c = self.cfg
@@ -54,16 +47,9 @@ class Ernie45Moe(Architecture):
         self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")
         self.require(not (c.use_bias and self.n_shared), "biases in the feed-forward layers")
 
-    def model_shape(self) -> ModelShape:
-        s = super().model_shape()
-        s.n_ff_shexp = self.n_shared * self.n_ff_exp
-        s.n_dense = self.n_dense
-        s.n_ff_dense = int(self.cfg.intermediate_size) if self.n_dense else 0
-        return s
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_leading_dense_block_count(self.n_dense)
         w.add_interleave_moe_layer_step(1)
         w.add_expert_feed_forward_length(self.n_ff_exp)
@@ -71,19 +57,21 @@ class Ernie45Moe(Architecture):
             w.add_expert_shared_feed_forward_length(self.n_shared * self.n_ff_exp)
         self.write_expert_counts(w)
 
+    def feed_forward(self, il: int) -> Iterator[TensorSpec]:
+        mlp = f"model.layers.{il}.mlp"
+        if il < self.n_dense:
+            yield from self.dense_ffn(il, mlp)
+            return
+        yield from self.routed_experts(il, mlp)
+        yield self.plain(f"blk.{il}.exp_probs_b.bias", f"{mlp}.{BIAS}", lambda t: t.reshape(-1), shape=(self.n_expert,))
+        if self.n_shared:
+            yield from self.dense_ffn(il, f"{mlp}.shared_experts", "_shexp")
+
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
         yield from self.embeddings_and_output()
         for il in range(c.num_hidden_layers):
-            mlp, b = f"model.layers.{il}.mlp", f"blk.{il}"
             yield from self.gqa_attention(il, bias=bool(c.use_bias))
             if c.use_bias:
-                yield self.plain(f"{b}.attn_output.bias", f"model.layers.{il}.self_attn.o_proj.bias")
-            if il < self.n_dense:
-                yield from self.dense_ffn(il, mlp)
-                continue
-            yield from self.routed_experts(il, mlp)
-            yield self.plain(f"{b}.exp_probs_b.bias", f"{mlp}.{BIAS}", lambda t: t.reshape(-1),
-                             shape=(self.n_expert,))
-            if self.n_shared:
-                yield from self.dense_ffn(il, f"{mlp}.shared_experts", "_shexp")
+                yield self.plain(f"blk.{il}.attn_output.bias", f"model.layers.{il}.self_attn.o_proj.bias")
+            yield from self.feed_forward(il)

@@ -13,7 +13,6 @@ from typing import Iterator
 
 import gguf
 
-from ggufmoe.arch.base import rope_params
 from ggufmoe.arch.biased_routing import BiasedRoutingMoe
 from ggufmoe.arch.registry import register
 from ggufmoe.model.tensor import TensorSpec
@@ -23,23 +22,15 @@ from ggufmoe.model.tensor import TensorSpec
 class Glm4Moe(BiasedRoutingMoe):
     hf_architectures = ("Glm4MoeForCausalLM",)
     gguf_arch = "glm4moe"
+    writes_head_dim = True
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
-    @property
-    def rope_dims(self) -> int:
-        """Rotated dimensions per head (transformers: ``int(head_dim * partial_rotary_factor)``)."""
-        factor = rope_params(self.cfg).get("partial_rotary_factor", getattr(self.cfg, "partial_rotary_factor", 1.0))
-        return int(self.head_dim * float(factor if factor is not None else 1.0))
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(self.rope_dims % 2 == 0 and self.rope_dims > 0, f"{self.rope_dims} rotary dimensions")
         self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_rope_dimension_count(self.rope_dims)
         self.write_routing(w)
 

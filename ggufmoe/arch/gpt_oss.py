@@ -37,6 +37,7 @@ BLOCKS, SCALES = "_blocks", "_scales"
 class GptOss(Architecture):
     hf_architectures = ("GptOssForCausalLM",)
     gguf_arch = "gpt-oss"
+    writes_head_dim = True
     experts_key = "num_local_experts"
     rope_kinds = ("default", "yarn")
     swa_pattern = 2  # llama.cpp's gpt-oss default: sliding, full, sliding, ...
@@ -44,14 +45,7 @@ class GptOss(Architecture):
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP,
                                                       MODEL_TENSOR.FFN_DOWN_EXP}
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
-    @property
-    def n_ff_exp(self) -> int:
-        return int(self.cfg.intermediate_size)
 
     @property
     def sliding(self) -> list[bool]:
@@ -89,7 +83,7 @@ class GptOss(Architecture):
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()
         c = self.cfg
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_rope_dimension_count(self.head_dim)
         w.add_sliding_window(int(c.sliding_window or 0))
         w.add_sliding_window_pattern(self.sliding)

@@ -35,16 +35,13 @@ CHUNKED = "chunked_attention"
 class Llama4(Architecture):
     hf_architectures = ("Llama4ForCausalLM",)
     gguf_arch = "llama4"
+    writes_head_dim = True
     experts_key = "num_local_experts"
     rope_kinds = ("default", "llama3")
     swa_pattern = 4
     calibration_refused = ("its experts module computes every token through every expert (no routed-experts "
                            "kernel to observe)")
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
     @property
     def step(self) -> int:
@@ -86,14 +83,11 @@ class Llama4(Architecture):
         s.n_swa = CHUNK if s.n_layer_swa else 0
         return s
 
-    @property
-    def n_ff_exp(self) -> int:
-        return int(self.cfg.intermediate_size)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()
         c = self.cfg
-        self.write_common_metadata(w, head_dim=self.head_dim, n_ff=int(c.intermediate_size_mlp))
+        self.write_common_metadata(w, n_ff=int(c.intermediate_size_mlp))
         w.add_rope_dimension_count(self.head_dim)
         w.add_interleave_moe_layer_step(self.step)
         w.add_expert_feed_forward_length(self.n_ff_exp)

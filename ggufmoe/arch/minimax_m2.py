@@ -14,7 +14,7 @@ from typing import Iterator
 import gguf
 from gguf.constants import MODEL_TENSOR
 
-from ggufmoe.arch.base import Architecture, rope_params
+from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.registry import register
 from ggufmoe.model.tensor import TensorSpec
 
@@ -25,29 +25,19 @@ BIAS = "e_score_correction_bias"
 class MiniMaxM2(Architecture):
     hf_architectures = ("MiniMaxM2ForCausalLM",)
     gguf_arch = "minimax-m2"
+    writes_head_dim = True
     experts_key = "num_local_experts"
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}
     router_tensors = Architecture.router_tensors + (BIAS,)
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
-    @property
-    def n_ff_exp(self) -> int:
-        return int(self.cfg.intermediate_size)
 
-    @property
-    def rope_dims(self) -> int:
-        """Rotated dimensions per head (transformers: ``int(head_dim * partial_rotary_factor)``)."""
-        return int(self.head_dim * float(rope_params(self.cfg).get("partial_rotary_factor", 1.0) or 1.0))
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")
         self.require(self.rope_dims % 2 == 0 and self.rope_dims > 0, f"{self.rope_dims} rotary dimensions")
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_rope_dimension_count(self.rope_dims)
         w.add_expert_feed_forward_length(self.n_ff_exp)
         self.write_expert_counts(w)

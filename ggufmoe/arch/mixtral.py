@@ -15,17 +15,14 @@ from ggufmoe.model.tensor import TensorSpec
 class Mixtral(Architecture):
     hf_architectures = ("MixtralForCausalLM",)
     gguf_arch = "llama"
+    writes_head_dim = True
     experts_key = "num_local_experts"
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(getattr(c, "sliding_window", None) is None, "sliding-window attention")
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_rope_dimension_count(self.head_dim)
         self.write_expert_counts(w)
 

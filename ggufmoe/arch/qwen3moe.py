@@ -15,11 +15,8 @@ from ggufmoe.model.tensor import TensorSpec
 class Qwen3Moe(Architecture):
     hf_architectures = ("Qwen3MoeForCausalLM",)
     gguf_arch = "qwen3moe"
+    writes_head_dim = True
 
-    @property
-    def head_dim(self) -> int:
-        c = self.cfg
-        return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
     def check(self) -> None:
         c = self.cfg
@@ -31,7 +28,7 @@ class Qwen3Moe(Architecture):
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()
         c = self.cfg
-        self.write_common_metadata(w, head_dim=self.head_dim)
+        self.write_common_metadata(w)
         w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
         self.write_expert_counts(w)
 
