@@ -40,6 +40,9 @@ def cli() -> None:
               help="Weight of frequency in the routing criterion.")
 @click.option("--top-k", type=click.IntRange(min=1), help="Experts used per token [default: the model's].")
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
+@click.option("--merge", is_flag=True,
+              help="Fold each pruned expert into the most similar kept one (weighted by the criterion's score) "
+                   "instead of dropping it; needs --stats from the streamed `ggufmoe calibrate`.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Execute a plan from `ggufmoe plan`.")
 @click.option("--budget", metavar="SIZE",
               help="Plan for this memory budget and convert (calibrates with --calib unless --stats is given).")
@@ -63,7 +66,7 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
-            top_k_scale: float | None, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
+            top_k_scale: float | None, merge: bool, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, sensitivity: str, threads: int | None, split_max_size: str | None,
             ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
@@ -87,7 +90,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     from ggufmoe.units import format_size, parse_size
 
     prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha, top_k=top_k,
-                         top_k_scale=top_k_scale)
+                         top_k_scale=top_k_scale, merge=merge)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)

@@ -36,8 +36,19 @@ def _gather(module: nn.Module, names: tuple[str, ...], kept: list[int]) -> None:
     module.num_experts = len(kept)
 
 
+def _fold(module: nn.Module, names: tuple[str, ...], folds: list[list[tuple[int, float]]]) -> None:
+    """Each kept expert becomes the weighted average of its fold's source experts (expert axis first)."""
+    for name in names:
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            merged = torch.stack([sum(w * t.data[j] for j, w in fold) for fold in folds])
+            setattr(module, name, nn.Parameter(merged, requires_grad=False))
+    module.num_experts = len(folds)
+
+
 def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
-    """Keep ``plan.kept[layer]`` experts in every MoE layer and route to ``plan.top_k``; in place."""
+    """Keep ``plan.kept[layer]`` experts in every MoE layer (averaged as ``plan.folds`` says when merging) and
+    route to ``plan.top_k``; in place."""
     touched = set()
     for name, mod in model.named_modules():
         m = re.search(r"layers\.(\d+)\.", name)
@@ -45,7 +56,9 @@ def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
             continue
         il = int(m.group(1))
         kept = plan.kept.get(il)
-        if hasattr(mod, "gate_up_proj") and kept is not None:
+        if hasattr(mod, "gate_up_proj") and kept is not None and plan.folds.get(il):
+            _fold(mod, EXPERT_TENSORS, plan.folds[il])
+        elif hasattr(mod, "gate_up_proj") and kept is not None:
             _gather(mod, EXPERT_TENSORS, kept)
         elif hasattr(mod, "top_k") and isinstance(getattr(mod, "weight", None), torch.Tensor):
             if kept is not None:

@@ -25,6 +25,10 @@ class ConvertJob:
         """The plan made or executed (None for a conversion as given) and the files written."""
         if self.plan_file and self.budget:
             raise GgufmoeError("give --plan or --budget, not both")
+        req = self.opts.prune
+        if (self.plan_file or self.budget) and req is not None and (req.merge or req.keep or req.keep_ratio):
+            raise GgufmoeError("--keep, --keep-ratio and --merge choose a pruning; with --plan or --budget the plan "
+                               "chooses it")
         if self.plan_file:
             plan = Plan.load(self.plan_file)
             return plan, convert(src, options_from_plan(plan, self.opts))

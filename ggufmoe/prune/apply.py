@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from ggufmoe.arch import Architecture
+from ggufmoe.model.names import EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.prune.criteria import Pruning
+from ggufmoe.prune.merge import Folds
 
 
 def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[TensorSpec]]:
@@ -26,17 +28,41 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
     out = []
     for s in specs:
         kept = plan.kept.get(s.layer) if s.layer is not None else None
+        folds = plan.folds.get(s.layer) if s.layer is not None else None
         if kept is None:
             out.append(s)
+        elif s.is_expert and folds:
+            out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_folded_parts(s.load, folds),
+                               raw=None, source_type=None, expert_ids=tuple(kept)))
         elif s.is_expert:
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_parts(s.load, kept),
                                raw=_parts(s.raw, kept) if s.raw else None, expert_ids=tuple(kept)))
+        elif s.parsed.tensor in arch.per_expert_rows and folds and s.parsed.tensor in EXPERT_TENSORS:
+            # an expert's own bias (gpt-oss) is folded with its matrices; router rows are kept as they are
+            out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_folded_rows(s.load, folds), raw=None,
+                               source_type=None))
         elif s.parsed.tensor in arch.per_expert_rows:
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_rows(s.load, kept),
                                raw=_raw_rows(s.raw, kept, s.shape[0]) if s.raw else None))
         else:
             out.append(s)
     return pruned, out
+
+
+def _folded_parts(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable[[int], torch.Tensor]:
+    """Part ``i``: the weighted average of its fold's source experts."""
+    def part(i: int) -> torch.Tensor:
+        return sum(w * load(j) for j, w in folds[i])
+
+    return part
+
+
+def _folded_rows(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable[[int], torch.Tensor]:
+    def rows(i: int) -> torch.Tensor:
+        t = load(i)
+        return torch.stack([sum(w * t[j] for j, w in fold) for fold in folds])
+
+    return rows
 
 
 def _parts(load: Callable[[int], Any], kept: list[int]) -> Callable[[int], Any]:
@@ -64,6 +90,8 @@ def write_provenance(w: gguf.GGUFWriter, source: str, plan: Pruning) -> None:
     if not plan.prunes:
         return
     w.add_string("ggufmoe.prune.criterion", plan.criterion)
+    if plan.folds:
+        w.add_bool("ggufmoe.prune.merged", True)
     w.add_float32("ggufmoe.prune.alpha", plan.alpha)
     for il, kept in sorted(plan.kept.items()):
         w.add_array(f"ggufmoe.prune.kept.{il}", kept)

@@ -34,6 +34,7 @@ class PruneRequest:
     alpha: float = 0.5
     top_k: int | None = None
     top_k_scale: float | None = None
+    merge: bool = False  # fold the removed experts into the kept ones (ggufmoe.prune.merge)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Pruning:
     criterion: str
     alpha: float
     kept: dict[int, list[int]] = field(default_factory=dict)
+    # merging (ggufmoe.prune.merge): per layer, per kept expert, the (source expert, weight) pairs it averages
+    folds: dict[int, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
     @property
     def prunes(self) -> bool:

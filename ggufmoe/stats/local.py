@@ -69,12 +69,15 @@ class LocalErrors:
     quant: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type name -> relative error
     energy: dict[str, float] = field(default_factory=dict)  # tensor -> what its errors are relative to
     prune: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # layer -> criterion -> keep -> rel.
+    # layer -> experts x experts: how alike two experts are on the sampled tokens (stats/prune_error.py)
+    similarity: dict[str, list[list[float]]] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
     def update(self, other: "LocalErrors") -> None:
         self.quant.update(other.quant)
         self.energy.update(other.energy)
         self.prune.update(other.prune)
+        self.similarity.update(other.similarity)
 
     def to_json(self) -> str:
         return json.dumps(dict(version=VERSION, **asdict(self)))

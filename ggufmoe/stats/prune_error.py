@@ -83,6 +83,13 @@ def _set(m: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(m, name, value)
 
 
+def _cosines(rows: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of ``rows`` (0 where a row is all zeros)."""
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    unit = torch.where(norms > 0, rows / norms.clamp(min=1e-300), torch.zeros_like(rows))
+    return unit @ unit.T
+
+
 class PruneProbe:
     """Gathers the sampled tokens' expert outputs of one MoE layer, then measures each candidate pruning."""
 
@@ -104,6 +111,20 @@ class PruneProbe:
         from ``outputs`` (n_expert, m, dim)."""
         rows = torch.arange(len(idx))[:, None]
         return (outputs[idx, rows] * weights[..., None].float()).sum(1)
+
+    def similarity(self, block: nn.Module, n_expert: int) -> list[list[float]] | None:
+        """Experts x experts: the mean of two cosines over the sampled tokens, of the experts' outputs and of
+        their router logits (what expert merging folds by; 0 for an expert that got no token)."""
+        router = router_of(block, n_expert)
+        if router is None:
+            return None
+        with torch.no_grad():
+            logits = self.x.to(router.weight.device, router.weight.dtype) @ router.weight.T
+        by_logit = _cosines(logits.T.to("cpu", torch.float64))
+        outputs = torch.zeros(n_expert, len(self.x) * next(iter(self.out.values())).shape[1], dtype=torch.float64)
+        for e, y in self.out.items():
+            outputs[e] = y.reshape(-1).double()
+        return ((_cosines(outputs) + by_logit) / 2).tolist()
 
     def errors(self, block: nn.Module, experts: nn.Module, n_expert: int, kept: dict[str, dict[int, list[int]]],
                residual: float, router_tensors: tuple[str, ...]) -> dict[str, dict[str, float]]:

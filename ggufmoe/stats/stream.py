@@ -403,6 +403,9 @@ class StreamedRun:
                 block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
                 local.prune[str(k)] = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]),
                                                    residual, self.arch.router_tensors)
+                similarity = probe.similarity(block, self.arch.n_expert) if probe.out else None
+                if similarity is not None:
+                    local.similarity[str(k)] = similarity
             return entries, layers, local
         finally:
             layer.to("meta")
