@@ -12,6 +12,26 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
 
 
+class TopK(click.ParamType):
+    """Experts per token: a positive number, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            self.fail(f"{value!r} is neither a positive number nor 'auto'", param, ctx)
+        return n
+
+
+TOP_K = TopK()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ggufmoe")
 def cli() -> None:
@@ -38,8 +58,11 @@ def cli() -> None:
                    "or REAP saliency.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of frequency in the routing criterion.")
-@click.option("--top-k", type=click.IntRange(min=1), help="Experts used per token [default: the model's].")
+@click.option("--top-k", type=TOP_K, help="Experts used per token [default: the model's]; with --budget, 'auto' lets "
+                                          "the plan use one fewer or one more, priced by the local errors.")
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
+@click.option("--max-active", metavar="SIZE",
+              help="With --budget: at most SIZE of weights read per token (a speed target for decoding).")
 @click.option("--merge", is_flag=True,
               help="Fold each pruned expert into the most similar kept one (weighted by the criterion's score) "
                    "instead of dropping it; needs --stats from the streamed `ggufmoe calibrate`.")
@@ -65,8 +88,8 @@ def cli() -> None:
                    "where it stopped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
-            keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | None,
-            top_k_scale: float | None, merge: bool, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
+            keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
+            top_k_scale: float | None, max_active: str | None, merge: bool, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, sensitivity: str, threads: int | None, split_max_size: str | None,
             ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
@@ -89,13 +112,16 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     from ggufmoe.quant.rules import TypeRules
     from ggufmoe.units import format_size, parse_size
 
-    prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha, top_k=top_k,
-                         top_k_scale=top_k_scale, merge=merge)
+    if (top_k == "auto" or max_active) and not budget:
+        raise GgufmoeError("--top-k auto and --max-active shape a --budget plan; give --budget")
+    prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha,
+                         top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)
-    job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only) if budget else None, calib,
-                     criterion, sensitivity)
+    job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
+                                             parse_size(max_active) if max_active else None) if budget else None,
+                     calib, criterion, sensitivity)
     plan, paths = job.run(src)
     if budget:
         click.echo(format_plan(plan))
@@ -202,10 +228,14 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
               help="How tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
                    "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
                    "up to 2 GiB of F16 weights, local errors above.")
+@click.option("--top-k", "top_k", type=click.Choice(["auto"]),
+              help="'auto': the plan may use one fewer or one more expert per token, priced by the local errors.")
+@click.option("--max-active", metavar="SIZE", help="At most SIZE of weights read per token (a speed target).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
-         rules: tuple[str, ...], criterion: str, sensitivity: str, out: Path | None, quiet: bool) -> None:
+         rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None, max_active: str | None,
+         out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
@@ -218,7 +248,8 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
     from ggufmoe.quant.rules import TypeRules
     from ggufmoe.units import parse_size
 
-    result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only), stats,
+    result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
+                                    parse_size(max_active) if max_active else None), stats,
                         read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
                         progress=not quiet, sensitivity=sensitivity)
     click.echo(format_plan(result))

@@ -21,7 +21,8 @@ from ggufmoe.model.qtypes import effective_type
 from ggufmoe.pipeline.budget import build_plan
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.plan.budget import Budget
-from ggufmoe.prune.criteria import PruneRequest, choose_experts, keep_counts
+from ggufmoe.prune.criteria import (PruneRequest, choose_experts, keep_counts, prune_key, reachable_experts,
+                                    top_k_variants)
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.collect import load_model
@@ -97,22 +98,27 @@ def test_pruning_errors_equal_transformers(tmp_path):
     moe = sorted(stats.layers)
     assert moe and set(local.prune) == {str(k) for k in moe}
     counts = [k for k in keep_counts(arch) if k < arch.n_expert]
+    top_k = arch.top_k
+    names = {prune_key(c, t, top_k) for c in [*counts, arch.n_expert] for t in [top_k, *top_k_variants(arch)]
+             if (c, t) != (arch.n_expert, top_k) and t <= reachable_experts(arch, c)}
+    assert f"{counts[-1]}@{top_k + 1}" in names and f"{arch.n_expert}@{top_k - 1}" in names
     for k in moe:
         assert set(local.prune[str(k)]) == {"frequency", "routing", "reap"}
-        assert all(set(v) == {str(c) for c in counts} for v in local.prune[str(k)].values())
+        assert all(set(v) == names for v in local.prune[str(k)].values())
     layer = moe[0]
     inputs, model = run_whole(model_dir, {"h": f"model.layers.{layer}", "x": f"model.layers.{layer}.mlp"})
     residual = float((inputs["h"].double() ** 2).sum(1).mean())
-    for criterion in ("reap", "routing"):
-        keep = counts[-1]
-        plan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=criterion))
+    # pruned, pruned routing one more expert per token, and unpruned routing one fewer
+    for criterion, keep, k in (("reap", counts[-1], top_k), ("routing", counts[-1], top_k),
+                               ("reap", counts[-1], top_k + 1), ("routing", arch.n_expert, top_k - 1)):
+        plan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=criterion, top_k=k))
         pruned = prune_hf_model(copy.deepcopy(model), plan)
         with torch.no_grad():
             x = inputs["x"][None]
             diff = model.model.layers[layer].mlp(x) - pruned.model.layers[layer].mlp(x)
         want = float((diff[0].double() ** 2).sum(1).mean()) / residual
         assert want > 0
-        assert local.prune[str(layer)][criterion][str(keep)] == pytest.approx(want, rel=1e-3)
+        assert local.prune[str(layer)][criterion][prune_key(keep, k, top_k)] == pytest.approx(want, rel=1e-3)
 
 
 def test_plan_from_local_errors_only(qwen3, tmp_path):
@@ -123,3 +129,32 @@ def test_plan_from_local_errors_only(qwen3, tmp_path):
     assert any("local errors" in n and "no probes" in n for n in plan.notes)
     assert plan.file_bytes <= size and plan.predicted_kld["total"] > 0
     assert np.isfinite(plan.predicted_kld["total"])
+
+
+def test_top_k_auto_and_speed_target(qwen3, tmp_path):
+    """--top-k auto weighs one fewer and one more expert per token; --max-active caps the bytes a token reads."""
+    from gguf import GGUFReader
+
+    from ggufmoe.errors import GgufmoeError
+    from ggufmoe.pipeline.budget import options_from_plan
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
+
+    stats_path = tmp_path / "stats.gguf"
+    save_stats(calibrate(qwen3, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False), stats_path)
+    arch = architecture_for(HFSource(qwen3))
+    size = sum(s.n_elements for s in arch.tensors())
+    free = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True), stats_path, None, sensitivity="local",
+                      progress=False)
+    assert {c["top_k"] for c in free.candidates} == {arch.top_k - 1, arch.top_k, arch.top_k + 1}
+    assert all(np.isfinite(c["predicted_kld"]) for c in free.candidates)
+    fast = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True, max_active=free.active_bytes - 1),
+                      stats_path, None, sensitivity="local", progress=False)
+    assert fast.active_bytes < free.active_bytes and fast.predicted_kld["total"] >= free.predicted_kld["total"]
+    out = convert(qwen3, options_from_plan(fast, ConvertOptions(out=tmp_path / "fast.gguf", types=TypeRules.parse("Q8_0"),
+                                                                progress=False)))[0]
+    assert out.stat().st_size == fast.file_bytes
+    assert GGUFReader(out).fields["qwen3moe.expert_used_count"].contents() == fast.top_k
+    with pytest.raises(GgufmoeError, match="per token"):
+        build_plan(qwen3, Budget(size, weights_only=True, max_active=1), stats_path, None, sensitivity="local",
+                   progress=False)

@@ -112,6 +112,8 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
     from pathlib import Path
 
     arch, d = calibrated
+    if arch not in ("qwen3moe", "deepseek3"):
+        pytest.skip("the command line is the same for every family (one with groups, one without)")
     exe = str(Path(sys.executable).with_name("ggufmoe"))
     out = tmp_path / "p.gguf"
     ok = subprocess.run([exe, "convert", d / "hf", "-o", out, "--type", "F16", "--stats", d / "stats.gguf",

@@ -3,6 +3,8 @@ pruning costs, then the best plan (:mod:`ggufmoe.plan.allocate`) and its convers
 
 from __future__ import annotations
 
+import math
+
 import tempfile
 from dataclasses import replace
 from functools import partial
@@ -85,6 +87,9 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
     stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
     local = local_errors(stats) if stats is not None else None
+    if budget.top_k_auto and local is None:
+        raise GgufmoeError("--top-k auto prices each top-k from the local errors of the streamed `ggufmoe "
+                           "calibrate`: pass --stats from it")
     notes = []
     if stats is not None and src.can_calibrate:
         n_layers = int(arch.cfg.num_hidden_layers)
@@ -153,7 +158,11 @@ def _local_prune_kl(local, n_layers: int, scale: float, stats):
     """Predicted KL of a pruning from the local pruning errors (the routing-mass model where none was measured)."""
     def kl(plan) -> float:
         unit = prune_unit(local, plan, n_layers)
-        return prune_cost_local(unit, scale) if unit is not None else prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
+        if unit is not None:
+            return prune_cost_local(unit, scale)
+        if plan.top_k != plan.top_k_source:
+            return math.inf  # another top-k that was not measured: never chosen
+        return prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
 
     return kl
 

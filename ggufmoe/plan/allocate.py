@@ -37,7 +37,8 @@ from ggufmoe.plan.layout import overhead_bytes, padded, planned_output
 from ggufmoe.plan.memory import is_repacked, local_repack_types, runtime_memory, weight_memory
 from ggufmoe.plan.report import source_notes
 from ggufmoe.prune.apply import prune_model
-from ggufmoe.prune.criteria import Pruning, PruneRequest, choose, choose_experts, keep_counts, resolve
+from ggufmoe.prune.criteria import (Pruning, PruneRequest, choose, choose_experts, keep_counts, reachable_experts,
+                                    resolve, top_k_variants)
 from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.quant.rules import EMBEDDING, TypedTensor, TypeRules, always_f32
 from ggufmoe.sensitivity.cost import Sensitivity
@@ -171,19 +172,22 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
     """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
     predicted KL of a pruning (e.g. :func:`prune_cost` with a measured scale)."""
     best: Plan | None = None
-    smallest = None
+    smallest = slowest = None
     candidates = []
     crit = criterion if stats is None or stats.has_routing else "frequency"
     config_only = not src.has_weights
     local = local_repack_types()  # the memory llama.cpp here takes; the allocation prices it unless weights only
     repack = {} if budget.weights_only else local
-    for keep in keep_candidates(arch, stats, config_only):
+    top_ks = [arch.top_k, *top_k_variants(arch)] if budget.top_k_auto else [arch.top_k]
+    shapes = [(keep, k) for keep in keep_candidates(arch, stats, config_only) for k in top_ks
+              if k <= reachable_experts(arch, keep)]
+    for keep, k in shapes:
         if config_only and keep < arch.n_expert:
             # which experts is decided at conversion, from calibration; placeholders keep the shapes right
-            _, top_k = resolve(arch, PruneRequest(keep=keep))
+            _, top_k = resolve(arch, PruneRequest(keep=keep, top_k=k))
             pplan = _placeholder_kept(arch, Pruning(arch.n_expert, arch.top_k, keep, top_k, crit, 0.5))
         else:
-            pplan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit))
+            pplan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit, top_k=k))
         pruned, specs = prune_model(arch, pplan)
         groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
@@ -211,6 +215,10 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             choice = None
         if choice is None:
             continue
+        active = active_bytes(specs, types, pplan.top_k)
+        if budget.max_active is not None and active > budget.max_active:
+            slowest = active if slowest is None else min(slowest, active)
+            continue
         quant = sum(o.cost for o in choice.values())
         pcost = prune_kl(pplan)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
@@ -220,16 +228,35 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                     tensor_bytes={s.name: TypedTensor(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
                     memory=dict(weights=mem.weights, kv_cache=mem.kv_cache, compute=mem.compute,
                                 reserve=mem.reserve, total=mem.total),
-                    predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path)
-        candidates.append(dict(keep=keep, file_bytes=size, predicted_kld=plan.predicted_kld["total"]))
+                    predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path,
+                    active_bytes=active)
+        candidates.append(dict(keep=keep, top_k=pplan.top_k, file_bytes=size, active_bytes=active,
+                               predicted_kld=plan.predicted_kld["total"]))
         if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
             best, best_specs = plan, specs
+    if best is None and slowest is not None:
+        raise GgufmoeError(f"no plan within the budget reads at most {format_size(budget.max_active)} per token: "
+                           f"the fewest it can is {format_size(slowest)}")
     if best is None:
         raise GgufmoeError(f"budget {format_size(budget.total)} is too small: the smallest feasible plan needs "
                            f"{format_size(smallest)} ({smallest} bytes)")
     best.candidates = candidates
     best.notes = source_notes(best_specs, {n: T[t] for n, t in best.types.items()})
     return best
+
+
+def active_bytes(specs: list[TensorSpec], types: dict[str, T], top_k: int) -> int:
+    """Weight bytes one token reads: every tensor, ``top_k`` parts of each routed-experts tensor and one row of
+    the token embedding (a lookup)."""
+    total = 0
+    for s in specs:
+        n = TypedTensor(s, types[s.name]).nbytes
+        if s.is_expert:
+            n = n * top_k // s.n_parts
+        elif s.name == EMBEDDING:
+            n //= s.shape[0]
+        total += n
+    return total
 
 
 def _placeholder_kept(arch: Architecture, pplan: Pruning) -> Pruning:

@@ -20,10 +20,16 @@ from ggufmoe.quant.rules import TypeRules
 
 @dataclass
 class Budget:
+    """What a plan must fit (``total`` bytes of memory, or of file with ``weights_only``), and how it may get
+    there: ``top_k_auto`` lets it change the experts used per token; ``max_active`` caps the weight bytes one
+    token reads (a speed target: decoding is bound by them)."""
+
     total: int
     ctx: int = 8192
     kv_type: str = "f16"
     weights_only: bool = False
+    top_k_auto: bool = False
+    max_active: int | None = None
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Plan:
     memory: dict[str, int]
     predicted_kld: dict[str, float]
     stats: str | None = None
+    active_bytes: int = 0  # weight bytes one token reads (the routed experts it uses, one embedding row)
     candidates: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

@@ -50,10 +50,12 @@ def format_plan(plan: Plan) -> str:
               f"{format_size(m['reserve'])} = {format_size(m['total'])}",
               f"budget       {format_size(plan.budget)}" + (" (weights only)" if plan.weights_only else ""),
               f"predicted    KL {plan.predicted_kld['total']:.4f} (pruning {plan.predicted_kld['prune']:.4f}, "
-              f"quantization {plan.predicted_kld['quant']:.4f})"]
+              f"quantization {plan.predicted_kld['quant']:.4f})",
+              f"per token    {format_size(plan.active_bytes)} of weights read"]
     if len(plan.candidates) > 1:
-        lines.append("candidates   " + ", ".join(f"keep {c['keep']}: KL {c['predicted_kld']:.4f}"
-                                                 for c in plan.candidates))
+        lines.append("candidates   " + ", ".join(
+            f"keep {c['keep']}" + (f" top-k {c['top_k']}" if c.get("top_k", plan.top_k_source) != plan.top_k_source
+                                   else "") + f": KL {c['predicted_kld']:.4f}" for c in plan.candidates))
     lines += [f"note         {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -102,18 +102,33 @@ def resolve(arch: Architecture, req: PruneRequest) -> tuple[int, int]:
         raise GgufmoeError("give --top-k or --top-k-scale, not both")
     top_k = req.top_k if req.top_k is not None else (math.ceil(req.top_k_scale * k - 1e-9) if req.top_k_scale else k)
     groups = arch.expert_groups
-    if groups:
-        n_group, used = groups
-        if keep % n_group:
-            lo, hi = keep // n_group * n_group, (keep // n_group + 1) * n_group
-            raise GgufmoeError(f"--keep {keep}: the model routes through {n_group} expert groups, so the kept "
-                               f"count must be a multiple of {n_group} (e.g. {lo or hi} or {hi})")
-        reachable = used * keep // n_group
-    else:
-        reachable = keep
+    if groups and keep % groups[0]:
+        n_group = groups[0]
+        lo, hi = keep // n_group * n_group, (keep // n_group + 1) * n_group
+        raise GgufmoeError(f"--keep {keep}: the model routes through {n_group} expert groups, so the kept "
+                           f"count must be a multiple of {n_group} (e.g. {lo or hi} or {hi})")
+    reachable = reachable_experts(arch, keep)
     if not 1 <= top_k <= reachable:
         raise GgufmoeError(f"top-k {top_k} is impossible with {keep} experts kept (at most {reachable} reachable)")
     return keep, top_k
+
+
+def reachable_experts(arch: Architecture, keep: int) -> int:
+    """Experts a token can reach with ``keep`` kept per layer: those of the groups it may use."""
+    if arch.expert_groups:
+        n_group, used = arch.expert_groups
+        return used * keep // n_group
+    return keep
+
+
+def top_k_variants(arch: Architecture) -> list[int]:
+    """Experts per token the planner may use besides the model's own (``--top-k auto``): one fewer, one more."""
+    return [t for t in (arch.top_k - 1, arch.top_k + 1) if t >= 1]
+
+
+def prune_key(keep: int, top_k: int, top_k_source: int) -> str:
+    """How the local pruning errors name a candidate: the keep count, and ``@top_k`` when top-k changes."""
+    return str(keep) if top_k == top_k_source else f"{keep}@{top_k}"
 
 
 def choose_experts(arch: Architecture, stats: Stats | None, req: PruneRequest) -> Pruning:
@@ -145,16 +160,20 @@ def keep_counts(arch: Architecture) -> list[int]:
     steps = list(range(n, max(groups, math.ceil(MIN_KEEP_RATIO * n / groups) * groups) - 1, -groups))
     if len(steps) > MAX_KEEP_CANDIDATES:
         steps = [steps[i] for i in np.linspace(0, len(steps) - 1, MAX_KEEP_CANDIDATES).round().astype(int)]
-    return [k for k in steps if arch.top_k <= k * (arch.expert_groups[1] if arch.expert_groups else groups) // groups]
+    return [k for k in steps if arch.top_k <= reachable_experts(arch, k)]
 
 
-def kept_sets(arch: Architecture, alpha: float = 0.5) -> Callable[[ExpertStats], dict[str, dict[int, list[int]]]]:
-    """For one layer's statistics: the experts each criterion keeps at each keep count below all (what the
-    streamed calibration measures pruning errors for, :mod:`ggufmoe.stats.prune_error`)."""
-    counts = [k for k in keep_counts(arch) if k < arch.n_expert]
+def kept_sets(arch: Architecture, alpha: float = 0.5) -> Callable[[ExpertStats], dict[str, dict[str, tuple]]]:
+    """For one layer's statistics: per criterion, per :func:`prune_key`, (experts kept, experts per token) of
+    every candidate the planner weighs (each keep count, at the model's top-k and its :func:`top_k_variants`):
+    what the streamed calibration measures pruning errors for (:mod:`ggufmoe.stats.prune_error`)."""
+    n, k = arch.n_expert, arch.top_k
     groups = arch.expert_groups[0] if arch.expert_groups else 1
+    candidates = [(keep, t) for keep in keep_counts(arch) for t in [k, *top_k_variants(arch)]
+                  if (keep, t) != (n, k) and t <= reachable_experts(arch, keep)]
 
-    def sets(layer: ExpertStats) -> dict[str, dict[int, list[int]]]:
-        return {c: {k: choose(expert_scores(layer, c, alpha), k, groups) for k in counts} for c in CRITERIA}
+    def sets(layer: ExpertStats) -> dict[str, dict[str, tuple]]:
+        return {c: {prune_key(keep, t, k): (choose(expert_scores(layer, c, alpha), keep, groups), t)
+                    for keep, t in candidates} for c in CRITERIA}
 
     return sets

@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.prune.criteria import Pruning
+from ggufmoe.prune.criteria import Pruning, prune_key
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.sensitivity.defaults import default_class, default_exponent, default_sensitivity
@@ -95,11 +95,15 @@ def local_sensitivity(specs: list[TensorSpec], local: LocalErrors, n_layers: int
 
 def prune_unit(local: LocalErrors, plan: Pruning, n_layers: int, profile: Profile | None = None) -> float | None:
     """``sum over MoE layers of depth * relative pruning error`` of ``plan``; None when not measured."""
-    if not plan.prunes:
+    if not plan.changes:
         return 0.0
     total = 0.0
-    for il in plan.kept:
-        r = local.prune.get(str(il), {}).get(plan.criterion, {}).get(str(plan.keep))
+    key = prune_key(plan.keep, plan.top_k, plan.top_k_source)
+    layers = plan.kept or sorted(int(layer) for layer in local.prune)
+    if not layers:
+        return None
+    for il in layers:
+        r = local.prune.get(str(il), {}).get(plan.criterion, {}).get(key)
         if r is None:
             return None
         total += depth(il, n_layers, profile) * r

@@ -27,8 +27,9 @@ from torch import nn
 from ggufmoe.stats.collect import ExpertWeights, expert_output
 from ggufmoe.stats.file import ExpertStats
 
-# (layer statistics) -> criterion -> keep count -> experts kept (original indices); from the pruning stage
-KeptSets = Callable[[ExpertStats], dict[str, dict[int, list[int]]]]
+# (layer statistics) -> criterion -> candidate name -> (experts kept (original indices), experts per token);
+# from the pruning stage (ggufmoe.prune.criteria.kept_sets)
+KeptSets = Callable[[ExpertStats], dict[str, dict[str, tuple[list[int], int]]]]
 COUNT = "num_experts"  # the expert count a transformers router reads
 PROBE_DIM = 512  # expert outputs wider than this are kept as a projection to this many values
 
@@ -72,6 +73,17 @@ def pruned_router(router: nn.Module, kept: list[int], per_expert: tuple[str, ...
             _set(owner, leaf, t)
         for n, v in counts.items():
             setattr(router, n, v)
+
+
+@contextlib.contextmanager
+def routing_top_k(router: nn.Module, top_k: int) -> Iterator[None]:
+    """The router picks ``top_k`` experts per token while inside."""
+    before = router.top_k
+    router.top_k = top_k
+    try:
+        yield
+    finally:
+        router.top_k = before
 
 
 def _set(m: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -126,9 +138,11 @@ class PruneProbe:
             outputs[e] = y.reshape(-1).double()
         return ((_cosines(outputs) + by_logit) / 2).tolist()
 
-    def errors(self, block: nn.Module, experts: nn.Module, n_expert: int, kept: dict[str, dict[int, list[int]]],
-               residual: float, router_tensors: tuple[str, ...]) -> dict[str, dict[str, float]]:
-        """criterion -> keep -> mean ||y - y_pruned||^2 / residual, the block rerouting as pruned."""
+    def errors(self, block: nn.Module, experts: nn.Module, n_expert: int,
+               kept: dict[str, dict[str, tuple[list[int], int]]], residual: float,
+               router_tensors: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """criterion -> candidate -> mean ||y - y_pruned||^2 / residual, the block rerouting as pruned (to the
+        candidate's kept experts, with its experts per token)."""
         router = router_of(block, n_expert)
         if router is None or residual <= 0:
             return {}
@@ -148,17 +162,17 @@ class PruneProbe:
         try:
             x = self.x.to(router.weight.device).reshape(1, len(self.x), -1)
             for criterion, sets in kept.items():
-                for keep, members in sets.items():
+                for name, (members, top_k) in sets.items():
                     got.clear()
                     with torch.no_grad(), pruned_router(router, members, router_tensors, n_expert), \
-                            pruned_router(block, members, router_tensors, n_expert):
+                            pruned_router(block, members, router_tensors, n_expert), routing_top_k(router, top_k):
                         block(x)
                     if not got:
                         return {}
                     new_idx, new_w = got[0]
                     ids = torch.tensor(members)[new_idx.clamp(0, len(members) - 1)]
                     diff = full - self.routed(outputs, ids, new_w)
-                    out.setdefault(criterion, {})[str(keep)] = float((diff.double() ** 2).sum(1).mean()) / residual
+                    out.setdefault(criterion, {})[name] = float((diff.double() ** 2).sum(1).mean()) / residual
         finally:
             del experts.forward
         return out
