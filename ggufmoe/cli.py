@@ -63,6 +63,10 @@ def cli() -> None:
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
 @click.option("--max-active", metavar="SIZE",
               help="With --budget: at most SIZE of weights read per token (a speed target for decoding).")
+@click.option("--keep-per-layer", "per_layer", is_flag=True,
+              help="With --keep: as many experts in all, but each layer its own count, chosen from the measured "
+                   "pruning errors (for the families patches/per-layer-expert-count.patch covers; the file needs "
+                   "llama.cpp with that patch, stock llama.cpp refuses it).")
 @click.option("--merge", is_flag=True,
               help="Fold each pruned expert into the most similar kept one (weighted by the criterion's score) "
                    "instead of dropping it; needs --stats from the streamed `ggufmoe calibrate`.")
@@ -89,7 +93,8 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
-            top_k_scale: float | None, max_active: str | None, merge: bool, plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
+            top_k_scale: float | None, max_active: str | None, per_layer: bool, merge: bool,
+            plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, sensitivity: str, threads: int | None, split_max_size: str | None,
             ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
@@ -115,7 +120,8 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     if (top_k == "auto" or max_active) and not budget:
         raise GgufmoeError("--top-k auto and --max-active shape a --budget plan; give --budget")
     prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha,
-                         top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge)
+                         top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge,
+                         per_layer=per_layer)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)

@@ -34,6 +34,8 @@ class Architecture:
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
     # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
     router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    # whether patches/per-layer-expert-count.patch makes llama.cpp's graph for the family load per-layer counts
+    per_layer_expert_counts: ClassVar[bool] = False
     # whether the module writes key/value length (the config's head_dim; else llama.cpp takes n_embd / n_head)
     writes_head_dim: ClassVar[bool] = False
     # llama.cpp's default sliding-window period for the family (every n-th layer full; 0: no sliding window),
@@ -48,6 +50,9 @@ class Architecture:
     # set when pruning: experts kept per layer and experts used per token
     n_expert_kept: int | None = field(default=None, init=False)
     n_expert_used: int | None = field(default=None, init=False)
+    # per-layer kept counts (block -> experts), written as an ``expert_count`` array; only for the families
+    # the patched llama.cpp of patches/per-layer-expert-count.patch runs (:attr:`per_layer_expert_counts`)
+    n_expert_per_layer: dict[int, int] | None = field(default=None, init=False)
 
     @property
     def n_expert(self) -> int:
@@ -125,14 +130,24 @@ class Architecture:
         if self.writes_tokenizer:
             write_tokenizer(w, self.src.path, int(self.cfg.vocab_size))
 
-    def with_expert_counts(self, n_expert: int, top_k: int) -> "Architecture":
-        """A copy that writes ``n_expert`` experts per layer and ``top_k`` used per token (a pruned model)."""
+    def with_expert_counts(self, n_expert: int, top_k: int, per_layer: dict[int, int] | None = None) -> "Architecture":
+        """A copy that writes ``n_expert`` experts per layer (``per_layer``: each MoE layer its own, ``n_expert``
+        their largest) and ``top_k`` used per token (a pruned model)."""
+        if per_layer and not self.per_layer_expert_counts:
+            raise GgufmoeError(f"per-layer expert counts: llama.cpp's {self.gguf_arch} graph takes one count for all "
+                               "layers (patches/per-layer-expert-count.patch covers qwen3moe and deepseek2)")
         out = copy.copy(self)
         out.n_expert_kept, out.n_expert_used = n_expert, top_k
+        out.n_expert_per_layer = dict(per_layer) if per_layer else None
         return out
 
     def write_expert_counts(self, w: gguf.GGUFWriter) -> None:
-        w.add_expert_count(self.n_expert_kept or self.n_expert)
+        if self.n_expert_per_layer:  # an INT32 array: only the patched llama.cpp reads it, stock refuses the file
+            n = self.n_expert_kept or self.n_expert
+            w.add_array(gguf.Keys.LLM.EXPERT_COUNT.format(arch=self.gguf_arch),
+                        [self.n_expert_per_layer.get(il, n) for il in range(self.n_layer)])
+        else:
+            w.add_expert_count(self.n_expert_kept or self.n_expert)
         w.add_expert_used_count(self.n_expert_used or self.top_k)
 
     def caveats(self) -> list[str]:

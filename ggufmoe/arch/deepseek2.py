@@ -24,6 +24,7 @@ from ggufmoe.source.hf import HFSource
 class Deepseek2(BiasedRoutingMoe):
     hf_architectures = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
     gguf_arch = "deepseek2"
+    per_layer_expert_counts = True
     rope_kinds = ("default", "yarn")
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv_a_mqa": "attn_k", "attn_k_b": "attn_k",
                            "attn_v_b": "attn_v"}  # MLA's projections default to the GQA ones

@@ -15,6 +15,7 @@ from ggufmoe.model.tensor import TensorSpec
 class Qwen3Moe(Architecture):
     hf_architectures = ("Qwen3MoeForCausalLM",)
     gguf_arch = "qwen3moe"
+    per_layer_expert_counts = True
     writes_head_dim = True
 
 

@@ -24,6 +24,7 @@ from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
 from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
 from ggufmoe.prune.apply import prune_model
+from ggufmoe.plan.per_layer import spread_experts
 from ggufmoe.prune.merge import merge_experts
 from ggufmoe.quant.ggml import Quantizer, one_torch_thread
 from ggufmoe.pipeline.read_ahead import read_ahead
@@ -132,6 +133,8 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
     prune = opts.pruning or choose_experts(arch, stats, opts.prune or PruneRequest())
+    if opts.prune is not None and opts.prune.per_layer and not opts.pruning:
+        prune = spread_experts(arch, stats, prune)
     if opts.prune is not None and opts.prune.merge and not opts.pruning:
         prune = merge_experts(arch, stats, prune)
     if prune.n_expert != arch.n_expert:

@@ -27,7 +27,7 @@ class ConvertJob:
             raise GgufmoeError("give --plan or --budget, not both")
         req = self.opts.prune
         if (self.plan_file or self.budget) and req is not None and \
-                (req.merge or req.keep or req.keep_ratio or req.top_k or req.top_k_scale):
+                (req.merge or req.per_layer or req.keep or req.keep_ratio or req.top_k or req.top_k_scale):
             raise GgufmoeError("--keep, --keep-ratio, --top-k N, --top-k-scale and --merge choose a pruning; with "
                                "--plan or --budget the plan chooses it (--top-k auto lets it choose top-k)")
         if self.plan_file:

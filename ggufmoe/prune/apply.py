@@ -21,7 +21,8 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
     """The pruned model: an architecture that writes the new expert counts (``arch`` itself is left
     as it is) and its tensor list, with expert parts and per-expert rows (routers, routing biases)
     gathered."""
-    pruned = arch.with_expert_counts(plan.keep, plan.top_k)
+    per_layer = plan.per_layer
+    pruned = arch.with_expert_counts(max(per_layer.values()) if per_layer else plan.keep, plan.top_k, per_layer)
     specs = list(pruned.tensors())
     if not plan.prunes:
         return pruned, specs

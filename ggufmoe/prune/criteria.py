@@ -35,6 +35,7 @@ class PruneRequest:
     top_k: int | None = None
     top_k_scale: float | None = None
     merge: bool = False  # fold the removed experts into the kept ones (ggufmoe.prune.merge)
+    per_layer: bool = False  # the same total kept, spread over the layers by measured errors (ggufmoe.prune.per_layer)
 
 
 @dataclass
@@ -53,7 +54,13 @@ class Pruning:
 
     @property
     def prunes(self) -> bool:
-        return self.keep < self.n_expert
+        return self.keep < self.n_expert or self.per_layer is not None
+
+    @property
+    def per_layer(self) -> dict[int, int] | None:
+        """Experts kept per layer when layers keep different counts (else None)."""
+        counts = {il: len(k) for il, k in self.kept.items()}
+        return counts if len(set(counts.values())) > 1 else None
 
     @property
     def changes(self) -> bool:
