@@ -30,6 +30,7 @@ from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
+from ggufmoe.errors import GgufmoeError  # noqa: E402
 from ggufmoe.model.qtypes import row_bytes  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
@@ -123,9 +124,13 @@ def main() -> None:
                                 planned_bytes=plan.file_bytes))
             if auto:
                 plain = ours[-2]
-                plan = build_plan(args.model, Budget(mix["bytes"], weights_only=True, top_k_auto=True,
-                                                     max_active=int(0.8 * plain["active"])),
-                                  stats_path, calib, sensitivity=args.sensitivity, progress=False)
+                try:
+                    plan = build_plan(args.model, Budget(mix["bytes"], weights_only=True, top_k_auto=True,
+                                                         max_active=int(0.8 * plain["active"])),
+                                      stats_path, calib, sensitivity=args.sensitivity, progress=False)
+                except GgufmoeError as e:
+                    print(f"at {m}, 80% active: {e}", flush=True)
+                    continue
                 out = convert(args.model, options_from_plan(plan, ConvertOptions(
                     out=work / f"plan-{m}-fast.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]
                 ours.append(measure(out, kind="plan, top-k auto, 80% active", name=f"at {m}", keep=plan.keep,

@@ -195,12 +195,18 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         runtime = runtime_memory(pruned, 0, budget.ctx, budget.kv_type)
         fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
         limit = budget.total - fixed
-        for _ in range(8):  # runtime memory is not exactly linear in the file (pages, margins): back off
+        active = None
+        # runtime memory is not exactly linear in the file (pages, margins), and a speed target caps the bytes a
+        # token reads, which the allocation does not see: back off the file's share until both hold
+        for _ in range(16):
             try:
                 choice, used = allocate(groups, limit)
             except _TooSmall as e:
-                need = e.needed + (budget.total - limit)
-                smallest = need if smallest is None else min(smallest, need)
+                if active is not None and budget.max_active is not None and active > budget.max_active:
+                    slowest = active if slowest is None else min(slowest, active)  # backed off for speed
+                else:
+                    need = e.needed + (budget.total - limit)
+                    smallest = need if smallest is None else min(smallest, need)
                 choice = None
                 break
             types = {name: o.qtype for name, o in choice.items()}
@@ -208,16 +214,14 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             size, wm = file_bytes(writer), weight_memory(writer, local)
             mem = runtime_memory(pruned, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked)
             over = (size if budget.weights_only else mem.total) - budget.total
-            if over <= 0:
+            active = active_bytes(specs, types, pplan.top_k)
+            slow = active - budget.max_active if budget.max_active is not None else 0
+            if over <= 0 and slow <= 0:
                 break
-            limit -= over
+            limit -= max(over, -(-slow * size // active) if slow > 0 else 0)
         else:
             choice = None
         if choice is None:
-            continue
-        active = active_bytes(specs, types, pplan.top_k)
-        if budget.max_active is not None and active > budget.max_active:
-            slowest = active if slowest is None else min(slowest, active)
             continue
         quant = sum(o.cost for o in choice.values())
         pcost = prune_kl(pplan)
