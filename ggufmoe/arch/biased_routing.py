@@ -72,6 +72,11 @@ class BiasedRoutingMoe(Architecture):
         s.n_ff_dense = int(self.cfg.intermediate_size) if self.n_dense else 0
         return s
 
+    def routing_bias(self, il: int, mlp: str) -> Iterator[TensorSpec]:
+        """Layer ``il``'s selection bias, where the checkpoint has one."""
+        if f"{mlp}.gate.{BIAS}" in self.src:
+            yield self.plain(f"blk.{il}.exp_probs_b.bias", f"{mlp}.gate.{BIAS}")
+
     def feed_forward(self, il: int) -> Iterator[TensorSpec]:
         """Layer ``il``'s dense MLP, or its router, routing bias, routed and shared experts."""
         mlp = f"model.layers.{il}.mlp"
@@ -79,7 +84,6 @@ class BiasedRoutingMoe(Architecture):
             yield from self.dense_ffn(il, mlp)
             return
         yield from self.routed_experts(il, mlp)
-        if f"{mlp}.gate.{BIAS}" in self.src:
-            yield self.plain(f"blk.{il}.exp_probs_b.bias", f"{mlp}.gate.{BIAS}")
+        yield from self.routing_bias(il, mlp)
         if self.n_shared:
             yield from self.dense_ffn(il, f"{mlp}.shared_experts", "_shexp")

@@ -57,15 +57,8 @@ class Ernie45Moe(BiasedRoutingMoe):
             w.add_expert_shared_feed_forward_length(self.n_shared * self.n_ff_exp)
         self.write_expert_counts(w)
 
-    def feed_forward(self, il: int) -> Iterator[TensorSpec]:
-        mlp = f"model.layers.{il}.mlp"
-        if il < self.n_dense:
-            yield from self.dense_ffn(il, mlp)
-            return
-        yield from self.routed_experts(il, mlp)
+    def routing_bias(self, il: int, mlp: str) -> Iterator[TensorSpec]:
         yield self.plain(f"blk.{il}.exp_probs_b.bias", f"{mlp}.{BIAS}", lambda t: t.reshape(-1), shape=(self.n_expert,))
-        if self.n_shared:
-            yield from self.dense_ffn(il, f"{mlp}.shared_experts", "_shexp")
 
     def tensors(self) -> Iterator[TensorSpec]:
         c = self.cfg
