@@ -68,3 +68,14 @@ def test_mxfp4_experts_are_planned_as_stored(tmp_path):
     assert out.stat().st_size == plan.file_bytes
     bits = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors if t.name.endswith("_exps.weight")}
     assert "MXFP4" in bits.values() and "Q8_0" not in bits.values(), bits
+
+
+def test_pruning_cost_fit_through_probes():
+    from ggufmoe.pipeline.budget import fit_pruning
+    from ggufmoe.sensitivity.local import PRUNE_EXPONENT
+
+    scale, exponent = fit_pruning([0.1, 0.4], [0.02, 0.16])  # KL = 0.632 * unit^1.5
+    assert exponent == pytest.approx(1.5) and scale * 0.4 ** 1.5 == pytest.approx(0.16)
+    assert fit_pruning([0.1, 0.2], [0.02, 1.0])[1] == 2.0  # a steep fit is held at 2
+    scale, exponent = fit_pruning([0.1, 0.0], [0.02, 0.0])  # one usable point: the reference exponent
+    assert exponent == PRUNE_EXPONENT and scale * 0.1 ** PRUNE_EXPONENT == pytest.approx(0.02)

@@ -57,13 +57,29 @@ def pruning_kl(src_dir: Path, stats_path: Path, text: str, requests: list[PruneR
     return out
 
 
-def probe_pruning(arch, stats) -> PruneRequest:
-    """The pruning a probe measures: a quarter of the experts, by REAP (frequency without routing statistics)."""
-    keep = min(keep_candidates(arch, stats), key=lambda k: abs(k - 0.75 * arch.n_expert))
+def probe_pruning(arch, stats, fraction: float = 0.75) -> PruneRequest:
+    """A pruning a probe measures: the keep count nearest ``fraction`` of the experts, by REAP (frequency without
+    routing statistics)."""
+    keep = min(keep_candidates(arch, stats), key=lambda k: abs(k - fraction * arch.n_expert))
     return PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
 
 
+def fit_pruning(units: list[float], kls: list[float]) -> tuple[float, float]:
+    """(scale, exponent) of ``KL = scale * unit ** exponent`` through the measured points: a log-log line through
+    two distinct ones (the exponent kept within 0.5-2), else the reference exponent through one."""
+    pts = [(u, k) for u, k in zip(units, kls) if u > 0 and k > 0]
+    if len(pts) >= 2 and abs(math.log(pts[-1][0] / pts[0][0])) > 1e-6:
+        (u0, k0), (u1, k1) = pts[0], pts[-1]
+        exponent = min(2.0, max(0.5, math.log(k1 / k0) / math.log(u1 / u0)))
+        scale = math.exp(np.mean([math.log(k) - exponent * math.log(u) for u, k in pts]))
+        return scale, exponent
+    if pts:
+        return pts[0][1] / pts[0][0] ** PRUNE_EXPONENT, PRUNE_EXPONENT
+    return PRUNE_SCALE, PRUNE_EXPONENT
+
+
 SENSITIVITY_MODES = ("auto", "probes", "local")
+PRUNE_FIT = "prune_local_exponent"  # the fitted exponent, cached with the scale in the sensitivities
 PROBE_MAX_BYTES = 2 * 1024**3  # F16 size up to which ``auto`` probes the model through llama.cpp
 
 
@@ -137,29 +153,32 @@ def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, crite
     sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
     n_layers = int(arch.cfg.num_hidden_layers)
     key = "prune_local" if local is not None else "prune"
-    if key not in sens.scales:
+    if key not in sens.scales or (local is not None and PRUNE_FIT not in sens.scales):
         if calib_text is None:
             raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
-        req = probe_pruning(arch, stats)
-        pplan = choose_experts(arch, stats, req)
-        unit = prune_unit(local, pplan, n_layers) if local is not None else prune_cost(pplan, stats, 1.0)
-        if not unit:
-            sens.scales[key] = PRUNE_SCALE if local is not None else DEFAULT_PRUNE_SCALE
+        if local is not None:
+            # the local errors' map to KL, fitted through probes at a quarter and at half the experts pruned
+            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, f) for f in (0.75, 0.5))}.values())
+            units = [prune_unit(local, choose_experts(arch, stats, r), n_layers) or 0.0 for r in reqs]
+            kls = pruning_kl(src.path, stats_path, calib_text, reqs) if any(units) else []
+            sens.scales[key], sens.scales[PRUNE_FIT] = fit_pruning(units, kls)
         else:
-            kl = pruning_kl(src.path, stats_path, calib_text, [req])[0]
-            sens.scales[key] = kl / (unit ** PRUNE_EXPONENT if local is not None else unit)
+            req = probe_pruning(arch, stats)
+            unit = prune_cost(choose_experts(arch, stats, req), stats, 1.0)
+            sens.scales[key] = pruning_kl(src.path, stats_path, calib_text, [req])[0] / unit if unit \
+                else DEFAULT_PRUNE_SCALE
         store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
     if local is not None:
-        return sens, _local_prune_kl(local, n_layers, sens.scales[key], stats)
+        return sens, _local_prune_kl(local, n_layers, sens.scales[key], stats, sens.scales[PRUNE_FIT])
     return sens, partial(prune_cost, stats=stats, scale=sens.scales[key])
 
 
-def _local_prune_kl(local, n_layers: int, scale: float, stats):
+def _local_prune_kl(local, n_layers: int, scale: float, stats, exponent: float = PRUNE_EXPONENT):
     """Predicted KL of a pruning from the local pruning errors (the routing-mass model where none was measured)."""
     def kl(plan) -> float:
         unit = prune_unit(local, plan, n_layers)
         if unit is not None:
-            return prune_cost_local(unit, scale)
+            return prune_cost_local(unit, scale, exponent)
         if plan.top_k != plan.top_k_source:
             return math.inf  # another top-k that was not measured: never chosen
         return prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
