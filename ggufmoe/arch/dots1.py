@@ -23,7 +23,6 @@ class Dots1(BiasedRoutingMoe):
     gguf_arch = "dots1"
     writes_head_dim = True
 
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(all(t == "full_attention" for t in c.layer_types), "sliding-window layers")

@@ -24,8 +24,6 @@ class Glm4Moe(BiasedRoutingMoe):
     gguf_arch = "glm4moe"
     writes_head_dim = True
 
-
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(self.rope_dims % 2 == 0 and self.rope_dims > 0, f"{self.rope_dims} rotary dimensions")

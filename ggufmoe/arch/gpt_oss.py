@@ -45,8 +45,6 @@ class GptOss(Architecture):
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP,
                                                       MODEL_TENSOR.FFN_DOWN_EXP}
 
-
-
     @property
     def sliding(self) -> list[bool]:
         """Per layer: whether it attends to a sliding window."""

@@ -42,7 +42,6 @@ class Llama4(Architecture):
     calibration_refused = ("its experts module computes every token through every expert (no routed-experts "
                            "kernel to observe)")
 
-
     @property
     def step(self) -> int:
         return int(self.cfg.interleave_moe_layer_step)
@@ -82,7 +81,6 @@ class Llama4(Architecture):
         s.n_layer_swa = sum(self.chunked)
         s.n_swa = CHUNK if s.n_layer_swa else 0
         return s
-
 
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         self.check()

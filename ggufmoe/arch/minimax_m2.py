@@ -30,9 +30,6 @@ class MiniMaxM2(Architecture):
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}
     router_tensors = Architecture.router_tensors + (BIAS,)
 
-
-
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")

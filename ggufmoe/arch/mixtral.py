@@ -18,7 +18,6 @@ class Mixtral(Architecture):
     writes_head_dim = True
     experts_key = "num_local_experts"
 
-
     def write_metadata(self, w: gguf.GGUFWriter) -> None:
         c = self.cfg
         self.require(getattr(c, "sliding_window", None) is None, "sliding-window attention")

@@ -18,7 +18,6 @@ class Qwen3Moe(Architecture):
     per_layer_expert_counts = True
     writes_head_dim = True
 
-
     def check(self) -> None:
         c = self.cfg
         # llama.cpp's qwen3moe graph always renormalises the top-k weights.
