@@ -45,7 +45,11 @@ def patched_llama() -> Path:
 
 def llama_logprobs_with(lib: Path, gguf_path: Path, tokens: list[int], tmp: Path) -> subprocess.CompletedProcess:
     (tmp / "tokens.txt").write_text(" ".join(map(str, tokens)))
-    env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib)) if lib else dict(os.environ)
+    import llama_cpp
+
+    env = dict(os.environ)
+    if lib:  # the patched llama.cpp, on this environment's ggml (tools/build_patched_llama.py)
+        env.update(LLAMA_CPP_LIB_PATH=str(lib), LD_LIBRARY_PATH=str(Path(llama_cpp.__file__).parent / "lib"))
     return subprocess.run([sys.executable, "-c", CHILD, str(gguf_path), str(tmp / "tokens.txt"), str(tmp / "lp.npy")],
                           capture_output=True, text=True, env=env)
 

@@ -7,7 +7,8 @@ download`` from the package registry; pip's cache keeps it). Every ``patches/*.p
 (``patch -p1``), and ``src/`` is compiled into ``libllama.so`` against the installed package's ggml
 libraries (the patches change llama.cpp, not ggml), in all cores. The result is cached under
 ``~/.cache/ggufmoe`` by version and patch contents, so only the first build takes minutes. Run a
-program on it with ``LLAMA_CPP_LIB_PATH=<that directory>``.
+program on it with ``LLAMA_CPP_LIB_PATH=<that directory>`` and ``LD_LIBRARY_PATH=<llama_cpp/lib>``
+of the environment it runs in, so that llama.cpp and llama-cpp-python share one ggml.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def compile_library(tree: Path, lib: Path, out: Path) -> None:
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         objs = list(pool.map(one, sources))
     partial = out.with_name(out.name + ".partial")
+    # RUNPATH (not RPATH): LD_LIBRARY_PATH, when set, picks the ggml libraries of the llama-cpp-python in use
     subprocess.run(["g++", "-shared", "-o", str(partial), *map(str, objs), f"-L{lib}", "-lggml", "-lggml-base",
-                    f"-Wl,-rpath,{lib}"], check=True)
+                    f"-Wl,--enable-new-dtags,-rpath,{lib}"], check=True)
     partial.rename(out)
 
 
