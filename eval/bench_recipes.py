@@ -19,15 +19,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, SHARED, eval_chunks, score  # noqa: E402
+from common import ROOT, SHARED, reference_work, score  # noqa: E402
 
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
-from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.errors import GgufmoeError  # noqa: E402
@@ -35,10 +33,9 @@ from ggufmoe.model.qtypes import row_bytes  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
-from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.runtime.validate import validate  # noqa: E402
 from ggufmoe.source.gguf_in import GGUFSource  # noqa: E402
-from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
+from ggufmoe.stats.file import load_stats  # noqa: E402
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry  # noqa: E402
 
 MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
@@ -81,19 +78,9 @@ def main() -> None:
     ap.add_argument("--sensitivity", choices=("probes", "local"), default="probes")
     ap.add_argument("--work", type=Path, help="keep intermediate files here (statistics and sensitivities reused)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp())
-    work.mkdir(parents=True, exist_ok=True)
+    work, stats_path, f32, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
-    stats_path = work / "stats.gguf"
-    if not stats_path.exists():
-        save_stats(calibrate(args.model, calib), stats_path)
     imatrix = load_stats(stats_path).imatrix
-    f32 = work / "F32.gguf"
-    if not f32.exists():
-        convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
-    chunks = eval_chunks(args.model, args.chunks, args.ctx)
-    with LlamaScorer(f32, args.ctx) as s:
-        base = [s(c) for c in chunks]
 
     def measure(path: Path, **row) -> dict:
         speed = validate(path, 4 * 2**30, ctx=args.ctx, n_predict=64, threads=2)

@@ -48,3 +48,28 @@ def score(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int)
     return dict(kld=float(np.mean([c.kld_mean for c in cmp])),
                 ppl=float(np.exp(np.mean([np.log(c.ppl) for c in cmp]))),
                 top1=float(np.mean([c.top1 for c in cmp])))
+
+
+def reference_work(model: Path, work: Path | None, chars: int, n_chunks: int, ctx: int):
+    """The pieces a reference-model benchmark starts from, kept in ``work`` (made again only when missing): the
+    streamed statistics of the first ``chars`` characters of calib.txt, the F32 conversion, the evaluation chunks
+    and their F32 log-probs. Returns (work, stats path, F32 path, chunks, base log-probs)."""
+    import tempfile
+
+    from ggufmoe.pipeline.calibrate import calibrate
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
+    from ggufmoe.stats.file import save_stats
+
+    work = work or Path(tempfile.mkdtemp())
+    work.mkdir(parents=True, exist_ok=True)
+    stats = work / "stats.gguf"
+    if not stats.exists():
+        save_stats(calibrate(model, (SHARED / "data" / "calib.txt").read_text()[:chars]), stats)
+    f32 = work / "F32.gguf"
+    if not f32.exists():
+        convert(model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
+    chunks = eval_chunks(model, n_chunks, ctx)
+    with LlamaScorer(f32, ctx) as s:
+        base = [s(c) for c in chunks]
+    return work, stats, f32, chunks, base

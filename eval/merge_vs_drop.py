@@ -13,17 +13,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
-from common import ROOT, SHARED, eval_chunks, score  # noqa: E402
+from common import ROOT, SHARED, reference_work, score  # noqa: E402
 
-from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
-from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
-from ggufmoe.stats.file import save_stats  # noqa: E402
 
 
 def main() -> None:
@@ -34,17 +30,7 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=400_000, help="calibrate on the first CHARS characters of calib.txt")
     ap.add_argument("--work", type=Path, help="keep intermediate files here (the statistics are reused)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp())
-    work.mkdir(parents=True, exist_ok=True)
-    stats = work / "stats.gguf"
-    if not stats.exists():
-        save_stats(calibrate(args.model, (SHARED / "data" / "calib.txt").read_text()[: args.chars]), stats)
-    f32 = work / "F32.gguf"
-    if not f32.exists():
-        convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
-    chunks = eval_chunks(args.model, args.chunks, args.ctx)
-    with LlamaScorer(f32, args.ctx) as s:
-        base = [s(c) for c in chunks]
+    work, stats, _, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     rows = []
     for keep in (18, 12):
         for criterion in ("routing", "reap"):
