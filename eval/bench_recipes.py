@@ -27,9 +27,10 @@ from common import ROOT, SHARED, reference_work, score  # noqa: E402
 
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.plan.allocate import active_bytes as plan_active_bytes  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
+from ggufmoe.arch import architecture_for  # noqa: E402
 from ggufmoe.errors import GgufmoeError  # noqa: E402
-from ggufmoe.model.qtypes import row_bytes  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
@@ -54,19 +55,10 @@ def kept_imatrix(imatrix: Imatrix, pruned: Path) -> Imatrix:
 
 
 def active_bytes(path: Path) -> int:
-    """Weight bytes one token reads from a GGUF: all but the routed experts, top-k of those, one embedding row."""
-    src = GGUFSource(path)
-    arch = src.value("general.architecture")
-    n, k = src.value(f"{arch}.expert_count"), src.value(f"{arch}.expert_used_count")
-    total = 0
-    for name, shape, qtype in src.tensors():
-        nbytes = row_bytes(qtype, shape[-1]) * int(np.prod(shape[:-1]))
-        if name.endswith("_exps.weight"):
-            nbytes = nbytes * k // n
-        elif name == "token_embd.weight":
-            nbytes //= shape[0]
-        total += nbytes
-    return total
+    """Weight bytes one token reads from a GGUF, as the planner counts them (:func:`ggufmoe.plan.allocate.active_bytes`)."""
+    model = architecture_for(GGUFSource(path))
+    specs = list(model.tensors())
+    return plan_active_bytes(specs, {s.name: s.source_type for s in specs}, model.top_k)
 
 
 def main() -> None:

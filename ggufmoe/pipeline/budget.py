@@ -4,7 +4,6 @@ pruning costs, then the best plan (:mod:`ggufmoe.plan.allocate`) and its convers
 from __future__ import annotations
 
 import math
-
 import tempfile
 from dataclasses import replace
 from functools import partial

@@ -133,10 +133,11 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
     prune = opts.pruning or choose_experts(arch, stats, opts.prune or PruneRequest())
-    if opts.prune is not None and opts.prune.per_layer and not opts.pruning:
-        prune = spread_experts(arch, stats, prune)
-    if opts.prune is not None and opts.prune.merge and not opts.pruning:
-        prune = merge_experts(arch, stats, prune)
+    if opts.prune is not None and not opts.pruning:  # the request's refinements of the chosen experts
+        if opts.prune.per_layer:
+            prune = spread_experts(arch, stats, prune)
+        if opts.prune.merge:
+            prune = merge_experts(arch, stats, prune)
     if prune.n_expert != arch.n_expert:
         raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
                            f"{src.path} has {arch.n_expert}")

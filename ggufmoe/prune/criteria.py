@@ -35,7 +35,7 @@ class PruneRequest:
     top_k: int | None = None
     top_k_scale: float | None = None
     merge: bool = False  # fold the removed experts into the kept ones (ggufmoe.prune.merge)
-    per_layer: bool = False  # the same total kept, spread over the layers by measured errors (ggufmoe.prune.per_layer)
+    per_layer: bool = False  # the same total kept, spread over the layers by measured errors (ggufmoe.plan.per_layer)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Pruning:
 
     @property
     def prunes(self) -> bool:
-        return self.keep < self.n_expert or self.per_layer is not None
+        return self.keep < self.n_expert
 
     @property
     def per_layer(self) -> dict[int, int] | None:
