@@ -3,8 +3,9 @@
 
     python eval/derive_defaults.py [--model DIR] [--text FILE] [--out SENS.json] [--whole]
 
-Measures refmoe-qwen3 (statistics and probes on the first 400,000 characters of calib.txt, probes
-at Q3_K, Q2_K and Q4_K on 4 chunks of 512 tokens, uniform whole-model checks) and prints the tables
+Measures refmoe-qwen3 (statistics on the first 400,000 characters of calib.txt less the pieces held
+out of them, probes on those held-out pieces as ``plan`` makes them: at Q3_K, Q2_K and Q4_K on 4 chunks
+of 512 tokens, uniform whole-model checks) and prints the tables
 to paste there: GAUSSIAN_REL_ERROR, DEFAULT_SCALES, DEFAULT_EXPONENTS, N_REF_ACTIVE; then
 LOCAL_SCALES, LOCAL_EXPONENTS, LOCAL_DEPTH and PRUNE_SCALE, PRUNE_EXPONENT (pruning probes: F16
 conversions pruned to PRUNE_KEEP experts by each of PRUNE_CRITERIA, KL against the unpruned one,
@@ -41,6 +42,7 @@ from ggufmoe.sensitivity.local import derive_local_defaults, prune_unit  # noqa:
 from ggufmoe.stats.collect import collect_stats  # noqa: E402
 from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
 from ggufmoe.stats.local import local_errors  # noqa: E402
+from ggufmoe.stats.text import hold_out  # noqa: E402
 
 PRUNE_KEEP = (21, 18, 15)
 PRUNE_CRITERIA = ("reap", "routing")
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         save_stats(collect_stats(args.model, text, ctx=512) if args.whole else calibrate(args.model, text, ctx=512),
                    stats_path)
     stats = load_stats(stats_path)
+    probes = hold_out(text).probes or text  # as ``plan`` probes: on text the statistics did not see
     uniform = tuple(T[n] for n in args.uniform.split(",") if n)
-    sens = measure_sensitivity(args.model, stats, text, chunks=args.chunks, probe_types=(T.Q3_K, T.Q2_K, T.Q4_K),
+    sens = measure_sensitivity(args.model, stats, probes, chunks=args.chunks, probe_types=(T.Q3_K, T.Q2_K, T.Q4_K),
                                uniform_types=uniform)
     if args.out:
         args.out.write_text(sens.to_json())
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     print("LOCAL_FIRST_LAYER =", round(profile[0], 4))
     print("LOCAL_DEPTH =", [(round(x, 4), round(f, 4)) for x, f in profile[1]])
     reqs = [PruneRequest(keep=k, criterion=c) for c in PRUNE_CRITERIA for k in PRUNE_KEEP]
-    kls = pruning_kl(args.model, stats_path, text, reqs, chunks=args.chunks)
+    kls = pruning_kl(args.model, stats_path, probes, reqs, chunks=args.chunks)
     units = [prune_unit(local, choose_experts(arch, stats, r), n_layers, profile) for r in reqs]
     for r, u, kl in zip(reqs, units, kls):
         print(f"prune keep {r.keep} {r.criterion}: local unit {u:.5g}, KL {kl:.5f}", flush=True)

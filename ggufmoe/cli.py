@@ -191,6 +191,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     The same pass measures local errors, stored in the output: what each tensor at each
     candidate type, and each MoE layer pruned to each candidate keep count, change on the
     layer's real inputs. `plan --stats` plans a model too big to probe from them alone.
+
+    One piece of the text in eight (pieces of about 16k characters, spread over it) is held out:
+    `plan --calib` with the same text measures its probes there, on text the statistics did not see.
     """
     from ggufmoe.stats.file import check_output, format_summary, save_stats
     from ggufmoe.stats.text import read_text
@@ -202,17 +205,14 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if whole and explicit:
         raise GgufmoeError(f"--whole loads the whole model on the CPU; it takes no {', '.join(explicit)}")
+    from ggufmoe.pipeline.calibrate import calibrate as run_calibration
+
     text = read_text(text_file)
+    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=limit)
+    stats = run_calibration(src, text, whole=whole, ctx=ctx, max_tokens=max_tokens, progress=not quiet,
+                            dataset=text_file.name, **kw)
     if whole:
-        from ggufmoe.stats.collect import collect_stats
-
-        stats = collect_stats(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name)
         save_stats(stats, out)
-    else:
-        from ggufmoe.pipeline.calibrate import calibrate as calibrate_streamed
-
-        stats = calibrate_streamed(src, text, ctx=ctx, max_tokens=max_tokens, progress=not quiet, dataset=text_file.name,
-                             out=out, resume=resume, device=device, max_memory=limit)
     click.echo(format_summary(stats))
     click.echo(f"wrote {out}")
 

@@ -16,7 +16,7 @@ from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.gguf.writer import Progress
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert, input_files, refuse_overwriting_inputs
-from ggufmoe.pipeline.measure import load_or_measure
+from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, load_or_measure
 from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.layout import TOKENIZER_BYTES_PER_TOKEN
@@ -31,18 +31,17 @@ from ggufmoe.source import open_source
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.file import check_output, load_stats
 from ggufmoe.stats.local import local_errors
-from ggufmoe.stats.text import read_text, token_chunks
+from ggufmoe.stats.text import hold_out, read_text, spread_chunks, token_chunks
 
 
 def pruning_kl(src_dir: Path, stats_path: Path, text: str, requests: list[PruneRequest], ctx: int = 512,
                chunks: int = 4) -> list[float]:
-    """KL divergence (through llama.cpp, F16 weights, mean over ``chunks`` chunks of ``ctx`` tokens of ``text``)
-    of each pruning in ``requests`` against the unpruned model."""
+    """KL divergence (through llama.cpp, F16 weights, mean over ``chunks`` chunks of ``ctx`` tokens spread over
+    ``text``) of each pruning in ``requests`` against the unpruned model."""
     from transformers import AutoTokenizer  # heavy: only when measuring
 
     tok = AutoTokenizer.from_pretrained(src_dir)
-    seqs = [c for c in token_chunks(tok, text, ctx, ctx * chunks) if len(c) == ctx] or \
-        token_chunks(tok, text, ctx, ctx * chunks)
+    seqs = spread_chunks(token_chunks(tok, text, ctx, MAX_TEXT_TOKENS), chunks)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         base = convert(src_dir, ConvertOptions(out=Path(tmp) / "base.gguf", types=TypeRules.parse("F16"),
@@ -92,7 +91,10 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     local errors when the statistics hold them); ``local`` maps the statistics' local errors to KL with
     the reference model's factors (:mod:`ggufmoe.sensitivity.local`; nothing is converted); ``auto`` probes
     a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the local errors of a bigger one (probes
-    when it has none). The plan's notes say which was used. Without statistics: defaults from shapes."""
+    when it has none). The plan's notes say which was used. Without statistics: defaults from shapes.
+
+    Probes measure on the pieces of ``calib_text`` that calibration holds out (:func:`~ggufmoe.stats.text.hold_out`),
+    text the statistics did not see; on all of it when it is too short to hold any out."""
     if sensitivity not in SENSITIVITY_MODES:
         raise GgufmoeError(f"sensitivity {sensitivity!r}: choose from {', '.join(SENSITIVITY_MODES)}")
     src = open_source(source)
@@ -106,6 +108,9 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         raise GgufmoeError("--top-k auto prices each top-k from the local errors of the streamed `ggufmoe "
                            "calibrate`: pass --stats from it")
     notes = []
+    probe_text = calib_text
+    if calib_text is not None:
+        probe_text = hold_out(calib_text).probes or calib_text
     if stats is not None and src.can_calibrate:
         n_layers = int(arch.cfg.num_hidden_layers)
         mode = sensitivity
@@ -122,10 +127,13 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
             notes.append("sensitivities and pruning costs: local errors mapped to KL by the reference model's "
                          "factors (no probes)")
         else:
-            sens, prune_kl = _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, criterion,
+            sens, prune_kl = _probed(src, arch, stats, stats_path, probe_text, local, budget, pins, criterion,
                                      progress)
             notes.append("sensitivities: " + ("local errors" if sens.info.get("local_errors") else "importance-"
                                               "weighted errors") + " calibrated by probes through llama.cpp")
+            if probe_text is calib_text and calib_text is not None:
+                notes.append("the calibration text is too short to hold pieces out: the probes ran on text the "
+                             "statistics saw, which understates what pruning costs elsewhere")
     else:
         # From shapes. Types that need an importance matrix are allowed when there will be one: a
         # configuration alone is calibrated before converting; a GGUF uses the statistics' imatrix.

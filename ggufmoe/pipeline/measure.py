@@ -47,7 +47,7 @@ from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import save_imatrix
 from ggufmoe.stats.local import local_errors
-from ggufmoe.stats.text import token_ids
+from ggufmoe.stats.text import spread_chunks, token_ids
 
 MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
 
@@ -62,14 +62,6 @@ def _kl(scorer_path: Path, seqs: list[list[int]], base: list[np.ndarray], thread
 def _class_rules(names: list[str], t: T) -> TypeRules:
     pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
     return TypeRules(T.F16, [(re.compile(pattern), t)])
-
-
-def _spread(seqs: list[list[int]], n: int) -> list[list[int]]:
-    """``n`` chunks evenly spaced over the text (whole chunks only, unless there are none)."""
-    full = [c for c in seqs if len(c) == len(seqs[0])] or seqs[:1]
-    if len(full) <= n:
-        return full
-    return [full[i] for i in np.linspace(0, len(full) - 1, n).round().astype(int)]
 
 
 def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: int | None = None, progress: bool = True,
@@ -117,7 +109,7 @@ def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max
     body = ctx - len(prefix)
     if body < 1:
         raise GgufmoeError(f"context {ctx} is too small")
-    seqs = _spread([prefix + ids[i: i + body].tolist() for i in range(0, len(ids), body)], chunks)
+    seqs = spread_chunks([prefix + ids[i: i + body].tolist() for i in range(0, len(ids), body)], chunks)
     if sum(len(s) - 1 for s in seqs) < 1:
         raise GgufmoeError("calibration text too short to measure KL divergence")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,8 @@ BATCH_TOKENS = 4096  # tokens per forward: whole chunks of ctx tokens batched to
 PIECE_CHARS = 1 << 16  # characters of text tokenized at a time
 CHECK_CHARS = 1 << 14  # opening of the text on which tokenizing in pieces is checked
 _CUT = re.compile(r"\n(?=\S)")
+HOLD_OUT_CHARS = 1 << 14  # characters per piece of a calibration text, cut after a newline
+HOLD_OUT_EVERY = 8  # one piece in this many is held out of calibration for the planner's probes
 
 
 def read_text(path: str | Path) -> str:
@@ -45,6 +48,33 @@ def _cuts(text: str, every: int) -> list[int]:
 def _pieces(text: str, cuts: list[int]) -> Iterator[str]:
     bounds = [0, *cuts, len(text)]
     return (text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a)
+
+
+@dataclass
+class HeldOut:
+    """A calibration text split in two: the part the statistics are collected on, and the pieces held out of
+    them (empty when the text is too short to spare one), on which the planner measures what pruning and
+    quantizing cost, on text the choice of experts and the importance matrix did not see."""
+
+    calibration: str
+    probes: str
+
+
+def hold_out(text: str) -> HeldOut:
+    """Pieces of about :data:`HOLD_OUT_CHARS` characters, cut after newlines; of every :data:`HOLD_OUT_EVERY`, the
+    middle one is held out, so the held-out text is spread over the whole text as its topics are."""
+    pieces = list(_pieces(text, _cuts(text, HOLD_OUT_CHARS)))
+    held = set(range(HOLD_OUT_EVERY // 2, len(pieces), HOLD_OUT_EVERY))
+    return HeldOut("".join(p for i, p in enumerate(pieces) if i not in held),
+                   "".join(p for i, p in enumerate(pieces) if i in held))
+
+
+def spread_chunks(chunks: list[list[int]], n: int) -> list[list[int]]:
+    """``n`` chunks evenly spaced over ``chunks`` (whole chunks only, unless there are none)."""
+    full = [c for c in chunks if len(c) == len(chunks[0])] or chunks[:1]
+    if len(full) <= n:
+        return full
+    return [full[i] for i in np.linspace(0, len(full) - 1, n).round().astype(int)]
 
 
 def _cut_safe(tokenizer, text: str) -> bool:
