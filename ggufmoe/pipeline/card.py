@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +210,9 @@ def card(files: list[Path], out: Path, inputs: CardInputs, eval_json: list[Path]
     """``ggufmoe card``: read every file and quality source first, then write the card at ``out``."""
     facts = [file_facts(p, inputs.ctx, inputs.kv_type) for p in files]
     quality = load_quality(list(eval_json), results)
-    if results is not None and inputs.plot is None:
-        plot = Path(results).parent / "pareto.png"
-        if plot.is_file():
-            inputs.plot = os.path.relpath(plot, Path(out).parent)
-    inputs.evaluation = inputs.evaluation or _evaluation(quality.values())
+    plot = Path(results).parent / "pareto.png" if results is not None else None
+    inputs = replace(inputs, evaluation=inputs.evaluation or _evaluation(quality.values()),
+                     plot=inputs.plot or (os.path.relpath(plot, Path(out).parent) if plot and plot.is_file() else None))
     return write_card(build_card(facts, quality, inputs), out)
 
 
