@@ -1,4 +1,4 @@
-"""The reference model's budget sweep, committed as eval/results/sweep/{results.md,results.json,pareto.png}.
+"""The reference model's budget sweep, committed as eval/results/sweep/{results.md,results.json,pareto.png,README.md}.
 
     python eval/sweep_reference.py [--work DIR]
 
@@ -34,7 +34,7 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     dest = ROOT / "eval" / "results" / "sweep"
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("results.md", "results.json", "pareto.png"):
+    for name in ("results.md", "results.json", "pareto.png", "README.md"):
         shutil.copy(work / name, dest / name)
     print(f"copied to {dest}")
 

@@ -281,23 +281,59 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and llama.cpp.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Folder for the files and results (a second run resumes).")
+@click.option("--base-model", help="The model card's base_model [default: the source's name in the files].")
+@click.option("--license", "license_", help="The model card's license [default: general.license of the files].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
-          eval_ctx: int, max_tokens: int, threads: int | None, out: Path, quiet: bool) -> None:
+          eval_ctx: int, max_tokens: int, threads: int | None, out: Path, base_model: str | None,
+          license_: str | None, quiet: bool) -> None:
     """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
 
-    Writes results.json, results.md (one row per file) and pareto.png (size vs KL divergence) in
-    the output folder; points already in results.json are not redone.
+    Writes results.json, results.md (one row per file), pareto.png (size vs KL divergence) and
+    README.md (a Hugging Face model card of the files) in the output folder; points already in
+    results.json are not redone.
     """
     from ggufmoe.pipeline.sweep import SweepOptions, sweep as run
 
     opts = SweepOptions(budgets=[b.strip() for b in budgets.split(",") if b.strip()], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
                         weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
-                        threads=threads, progress=not quiet)
+                        threads=threads, progress=not quiet, base_model=base_model, license=license_)
     rows = run(src, opts)
     click.echo((out / "results.md").read_text())
-    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'} ({len(rows)} files)")
+    click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, {out / 'README.md'} "
+               f"({len(rows)} files)")
+
+
+@cli.command()
+@click.argument("ggufs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="The model card to write (README.md).")
+@click.option("--eval-json", multiple=True, type=click.Path(path_type=Path),
+              help="Quality of a file: the output of `ggufmoe eval --json` (repeatable).")
+@click.option("--results", type=click.Path(path_type=Path),
+              help="Quality and commands of the files from a sweep's results.json (its pareto.png is linked).")
+@click.option("--base-model",
+              help="The source model, a Hugging Face repository (org/name) [default: its name in the files].")
+@click.option("--license", "license_", help="The source's license [default: general.license of the files].")
+@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Context the memory column is computed at.")
+@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+              help="KV cache type of the memory column.")
+def card(ggufs: tuple[Path, ...], out: Path, eval_json: tuple[Path, ...], results: Path | None,
+         base_model: str | None, license_: str | None, ctx: int, kv_type: str) -> None:
+    """Write a Hugging Face model card for GGUFS: metadata (base_model, quantized, tags, license) and a
+    table of every file: size, bits per weight, experts kept, top-k, KL divergence (mean, p99, p99.9),
+    top-1, same top-p, perplexity and llama.cpp's memory at --ctx.
+
+    Size, bits, experts and top-k come from each file's header; the quality columns from --eval-json
+    or --results ("–" where none is given).
+    """
+    from ggufmoe.pipeline.card import CardInputs, card as write
+
+    path = write(list(ggufs), out, CardInputs(ctx=ctx, kv_type=kv_type, base_model=base_model, license=license_),
+                 eval_json, results)
+    click.echo(f"wrote {path}")
 
 
 @cli.command("eval")
@@ -313,12 +349,17 @@ def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str,
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Where the base's log-probabilities are cached [default: ~/.cache/ggufmoe/logprobs].")
+@click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="p of same-top-p: the smallest set of most probable tokens whose probabilities sum to at least p.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv_type: str, threads: int | None,
-          cache_dir: Path | None, as_json: bool, quiet: bool) -> None:
-    """Perplexity, KL divergence (mean, 99th percentile) and top-1 agreement of GGUF against BASE.
+          cache_dir: Path | None, top_p: float, as_json: bool, quiet: bool) -> None:
+    """Perplexity, KL divergence (mean, 99th and 99.9th percentile), top-1 agreement and same-top-p
+    of GGUF against BASE.
 
+    Same-top-p is the share of scored tokens whose top-p set (the smallest set of most probable
+    tokens whose probabilities sum to at least p, default 0.9) is the very set the base has.
     Both score the same chunks of --text through their logits (llama.cpp; transformers for a
     Hugging Face BASE). The base's log-probabilities are cached, so comparing many files is cheap.
     """
@@ -328,7 +369,7 @@ def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv
     from ggufmoe.stats.text import read_text
 
     result = evaluate(gguf, base, read_text(text_file), ctx, max_tokens, kv_type == "f32", threads, cache_dir,
-                      progress=not quiet)
+                      progress=not quiet, top_p=top_p)
     click.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_result(result))
 
 

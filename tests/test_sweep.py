@@ -3,10 +3,14 @@ llama.cpp baseline, writes the three result files, and a second run redoes nothi
 
 import json
 import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+from huggingface_hub import ModelCard
 
 import tiny_models
 from cli_run import GGUFMOE
-from ggufmoe.pipeline.sweep import Point, pareto_front
+from ggufmoe.pipeline.sweep import Point, SweepOptions, format_table, load_results, pareto_front
 
 
 def test_sweep_end_to_end_and_resume(tmp_path):
@@ -22,15 +26,31 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert [r["name"] for r in rows] == ["plan-10M", "llama.cpp-Q2_K", "plan-14M"]  # by size
     for r in rows:
         assert r["fits"] and r["peak_rss"] > 0 and r["gen_tps"] > 0, r
-        assert 0 < r["kld_mean"] < r["kld_p99"] and 0 < r["top1"] < 1 and r["ppl"] > r["ppl_base"] > 1
+        assert 0 < r["kld_mean"] < r["kld_p99"] <= r["kld_p999"] and 0 < r["top1"] < 1 and r["ppl"] > r["ppl_base"] > 1
+        assert 0 < r["same_top_p"] < 1 and r["commands"]
         assert (out / r["file"]).stat().st_size == r["file_bytes"]
         if r["kind"] == "ggufmoe":
             assert r["file_bytes"] <= r["budget"]
     assert rows[0]["kld_mean"] > rows[2]["kld_mean"]  # more bytes, less loss
     md = (out / "results.md").read_text()
-    assert all(r["name"] in md for r in rows) and "KLD p99" in md and "★" in md
+    assert all(r["name"] in md for r in rows) and "KLD p99.9" in md and "same top-p" in md and "★" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in proc.stdout
+
+    card = ModelCard.load(out / "README.md")  # the model card, read back offline from its path
+    assert card.data.base_model == "refmoe-qwen3" and card.data.base_model_relation == "quantized"
+    pruned = any(not r["experts"].startswith("24/") for r in rows)
+    assert pruned and card.data.tags == ["gguf", "moe", "pruned"]
+    table = [line for line in card.text.splitlines() if ".gguf |" in line]
+    for r in rows:  # every file named, with its bits per weight and measured quality
+        line = next(line for line in table if line.startswith(f"| {r['file']} |"))
+        assert f"| {r['bpw']:.2f} |" in line and f"| {r['kld_p999']:.3f} |" in line and f"| {r['experts']} |" in line
+    assert "memory at ctx 1024" in card.text and "![file size against KL divergence](pareto.png)" in card.text
+    assert "`calib.txt` (60,000 bytes" in card.text
+    for command in ("ggufmoe calibrate refmoe-qwen3 --text calib.txt -o stats.gguf",
+                    "ggufmoe plan refmoe-qwen3 --budget 10M", "ggufmoe convert refmoe-qwen3 --plan plan-10M.plan.json",
+                    "llama-quantize --imatrix stats.gguf base-F16.gguf llama.cpp-Q2_K.gguf Q2_K"):
+        assert command in card.text, command
 
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
     again = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
@@ -47,6 +67,18 @@ def test_bad_budget_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: cannot read size 'lots' "
                                                                          "(examples: 2G, 500M, 128GiB, 1000000)"]
     assert not (tmp_path / "s").exists()
+
+
+def test_rows_from_before_the_new_metrics_still_load(tmp_path):
+    old = asdict(Point("plan-10M", "ggufmoe", "plan-10M.gguf", 10, "20/24", 4, 20, kld_mean=0.1, kld_p99=0.5))
+    for key in ("kld_p999", "same_top_p", "commands"):
+        del old[key]
+    (tmp_path / "results.json").write_text(json.dumps([old]))
+    points = load_results(tmp_path / "results.json")
+    assert points["plan-10M"].kld_p999 is None and points["plan-10M"].commands == []
+    opts = SweepOptions([], Path("calib.txt"), Path("eval.txt"), tmp_path)
+    row = next(line for line in format_table(list(points.values()), Path("m"), opts).splitlines() if "plan-10M" in line)
+    assert "| 0.500 | – |" in row  # p99, then no p99.9
 
 
 def test_pareto_front():

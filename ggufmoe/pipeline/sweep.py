@@ -3,7 +3,8 @@
 Everything lands in one folder: ``stats.gguf`` (calibration, streamed layer by layer with its
 state in ``.stats.gguf.partial`` until it is complete, and the cached sensitivities),
 ``base-F16.gguf`` (the reference every file is scored against, and the input of the baselines),
-one GGUF (and plan) per point, ``results.json``, ``results.md`` and ``pareto.png``. A point is
+one GGUF (and plan) per point, ``results.json``, ``results.md``, ``pareto.png`` and ``README.md`` (a
+Hugging Face model card of the files: :mod:`ggufmoe.pipeline.card`). A point is
 done when its row is in ``results.json``: a second run redoes nothing that finished, and an
 interrupted one goes on where it stopped (files are only ever complete: see :mod:`ggufmoe.gguf.writer`).
 """
@@ -12,19 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import shlex
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.calibrate import calibrate
+from ggufmoe.pipeline.card import CardInputs, build_card, file_facts, write_card
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.budget import build_plan, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.quant.rules import TypeRules
-from ggufmoe.runtime.evaluate import evaluate
+from ggufmoe.runtime.evaluate import TOP_P, evaluate
 from ggufmoe.runtime.llama_quantize import llama_quantize
 from ggufmoe.runtime.validate import validate
 from ggufmoe.source import open_source
@@ -51,6 +54,8 @@ class SweepOptions:
     max_tokens: int = 8192
     threads: int | None = None
     progress: bool = True
+    base_model: str | None = None  # the model card's base_model [default: from the files' keys]
+    license: str | None = None  # the model card's license [default: general.license of the files]
 
 
 @dataclass
@@ -69,12 +74,15 @@ class Point:
     ppl_base: float = 0.0
     kld_mean: float = 0.0
     kld_p99: float = 0.0
+    kld_p999: float | None = None  # None in rows of sweeps from before it was measured
     top1: float = 0.0
+    same_top_p: float | None = None  # share of tokens whose top-p set (p = evaluate.TOP_P) is the base's
     fits: bool = False
     peak_rss: int | None = None
     prompt_tps: float | None = None
     gen_tps: float | None = None
     note: str = ""
+    commands: list[str] = field(default_factory=list)  # what made the file, in the sweep's folder (sweep_commands)
 
 
 def load_results(path: Path) -> dict[str, Point]:
@@ -114,7 +122,6 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
         raise GgufmoeError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     results_path = out / "results.json"
     points = load_results(results_path)
-    n_params = sum(s.n_elements for s in arch.tensors())
     stats_path, base = _prepare(src, out, calib, opts)
     bar = tqdm(todo, desc="sweep", unit="point", disable=not opts.progress)
     for kind, name, what in bar:
@@ -122,14 +129,33 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
             continue
         bar.set_postfix_str(name)
         point = (_ours if kind == "ggufmoe" else _baseline)(src, arch, name, what, stats_path, base, calib, opts)
-        point.bpw = 8 * point.file_bytes / n_params
+        point.bpw = file_facts(out / point.file, opts.ctx, opts.kv_type).bpw
         _measure(point, base, text, opts)
         points[name] = point
         save_results(points, results_path)
     rows = sorted(points.values(), key=lambda p: p.file_bytes)
     (out / "results.md").write_text(format_table(rows, src, opts))
     plot_pareto(rows, out / "pareto.png", src.name)
+    write_card(build_card([file_facts(out / p.file, opts.ctx, opts.kv_type) for p in rows],
+                          {p.file: asdict(p) for p in rows}, card_inputs(src, opts)), out / "README.md")
     return rows
+
+
+def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:
+    """The model card's settings, evaluation and shared commands for a sweep of ``src``."""
+    run = shlex.join(["ggufmoe", "eval", "FILE.gguf", "--base", f"base-{BASE_TYPE}.gguf", "--text", opts.text.name,
+                      "--ctx", str(opts.eval_ctx), "--max-tokens", str(opts.max_tokens), "--json"])
+    return CardInputs(
+        ctx=opts.ctx, kv_type=opts.kv_type, base_model=opts.base_model, license=opts.license,
+        evaluation=[f"KL divergence, top-1, same top-p and perplexity against the {BASE_TYPE} conversion on "
+                    f"`{opts.text.name}` (up to {opts.max_tokens} tokens in chunks of {opts.eval_ctx}): `{run}`. Same "
+                    f"top-p is the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
+                    f"probability {TOP_P:g}) is the base's. Memory: the file plus llama.cpp's runtime memory at ctx "
+                    f"{opts.ctx} (KV {opts.kv_type}), every file validated under it. Bits per weight count the "
+                    "source's parameters."],
+        calib_text=opts.calib, plot="pareto.png",
+        commands=[shlex.join(["ggufmoe", "calibrate", src.name, "--text", opts.calib.name, "-o", "stats.gguf"]),
+                  shlex.join(["ggufmoe", "convert", src.name, "--type", BASE_TYPE, "-o", f"base-{BASE_TYPE}.gguf"])])
 
 
 def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions) -> tuple[Path, Path]:
@@ -160,8 +186,13 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
     size = path.stat().st_size
     if size != plan.file_bytes:
         raise GgufmoeError(f"{path}: {size} bytes written, {plan.file_bytes} planned")
+    planning = ["ggufmoe", "plan", src.name, "--budget", name.removeprefix("plan-"), "--ctx", str(opts.ctx),
+                "--kv-type", opts.kv_type, *(["--weights-only"] if opts.weights_only else []),
+                "--stats", stats_path.name, "--calib", opts.calib.name, "-o", plan_path.name]
     return Point(name, "ggufmoe", path.name, size, f"{plan.keep}/{plan.n_expert}", plan.top_k, plan.memory["total"],
-                 budget=budget, predicted_kld=plan.predicted_kld["total"])
+                 budget=budget, predicted_kld=plan.predicted_kld["total"],
+                 commands=[shlex.join(planning),
+                           shlex.join(["ggufmoe", "convert", src.name, "--plan", plan_path.name, "-o", path.name])])
 
 
 def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
@@ -171,7 +202,8 @@ def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
         llama_quantize(base, path, mix, imatrix=load_stats(stats_path).imatrix, threads=opts.threads)
     size = path.stat().st_size
     memory = gguf_runtime_memory(arch, path, opts.ctx, opts.kv_type).total
-    return Point(name, "llama.cpp", path.name, size, f"{arch.n_expert}/{arch.n_expert}", arch.top_k, memory)
+    return Point(name, "llama.cpp", path.name, size, f"{arch.n_expert}/{arch.n_expert}", arch.top_k, memory,
+                 commands=[shlex.join(["llama-quantize", "--imatrix", stats_path.name, base.name, path.name, mix])])
 
 
 def _measure(point: Point, base: Path, text: str, opts: SweepOptions) -> None:
@@ -184,8 +216,8 @@ def _measure(point: Point, base: Path, text: str, opts: SweepOptions) -> None:
         point.note = f"validate: {e}"
     r = evaluate(path, base, text, opts.eval_ctx, opts.max_tokens, threads=opts.threads,
                  cache_dir=opts.out / "cache", progress=False)
-    point.ppl, point.ppl_base, point.kld_mean, point.kld_p99, point.top1 = (
-        r.ppl, r.ppl_base, r.kld_mean, r.kld_p99, r.top1)
+    point.ppl, point.ppl_base, point.kld_mean, point.kld_p99, point.kld_p999, point.top1, point.same_top_p = (
+        r.ppl, r.ppl_base, r.kld_mean, r.kld_p99, r.kld_p999, r.top1, r.same_top_p)
 
 
 def pareto_front(points: list[Point]) -> list[Point]:
@@ -208,19 +240,23 @@ def format_table(rows: list[Point], src: Path, opts: SweepOptions) -> str:
         f"against the {BASE_TYPE} conversion on `{opts.text.name}` (up to {opts.max_tokens} tokens in chunks of "
         f"{opts.eval_ctx}, F32 KV cache). Baselines: llama.cpp's mixes by `llama_model_quantize` from the "
         f"{BASE_TYPE} file with the same importance matrix. Bits per weight count the source's parameters. "
+        f"Same top-p: the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
+        f"probability {TOP_P:g}) is the base's. "
         f"Machine: {os.cpu_count()} cores. ★ = on the Pareto front (size vs KLD).",
         "",
-        "| file | bytes | bits/weight | experts | top-k | PPL | KLD | predicted KLD | KLD p99 | top-1 | peak RSS | "
-        "predicted memory | prompt tok/s | gen tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | bytes | bits/weight | experts | top-k | PPL | KLD | predicted KLD | KLD p99 | KLD p99.9 | top-1 | "
+        "same top-p | peak RSS | predicted memory | prompt tok/s | gen tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in rows:
         rss = format_size(p.peak_rss) if p.fits else "does not fit"
         speed = (f"{p.prompt_tps:,.0f} | {p.gen_tps:,.1f}" if p.fits else "– | –")
         predicted = "–" if p.predicted_kld is None else f"{p.predicted_kld:.4f}"
+        p999 = "–" if p.kld_p999 is None else f"{p.kld_p999:.3f}"
+        same = "–" if p.same_top_p is None else f"{100 * p.same_top_p:.1f}%"
         lines.append(f"| {'★ ' if p.name in front else ''}{p.name} | {p.file_bytes:,} | {p.bpw:.2f} | {p.experts} | "
-                     f"{p.top_k} | {p.ppl:.3f} | {p.kld_mean:.4f} | {predicted} | {p.kld_p99:.3f} | "
-                     f"{100 * p.top1:.1f}% | {rss} | "
+                     f"{p.top_k} | {p.ppl:.3f} | {p.kld_mean:.4f} | {predicted} | {p.kld_p99:.3f} | {p999} | "
+                     f"{100 * p.top1:.1f}% | {same} | {rss} | "
                      f"{format_size(p.predicted_memory)} | {speed} |")
     notes = [f"- {p.name}: {p.note}" for p in rows if p.note]
     if notes:

@@ -16,6 +16,10 @@ from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.prune.merge import Folds
 
+# provenance keys (write_provenance)
+KEY_SOURCE = "ggufmoe.source"
+KEY_EXPERT_COUNT_SOURCE = "ggufmoe.prune.expert_count_source"
+
 
 def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[TensorSpec]]:
     """The pruned model: an architecture that writes the new expert counts (``arch`` itself is left
@@ -81,10 +85,10 @@ def _raw_rows(raw: Callable[[int], np.ndarray], kept: list[int], n_rows: int) ->
 
 def write_provenance(w: gguf.GGUFWriter, source: str, plan: Pruning) -> None:
     """``ggufmoe.*`` keys: where the file comes from and which experts it kept."""
-    w.add_string("ggufmoe.source", source)
+    w.add_string(KEY_SOURCE, source)
     if not plan.changes:
         return
-    w.add_uint32("ggufmoe.prune.expert_count_source", plan.n_expert)
+    w.add_uint32(KEY_EXPERT_COUNT_SOURCE, plan.n_expert)
     w.add_uint32("ggufmoe.prune.expert_used_count_source", plan.top_k_source)
     w.add_uint32("ggufmoe.prune.keep", plan.keep)
     w.add_uint32("ggufmoe.prune.expert_used_count", plan.top_k)

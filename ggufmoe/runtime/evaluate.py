@@ -1,5 +1,7 @@
 """Quality of a GGUF against a base model through llama.cpp's logits: perplexity, KL divergence
-(mean and 99th percentile over tokens) and top-1 agreement.
+(mean, 99th and 99.9th percentile over tokens), top-1 agreement and same-top-p: the share of tokens
+whose top-p set — the smallest set of most probable tokens whose probabilities sum to at least p
+(default 0.9) — is the very set the base has (:func:`ggufmoe.runtime.logprobs.same_top_p`).
 
 The base is a GGUF (scored by llama.cpp) or a Hugging Face directory (scored by transformers).
 Both see the same tokens: the text tokenized by llama.cpp with the candidate's vocabulary, cut
@@ -25,6 +27,7 @@ from ggufmoe.runtime.logprobs import hf_logprobs, iter_logprobs, score_against
 from ggufmoe.stats.collect import load_model
 
 CHARS_PER_TOKEN = 16  # text looked at per token wanted: far more than any tokenizer needs
+TOP_P = 0.9  # the p of same-top-p
 
 
 @dataclass
@@ -38,7 +41,10 @@ class EvalResult:
     ppl_base: float
     kld_mean: float
     kld_p99: float
+    kld_p999: float
     top1: float
+    same_top_p: float  # share of tokens whose top-p set is the base's
+    top_p: float  # its p
     seconds: float
 
     def to_dict(self) -> dict:
@@ -117,8 +123,11 @@ def cached_base_logprobs(base: Path, chunks: list[list[int]], kv_f32: bool = Tru
 
 
 def evaluate(path: Path, base: Path, text: str, ctx: int = 512, max_tokens: int = 8192, kv_f32: bool = True,
-             threads: int | None = None, cache_dir: Path | None = None, progress: bool = True) -> EvalResult:
-    """Score ``path`` against ``base`` (GGUF or Hugging Face directory) on ``text``."""
+             threads: int | None = None, cache_dir: Path | None = None, progress: bool = True,
+             top_p: float = TOP_P) -> EvalResult:
+    """Score ``path`` against ``base`` (GGUF or Hugging Face directory) on ``text``; same-top-p at ``top_p``."""
+    if not 0 < top_p <= 1:
+        raise GgufmoeError(f"top-p {top_p} is not in (0, 1]")
     t0 = time.perf_counter()
     path, base = existing_file(path), Path(base)
     if not base.exists():
@@ -130,13 +139,16 @@ def evaluate(path: Path, base: Path, text: str, ctx: int = 512, max_tokens: int 
     if ref.shape[-1] < 1:
         raise GgufmoeError(f"{base}: no logits")
     # every position of every chunk counts once (pooled, not a mean of chunk means)
-    cmp = score_against(path, chunks, ref, threads, kv_f32, progress, desc=f"eval {path.name}")
+    cmp = score_against(path, chunks, ref, threads, kv_f32, progress, desc=f"eval {path.name}", top_p=top_p)
     kld_all = np.concatenate([c.kld for c in cmp])
     return EvalResult(path=str(path), base=str(base), ctx=len(chunks[0]), chunks=len(chunks), tokens=int(kld_all.size),
                       ppl=float(np.exp(np.concatenate([c.nll for c in cmp]).mean())),
                       ppl_base=float(np.exp(np.concatenate([c.nll_base for c in cmp]).mean())),
                       kld_mean=float(kld_all.mean()), kld_p99=float(np.percentile(kld_all, 99)),
-                      top1=float(np.concatenate([c.agree for c in cmp]).mean()), seconds=time.perf_counter() - t0)
+                      kld_p999=float(np.percentile(kld_all, 99.9)),
+                      top1=float(np.concatenate([c.agree for c in cmp]).mean()),
+                      same_top_p=float(np.concatenate([c.same_top_p for c in cmp]).mean()), top_p=top_p,
+                      seconds=time.perf_counter() - t0)
 
 
 def format_result(r: EvalResult) -> str:
@@ -145,7 +157,8 @@ def format_result(r: EvalResult) -> str:
         f"base         {r.base}",
         f"tokens       {r.tokens} scored in {r.chunks} chunks of {r.ctx}",
         f"perplexity   {r.ppl:.4f} (base {r.ppl_base:.4f})",
-        f"KL div.      mean {r.kld_mean:.6f}, 99th percentile {r.kld_p99:.6f} nats/token",
+        f"KL div.      mean {r.kld_mean:.6f}, 99th percentile {r.kld_p99:.6f}, 99.9th {r.kld_p999:.6f} nats/token",
         f"top-1        {100 * r.top1:.2f}% agreement with the base",
+        f"same top-p   {100 * r.same_top_p:.2f}% of tokens keep the base's top-{r.top_p:g} set",
     ])
 
