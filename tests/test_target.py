@@ -58,6 +58,12 @@ def test_bad_target_is_one_line(tmp_path):
         assert not (tmp_path / "p.json").exists()
     assert_one_line_error(run("plan", tiny_models.REF_MODEL, "--budget", "200M", "--weights-only", "--target",
                               "cuda:8GiB"), "GPU memory", "--weights-only")
+    assert_one_line_error(run("convert", tiny_models.REF_MODEL, "-o", tmp_path / "m.gguf", "--budget", "200M",
+                              "--calib", tiny_models.TEST_DATA / "calib.txt", "--target", "cuda"), "cuda:24GiB")
+    assert_one_line_error(run("sweep", tiny_models.REF_MODEL, "--budgets", "10M", "--calib",
+                              tiny_models.TEST_DATA / "calib.txt", "--text", tiny_models.TEST_DATA / "eval_doc.txt",
+                              "-o", tmp_path / "s", "--target", "gpu"), "unknown target")
+    assert not any(tmp_path.iterdir())
 
 
 def test_cpu_and_cpu_repack_predict_peak_rss(tmp_path):

@@ -32,11 +32,11 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.gguf.header import file_bytes
+from ggufmoe.model.names import OUTPUT, role
 from ggufmoe.model.qtypes import CANDIDATES, POOR_WITHOUT_IMATRIX, bits_per_weight, effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.layout import overhead_bytes, padded, planned_output
-from ggufmoe.model.names import OUTPUT, role
 from ggufmoe.plan.memory import RuntimeMemory, gpu_tensor_bytes, is_repacked, placement, runtime_memory, weight_memory
 from ggufmoe.plan.target import Target
 from ggufmoe.plan.report import source_notes
