@@ -255,7 +255,8 @@ def main() -> None:
     model = Path(args.model)
     ctxs = [int(c) for c in args.ctx.split(",")]
 
-    from ggufmoe.plan.memory import (MISC_BYTES, OS_MARGIN_FRACTION, PROCESS_BYTES, compute_buffer_bytes, local_repack_types)
+    from ggufmoe.plan.memory import MISC_BYTES, OS_MARGIN_FRACTION, PROCESS_BYTES, compute_buffer_bytes
+    from ggufmoe.plan.target import local_repack_types
     from ggufmoe.arch.shape import ModelShape
 
     base_rss, _ = run_child("none", 0)

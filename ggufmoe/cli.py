@@ -79,6 +79,9 @@ def cli() -> None:
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
               help="KV cache type for --budget.")
 @click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
+@click.option("--target", default="host", show_default=True, metavar="TARGET",
+              help="The machine --budget plans for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
+                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
               help="--budget: how tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
                    "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
@@ -95,8 +98,8 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
             top_k_scale: float | None, max_active: str | None, per_layer: bool, merge: bool,
             plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
-            kv_type: str, weights_only: bool, sensitivity: str, threads: int | None, split_max_size: str | None,
-            ollama: bool, resume: bool, quiet: bool) -> None:
+            kv_type: str, weights_only: bool, target: str, sensitivity: str, threads: int | None,
+            split_max_size: str | None, ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -113,6 +116,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     from ggufmoe.pipeline.convert_job import ConvertJob
     from ggufmoe.plan.budget import Budget
     from ggufmoe.plan.report import format_plan
+    from ggufmoe.plan.target import parse_target
     from ggufmoe.prune.criteria import PruneRequest
     from ggufmoe.quant.rules import TypeRules
     from ggufmoe.units import format_size, parse_size
@@ -126,7 +130,8 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
                           split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)
     job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
-                                             parse_size(max_active) if max_active else None) if budget else None,
+                                             parse_size(max_active) if max_active else None,
+                                             parse_target(target)) if budget else None,
                      calib, criterion, sensitivity)
     plan, paths = job.run(src)
     if budget:
@@ -227,6 +232,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration text, to measure sensitivities (cached in the stats file).")
 @click.option("--weights-only", is_flag=True, help="Budget the file only, not llama.cpp's runtime memory.")
+@click.option("--target", default="host", show_default=True, metavar="TARGET",
+              help="The machine to plan for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
+                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE", help="Pin tensors to a type.")
 @click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="reap", show_default=True,
               help="Which experts to keep when pruning pays.")
@@ -240,8 +248,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
-         rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None, max_active: str | None,
-         out: Path | None, quiet: bool) -> None:
+         target: str, rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None,
+         max_active: str | None, out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
@@ -250,12 +258,13 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
     from ggufmoe.pipeline.budget import build_plan
     from ggufmoe.plan.budget import Budget
     from ggufmoe.plan.report import format_plan
+    from ggufmoe.plan.target import parse_target
     from ggufmoe.stats.text import read_text
     from ggufmoe.quant.rules import TypeRules
     from ggufmoe.units import parse_size
 
     result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
-                                    parse_size(max_active) if max_active else None), stats,
+                                    parse_size(max_active) if max_active else None, parse_target(target)), stats,
                         read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
                         progress=not quiet, sensitivity=sensitivity)
     click.echo(format_plan(result))
@@ -279,13 +288,16 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
               help="Evaluation tokens per file.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and llama.cpp.")
+@click.option("--target", default="host", show_default=True, metavar="TARGET",
+              help="The machine to plan and validate for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
+                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Folder for the files and results (a second run resumes).")
 @click.option("--base-model", help="The model card's base_model [default: the source's name in the files].")
 @click.option("--license", "license_", help="The model card's license [default: general.license of the files].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
-          eval_ctx: int, max_tokens: int, threads: int | None, out: Path, base_model: str | None,
+          eval_ctx: int, max_tokens: int, threads: int | None, target: str, out: Path, base_model: str | None,
           license_: str | None, quiet: bool) -> None:
     """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
 
@@ -294,11 +306,13 @@ def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str,
     results.json are not redone.
     """
     from ggufmoe.pipeline.sweep import SweepOptions, sweep as run
+    from ggufmoe.plan.target import parse_target
 
     opts = SweepOptions(budgets=[b.strip() for b in budgets.split(",") if b.strip()], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
                         weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
-                        threads=threads, progress=not quiet, base_model=base_model, license=license_)
+                        threads=threads, progress=not quiet, target=parse_target(target), base_model=base_model,
+                        license=license_)
     rows = run(src, opts)
     click.echo((out / "results.md").read_text())
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, {out / 'README.md'} "
@@ -403,8 +417,13 @@ def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads [default: llama-cpp-python's].")
 @click.option("--timeout", default=3600, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds before the run counts as failed.")
+@click.option("--target", metavar="TARGET",
+              help="Run as host, cpu (repacking off), cpu-repack or cuda:SIZE (every layer offloaded) "
+                   "[default: the --plan's target, else host].")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path),
+              help="The plan the GGUF was made from: warns when this run is not its target.")
 def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int, threads: int | None,
-             timeout: float) -> None:
+             timeout: float, target: str | None, plan_file: Path | None) -> None:
     """Load and run the GGUF in SRC in llama.cpp under an enforced memory limit.
 
     A child process loads it (cgroup v2 memory.max where possible, else RLIMIT_AS on its
@@ -412,11 +431,14 @@ def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int
     few tokens; reports peak RSS and speed. Fails when it does not fit or does not run. For a
     split GGUF give the first shard.
     """
+    from ggufmoe.plan.budget import Plan
+    from ggufmoe.plan.target import HOST, parse_target
     from ggufmoe.units import parse_size
     from ggufmoe.runtime.validate import DEFAULT_PROMPT, format_result, validate as run
 
+    planned = Plan.load(plan_file).machine() if plan_file else None
     result = run(src, parse_size(limit), ctx, prompt if prompt is not None else DEFAULT_PROMPT, n_predict, threads,
-                 timeout)
+                 timeout, parse_target(target) if target else planned or HOST, planned)
     click.echo(format_result(result))
 
 

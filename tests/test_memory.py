@@ -12,6 +12,7 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes, runtime_memory, weight_memory
+from ggufmoe.plan.target import CPU
 from ggufmoe.gguf.header import file_bytes
 from ggufmoe.gguf.header import shard_bytes
 from ggufmoe.prune.criteria import PruneRequest, choose_experts
@@ -72,7 +73,7 @@ def test_file_bytes_are_exact(tiny, tmp_path, case):
     stats = tiny / "stats.gguf" if c.get("prune") else None
     out = tmp_path / f"{case}.gguf"
     w = prepared_writer(tiny / c["model"], types, out, c.get("split", 0), stats, c.get("prune"))
-    predicted, per_shard, weights = file_bytes(w), shard_bytes(w), weight_memory(w, repack={})
+    predicted, per_shard, weights = file_bytes(w), shard_bytes(w), weight_memory(w, CPU)
     written = convert(tiny / c["model"], ConvertOptions(out=out, types=types, split_max_size=c.get("split", 0),
                                                         stats=stats, prune=c.get("prune"), progress=False))
     assert [p.stat().st_size for p in written] == per_shard
@@ -80,7 +81,7 @@ def test_file_bytes_are_exact(tiny, tmp_path, case):
     if case == "split":
         assert len(written) > 2
     # the writer-side and file-side views of the weights agree
-    assert weight_memory(written, repack={}) == weights
+    assert weight_memory(written, CPU) == weights
     assert weight_memory(w) == weight_memory(written)
 
 

@@ -19,7 +19,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     out = tmp_path / "sweep"
     cmd = [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
            "--calib", calib, "--text", tiny_models.TEST_DATA / "eval_doc.txt", "--ctx", "1024",
-           "--max-tokens", "1024", "--threads", "2", "-o", out, "-q"]
+           "--max-tokens", "1024", "--threads", "2", "--target", "cpu", "-o", out, "-q"]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
@@ -36,6 +36,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert all(r["name"] in md for r in rows) and "KLD p99.9" in md and "same top-p" in md and "★" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in proc.stdout
+    assert json.loads((out / "plan-10M.plan.json").read_text())["target"] == "cpu" and "target `cpu`" in md
 
     card = ModelCard.load(out / "README.md")  # the model card, read back offline from its path
     assert card.data.base_model == "refmoe-qwen3" and card.data.base_model_relation == "quantized"

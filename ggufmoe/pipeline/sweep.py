@@ -26,6 +26,7 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.budget import build_plan, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
+from ggufmoe.plan.target import HOST, Target
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.evaluate import TOP_P, evaluate
 from ggufmoe.runtime.llama_quantize import llama_quantize
@@ -54,6 +55,7 @@ class SweepOptions:
     max_tokens: int = 8192
     threads: int | None = None
     progress: bool = True
+    target: Target = HOST  # the machine planned and validated for (memory.runtime_memory)
     base_model: str | None = None  # the model card's base_model [default: from the files' keys]
     license: str | None = None  # the model card's license [default: general.license of the files]
 
@@ -66,7 +68,7 @@ class Point:
     file_bytes: int
     experts: str  # kept / source
     top_k: int
-    predicted_memory: int  # file + llama.cpp runtime memory at the sweep's ctx (memory.runtime_memory)
+    predicted_memory: int  # file + llama.cpp runtime memory at the sweep's ctx (host memory on cuda)
     budget: int | None = None
     predicted_kld: float | None = None
     bpw: float = 0.0  # bits per weight of the source model (pruned experts count as removed weights)
@@ -177,9 +179,12 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
     path, plan_path = opts.out / f"{name}.gguf", opts.out / f"{name}.plan.json"
     if path.is_file() and plan_path.is_file():
         plan = Plan.load(plan_path)
+        if plan.target != str(opts.target):
+            raise GgufmoeError(f"{plan_path}: planned for target {plan.target}, this sweep is for {opts.target}: "
+                               "sweep into another folder")
     else:
-        plan = build_plan(src, Budget(budget, opts.ctx, opts.kv_type, opts.weights_only), stats_path, calib,
-                          progress=opts.progress)
+        plan = build_plan(src, Budget(budget, opts.ctx, opts.kv_type, opts.weights_only, target=opts.target),
+                          stats_path, calib, progress=opts.progress)
         plan.save(plan_path)
         convert(src, options_from_plan(plan, ConvertOptions(out=path, types=TypeRules.parse("Q8_0"),
                                                             threads=opts.threads, progress=False)))
@@ -188,6 +193,7 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
         raise GgufmoeError(f"{path}: {size} bytes written, {plan.file_bytes} planned")
     planning = ["ggufmoe", "plan", src.name, "--budget", name.removeprefix("plan-"), "--ctx", str(opts.ctx),
                 "--kv-type", opts.kv_type, *(["--weights-only"] if opts.weights_only else []),
+                *(["--target", str(opts.target)] if opts.target != HOST else []),
                 "--stats", stats_path.name, "--calib", opts.calib.name, "-o", plan_path.name]
     return Point(name, "ggufmoe", path.name, size, f"{plan.keep}/{plan.n_expert}", plan.top_k, plan.memory["total"],
                  budget=budget, predicted_kld=plan.predicted_kld["total"],
@@ -201,7 +207,7 @@ def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
     if not path.is_file():
         llama_quantize(base, path, mix, imatrix=load_stats(stats_path).imatrix, threads=opts.threads)
     size = path.stat().st_size
-    memory = gguf_runtime_memory(arch, path, opts.ctx, opts.kv_type).total
+    memory = gguf_runtime_memory(arch, path, opts.ctx, opts.kv_type, opts.target).total
     return Point(name, "llama.cpp", path.name, size, f"{arch.n_expert}/{arch.n_expert}", arch.top_k, memory,
                  commands=[shlex.join(["llama-quantize", "--imatrix", stats_path.name, base.name, path.name, mix])])
 
@@ -210,7 +216,7 @@ def _measure(point: Point, base: Path, text: str, opts: SweepOptions) -> None:
     """Validate under the predicted memory, then score against the base; fills ``point`` in place."""
     path = opts.out / point.file
     try:
-        v = validate(path, point.predicted_memory, opts.ctx, threads=opts.threads)
+        v = validate(path, point.predicted_memory, opts.ctx, threads=opts.threads, target=opts.target)
         point.fits, point.peak_rss, point.prompt_tps, point.gen_tps = True, v.peak_rss, v.prompt_tps, v.gen_tps
     except GgufmoeError as e:
         point.note = f"validate: {e}"
@@ -242,7 +248,7 @@ def format_table(rows: list[Point], src: Path, opts: SweepOptions) -> str:
         f"{BASE_TYPE} file with the same importance matrix. Bits per weight count the source's parameters. "
         f"Same top-p: the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
         f"probability {TOP_P:g}) is the base's. "
-        f"Machine: {os.cpu_count()} cores. ★ = on the Pareto front (size vs KLD).",
+        f"Machine: {os.cpu_count()} cores; target `{opts.target}`. ★ = on the Pareto front (size vs KLD).",
         "",
         "| file | bytes | bits/weight | experts | top-k | PPL | KLD | predicted KLD | KLD p99 | KLD p99.9 | top-1 | "
         "same top-p | peak RSS | predicted memory | prompt tok/s | gen tok/s |",

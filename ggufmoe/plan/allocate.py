@@ -6,7 +6,9 @@ to half, at most :data:`~ggufmoe.prune.criteria.MAX_KEEP_CANDIDATES` of them): p
 every tensor at its cheapest allowed type, then take upgrades in order of predicted KL saved per
 byte (steps along each tensor's lower convex hull of bytes vs. predicted cost) while they fit.
 Bytes are the file's, plus, unless the budget counts the file only, the copies llama.cpp's CPU
-backend makes of repacked types (Q4_K, IQ4_NL ... on x86). The keep count with the lowest
+backend makes of repacked types on the budget's target (Q4_K, IQ4_NL ... on x86). A target that
+offloads every layer to a GPU (cuda) charges each tensor to the memory that holds it: the token
+embedding to the host, the rest to the GPU, and the plan must fit both. The keep count with the lowest
 predicted total (pruning + quantization) wins. ``--tensor-type`` rules pin tensors.
 
 A GGUF source caps precision: a tensor is offered its stored type (copied as it is) and the
@@ -30,11 +32,13 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.gguf.header import file_bytes
+from ggufmoe.model.names import OUTPUT, role
 from ggufmoe.model.qtypes import CANDIDATES, POOR_WITHOUT_IMATRIX, bits_per_weight, effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.layout import overhead_bytes, padded, planned_output
-from ggufmoe.plan.memory import is_repacked, local_repack_types, runtime_memory, weight_memory
+from ggufmoe.plan.memory import RuntimeMemory, gpu_tensor_bytes, is_repacked, placement, runtime_memory, weight_memory
+from ggufmoe.plan.target import Target
 from ggufmoe.plan.report import source_notes
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.prune.criteria import (Pruning, PruneRequest, choose, choose_experts, keep_counts, reachable_experts,
@@ -51,30 +55,37 @@ DEFAULT_PRUNE_SCALE = 1.0
 
 @dataclass
 class Option:
-    """One way to store a tensor: its type, the bytes it takes from the budget, its predicted KL."""
+    """One way to store a tensor: its type, the bytes it takes from the (host) budget and from GPU memory,
+    its predicted KL."""
 
     qtype: T
     nbytes: int
     cost: float
+    gpu_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.nbytes + self.gpu_bytes
 
 
 def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool,
-                repack: dict | None = None) -> list[Option]:
+                repack: dict | None = None, where: tuple[bool, bool] = (True, False)) -> list[Option]:
     """Allowed (type, bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped.
 
     Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
-    llama.cpp's CPU backend makes of it when ``repack`` (:func:`ggufmoe.plan.memory.local_repack_types`)
-    holds its type.
+    llama.cpp's CPU backend makes of it when ``repack`` (:meth:`ggufmoe.plan.target.Target.repack_types`)
+    holds its type; ``where`` says whether it is in host memory, in GPU memory (its CUDA buffer size), or
+    both (:func:`ggufmoe.plan.memory.placement`).
     A tensor with a ``source_type`` (GGUF) is offered that type (copied) and the candidates with fewer
     bits, priced at their own cost plus the stored type's: requantizing keeps the error already there.
     """
-    def nbytes(t: T) -> int:
+    def option(t: T, cost: float) -> Option:
         n = TypedTensor(spec, t).nbytes
-        return padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0)
+        host = padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0) if where[0] else 0
+        return Option(t, host, cost, gpu_tensor_bytes(spec.shape, t, n) if where[1] else 0)
 
     if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or always_f32(spec):
-        t = pins.type_for(spec)
-        return [Option(t, nbytes(t), 0.0)]
+        return [option(pins.type_for(spec), 0.0)]
     costs = sens.cost.get(spec.name, {})
     cap = spec.source_type
     seen: dict[T, Option] = {}
@@ -89,10 +100,10 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
             if bits_per_weight(eff) >= bits_per_weight(cap):
                 continue
             cost += _cost_at(cap, costs)  # requantized: the stored type's error stays, the new one adds
-        seen[eff] = Option(eff, nbytes(eff), cost)
+        seen[eff] = option(eff, cost)
     if cap is not None:
-        seen[cap] = Option(cap, nbytes(cap), _cost_at(cap, costs))
-    opts = sorted(seen.values(), key=lambda o: (o.nbytes, o.cost))
+        seen[cap] = option(cap, _cost_at(cap, costs))
+    opts = sorted(seen.values(), key=lambda o: (o.size, o.cost))
     hull: list[Option] = []
     for o in opts:  # lower convex hull of (bytes, cost), cost falling
         if hull and o.cost >= hull[-1].cost:
@@ -115,24 +126,29 @@ def _cost_at(t: T, costs: dict[str, float]) -> float:
 
 
 def _slope(a: Option, b: Option) -> float:
-    return (a.cost - b.cost) / max(b.nbytes - a.nbytes, 1)
+    return (a.cost - b.cost) / max(b.size - a.size, 1)
 
 
-def allocate(groups: dict[str, list[Option]], budget: int) -> tuple[dict[str, Option], int]:
-    """Cheapest option everywhere, then the best cost-per-byte upgrades that fit. Returns choice and bytes."""
+def allocate(groups: dict[str, list[Option]], budget: int, gpu_budget: int | None = None
+             ) -> tuple[dict[str, Option], int]:
+    """Cheapest option everywhere, then the best cost-per-byte upgrades that fit ``budget`` (host bytes) and
+    ``gpu_budget`` (GPU bytes, when there is a GPU). Returns choice and host bytes."""
     level = {name: 0 for name in groups}
     used = sum(opts[0].nbytes for opts in groups.values())
+    gpu = sum(opts[0].gpu_bytes for opts in groups.values())
     if used > budget:
         raise _TooSmall(used)
+    if gpu_budget is not None and gpu > gpu_budget:
+        raise _TooSmall(gpu, on_gpu=True)
     heap = [(-_slope(o[0], o[1]), name) for name, o in groups.items() if len(o) > 1]
     heapq.heapify(heap)
     while heap:
         _, name = heapq.heappop(heap)
         opts, i = groups[name], level[name]
-        step = opts[i + 1].nbytes - opts[i].nbytes
-        if used + step > budget:
+        step, gpu_step = opts[i + 1].nbytes - opts[i].nbytes, opts[i + 1].gpu_bytes - opts[i].gpu_bytes
+        if used + step > budget or gpu_budget is not None and gpu + gpu_step > gpu_budget:
             continue
-        used += step
+        used, gpu = used + step, gpu + gpu_step
         level[name] = i + 1
         if i + 2 < len(opts):
             heapq.heappush(heap, (-_slope(opts[i + 1], opts[i + 2]), name))
@@ -140,8 +156,8 @@ def allocate(groups: dict[str, list[Option]], budget: int) -> tuple[dict[str, Op
 
 
 class _TooSmall(Exception):
-    def __init__(self, needed: int):
-        self.needed = needed
+    def __init__(self, needed: int, on_gpu: bool = False):
+        self.needed, self.on_gpu = needed, on_gpu
 
 
 def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool = False) -> list[int]:
@@ -172,12 +188,15 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
     """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
     predicted KL of a pruning (e.g. :func:`prune_cost` with a measured scale)."""
     best: Plan | None = None
-    smallest = slowest = None
+    smallest = smallest_gpu = slowest = None
     candidates = []
     crit = criterion if stats is None or stats.has_routing else "frequency"
     config_only = not src.has_weights
-    local = local_repack_types()  # the memory llama.cpp here takes; the allocation prices it unless weights only
-    repack = {} if budget.weights_only else local
+    target = budget.target
+    if target.offload and budget.weights_only:
+        raise GgufmoeError(f"target {target} fits GPU memory, which a budget of the file alone does not count: "
+                           "budget memory (no --weights-only; sweep: --memory-budgets)")
+    repack = {} if budget.weights_only else target.repack_types()  # the copies llama.cpp makes, unless file only
     top_ks = [arch.top_k, *top_k_variants(arch)] if budget.top_k_auto else [arch.top_k]
     shapes = [(keep, k) for keep in keep_candidates(arch, stats, config_only) for k in top_ks
               if k <= reachable_experts(arch, keep)]
@@ -189,21 +208,27 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         else:
             pplan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit, top_k=k))
         pruned, specs = prune_model(arch, pplan)
-        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack) for s in specs}
+        tied = not any(role(s.name) == OUTPUT for s in specs)
+        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack,
+                                      placement(s.name, target, tied)) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
         overhead = overhead_bytes(src, pruned, specs, first, pplan, stats, stats_path)
-        runtime = runtime_memory(pruned, 0, budget.ctx, budget.kv_type)
-        fixed = overhead + (0 if budget.weights_only else runtime.kv_cache + runtime.compute + runtime.reserve)
+        runtime = runtime_memory(pruned, 0, budget.ctx, budget.kv_type, target=target)
+        fixed = (0 if target.offload else overhead) + (0 if budget.weights_only else runtime.total)
         limit = budget.total - fixed
+        gpu_limit = target.gpu_memory - runtime.gpu_total if target.offload else None
         active = None
         # runtime memory is not exactly linear in the file (pages, margins), and a speed target caps the bytes a
         # token reads, which the allocation does not see: back off the file's share until both hold
         for _ in range(16):
             try:
-                choice, used = allocate(groups, limit)
+                choice, used = allocate(groups, limit, gpu_limit)
             except _TooSmall as e:
                 if active is not None and budget.max_active is not None and active > budget.max_active:
                     slowest = active if slowest is None else min(slowest, active)  # backed off for speed
+                elif e.on_gpu:
+                    need = e.needed + (target.gpu_memory - gpu_limit)
+                    smallest_gpu = need if smallest_gpu is None else min(smallest_gpu, need)
                 else:
                     need = e.needed + (budget.total - limit)
                     smallest = need if smallest is None else min(smallest, need)
@@ -211,14 +236,21 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                 break
             types = {name: o.qtype for name, o in choice.items()}
             writer = planned_output(src, pruned, specs, types, pplan, stats, stats_path).writer
-            size, wm = file_bytes(writer), weight_memory(writer, local)
-            mem = runtime_memory(pruned, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked)
+            size, wm = file_bytes(writer), weight_memory(writer, target)
+            mem = runtime_memory(pruned, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked,
+                                 gpu_weights_bytes=wm.gpu, target=target)
             over = (size if budget.weights_only else mem.total) - budget.total
+            gpu_over = mem.gpu_total - target.gpu_memory if target.offload else 0
             active = active_bytes(specs, types, pplan.top_k)
             slow = active - budget.max_active if budget.max_active is not None else 0
-            if over <= 0 and slow <= 0:
+            if over <= 0 and slow <= 0 and gpu_over <= 0:
                 break
-            limit -= max(over, -(-slow * size // active) if slow > 0 else 0)
+            faster = -(-slow * size // active) if slow > 0 else 0
+            if target.offload:  # the GPU holds all but the token embedding: a speed target backs off there
+                limit -= max(over, 0)
+                gpu_limit -= max(gpu_over, faster, 0)
+            else:
+                limit -= max(over, faster)
         else:
             choice = None
         if choice is None:
@@ -230,10 +262,9 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                     top_k_source=arch.top_k, keep=keep, top_k=pplan.top_k, criterion=crit, kept=pplan.kept,
                     types={n: t.name for n, t in types.items()},
                     tensor_bytes={s.name: TypedTensor(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
-                    memory=dict(weights=mem.weights, kv_cache=mem.kv_cache, compute=mem.compute,
-                                reserve=mem.reserve, total=mem.total),
+                    memory=_memory_dict(mem, target),
                     predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path,
-                    active_bytes=active)
+                    active_bytes=active, target=str(target))
         candidates.append(dict(keep=keep, top_k=pplan.top_k, file_bytes=size, active_bytes=active,
                                predicted_kld=plan.predicted_kld["total"]))
         if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
@@ -241,12 +272,26 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
     if best is None and slowest is not None:
         raise GgufmoeError(f"no plan within the budget reads at most {format_size(budget.max_active)} per token: "
                            f"the fewest it can is {format_size(slowest)}")
+    if best is None and smallest is None and smallest_gpu is not None:
+        raise GgufmoeError(f"GPU memory {format_size(target.gpu_memory)} ({target}) is too small: the smallest "
+                           f"feasible plan needs {format_size(smallest_gpu)} ({smallest_gpu} bytes) of it")
     if best is None:
         raise GgufmoeError(f"budget {format_size(budget.total)} is too small: the smallest feasible plan needs "
-                           f"{format_size(smallest)} ({smallest} bytes)")
+                           f"{format_size(smallest)} ({smallest} bytes)"
+                           + (f" of host memory (and {format_size(smallest_gpu)} of GPU memory)" if smallest_gpu
+                              else ""))
     best.candidates = candidates
     best.notes = source_notes(best_specs, {n: T[t] for n, t in best.types.items()})
     return best
+
+
+def _memory_dict(mem: RuntimeMemory, target: Target) -> dict[str, int]:
+    """A plan's memory breakdown: host memory, and GPU memory (``gpu_*``) when the target offloads."""
+    d = dict(weights=mem.weights, kv_cache=mem.kv_cache, compute=mem.compute, reserve=mem.reserve, total=mem.total)
+    if target.offload:
+        d.update(gpu_weights=mem.gpu_weights, gpu_kv_cache=mem.gpu_kv_cache, gpu_compute=mem.gpu_compute,
+                 gpu_reserve=mem.gpu_reserve, gpu_total=mem.gpu_total)
+    return d
 
 
 def active_bytes(specs: list[TensorSpec], types: dict[str, T], top_k: int) -> int:

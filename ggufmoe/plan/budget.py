@@ -14,6 +14,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as T
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.plan.target import HOST, Target, parse_target
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.quant.rules import TypeRules
 
@@ -22,7 +23,8 @@ from ggufmoe.quant.rules import TypeRules
 class Budget:
     """What a plan must fit (``total`` bytes of memory, or of file with ``weights_only``), and how it may get
     there: ``top_k_auto`` lets it change the experts used per token; ``max_active`` caps the weight bytes one
-    token reads (a speed target: decoding is bound by them)."""
+    token reads (a speed target: decoding is bound by them). ``target``: the machine it runs on; with a
+    cuda target ``total`` is host memory and the target's GPU memory must hold the offloaded rest."""
 
     total: int
     ctx: int = 8192
@@ -30,6 +32,7 @@ class Budget:
     weights_only: bool = False
     top_k_auto: bool = False
     max_active: int | None = None
+    target: Target = HOST
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Plan:
     active_bytes: int = 0  # weight bytes one token reads (the routed experts it uses, one embedding row)
     candidates: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    target: str = "host"  # the --target planned for (plans saved before targets existed: host)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -69,6 +73,10 @@ class Plan:
             return cls(**d)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise GgufmoeError(f"{path}: not a ggufmoe plan ({e})") from None
+
+    def machine(self) -> Target:
+        """The target planned for."""
+        return parse_target(self.target)
 
     def pruning(self) -> Pruning:
         return Pruning(self.n_expert, self.top_k_source, self.keep, self.top_k, self.criterion, 0.5, self.kept)

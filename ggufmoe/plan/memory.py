@@ -3,7 +3,9 @@ buffers, process) for a context length. Exact file sizes: :mod:`ggufmoe.gguf.hea
 
 Runtime memory is a model of llama.cpp's CPU backend (llama-cpp-python 0.3.36), checked
 against the buffer sizes llama.cpp reports and the peak RSS of a child process
-(``eval/bench_memory.py``, ``eval/results/memory.md``).
+(``eval/bench_memory.py``, ``eval/results/memory.md``), for the machine a plan targets
+(:mod:`ggufmoe.plan.target`). Full offload to a GPU (a cuda target) follows llama.cpp's source and is
+not checked against a GPU.
 """
 
 from __future__ import annotations
@@ -15,39 +17,16 @@ from gguf import GGUFWriter
 
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.gguf.header import header_bytes
-from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, role
+from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.model.qtypes import FLOAT_TYPES
+from ggufmoe.plan.target import HOST, Target
 
 # --------------------------------------------------------------------------------------------
 # weights in memory: mapped file pages and CPU repacking
 # --------------------------------------------------------------------------------------------
 
 T = gguf.GGMLQuantizationType
-
-# Types the CPU backend repacks at load into an interleaved layout (ggml-cpu/repack.cpp,
-# ``ggml_repack_get_optimal_repack_type``), with the row multiple (ggml ne[1]) it needs.
-REPACK_X86_AVX2 = {T.Q4_0: 8, T.Q4_K: 8, T.IQ4_NL: 8, T.MXFP4: 8}
-REPACK_X86_AVX512 = {**REPACK_X86_AVX2, T.Q2_K: 8}
-REPACK_ARM_DOTPROD = {T.Q4_0: 4, T.Q4_K: 8, T.Q5_K: 8, T.Q6_K: 8, T.IQ4_NL: 4, T.MXFP4: 4, T.Q8_0: 4}
-
-
-def local_repack_types() -> dict[gguf.GGMLQuantizationType, int]:
-    """The repacked types of the llama.cpp build installed here, from its system info."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode()
-    parts = (p.partition("=") for p in info.replace("CPU :", "|").split("|"))
-    flags = {k.strip(): v.strip() == "1" for k, _, v in parts}
-    if not flags.get("REPACK", False):
-        return {}
-    if flags.get("AVX512"):
-        return dict(REPACK_X86_AVX512)
-    if flags.get("AVX2"):
-        return dict(REPACK_X86_AVX2)
-    if flags.get("DOTPROD") or flags.get("MATMUL_INT8"):
-        return dict(REPACK_ARM_DOTPROD)
-    return {}
 
 
 def is_repacked(name: str, shape: tuple[int, ...], qtype, repack: dict) -> bool:
@@ -63,13 +42,39 @@ def is_repacked(name: str, shape: tuple[int, ...], qtype, repack: dict) -> bool:
     return shape[-2] % mult == 0
 
 
+def placement(name: str, target: Target, tied: bool) -> tuple[bool, bool]:
+    """(in host memory, in GPU memory) of a weight. With every layer offloaded llama.cpp keeps the input
+    layer on the CPU (``dev_input``, llama-model.cpp: token_embd, read by GET_ROWS, which CUDA never takes
+    for a weight on the host) and puts the repeating and output layers on the GPU; a model without
+    ``output.weight`` reads token_embd as its output there too (a GPU copy)."""
+    if not target.offload:
+        return True, False
+    if role(name) == EMBEDDING:
+        return True, tied
+    return False, True
+
+
+CUDA_ALIGNMENT = 128  # ggml-cuda's buffer alignment
+CUDA_ROW_PADDING = 512  # MATRIX_ROW_PADDING: a quantized tensor is allocated with its last row padded to it
+
+
+def gpu_tensor_bytes(shape: tuple[int, ...], qtype, nbytes: int) -> int:
+    """A weight's size in a CUDA buffer (``ggml_backend_cuda_buffer_type_get_alloc_size``, aligned)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if block > 1 and shape[-1] % CUDA_ROW_PADDING:
+        nbytes += (CUDA_ROW_PADDING - shape[-1] % CUDA_ROW_PADDING) // block * size
+    return GGUFWriter.ggml_pad(nbytes, CUDA_ALIGNMENT)
+
+
 @dataclass
 class WeightMemory:
     mapped: int    # resident pages of the memory-mapped file(s)
     repacked: int  # anonymous copies made by the CPU backend's repacking
+    gpu: int = 0   # weights copied to GPU memory (a cuda target)
 
     @property
     def total(self) -> int:
+        """Host memory."""
         return self.mapped + self.repacked
 
 
@@ -94,24 +99,30 @@ def _file_tensors(source) -> list[list[tuple[str, tuple[int, ...], object, int, 
     return files
 
 
-def weight_memory(source, repack: dict | None = None) -> WeightMemory:
-    """Resident weight bytes once llama.cpp has loaded a model (mmap, Linux): ``source`` is a
-    prepared :class:`GGUFWriter` (nothing written yet) or the GGUF file(s).
+def weight_memory(source, target: Target = HOST) -> WeightMemory:
+    """Resident weight bytes once llama.cpp has loaded a model (mmap, Linux) on ``target``: ``source`` is
+    a prepared :class:`GGUFWriter` (nothing written yet) or the GGUF file(s).
 
     llama.cpp maps each file with ``MAP_POPULATE``: every page is resident right after loading,
     whichever experts are used later, and stays so (clean pages the kernel may drop under
     pressure). It then unmaps what lies before the first and after the last tensor it serves
-    from the mapping (whole pages). Tensors of a repacked type are copied into anonymous
-    memory; their file pages between mapped tensors stay resident as well. With
-    ``repack=None`` the types of the local llama.cpp build are used; pass ``{}`` for a build or
-    a run without repacking (``use_extra_bufts=false`` / ``--no-repack``).
+    from the mapping (whole pages). Tensors of a repacked type (:meth:`Target.repack_types`) are
+    copied into anonymous memory; their file pages between mapped tensors stay resident as well.
+    Offloaded tensors (:func:`placement`) are copied to the GPU and their pages unmapped likewise.
     """
-    repack = local_repack_types() if repack is None else repack
+    repack = target.repack_types()
+    files = _file_tensors(source)
+    tied = not any(role(row[0]) == OUTPUT for rows in files for row in rows)
     page = 4096
-    mapped = repacked = 0
-    for rows in _file_tensors(source):
+    mapped = repacked = gpu = 0
+    for rows in files:
         first, last = None, 0
         for name, shape, qtype, nbytes, offset in rows:
+            host, on_gpu = placement(name, target, tied)
+            if on_gpu:
+                gpu += gpu_tensor_bytes(shape, qtype, nbytes)
+            if not host:
+                continue
             if is_repacked(name, shape, qtype, repack):
                 repacked += nbytes
             else:
@@ -119,7 +130,7 @@ def weight_memory(source, repack: dict | None = None) -> WeightMemory:
                 last = max(last, offset + nbytes)
         if first is not None:
             mapped += GGUFWriter.ggml_pad(last, page) - first // page * page
-    return WeightMemory(mapped, repacked)
+    return WeightMemory(mapped, repacked, gpu)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,14 +159,24 @@ OS_MARGIN_FRACTION = 0.01
 
 @dataclass
 class RuntimeMemory:
-    weights: int   # the GGUF tensor data, memory-mapped (plus repacked copies)
-    kv_cache: int  # for n_ctx tokens at the KV type
+    """Host memory (``total``) and, with every layer offloaded to a GPU, GPU memory (``gpu_total``)."""
+
+    weights: int   # the GGUF tensor data, memory-mapped (plus repacked copies); offloaded: the host's part
+    kv_cache: int  # for n_ctx tokens at the KV type (offloaded: 0, it is in GPU memory)
     compute: int   # llama.cpp compute buffers (CPU backend), output/logits buffer included
     reserve: int   # the process itself (libraries, Python or llama.cpp runtime) and a stated OS margin
+    gpu_weights: int = 0   # offloaded weights in CUDA buffers
+    gpu_kv_cache: int = 0
+    gpu_compute: int = 0   # the CUDA compute buffer and ggml's CUDA pool
+    gpu_reserve: int = 0   # the CUDA context and a stated margin
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute + self.reserve
+
+    @property
+    def gpu_total(self) -> int:
+        return self.gpu_weights + self.gpu_kv_cache + self.gpu_compute + self.gpu_reserve
 
 
 def kv_size(ctx: int) -> int:
@@ -260,10 +281,31 @@ def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_at
     return max(acts, kv_size(ctx) * t * s.n_head * 2)
 
 
+# With every layer offloaded (a cuda target): estimates, NOT measured (no GPU was available): host memory
+# the CUDA runtime, driver and cuBLAS add to the process, and GPU memory the CUDA context and cuBLAS
+# workspaces take before any buffer.
+CUDA_HOST_BYTES = 256 * MiB
+CUDA_CONTEXT_BYTES = 512 * MiB
+
+
+def offloaded_host_compute_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, swa_full: bool = True) -> int:
+    """The host (CUDA_Host) compute buffer with every layer offloaded. llama.cpp's scheduler places every
+    graph input on the CPU (ggml-backend.cpp, cause "1.inp") and copies it to the GPU: the KQ mask(s)
+    (f32, n_kv per token, also with flash attention, which casts a copy), token ids, positions and KV
+    cell indices (a few int32/int64 per token); and GET_ROWS of the token embedding runs there too
+    (n_embd f32 per token)."""
+    t = min(n_ubatch, ctx)
+    mask = kv_size(ctx) * t * 4
+    if shape.n_layer_swa:
+        mask += swa_kv_size(shape, ctx, n_ubatch, swa_full) * t * 4
+    return mask + 4 * t * shape.n_embd + 32 * t
+
+
 def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_batch: int = 512,
                    n_ubatch: int = 512, *, flash_attn: bool | None = None, repacked_bytes: int = 0,
                    logits_all: bool = True, process_bytes: int = PROCESS_BYTES,
-                   shape: ModelShape | None = None, swa_full: bool = True) -> RuntimeMemory:
+                   shape: ModelShape | None = None, swa_full: bool = True, gpu_weights_bytes: int = 0,
+                   target: Target = HOST) -> RuntimeMemory:
     """Peak memory of llama.cpp (CPU backend, llama-cpp-python 0.3.36) serving ``ctx`` tokens.
 
     ``weights_bytes``: the resident weight bytes (the tensor data, or ``weight_memory(w).mapped``);
@@ -275,6 +317,12 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. ``ModelShape.from_gguf``).
     ``swa_full``: sliding-window layers cache the whole context (llama-cpp-python's default) or the
     window only (llama-server's ``--swa-full`` off).
+
+    A ``target`` that offloads every layer (cuda) puts ``gpu_weights_bytes`` (``weight_memory(w).gpu``),
+    the KV cache (``offload_kqv``, llama.cpp's default) and the compute graph in GPU memory; the host
+    keeps the token embedding's pages, the graph inputs (:func:`offloaded_host_compute_bytes`), the
+    logits buffer (pinned host memory, llama-context.cpp ``output_reserve``) and the process. Not checked
+    against a GPU.
     """
     shape = shape or arch.model_shape()
     qt = _kv_type(kv_type)
@@ -287,12 +335,22 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     n_ubatch = min(n_ubatch, n_batch)
     kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full)
     n_out = n_batch if logits_all else 1
-    compute = (compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1)
-               + 4 * shape.n_vocab * n_out                       # output buffer (logits of n_out tokens)
-               + work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type) + MISC_BYTES)
+    graph = compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1)
+    work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type)
+    output = 4 * shape.n_vocab * n_out                                # output buffer (logits of n_out tokens)
     weights = weights_bytes + repacked_bytes
     runtime = RUNTIME_BASE_BYTES + RUNTIME_BYTES_PER_TOKEN * shape.n_vocab
     batch = n_batch * min(4 * kv_size(ctx) + 16, 4096)           # llama-cpp-python's llama_batch seq_id arrays
+    if target.offload:
+        compute = offloaded_host_compute_bytes(shape, ctx, n_ubatch, swa_full) + output + MISC_BYTES
+        gpu_compute = graph + work  # the pool holds what the CPU's work buffer would: the widest converted operand
+        margin = int(OS_MARGIN_FRACTION * (weights + compute))
+        return RuntimeMemory(weights=weights, kv_cache=0, compute=compute,
+                             reserve=process_bytes + CUDA_HOST_BYTES + runtime + batch + margin,
+                             gpu_weights=gpu_weights_bytes, gpu_kv_cache=kv, gpu_compute=gpu_compute,
+                             gpu_reserve=CUDA_CONTEXT_BYTES + int(OS_MARGIN_FRACTION * (gpu_weights_bytes + kv
+                                                                                         + gpu_compute)))
+    compute = graph + output + work + MISC_BYTES
     margin = int(OS_MARGIN_FRACTION * (weights + kv + compute))
     return RuntimeMemory(weights=weights, kv_cache=kv, compute=compute,
                          reserve=process_bytes + runtime + batch + margin)
@@ -312,7 +370,8 @@ def _row_size(qt: gguf.GGMLQuantizationType, n: int) -> int:
     return n // block * size
 
 
-def gguf_runtime_memory(arch, files, ctx: int, kv_type: str = "f16", **kw) -> RuntimeMemory:
-    """:func:`runtime_memory` of written GGUF file(s): mapped pages and repacked copies as llama.cpp here makes them."""
-    wm = weight_memory(files)
-    return runtime_memory(arch, wm.mapped, ctx, kv_type, repacked_bytes=wm.repacked, **kw)
+def gguf_runtime_memory(arch, files, ctx: int, kv_type: str = "f16", target: Target = HOST, **kw) -> RuntimeMemory:
+    """:func:`runtime_memory` of written GGUF file(s) on ``target``: mapped pages, repacked copies and GPU copies."""
+    wm = weight_memory(files, target)
+    return runtime_memory(arch, wm.mapped, ctx, kv_type, repacked_bytes=wm.repacked, gpu_weights_bytes=wm.gpu,
+                          target=target, **kw)

@@ -45,10 +45,15 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{kind:<22} {t:<8} {format_size(class_bytes[kind, t]):>12}  {span}")
     m = plan.memory
     lines += ["", f"file         {format_size(plan.file_bytes)} ({plan.file_bytes} bytes)",
-              f"memory       weights {format_size(m['weights'])} + KV cache {format_size(m['kv_cache'])} "
-              f"(ctx {plan.ctx}, {plan.kv_type}) + compute {format_size(m['compute'])} + reserve "
-              f"{format_size(m['reserve'])} = {format_size(m['total'])}",
-              f"budget       {format_size(plan.budget)}" + (" (weights only)" if plan.weights_only else ""),
+              f"{'host memory' if 'gpu_total' in m else 'memory':<13}weights {format_size(m['weights'])} + KV cache "
+              f"{format_size(m['kv_cache'])} (ctx {plan.ctx}, {plan.kv_type}) + compute {format_size(m['compute'])} + "
+              f"reserve {format_size(m['reserve'])} = {format_size(m['total'])}"]
+    if "gpu_total" in m:
+        lines.append(f"GPU memory   weights {format_size(m['gpu_weights'])} + KV cache {format_size(m['gpu_kv_cache'])} "
+                     f"+ compute {format_size(m['gpu_compute'])} + reserve {format_size(m['gpu_reserve'])} = "
+                     f"{format_size(m['gpu_total'])} (a model not checked against a GPU)")
+    lines += [f"budget       {format_size(plan.budget)}" + (" (weights only)" if plan.weights_only else ""),
+              f"target       {plan.target}",
               f"predicted    KL {plan.predicted_kld['total']:.4f} (pruning {plan.predicted_kld['prune']:.4f}, "
               f"quantization {plan.predicted_kld['quant']:.4f})",
               f"per token    {format_size(plan.active_bytes)} of weights read"]

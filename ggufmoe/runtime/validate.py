@@ -21,6 +21,12 @@ its baseline RSS.
 The run: load, evaluate a full context of ``ctx`` tokens (the prompt repeated) asking for
 every token's logits (llama.cpp's worst case, which ``memory.runtime_memory`` plans by
 default), then greedily generate ``n_predict`` tokens after the prompt in a cleared context.
+
+It runs as its target (:mod:`ggufmoe.plan.target`) says: ``cpu`` with repacking off
+(``use_extra_bufts=false``), ``host`` and ``cpu-repack`` with llama.cpp's defaults, ``cuda`` with every
+layer offloaded and without mmap (the offloaded weights are read through staging buffers instead of
+mapped pages, which with mmap pass through the process's RSS while loading). It warns, in one line,
+when that is not the plan's target, or when this machine cannot be it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.plan.target import HOST, Target
 from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.units import format_size
 
@@ -111,20 +118,45 @@ class _Cgroup:
                 time.sleep(0.1)
 
 
+def target_mismatch(files: list[Path], target: Target, planned: Target | None = None) -> str | None:
+    """Why a run here as ``target`` does not measure what a plan for ``planned`` predicts, or None: another
+    target than the plan's; a cpu-repack run whose file this host's llama.cpp repacks otherwise; a cuda run
+    without a GPU llama.cpp can offload to."""
+    from ggufmoe.plan.memory import weight_memory
+
+    if planned is not None and str(planned) != str(target):
+        return f"the plan is for target {planned}, this run is {target}: the measured memory is not the plan's"
+    if target.preset == "cpu-repack" and weight_memory(files, target) != weight_memory(files, HOST):
+        return ("target cpu-repack, but this host's llama.cpp repacks other tensors of this file (its CPU lacks "
+                "AVX2/AVX512 or its build repacks otherwise): the measured memory is not the plan's")
+    if target.offload:
+        import llama_cpp
+
+        if not llama_cpp.llama_supports_gpu_offload():
+            return f"target {target}, but this llama.cpp cannot offload to a GPU: it runs on the CPU"
+    return None
+
+
 def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
-             threads: int | None = None, timeout: float | None = None) -> ValidateResult:
-    """Load and run ``path`` in llama.cpp under a memory limit of ``limit`` bytes (see the
+             threads: int | None = None, timeout: float | None = None, target: Target = HOST,
+             planned: Target | None = None) -> ValidateResult:
+    """Load and run ``path`` in llama.cpp as ``target`` under a memory limit of ``limit`` bytes (see the
     module docstring); raise :class:`GgufmoeError` with a one-line reason when it does not
-    fit or does not run."""
+    fit or does not run. A run that does not measure what a plan for ``planned`` (or for ``target``)
+    predicts is said on stderr (:func:`target_mismatch`)."""
     if limit <= 0:
         raise GgufmoeError("the memory limit must be positive")
     if n_predict >= ctx:
         raise GgufmoeError(f"--n-predict ({n_predict}) must be smaller than --ctx ({ctx})")
     files = gguf_files(path)
     name, size = files[0].name, sum(f.stat().st_size for f in files)
+    warning = target_mismatch(files, target, planned)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     cgroup = _Cgroup(limit)
     req = dict(path=str(files[0]), limit=limit, ctx=ctx, prompt=prompt, n_predict=n_predict, threads=threads,
-               cgroup=str(cgroup.path) if cgroup.path else None)
+               cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != "cpu",
+               offload=target.offload)
     env = dict(os.environ, MALLOC_ARENA_MAX="1", GGML_NO_BACKTRACE="1")  # no gdb on a GGML_ASSERT
     with tempfile.TemporaryDirectory(prefix="ggufmoe-validate-") as tmp:
         result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"

@@ -9,6 +9,7 @@ bare interpreter with llama.cpp loaded. See :func:`ggufmoe.validate.validate`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -40,6 +41,27 @@ def limit_memory(limit: int, cgroup: str | None) -> str:
     return "rlimit"
 
 
+@contextlib.contextmanager
+def repacking(on: bool):
+    """Models loaded within have llama.cpp's CPU repacking on (its default) or off: ``use_extra_bufts`` of
+    the model parameters, which ``llama_cpp.Llama`` takes from ``llama_model_default_params`` without
+    exposing it."""
+    from llama_cpp import llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = on
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = defaults
+
+
 def run(req: dict, out: dict, stage) -> None:
     """Fill ``out`` with the measurements; ``stage(name)`` records progress for the parent."""
     import llama_cpp
@@ -48,8 +70,10 @@ def run(req: dict, out: dict, stage) -> None:
     out["method"] = limit_memory(req["limit"], req.get("cgroup"))
     stage("load")
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=req["path"], n_ctx=req["ctx"], n_threads=req["threads"],
-                          n_threads_batch=req["threads"], verbose=False)
+    with repacking(req["repack"]):
+        llm = llama_cpp.Llama(model_path=req["path"], n_ctx=req["ctx"], n_threads=req["threads"],
+                              n_threads_batch=req["threads"], verbose=False, n_gpu_layers=-1 if req["offload"] else 0,
+                              use_mmap=not req["offload"])
     out["load_s"] = time.perf_counter() - t
 
     # a full context, every token's logits requested (llama.cpp's worst case, what the memory
