@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sys
@@ -48,3 +49,29 @@ def ref_f32_gguf(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("ref") / "ref-f32.gguf"
     return convert(tiny_models.REF_MODEL, ConvertOptions(out=out, types=TypeRules.parse("F32"), progress=False))[0]
+
+
+@pytest.fixture(scope="session")
+def chatml_model(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE whose tokenizer has ChatML turn tokens, EOS <|im_end|> and a ChatML chat template."""
+    out = tmp_path_factory.mktemp("chatml") / "hf"
+    config = tiny_models.configs()["qwen3moe"]
+    config.vocab_size = tiny_models.VOCAB + 2
+    tiny_models.build("qwen3moe", out, config=config)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    for i, text in enumerate(("<|im_start|>", "<|im_end|>"), start=tiny_models.VOCAB):
+        tok["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                                           "chat_template": tiny_models.QWEN_CHATML}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chatml_gguf(chatml_model, tmp_path_factory) -> Path:
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
+
+    out = tmp_path_factory.mktemp("chatml-gguf") / "tiny-chat.gguf"
+    return convert(chatml_model, ConvertOptions(out=out, types=TypeRules.parse("Q8_0"), progress=False))[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -11,13 +10,11 @@ import pytest
 
 import tiny_models
 from cli_run import run
+from tiny_models import QWEN_CHATML
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.gguf.modelfile import (CHATML_TEMPLATE, LLAMA3_TEMPLATE, Modelfile, build_modelfile, chat_family,
                                go_template, parse_modelfile, render_modelfile, write_modelfile)
 
-QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
-               "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-               "{% endif %}")
 MIXTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
            "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
            "{% endif %}{% endfor %}")
@@ -48,32 +45,6 @@ def blocks_balanced(template: str) -> bool:
         if depth < 0:
             return False
     return depth == 0 and template.count("{{") == template.count("}}")
-
-
-@pytest.fixture(scope="module")
-def chatml_model(tmp_path_factory) -> Path:
-    """A tiny Qwen3-MoE whose tokenizer has ChatML turn tokens, EOS <|im_end|> and a ChatML chat template."""
-    out = tmp_path_factory.mktemp("chatml") / "hf"
-    config = tiny_models.configs()["qwen3moe"]
-    config.vocab_size = tiny_models.VOCAB + 2
-    tiny_models.build("qwen3moe", out, config=config)
-    tok = json.loads((out / "tokenizer.json").read_text())
-    for i, text in enumerate(("<|im_start|>", "<|im_end|>"), start=tiny_models.VOCAB):
-        tok["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
-                                    "rstrip": False, "normalized": False, "special": True})
-    (out / "tokenizer.json").write_text(json.dumps(tok))
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                                                           "chat_template": QWEN_CHATML}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def chatml_gguf(chatml_model, tmp_path_factory) -> Path:
-    from ggufmoe.pipeline.convert import ConvertOptions, convert
-    from ggufmoe.quant.rules import TypeRules
-
-    out = tmp_path_factory.mktemp("chatml-gguf") / "tiny-chat.gguf"
-    return convert(chatml_model, ConvertOptions(out=out, types=TypeRules.parse("Q8_0"), progress=False))[0]
 
 
 def foreign_gguf(path: Path, arch: str, tokens: list[str], eos: int, template: str | None,

@@ -11,21 +11,12 @@ from ggufmoe.arch.gguf_model import GGUFModel
 from ggufmoe.arch.registry import ARCHITECTURES, gguf_architectures
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.gguf_in import GGUFSource
-from ggufmoe.source.hf import HFSource
-
-
-def load_config(src: HFSource):
-    """The checkpoint's configuration as transformers computes it (defaults and key aliases applied)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(src.path))
-    except Exception as e:  # transformers raises many types for bad configs
-        raise GgufmoeError(f"{src.path}/config.json: transformers cannot read it ({e})") from None
+from ggufmoe.source.hf_config import config_view
 
 
 def architecture_for(src) -> Architecture:
-    """The module for a source: by its HF ``architectures`` name, or the GGUF's own (:class:`GGUFModel`)."""
+    """The module for a source: by its HF ``architectures`` name (reading the configuration as transformers
+    computes it, :func:`~ggufmoe.source.hf_config.config_view`), or the GGUF's own (:class:`GGUFModel`)."""
     if isinstance(src, GGUFSource):
         model = GGUFModel(src)
         known = gguf_architectures()
@@ -37,7 +28,7 @@ def architecture_for(src) -> Architecture:
     if cls is None:
         raise GgufmoeError(
             f"{src.path}: unsupported architecture {src.architecture} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    return cls(src, load_config(src))
+    return cls(src, config_view(src.path))
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "GGUFModel", "architecture_for", "load_config"]
+__all__ = ["ARCHITECTURES", "Architecture", "GGUFModel", "architecture_for"]

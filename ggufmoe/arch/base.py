@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import gguf
-import torch
 from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.shape import ModelShape
@@ -20,12 +19,16 @@ from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
 from ggufmoe.source.tokenizer import write_tokenizer
 
+if TYPE_CHECKING:
+    import torch
+
+
 @dataclass
 class Architecture:
     """Base for the per-architecture modules; subclasses set the class attributes."""
 
     src: HFSource
-    cfg: object  # transformers PretrainedConfig: what transformers computes is the truth
+    cfg: object  # the configuration as transformers computes it (the truth): source.hf_config.config_view
     hf_architectures: ClassVar[tuple[str, ...]] = ()
     gguf_arch: ClassVar[str] = ""
     experts_key: ClassVar[str] = "num_experts"  # config attribute holding the routed expert count

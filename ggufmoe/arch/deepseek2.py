@@ -7,10 +7,9 @@ or softmax gating, the V3 routing bias ``exp_probs_b`` and expert groups.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gguf
-import torch
 
 from ggufmoe.arch.biased_routing import BiasedRoutingMoe
 from ggufmoe.arch.registry import register
@@ -18,6 +17,9 @@ from ggufmoe.arch.base import rope_params
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source.hf import HFSource
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register

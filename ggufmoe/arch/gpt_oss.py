@@ -14,11 +14,10 @@ MXFP4, they are the checkpoint's own codes and scales.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gguf
 import numpy as np
-import torch
 from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.base import Architecture, rope_params
@@ -26,6 +25,9 @@ from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source import mxfp4
+
+if TYPE_CHECKING:
+    import torch
 
 # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE has these constants built in.
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import gguf
 import numpy as np
-import torch
 
 from ggufmoe.model.names import TensorName
 
-Loader = Callable[[int], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+Loader = Callable[[int], "torch.Tensor"]
 RawLoader = Callable[[int], np.ndarray]
 
 

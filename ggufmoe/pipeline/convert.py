@@ -11,10 +11,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ggufmoe.arch import architecture_for
@@ -35,6 +34,9 @@ from ggufmoe.quant.rules import TypedTensor, TypeRules
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.source.gguf_file import is_shard_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)

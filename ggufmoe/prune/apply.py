@@ -4,17 +4,19 @@ tensors kept consistent, and the provenance keys that record it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import gguf
 import numpy as np
-import torch
 
 from ggufmoe.arch import Architecture
 from ggufmoe.model.names import EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.prune.merge import Folds
+
+if TYPE_CHECKING:
+    import torch
 
 # provenance keys (write_provenance)
 KEY_SOURCE = "ggufmoe.source"
@@ -64,6 +66,8 @@ def _folded_parts(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable
 
 def _folded_rows(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable[[int], torch.Tensor]:
     def rows(i: int) -> torch.Tensor:
+        import torch
+
         t = load(i)
         return torch.stack([sum(w * t[j] for j, w in fold) for fold in folds])
 

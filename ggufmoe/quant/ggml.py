@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -28,9 +29,8 @@ ROWS_PER_TASK = 64
 @lru_cache(maxsize=1)
 def ggml() -> ctypes.CDLL:
     """llama-cpp-python's bundled libggml-base, with the signatures we use."""
-    import llama_cpp
-
-    libdir = Path(llama_cpp.__file__).parent / "lib"
+    spec = importlib.util.find_spec("llama_cpp")  # its folder, without importing it (and loading libllama)
+    libdir = Path(spec.origin).parent / "lib"
     candidates = sorted(libdir.glob("libggml-base.*"))
     if not candidates:
         raise GgufmoeError(f"libggml-base not found in {libdir}; reinstall llama-cpp-python")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ggufmoe.errors import GgufmoeError
@@ -57,6 +56,8 @@ def llama_logprobs(gguf_path: str | Path, tokens: list[int], threads: int | None
 
 def hf_logprobs(model, tokens: list[int]) -> np.ndarray:
     """Log-probabilities (n_tokens x vocab) from a transformers causal LM."""
+    import torch
+
     with torch.no_grad():
         logits = model(torch.tensor([tokens])).logits[0]
     return log_softmax(logits.float().numpy())

@@ -1,15 +1,19 @@
 """A model known only by its config.json: tensor names and shapes from transformers on the meta
-device, no weights. Enough to plan (``ggufmoe plan``) before downloading a checkpoint."""
+device (cached: :mod:`ggufmoe.source.hf_config`), no weights. Enough to plan (``ggufmoe plan``) before
+downloading a checkpoint."""
 
 from __future__ import annotations
 
 import json
 from functools import cached_property
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.source.hf_config import tensor_shapes
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigSource:
@@ -47,17 +51,7 @@ class ConfigSource:
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Checkpoint tensor names (as transformers saves them) and shapes, from a meta-device model."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.core_model_loading import revert_weight_conversion
-
-        try:
-            cfg = AutoConfig.from_pretrained(str(self.path))
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(cfg)
-            state = revert_weight_conversion(model, model.state_dict())
-        except Exception as e:  # transformers raises many types for configs it cannot build
-            raise GgufmoeError(f"{self.path}/config.json: transformers cannot build the model ({e})") from None
-        return {k: tuple(v.shape) for k, v in state.items()}
+        return tensor_shapes(self.path)
 
     def tensor_names(self) -> list[str]:
         return list(self.shapes)
@@ -76,7 +70,7 @@ class ConfigSource:
 
 def check_shapes(src) -> None:
     """Fail, before anything is written, when a checkpoint tensor's shape is not the one its
-    config.json defines (transformers builds the model on the meta device to tell)."""
+    config.json defines (transformers builds the model on the meta device to tell, once per config.json)."""
     if not src.has_weights or not (src.path / "config.json").is_file():
         return  # a GGUF: its shapes are its own metadata
     expected = ConfigSource(src.path).shapes

@@ -11,17 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import gguf
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType as T, GGUFValueType
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.source.gguf_file import ShardName
 from ggufmoe.source.gguf_file import gguf_files
+
+if TYPE_CHECKING:
+    import torch
 
 # Keys that describe one file's layout, not the model: never carried to another file.
 LAYOUT_PREFIXES = ("GGUF.", "split.")
@@ -135,6 +137,8 @@ class GGUFSource:
         return self._dequantize(name, self.raw(name).reshape(shape[0], -1)[r0:r1], (r1 - r0, *shape[1:]))
 
     def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         qtype = self.qtype(name)
         try:
             values = gguf.quants.dequantize(data, qtype)

@@ -16,22 +16,26 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ggufmoe.errors import GgufmoeError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
 MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
 
-# safetensors dtype -> (bytes per element, torch dtype)
-DTYPES: dict[str, tuple[int, torch.dtype]] = {
-    "BOOL": (1, torch.bool), "U8": (1, torch.uint8), "I8": (1, torch.int8),
-    "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
-    "I16": (2, torch.int16), "U16": (2, torch.uint16), "F16": (2, torch.float16), "BF16": (2, torch.bfloat16),
-    "I32": (4, torch.int32), "U32": (4, torch.uint32), "F32": (4, torch.float32),
-    "I64": (8, torch.int64), "U64": (8, torch.uint64), "F64": (8, torch.float64),
+# safetensors dtype -> (bytes per element, torch dtype name: torch is imported when a tensor is read)
+DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
+    "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
+    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
 }
 
 
@@ -238,12 +242,14 @@ class HFSource:
 
     def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of the outermost dimension as stored (their own dtype)."""
+        import torch
+
         e = self._entry(name)
         if not 0 <= r0 <= r1 <= e.rows:
             raise ValueError(f"rows {r0}:{r1} of {name}, which has {e.rows}")
         buf = np.empty((r1 - r0) * e.row_nbytes, dtype=np.uint8)
         read_at(e.file, buf, e.start + r0 * e.row_nbytes)
-        return torch.from_numpy(buf).view(DTYPES[e.dtype][1]).reshape(r1 - r0, *e.shape[1:])
+        return torch.from_numpy(buf).view(getattr(torch, DTYPES[e.dtype][1])).reshape(r1 - r0, *e.shape[1:])
 
     def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
@@ -272,6 +278,8 @@ def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
                        row0: int = 0) -> torch.Tensor:
     """Dequantize rows ``row0:row0 + len(w)`` of an FP8 matrix (``w`` holds them; ``scale_inv`` has
     one scale per block of the whole matrix), one row-block at a time."""
+    import torch
+
     rows, cols = w.shape
     bs_r, bs_c = block
     srows, scols = scale_inv.shape

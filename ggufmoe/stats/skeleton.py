@@ -16,8 +16,6 @@ position ids) is captured by running its own forward with stand-ins for the laye
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -25,6 +23,7 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import SCALE_SUFFIX, HFSource
+from ggufmoe.source.hf_config import transformers_config
 from ggufmoe.stats.collect import model_keys
 
 EMBED_SPAN_BYTES = 64 * 1024**2  # embedding rows read at once at most
@@ -82,7 +81,7 @@ class Skeleton:
         from transformers import AutoModelForCausalLM
 
         self.src, self.arch, self.device = src, arch, device
-        cfg = copy.copy(arch.cfg)
+        cfg = transformers_config(src.path)  # arch.cfg is a cached view of it, not a transformers config
         cfg._attn_implementation = "sdpa" if supports_sdpa(cfg) else "eager"  # outside from_pretrained: eager
         self.cfg = cfg
         try:
