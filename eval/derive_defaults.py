@@ -7,7 +7,7 @@ Measures refmoe-qwen3 (statistics on the first 400,000 characters of calib.txt l
 out of them, probes on those held-out pieces as ``plan`` makes them: at Q3_K, Q2_K and Q4_K on 4 chunks
 of 512 tokens, uniform whole-model checks) and prints the tables
 to paste there: GAUSSIAN_REL_ERROR, DEFAULT_SCALES, DEFAULT_EXPONENTS, N_REF_ACTIVE; then
-LOCAL_SCALES, LOCAL_EXPONENTS, LOCAL_DEPTH and PRUNE_SCALE, PRUNE_EXPONENT (pruning probes: F16
+LOCAL_SCALES, LOCAL_EXPONENTS, LOCAL_DEPTH, LOCAL_JOINT and PRUNE_SCALE, PRUNE_EXPONENT (pruning probes: F16
 conversions pruned to PRUNE_KEEP experts by each of PRUNE_CRITERIA, KL against the unpruned one,
 fitted as a power law of the local pruning errors).
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     print("LOCAL_EXPONENTS =", {k: round(v, 3) for k, v in exponents.items()})
     print("LOCAL_FIRST_LAYER =", round(profile[0], 4))
     print("LOCAL_DEPTH =", [(round(x, 4), round(f, 4)) for x, f in profile[1]])
+    print("LOCAL_JOINT =", tuple(float(f"{v:.6g}") for v in sens.joint))
     reqs = [PruneRequest(keep=k, criterion=c) for c in PRUNE_CRITERIA for k in PRUNE_KEEP]
     kls = pruning_kl(args.model, stats_path, probes, reqs, chunks=args.chunks)
     units = [prune_unit(local, choose_experts(arch, stats, r), n_layers, profile) for r in reqs]

@@ -83,9 +83,10 @@ def cli() -> None:
               help="The machine --budget plans for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
                    "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
-              help="--budget: how tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
-                   "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
-                   "up to 2 GiB of F16 weights, local errors above.")
+              help="--budget: how tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
+                   "conversion per tensor class, layer group and three whole-model types), the calibration's "
+                   "local errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local "
+                   "errors above.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
@@ -239,9 +240,10 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="reap", show_default=True,
               help="Which experts to keep when pruning pays.")
 @click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
-              help="How tensor and pruning costs are made from the statistics: probes through llama.cpp (about a "
-                   "dozen conversions), the calibration's local errors alone (nothing converted), or auto: probes "
-                   "up to 2 GiB of F16 weights, local errors above.")
+              help="How tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
+                   "conversion per tensor class, layer group and three whole-model types), the calibration's "
+                   "local errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local "
+                   "errors above.")
 @click.option("--top-k", "top_k", type=click.Choice(["auto"]),
               help="'auto': the plan may use one fewer or one more expert per token, priced by the local errors.")
 @click.option("--max-active", metavar="SIZE", help="At most SIZE of weights read per token (a speed target).")

@@ -17,6 +17,7 @@ from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.sensitivity.cache import KEY, cached_sensitivity
 from ggufmoe.sensitivity.cost import PROBE_TYPE
+from ggufmoe.sensitivity.fit import fit_joint
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.defaults import GAUSSIAN_REL_ERROR, default_sensitivity, gaussian_rel_errors
 from ggufmoe.arch import architecture_for
@@ -124,7 +125,8 @@ def test_costs_fall_with_bits(measured):
 
 
 def test_uniform_prediction_matches_llama_cpp(measured, stats_path, eval_tokens):
-    """Whole model at Q4_K and Q3_K: the summed costs against KL measured on held-out text."""
+    """Whole model at Q4_K and Q3_K: the summed costs through the joint map (fitted on the probe text at
+    IQ2_XXS, Q3_K and Q5_K) against KL measured on other text."""
     from ggufmoe.pipeline.convert import ConvertOptions, convert
     from ggufmoe.runtime.logprobs import LlamaScorer, compare
     from ggufmoe.quant.rules import TypeRules
@@ -143,12 +145,22 @@ def test_uniform_prediction_matches_llama_cpp(measured, stats_path, eval_tokens)
         with LlamaScorer(path, len(tokens)) as score:
             kld = compare(score(tokens), ref, tokens).kld_mean
         path.unlink()
-        ratios[t] = (sens.predict(t), kld)
+        ratios[t] = (sens.combined(sens.predict(t)), kld)
     print("\npredicted / measured KL: "
           + ", ".join(f"{t} {p:.4f} / {m:.4f} = {p / m:.2f}" for t, (p, m) in ratios.items()))
     for t, (p, m) in ratios.items():
         assert 0.5 < p / m < 2.0, (t, p, m)
     assert ratios["Q3_K"][0] > 2 * ratios["Q4_K"][0]
+    assert set(sens.info["uniform"]) == {"IQ2_XXS", "Q3_K", "Q5_K"} and sens.joint != [1.0, 1.0]
+
+
+def test_joint_fit() -> None:
+    """A power law through whole-model probes, a factor through one, none without any."""
+    a, b = fit_joint([(0.5, 0.8), (0.2, 0.24), (0.05, 0.04)])
+    assert b == pytest.approx(np.polyfit(np.log([0.5, 0.2, 0.05]), np.log([0.8, 0.24, 0.04]), 1)[0])
+    assert a * 0.2 ** b == pytest.approx(0.24, rel=0.1)
+    assert fit_joint([(0.2, 0.1)]) == pytest.approx((0.5, 1.0))
+    assert fit_joint([]) == (1.0, 1.0)
 
 
 def test_cache_in_stats_file(measured, stats_path):

@@ -87,14 +87,16 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     """Everything ``ggufmoe plan`` does: sensitivities and pruning costs, then the best plan.
 
     With statistics of a model with weights, ``sensitivity`` says how costs are made: ``probes`` measures
-    them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: about a dozen conversions of the model, on its
-    local errors when the statistics hold them); ``local`` maps the statistics' local errors to KL with
-    the reference model's factors (:mod:`ggufmoe.sensitivity.local`; nothing is converted); ``auto`` probes
-    a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the local errors of a bigger one (probes
-    when it has none). The plan's notes say which was used. Without statistics: defaults from shapes.
+    them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: a conversion per tensor class, layer group and
+    three whole-model types, on its local errors when the statistics hold them); ``local`` maps the
+    statistics' local errors to KL with the reference model's factors (:mod:`ggufmoe.sensitivity.local`;
+    nothing is converted); ``auto`` probes a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the
+    local errors of a bigger one (probes when it has none). The plan's notes say which was used. Without
+    statistics: defaults from shapes.
 
-    Probes measure on the pieces of ``calib_text`` that calibration holds out (:func:`~ggufmoe.stats.text.hold_out`),
-    text the statistics did not see; on all of it when it is too short to hold any out."""
+    Probes measure on the pieces of ``calib_text`` that calibration holds out
+    (:func:`~ggufmoe.stats.text.hold_out`), text the statistics did not see; on all of it when it is too
+    short to hold any out."""
     if sensitivity not in SENSITIVITY_MODES:
         raise GgufmoeError(f"sensitivity {sensitivity!r}: choose from {', '.join(SENSITIVITY_MODES)}")
     src = open_source(source)

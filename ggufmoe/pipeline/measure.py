@@ -14,7 +14,8 @@ runs that calibrate the cost model, and the cache around them.
    (10 for Qwen3-MoE), whatever the depth. More ``probe_types`` probe each class at more types.
 3. **Costs** from errors and probes, 4. **Depth**: up to ``layer_probes`` runs of consecutive
    blocks probed the same way, each with all its tensors at the anchor type
-   (:mod:`ggufmoe.sensitivity.fit`).
+   (:mod:`ggufmoe.sensitivity.fit`), 5. **Together**: the whole model at each of :data:`JOINT_TYPES`,
+   whose KL against the sum of its costs fits what a plan's tensors cost together.
 
 Caching (:func:`load_or_measure`): the result is kept in the stats file
 (:mod:`ggufmoe.sensitivity.cache`); a second call returns it at once.
@@ -41,7 +42,7 @@ from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity import cache
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.sensitivity.fit import apply_layer_factors, calibrate, layer_groups
+from ggufmoe.sensitivity.fit import apply_layer_factors, calibrate, fit_joint, layer_groups
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats
@@ -50,6 +51,7 @@ from ggufmoe.stats.local import local_errors
 from ggufmoe.stats.text import spread_chunks, token_ids
 
 MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
+JOINT_TYPES = (T.IQ2_XXS, T.Q3_K, T.Q5_K)  # whole-model probes that measure what tensors cost together
 
 
 def _kl(scorer_path: Path, seqs: list[list[int]], base: list[np.ndarray], threads: int) -> float:
@@ -66,16 +68,17 @@ def _class_rules(names: list[str], t: T) -> TypeRules:
 
 def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: int | None = None, progress: bool = True,
                         *, chunks: int = 4, ctx: int = 512, max_rows: int = 256, max_experts: int = 64,
-                        probe_types: tuple[T, ...] = (PROBE_TYPE,), uniform_types: tuple[T, ...] = (),
+                        probe_types: tuple[T, ...] = (PROBE_TYPE,), uniform_types: tuple[T, ...] = JOINT_TYPES,
                         layer_probes: int = 8) -> Sensitivity:
     """Costs from the weights, calibrated by probes through llama.cpp (see the module docstring).
 
     ``probe_types``: the first is the anchor each class is calibrated at; with more, each class's
     exponent is fitted to its probes (else :data:`~ggufmoe.sensitivity.defaults.DEFAULT_EXPONENTS`).
-    ``uniform_types``: whole-model conversions at these types, their measured KL against the sum of
-    the costs (``info['uniform']``); they only report. ``layer_probes``: at most this many runs of consecutive
-    blocks, each probed with all its tensors at the anchor type, set how cost is spread over depth
-    (:func:`~ggufmoe.sensitivity.fit.apply_layer_factors`; 0: by error alone).
+    ``uniform_types``: whole-model conversions at these types; their measured KL against the sum of the
+    costs fits :attr:`~ggufmoe.sensitivity.cost.Sensitivity.joint`, what tensors cost together
+    (:func:`~ggufmoe.sensitivity.fit.fit_joint`; ``info['uniform']``). ``layer_probes``: at most this many
+    runs of consecutive blocks, each probed with all its tensors at the anchor type, set how cost is spread
+    over depth (:func:`~ggufmoe.sensitivity.fit.apply_layer_factors`; 0: by error alone).
     """
     # torch only converts single tensors here (BF16 -> F32): 10 ms instead of 0.1 ms per small tensor
     # on a busy machine with its own threads
@@ -162,12 +165,19 @@ def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max
             sens = Sensitivity(cost, True, scales, error, probes, exponents, layer_kl, factors)
             for t in uniform_types:
                 bar.set_postfix_str(f"all={t.name}")
+                try:
+                    summed = sens.predict(t)
+                except GgufmoeError:  # a type some tensor takes another type for: no sum to compare
+                    bar.update()
+                    continue
                 path = build("uniform.gguf", TypeRules(t))
-                measured = _kl(path, seqs, base, threads)
+                uniform[t.name] = dict(summed=summed, measured=_kl(path, seqs, base, threads))
                 path.unlink()
-                predicted = sens.predict(t)
-                uniform[t.name] = dict(measured=measured, predicted=predicted, ratio=predicted / measured)
                 bar.update()
+            sens.joint = list(fit_joint([(u["summed"], u["measured"]) for u in uniform.values()]))
+            for u in uniform.values():
+                u["predicted"] = sens.combined(u["summed"])
+                u["ratio"] = u["predicted"] / u["measured"] if u["measured"] > 0 else None
     fit = {k: {t: sum(cost[n][t] for n in kinds[k]) / v for t, v in p.items() if v > 0} for k, p in probes.items()}
     sens.info = dict(method="measured", version=METHOD_VERSION, anchor=anchor,
                      probe_types=[t.name for t in probe_types],

@@ -198,8 +198,11 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                            "budget memory (no --weights-only; sweep: --memory-budgets)")
     repack = {} if budget.weights_only else target.repack_types()  # the copies llama.cpp makes, unless file only
     top_ks = [arch.top_k, *top_k_variants(arch)] if budget.top_k_auto else [arch.top_k]
-    shapes = [(keep, k) for keep in keep_candidates(arch, stats, config_only) for k in top_ks
-              if k <= reachable_experts(arch, keep)]
+    keeps = [budget.keep] if budget.keep else keep_candidates(arch, stats, config_only)
+    shapes = [(keep, k) for keep in keeps for k in top_ks
+              if keep <= arch.n_expert and k <= reachable_experts(arch, keep)]
+    if not shapes:
+        raise GgufmoeError(f"cannot keep {budget.keep} of {arch.n_expert} experts with {arch.top_k} used per token")
     for keep, k in shapes:
         if config_only and keep < arch.n_expert:
             # which experts is decided at conversion, from calibration; placeholders keep the shapes right
@@ -255,7 +258,7 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             choice = None
         if choice is None:
             continue
-        quant = sum(o.cost for o in choice.values())
+        quant = sens.combined(sum(o.cost for o in choice.values()))
         pcost = prune_kl(pplan)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
                     kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,

@@ -23,8 +23,9 @@ from ggufmoe.quant.rules import TypeRules
 class Budget:
     """What a plan must fit (``total`` bytes of memory, or of file with ``weights_only``), and how it may get
     there: ``top_k_auto`` lets it change the experts used per token; ``max_active`` caps the weight bytes one
-    token reads (a speed target: decoding is bound by them). ``target``: the machine it runs on; with a
-    cuda target ``total`` is host memory and the target's GPU memory must hold the offloaded rest."""
+    token reads (a speed target: decoding is bound by them); ``keep`` fixes the experts kept per layer (only the
+    types are chosen). ``target``: the machine it runs on; with a cuda target ``total`` is host memory and the
+    target's GPU memory must hold the offloaded rest."""
 
     total: int
     ctx: int = 8192
@@ -33,6 +34,7 @@ class Budget:
     top_k_auto: bool = False
     max_active: int | None = None
     target: Target = HOST
+    keep: int | None = None
 
 
 @dataclass

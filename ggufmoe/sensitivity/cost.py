@@ -3,7 +3,10 @@
 The memory-budget planner (:mod:`ggufmoe.plan.allocate`) picks one type per tensor; it needs, for every
 quantizable tensor (GGUF name; the 3-D expert tensor of a layer is one tensor) and every type in
 :data:`CANDIDATES`, a predicted cost: the mean KL divergence (nats/token) added when that tensor
-alone is stored at that type and everything else is exact. Costs are additive across tensors.
+alone is stored at that type and everything else is exact. The planner adds them up; what a whole
+plan costs is that sum through :meth:`Sensitivity.combined`, a power law measured on whole-model probes
+(tensors quantized together are not additive: on the reference model the sum of the one-class probes
+at Q3_K is 1.3x the KL of the model at Q3_K, and 2x at Q5_K).
 
 A :class:`Sensitivity` holds those costs, measured (:mod:`ggufmoe.pipeline.measure`: errors from
 :mod:`.quant_error`, calibrated by :mod:`.fit`) or from shapes alone (:mod:`.defaults`), and is cached
@@ -25,7 +28,7 @@ from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.quant.rules import EMBEDDING, EMBEDDING_SUBSTITUTE
 
 PROBE_TYPE = T.Q3_K  # the anchor type: each class is calibrated there (see :mod:`.fit`)
-METHOD_VERSION = 2  # part of the cache key: a new version measures again
+METHOD_VERSION = 3  # part of the cache key: a new version measures again
 
 
 @dataclass
@@ -39,6 +42,12 @@ class Sensitivity:
     layer_probes: dict[str, float] = field(default_factory=dict)  # layer group ("0-2") -> measured KL at the anchor
     layer_factors: dict[str, float] = field(default_factory=dict)  # layer group -> factor on its tensors' costs
     info: dict = field(default_factory=dict)  # how it was measured (sampling, tokens, times, checks)
+    joint: list[float] = field(default_factory=lambda: [1.0, 1.0])  # (a, b): a whole plan's KL = a * sum ** b
+
+    def combined(self, total: float) -> float:
+        """Predicted KL of a whole assignment whose costs sum to ``total`` (:attr:`joint`)."""
+        a, b = self.joint
+        return a * total ** b if total > 0 else 0.0
 
     def predict(self, types: Mapping[str, str | T] | str | T) -> float:
         """Predicted KL of an assignment (tensor -> type; tensors not named stay exact), or of one type
@@ -68,7 +77,7 @@ class Sensitivity:
     @classmethod
     def from_dict(cls, d: dict) -> "Sensitivity":
         return cls(**{k: d[k] for k in ("cost", "measured", "scales", "error", "probes", "exponents", "layer_probes",
-                                         "layer_factors", "info")
+                                         "layer_factors", "info", "joint")
                       if k in d})
 
 

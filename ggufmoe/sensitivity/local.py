@@ -5,7 +5,8 @@ how a model too big to probe is planned.
 Quantization: ``cost = LOCAL_SCALES[class] * depth(x) * r(Q3_K) * (r(t) / r(Q3_K)) ** LOCAL_EXPONENTS[class]``
 with ``r`` the tensor's relative local error at each type and ``x = (layer + 0.5) / layers`` its
 relative depth (``depth`` interpolates :data:`LOCAL_DEPTH`; 1 outside the blocks). Pruning:
-``cost = PRUNE_SCALE * (sum over MoE layers of depth(x) * r_prune) ** PRUNE_EXPONENT``.
+``cost = PRUNE_SCALE * (sum over MoE layers of depth(x) * r_prune) ** PRUNE_EXPONENT``. A plan's quantization
+cost is the sum of its tensors' through :data:`LOCAL_JOINT` (:meth:`~ggufmoe.sensitivity.cost.Sensitivity.combined`).
 
 The tables are the reference model's (refmoe-qwen3): its class costs per unit of local error and their
 log-log slopes, the depth profile of its layer probes, and its measured pruning KL, from
@@ -34,23 +35,26 @@ from ggufmoe.sensitivity.fit import power_costs
 from ggufmoe.stats.local import LocalErrors
 
 # Derived on refmoe-qwen3 by `python eval/derive_defaults.py` (see derive_local_defaults): streamed statistics
-# with local errors and probes on the first 400,000 characters of calib.txt, probes at Q3_K, Q2_K and Q4_K on
+# with local errors on the first 400,000 characters of calib.txt less its held-out pieces, and probes on those
+# pieces (stats.text.hold_out), at Q3_K, Q2_K and Q4_K on
 # 4 chunks of 512 tokens, one layer probe per layer; pruning probes at 21, 18 and 15 of 24 experts by REAP and
 # by routing score.
 LOCAL_SCALES: dict[str, float] = {
-    "attn_k": 0.221223, "attn_output": 1.04072, "attn_q": 0.0792401, "attn_v": 1.09785, "ffn_down_exps": 0.674088,
-    "ffn_gate_exps": 0.371598, "ffn_up_exps": 0.288831, "output": 3.86471, "token_embd": 0.831251,
+    "attn_k": 0.274385, "attn_output": 1.09803, "attn_q": 0.0916453, "attn_v": 1.05346, "ffn_down_exps": 0.690419,
+    "ffn_gate_exps": 0.357494, "ffn_up_exps": 0.28513, "output": 3.92094, "token_embd": 0.842077,
 }
 LOCAL_EXPONENTS: dict[str, float] = {
-    "attn_k": 0.709, "attn_output": 0.785, "attn_q": 0.664, "attn_v": 0.751, "ffn_down_exps": 0.808,
-    "ffn_gate_exps": 0.817, "ffn_up_exps": 0.772, "output": 0.997, "token_embd": 0.712,
+    "attn_k": 0.742, "attn_output": 0.71, "attn_q": 0.654, "attn_v": 0.769, "ffn_down_exps": 0.775,
+    "ffn_gate_exps": 0.816, "ffn_up_exps": 0.717, "output": 0.99, "token_embd": 0.715,
 }
 # The first block's factor (its residual is the embedding alone, so its relative errors are the largest), then
 # (relative depth, factor) of the others; interpolated linearly, constant beyond the ends.
-LOCAL_FIRST_LAYER = 0.0196
-LOCAL_DEPTH: list[tuple[float, float]] = [(0.25, 1.7802), (0.4167, 1.9628), (0.5833, 2.3502), (0.75, 2.4829),
-                                          (0.9167, 2.498)]
-PRUNE_SCALE, PRUNE_EXPONENT = 0.538385, 1.014
+LOCAL_FIRST_LAYER = 0.0201
+LOCAL_DEPTH: list[tuple[float, float]] = [(0.25, 1.727), (0.4167, 1.9995), (0.5833, 2.2904), (0.75, 2.4509),
+                                          (0.9167, 2.5693)]
+PRUNE_SCALE, PRUNE_EXPONENT = 0.685168, 0.937
+# (a, b) of a plan's quantization KL = a * (sum of its costs) ** b (cost.Sensitivity.joint)
+LOCAL_JOINT = (0.927204, 1.07206)
 
 
 Profile = tuple[float, list[tuple[float, float]]]  # (first block's factor, the others' (relative depth, factor))
@@ -90,7 +94,7 @@ def local_sensitivity(specs: list[TensorSpec], local: LocalErrors, n_layers: int
     info = dict(method="local", version=METHOD_VERSION, anchor=anchor, n_layers=n_layers,
                 shape_defaults=sorted(s.name for s in fallback),
                 note="local errors x the reference model's class scales, slopes and depth profile (no probes)")
-    return Sensitivity(cost, False, scales, error, {}, exponents, info=info)
+    return Sensitivity(cost, False, scales, error, {}, exponents, info=info, joint=list(LOCAL_JOINT))
 
 
 def prune_unit(local: LocalErrors, plan: Pruning, n_layers: int, profile: Profile | None = None) -> float | None:
