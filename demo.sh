@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# Set up ggufmoe in .venv and run the main job on the embedded reference model: inspect it,
-# calibrate it, prune it to 20 of 24 experts and quantize it to Q4_K in one pass, run it in llama.cpp.
+# Set up ggufmoe in .venv and run its main job on the embedded reference model (a trained Qwen3-MoE, 24
+# experts): fit it into a memory budget in one command (calibrate, plan which experts to keep and a type per
+# tensor, convert), run the result in llama.cpp under a kernel-enforced limit of that budget, and measure its
+# quality against the F16 conversion on text it was not calibrated on.
+#   BUDGET=96MiB CTX=1024 ./demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-96MiB}
+CTX=${CTX:-1024}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
+G=.venv/bin/ggufmoe
+M=models/refmoe-qwen3
 mkdir -p out
-.venv/bin/ggufmoe inspect models/refmoe-qwen3
-.venv/bin/ggufmoe calibrate models/refmoe-qwen3 --text data/calib-sample.txt -o out/refmoe.stats.gguf
-.venv/bin/ggufmoe convert models/refmoe-qwen3 -o out/refmoe-Q4_K.gguf --type Q4_K --stats out/refmoe.stats.gguf \
-    --keep 20 --criterion reap
-.venv/bin/python - <<'PY'
-from llama_cpp import Llama
-llm = Llama("out/refmoe-Q4_K.gguf", n_ctx=256, verbose=False)
-out = llm("def main():\n    ", max_tokens=48, temperature=0)
-print("llama.cpp says:\n" + out["choices"][0]["text"])
-PY
+rm -f out/refmoe-fit.gguf out/refmoe-fit.plan.json out/refmoe-fit.stats.gguf
+step() { printf '\n== %s\n' "$*"; }
+
+step "the model"
+$G inspect $M
+step "fit it into $BUDGET of memory at a context of $CTX: calibrate, plan, convert"
+$G convert $M -o out/refmoe-fit.gguf --budget "$BUDGET" --ctx "$CTX" --calib data/calib-sample.txt
+step "run it in llama.cpp under a $BUDGET memory limit"
+$G validate out/refmoe-fit.gguf --memory-limit "$BUDGET" --ctx "$CTX"
+step "its quality against the F16 conversion, on text it was not calibrated on"
+[ -f out/refmoe-F16.gguf ] || $G convert $M -o out/refmoe-F16.gguf --type F16 -q
+$G eval out/refmoe-fit.gguf --base out/refmoe-F16.gguf --text tests/data/eval_doc.txt --max-tokens 4096
