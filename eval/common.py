@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -48,6 +49,17 @@ def score(path: Path, chunks: list[list[int]], base: list[np.ndarray], ctx: int)
     return dict(kld=float(np.mean([c.kld_mean for c in cmp])),
                 ppl=float(np.exp(np.mean([np.log(c.ppl) for c in cmp]))),
                 top1=float(np.mean([c.top1 for c in cmp])))
+
+
+def reference_parser(description: str) -> argparse.ArgumentParser:
+    """The options every reference-model benchmark takes: --model, --chunks, --ctx, --chars and --work."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
+    ap.add_argument("--chunks", type=int, default=8, help="evaluation chunks of eval_doc.txt")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chars", type=int, default=400_000, help="calibrate on the first CHARS characters of calib.txt")
+    ap.add_argument("--work", type=Path, help="keep intermediate files here (statistics and sensitivities reused)")
+    return ap
 
 
 def reference_work(model: Path, work: Path | None, chars: int, n_chunks: int, ctx: int):

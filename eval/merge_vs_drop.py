@@ -9,13 +9,11 @@ merging (`convert --keep --merge`) the same experts. Statistics: the streamed `g
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-from pathlib import Path
 
-from common import ROOT, SHARED, reference_work, score  # noqa: E402
+from common import ROOT, reference_parser, reference_work, score  # noqa: E402
 
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
@@ -23,12 +21,7 @@ from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=SHARED / "models" / "refmoe-qwen3")
-    ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chars", type=int, default=400_000, help="calibrate on the first CHARS characters of calib.txt")
-    ap.add_argument("--work", type=Path, help="keep intermediate files here (the statistics are reused)")
+    ap = reference_parser(__doc__.splitlines()[0])
     args = ap.parse_args()
     work, stats, _, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     rows = []
