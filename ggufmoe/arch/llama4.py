@@ -25,6 +25,7 @@ from ggufmoe.arch.base import Architecture, rope_params
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.source.hf_config import transformers_config
 
 if TYPE_CHECKING:
     import torch
@@ -103,14 +104,15 @@ class Llama4(Architecture):
 
     def rope_freqs(self) -> TensorSpec:
         """llama.cpp divides each rope frequency by its factor: transformers' default over its scaled ones."""
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        c, d = self.cfg, self.head_dim
-        base = float(rope_params(c)["rope_theta"])
+        d = self.head_dim
+        base = float(rope_params(self.cfg)["rope_theta"])
 
         def load(_: int) -> torch.Tensor:
-            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
             import torch
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            # transformers' own computation needs its configuration object, not the cached view in self.cfg
+            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers_config(self.src.path).get_text_config(), "cpu")
 
             plain = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
             return (plain / scaled.double()).float()
