@@ -17,17 +17,15 @@ router's scores), with no routed-experts kernel to observe, so they are not cali
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import gguf
+import numpy as np
 
 from ggufmoe.arch.base import Architecture, rope_params
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
-
-if TYPE_CHECKING:
-    import torch
 
 CHUNK, NOPE_EVERY, TEMP_FLOOR, TEMP_SCALE = 8192, 4, 8192, 0.1  # llama.cpp's llama4 graph has them built in
 CHUNKED = "chunked_attention"
@@ -108,12 +106,12 @@ class Llama4(Architecture):
         c, d = self.cfg, self.head_dim
         base = float(rope_params(c)["rope_theta"])
 
-        def load(_: int) -> torch.Tensor:
-            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")
+        def load(_: int) -> np.ndarray:
+            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")  # a torch tensor: transformers imports torch
             import torch
 
             plain = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-            return (plain / scaled.double()).float()
+            return (plain / scaled.double()).float().numpy()
 
         return TensorSpec("rope_freqs.weight", (d // 2,), load)
 
