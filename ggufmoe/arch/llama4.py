@@ -26,6 +26,7 @@ from ggufmoe.arch.base import Architecture, rope_params
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.source.hf_config import transformers_config
 
 CHUNK, NOPE_EVERY, TEMP_FLOOR, TEMP_SCALE = 8192, 4, 8192, 0.1  # llama.cpp's llama4 graph has them built in
 CHUNKED = "chunked_attention"
@@ -101,15 +102,15 @@ class Llama4(Architecture):
 
     def rope_freqs(self) -> TensorSpec:
         """llama.cpp divides each rope frequency by its factor: transformers' default over its scaled ones."""
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        c, d = self.cfg, self.head_dim
-        base = float(rope_params(c)["rope_theta"])
+        d = self.head_dim
+        base = float(rope_params(self.cfg)["rope_theta"])
 
         def load(_: int) -> np.ndarray:
-            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")  # a torch tensor: transformers imports torch
             import torch
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+            # transformers' own function, on the configuration it builds (the cached view is not one)
+            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers_config(self.src.path), "cpu")
             plain = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
             return (plain / scaled.double()).float().numpy()
 
