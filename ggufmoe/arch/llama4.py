@@ -110,7 +110,7 @@ class Llama4(Architecture):
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             # transformers' own function, on the configuration it builds (the cached view is not one)
-            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers_config(self.src.path), "cpu")
+            scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers_config(self.src.path).get_text_config(), "cpu")
             plain = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
             return (plain / scaled.double()).float().numpy()
 

@@ -121,7 +121,7 @@ def default_sensitivity(specs: list[TensorSpec], n_expert: int, top_k: int, imat
         cost[s.name] = {t: scale * anchor * (e / anchor) ** b for t, e in error[s.name].items()}
     info = dict(method="default", version=METHOD_VERSION, anchor=PROBE_TYPE.name, g=g, n_active=sum(act.values()),
                 note="Gaussian relative error x active elements, reference per-class scale and exponent, x g")
-    return Sensitivity(cost, False, scales, error, {}, exponents, info)
+    return Sensitivity(cost, False, scales, error, {}, exponents, info=info)
 
 
 def derive_defaults(sens: Sensitivity, specs: list[TensorSpec], n_expert: int, top_k: int,
