@@ -329,7 +329,7 @@ def _compare_child(ours: str, theirs: str, model: str, imatrix: str, out_json: s
     with Quantizer() as q:
         for cls, name in sorted(classes.items()):
             spec, y = specs[name], tb[name]
-            part = spec.load(0).float()
+            part = torch.from_numpy(spec.load(0))
             rounded = part.to(torch.bfloat16).float()
             row = im.row(name, spec.source_expert(0) if spec.is_expert else None)
             t = gguf.GGMLQuantizationType(int(y.tensor_type))

@@ -57,7 +57,7 @@ def main() -> None:
         out = orig_dequant(*a, **k)
         times[DEQUANT] += time.perf_counter() - t0
         counts[DEQUANT] += 1
-        elements[DEQUANT] += out.numel()
+        elements[DEQUANT] += out.size
         return out
 
     def get_rows(self, name, r0, r1):
@@ -67,7 +67,7 @@ def main() -> None:
         if not name.endswith(hf.SCALE_SUFFIX):  # a scale read inside a weight's get is counted with it
             times[READ] += time.perf_counter() - t0 - (times[DEQUANT] - before)
             counts[READ] += 1
-            elements[READ] += out.numel()
+            elements[READ] += out.size
         return out
 
     def quantize(self, data, t, imatrix=None):

@@ -224,9 +224,10 @@ def test_reference_model_values_recomputed(ref_imatrix, calib_tokens):
     model = AutoModelForCausalLM.from_pretrained(tiny_models.REF_MODEL, dtype=torch.float32).eval()
     src = HFSource(tiny_models.REF_MODEL)
     layer = model.model.layers[0]
-    router = src.get("model.layers.0.mlp.gate.weight").double()
+    router = torch.from_numpy(src.get("model.layers.0.mlp.gate.weight")).double()
     expert = int(np.argsort(ref_imatrix.entries["blk.0.ffn_down_exps.weight"].counts)[len(router) // 2])
-    wg, wu = (src.get(f"model.layers.0.mlp.experts.{expert}.{p}_proj.weight").double() for p in ("gate", "up"))
+    wg, wu = (torch.from_numpy(src.get(f"model.layers.0.mlp.experts.{expert}.{p}_proj.weight")).double()
+              for p in ("gate", "up"))
     q_sum2 = torch.zeros(256, dtype=torch.float64)
     down_sum2 = torch.zeros(wg.shape[0], dtype=torch.float64)
     n_routed = 0
@@ -300,8 +301,8 @@ def test_tiny_models(tmp_path, arch):
         assert im.entries[down.name].counts.sum() == n_tokens * top_k
         biases = [by_name.get(f"blk.{il}.ffn_{k}_exps.bias") for k in ("gate", "up")]
         for e in range(gate.n_parts):
-            wg, wu = gate.load(e).double(), up.load(e).double()
-            bg, bu = (b.load(0)[e].double() if b else 0.0 for b in biases)
+            wg, wu = torch.from_numpy(gate.load(e)).double(), torch.from_numpy(up.load(e)).double()
+            bg, bu = (torch.from_numpy(b.load(0)[e]).double() if b else 0.0 for b in biases)
             x2, mid2, n = 0, 0, 0
             for h, idx in calls:
                 x = h[(idx == e).any(-1)].double()
@@ -353,7 +354,7 @@ def test_per_head_imatrix_rows_quantize_each_head(mla_model, tmp_path):
     back = load_imatrix(tmp_path / "im.gguf")
     with Quantizer(2) as q:
         for name, entry in back.entries.items():
-            t, heads = written[name], specs[name].load(0).numpy()
+            t, heads = written[name], specs[name].load(0)
             assert t.tensor_type == (gguf.GGMLQuantizationType.Q5_0 if "attn_k_b" in name else
                                      gguf.GGMLQuantizationType.Q4_K)
             want = np.concatenate([q.quantize(h, t.tensor_type, entry.importance_row(i)) for i, h in enumerate(heads)])

@@ -18,7 +18,8 @@ import tiny_models
 from cli_run import assert_one_line_error, run
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.source.hf import DTYPES, HFSource, dequant_fp8_blocks
+from ggufmoe.source import mxfp4
+from ggufmoe.source.hf import DTYPES, HFSource
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -46,12 +47,39 @@ def test_values_and_rows_as_safetensors_reads_them(tmp_path):
     for name, t in tensors.items():
         assert src.shape(name) == tuple(t.shape)
         if name != "w":
-            assert torch.equal(src.get(name), t.float())
-            assert torch.equal(src.get_rows(name, 1, 2), t[1:2].float())
-    whole = dequant_fp8_blocks(tensors["w"], tensors["w_scale_inv"], (128, 128))
-    assert torch.equal(src.get("w"), whole)
+            assert same_bits(src.get(name), t.float())
+            assert same_bits(src.get_rows(name, 1, 2), t[1:2].float())
+    whole = tiny_models.from_fp8_blocks(tensors["w"], tensors["w_scale_inv"])
+    assert same_bits(src.get("w"), whole)
     for r0, r1 in [(0, 128), (100, 150), (128, 150), (5, 5)]:  # across, inside and at the end of scale blocks
-        assert torch.equal(src.get_rows("w", r0, r1), whole[r0:r1])
+        assert same_bits(src.get_rows("w", r0, r1), whole[r0:r1])
+
+
+def same_bits(ours: np.ndarray, ref: torch.Tensor) -> bool:
+    """float32 arrays of the same shape and bits (NaN payloads included)."""
+    return ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2),
+                                               ("F16", torch.float16), ("BF16", torch.bfloat16)])
+def test_every_code_reads_as_torch_converts_it(dtype, torch_dtype):
+    """float32 from every code of the 8- and 16-bit float dtypes, NaNs and signalling NaNs included: torch's bits."""
+    bits = torch.finfo(torch_dtype).bits
+    codes = np.arange(2 ** bits, dtype=np.uint32).astype(np.uint8 if bits == 8 else np.uint16)
+    ref = torch.from_numpy(codes).view(torch_dtype).float()
+    assert same_bits(DTYPES[dtype].float32(codes.view(DTYPES[dtype].stored)), ref)
+
+
+def test_mxfp4_values_are_torchs():
+    """Every byte of MXFP4 blocks under every E8M0 scale (255, E8M0's NaN, included) as torch.ldexp gives it."""
+    blocks = np.broadcast_to(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 16, 16))  # scale, group, byte
+    scales = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 16))
+    b = torch.from_numpy(blocks.copy())
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(256, 16, 32)
+    ref = torch.ldexp(torch.tensor(mxfp4.E2M1.tolist())[codes.long()],
+                      torch.from_numpy(scales.astype(np.int32) - 127).unsqueeze(-1)).reshape(256, -1)
+    with np.errstate(over="ignore"):
+        assert same_bits(mxfp4.dequantize(blocks, scales), ref)
 
 
 def test_sharded_index(tmp_path):
@@ -62,7 +90,7 @@ def test_sharded_index(tmp_path):
     save_file({"c": tensors["c"]}, src_dir / "s2.safetensors")
     index = {"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}}
     (src_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert torch.equal(HFSource(src_dir).get("c"), tensors["c"].float())
+    assert same_bits(HFSource(src_dir).get("c"), tensors["c"].float())
     index["weight_map"]["c"] = "s1.safetensors"
     (src_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(GgufmoeError, match="tensor c is not in s1.safetensors"):
@@ -178,7 +206,7 @@ def reference(path: Path) -> dict[str, torch.Tensor] | None:
     for k, t in raw.items():
         if t.dtype == torch.float8_e4m3fn and t.ndim == 2 and tuple(raw.get(k + "_scale_inv", t).shape) == (
                 -(-t.shape[0] // 128), -(-t.shape[1] // 128)):
-            out[k] = dequant_fp8_blocks(t, raw[k + "_scale_inv"].float(), (128, 128))
+            out[k] = tiny_models.from_fp8_blocks(t, raw[k + "_scale_inv"])
         elif t.dtype != torch.float8_e4m3fn:
             out[k] = t.float()
     return out
@@ -200,4 +228,4 @@ def test_fuzzed_file_reads_correctly_or_raises_ggufmoe_error(valid_file, data):
     assert ref is not None, "read a file safetensors refuses"
     assert ref.keys() <= ours.keys()
     for k, t in ref.items():
-        assert np.array_equal(ours[k].numpy(), t.numpy(), equal_nan=True), k
+        assert same_bits(ours[k], t), k

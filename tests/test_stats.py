@@ -74,8 +74,9 @@ def test_reap_recomputed(ref_stats):
     hook.remove()
     src = HFSource(tiny_models.REF_MODEL)
     p = f"model.layers.{il}.mlp"
-    router = src.get(f"{p}.gate.weight").double()
-    wg, wu, wd = (src.get(f"{p}.experts.{expert}.{n}_proj.weight").double() for n in ("gate", "up", "down"))
+    router = torch.from_numpy(src.get(f"{p}.gate.weight")).double()
+    wg, wu, wd = (torch.from_numpy(src.get(f"{p}.experts.{expert}.{n}_proj.weight")).double()
+                  for n in ("gate", "up", "down"))
     x = torch.cat([h.reshape(-1, h.shape[-1]) for h in moe_in]).double()
     top = torch.topk(torch.softmax(x @ router.T, -1), TOP_K, -1)
     weights = top.values / top.values.sum(-1, keepdim=True)

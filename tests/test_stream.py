@@ -155,7 +155,7 @@ def test_embedding_rows_in_spans(models, monkeypatch):
     spec = TensorSpec("token_embd.weight", src.shape(name), RowLoader(src, name), hf_name=name)
     ids = torch.tensor([[5, 5, 6000, 70, 71, 3000], [0, 6143, 6143, 1, 200, 64]])
     monkeypatch.setattr(skeleton, "EMBED_SPAN_BYTES", 40 * 64 * 4)  # spans of at most 40 rows
-    want = src.get(name)[ids]
+    want = torch.from_numpy(src.get(name))[ids]
     reads = []
     rows = src.get_rows
     monkeypatch.setattr(src, "get_rows", lambda n, a, b: reads.append((a, b)) or rows(n, a, b))

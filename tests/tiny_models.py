@@ -122,14 +122,19 @@ def to_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
     return q, scale
 
 
+def from_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """The float32 values of an FP8 matrix with one inverse scale per block x block tile, as torch computes
+    them (the reference for ggufmoe's reader)."""
+    rows, cols = q.shape
+    return q.float() * scale.float().repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+
+
 def save_fp8(model_dir: Path, fp8_dir: Path) -> None:
     """Write an FP8 (block-scaled) copy of ``model_dir`` to ``fp8_dir`` and replace the weights in
     ``model_dir`` by their dequantized values, so ``model_dir`` is the exact reference for it."""
     import json
 
     from safetensors.torch import load_file, save_file
-
-    from ggufmoe.source.hf import dequant_fp8_blocks
 
     shutil.copytree(model_dir, fp8_dir)
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -139,7 +144,7 @@ def save_fp8(model_dir: Path, fp8_dir: Path) -> None:
             if t.ndim == 2 and name.endswith("proj.weight"):
                 q, s = to_fp8_blocks(t)
                 fp8[name], fp8[name + "_scale_inv"] = q, s
-                deq[name] = dequant_fp8_blocks(q, s, (128, 128))
+                deq[name] = from_fp8_blocks(q, s)
             else:
                 fp8[name] = deq[name] = t
         save_file(fp8, fp8_dir / f.name, metadata={"format": "pt"})

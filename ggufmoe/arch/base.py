@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import gguf
+import numpy as np
 from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.shape import ModelShape
@@ -18,9 +19,6 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
 from ggufmoe.source.tokenizer import write_tokenizer
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -170,12 +168,12 @@ class Architecture:
         if not ok:
             raise GgufmoeError(f"{self.src.path}: unsupported {self.src.architecture} checkpoint: {what}")
 
-    def plain(self, gguf_name: str, hf_name: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def plain(self, gguf_name: str, hf_name: str, transform: Callable[[np.ndarray], np.ndarray] | None = None,
               shape: tuple[int, ...] | None = None) -> TensorSpec:
         """A tensor read straight from one HF tensor (optionally transformed)."""
         src = self.src
 
-        def load(_: int) -> torch.Tensor:
+        def load(_: int) -> np.ndarray:
             return transform(src.get(hf_name))
 
         return TensorSpec(gguf_name, shape or src.shape(hf_name), load if transform else RowLoader(src, hf_name),
@@ -198,8 +196,8 @@ class Architecture:
         src = self.src
         n_expert, n_in, n_out = src.shape(hf_name)
 
-        def load(e: int) -> torch.Tensor:
-            return src.get_rows(hf_name, e, e + 1)[0][:, outputs].T.contiguous()
+        def load(e: int) -> np.ndarray:
+            return np.ascontiguousarray(src.get_rows(hf_name, e, e + 1)[0][:, outputs].T)
 
         return TensorSpec(gguf_name, (n_expert, len(range(n_out)[outputs]), n_in), load, n_expert, hf_name=hf_name)
 
@@ -298,7 +296,7 @@ def rope_params(cfg) -> dict:
     return params
 
 
-def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder q/k rows from HF's rotate-half layout to llama.cpp's interleaved (NORM) rope."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

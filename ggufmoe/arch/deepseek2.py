@@ -7,9 +7,10 @@ or softmax gating, the V3 routing bias ``exp_probs_b`` and expert groups.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import gguf
+import numpy as np
 
 from ggufmoe.arch.biased_routing import BiasedRoutingMoe
 from ggufmoe.arch.registry import register
@@ -17,9 +18,6 @@ from ggufmoe.arch.base import rope_params
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source.hf import HFSource
-
-if TYPE_CHECKING:
-    import torch
 
 
 @register
@@ -104,12 +102,12 @@ class Deepseek2(BiasedRoutingMoe):
         name = f"model.layers.{il}.self_attn.kv_b_proj.weight"
         n_head, nope, v, rank = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
 
-        def heads() -> torch.Tensor:
+        def heads() -> np.ndarray:
             return kv_b.get(name).reshape(n_head, nope + v, rank)
 
         yield TensorSpec(f"blk.{il}.attn_k_b.weight", (n_head, rank, nope),
-                         lambda _: heads()[:, :nope, :].transpose(1, 2).contiguous(), hf_name=name)
-        yield TensorSpec(f"blk.{il}.attn_v_b.weight", (n_head, v, rank), lambda _: heads()[:, nope:, :].contiguous(),
+                         lambda _: np.ascontiguousarray(heads()[:, :nope, :].transpose(0, 2, 1)), hf_name=name)
+        yield TensorSpec(f"blk.{il}.attn_v_b.weight", (n_head, v, rank), lambda _: np.ascontiguousarray(heads()[:, nope:, :]),
                          hf_name=name)
 
     def tensors(self) -> Iterator[TensorSpec]:
@@ -141,9 +139,9 @@ class ReadForTwo:
     def __init__(self, src: HFSource):
         self.src = src
         self.name: str | None = None
-        self.value: torch.Tensor | None = None
+        self.value: np.ndarray | None = None
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         if self.name == name and self.value is not None:
             value, self.name, self.value = self.value, None, None
             return value

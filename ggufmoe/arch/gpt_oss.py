@@ -14,7 +14,7 @@ MXFP4, they are the checkpoint's own codes and scales.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -25,9 +25,6 @@ from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source import mxfp4
-
-if TYPE_CHECKING:
-    import torch
 
 # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE has these constants built in.
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
@@ -109,7 +106,7 @@ class GptOss(Architecture):
         for kind, name, rows in (("gate", gate_up, slice(0, None, 2)), ("up", gate_up, slice(1, None, 2)),
                                  ("down", down, slice(None))):
             yield self.experts(f"{b}.ffn_{kind}_exps.weight", name, rows)
-            yield self.plain(f"{b}.ffn_{kind}_exps.bias", f"{name}_bias", lambda t, r=rows: t[:, r].contiguous(),
+            yield self.plain(f"{b}.ffn_{kind}_exps.bias", f"{name}_bias", lambda t, r=rows: np.ascontiguousarray(t[:, r]),
                              shape=self._bias_shape(f"{name}_bias", rows))
 
     def _bias_shape(self, name: str, rows: slice) -> tuple[int, int]:
@@ -131,10 +128,10 @@ class GptOss(Architecture):
         self.require(width == mxfp4.BLOCK // 2 and src.shape(scales) == (n_expert, n_rows, groups),
                      f"MXFP4 {blocks} {src.shape(blocks)} with {scales} {src.shape(scales)}")
 
-        def part(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def part(e: int) -> tuple[np.ndarray, np.ndarray]:
             return src.raw_rows(blocks, e, e + 1)[0][rows], src.raw_rows(scales, e, e + 1)[0][rows]
 
-        def load(e: int) -> torch.Tensor:
+        def load(e: int) -> np.ndarray:
             return mxfp4.dequantize(*part(e))
 
         def raw(e: int) -> np.ndarray:

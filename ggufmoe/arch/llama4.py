@@ -17,18 +17,16 @@ router's scores), with no routed-experts kernel to observe, so they are not cali
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import gguf
+import numpy as np
 
 from ggufmoe.arch.base import Architecture, rope_params
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source.hf_config import transformers_config
-
-if TYPE_CHECKING:
-    import torch
 
 CHUNK, NOPE_EVERY, TEMP_FLOOR, TEMP_SCALE = 8192, 4, 8192, 0.1  # llama.cpp's llama4 graph has them built in
 CHUNKED = "chunked_attention"
@@ -107,15 +105,14 @@ class Llama4(Architecture):
         d = self.head_dim
         base = float(rope_params(self.cfg)["rope_theta"])
 
-        def load(_: int) -> torch.Tensor:
+        def load(_: int) -> np.ndarray:
             import torch
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            # transformers' own computation needs its configuration object, not the cached view in self.cfg
+            # transformers' own function, on the configuration it builds (the cached view is not one)
             scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers_config(self.src.path).get_text_config(), "cpu")
-
             plain = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-            return (plain / scaled.double()).float()
+            return (plain / scaled.double()).float().numpy()
 
         return TensorSpec("rope_freqs.weight", (d // 2,), load)
 

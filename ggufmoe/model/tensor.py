@@ -4,26 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import gguf
 import numpy as np
 
 from ggufmoe.model.names import TensorName
 
-if TYPE_CHECKING:
-    import torch
-
-Loader = Callable[[int], "torch.Tensor"]
+Loader = Callable[[int], np.ndarray]  # part -> float32
 RawLoader = Callable[[int], np.ndarray]
 
 
 class RowSource(Protocol):
     """A source that reads a range of a tensor's rows (outermost dimension) as float32."""
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> np.ndarray: ...
 
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor: ...
+    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -35,10 +32,10 @@ class RowLoader:
     src: RowSource
     tensor: str
 
-    def __call__(self, _: int) -> torch.Tensor:
+    def __call__(self, _: int) -> np.ndarray:
         return self.src.get(self.tensor)
 
-    def rows(self, r0: int, r1: int) -> torch.Tensor:
+    def rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` (outermost dimension) as float32."""
         return self.src.get_rows(self.tensor, r0, r1)
 
@@ -47,7 +44,7 @@ class RowLoader:
 class TensorSpec:
     """One GGUF tensor. ``shape`` is in numpy order (outermost first; experts first for 3-D).
 
-    ``load(i)`` returns part ``i`` as float32: the whole tensor when ``n_parts == 1``,
+    ``load(i)`` returns part ``i`` as a float32 array: the whole tensor when ``n_parts == 1``,
     else the 2-D slice of expert ``i``; a :class:`RowLoader` also loads a range of rows. A source
     that stores quantized tensors (a GGUF) also gives ``source_type`` and ``raw(i)``: part ``i``'s
     bytes as stored, copied when the type stays.

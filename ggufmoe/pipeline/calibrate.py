@@ -12,7 +12,6 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.prune.criteria import kept_sets
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats
-from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import hold_out
 
 
@@ -25,5 +24,7 @@ def calibrate(src: str | Path, text: str, *, whole: bool = False, **kw) -> Stats
         from ggufmoe.stats.collect import collect_stats
 
         return collect_stats(src, text, **kw)
+    from ggufmoe.stats.stream import stream_stats  # torch and transformers: only when calibrating
+
     arch = architecture_for(HFSource(Path(src)))
     return stream_stats(src, text, kept_sets=kept_sets(arch), **kw)

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.plan.per_layer import spread_experts
 from ggufmoe.prune.merge import merge_experts
-from ggufmoe.quant.ggml import Quantizer, one_torch_thread
+from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.pipeline.read_ahead import read_ahead
 from ggufmoe.source.config import check_shapes
 from ggufmoe.source import open_source
@@ -34,10 +34,6 @@ from ggufmoe.quant.rules import TypedTensor, TypeRules
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.source.gguf_file import is_shard_of
-
-if TYPE_CHECKING:
-    import torch
-
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
 CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
@@ -76,7 +72,7 @@ def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None) -> Iterator[P
                 continue
             rows = importance(p.spec, i, imatrix)
             for r0, data in part_chunks(p.spec, i):
-                yield Piece(p, data.numpy(), rows if rows is None or len(rows) == 1 else rows[r0:])
+                yield Piece(p, data, rows if rows is None or len(rows) == 1 else rows[r0:])
 
 
 def encode(piece: Piece, q: Quantizer) -> np.ndarray:
@@ -96,7 +92,7 @@ def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm) -> Iterator[np.nda
         yield data
 
 
-def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, torch.Tensor]]:
+def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, np.ndarray]]:
     """Part ``i`` as float32, with the index of its first row: whole, or in row chunks when the tensor
     is big and its loader reads rows (see :func:`chunk_rows`)."""
     step = chunk_rows(spec)
@@ -118,7 +114,7 @@ def chunk_rows(spec: TensorSpec) -> int | None:
     return max(CHUNK_ALIGN, CHUNK_BYTES // row_bytes // CHUNK_ALIGN * CHUNK_ALIGN)
 
 
-def checked_shape(spec: TensorSpec, data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(data.shape) != tuple(shape):
         raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(shape)}")
     return data
@@ -152,7 +148,7 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
             done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
             if done:
                 tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
-            with (Quantizer(opts.threads) as q, one_torch_thread(),
+            with (Quantizer(opts.threads) as q,
                   read_ahead(read_pieces(plans[done:], imatrix)) as pieces,
                   tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
                        disable=not opts.progress) as bar):

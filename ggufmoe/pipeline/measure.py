@@ -36,7 +36,6 @@ from tqdm import tqdm
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.quant.ggml import one_torch_thread
 from ggufmoe.quant.rules import EMBEDDING, TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity import cache
@@ -80,15 +79,6 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
     runs of consecutive blocks, each probed with all its tensors at the anchor type, set how cost is spread
     over depth (:func:`~ggufmoe.sensitivity.fit.apply_layer_factors`; 0: by error alone).
     """
-    # torch only converts single tensors here (BF16 -> F32): 10 ms instead of 0.1 ms per small tensor
-    # on a busy machine with its own threads
-    with one_torch_thread():
-        return _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max_experts, probe_types,
-                        uniform_types, layer_probes)
-
-
-def _measure(src_dir, stats, text, threads, progress, chunks, ctx, max_rows, max_experts, probe_types,
-             uniform_types, layer_probes) -> Sensitivity:
     from transformers import AutoTokenizer  # heavy: only when measuring
 
     t_start = time.perf_counter()

@@ -4,7 +4,7 @@ tensors kept consistent, and the provenance keys that record it."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -14,9 +14,6 @@ from ggufmoe.model.names import EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.prune.merge import Folds
-
-if TYPE_CHECKING:
-    import torch
 
 # provenance keys (write_provenance)
 KEY_SOURCE = "ggufmoe.source"
@@ -56,20 +53,18 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
     return pruned, out
 
 
-def _folded_parts(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable[[int], torch.Tensor]:
+def _folded_parts(load: Callable[[int], np.ndarray], folds: Folds) -> Callable[[int], np.ndarray]:
     """Part ``i``: the weighted average of its fold's source experts."""
-    def part(i: int) -> torch.Tensor:
+    def part(i: int) -> np.ndarray:
         return sum(w * load(j) for j, w in folds[i])
 
     return part
 
 
-def _folded_rows(load: Callable[[int], torch.Tensor], folds: Folds) -> Callable[[int], torch.Tensor]:
-    def rows(i: int) -> torch.Tensor:
-        import torch
-
+def _folded_rows(load: Callable[[int], np.ndarray], folds: Folds) -> Callable[[int], np.ndarray]:
+    def rows(i: int) -> np.ndarray:
         t = load(i)
-        return torch.stack([sum(w * t[j] for j, w in fold) for fold in folds])
+        return np.stack([sum(w * t[j] for j, w in fold) for fold in folds])
 
     return rows
 
@@ -78,7 +73,7 @@ def _parts(load: Callable[[int], Any], kept: list[int]) -> Callable[[int], Any]:
     return lambda i: load(kept[i])
 
 
-def _rows(load: Callable[[int], torch.Tensor], kept: list[int]) -> Callable[[int], torch.Tensor]:
+def _rows(load: Callable[[int], np.ndarray], kept: list[int]) -> Callable[[int], np.ndarray]:
     return lambda i: load(i)[kept]
 
 

@@ -7,14 +7,12 @@ importance row. Types, their blocks and fallbacks: :mod:`ggufmoe.model.qtypes`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -49,20 +47,6 @@ def ggml() -> ctypes.CDLL:
 
 def requires_imatrix(t: T) -> bool:
     return bool(ggml().ggml_quantize_requires_imatrix(int(t)))
-
-
-@contextlib.contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch on one intra-op thread while ggml quantizes (or llama.cpp runs): where torch only converts
-    and scales tensors, its threads only contend with the quantizer's (a few % of a conversion's time)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Quantizer:

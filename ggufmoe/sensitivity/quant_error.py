@@ -83,14 +83,14 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
         mass_ratio = float(freq[used].sum() / freq[take].sum())
         per = max(1, max_rows // len(take))
         for i in sorted(take):
-            data = spec.load(int(i)).numpy().reshape(-1, ne0)
+            data = spec.load(int(i)).reshape(-1, ne0)
             idx = _pick(len(data), per, rng)
             imp = imx.row(spec.name, spec.source_expert(int(i)))
             out.append(_Sample(np.ascontiguousarray(data[idx], np.float32), imp,
                                np.ones(ne0) if imp is None else imp.astype(np.float64),
                                np.full(len(idx), freq[i] * len(data) / len(idx) * mass_ratio)))
         return out
-    data = spec.load(0).numpy().reshape(-1, ne0)
+    data = spec.load(0).reshape(-1, ne0)
     rows = importance(spec, 0, imx)
     imp = None if rows is None else rows.mean(axis=0)  # per-head rows (MLA's attn_k_b/attn_v_b): their mean
     col_w = np.ones(ne0) if imp is None else imp.astype(np.float64)

@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+import numpy as np
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.hf_config import tensor_shapes
-
-if TYPE_CHECKING:
-    import torch
 
 
 class ConfigSource:
@@ -64,7 +61,7 @@ class ConfigSource:
             raise GgufmoeError(f"{self.path}: the configuration defines no tensor {name}")
         return self.shapes[name]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         raise GgufmoeError(f"{self.path}: a configuration alone has no weights (tensor {name})")
 
 

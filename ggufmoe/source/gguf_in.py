@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
@@ -21,9 +21,6 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.source.gguf_file import ShardName
 from ggufmoe.source.gguf_file import gguf_files
-
-if TYPE_CHECKING:
-    import torch
 
 # Keys that describe one file's layout, not the model: never carried to another file.
 LAYOUT_PREFIXES = ("GGUF.", "split.")
@@ -125,26 +122,24 @@ class GGUFSource:
             return data.reshape(-1)
         return data.reshape(self.shape(name)[0], -1)[part]
 
-    def get(self, name: str, part: int | None = None) -> torch.Tensor:
+    def get(self, name: str, part: int | None = None) -> np.ndarray:
         """The tensor (or its outermost slice ``part``) as float32, dequantized."""
         return self._dequantize(name, self.raw(name, part), self.shape(name)[0 if part is None else 1:])
 
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` of the outermost dimension as float32, dequantized (only their bytes are read)."""
         shape = self.shape(name)
         if not 0 <= r0 <= r1 <= shape[0]:
             raise ValueError(f"rows {r0}:{r1} of {name}, which has {shape[0]}")
         return self._dequantize(name, self.raw(name).reshape(shape[0], -1)[r0:r1], (r1 - r0, *shape[1:]))
 
-    def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        import torch
-
+    def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         qtype = self.qtype(name)
         try:
             values = gguf.quants.dequantize(data, qtype)
         except NotImplementedError:
             raise GgufmoeError(f"{self.path}: tensor {name}: gguf-py cannot read type {qtype.name}") from None
-        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
+        return np.array(values, dtype=np.float32).reshape(shape)
 
     def tensors(self) -> Iterator[tuple[str, tuple[int, ...], T]]:
         """(name, numpy-order shape, type) of every tensor, in file order."""

@@ -2,9 +2,10 @@
 
 Every shard's header is parsed and validated when the source is opened (a truncated or corrupt
 shard fails before anything is written). Tensor data is read with ``pread`` at the header's
-offsets, whole or a range of rows, and returned as float32: nothing is memory-mapped, so pages
-read do not stay in the process's RSS. FP8 e4m3 weights with a ``weight_scale_inv`` companion
-(128x128 block scales, as DeepSeek-V3 ships) are dequantized one row-block at a time.
+offsets, whole or a range of rows, and returned as float32 numpy arrays: nothing is memory-mapped, so
+pages read do not stay in the process's RSS. FP8 e4m3 weights with a ``weight_scale_inv`` companion
+(128x128 block scales, as DeepSeek-V3 ships) are dequantized one row-block at a time. The float32
+values are bit for bit torch's conversions of the same dtypes (NaNs included), without torch.
 """
 
 from __future__ import annotations
@@ -15,28 +16,75 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError, one_line
 
-if TYPE_CHECKING:
-    import torch
-
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
 MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
+QUIET_NAN = np.uint32(0x0040_0000)  # float32's quiet bit
 
-# safetensors dtype -> (bytes per element, torch dtype name: torch is imported when a tensor is read)
-DTYPES: dict[str, tuple[int, str]] = {
-    "BOOL": (1, "bool"), "U8": (1, "uint8"), "I8": (1, "int8"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
-    "I16": (2, "int16"), "U16": (2, "uint16"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "I32": (4, "int32"), "U32": (4, "uint32"), "F32": (4, "float32"),
-    "I64": (8, "int64"), "U64": (8, "uint64"), "F64": (8, "float64"),
-}
+
+def f16_to_f32(a: np.ndarray) -> np.ndarray:
+    """float16 as float32, signalling NaNs quieted (as torch's conversion does)."""
+    out = a.astype(np.float32)
+    out.view(np.uint32)[np.isnan(out)] |= QUIET_NAN
+    return out
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) as float32: they are its upper half."""
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def e5m2_to_f32(a: np.ndarray) -> np.ndarray:
+    """FP8 e5m2 codes (uint8) as float32: each is the upper byte of a float16."""
+    return f16_to_f32((a.astype(np.uint16) << 8).view(np.float16))
+
+
+def _e4m3_values() -> np.ndarray:
+    """The float32 value of each FP8 e4m3fn code: sign, 4 exponent bits (bias 7, 0 for subnormals), 3 mantissa
+    bits; no infinities, S.1111.111 is NaN, with the sign and mantissa bits in float32's (as torch converts)."""
+    code = np.arange(256, dtype=np.uint32)
+    exp, man = (code >> 3) & 0xF, code & 0x7
+    mag = np.where(exp > 0, np.ldexp(1.0 + man / 8, exp.astype(np.int32) - 7), np.ldexp(man / 8.0, -6))
+    out = np.where(code & 0x80, -mag, mag).astype(np.float32)
+    nan = (code & 0x7F) == 0x7F
+    out.view(np.uint32)[nan] = (code[nan] & 0x80) << 24 | 0x7F80_0000 | man[nan] << 20
+    return out
+
+
+E4M3_VALUES = _e4m3_values()
+
+
+def e4m3_to_f32(a: np.ndarray) -> np.ndarray:
+    """FP8 e4m3fn codes (uint8) as float32."""
+    return E4M3_VALUES[a]
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """How a safetensors dtype is read: its elements as stored (bfloat16 and FP8 as their bits), and their
+    float32 values (``decode``; None: numpy's cast, which is torch's)."""
+
+    stored: np.dtype
+    decode: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def float32(self, a: np.ndarray) -> np.ndarray:
+        return self.decode(a) if self.decode else a.astype(np.float32, copy=False)
+
+
+# safetensors dtype -> how it is read (little-endian, as safetensors stores it)
+DTYPES: dict[str, Dtype] = {name: Dtype(np.dtype(stored), decode) for name, (stored, decode) in {
+    "BOOL": ("?", None), "U8": ("u1", None), "I8": ("i1", None),
+    "F8_E4M3": ("u1", e4m3_to_f32), "F8_E5M2": ("u1", e5m2_to_f32),
+    "I16": ("<i2", None), "U16": ("<u2", None), "F16": ("<f2", f16_to_f32), "BF16": ("<u2", bf16_to_f32),
+    "I32": ("<i4", None), "U32": ("<u4", None), "F32": ("<f4", None),
+    "I64": ("<i8", None), "U64": ("<u8", None), "F64": ("<f8", None),
+}.items()}
 
 
 @dataclass(frozen=True)
@@ -101,7 +149,7 @@ def _entry(path: Path, name: str, info: object, base: int) -> TensorEntry:
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets) \
             or not 0 <= offsets[0] <= offsets[1]:
         raise _corrupt(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
-    nbytes = math.prod(shape) * DTYPES[dtype][0]
+    nbytes = math.prod(shape) * DTYPES[dtype].stored.itemsize
     if offsets[1] - offsets[0] != nbytes:
         raise _corrupt(path, f"tensor {_short(name)}: data_offsets {_short(offsets)} hold {offsets[1] - offsets[0]} "
                              f"bytes, shape {_short(shape)} in {dtype} needs {nbytes}")
@@ -236,30 +284,28 @@ class HFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         """The tensor as float32, FP8 block scales applied."""
         return self.get_rows(name, 0, self._entry(name).rows).reshape(self.shape(name))
 
-    def raw_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` of the outermost dimension as stored (their own dtype)."""
-        import torch
-
+    def raw_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of the outermost dimension as stored (:attr:`Dtype.stored`)."""
         e = self._entry(name)
         if not 0 <= r0 <= r1 <= e.rows:
             raise ValueError(f"rows {r0}:{r1} of {name}, which has {e.rows}")
         buf = np.empty((r1 - r0) * e.row_nbytes, dtype=np.uint8)
         read_at(e.file, buf, e.start + r0 * e.row_nbytes)
-        return torch.from_numpy(buf).view(getattr(torch, DTYPES[e.dtype][1])).reshape(r1 - r0, *e.shape[1:])
+        return buf.view(DTYPES[e.dtype].stored).reshape(r1 - r0, *e.shape[1:])
 
-    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+    def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
         e = self._entry(name)
         raw = self.raw_rows(name, r0, r1)
         if e.dtype == FP8_BLOCK_SCALED:
             return dequant_fp8_blocks(raw, self._fp8_scale(name, e), self.fp8_block, r0)
-        return raw.float()
+        return DTYPES[e.dtype].float32(raw)
 
-    def _fp8_scale(self, name: str, e: TensorEntry) -> torch.Tensor:
+    def _fp8_scale(self, name: str, e: TensorEntry) -> np.ndarray:
         """The block scales of FP8 matrix ``name``, their shape checked against it."""
         scale_name = name + SCALE_SUFFIX
         if scale_name not in self._tensors:
@@ -274,21 +320,19 @@ class HFSource:
         return scale
 
 
-def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-                       row0: int = 0) -> torch.Tensor:
-    """Dequantize rows ``row0:row0 + len(w)`` of an FP8 matrix (``w`` holds them; ``scale_inv`` has
-    one scale per block of the whole matrix), one row-block at a time."""
-    import torch
-
+def dequant_fp8_blocks(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
+                       row0: int = 0) -> np.ndarray:
+    """Dequantize rows ``row0:row0 + len(w)`` of an FP8 matrix (``w`` holds their e4m3fn codes, uint8;
+    ``scale_inv`` has one float32 scale per block of the whole matrix), one row-block at a time."""
     rows, cols = w.shape
     bs_r, bs_c = block
     srows, scols = scale_inv.shape
     if srows < -(-(row0 + rows) // bs_r) or scols != -(-cols // bs_c):
         raise GgufmoeError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight rows "
                            f"{row0}:{row0 + rows} of {cols} columns")
-    out = torch.empty((rows, cols), dtype=torch.float32)
+    out = np.empty((rows, cols), dtype=np.float32)
     for i in range(row0 // bs_r, -(-(row0 + rows) // bs_r)):
         a, b = max(i * bs_r, row0) - row0, min((i + 1) * bs_r, row0 + rows) - row0
-        s = scale_inv[i].float().repeat_interleave(bs_c)[:cols]
-        out[a:b] = w[a:b].float() * s
+        s = np.repeat(scale_inv[i].astype(np.float32, copy=False), bs_c)[:cols]
+        out[a:b] = e4m3_to_f32(w[a:b]) * s
     return out

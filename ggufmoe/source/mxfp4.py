@@ -11,30 +11,29 @@ never changes one, so the file holds exactly the checkpoint's values.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 BLOCK = 32  # values per block
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E2M1 = np.array((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0),
+                dtype=np.float32)
 
 
-def codes(blocks: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes of ``blocks`` (..., G, 16) in value order: (..., G, 32) uint8."""
-    b = blocks.to(torch.uint8)
-    return torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(*b.shape[:-1], BLOCK)
+def codes(blocks: np.ndarray) -> np.ndarray:
+    """The 4-bit codes of ``blocks`` (..., G, 16) uint8 in value order: (..., G, 32) uint8."""
+    b = blocks.astype(np.uint8, copy=False)
+    return np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], BLOCK)
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 values (..., G * 32) of a checkpoint's MXFP4 ``blocks`` (..., G, 16) and ``scales`` (..., G)."""
     if tuple(blocks.shape[:-1]) != tuple(scales.shape) or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")
-    values = torch.tensor(E2M1, dtype=torch.float32)[codes(blocks).long()]
-    exp = scales.to(torch.int32) - 127
-    return torch.ldexp(values, exp.unsqueeze(-1)).reshape(*blocks.shape[:-2], -1)
+    exp = scales.astype(np.int32) - 127
+    return np.ldexp(E2M1[codes(blocks)], exp[..., None]).reshape(*blocks.shape[:-2], -1)
 
 
-def to_ggml(blocks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+def to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """ggml ``MXFP4`` bytes (..., G * 17) of the same values, the codes and exponents unchanged."""
     c = codes(blocks)
     qs = c[..., : BLOCK // 2] | (c[..., BLOCK // 2:] << 4)
-    packed = torch.cat([scales.to(torch.uint8).unsqueeze(-1), qs], dim=-1)  # (..., G, 17)
-    return packed.reshape(*blocks.shape[:-2], -1).numpy()
+    packed = np.concatenate([scales.astype(np.uint8, copy=False)[..., None], qs], axis=-1)  # (..., G, 17)
+    return packed.reshape(*blocks.shape[:-2], -1)

@@ -55,10 +55,10 @@ class ExpertLoader:
         self.pending: deque[tuple[int, Future]] = deque()
 
     def _load(self, e: int) -> ExpertWeights:
-        gate, up = self.gate.load(e), self.up.load(e)  # (ff, hidden) each
+        gate, up = torch.from_numpy(self.gate.load(e)), torch.from_numpy(self.up.load(e))  # (ff, hidden) each
         # (2 ff, hidden) as transformers fuses them
         gate_up = torch.cat([gate, up]) if self.concatenated else torch.stack([gate, up], 1).reshape(-1, gate.shape[1])
-        down = self.down.load(e)  # (hidden, ff)
+        down = torch.from_numpy(self.down.load(e))  # (hidden, ff)
         if self.transposed:
             gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
         return ExpertWeights(gate_up, down)

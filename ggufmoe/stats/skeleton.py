@@ -142,7 +142,7 @@ class Skeleton:
                     if name is None or full in self.fused:
                         why = "several checkpoint tensors are merged into it" if name else "no checkpoint tensor"
                         raise unsupported(self.arch, f"cannot load {full} ({why})")
-                    value = self.src.get(name)
+                    value = torch.from_numpy(self.src.get(name))
                     if tuple(value.shape) != tuple(t.shape):
                         raise unsupported(self.arch, f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
                                                      f"the model's {full} {tuple(t.shape)}")
@@ -205,7 +205,7 @@ def embedding_rows(spec: TensorSpec, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of the embedding table (float32), read in spans of rows, never the whole table."""
     loader = spec.load
     if not isinstance(loader, RowLoader):
-        return loader(0)[ids]
+        return torch.from_numpy(loader(0))[ids]
     width = spec.shape[-1]
     uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
     u = uniq.tolist()
@@ -216,7 +216,7 @@ def embedding_rows(spec: TensorSpec, ids: torch.Tensor) -> torch.Tensor:
         j = i
         while j + 1 < len(u) and u[j + 1] - u[j] <= EMBED_GAP and u[j + 1] - u[i] < span:
             j += 1
-        block = loader.rows(u[i], u[j] + 1)
+        block = torch.from_numpy(loader.rows(u[i], u[j] + 1))
         rows[i: j + 1] = block[uniq[i: j + 1] - u[i]]
         i = j + 1
     return rows[inverse].reshape(*ids.shape, width)

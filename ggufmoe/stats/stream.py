@@ -96,7 +96,8 @@ from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
-from ggufmoe.stats.local import KEY as LOCAL_KEY, MAX_PENDING, LocalErrors, LocalMeter, LocalOptions
+from ggufmoe.stats.local import KEY as LOCAL_KEY, LocalErrors, LocalOptions
+from ggufmoe.stats.local_meter import MAX_PENDING, LocalMeter
 from ggufmoe.stats.prune_error import PROBE_DIM, KeptSets, PruneProbe
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
 from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens

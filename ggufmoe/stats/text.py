@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from ggufmoe.errors import GgufmoeError
+
+if TYPE_CHECKING:
+    import torch
 
 BATCH_TOKENS = 4096  # tokens per forward: whole chunks of ctx tokens batched together
 PIECE_CHARS = 1 << 16  # characters of text tokenized at a time
@@ -144,6 +146,8 @@ def token_chunks(tokenizer, text: str, ctx: int, max_tokens: int | None) -> list
 
 def batches(ids: torch.Tensor, prefix: list[int], ctx: int, batch_tokens: int = BATCH_TOKENS) -> Iterator[torch.Tensor]:
     """(batch, ctx) tensors of whole chunks (each opening with ``prefix``); the shorter last chunk alone."""
+    import torch  # a calibration's: torch is imported by then
+
     body = ctx - len(prefix)
     per_batch = max(1, batch_tokens // ctx)
     n_full = len(ids) // body
