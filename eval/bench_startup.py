@@ -129,7 +129,7 @@ def main() -> None:
 makes every weight matrix Q2_K; llama.cpp's Q2_K mix keeps some at higher types (its file
 {sizes['llama.gguf'] / 2**20:.2f} MiB, ggufmoe's {sizes['hf.gguf'] / 2**20:.2f} MiB).
 
-The machine is shared with other engineers' jobs: load average {load_before[0]:.2f} before, {load_after[0]:.2f}
+Load average {load_before[0]:.2f} before, {load_after[0]:.2f}
 after (1 minute). Absolute times move with the load; the ratios, from commands that took turns under the same
 load, are the result.
 
