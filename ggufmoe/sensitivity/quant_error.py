@@ -25,7 +25,6 @@ The errors are turned into costs by :mod:`ggufmoe.sensitivity.fit`.
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from ggufmoe.quant.rules import EMBEDDING
 from ggufmoe.sensitivity.cost import candidates_for
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import importance
+from ggufmoe.stats.local import sample_rows, seeded_rng
 
 
 @dataclass
@@ -49,14 +49,6 @@ class _Sample:
     imatrix: np.ndarray | None  # importance row given to the quantizer
     col_w: np.ndarray  # (ne0,) float64 error weight per column
     row_w: np.ndarray  # (n,) float64 weight per sampled row (frequency x rows/sampled)
-
-
-def _rng(name: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(name.encode()))
-
-
-def _pick(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    return np.arange(n) if k >= n else np.sort(rng.choice(n, k, replace=False))
 
 
 def _expert_weights(spec: TensorSpec, stats: Stats, n_expert: int, top_k: int) -> np.ndarray:
@@ -69,7 +61,7 @@ def _expert_weights(spec: TensorSpec, stats: Stats, n_expert: int, top_k: int) -
 
 def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_expert: int, top_k: int,
              max_rows: int, max_experts: int) -> list[_Sample]:
-    rng = _rng(spec.name)
+    rng = seeded_rng(spec.name)
     ne0 = spec.shape[-1]
     imx = stats.imatrix
     out = []
@@ -84,7 +76,7 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
         per = max(1, max_rows // len(take))
         for i in sorted(take):
             data = spec.load(int(i)).reshape(-1, ne0)
-            idx = _pick(len(data), per, rng)
+            idx = sample_rows(len(data), per, rng)
             imp = imx.row(spec.name, spec.source_expert(int(i)))
             out.append(_Sample(np.ascontiguousarray(data[idx], np.float32), imp,
                                np.ones(ne0) if imp is None else imp.astype(np.float64),
@@ -102,13 +94,13 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
         else:
             order = np.argsort(-p, kind="stable")
             top, rest = order[: max_rows // 2], order[max_rows // 2:]
-            pick = rest[_pick(len(rest), max_rows - len(top), rng)]
+            pick = rest[sample_rows(len(rest), max_rows - len(top), rng)]
             idx = np.concatenate([top, pick])
             w = np.concatenate([p[top], p[pick] * len(rest) / len(pick)])
         order = np.argsort(idx)
         idx, w = idx[order], w[order]
     else:
-        idx = _pick(n, max_rows, rng)
+        idx = sample_rows(n, max_rows, rng)
         w = np.full(len(idx), n / len(idx))
     out.append(_Sample(np.ascontiguousarray(data[idx], np.float32), imp, col_w, w))
     return out

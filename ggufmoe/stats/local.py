@@ -33,6 +33,7 @@ The result (:class:`LocalErrors`) is stored in the statistics file as the JSON k
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import gguf
@@ -83,6 +84,16 @@ class LocalErrors:
         if d.pop("version", None) != VERSION:
             return None
         return cls(**d)
+
+
+def seeded_rng(name: str) -> np.random.Generator:
+    """A generator seeded by a tensor's name: the same rows are sampled in every run."""
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def sample_rows(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` of ``n`` row indices, sorted (all of them when ``k >= n``)."""
+    return np.arange(n) if k >= n else np.sort(rng.choice(n, k, replace=False))
 
 
 def _types(ne0: int, has_imatrix: bool) -> dict[str, T]:

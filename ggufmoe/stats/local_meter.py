@@ -4,7 +4,6 @@ inputs sampled from torch tensors, the errors computed in numpy on a thread pool
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -14,18 +13,11 @@ import torch
 from ggufmoe.model.qtypes import CANDIDATES, effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.stats.local import LocalErrors, LocalOptions, lookup_errors, output_errors
+from ggufmoe.stats.local import (LocalErrors, LocalOptions, lookup_errors, output_errors, sample_rows,
+                                  seeded_rng)
 from ggufmoe.stats.skeleton import embedding_rows
 
 MAX_PENDING = 32  # error computations queued at most (each holds its sampled rows and inputs)
-
-
-def _rng(name: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(name.encode()))
-
-
-def _pick(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    return np.arange(n) if k >= n else np.sort(rng.choice(n, k, replace=False))
 
 
 class LocalMeter:
@@ -95,7 +87,7 @@ class LocalMeter:
         n = spec.shape[0] if len(spec.shape) == 2 else 0
         if not n:
             return
-        idx = _pick(n, self.options.max_rows, _rng(spec.name))
+        idx = sample_rows(n, self.options.max_rows, seeded_rng(spec.name))
         rows = embedding_rows(spec, torch.from_numpy(idx)).numpy()
         tw = np.full(len(x), 1.0 / len(x))  # per token: the mean over the sampled positions
         self.submit(spec.name, output_errors, rows, x, tw, n / len(idx), imatrix)
@@ -114,7 +106,7 @@ class LocalMeter:
         per = max(2, self.options.max_rows // max(1, n_used))
         for name, matrix in matrices.items():
             mat = matrix.detach().to("cpu", torch.float32).numpy()
-            idx = _pick(len(mat), per, _rng(f"{name}:{e}"))
+            idx = sample_rows(len(mat), per, seeded_rng(f"{name}:{e}"))
             x = inputs[name].detach().to("cpu", torch.float32).numpy()
             self.submit(name, output_errors, mat[idx], x, tw, len(mat) / len(idx), imatrix[name])
 
@@ -127,7 +119,7 @@ class LocalMeter:
         k = self.options.max_rows
         order = used[np.argsort(-counts[used], kind="stable")]
         top, rest = order[: k // 2], order[k // 2:]
-        pick = rest[_pick(len(rest), k - len(top), _rng(spec.name))]
+        pick = rest[sample_rows(len(rest), k - len(top), seeded_rng(spec.name))]
         idx = np.sort(np.concatenate([top, pick]))
         w = counts[idx].astype(np.float64)
         if len(rest) > len(pick):
