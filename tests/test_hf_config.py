@@ -8,7 +8,8 @@ import pytest
 import tiny_models
 from ggufmoe.arch import ARCHITECTURES
 from ggufmoe.source.config import ConfigSource
-from ggufmoe.source.hf_config import cache_dir, config_view, meta_shapes, tensor_shapes, transformers_config
+from ggufmoe.files import cache_folder
+from ggufmoe.source.hf_config import config_view, meta_shapes, tensor_shapes, transformers_config
 
 MISSING = object()
 
@@ -56,7 +57,7 @@ def test_shapes_are_cached_and_a_damaged_entry_is_made_again(tmp_path):
     tiny_models.configs()["qwen3moe"].save_pretrained(folder)
     want = {k: tuple(v) for k, v in meta_shapes(folder).items()}
     assert tensor_shapes(folder) == want
-    [entry] = cache_dir().glob("*.shapes.json")
+    [entry] = cache_folder("configs").glob("*.shapes.json")
     entry.write_text("{not json")
     assert tensor_shapes(folder) == want
     assert json.loads(entry.read_text()) == {k: list(v) for k, v in want.items()}
@@ -64,7 +65,7 @@ def test_shapes_are_cached_and_a_damaged_entry_is_made_again(tmp_path):
     cfg["moe_intermediate_size"] *= 2  # another config.json: another entry, with its own shapes
     (folder / "config.json").write_text(json.dumps(cfg))
     assert tensor_shapes(folder) != want
-    assert len(list(cache_dir().glob("*.shapes.json"))) == 2
+    assert len(list(cache_folder("configs").glob("*.shapes.json"))) == 2
 
 
 def test_an_unwritable_cache_only_costs_time(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.prune.apply import KEY_EXPERT_COUNT_SOURCE, KEY_SOURCE
 from ggufmoe.source.gguf_file import gguf_files
@@ -169,12 +170,9 @@ def write_card(card: ModelCard, out: Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise GgufmoeError(f"{out}: is a directory")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        card.save(tmp)
-        tmp.replace(out)
+        replace_atomically(out, card.save)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise GgufmoeError(f"{out}: cannot write ({e.strerror or e})") from None
     return out
 

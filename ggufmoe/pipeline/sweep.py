@@ -35,6 +35,7 @@ from ggufmoe.source import open_source
 from ggufmoe.stats.file import load_stats
 from ggufmoe.stats.text import read_text
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.units import format_size, parse_size
 
@@ -97,9 +98,8 @@ def load_results(path: Path) -> dict[str, Point]:
 
 
 def save_results(points: dict[str, Point], path: Path) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([asdict(p) for p in sorted(points.values(), key=lambda p: p.file_bytes)], indent=1))
-    tmp.replace(path)
+    text = json.dumps([asdict(p) for p in sorted(points.values(), key=lambda p: p.file_bytes)], indent=1)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def sweep(src: Path, opts: SweepOptions) -> list[Point]:

@@ -13,7 +13,6 @@ tokens), so comparing many candidates against one base scores the base once.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from ggufmoe.source.fingerprint import fingerprint, model_files
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import cache_folder, replace_atomically
 from ggufmoe.runtime.logprobs import hf_logprobs, iter_logprobs, score_against
 from ggufmoe.stats.collect import load_model
 
@@ -52,8 +52,7 @@ class EvalResult:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "ggufmoe" / "logprobs"
+    return cache_folder("logprobs")
 
 
 def existing_file(path: Path) -> Path:
@@ -113,10 +112,11 @@ def cached_base_logprobs(base: Path, chunks: list[list[int]], kv_f32: bool = Tru
         out = np.stack([lp.astype(np.float32) for lp in iter_logprobs(base, chunks, threads, kv_f32, progress, desc)])
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, out)
-        tmp.replace(cache)
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, out)
+
+        replace_atomically(cache, save)
     except OSError:
         pass  # a cache that cannot be written only costs time
     return out

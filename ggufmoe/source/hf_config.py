@@ -13,21 +13,15 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import cache_folder, replace_atomically
 
 FORMAT = 1  # of the cached files: a change makes every earlier entry a miss
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "ggufmoe" / "configs"
 
 
 def transformers_config(path: Path):
@@ -102,20 +96,15 @@ def cached(path: Path, kind: str, make: Callable[[], dict]) -> dict:
                                          f"{kind}:{FORMAT}".encode()])).hexdigest()
     except OSError as e:
         raise GgufmoeError(f"{path}/config.json: cannot read ({e.strerror or e})") from None
-    entry = cache_dir() / f"{key}.{kind}.json"
+    entry = cache_folder("configs") / f"{key}.{kind}.json"
     try:
         return json.loads(entry.read_text())
     except (OSError, ValueError):  # not cached yet, or a damaged entry: make it again
         pass
     text = json.dumps(make())
-    tmp = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=entry.parent, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            f.write(text)
-        os.replace(tmp, entry)
+        replace_atomically(entry, lambda tmp: tmp.write_text(text))
     except OSError:  # an unwritable cache: the next run makes it again
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        pass
     return json.loads(text)
