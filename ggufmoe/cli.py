@@ -5,11 +5,15 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ggufmoe.errors import GgufmoeError
+from ggufmoe.errors import GgufmoeError, one_line
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
+
+if TYPE_CHECKING:
+    from ggufmoe.plan.target import Target
 
 
 class TopK(click.ParamType):
@@ -30,6 +34,68 @@ class TopK(click.ParamType):
 
 
 TOP_K = TopK()
+
+
+class Size(click.ParamType):
+    """A size such as ``128GiB``, ``500M`` or ``1000000``: more than 0 bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from ggufmoe.units import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            n = parse_size(value)
+        except GgufmoeError as e:
+            self.fail(str(e), param, ctx)
+        if n <= 0:
+            self.fail(f"{value!r} is not more than 0 bytes", param, ctx)
+        return n
+
+
+class Sizes(Size):
+    """Comma-separated sizes."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            self.fail("no sizes given", param, ctx)
+        return [(v, super(Sizes, self).convert(v, param, ctx)) for v in items]
+
+
+class TargetType(click.ParamType):
+    """``host``, ``cpu``, ``cpu-repack`` or ``cuda:SIZE``."""
+
+    name = "TARGET"
+
+    def convert(self, value, param, ctx):
+        from ggufmoe.plan.target import Target, parse_target
+
+        if isinstance(value, Target):
+            return value
+        try:
+            return parse_target(value)
+        except GgufmoeError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE, SIZES, TARGET = Size(), Sizes(), TargetType()
+
+
+def needs(options: tuple[str, ...], *others: str) -> None:
+    """Refuse ``others`` given explicitly on the command line without any of ``options`` (parameter names)."""
+    ctx = click.get_current_context()
+    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    given = [flag(o) for o in others if ctx.get_parameter_source(o) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given and not any(ctx.params.get(o) for o in options):
+        raise GgufmoeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
+                           f"{' or '.join(map(flag, options))}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +127,7 @@ def cli() -> None:
 @click.option("--top-k", type=TOP_K, help="Experts used per token [default: the model's]; with --budget, 'auto' lets "
                                           "the plan use one fewer or one more, priced by the local errors.")
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
-@click.option("--max-active", metavar="SIZE",
+@click.option("--max-active", type=SIZE,
               help="With --budget: at most SIZE of weights read per token (a speed target for decoding).")
 @click.option("--keep-per-layer", "per_layer", is_flag=True,
               help="With --keep: as many experts in all, but each layer its own count, chosen from the measured "
@@ -71,7 +137,7 @@ def cli() -> None:
               help="Fold each pruned expert into the most similar kept one (weighted by the criterion's score) "
                    "instead of dropping it; needs --stats from the streamed `ggufmoe calibrate`.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Execute a plan from `ggufmoe plan`.")
-@click.option("--budget", metavar="SIZE",
+@click.option("--budget", type=SIZE,
               help="Plan for this memory budget and convert (calibrates with --calib unless --stats is given).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
 @click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1),
@@ -79,7 +145,7 @@ def cli() -> None:
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
               help="KV cache type for --budget.")
 @click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
-@click.option("--target", default="host", show_default=True, metavar="TARGET",
+@click.option("--target", default="host", show_default=True, type=TARGET,
               help="The machine --budget plans for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
                    "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
@@ -88,7 +154,7 @@ def cli() -> None:
                    "local errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local "
                    "errors above.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
-@click.option("--split-max-size", metavar="SIZE", help="Shard the output, each shard at most SIZE (e.g. 40G).")
+@click.option("--split-max-size", type=SIZE, help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile beside the output (num_ctx: --ctx if given).")
 @click.option("--resume", is_flag=True,
@@ -97,10 +163,10 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
-            top_k_scale: float | None, max_active: str | None, per_layer: bool, merge: bool,
-            plan_file: Path | None, budget: str | None, calib: Path | None, ctx: int,
-            kv_type: str, weights_only: bool, target: str, sensitivity: str, threads: int | None,
-            split_max_size: str | None, ollama: bool, resume: bool, quiet: bool) -> None:
+            top_k_scale: float | None, max_active: int | None, per_layer: bool, merge: bool,
+            plan_file: Path | None, budget: int | None, calib: Path | None, ctx: int,
+            kv_type: str, weights_only: bool, target: Target, sensitivity: str, threads: int | None,
+            split_max_size: int | None, ollama: bool, resume: bool, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -117,23 +183,33 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     from ggufmoe.pipeline.convert_job import ConvertJob
     from ggufmoe.plan.budget import Budget
     from ggufmoe.plan.report import format_plan
-    from ggufmoe.plan.target import parse_target
     from ggufmoe.prune.criteria import PruneRequest
     from ggufmoe.quant.rules import TypeRules
-    from ggufmoe.units import format_size, parse_size
+    from ggufmoe.units import format_size
 
-    if (top_k == "auto" or max_active) and not budget:
-        raise GgufmoeError("--top-k auto and --max-active shape a --budget plan; give --budget")
+    if top_k == "auto" and not budget:
+        raise GgufmoeError("--top-k auto shapes a --budget plan; give --budget")
+    needs(("budget",), "max_active", "calib", "kv_type", "weights_only", "target", "sensitivity")
+    needs(("budget", "ollama"), "ctx")
+    if (merge or per_layer) and keep is None and keep_ratio is None:
+        raise GgufmoeError(f"{'--merge' if merge else '--keep-per-layer'} changes how --keep prunes; give --keep or "
+                           "--keep-ratio")
+    needs(("keep", "keep_ratio", "budget"), "criterion")
+    needs(("keep", "keep_ratio"), "alpha", "top_k_scale")
     prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha,
                          top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge,
                          per_layer=per_layer)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
-                          split_max_size=parse_size(split_max_size) if split_max_size else 0, progress=not quiet,
+                          split_max_size=split_max_size or 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume)
-    job = ConvertJob(opts, plan_file, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
-                                             parse_size(max_active) if max_active else None,
-                                             parse_target(target)) if budget else None,
+    job = ConvertJob(opts, plan_file, Budget(budget, ctx, kv_type, weights_only, top_k == "auto", max_active,
+                                             target) if budget else None,
                      calib, criterion, sensitivity)
+    if ollama:
+        from ggufmoe.gguf.modelfile import modelfile_path
+        from ggufmoe.outputs import check_outputs
+
+        check_outputs([modelfile_path(out)], [src, imatrix, stats, plan_file, calib])
     plan, paths = job.run(src)
     if budget:
         click.echo(format_plan(plan))
@@ -172,7 +248,7 @@ def inspect(src: Path) -> None:
                    "after its last complete layer.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where each layer runs: cpu, or cuda / cuda:N when torch sees a GPU.")
-@click.option("--max-memory", metavar="SIZE", default="4GiB", show_default=True,
+@click.option("--max-memory", type=SIZE, default="4GiB", show_default=True,
               help="Bound on the working set: one layer's weights, the experts read ahead, one batch's "
                    "activations and the hidden states of all tokens; beyond it the hidden states live in a "
                    "file in .OUT.partial beside the output.")
@@ -181,7 +257,7 @@ def inspect(src: Path) -> None:
                    "layer; the reference the streamed path is tested against. Needs RAM for all of it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx: int, resume: bool, device: str,
-              max_memory: str, whole: bool, quiet: bool) -> None:
+              max_memory: int, whole: bool, quiet: bool) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
     Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
@@ -201,12 +277,12 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     One piece of the text in eight (pieces of about 16k characters, spread over it) is held out:
     `plan --calib` with the same text measures its probes there, on text the statistics did not see.
     """
-    from ggufmoe.stats.file import check_output, format_summary, save_stats
+    from ggufmoe.outputs import check_outputs
+    from ggufmoe.stats.calib_state import CALIBRATION
+    from ggufmoe.stats.file import format_summary, save_stats
     from ggufmoe.stats.text import read_text
-    from ggufmoe.units import parse_size
 
-    check_output(out)
-    limit = parse_size(max_memory)
+    check_outputs([out], [src, text_file], kind=CALIBRATION)
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if whole and explicit:
@@ -214,7 +290,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     from ggufmoe.pipeline.calibrate import calibrate as run_calibration
 
     text = read_text(text_file)
-    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=limit)
+    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory)
     stats = run_calibration(src, text, whole=whole, ctx=ctx, max_tokens=max_tokens, progress=not quiet,
                             dataset=text_file.name, **kw)
     if whole:
@@ -225,7 +301,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--budget", required=True, metavar="SIZE", help="Memory budget, e.g. 128GiB or 20M.")
+@click.option("--budget", required=True, type=SIZE, help="Memory budget, e.g. 128GiB or 20M.")
 @click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context to fit.")
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
               help="KV cache type.")
@@ -233,7 +309,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration text, to measure sensitivities (cached in the stats file).")
 @click.option("--weights-only", is_flag=True, help="Budget the file only, not llama.cpp's runtime memory.")
-@click.option("--target", default="host", show_default=True, metavar="TARGET",
+@click.option("--target", default="host", show_default=True, type=TARGET,
               help="The machine to plan for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
                    "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE", help="Pin tensors to a type.")
@@ -246,27 +322,27 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
                    "errors above.")
 @click.option("--top-k", "top_k", type=click.Choice(["auto"]),
               help="'auto': the plan may use one fewer or one more expert per token, priced by the local errors.")
-@click.option("--max-active", metavar="SIZE", help="At most SIZE of weights read per token (a speed target).")
+@click.option("--max-active", type=SIZE, help="At most SIZE of weights read per token (a speed target).")
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
-         target: str, rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None,
-         max_active: str | None, out: Path | None, quiet: bool) -> None:
+def plan(src: Path, budget: int, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
+         target: Target, rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None,
+         max_active: int | None, out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
     file (default sensitivities; no tensor above the type it stores unless --tensor-type pins it).
     """
+    from ggufmoe.outputs import check_outputs
     from ggufmoe.pipeline.budget import build_plan
     from ggufmoe.plan.budget import Budget
     from ggufmoe.plan.report import format_plan
-    from ggufmoe.plan.target import parse_target
     from ggufmoe.stats.text import read_text
     from ggufmoe.quant.rules import TypeRules
-    from ggufmoe.units import parse_size
 
-    result = build_plan(src, Budget(parse_size(budget), ctx, kv_type, weights_only, top_k == "auto",
-                                    parse_size(max_active) if max_active else None, parse_target(target)), stats,
+    if out:
+        check_outputs([out], [src, stats, calib])
+    result = build_plan(src, Budget(budget, ctx, kv_type, weights_only, top_k == "auto", max_active, target), stats,
                         read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
                         progress=not quiet, sensitivity=sensitivity)
     click.echo(format_plan(result))
@@ -277,7 +353,7 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--budgets", required=True, metavar="LIST", help="Comma-separated budgets, e.g. 8M,10M,12M or 96G,128G.")
+@click.option("--budgets", required=True, type=SIZES, help="Comma-separated budgets, e.g. 8M,10M,12M or 96G,128G.")
 @click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration text.")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text.")
 @click.option("--baselines", default=",".join(DEFAULT_BASELINES), show_default=True, metavar="LIST",
@@ -290,7 +366,7 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
               help="Evaluation tokens per file.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and llama.cpp.")
-@click.option("--target", default="host", show_default=True, metavar="TARGET",
+@click.option("--target", default="host", show_default=True, type=TARGET,
               help="The machine to plan and validate for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
                    "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
@@ -298,8 +374,8 @@ def plan(src: Path, budget: str, ctx: int, kv_type: str, stats: Path | None, cal
 @click.option("--base-model", help="The model card's base_model [default: the source's name in the files].")
 @click.option("--license", "license_", help="The model card's license [default: general.license of the files].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
-          eval_ctx: int, max_tokens: int, threads: int | None, target: str, out: Path, base_model: str | None,
+def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
+          eval_ctx: int, max_tokens: int, threads: int | None, target: Target, out: Path, base_model: str | None,
           license_: str | None, quiet: bool) -> None:
     """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
 
@@ -308,12 +384,11 @@ def sweep(src: Path, budgets: str, calib: Path, text_file: Path, baselines: str,
     results.json are not redone.
     """
     from ggufmoe.pipeline.sweep import SweepOptions, sweep as run
-    from ggufmoe.plan.target import parse_target
 
-    opts = SweepOptions(budgets=[b.strip() for b in budgets.split(",") if b.strip()], calib=calib,
+    opts = SweepOptions(budgets=[text for text, _ in budgets], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
                         weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
-                        threads=threads, progress=not quiet, target=parse_target(target), base_model=base_model,
+                        threads=threads, progress=not quiet, target=target, base_model=base_model,
                         license=license_)
     rows = run(src, opts)
     click.echo((out / "results.md").read_text())
@@ -461,6 +536,10 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"error: {one_line(e.format_message())}{where}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
+        sys.exit(1)

@@ -15,6 +15,6 @@ class Interrupted(GgufmoeError):
     exit_code = 130
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (library messages may span several), or its type's name."""
+def one_line(e: BaseException | str) -> str:
+    """An exception's message (or a message) on one line (library messages may span several), or its type's name."""
     return " ".join(str(e).split()) or type(e).__name__

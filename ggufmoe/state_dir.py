@@ -7,18 +7,31 @@ locked (``flock`` on the directory itself, released when the process ends, howev
 second run to the same output at the same time would destroy the first one's files, and is
 refused with one clear error instead. What goes into the directory is the run's own business
 (:mod:`ggufmoe.gguf.writer`, :mod:`ggufmoe.stats.calib_state`).
+
+Each directory names its owner in ``owner.json``: the kind of run (a conversion, a calibration) and the
+command line that started it. A run of another kind never clears it, nor writes the output it will
+finish: it is refused with one line that says whose the directory is and how to continue or remove it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shlex
 import shutil
-from pathlib import Path
+import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from ggufmoe.errors import GgufmoeError
+
+
+OWNER = "owner.json"
+# what the state files of runs from before owner.json tell of their kind
+LEGACY_KINDS = {"progress.json": "conversion", "state.json": "calibration"}
 
 
 def partial_path(out: str | Path) -> Path:
@@ -27,19 +40,50 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-class StateDir:
-    """A run's state directory; ``busy`` is the error when another process holds it."""
+@dataclass
+class Owner:
+    """Whose a state directory is: the kind of run and the command line that started it."""
 
-    def __init__(self, path: str | Path, busy: str):
-        self.path, self.busy = Path(path), busy
+    kind: str
+    command: str
+
+    def describe(self, path: Path) -> str:
+        """One line: whose ``path`` is, and how to continue it or remove it."""
+        how = f"`{self.command} --resume`" if self.command else "the command that started it with --resume"
+        return f"{path} holds an interrupted {self.kind}: run {how} to continue it, or delete {path} to start over"
+
+
+class StateDir:
+    """A run's state directory, of a ``kind`` of run; ``busy`` is the error when another process holds it."""
+
+    def __init__(self, path: str | Path, busy: str, kind: str):
+        self.path, self.busy, self.kind = Path(path), busy, kind
         self._fd: int | None = None
 
     @classmethod
-    def beside(cls, out: str | Path, busy: str) -> StateDir:
-        return cls(partial_path(out), busy)
+    def beside(cls, out: str | Path, busy: str, kind: str) -> StateDir:
+        return cls(partial_path(out), busy, kind)
+
+    @staticmethod
+    def owner_of(path: Path) -> Owner | None:
+        """The owner of the state directory ``path``; None when there is none, or it is empty."""
+        try:
+            names = {f.name for f in path.iterdir()}
+        except OSError:
+            return None
+        if OWNER in names:
+            try:
+                d = json.loads((path / OWNER).read_text())
+                return Owner(str(d["kind"]), str(d["command"]))
+            except (OSError, ValueError, TypeError, KeyError):
+                pass
+        kinds = {LEGACY_KINDS[n] for n in names if n in LEGACY_KINDS}
+        if len(kinds) == 1:
+            return Owner(kinds.pop(), "")
+        return Owner("run of unknown kind", "") if names - {OWNER} else None
 
     def lock(self) -> None:
-        """Create the directory if need be and hold it for this run."""
+        """Create the directory if need be and hold it for this run; refuse another kind of run's."""
         try:
             self.path.mkdir(exist_ok=True)
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -51,6 +95,19 @@ class StateDir:
             os.close(fd)
             raise GgufmoeError(self.busy) from None
         self._fd = fd
+        owner = self.owner_of(self.path)
+        if owner is not None and owner.kind != self.kind:
+            self.unlock()
+            raise GgufmoeError(owner.describe(self.path))
+        if not (self.path / OWNER).is_file():
+            self._record_owner()
+
+    def _record_owner(self) -> None:
+        """``owner.json``: this kind of run, started by this process's command line."""
+        args = [a for a in sys.argv[1:] if a != "--resume"]
+        command = shlex.join(["ggufmoe", *args]) if Path(sys.argv[0]).name == "ggufmoe" else ""
+        self.write(self.path / OWNER, lambda f: f.write(json.dumps(asdict(Owner(self.kind, command))).encode()),
+                   f"{self.path}: cannot record whose it is")
 
     def unlock(self) -> None:
         if self._fd is not None:
@@ -58,12 +115,13 @@ class StateDir:
             self._fd = None
 
     def clear(self) -> None:
-        """Empty the directory (what an earlier run left that is not worth keeping)."""
+        """Empty the directory (what an earlier run of this kind left that is not worth keeping); this run owns it."""
         for f in self.path.iterdir():
             if f.is_dir():
                 shutil.rmtree(f)
             else:
                 f.unlink()
+        self._record_owner()
 
     def write(self, path: Path, write: Callable[[BinaryIO], object], error: str) -> None:
         """``path`` (in the directory) written by ``write`` durably and atomically: into a temporary file,

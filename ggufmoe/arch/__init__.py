@@ -23,12 +23,20 @@ def architecture_for(src) -> Architecture:
         if model.gguf_arch not in known:
             raise GgufmoeError(f"{src.path}: unsupported llama.cpp architecture {model.gguf_arch} "
                                f"(supported: {', '.join(known)})")
-        return model
+        return _checked(model, src.path)
     cls = ARCHITECTURES.get(src.architecture)
     if cls is None:
         raise GgufmoeError(
             f"{src.path}: unsupported architecture {src.architecture} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    return cls(src, config_view(src.path))
+    return _checked(cls(src, config_view(src.path)), src.path)
+
+
+def _checked(arch: Architecture, path) -> Architecture:
+    """``arch``, when its expert counts make sense."""
+    if not 1 <= arch.top_k <= arch.n_expert:
+        raise GgufmoeError(f"{path}: {arch.top_k} experts used per token of {arch.n_expert} routed experts: "
+                           "a broken configuration")
+    return arch
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "GGUFModel", "architecture_for"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.outputs import check_outputs, write_output
 from ggufmoe.source.gguf_file import ShardName, read_gguf
 
 DEFAULT_MAX_CTX = 8192  # num_ctx when none is given: the model's context, at most this
@@ -199,15 +200,10 @@ def write_modelfile(gguf_path: str | Path, out: str | Path | None = None, ctx: i
     gets ``<stem>.Modelfile`` inside it); returns the path written."""
     default = modelfile_path(resolve_gguf(gguf_path)[0])
     out = default if out is None else Path(out) / default.name if Path(out).is_dir() else Path(out)
-    if not out.parent.is_dir():
-        raise GgufmoeError(f"{out.parent}: output directory does not exist")
+    check_outputs([out], [gguf_path])
     text = render_modelfile(build_modelfile(gguf_path, out, ctx))
     parse_modelfile(text)  # never write a file Ollama would refuse
-    try:
-        out.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise GgufmoeError(f"{out}: write failed ({e.strerror or e})") from None
-    return out
+    return write_output(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- the Modelfile format ------------------------------------------------------------------------

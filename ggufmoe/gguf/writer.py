@@ -29,6 +29,7 @@ from ggufmoe.state_dir import StateDir
 from ggufmoe.units import format_size
 
 PROGRESS = "progress.json"
+CONVERSION = "conversion"  # the kind of run that owns the state directory
 SCRATCH = "header"  # where a header is written before it is compared with a kept one
 
 # TEST-ONLY hook (tests/test_resume.py sets it; not a user setting, never documented for users):
@@ -73,7 +74,8 @@ class GGUFOutput:
         if not self.path.parent.is_dir():
             raise GgufmoeError(f"{self.path.parent}: output directory does not exist")
         self.writer = gguf.GGUFWriter(None, arch, split_max_size=split_max_size)
-        self.state = StateDir.beside(self.path, f"{self.path}: another ggufmoe is writing this output right now")
+        self.state = StateDir.beside(self.path, f"{self.path}: another ggufmoe is writing this output right now",
+                                     CONVERSION)
         self.state_dir = self.state.path
         self.progress: Progress | None = None
         self._owns_state = False  # whether the state directory is this run's to delete

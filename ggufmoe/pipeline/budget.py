@@ -13,9 +13,10 @@ import numpy as np
 
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError, Interrupted
-from ggufmoe.gguf.writer import Progress
+from ggufmoe.gguf.writer import CONVERSION, Progress
+from ggufmoe.outputs import check_outputs
 from ggufmoe.pipeline.calibrate import calibrate
-from ggufmoe.pipeline.convert import ConvertOptions, convert, input_files, refuse_overwriting_inputs
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, load_or_measure
 from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
 from ggufmoe.plan.budget import Budget, Plan
@@ -29,7 +30,8 @@ from ggufmoe.sensitivity.local import PRUNE_EXPONENT, PRUNE_SCALE, local_sensiti
 from ggufmoe.sensitivity.local import prune_cost as prune_cost_local
 from ggufmoe.source import open_source
 from ggufmoe.state_dir import partial_path
-from ggufmoe.stats.file import check_output, load_stats
+from ggufmoe.stats.calib_state import CALIBRATION
+from ggufmoe.stats.file import load_stats
 from ggufmoe.stats.local import local_errors
 from ggufmoe.stats.text import hold_out, read_text, spread_chunks, token_chunks
 
@@ -151,6 +153,15 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     return plan
 
 
+def check_budget_possible(src: Path, budget: Budget) -> None:
+    """Before a calibration (minutes, or hours at 671B): refuse a budget that no plan can meet, from the sizes alone.
+    A plan of the configuration alone may prune as deep and use every type, and leaves out the tokenizer's bytes:
+    when even it does not fit, nothing will."""
+    config = Path(src) / "config.json"
+    if config.is_file():
+        build_plan(config, replace(budget, top_k_auto=False, max_active=None), progress=False)
+
+
 def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, criterion, progress):
     """(measured sensitivity, pruning cost) calibrated by probes through llama.cpp, cached in the stats file."""
     if calib_text is not None and cached_sensitivity(src.path, stats, calib_text) is None:
@@ -214,9 +225,11 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
 
     A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
     plan_path = base.out.with_suffix(".plan.json")
-    outputs = [base.out, plan_path] + ([] if base.stats else [base.out.with_suffix(".stats.gguf")])
-    refuse_overwriting_inputs(input_files(src, base) + ([calib_file] if calib_file else []), outputs,
-                              base.split_max_size > 0)
+    inputs = [src, base.imatrix, base.stats, calib_file]
+    check_outputs([base.out], inputs, kind=CONVERSION, split=base.split_max_size > 0)
+    check_outputs([plan_path], inputs)
+    if not base.stats:
+        check_outputs([base.out.with_suffix(".stats.gguf")], inputs, kind=CALIBRATION)
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
     made: list[Path] = []  # files this run wrote, removed again when it fails
@@ -227,8 +240,8 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
     elif stats_path is None:
         if text is None:
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
+        check_budget_possible(src, budget)
         stats_path = base.out.with_suffix(".stats.gguf")
-        check_output(stats_path)
         # a resumed conversion plans from the statistics it was made from (kept beside it); so does a run that
         # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
         if not (stats_path.is_file() and (base.resume or _conversion_kept(base.out))):

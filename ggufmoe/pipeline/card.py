@@ -26,7 +26,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.files import replace_atomically
+from ggufmoe.outputs import check_outputs, write_output
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.prune.apply import KEY_EXPERT_COUNT_SOURCE, KEY_SOURCE
 from ggufmoe.source.gguf_file import gguf_files
@@ -148,6 +148,9 @@ def _table(facts: list[FileFacts], quality: dict[str, dict], inputs: CardInputs)
     return lines
 
 
+QUALITY_COLUMNS = ("kld_mean", "kld_p99", "kld_p999", "top1", "same_top_p", "ppl")
+
+
 def _num(value: float | None, fmt: str) -> str:
     return DASH if value is None else fmt.format(value)
 
@@ -167,14 +170,7 @@ def _calibration(facts: list[FileFacts], text: Path | None) -> str:
 
 def write_card(card: ModelCard, out: Path) -> Path:
     """Save ``card`` at ``out`` atomically (a temporary file beside it, then renamed)."""
-    out = Path(out)
-    if out.is_dir():
-        raise GgufmoeError(f"{out}: is a directory")
-    try:
-        replace_atomically(out, card.save)
-    except OSError as e:
-        raise GgufmoeError(f"{out}: cannot write ({e.strerror or e})") from None
-    return out
+    return write_output(Path(out), card.save)
 
 
 def load_quality(eval_json: list[Path], results: Path | None) -> dict[str, dict]:
@@ -184,14 +180,25 @@ def load_quality(eval_json: list[Path], results: Path | None) -> dict[str, dict]
         rows = _read_json(results, "a sweep's results.json")
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "file" in r for r in rows):
             raise GgufmoeError(f"{results}: not a sweep's results.json")
-        out.update({r["file"]: r for r in rows})
+        out.update({r["file"]: _numbers(r, results) for r in rows})
     for path in eval_json:
         rows = _read_json(path, "the output of `ggufmoe eval --json`")
         for row in rows if isinstance(rows, list) else [rows]:
             if not isinstance(row, dict) or "path" not in row or "kld_mean" not in row:
                 raise GgufmoeError(f"{path}: not the output of `ggufmoe eval --json`")
-            out[Path(row["path"]).name] = row
+            out[Path(str(row["path"])).name] = _numbers(row, path)
     return out
+
+
+def _numbers(row: dict, path: Path) -> dict:
+    """``row`` when every quality column it has is a number (or null), else one clear error."""
+    for key in QUALITY_COLUMNS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise GgufmoeError(f"{path}: {key} of {row.get('file') or row.get('path')} is {value!r}, not a number")
+    if not isinstance(row.get("commands", []), list):
+        raise GgufmoeError(f"{path}: commands of {row.get('file') or row.get('path')} is not a list")
+    return row
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -206,6 +213,7 @@ def _read_json(path: Path, what: str) -> Any:
 def card(files: list[Path], out: Path, inputs: CardInputs, eval_json: list[Path] = (),
          results: Path | None = None) -> Path:
     """``ggufmoe card``: read every file and quality source first, then write the card at ``out``."""
+    check_outputs([out], [*files, *eval_json, results])
     facts = [file_facts(p, inputs.ctx, inputs.kv_type) for p in files]
     quality = load_quality(list(eval_json), results)
     plot = Path(results).parent / "pareto.png" if results is not None else None

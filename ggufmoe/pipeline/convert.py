@@ -7,7 +7,6 @@ slices included: no dequantization, no requantization loss.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.model.tensor import RowLoader
 from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
+from ggufmoe.gguf.writer import CONVERSION
+from ggufmoe.outputs import check_outputs
 from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.plan.per_layer import spread_experts
@@ -33,7 +34,6 @@ from ggufmoe.stats.file import load_stats
 from ggufmoe.quant.rules import TypedTensor, TypeRules
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
-from ggufmoe.source.gguf_file import is_shard_of
 
 CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
 CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
@@ -122,7 +122,7 @@ def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) ->
 
 def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
-    refuse_overwriting_inputs(input_files(src_dir, opts), [opts.out], opts.split_max_size > 0)
+    check_outputs([opts.out], [src_dir, opts.imatrix, opts.stats], kind=CONVERSION, split=opts.split_max_size > 0)
     src = open_source(src_dir, config_ok=False)
     arch = architecture_for(src)
     for caveat in arch.caveats():
@@ -170,15 +170,3 @@ def input_files(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Every input file that decides the output's data: the source's files, the imatrix and the statistics
     (a missing source is left for ``open_source`` to report)."""
     return model_files(src_dir) + [p for p in (opts.imatrix, opts.stats) if p is not None and p.exists()]
-
-
-def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path], split: bool = False) -> None:
-    """Fail, before anything is read, when an output would replace an input: the same file (same inode,
-    through symlinks and hard links too) or, for a split output, one of its shard names."""
-    for out in outputs:
-        for f in inputs:
-            same = out.exists() and os.path.samefile(out, f)
-            if not same and split and out.parent.is_dir() and is_shard_of(f.name, out.stem):
-                same = os.path.samefile(out.parent, f.parent)
-            if same:
-                raise GgufmoeError(f"{out}: the output would overwrite the input {f}; choose another output path")

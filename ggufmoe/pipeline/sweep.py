@@ -23,7 +23,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.card import CardInputs, build_card, file_facts, write_card
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.pipeline.budget import build_plan, check_budget_possible, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.plan.target import HOST, Target
@@ -35,11 +35,13 @@ from ggufmoe.source import open_source
 from ggufmoe.stats.file import load_stats
 from ggufmoe.stats.text import read_text
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.files import replace_atomically
+from ggufmoe.outputs import check_output_folder, write_output
+from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.units import format_size, parse_size
 
 BASE_TYPE = "F16"
+SETTINGS = "sweep.json"  # what the folder's points were made from: another sweep into it must match
 
 
 @dataclass
@@ -99,7 +101,7 @@ def load_results(path: Path) -> dict[str, Point]:
 
 def save_results(points: dict[str, Point], path: Path) -> None:
     text = json.dumps([asdict(p) for p in sorted(points.values(), key=lambda p: p.file_bytes)], indent=1)
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
+    write_output(path, lambda tmp: tmp.write_text(text))
 
 
 def sweep(src: Path, opts: SweepOptions) -> list[Point]:
@@ -116,12 +118,17 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
         raise GgufmoeError("no budgets given")
     todo = [("ggufmoe", f"plan-{b.replace(' ', '')}", parse_size(b)) for b in opts.budgets] + \
         [("llama.cpp", f"llama.cpp-{m}", m) for m in opts.baselines]
-    calib, text = read_text(opts.calib), read_text(opts.text)
     out = opts.out
+    check_output_folder(out, [src, opts.calib, opts.text], (SETTINGS, "results.json"))
+    calib, text = read_text(opts.calib), read_text(opts.text)
+    settings = sweep_settings(src, opts)
+    check_budget_possible(src, Budget(min(b for _, _, b in todo[:len(opts.budgets)]), opts.ctx, opts.kv_type,
+                                      opts.weights_only, target=opts.target))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GgufmoeError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+    claim_folder(out / SETTINGS, settings)
     results_path = out / "results.json"
     points = load_results(results_path)
     stats_path, base = _prepare(src, out, calib, opts)
@@ -136,11 +143,37 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
         points[name] = point
         save_results(points, results_path)
     rows = sorted(points.values(), key=lambda p: p.file_bytes)
-    (out / "results.md").write_text(format_table(rows, src, opts))
+    table = format_table(rows, src, opts)
+    write_output(out / "results.md", lambda tmp: tmp.write_text(table))
     plot_pareto(rows, out / "pareto.png", src.name)
     write_card(build_card([file_facts(out / p.file, opts.ctx, opts.kv_type) for p in rows],
                           {p.file: asdict(p) for p in rows}, card_inputs(src, opts)), out / "README.md")
     return rows
+
+
+def sweep_settings(src: Path, opts: SweepOptions) -> dict[str, str]:
+    """What decides a sweep's points besides their budgets and mixes: its inputs (path, size, modification time)
+    and its settings."""
+    return dict(source=file_identity(model_files(src)), calib=file_identity([opts.calib]),
+                text=file_identity([opts.text]), ctx=str(opts.ctx), kv_type=opts.kv_type,
+                weights_only=str(opts.weights_only), eval_ctx=str(opts.eval_ctx), max_tokens=str(opts.max_tokens),
+                target=str(opts.target))
+
+
+def claim_folder(path: Path, settings: dict[str, str]) -> None:
+    """Record ``settings`` in ``path`` (the folder's ``sweep.json``), or refuse a folder swept with others."""
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise GgufmoeError(f"{path}: unreadable ({e}); sweep into another folder") from None
+        changed = [k for k in settings if kept.get(k) != settings[k]]
+        if changed:
+            raise GgufmoeError(f"{path.parent} holds a sweep with another {', '.join(changed)}: its points would not "
+                               "compare; sweep into another folder")
+        return
+    text = json.dumps(settings, indent=1)
+    write_output(path, lambda tmp: tmp.write_text(text))
 
 
 def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:

@@ -14,6 +14,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as T
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.outputs import write_output
 from ggufmoe.plan.target import HOST, Target, parse_target
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.quant.rules import TypeRules
@@ -65,7 +66,9 @@ class Plan:
     target: str = "host"  # the --target planned for (plans saved before targets existed: host)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        """Write PLAN.json atomically."""
+        text = json.dumps(asdict(self), indent=1)
+        write_output(path, lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path: Path) -> "Plan":

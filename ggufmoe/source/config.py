@@ -4,13 +4,12 @@ downloading a checkpoint."""
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.source.hf_config import tensor_shapes
+from ggufmoe.source.hf_config import read_config, tensor_shapes
 
 
 class ConfigSource:
@@ -25,10 +24,7 @@ class ConfigSource:
         if not cfg.is_file():
             raise GgufmoeError(f"{path}: no config.json")
         self.path = cfg.parent
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
+        self.config: dict = read_config(cfg)
 
     @cached_property
     def architecture(self) -> str:

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError, one_line
+from ggufmoe.source.hf_config import read_config
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
@@ -224,10 +225,7 @@ class HFSource:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise GgufmoeError(f"{self.path}: no config.json (not a Hugging Face model directory)")
-        try:
-            self.config: dict = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
+        self.config: dict = read_config(cfg)
         self._tensors = self._index()
 
     def _index(self) -> dict[str, TensorEntry]:

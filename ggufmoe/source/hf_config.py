@@ -24,6 +24,22 @@ from ggufmoe.files import cache_folder, replace_atomically
 FORMAT = 1  # of the cached files: a change makes every earlier entry a miss
 
 
+def read_config(cfg: Path) -> dict:
+    """A config.json's object, or one clear error: unreadable, not JSON, not an object, no usable architectures."""
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GgufmoeError(f"{cfg}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise GgufmoeError(f"{cfg}: cannot read ({e.strerror or e})") from None
+    if not isinstance(config, dict):
+        raise GgufmoeError(f"{cfg}: not a model configuration (a JSON object), but {type(config).__name__}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise GgufmoeError(f"{cfg}: 'architectures' is not a list of class names")
+    return config
+
+
 def transformers_config(path: Path):
     """The configuration of the checkpoint in folder ``path`` as transformers computes it (a
     ``PretrainedConfig``; what a transformers model is built from)."""

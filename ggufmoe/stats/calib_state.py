@@ -35,6 +35,7 @@ STATE = "state.json"
 STATE_VERSION = 2  # 2: layers keep their local errors
 HIDDEN = ("hidden.0.f32", "hidden.1.f32")  # input of layer k: HIDDEN[k % 2]
 MOE_IN = "moe_in.f32"
+CALIBRATION = "calibration"  # the kind of run that owns the state directory
 
 
 def calibration_fingerprint(model_dir: Path, ids: torch.Tensor, prefix: list[int], ctx: int, local: str = "") -> str:
@@ -62,7 +63,7 @@ class CalibrationState(StateDir):
     """The state directory ``path`` of a calibration to ``what`` (the statistics file's name)."""
 
     def __init__(self, path: Path, what: str):
-        super().__init__(path, f"{path}: another ggufmoe is calibrating to {what} right now")
+        super().__init__(path, f"{path}: another ggufmoe is calibrating to {what} right now", CALIBRATION)
         self.what = what
         self.progress: Progress | None = None
 

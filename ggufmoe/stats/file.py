@@ -115,16 +115,6 @@ class Stats:
     extras: dict[str, str] = field(default_factory=dict)
 
 
-def check_output(path: str | Path) -> None:
-    """Fail early, before a long calibration, when ``path`` cannot be written (its folder is missing...)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise GgufmoeError(f"{path}: is a directory")
-    if not parent.is_dir():
-        raise GgufmoeError(f"{path}: folder {parent} does not exist")
-
-
 # --- file -----------------------------------------------------------------------------------------
 
 def save_stats(stats: Stats, path: str | Path) -> None:

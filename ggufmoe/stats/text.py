@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -20,6 +21,7 @@ CHECK_CHARS = 1 << 14  # opening of the text on which tokenizing in pieces is ch
 _CUT = re.compile(r"\n(?=\S)")
 HOLD_OUT_CHARS = 1 << 14  # characters per piece of a calibration text, cut after a newline
 HOLD_OUT_EVERY = 8  # one piece in this many is held out of calibration for the planner's probes
+FEW_TOKENS = 4096  # calibration on fewer tokens is warned about
 
 
 def read_text(path: str | Path) -> str:
@@ -33,6 +35,8 @@ def read_text(path: str | Path) -> str:
         raise GgufmoeError(f"{path}: cannot read calibration text ({e.strerror or e})") from None
     if not text.strip():
         raise GgufmoeError(f"{path}: calibration text is empty")
+    if "\x00" in text or text.count("\ufffd") > len(text) // 10:
+        raise GgufmoeError(f"{path}: not a text file (it holds NUL bytes or is mostly not UTF-8)")
     return text
 
 
@@ -133,6 +137,10 @@ def calibration_tokens(tokenizer, text: str, ctx: int, max_tokens: int | None) -
     ids = token_ids(tokenizer, text, max_tokens)
     if not len(ids):
         raise GgufmoeError("calibration text is empty")
+    if len(ids) < FEW_TOKENS:
+        print(f"warning: statistics from only {len(ids)} tokens of text (fewer than {FEW_TOKENS}): many experts are "
+              "routed to rarely or never, so their statistics and the plans made from them are unreliable",
+              file=sys.stderr)
     return ids, prefix
 
 
