@@ -19,7 +19,7 @@ from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, load_or_measure
 from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
-from ggufmoe.plan.budget import Budget, Plan
+from ggufmoe.plan.budget import Budget, Plan, model_fingerprint
 from ggufmoe.plan.layout import TOKENIZER_BYTES_PER_TOKEN
 from ggufmoe.prune.criteria import PruneRequest, choose_experts
 from ggufmoe.quant.rules import TypeRules
@@ -148,6 +148,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, criterion,
                            str(stats_path) if stats_path else None)
     plan.notes += notes
+    plan.model_fingerprint = model_fingerprint(arch)
     if not arch.writes_tokenizer:
         plan.file_bytes += TOKENIZER_BYTES_PER_TOKEN * arch.n_vocab
     return plan
@@ -204,6 +205,14 @@ def _local_prune_kl(local, n_layers: int, scale: float, stats, exponent: float =
         return prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
 
     return kl
+
+
+def check_plan(plan: Plan, plan_path: Path, src: Path) -> None:
+    """Refuse, before anything is written, a plan made for another model than ``src`` (:meth:`Plan.mismatch`):
+    executed, it would give tensors no planned type and miss the planned bytes."""
+    why = plan.mismatch(architecture_for(open_source(src, config_ok=False)))
+    if why:
+        raise GgufmoeError(f"{plan_path} was made for another model ({why}): make a plan for {src} with ggufmoe plan")
 
 
 def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:

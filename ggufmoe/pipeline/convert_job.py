@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.budget import convert_to_budget, options_from_plan
+from ggufmoe.pipeline.budget import check_plan, convert_to_budget, options_from_plan
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.budget import Budget, Plan
 
@@ -32,6 +32,7 @@ class ConvertJob:
                                "--plan or --budget the plan chooses it (--top-k auto lets it choose top-k)")
         if self.plan_file:
             plan = Plan.load(self.plan_file)
+            check_plan(plan, self.plan_file, Path(src))
             return plan, convert(src, options_from_plan(plan, self.opts))
         if self.budget:
             return convert_to_budget(src, self.opts, self.budget, self.calib, self.opts.types, self.criterion,

@@ -7,17 +7,20 @@ The plan is chosen by :mod:`ggufmoe.plan.allocate` (made by ``ggufmoe plan``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
+from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.outputs import write_output
 from ggufmoe.plan.target import HOST, Target, parse_target
+from ggufmoe.prune.apply import prune_model
 from ggufmoe.prune.criteria import Pruning
-from ggufmoe.quant.rules import TypeRules
+from ggufmoe.quant.rules import TypedTensor, TypeRules
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Plan:
     candidates: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     target: str = "host"  # the --target planned for (plans saved before targets existed: host)
+    model_fingerprint: str | None = None  # :func:`model_fingerprint` of the source (plans saved before it: None)
 
     def save(self, path: Path) -> None:
         """Write PLAN.json atomically."""
@@ -89,3 +93,43 @@ class Plan:
     def type_rules(self) -> TypeRules:
         return TypeRules.exact({name: T[t] for name, t in self.types.items()})
 
+    def mismatch(self, arch: Architecture) -> str | None:
+        """Why the plan is not one for ``arch``'s model, or None: another :func:`model_fingerprint`, another
+        expert count, a tensor of the conversion without a planned type (or a planned one it lacks), or a
+        tensor whose planned bytes are not what its type makes of it here."""
+        why = self._tensor_mismatch(arch)
+        if self.model_fingerprint not in (None, model_fingerprint(arch)):
+            return f"its source {self.source} has other tensors" + (f": {why}" if why else "")
+        return why
+
+    def _tensor_mismatch(self, arch: Architecture) -> str | None:
+        if self.n_expert != arch.n_expert:
+            return f"{self.n_expert} experts per layer, this model has {arch.n_expert}"
+        _, specs = prune_model(arch, self.pruning())
+        names = {s.name for s in specs}
+        missing = next((s.name for s in specs if s.name not in self.types), None)
+        if missing:
+            return f"no type for {missing}"
+        extra = next((n for n in self.types if n not in names), None)
+        if extra:
+            return f"this model has no {extra}"
+        for s in specs:
+            n = TypedTensor(s, T[self.types[s.name]]).nbytes
+            if n != self.tensor_bytes.get(s.name):
+                return f"{s.name} is {n} bytes in this model, {self.tensor_bytes.get(s.name)} planned"
+        return None
+
+
+def model_fingerprint(arch: Architecture) -> str:
+    """What a plan is made for: SHA-256 of the architecture and the conversion's tensors before pruning (names
+    and shapes, in order).
+
+    Not :mod:`ggufmoe.source.fingerprint` (files' paths, sizes and times, what caches of the very same files
+    compare): a plan is a type and planned bytes per tensor, which any source giving these tensors executes
+    exactly, so a checkpoint moved or copied, or the checkpoint of the configuration a plan was made from
+    alone, must still take it. A model of the very same shapes (a fine-tune) is not told apart: its plan
+    still writes the planned bytes, with experts chosen from the other model's statistics."""
+    h = hashlib.sha256(arch.gguf_arch.encode())
+    for s in arch.tensors():
+        h.update(f"\n{s.name} {tuple(s.shape)}".encode())
+    return h.hexdigest()

@@ -39,10 +39,11 @@ class TypeRules:
 
     default: T | None
     rules: list[tuple[re.Pattern, T]] = field(default_factory=list)
-    names: dict[str, T] = field(default_factory=dict)  # exact tensor names, checked first (plans)
+    names: dict[str, T] = field(default_factory=dict)  # a plan's: every tensor by its name, nothing else applies
 
     @classmethod
     def exact(cls, names: dict[str, T], default: T = T.Q8_0) -> "TypeRules":
+        """A type for every tensor by name (a plan); ``default`` only names the file's mix (``file_type``)."""
         return cls(default, names=dict(names))
 
     @classmethod
@@ -59,7 +60,9 @@ class TypeRules:
         return cls(parse_type(default) if default else None, parsed)
 
     def requested(self, spec: TensorSpec) -> T:
-        if spec.name in self.names:
+        if self.names:  # a plan's: every tensor is named, none falls back to the default
+            if spec.name not in self.names:
+                raise GgufmoeError(f"{spec.name}: the plan has no type for it (a plan for another model?)")
             return self.names[spec.name]
         fixed = always_f32(spec)
         if not fixed:

@@ -5,7 +5,8 @@ whose top-p set — the smallest set of most probable tokens whose probabilities
 
 The base is a GGUF (scored by llama.cpp) or a Hugging Face directory (scored by transformers).
 Both see the same tokens: the text tokenized by llama.cpp with the candidate's vocabulary, cut
-into chunks of ``ctx`` tokens that each open with the vocabulary's BOS (when it adds one). The
+into chunks of ``ctx`` tokens that each open with the vocabulary's BOS (when it adds one); a base
+whose vocabulary is another (:func:`check_same_vocabulary`) is refused before anything is scored. The
 base's log-probabilities are cached on disk (float32, keyed by the base's identity and the
 tokens), so comparing many candidates against one base scores the base once.
 """
@@ -17,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 from tqdm import tqdm
 
@@ -24,6 +26,9 @@ from ggufmoe.source.fingerprint import fingerprint, model_files
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.files import cache_folder, replace_atomically
 from ggufmoe.runtime.logprobs import hf_logprobs, iter_logprobs, score_against
+from ggufmoe.source.gguf_file import read_gguf
+from ggufmoe.source.hf_config import config_view
+from ggufmoe.source.tokenizer import token_texts
 from ggufmoe.stats.collect import load_model
 
 CHARS_PER_TOKEN = 16  # text looked at per token wanted: far more than any tokenizer needs
@@ -61,6 +66,30 @@ def existing_file(path: Path) -> Path:
     if not path.is_file():
         raise GgufmoeError(f"{path}: no such file")
     return path
+
+
+def vocabulary(path: Path) -> list[str]:
+    """The token texts by id of a GGUF (``tokenizer.ggml.tokens``), or of the GGUF a Hugging Face directory
+    converts to (its tokenizer.json, padded to the configuration's vocab_size)."""
+    if path.is_dir():
+        return token_texts(path, int(config_view(path).vocab_size))
+    tokens = read_gguf(path).fields.get(gguf.Keys.Tokenizer.LIST)
+    return tokens.contents() if tokens is not None else []
+
+
+def check_same_vocabulary(path: Path, base: Path) -> None:
+    """Refuse a base whose tokens are not the candidate's, in order: the scores would compare another model's
+    predictions of other tokens (a vocabulary of the same size would not show it)."""
+    ours, theirs = vocabulary(path), vocabulary(base)
+    if ours == theirs:
+        return
+    if len(ours) != len(theirs):
+        detail = f"{len(ours)} tokens, the base {len(theirs)}"
+    else:
+        differ = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        detail = (f"{len(differ)} of {len(ours)} tokens differ, first at id {differ[0]}: "
+                  f"{ours[differ[0]]!r} vs {theirs[differ[0]]!r}")
+    raise GgufmoeError(f"{path} and {base} have different vocabularies ({detail}): compare files of the same model")
 
 
 def tokenize(gguf_path: Path, text: str, ctx: int, max_tokens: int) -> list[list[int]]:
@@ -134,6 +163,7 @@ def evaluate(path: Path, base: Path, text: str, ctx: int = 512, max_tokens: int 
         raise GgufmoeError(f"{base}: no such file or directory")
     if base.is_dir() and not (base / "config.json").is_file():
         raise GgufmoeError(f"{base}: not a Hugging Face model directory (no config.json)")
+    check_same_vocabulary(path, base)
     chunks = tokenize(path, text, ctx, max_tokens)
     ref = cached_base_logprobs(base, chunks, kv_f32, threads, cache_dir, progress)
     if ref.shape[-1] < 1:

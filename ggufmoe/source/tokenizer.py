@@ -90,16 +90,9 @@ _SPECIAL_TOKEN_KEYS: dict[str, Callable[[gguf.GGUFWriter, int], None]] = {  # to
 
 def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     """Add the ``tokenizer.ggml.*`` keys for ``model_dir``'s tokenizer, padded to ``vocab_size`` tokens."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise GgufmoeError(f"{model_dir}: no tokenizer.json (only Hugging Face fast tokenizers are supported)")
-    tok = _read_json(path)
+    path, tok = _read_tokenizer(model_dir)
     cfg = _read_json(model_dir / "tokenizer_config.json")
-    model = tok.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        found = model.get("type") if isinstance(model, dict) else model
-        raise GgufmoeError(f"{path}: tokenizer model {found!r} is not supported (only BPE)")
-
+    model = tok["model"]
     byte_level = any(s.get("type") == "ByteLevel" for s in _steps(tok.get("pre_tokenizer"), "pretokenizers"))
     # everything that can fail is checked before the first key is written
     pre = detect_pre_tokenizer(path, tok) if byte_level else "default"
@@ -128,6 +121,25 @@ def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> Non
         w.add_chat_template(template.read_text(encoding="utf-8"))
     elif cfg.get("chat_template"):
         w.add_chat_template(cfg["chat_template"])
+
+
+def token_texts(model_dir: Path, vocab_size: int) -> list[str]:
+    """The token texts by id :func:`write_tokenizer` writes (``tokenizer.ggml.tokens``)."""
+    path, tok = _read_tokenizer(model_dir)
+    return _tokens(path, tok, vocab_size, spm=False)[0]  # ``spm`` decides token types only
+
+
+def _read_tokenizer(model_dir: Path) -> tuple[Path, Json]:
+    """``model_dir``'s tokenizer.json and its contents, a BPE tokenizer."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GgufmoeError(f"{model_dir}: no tokenizer.json (only Hugging Face fast tokenizers are supported)")
+    tok = _read_json(path)
+    model = tok.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        found = model.get("type") if isinstance(model, dict) else model
+        raise GgufmoeError(f"{path}: tokenizer model {found!r} is not supported (only BPE)")
+    return path, tok
 
 
 def detect_pre_tokenizer(path: Path, tok: Json) -> str:
