@@ -282,7 +282,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
     from ggufmoe.stats.file import format_summary, save_stats
     from ggufmoe.stats.text import read_text
 
-    check_outputs([out], [src, text_file], kind=CALIBRATION)
+    check_outputs([out], [src, text_file], kind=CALIBRATION, gguf=True)
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if whole and explicit:

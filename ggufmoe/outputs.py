@@ -5,6 +5,7 @@ Before any work, each output is refused with one line when it
 - is an input of the same command: the same file (inode), through symlinks, hard links and the shards of a
   GGUF; for a model directory every file in it counts (``plan MODEL -o MODEL/config.json`` is refused);
 - is a directory, or lies in a folder that does not exist or cannot be written;
+- is a GGUF file and the output is not one (a plan, a card, a Modelfile never replaces a model);
 - has beside it the kept state of another kind of interrupted run (``.NAME.partial``,
   :mod:`ggufmoe.state_dir`): that run will write this name when it is resumed, and its hours of work are
   never cleared by another command.
@@ -43,10 +44,11 @@ def files_of(paths: Iterable[str | Path | None]) -> list[Path]:
 
 
 def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path | None], *, kind: str | None = None,
-                  split: bool = False) -> None:
+                  split: bool = False, gguf: bool = False) -> None:
     """Refuse ``outputs`` by the rule of the module docstring. ``kind``: the state this command itself keeps
     beside its output (``StateDir.kind``), which it handles itself; ``split``: the output is written in shards
-    named after it."""
+    named after it; ``gguf``: the output is a GGUF (a text output never replaces a GGUF file, a model's hours of
+    work)."""
     files = files_of(inputs)
     for out in outputs:
         out = Path(out)
@@ -62,6 +64,8 @@ def check_outputs(outputs: Iterable[Path], inputs: Iterable[str | Path | None], 
                 same = _same(folder, f.parent)
             if same:
                 raise GgufmoeError(f"{out}: the output would overwrite the input {f}; choose another output path")
+        if not gguf and out.is_file() and is_gguf_file(out):
+            raise GgufmoeError(f"{out}: is a GGUF file, and this output is not one; choose another output path")
         refuse_foreign_state(out, kind)
 
 
@@ -99,6 +103,15 @@ def write_output(path: Path, write: Callable[[Path], object]) -> Path:
     except OSError as e:
         raise GgufmoeError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
+
+
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` opens with GGUF's magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -1,5 +1,6 @@
 """Running the installed `ggufmoe` command as a user would, and checking its one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
 
 
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True)
+def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``ggufmoe ARGS``, with ``env`` added to the environment."""
+    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:

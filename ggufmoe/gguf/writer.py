@@ -171,7 +171,7 @@ class GGUFOutput:
             tensors = next(t for t in w.tensors if t)
             tensors.pop(next(iter(tensors)))
         self.progress = kept
-        self._owns_state = True
+        self._owns_state = False  # kept work: a resumed run that fails leaves it for the next --resume
 
     def _check_free_disk(self, skip: int) -> None:
         """Fail before writing when the tensors still to write do not fit on the output's disk."""

@@ -235,10 +235,10 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
     A GGUF source cannot be calibrated here: without ``--stats`` it is planned without pruning."""
     plan_path = base.out.with_suffix(".plan.json")
     inputs = [src, base.imatrix, base.stats, calib_file]
-    check_outputs([base.out], inputs, kind=CONVERSION, split=base.split_max_size > 0)
+    check_outputs([base.out], inputs, kind=CONVERSION, split=base.split_max_size > 0, gguf=True)
     check_outputs([plan_path], inputs)
     if not base.stats:
-        check_outputs([base.out.with_suffix(".stats.gguf")], inputs, kind=CALIBRATION)
+        check_outputs([base.out.with_suffix(".stats.gguf")], inputs, kind=CALIBRATION, gguf=True)
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
     made: list[Path] = []  # files this run wrote, removed again when it fails

@@ -122,7 +122,8 @@ def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) ->
 
 def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
-    check_outputs([opts.out], [src_dir, opts.imatrix, opts.stats], kind=CONVERSION, split=opts.split_max_size > 0)
+    check_outputs([opts.out], [src_dir, opts.imatrix, opts.stats], kind=CONVERSION, split=opts.split_max_size > 0,
+                  gguf=True)
     src = open_source(src_dir, config_ok=False)
     arch = architecture_for(src)
     for caveat in arch.caveats():
