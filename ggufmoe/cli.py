@@ -160,13 +160,16 @@ def cli() -> None:
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted conversion to the same output (same source, options and inputs) "
                    "where it stopped.")
+@click.option("--allow-nonfinite", type=click.Choice(["zero"]),
+              help="What to do with NaN/Inf in the source's weights, refused by default: 'zero' replaces them with 0 "
+                   "(and says how many).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
             top_k_scale: float | None, max_active: int | None, per_layer: bool, merge: bool,
             plan_file: Path | None, budget: int | None, calib: Path | None, ctx: int,
             kv_type: str, weights_only: bool, target: Target, sensitivity: str, threads: int | None,
-            split_max_size: int | None, ollama: bool, resume: bool, quiet: bool) -> None:
+            split_max_size: int | None, ollama: bool, resume: bool, allow_nonfinite: str | None, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -201,7 +204,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
                          per_layer=per_layer)
     opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
                           split_max_size=split_max_size or 0, progress=not quiet,
-                          stats=stats, prune=prune, resume=resume)
+                          stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero")
     job = ConvertJob(opts, plan_file, Budget(budget, ctx, kv_type, weights_only, top_k == "auto", max_active,
                                              target) if budget else None,
                      calib, criterion, sensitivity)

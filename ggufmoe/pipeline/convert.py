@@ -19,6 +19,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.model.tensor import RowLoader
 from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.model.finite import NonFinite
 from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
 from ggufmoe.gguf.writer import CONVERSION
 from ggufmoe.outputs import check_outputs
@@ -51,6 +52,7 @@ class ConvertOptions:
     prune: PruneRequest | None = None
     pruning: Pruning | None = None  # decided already (a budget plan); overrides ``prune``
     resume: bool = False  # continue an interrupted conversion to ``out`` (same plan and inputs)
+    zero_nonfinite: bool = False  # replace NaN/Inf in the weights with 0 instead of refusing them
 
 
 @dataclass
@@ -63,16 +65,19 @@ class Piece:
     importance: np.ndarray | None = None
 
 
-def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None) -> Iterator[Piece]:
-    """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time."""
+def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None, nonfinite: NonFinite) -> Iterator[Piece]:
+    """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time, its non-finite
+    values set to 0 and counted by ``nonfinite``, which refuses them once the tensor is read."""
     for p in plans:
+        name = p.spec.name
         for i in range(p.spec.n_parts):
             if p.copies:
-                yield Piece(p, p.spec.raw(i))
+                yield Piece(p, nonfinite.clean(name, p.spec.raw(i), p.spec.source_type))
                 continue
             rows = importance(p.spec, i, imatrix)
             for r0, data in part_chunks(p.spec, i):
-                yield Piece(p, data, rows if rows is None or len(rows) == 1 else rows[r0:])
+                yield Piece(p, nonfinite.clean(name, data), rows if rows is None or len(rows) == 1 else rows[r0:])
+        nonfinite.check(name)
 
 
 def encode(piece: Piece, q: Quantizer) -> np.ndarray:
@@ -149,14 +154,18 @@ def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
             done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
             if done:
                 tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
+            nonfinite = NonFinite(opts.zero_nonfinite)
             with (Quantizer(opts.threads) as q,
-                  read_ahead(read_pieces(plans[done:], imatrix)) as pieces,
+                  read_ahead(read_pieces(plans[done:], imatrix, nonfinite)) as pieces,
                   tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
                        disable=not opts.progress) as bar):
                 bar.update(sum(p.nbytes for p in plans[:done]))
                 for name, group in itertools.groupby(pieces, key=lambda piece: piece.plan.spec.name):
                     out.write_tensor(name, encoded(group, q, bar))
-            return out.finish()
+            paths = out.finish()
+            if (replaced := nonfinite.summary()) is not None:
+                tqdm.write(f"note: {replaced}", file=sys.stderr)
+            return paths
     except KeyboardInterrupt:
         if not out.kept:
             raise

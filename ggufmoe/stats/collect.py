@@ -59,6 +59,7 @@ from gguf.constants import MODEL_TENSOR
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.arch import Architecture, architecture_for
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.finite import checked_finite
 from ggufmoe.stats.file import ExpertStats, Stats
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
 from ggufmoe.stats.text import batches, calibration_tokens
@@ -408,6 +409,8 @@ def collect_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: 
     if not text or not text.strip():
         raise GgufmoeError("calibration text is empty")
     tokenizer, model = load_model(model_dir, progress)
+    for name, p in model.named_parameters():
+        checked_finite(name, p.detach().numpy())
     ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
     ids = torch.from_numpy(ids)
     body = ctx - len(prefix)

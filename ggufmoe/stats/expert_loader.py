@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ggufmoe.arch.base import Architecture
+from ggufmoe.model.finite import checked_finite
 from ggufmoe.model.names import EXPERT_ORDER, EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.stats.collect import ExpertWeights
@@ -55,10 +56,10 @@ class ExpertLoader:
         self.pending: deque[tuple[int, Future]] = deque()
 
     def _load(self, e: int) -> ExpertWeights:
-        gate, up = torch.from_numpy(self.gate.load(e)), torch.from_numpy(self.up.load(e))  # (ff, hidden) each
+        gate, up, down = (torch.from_numpy(checked_finite(f"{s.name} (expert {e})", s.load(e)))
+                          for s in (self.gate, self.up, self.down))  # (ff, hidden), (ff, hidden), (hidden, ff)
         # (2 ff, hidden) as transformers fuses them
         gate_up = torch.cat([gate, up]) if self.concatenated else torch.stack([gate, up], 1).reshape(-1, gate.shape[1])
-        down = torch.from_numpy(self.down.load(e))  # (hidden, ff)
         if self.transposed:
             gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
         return ExpertWeights(gate_up, down)

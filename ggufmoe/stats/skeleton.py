@@ -21,6 +21,7 @@ from torch import nn
 
 from ggufmoe.arch.base import Architecture
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.finite import checked_finite
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import SCALE_SUFFIX, HFSource
 from ggufmoe.source.hf_config import transformers_config
@@ -142,7 +143,7 @@ class Skeleton:
                     if name is None or full in self.fused:
                         why = "several checkpoint tensors are merged into it" if name else "no checkpoint tensor"
                         raise unsupported(self.arch, f"cannot load {full} ({why})")
-                    value = torch.from_numpy(self.src.get(name))
+                    value = torch.from_numpy(checked_finite(name, self.src.get(name)))
                     if tuple(value.shape) != tuple(t.shape):
                         raise unsupported(self.arch, f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
                                                      f"the model's {full} {tuple(t.shape)}")
@@ -202,12 +203,13 @@ class Skeleton:
 
 
 def embedding_rows(spec: TensorSpec, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` of the embedding table (float32), read in spans of rows, never the whole table."""
+    """Rows ``ids`` of the embedding table (float32), read in spans of rows, never the whole table; refused when
+    a row used is not finite."""
     loader = spec.load
-    if not isinstance(loader, RowLoader):
-        return torch.from_numpy(loader(0))[ids]
-    width = spec.shape[-1]
     uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    if not isinstance(loader, RowLoader):
+        return embeddings(spec, torch.from_numpy(loader(0))[uniq], inverse, ids)
+    width = spec.shape[-1]
     u = uniq.tolist()
     rows = torch.empty(len(u), width)
     span = max(1, EMBED_SPAN_BYTES // (4 * width))
@@ -219,5 +221,11 @@ def embedding_rows(spec: TensorSpec, ids: torch.Tensor) -> torch.Tensor:
         block = torch.from_numpy(loader.rows(u[i], u[j] + 1))
         rows[i: j + 1] = block[uniq[i: j + 1] - u[i]]
         i = j + 1
-    return rows[inverse].reshape(*ids.shape, width)
+    return embeddings(spec, rows, inverse, ids)
+
+
+def embeddings(spec: TensorSpec, rows: torch.Tensor, inverse: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The embeddings of ``ids`` from the distinct ``rows`` of the table they use, refused when one is not finite."""
+    checked_finite(spec.name, rows.numpy())
+    return rows[inverse].reshape(*ids.shape, spec.shape[-1])
 
