@@ -52,16 +52,13 @@ def pool(tmp_path_factory) -> dict[str, Path]:
 def draw(rng: random.Random, p: dict[str, Path], i: int) -> tuple[list[str], Path | None]:
     """One command line and the output path it names (None when it writes none)."""
     pick = rng.choice
-    ext = pick([".gguf", ".json", ".md", ""])
-    fresh = p["out"] / f"o{i}{ext}"
-    out = pick([fresh] * 6 + [p["config"], p["tokenizer"], p["gguf"], p["stats"], p["text"], p["dir"], p["missing"]])
+    out = OUT
     src = pick([p["model"]] * 4 + [p["config"], p["gguf"], p["text"], p["dir"], p["missing"]])
     maybe = lambda chance, *args: list(args) if rng.random() < chance else []  # noqa: E731
     command = pick(["inspect", "convert", "convert", "convert", "plan", "plan", "calibrate", "card", "modelfile",
                     "eval", "sweep"])
     if command == "inspect":
         args = [src]
-        out = None
     elif command == "convert":
         budget = maybe(0.3, "--budget", pick(["20M", "1M", "abc", "0"]))
         args = [src, "-o", out, "-q", *maybe(0.5, "--type", pick(["Q8_0", "Q4_K", "IQ2_XXS", "F16", "Q4_K_X", "IQ4_XS"])),
@@ -93,24 +90,28 @@ def draw(rng: random.Random, p: dict[str, Path], i: int) -> tuple[list[str], Pat
     elif command == "modelfile":
         args = [pick([p["gguf"], p["gguf"], p["text"], p["missing"]]), *maybe(0.7, "-o", out),
                 *maybe(0.2, "--ctx", pick(["0", "512"]))]
-        out = out if "-o" in args else None
     elif command == "eval":
         args = [pick([p["gguf"], p["text"], p["missing"]]), "--base", pick([p["gguf"], p["model"], p["dir"]]),
                 "--text", pick([p["text"], p["text"], p["gguf"]]), "--max-tokens", pick(["64", "1"]), "-q",
                 "--ctx", "64", "--cache-dir", p["ws"] / "cache"]
-        out = None
     else:
         args = [src, "--budgets", pick(["1M", "abc", ""]), "--calib", p["text"], "--text", p["text"], "-o",
                 pick([p["out"] / f"sweep{i}", p["dir"], p["model"], p["gguf"]]), "-q", "--baselines", ""]
-        out = None
-    if "-o" not in args:
-        out = None
-    return [command, *map(str, args)], out
+    if not any(a is OUT for a in args):
+        return [command, *map(str, args)], None
+    # the output: a fresh name, a directory, a missing folder, or one of this command's own inputs
+    named = [a for a in args if isinstance(a, Path) and a.exists()]
+    named += [p["config"], p["tokenizer"]] if p["model"] in named else []
+    out = pick([p["out"] / f"o{i}{pick(['.gguf', '.json', '.md', ''])}"] * 6 + [p["dir"], p["missing"], *named])
+    return [command, *(str(out) if a is OUT else str(a) for a in args)], out
+
+
+OUT = object()  # where a drawn command line names its output
 
 
 def test_fuzzed_command_lines(pool, capsys, monkeypatch):
     rng = random.Random(SEED)
-    inputs = [pool[k] for k in ("model", "gguf", "stats", "text", "dir")]
+    inputs = [pool[k] for k in ("model", "gguf", "stats", "text")]  # (modelfile -o DIR writes into DIR)
     before = snapshot(inputs, content=True)
     quick = snapshot(inputs, content=False)
     outcomes = {0: 0, 1: 0}
