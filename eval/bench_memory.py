@@ -255,7 +255,8 @@ def main() -> None:
     model = Path(args.model)
     ctxs = [int(c) for c in args.ctx.split(",")]
 
-    from ggufmoe.plan.memory import MISC_BYTES, OS_MARGIN_FRACTION, PROCESS_BYTES, compute_buffer_bytes
+    from ggufmoe.plan.memory import MISC_BYTES, OS_MARGIN_FRACTION, compute_buffer_bytes
+    from ggufmoe.plan.process import LLAMA_CODE_BYTES, interpreter_baseline
     from ggufmoe.plan.target import local_repack_types
     from ggufmoe.arch.shape import ModelShape
 
@@ -276,13 +277,13 @@ def main() -> None:
         "batch only (`logits_all=False`).",
         "",
         f"Process baseline measured now (fresh Python that imports llama_cpp, loads nothing): "
-        f"{base_rss / MiB:.1f} MiB; the model uses {(PROCESS_BYTES - 3 * MiB) / MiB:.1f} MiB + 3.0 MiB "
-        "library pages touched on load/eval. Reserve also holds llama.cpp's vocab/model structures "
+        f"{base_rss / MiB:.1f} MiB; plans measure it the same way ({interpreter_baseline() / MiB:.1f} MiB) and add "
+        f"{LLAMA_CODE_BYTES / MiB:.1f} MiB of library pages touched on load/eval. Process also holds llama.cpp's vocab/model structures "
         "(3.4 MB + 320 B per token), llama-cpp-python's batch and the stated OS margin "
         f"({OS_MARGIN_FRACTION:.0%} of weights + KV + compute). Compute includes the compute buffer, the "
         f"logits buffer, the CPU work buffer and {MISC_BYTES / MiB:.0f} MiB of small buffers.",
         "",
-        "| GGUF | ctx | logits | weights (mapped + repacked) | KV | compute | reserve | predicted "
+        "| GGUF | ctx | logits | weights (mapped + repacked) | KV | compute | process | predicted "
         "| measured peak RSS | error |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -86,6 +86,7 @@ class TargetType(click.ParamType):
 
 
 SIZE, SIZES, TARGET = Size(), Sizes(), TargetType()
+KV_TYPE = click.Choice(["f32", "f16", "q8_0", "q4_0"])  # the KV cache types llama.cpp takes for K and V
 
 
 def needs(options: tuple[str, ...], *others: str) -> None:
@@ -142,7 +143,7 @@ def cli() -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
 @click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1),
               help="Context for --budget (and num_ctx with --ollama).")
-@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
               help="KV cache type for --budget.")
 @click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
 @click.option("--target", default="host", show_default=True, type=TARGET,
@@ -306,7 +307,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--budget", required=True, type=SIZE, help="Memory budget, e.g. 128GiB or 20M.")
 @click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context to fit.")
-@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
               help="KV cache type.")
 @click.option("--stats", type=click.Path(path_type=Path), help="Statistics from `ggufmoe calibrate`.")
 @click.option("--calib", type=click.Path(path_type=Path),
@@ -412,7 +413,7 @@ def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Pat
 @click.option("--license", "license_", help="The source's license [default: general.license of the files].")
 @click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=1),
               help="Context the memory column is computed at.")
-@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
               help="KV cache type of the memory column.")
 def card(ggufs: tuple[Path, ...], out: Path, eval_json: tuple[Path, ...], results: Path | None,
          base_model: str | None, license_: str | None, ctx: int, kv_type: str) -> None:
@@ -488,37 +489,39 @@ def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--memory-limit", "limit", required=True, metavar="SIZE",
-              help="Memory the model may use above a bare Python with llama_cpp loaded, e.g. 128GiB.")
-@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=2),
-              help="Context to fill (every token's logits requested).")
+@click.option("--memory-limit", "limit", type=SIZE,
+              help="Memory the whole process may use (peak RSS), e.g. 128GiB [default: the --plan's budget].")
+@click.option("--ctx", type=click.IntRange(min=2),
+              help="Context to fill (every token's logits requested) [default: the --plan's, else 2048].")
+@click.option("--kv-type", type=KV_TYPE, help="KV cache type [default: the --plan's, else f16].")
 @click.option("--prompt", default=None, help="Prompt to generate from [default: a short English sentence].")
 @click.option("--n-predict", default=16, show_default=True, type=click.IntRange(min=0), help="Tokens to generate.")
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads [default: llama-cpp-python's].")
 @click.option("--timeout", default=3600, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Seconds before the run counts as failed.")
-@click.option("--target", metavar="TARGET",
+@click.option("--target", type=TARGET,
               help="Run as host, cpu (repacking off), cpu-repack or cuda:SIZE (every layer offloaded) "
-                   "[default: the --plan's target, else host].")
+                   "[default: the --plan's, else host].")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path),
-              help="The plan the GGUF was made from: warns when this run is not its target.")
-def validate(src: Path, limit: str, ctx: int, prompt: str | None, n_predict: int, threads: int | None,
-             timeout: float, target: str | None, plan_file: Path | None) -> None:
-    """Load and run the GGUF in SRC in llama.cpp under an enforced memory limit.
+              help="The plan the GGUF was made from: its memory budget, context, KV type and target unless given.")
+def validate(src: Path, limit: int | None, ctx: int | None, kv_type: str | None, prompt: str | None, n_predict: int,
+             threads: int | None, timeout: float, target: Target | None, plan_file: Path | None) -> None:
+    """Load and run the GGUF in SRC in llama.cpp under an enforced memory limit on the whole process.
 
     A child process loads it (cgroup v2 memory.max where possible, else RLIMIT_AS on its
-    address space above the interpreter's baseline), evaluates a full context and generates a
-    few tokens; reports peak RSS and speed. Fails when it does not fit or does not run. For a
-    split GGUF give the first shard.
+    address space), evaluates a full context and generates a few tokens; reports peak RSS and
+    speed. It fits when the process's peak RSS is within the limit, what a plan's memory counts.
+    Fails when it does not fit or does not run. For a split GGUF give the first shard.
     """
     from ggufmoe.plan.budget import Plan
-    from ggufmoe.plan.target import HOST, parse_target
-    from ggufmoe.units import parse_size
-    from ggufmoe.runtime.validate import DEFAULT_PROMPT, format_result, validate as run
+    from ggufmoe.runtime.validate import DEFAULT_PROMPT, format_result, run_settings, validate as run
 
-    planned = Plan.load(plan_file).machine() if plan_file else None
-    result = run(src, parse_size(limit), ctx, prompt if prompt is not None else DEFAULT_PROMPT, n_predict, threads,
-                 timeout, parse_target(target) if target else planned or HOST, planned)
+    plan = Plan.load(plan_file) if plan_file else None
+    settings, notes = run_settings(plan, limit, ctx, kv_type, target)
+    for note in notes:
+        click.echo(note, err=True)
+    result = run(src, settings.limit, settings.ctx, prompt if prompt is not None else DEFAULT_PROMPT, n_predict,
+                 threads, timeout, settings.target, plan.machine() if plan else None, settings.kv_type)
     click.echo(format_result(result))
 
 

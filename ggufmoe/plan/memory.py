@@ -21,6 +21,7 @@ from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.plan.target import HOST, Target
+from ggufmoe.plan.process import process_bytes
 
 # --------------------------------------------------------------------------------------------
 # weights in memory: mapped file pages and CPU repacking
@@ -140,11 +141,6 @@ def weight_memory(source, target: Target = HOST) -> WeightMemory:
 MiB = 1 << 20
 KV_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
 
-# The process: peak RSS of a fresh Python 3.11 that has imported llama_cpp 0.3.36 and loaded
-# nothing (measured by eval/bench_memory.py: 43.5 MB = 41.5 MiB, 22 MB of it library pages), plus
-# the code pages of libllama / libggml-cpu that loading and the first eval touch (3.0 MiB more
-# RssFile, measured). A llama.cpp binary (llama-server) starts smaller: pass ``process_bytes``.
-PROCESS_BYTES = 43_600_000 + 3 * MiB
 # llama.cpp's own structures once a model is loaded (vocab, merges, tensor metadata, context
 # objects) and llama-cpp-python's Llama object: 3.4 MB + 320 B per vocabulary entry (150 B for
 # the token, ~170 B for its BPE merge: measured with metadata-only loads of 6k-150k vocabularies).
@@ -153,7 +149,8 @@ RUNTIME_BYTES_PER_TOKEN = 320
 # Small buffers not modelled one by one (CPU threadpool, scratch of ops, Python objects).
 MISC_BYTES = 1 * MiB
 # Stated OS margin: page tables for the mapping (8 B per 4 KiB page = 0.2 %) and headroom for
-# allocator fragmentation and the error of the compute-buffer formula: 1 % of weights + KV + compute.
+# allocator fragmentation, the error of the compute-buffer formula and the run-to-run spread of the peak
+# RSS (0.2 MiB on the reference model): 1 % of everything else, the process included.
 OS_MARGIN_FRACTION = 0.01
 
 
@@ -164,7 +161,7 @@ class RuntimeMemory:
     weights: int   # the GGUF tensor data, memory-mapped (plus repacked copies); offloaded: the host's part
     kv_cache: int  # for n_ctx tokens at the KV type (offloaded: 0, it is in GPU memory)
     compute: int   # llama.cpp compute buffers (CPU backend), output/logits buffer included
-    reserve: int   # the process itself (libraries, Python or llama.cpp runtime) and a stated OS margin
+    reserve: int   # the process (Python with llama_cpp, llama.cpp's runtime structures, batch arrays) and a stated OS margin
     gpu_weights: int = 0   # offloaded weights in CUDA buffers
     gpu_kv_cache: int = 0
     gpu_compute: int = 0   # the CUDA compute buffer and ggml's CUDA pool
@@ -303,7 +300,7 @@ def offloaded_host_compute_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 51
 
 def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_batch: int = 512,
                    n_ubatch: int = 512, *, flash_attn: bool | None = None, repacked_bytes: int = 0,
-                   logits_all: bool = True, process_bytes: int = PROCESS_BYTES,
+                   logits_all: bool = True, process: int | None = None,
                    shape: ModelShape | None = None, swa_full: bool = True, gpu_weights_bytes: int = 0,
                    target: Target = HOST) -> RuntimeMemory:
     """Peak memory of llama.cpp (CPU backend, llama-cpp-python 0.3.36) serving ``ctx`` tokens.
@@ -314,6 +311,8 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     needs it (llama.cpp turns it on); llama.cpp's own CLI/server default enables it on CPU.
     ``logits_all``: a batch may ask for the logits of all its tokens (perplexity, log-probs),
     llama.cpp's worst case; False models runs that take the last token's logits only.
+    ``process``: the process before it loads a model (default: :func:`~ggufmoe.plan.process.process_bytes`,
+    measured here: the whole process is counted, as ``validate`` measures it).
     ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. ``ModelShape.from_gguf``).
     ``swa_full``: sliding-window layers cache the whole context (llama-cpp-python's default) or the
     window only (llama-server's ``--swa-full`` off).
@@ -325,6 +324,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     against a GPU.
     """
     shape = shape or arch.model_shape()
+    process = process_bytes() if process is None else process
     qt = _kv_type(kv_type)
     if flash_attn is None:
         flash_attn = qt not in FLOAT_TYPES
@@ -344,16 +344,16 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     if target.offload:
         compute = offloaded_host_compute_bytes(shape, ctx, n_ubatch, swa_full) + output + MISC_BYTES
         gpu_compute = graph + work  # the pool holds what the CPU's work buffer would: the widest converted operand
-        margin = int(OS_MARGIN_FRACTION * (weights + compute))
+        margin = int(OS_MARGIN_FRACTION * (weights + compute + process + CUDA_HOST_BYTES + runtime + batch))
         return RuntimeMemory(weights=weights, kv_cache=0, compute=compute,
-                             reserve=process_bytes + CUDA_HOST_BYTES + runtime + batch + margin,
+                             reserve=process + CUDA_HOST_BYTES + runtime + batch + margin,
                              gpu_weights=gpu_weights_bytes, gpu_kv_cache=kv, gpu_compute=gpu_compute,
                              gpu_reserve=CUDA_CONTEXT_BYTES + int(OS_MARGIN_FRACTION * (gpu_weights_bytes + kv
                                                                                          + gpu_compute)))
     compute = graph + output + work + MISC_BYTES
-    margin = int(OS_MARGIN_FRACTION * (weights + kv + compute))
+    margin = int(OS_MARGIN_FRACTION * (weights + kv + compute + process + runtime + batch))
     return RuntimeMemory(weights=weights, kv_cache=kv, compute=compute,
-                         reserve=process_bytes + runtime + batch + margin)
+                         reserve=process + runtime + batch + margin)
 
 
 def _kv_type(kv_type: str) -> gguf.GGMLQuantizationType:

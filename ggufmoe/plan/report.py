@@ -47,7 +47,8 @@ def format_plan(plan: Plan) -> str:
     lines += ["", f"file         {format_size(plan.file_bytes)} ({plan.file_bytes} bytes)",
               f"{'host memory' if 'gpu_total' in m else 'memory':<13}weights {format_size(m['weights'])} + KV cache "
               f"{format_size(m['kv_cache'])} (ctx {plan.ctx}, {plan.kv_type}) + compute {format_size(m['compute'])} + "
-              f"reserve {format_size(m['reserve'])} = {format_size(m['total'])}"]
+              f"process {format_size(m['reserve'])} = {format_size(m['total'])} (the whole process's peak RSS, "
+              f"which validate measures)"]
     if "gpu_total" in m:
         lines.append(f"GPU memory   weights {format_size(m['gpu_weights'])} + KV cache {format_size(m['gpu_kv_cache'])} "
                      f"+ compute {format_size(m['gpu_compute'])} + reserve {format_size(m['gpu_reserve'])} = "

@@ -1,22 +1,17 @@
 """Run a GGUF in llama.cpp under an enforced memory limit: does it load, fill a context and
 generate, and how much memory and time does that take?
 
-The model runs in a child process (``python -m ggufmoe.runtime.validate_child``: the standard library
-and llama_cpp only, ``MALLOC_ARENA_MAX=1``) whose memory is limited by the kernel:
+The limit is on the whole process, as a plan's memory is (:mod:`ggufmoe.plan.process`): "fits" means the
+child's peak RSS (VmHWM) stayed within it. The model runs in a child process (``python -m
+ggufmoe.runtime.validate_child``: the standard library and llama_cpp only, ``MALLOC_ARENA_MAX=1``) whose memory
+the kernel limits as well, from the moment it has imported llama_cpp:
 
-* cgroup v2, when the current unified cgroup lets us create a child with a ``memory.max``
-  (the child cgroup is removed afterwards);
-* otherwise RLIMIT_AS, the process's address space. A Python that has imported llama_cpp
-  already has an address space (libraries, thread stacks of numpy's BLAS, reserved heap) that
-  is not model memory, so the child measures its VmSize after importing llama_cpp and before
-  loading the model, and sets RLIMIT_AS to that baseline + the limit. The address space is
-  stricter than resident memory: the memory-mapped model file counts in full as soon as it is
-  mapped, and so do reserved but untouched ranges (8 MiB of stack per llama.cpp thread,
-  llama-cpp-python's n_batch x n_vocab logits array).
-
-Either way the limit applies to what loading and running the model adds above the baseline
-of the interpreter. Afterwards the child's peak RSS (VmHWM) must also be at most the limit +
-its baseline RSS.
+* cgroup v2, when the current unified cgroup lets us create a child with a ``memory.max``: the limit less
+  what the interpreter then holds (its VmRSS; the child cgroup is removed afterwards);
+* otherwise RLIMIT_AS, the address space: its VmSize then + the limit. The address space exceeds resident
+  memory (the memory-mapped model file counts in full as soon as it is mapped, and so do reserved but
+  untouched ranges: 8 MiB of stack per llama.cpp thread, llama-cpp-python's n_batch x n_vocab logits
+  array), so it cannot hold the process to the limit exactly: it stops a runaway, and the peak RSS decides.
 
 The run: load, evaluate a full context of ``ctx`` tokens (the prompt repeated) asking for
 every token's logits (llama.cpp's worst case, which ``memory.runtime_memory`` plans by
@@ -43,6 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.qtypes import FLOAT_TYPES
+from ggufmoe.plan.budget import Plan
+from ggufmoe.plan.memory import KV_TYPES
+from ggufmoe.plan.process import interpreter_baseline
 from ggufmoe.plan.target import HOST, Target
 from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.units import format_size
@@ -59,6 +58,7 @@ class ValidateResult:
     limit: int
     method: str            # "cgroup" or "rlimit"
     ctx: int
+    kv_type: str
     baseline_vm: int       # the child's address space after importing llama_cpp, before loading
     baseline_rss: int      # its resident memory then
     peak_vm: int           # VmPeak
@@ -137,15 +137,52 @@ def target_mismatch(files: list[Path], target: Target, planned: Target | None = 
     return None
 
 
+DEFAULT_CTX = 2048
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a validation runs as: the memory limit on the whole process, the context, KV type and target."""
+
+    limit: int
+    ctx: int = DEFAULT_CTX
+    kv_type: str = "f16"
+    target: Target = HOST
+
+
+def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = None, kv_type: str | None = None,
+                 target: Target | None = None) -> tuple[RunSettings, list[str]]:
+    """The settings given, the rest from ``plan`` (its memory budget, or its predicted memory when it budgeted
+    the file alone; its context, KV type and target), else the defaults; and one line for what comes from the
+    plan and one for each setting given that is not the plan's."""
+    if plan is None:
+        if limit is None:
+            raise GgufmoeError("give --memory-limit, or --plan to take the plan's")
+        return RunSettings(limit, ctx or DEFAULT_CTX, kv_type or "f16", target or HOST), []
+    planned = {"memory limit": (plan.memory["total"] if plan.weights_only else plan.budget, limit, format_size),
+               "context": (plan.ctx, ctx, str), "KV type": (plan.kv_type, kv_type, str),
+               "target": (plan.machine(), target, str)}
+    taken = [f"{k} {show(mine)}" for k, (mine, given, show) in planned.items() if given is None]
+    notes = [f"from the plan: {', '.join(taken)}"] if taken else []
+    notes += [f"warning: the plan's {k} is {show(mine)}, this run's {show(given)}: the measured memory is not the "
+              f"plan's" for k, (mine, given, show) in planned.items()
+              if k in ("context", "KV type") and given is not None and given != mine]  # targets: target_mismatch
+    chosen = {k: mine if given is None else given for k, (mine, given, _) in planned.items()}
+    return RunSettings(chosen["memory limit"], chosen["context"], chosen["KV type"], chosen["target"]), notes
+
+
 def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
              threads: int | None = None, timeout: float | None = None, target: Target = HOST,
-             planned: Target | None = None) -> ValidateResult:
-    """Load and run ``path`` in llama.cpp as ``target`` under a memory limit of ``limit`` bytes (see the
-    module docstring); raise :class:`GgufmoeError` with a one-line reason when it does not
-    fit or does not run. A run that does not measure what a plan for ``planned`` (or for ``target``)
+             planned: Target | None = None, kv_type: str = "f16") -> ValidateResult:
+    """Load and run ``path`` in llama.cpp as ``target`` with a ``kv_type`` KV cache under a memory limit of
+    ``limit`` bytes on the whole process (see the module docstring); raise :class:`GgufmoeError` with a
+    one-line reason when it does not fit or does not run. A run that does not measure what a plan for ``planned`` (or for ``target``)
     predicts is said on stderr (:func:`target_mismatch`)."""
     if limit <= 0:
         raise GgufmoeError("the memory limit must be positive")
+    if limit <= (base := interpreter_baseline()):
+        raise GgufmoeError(f"a memory limit of {format_size(limit)} is not even what Python with llama_cpp holds before "
+                           f"it loads a model ({format_size(base)}): the limit is on the whole process")
     if n_predict >= ctx:
         raise GgufmoeError(f"--n-predict ({n_predict}) must be smaller than --ctx ({ctx})")
     files = gguf_files(path)
@@ -156,7 +193,8 @@ def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAUL
     cgroup = _Cgroup(limit)
     req = dict(path=str(files[0]), limit=limit, ctx=ctx, prompt=prompt, n_predict=n_predict, threads=threads,
                cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != "cpu",
-               offload=target.offload)
+               offload=target.offload, kv_type=int(KV_TYPES[kv_type]),
+               flash_attn=KV_TYPES[kv_type] not in FLOAT_TYPES)  # a quantized V cache needs it, as planned
     env = dict(os.environ, MALLOC_ARENA_MAX="1", GGML_NO_BACKTRACE="1")  # no gdb on a GGML_ASSERT
     with tempfile.TemporaryDirectory(prefix="ggufmoe-validate-") as tmp:
         result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
@@ -186,12 +224,12 @@ def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAUL
     where = f"under a memory limit of {format_size(limit)} ({_METHODS[method]})"
     if not out.get("ok"):
         raise GgufmoeError(f"{name} does not fit or does not run {where}: {_reason(rc, out, oom, last, ctx)}")
-    r = ValidateResult(path=files[0], files=files, file_bytes=size, limit=limit, method=method, ctx=ctx,
+    r = ValidateResult(path=files[0], files=files, file_bytes=size, limit=limit, method=method, ctx=ctx, kv_type=kv_type,
                        **{k: out[k] for k in ("baseline_vm", "baseline_rss", "peak_vm", "peak_rss", "load_s",
                                               "prompt_tokens", "prompt_s", "gen_tokens", "gen_s", "text")})
-    if r.peak_rss > limit + r.baseline_rss:
-        raise GgufmoeError(f"{name} ran {where} but its peak RSS, {format_size(r.peak_rss)}, exceeds the limit + "
-                           f"the interpreter's baseline RSS ({format_size(limit + r.baseline_rss)})")
+    if r.peak_rss > limit:
+        raise GgufmoeError(f"{name} ran {where} but does not fit: the process's peak RSS, {format_size(r.peak_rss)}, "
+                           f"exceeds it")
     return r
 
 
@@ -227,18 +265,18 @@ def _reason(rc: int, out: dict, oom: bool, last: str, ctx: int) -> str:
 def format_result(r: ValidateResult) -> str:
     """A readable report of a successful run."""
     shards = f", {len(r.files)} shards" if len(r.files) > 1 else ""
-    if r.method == "rlimit":
-        how = f"RLIMIT_AS (address space above the interpreter's baseline of {format_size(r.baseline_vm)})"
-    else:
-        how = f"cgroup v2 memory.max (memory charged above the interpreter's baseline of {format_size(r.baseline_rss)})"
+    how = {"rlimit": f"peak RSS, with RLIMIT_AS as a backstop (address space: {format_size(r.baseline_vm)} before "
+                     f"loading + the limit)",
+           "cgroup": "cgroup v2 memory.max (the limit less what the process held before loading) and peak RSS"}
     return "\n".join([
-        f"{r.path.name}: fits and runs in {format_size(r.limit)}",
+        f"{r.path.name}: fits and runs in {format_size(r.limit)}: the whole process peaked at {format_size(r.peak_rss)} "
+        f"(ctx {r.ctx}, KV {r.kv_type})",
         f"  file:          {format_size(r.file_bytes)}{shards}",
-        f"  limit method:  {how}",
+        f"  limit method:  {how[r.method]}",
         f"  load:          {r.load_s:.2f} s",
-        f"  peak RSS:      {format_size(r.peak_rss)} ({format_size(r.peak_rss - r.baseline_rss)} above the "
-        f"baseline of {format_size(r.baseline_rss)})",
-        f"  peak address:  {format_size(r.peak_vm - r.baseline_vm)} above the baseline",
+        f"  peak RSS:      {format_size(r.peak_rss)}: Python with llama_cpp {format_size(r.baseline_rss)} before loading, "
+        f"the model and llama.cpp {format_size(r.peak_rss - r.baseline_rss)}",
+        f"  peak address:  {format_size(r.peak_vm)} ({format_size(r.peak_vm - r.baseline_vm)} added by the model and llama.cpp)",
         f"  prompt:        {r.prompt_tokens} tokens (full context) at {r.prompt_tps:.1f} tokens/s",
         f"  generation:    {r.gen_tokens} tokens at {r.gen_tps:.1f} tokens/s",
         f"  sample:        {r.text!r}",

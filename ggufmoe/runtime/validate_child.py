@@ -3,8 +3,9 @@ llama-cpp-python, fills a context, generates, and writes what it measured as JSO
 
     python -m ggufmoe.runtime.validate_child REQUEST_JSON RESULT_PATH
 
-Imports the standard library and llama_cpp only (no torch), so its baseline is that of a
-bare interpreter with llama.cpp loaded. See :func:`ggufmoe.validate.validate`.
+Imports the standard library and llama_cpp only (no torch; :mod:`ggufmoe.plan.process` is standard library
+only), so its baseline is that of a bare interpreter with llama.cpp loaded, as plans measure it.
+See :func:`ggufmoe.runtime.validate.validate`.
 """
 
 from __future__ import annotations
@@ -16,23 +17,22 @@ import resource
 import sys
 import time
 
-
-def status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmSize, VmPeak, VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+from ggufmoe.plan.process import status
 
 
 def limit_memory(limit: int, cgroup: str | None) -> str:
-    """Limit the memory this process may use from now on to ``limit`` bytes; the method used.
+    """Limit this process's memory from now on; the method used.
 
-    cgroup v2: move into ``cgroup`` (its memory.max set by the parent); memory charged before
-    the move (the interpreter and llama_cpp) stays with the old cgroup. Else RLIMIT_AS at the
-    current address space (VmSize) + ``limit``."""
+    cgroup v2: move into ``cgroup`` and set its memory.max to ``limit`` less the VmRSS the process already holds
+    (that memory stays charged to the old cgroup), so that the whole process stays within ``limit``. Else
+    RLIMIT_AS at the current address space (VmSize) + ``limit``: a backstop only, since the address space of a
+    mapped file and of reserved stacks exceeds what is resident; the parent judges the peak RSS."""
     if cgroup:
         try:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
+            with open(os.path.join(cgroup, "memory.max"), "w") as f:
+                f.write(str(max(limit - status("VmRSS"), 0)))
             return "cgroup"
         except OSError:
             pass
@@ -73,7 +73,8 @@ def run(req: dict, out: dict, stage) -> None:
     with repacking(req["repack"]):
         llm = llama_cpp.Llama(model_path=req["path"], n_ctx=req["ctx"], n_threads=req["threads"],
                               n_threads_batch=req["threads"], verbose=False, n_gpu_layers=-1 if req["offload"] else 0,
-                              use_mmap=not req["offload"])
+                              use_mmap=not req["offload"], type_k=req["kv_type"], type_v=req["kv_type"],
+                              flash_attn=req["flash_attn"])
     out["load_s"] = time.perf_counter() - t
 
     # a full context, every token's logits requested (llama.cpp's worst case, what the memory

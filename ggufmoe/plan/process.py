@@ -1,0 +1,53 @@
+"""The process llama.cpp runs in, before it loads a model: a fresh interpreter that has imported llama_cpp.
+
+Its resident memory depends on the machine (Python, libc, how llama.cpp was built: 41.5 MiB on one host,
+47 MiB on another), so it is measured here, once per command, in a child that imports what ``ggufmoe
+validate``'s child imports (the standard library and llama_cpp):
+
+    python -m ggufmoe.plan.process      prints that process's resident bytes
+
+This module imports the standard library only: the child's baseline is llama_cpp's, not ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+MiB = 1 << 20
+# Code pages of libllama / libggml-cpu that loading and the first evaluation touch on top of the import
+# (RssFile, measured by eval/bench_memory.py).
+LLAMA_CODE_BYTES = 3 * MiB
+# Where no child can measure it (no /proc, no llama_cpp): the largest baseline measured so far.
+FALLBACK_BASELINE_BYTES = 48 * MiB
+
+
+def status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmSize, VmPeak, VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+@functools.cache
+def interpreter_baseline() -> int:
+    """Resident bytes of a fresh interpreter that has imported llama_cpp and loaded nothing (measured)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", __name__], capture_output=True, text=True, timeout=120,
+                             check=True, stdin=subprocess.DEVNULL, env=dict(os.environ, MALLOC_ARENA_MAX="1"))
+        return int(out.stdout)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return FALLBACK_BASELINE_BYTES
+
+
+def process_bytes() -> int:
+    """Memory of the llama.cpp process that is not the model's: the interpreter with llama_cpp imported and the
+    code pages that loading touches. A plan's memory counts the whole process: what ``validate`` measures."""
+    return interpreter_baseline() + LLAMA_CODE_BYTES
+
+
+if __name__ == "__main__":
+    import llama_cpp  # noqa: F401  (what the validate child imports before it loads a model)
+
+    print(status("VmRSS"))
