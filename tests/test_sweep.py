@@ -65,8 +65,9 @@ def test_bad_budget_is_one_line(tmp_path):
                            str(tiny_models.TEST_DATA / "calib.txt"), "--text",
                            str(tiny_models.TEST_DATA / "eval_doc.txt"), "-o", str(tmp_path / "s")],
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == ["error: cannot read size 'lots' "
-                                                                         "(examples: 2G, 500M, 128GiB, 1000000)"]
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: Invalid value for '--budgets': cannot read size 'lots' (examples: 2G, 500M, 128GiB, 1000000) "
+        "(see `ggufmoe sweep --help`)"]
     assert not (tmp_path / "s").exists()
 
 

@@ -20,9 +20,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.fingerprint import file_identity, model_files
@@ -30,6 +30,9 @@ from ggufmoe.state_dir import StateDir
 from ggufmoe.stats.file import ExpertStats
 from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local import LocalErrors
+
+if TYPE_CHECKING:
+    import torch
 
 STATE = "state.json"
 STATE_VERSION = 2  # 2: layers keep their local errors
