@@ -34,6 +34,7 @@ def test_plan_validate_and_peak_agree(tmp_path, budget):
     assert proc.stderr.strip() == f"from the plan: memory limit {limit:.2f} MiB, context 1024, KV type f16, target host"
     assert f"fits and runs in {limit:.2f} MiB" in proc.stdout and "(ctx 1024, KV f16)" in proc.stdout
     peak = peak_rss(proc.stdout)
+    print(f"\n{budget}: predicted {predicted:.2f} MiB, peak RSS {peak:.2f} MiB")
     assert peak <= limit  # "fits" is the measured peak within the budget the plan was made for
     assert abs(predicted - peak) / peak < 0.03, (predicted, peak)  # and the plan predicted that peak
 

@@ -194,7 +194,7 @@ def test_pruned_and_quantized_files_agree(models, tmp_path, criterion):
 
 def without_warnings(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """``proc`` with the `warning:` lines left out of its stderr: the calibrations here run on fewer tokens
-    than :data:`ggufmoe.stats.text.FEW_TOKENS`, which is warned about."""
+    than :data:`ggufmoe.stats.text.MIN_ROUTED_PER_EXPERT` per expert, which is warned about."""
     proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if not line.startswith("warning: "))
     return proc
 

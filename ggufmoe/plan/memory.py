@@ -149,8 +149,8 @@ RUNTIME_BYTES_PER_TOKEN = 320
 # Small buffers not modelled one by one (CPU threadpool, scratch of ops, Python objects).
 MISC_BYTES = 1 * MiB
 # Stated OS margin: page tables for the mapping (8 B per 4 KiB page = 0.2 %) and headroom for
-# allocator fragmentation, the error of the compute-buffer formula and the run-to-run spread of the peak
-# RSS (0.2 MiB on the reference model): 1 % of everything else, the process included.
+# allocator fragmentation and the error of the compute-buffer formula: 1 % of weights + KV + compute (the
+# process carries its own spread, :data:`ggufmoe.plan.process.BASELINE_SPREAD_BYTES`).
 OS_MARGIN_FRACTION = 0.01
 
 
@@ -344,14 +344,14 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_b
     if target.offload:
         compute = offloaded_host_compute_bytes(shape, ctx, n_ubatch, swa_full) + output + MISC_BYTES
         gpu_compute = graph + work  # the pool holds what the CPU's work buffer would: the widest converted operand
-        margin = int(OS_MARGIN_FRACTION * (weights + compute + process + CUDA_HOST_BYTES + runtime + batch))
+        margin = int(OS_MARGIN_FRACTION * (weights + compute))
         return RuntimeMemory(weights=weights, kv_cache=0, compute=compute,
                              reserve=process + CUDA_HOST_BYTES + runtime + batch + margin,
                              gpu_weights=gpu_weights_bytes, gpu_kv_cache=kv, gpu_compute=gpu_compute,
                              gpu_reserve=CUDA_CONTEXT_BYTES + int(OS_MARGIN_FRACTION * (gpu_weights_bytes + kv
                                                                                          + gpu_compute)))
     compute = graph + output + work + MISC_BYTES
-    margin = int(OS_MARGIN_FRACTION * (weights + kv + compute + process + runtime + batch))
+    margin = int(OS_MARGIN_FRACTION * (weights + kv + compute))
     return RuntimeMemory(weights=weights, kv_cache=kv, compute=compute,
                          reserve=process + runtime + batch + margin)
 

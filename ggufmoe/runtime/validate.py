@@ -258,7 +258,8 @@ def _reason(rc: int, out: dict, oom: bool, last: str, ctx: int) -> str:
     if error:
         return f"{error[:200]} while {stage}"
     if "Thread creation failed" in last:
-        return f"llama.cpp could not start its threads while {stage} ({last})"
+        return (f"llama.cpp could not start its threads while {stage}: their stacks do not fit in the address space "
+                f"the limit leaves ({last})")
     return f"llama.cpp exited with code {rc} while {stage}" + (f" ({last})" if last else "")
 
 

@@ -62,7 +62,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.finite import checked_finite
 from ggufmoe.stats.file import ExpertStats, Stats
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
-from ggufmoe.stats.text import batches, calibration_tokens
+from ggufmoe.stats.text import batches, calibration_tokens, warn_if_few_tokens
 from ggufmoe.source.hf import HFSource
 
 
@@ -405,13 +405,15 @@ def collect_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: 
                   progress: bool = True, dataset: str = "calibration") -> Stats:
     """Run the Hugging Face model (float32, CPU) over ``text`` in chunks of ``ctx`` tokens; return its statistics."""
     model_dir = Path(model_dir)
-    specs = list(calibratable(architecture_for(HFSource(model_dir))).tensors())
+    arch = calibratable(architecture_for(HFSource(model_dir)))
+    specs = list(arch.tensors())
     if not text or not text.strip():
         raise GgufmoeError("calibration text is empty")
     tokenizer, model = load_model(model_dir, progress)
     for name, p in model.named_parameters():
         checked_finite(name, p.detach().numpy())
     ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
+    warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
     ids = torch.from_numpy(ids)
     body = ctx - len(prefix)
     n_chunks = -(-len(ids) // body)

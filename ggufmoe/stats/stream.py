@@ -100,7 +100,7 @@ from ggufmoe.stats.local import KEY as LOCAL_KEY, LocalErrors, LocalOptions
 from ggufmoe.stats.local_meter import MAX_PENDING, LocalMeter
 from ggufmoe.stats.prune_error import PROBE_DIM, KeptSets, PruneProbe
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
-from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens
+from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens, warn_if_few_tokens
 from ggufmoe.units import format_size
 
 DEFAULT_MAX_MEMORY = 4 * 1024**3
@@ -161,6 +161,7 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
         raise GgufmoeError("calibration text is empty")
     tokenizer = load_tokenizer(model_dir)
     ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
+    warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
     ids = torch.from_numpy(ids)
     local = (local or LocalOptions()) if measure_local else None
     fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local))

@@ -21,7 +21,9 @@ CHECK_CHARS = 1 << 14  # opening of the text on which tokenizing in pieces is ch
 _CUT = re.compile(r"\n(?=\S)")
 HOLD_OUT_CHARS = 1 << 14  # characters per piece of a calibration text, cut after a newline
 HOLD_OUT_EVERY = 8  # one piece in this many is held out of calibration for the planner's probes
-FEW_TOKENS = 4096  # calibration on fewer tokens is warned about
+# Calibration tokens routed to each expert on average (tokens x top-k / experts) below which statistics are
+# warned about: many experts then see a handful of tokens or none.
+MIN_ROUTED_PER_EXPERT = 64
 
 
 def read_text(path: str | Path) -> str:
@@ -137,11 +139,17 @@ def calibration_tokens(tokenizer, text: str, ctx: int, max_tokens: int | None) -
     ids = token_ids(tokenizer, text, max_tokens)
     if not len(ids):
         raise GgufmoeError("calibration text is empty")
-    if len(ids) < FEW_TOKENS:
-        print(f"warning: statistics from only {len(ids)} tokens of text (fewer than {FEW_TOKENS}): many experts are "
-              "routed to rarely or never, so their statistics and the plans made from them are unreliable",
-              file=sys.stderr)
     return ids, prefix
+
+
+def warn_if_few_tokens(n_tokens: int, n_expert: int, top_k: int) -> None:
+    """One ``warning:`` line on stderr when ``n_tokens`` of calibration text route fewer than
+    :data:`MIN_ROUTED_PER_EXPERT` tokens to each of ``n_expert`` experts on average."""
+    per_expert = n_tokens * top_k / n_expert
+    if per_expert < MIN_ROUTED_PER_EXPERT:
+        print(f"warning: statistics from only {n_tokens} tokens of text: {per_expert:.1f} routed to each of the "
+              f"{n_expert} experts on average (fewer than {MIN_ROUTED_PER_EXPERT}), so many experts' statistics and "
+              "the plans made from them are unreliable", file=sys.stderr)
 
 
 def token_chunks(tokenizer, text: str, ctx: int, max_tokens: int | None) -> list[list[int]]:
