@@ -249,13 +249,21 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             if over <= 0 and slow <= 0 and gpu_over <= 0:
                 break
             faster = -(-slow * size // active) if slow > 0 else 0
+            # from what this pass used, not its limit: the allocation moves in whole type steps, so a limit
+            # lowered by a few bytes at a time may choose the same types pass after pass
             if target.offload:  # the GPU holds all but the token embedding: a speed target backs off there
-                limit -= max(over, 0)
+                limit = min(limit, used) - max(over, 0)
                 gpu_limit -= max(gpu_over, faster, 0)
             else:
-                limit -= max(over, faster)
-        else:
+                limit = min(limit, used) - max(over, faster)
+        else:  # still over after every pass: it needs at least what the last one did
             choice = None
+            if over > 0:
+                smallest = min(smallest or budget.total + over, budget.total + over)
+            elif gpu_over > 0:
+                smallest_gpu = min(smallest_gpu or mem.gpu_total, mem.gpu_total)
+            else:
+                slowest = min(slowest or active, active)
         if choice is None:
             continue
         quant = sens.combined(sum(o.cost for o in choice.values()))

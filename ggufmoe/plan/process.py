@@ -47,7 +47,7 @@ def interpreter_baseline() -> int:
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.origin or not os.path.exists("/proc/self/status"):
         return FALLBACK_BASELINE_BYTES
-    key = f"{sys.executable}|{spec.origin}|{os.stat(spec.origin).st_mtime_ns}"
+    key = f"{os.path.realpath(sys.executable)}|{spec.origin}|{os.stat(spec.origin).st_mtime_ns}"
     entry = cache_folder("process") / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
     try:
         return int(entry.read_text())
