@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 
 
 OWNER = "owner.json"
@@ -124,17 +125,14 @@ class StateDir:
         self._record_owner()
 
     def write(self, path: Path, write: Callable[[BinaryIO], object], error: str) -> None:
-        """``path`` (in the directory) written by ``write`` durably and atomically: into a temporary file,
-        fsynced, renamed over ``path``, and the directory fsynced. An OSError is ``error`` (and why)."""
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        """``path`` (in the directory) written by ``write`` durably and atomically (:func:`replace_atomically`).
+        An OSError is ``error`` (and why)."""
+        def into(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if self._fd is not None:
-                os.fsync(self._fd)
+
+        try:
+            replace_atomically(path, into, durable=True)
         except OSError as e:
             raise GgufmoeError(f"{error} ({e.strerror or e})") from None
 

@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 from ggufmoe.state_dir import StateDir
 from ggufmoe.units import format_size
 
@@ -51,9 +52,7 @@ class Progress:
     offsets: list[int]  # each file's size with those tensors in it
 
     def save(self, state_dir: Path) -> None:
-        tmp = state_dir / f"{PROGRESS}.tmp"
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, state_dir / PROGRESS)
+        replace_atomically(state_dir / PROGRESS, lambda tmp: tmp.write_text(json.dumps(asdict(self))))
 
     @classmethod
     def load(cls, state_dir: Path) -> "Progress | None":

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 from ggufmoe.model.qtypes import MIXES, TABLE, UNQUANTIZED_MIXES
 from ggufmoe.stats.imatrix import Imatrix, quantize_keys
 
@@ -150,8 +151,8 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str, imatrix: Imatri
         work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     except OSError as e:
         raise GgufmoeError(f"{dst.parent}: cannot write ({e.strerror or e})") from None
-    try:
-        out = work / dst.name
+
+    def quantize(out: Path) -> None:
         job: dict = {"src": str(src.resolve()), "out": str(out), "ftype": ftype_id, "threads": threads or 0,
                      "overrides": overrides, "imatrix": None, "kv": []}
         if imatrix is not None:
@@ -169,7 +170,9 @@ def llama_quantize(src: str | Path, dst: str | Path, ftype: str, imatrix: Imatri
         if rc != 0 or not out.is_file():
             reason = failure_reason((work / LOG_FILE).read_text(errors="replace"), rc)
             raise GgufmoeError(f"llama.cpp could not quantize {src.name} to {ftype}: {reason}")
-        os.replace(out, dst)
+
+    try:
+        replace_atomically(dst, quantize)
     except OSError as e:  # temporary files, the child's start, the final rename
         raise GgufmoeError(f"cannot make {dst} ({e.strerror or e})") from None
     finally:

@@ -7,7 +7,6 @@ for 3-D expert tensors. Quantizers weight their rounding error by ``in_sum2 / co
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import gguf
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.model.names import EXPERT_TENSORS, GATE_UP_EXPERTS, ROUTER, TensorName, tensor_name
@@ -267,8 +267,7 @@ def write_imatrix_gguf(imatrix: Imatrix, path: str | Path, extra_tensors: dict[s
     for name in extra_tensors:
         if name.endswith((SUM2_SUFFIX, COUNTS_SUFFIX)) or name.rsplit(".", 1)[0] in imatrix.entries:
             raise ValueError(f"extra tensor {name} would be read as an imatrix entry")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    w = gguf.GGUFWriter(tmp, arch="imatrix")
+    w = gguf.GGUFWriter(None, arch="imatrix")
     del w.kv_data[0][gguf.Keys.General.ARCHITECTURE]  # llama-imatrix writes no architecture
     w.add_type(gguf.GGUFType.IMATRIX)
     # llama.cpp needs the datasets key; gguf-py cannot write an empty array
@@ -287,17 +286,18 @@ def write_imatrix_gguf(imatrix: Imatrix, path: str | Path, extra_tensors: dict[s
         w.add_tensor(name + COUNTS_SUFFIX, counts)
     for name, data in extra_tensors.items():
         w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    def write(tmp: Path) -> None:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+
     try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
+        replace_atomically(path, write)
     except OSError as e:
         raise GgufmoeError(f"{path}: cannot write {what} ({e.strerror or e})") from None
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
 
 
 def importance(spec: TensorSpec, part: int, imatrix: Imatrix | None) -> np.ndarray | None:
