@@ -25,7 +25,7 @@ from ggufmoe.prune.criteria import (PruneRequest, choose_experts, keep_counts, p
                                     top_k_variants)
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.source.hf import HFSource
-from ggufmoe.stats.collect import load_model
+from ggufmoe.stats.hf_model import load_model
 from ggufmoe.stats.file import save_stats
 from ggufmoe.stats.local import LocalOptions, local_errors
 from ggufmoe.stats.text import batches, calibration_tokens

@@ -29,7 +29,7 @@ from ggufmoe.runtime.logprobs import hf_logprobs, iter_logprobs, score_against
 from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.source.hf_config import config_view
 from ggufmoe.source.tokenizer import token_texts
-from ggufmoe.stats.collect import load_model
+from ggufmoe.stats.hf_model import load_model
 
 CHARS_PER_TOKEN = 16  # text looked at per token wanted: far more than any tokenizer needs
 TOP_P = 0.9  # the p of same-top-p

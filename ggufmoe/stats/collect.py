@@ -14,7 +14,7 @@ with forward pre-hooks. Experts: transformers 5 keeps them fused in one module
 ``use_experts_implementation``) whose forward takes ``(hidden_states, top_k_index,
 top_k_weights)`` — the weights after the model's own normalisation and scaling (DeepSeek's
 ``routed_scaling_factor`` included). For the run, that module's forward is replaced by
-:func:`experts_forward`, which computes what transformers' experts kernels compute (routing
+:func:`~ggufmoe.stats.routed_experts.experts_forward`, which computes what transformers' experts kernels compute (routing
 slots sorted by expert with one sort, one gate/up and one down matmul per expert with the
 module's own weights, biases, ``_apply_gate`` and post-expert norm, the weighted outputs
 added per token) and records, from what it computes anyway, the inputs of the gate/up and
@@ -37,7 +37,7 @@ Checkpoint names map to model parameters through transformers' own loading renam
 This is the whole-model path: the model is loaded with ``from_pretrained``. The streamed path
 (:mod:`ggufmoe.stats.stream`, the default of ``ggufmoe calibrate``) runs one decoder layer at a
 time with the same :class:`Collector` and the same routed-experts computation
-(:func:`route_experts`, which takes the expert weights from a getter: the module's fused
+(:func:`~ggufmoe.stats.routed_experts.route_experts`, which takes the expert weights from a getter: the module's fused
 tensors here, the checkpoint expert by expert there); this path is its reference.
 """
 
@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import types
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -60,67 +58,13 @@ from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.arch import Architecture, architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.finite import checked_finite
+from ggufmoe.stats.accumulate import Accumulator, RoutingAccumulator, square_sums
 from ggufmoe.stats.file import ExpertStats, Stats
+from ggufmoe.stats.hf_model import load_model
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
+from ggufmoe.stats.routed_experts import ExpertsState, experts_forward, output_forward
 from ggufmoe.stats.text import batches, calibration_tokens, warn_if_few_tokens
 from ggufmoe.source.hf import HFSource
-
-
-def square_sums(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(float32 sums of squares per column, number of rows) of ``x`` taken as rows of its last dimension."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    return (x * x).sum(0), x.shape[0]
-
-
-@dataclass
-class Accumulator:
-    """float64 sums of squared inputs, (n_expert, ne0), and token counts per expert."""
-
-    n_expert: int
-    ne0: int
-    sum2: torch.Tensor = field(init=False)
-    counts: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sum2 = torch.zeros(self.n_expert, self.ne0, dtype=torch.float64)
-        self.counts = torch.zeros(self.n_expert, dtype=torch.float64)
-
-    def add(self, x: torch.Tensor, expert: int = 0) -> None:
-        """Add the rows of ``x`` (any leading shape) to ``expert``: float32 sums, folded into float64."""
-        self.add_sums(*square_sums(x), expert)
-
-    def add_sums(self, sum2: torch.Tensor, rows: int, expert: int = 0) -> None:
-        if sum2.shape[0] != self.ne0:
-            raise GgufmoeError(f"calibration: a matmul input has {sum2.shape[0]} columns, expected {self.ne0}")
-        self.sum2[expert] += sum2.to("cpu", torch.float64)  # sums made on a GPU come back here
-        self.counts[expert] += rows
-
-    def fold(self, sum2: torch.Tensor, counts: torch.Tensor) -> None:
-        """Add per-expert sums (n_expert, ne0) and counts (n_expert,) of one forward."""
-        self.sum2 += sum2.to("cpu", torch.float64)
-        self.counts += counts.to("cpu", torch.float64)
-
-    def entry(self) -> ImatrixEntry:
-        return ImatrixEntry(self.sum2.numpy().astype(np.float32), self.counts.numpy().astype(np.float32))
-
-
-@dataclass
-class RoutingAccumulator:
-    """Per-expert routing statistics of one MoE layer, float64."""
-
-    n_expert: int
-    counts: torch.Tensor = field(init=False)
-    weight_mass: torch.Tensor = field(init=False)
-    reap_sum: torch.Tensor = field(init=False)
-    n_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts, self.weight_mass, self.reap_sum = (torch.zeros(self.n_expert, dtype=torch.float64)
-                                                        for _ in range(3))
-
-    def stats(self) -> ExpertStats:
-        return ExpertStats(self.counts.numpy().copy(), self.weight_mass.numpy().copy(), self.reap_sum.numpy().copy(),
-                           self.n_tokens)
 
 
 def model_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -137,130 +81,6 @@ def model_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
         key, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
         out[name] = key if key in params else name
     return out
-
-
-def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    y = x @ weight if transposed else x @ weight.T
-    return y if bias is None else y + bias
-
-
-@dataclass
-class ExpertsState:
-    """What a patched experts module records into: ``m._ggufmoe``."""
-
-    x_acc: Accumulator  # inputs of the gate/up matmuls, one row per expert
-    mid_acc: Accumulator  # inputs of the down matmul
-    routing: RoutingAccumulator
-    # the streamed path's phase 1: receives (hidden_states, top_k_index, top_k_weights) of a forward
-    sink: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-
-
-@dataclass
-class ExpertWeights:
-    """One routed expert's matrices in the fused module's layout (``gate_up`` = cat(gate, up) on the output side)."""
-
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-
-def module_weights(m: nn.Module) -> Callable[[int], ExpertWeights]:
-    """Expert ``e``'s weights as the fused module holds them (the whole-model path)."""
-    has_bias = getattr(m, "has_bias", False)
-
-    def get(e: int) -> ExpertWeights:
-        return ExpertWeights(m.gate_up_proj[e], m.down_proj[e], m.gate_up_proj_bias[e] if has_bias else None,
-                             m.down_proj_bias[e] if has_bias else None)
-
-    return get
-
-
-def expert_output(m: nn.Module, ew: ExpertWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input of the down matmul, output) of one routed expert of the fused module ``m`` for rows ``x``."""
-    transposed = getattr(m, "is_transposed", False)
-    mid = m._apply_gate(_expert_linear(x, ew.gate_up, ew.gate_up_bias, transposed))
-    y = _expert_linear(mid, ew.down, ew.down_bias, transposed)
-    if getattr(m, "has_post_expert_norm", False):
-        y = m.post_expert_norm(y)
-    return mid, y
-
-
-def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                  weights: Callable[[int], ExpertWeights], out: torch.Tensor, step: int | None = None,
-                  device: torch.device | None = None, on_expert: Callable | None = None) -> None:
-    """Add the weighted routed-experts output of ``hidden`` (tokens, hidden) to ``out`` and record statistics.
-
-    What transformers' experts kernels compute: routing slots sorted by expert with one sort, per
-    expert one gate/up and one down matmul (``weights(e)``, asked for in ascending order of the
-    experts that got tokens, each once), the module's ``_apply_gate`` and post-expert norm, the
-    weighted outputs added per token. Recorded from what it computes anyway, into ``m._ggufmoe``
-    (:class:`ExpertsState`): the inputs of the gate/up and down matmuls (float32 sums over at most
-    ``step`` rows, folded into float64), routing slots, routing-weight mass and REAP. ``hidden`` and
-    ``out`` may live on the CPU (the streamed path's stores) while the experts run on ``device``.
-    Ids at or beyond the expert count (expert-parallel sentinels) contribute nothing, as in transformers.
-    ``on_expert(e, weights, tokens, routing weights, gate/up input sums, down input sums)`` is called after
-    each expert with its routing slots (the streamed path's local errors).
-    """
-    state: ExpertsState = m._ggufmoe
-    x_acc, mid_acc, routing = state.x_acc, state.mid_acc, state.routing
-    n_expert = x_acc.n_expert
-    n_tokens, top_k = top_k_index.shape[0], top_k_index.shape[-1]
-    ids = top_k_index.reshape(-1).to(hidden.device)
-    order = torch.argsort(ids, stable=True)  # routing slots grouped by expert; sentinels (ids >= n_expert) last
-    counts = torch.bincount(ids.clamp(0, n_expert), minlength=n_expert + 1)[:n_expert]
-    order = order[: int(counts.sum())]
-    token = order // top_k
-    w = top_k_weights.reshape(-1).to(hidden.device)[order]
-    x2 = torch.zeros(n_expert, hidden.shape[-1], dtype=torch.float64)
-    mid2 = torch.zeros(n_expert, mid_acc.ne0, dtype=torch.float64)
-    reap = torch.zeros(n_expert, dtype=torch.float64)
-    start = 0
-    for e, c in enumerate(counts.tolist()):
-        if not c:
-            continue
-        ew = weights(e)
-        for a in range(start, start + c, step or c):
-            b = min(a + (step or c), start + c)
-            tok = token[a:b]
-            xe, we = hidden[tok], w[a:b]
-            if device is not None:
-                xe, we = xe.to(device), we.to(device)
-            mid, ye = expert_output(m, ew, xe)
-            out.index_add_(0, tok, (ye * we[:, None].to(ye.dtype)).to(out.device, out.dtype))
-            # statistics, float32 within these rows
-            xf, mf, wf = xe.float(), mid.float(), we.float()
-            x2[e] += (xf * xf).sum(0).to("cpu", torch.float64)
-            mid2[e] += (mf * mf).sum(0).to("cpu", torch.float64)
-            reap[e] += float((wf * torch.linalg.vector_norm(ye.float(), dim=-1)).sum())
-        if on_expert is not None:
-            on_expert(e, ew, token[start:start + c], w[start:start + c], x2[e], mid2[e])
-        start += c
-    counts64 = counts.double().cpu()
-    x_acc.fold(x2, counts64)  # one importance row per routing slot, as llama.cpp counts
-    mid_acc.fold(mid2, counts64)
-    routing.counts += counts64
-    routing.weight_mass += torch.bincount(ids[order], weights=w.double(), minlength=n_expert).cpu()
-    routing.reap_sum += reap
-    routing.n_tokens += n_tokens
-
-
-def experts_forward(m: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The fused experts module's forward, recording statistics (see :func:`route_experts`).
-
-    Bound to the module by :meth:`Collector.hook_experts`; ``m._ggufmoe`` is its :class:`ExpertsState`.
-    """
-    h = hidden_states.reshape(top_k_index.shape[0], -1)
-    final = torch.zeros_like(h)
-    route_experts(m, h, top_k_index, top_k_weights, module_weights(m), final)
-    return final.to(hidden_states.dtype)
-
-
-def output_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output matmul during calibration: records its input, computes no logits."""
-    m._ggufmoe.add(x)
-    return x.new_empty(*x.shape[:-1], 0)
 
 
 class Collector:
@@ -358,40 +178,6 @@ class Collector:
 
     def layers(self) -> dict[int, ExpertStats]:
         return {il: r.stats() for il, r in sorted(self.routing.items())}
-
-
-def load_model(model_dir: Path, progress: bool = True):
-    """(tokenizer, float32 model in eval mode) or one clear error."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    tokenizer = load_tokenizer(model_dir)
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    except Exception as e:  # transformers raises many types for unloadable models
-        raise _cannot_load(model_dir, e) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return tokenizer, model
-
-
-def load_tokenizer(model_dir: Path):
-    """The model's tokenizer, or one clear error."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as e:  # transformers raises many types for unloadable tokenizers
-        raise _cannot_load(model_dir, e) from None
-
-
-def _cannot_load(model_dir: Path, e: Exception) -> GgufmoeError:
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return GgufmoeError(f"{model_dir}: transformers cannot load the model or tokenizer ({msg})")
 
 
 def calibratable(arch: Architecture) -> Architecture:

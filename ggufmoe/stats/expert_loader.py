@@ -20,7 +20,7 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.model.finite import checked_finite
 from ggufmoe.model.names import EXPERT_ORDER, EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.stats.collect import ExpertWeights
+from ggufmoe.stats.routed_experts import ExpertWeights
 from ggufmoe.stats.skeleton import unsupported
 
 

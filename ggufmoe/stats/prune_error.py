@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ggufmoe.stats.collect import ExpertWeights, expert_output
+from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
 from ggufmoe.stats.file import ExpertStats
 
 # (layer statistics) -> criterion -> candidate name -> (experts kept (original indices), experts per token);

@@ -91,7 +91,9 @@ from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import (HIDDEN, MOE_IN, STATE_VERSION, CalibrationState, Progress,
                                        calibration_fingerprint)
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.stats.collect import Collector, calibratable, expert_output, load_tokenizer, route_experts
+from ggufmoe.stats.collect import Collector, calibratable
+from ggufmoe.stats.hf_model import load_tokenizer
+from ggufmoe.stats.routed_experts import expert_output, route_experts
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
