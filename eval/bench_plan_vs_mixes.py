@@ -102,7 +102,7 @@ def main() -> None:
     name = "plan_vs_mixes" + ("_local" if args.sensitivity == "local" else "")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / f"{name}.png")
-    how = ("local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local.py (no probe "
+    how = ("local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local_costs.py (no probe "
            "through llama.cpp)" if args.sensitivity == "local" else "measured with probes through llama.cpp")
     lines = [
         "# Budgeted plans vs llama.cpp's mixes at the same size",

@@ -1,5 +1,5 @@
 """Re-derive the default sensitivity tables from the reference model: those of
-:mod:`ggufmoe.sensitivity.defaults` (from shapes) and of :mod:`ggufmoe.sensitivity.local` (from local errors).
+:mod:`ggufmoe.sensitivity.defaults` (from shapes) and of :mod:`ggufmoe.sensitivity.local_costs` (from local errors).
 
     python eval/derive_defaults.py [--model DIR] [--text FILE] [--out SENS.json] [--whole]
 
@@ -38,10 +38,10 @@ from ggufmoe.pipeline.budget import pruning_kl  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest, choose_experts  # noqa: E402
 from ggufmoe.sensitivity.fit import fit_power  # noqa: E402
-from ggufmoe.sensitivity.local import derive_local_defaults, prune_unit  # noqa: E402
+from ggufmoe.sensitivity.local_costs import derive_local_defaults, prune_unit  # noqa: E402
 from ggufmoe.stats.collect import collect_stats  # noqa: E402
 from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
-from ggufmoe.stats.local import local_errors  # noqa: E402
+from ggufmoe.stats.local_errors import local_errors  # noqa: E402
 from ggufmoe.stats.text import hold_out  # noqa: E402
 
 PRUNE_KEEP = (21, 18, 15)

@@ -24,10 +24,10 @@ from common import ROOT, SHARED, eval_chunks  # noqa: E402
 
 from ggufmoe.arch import architecture_for  # noqa: E402
 from ggufmoe.prune.criteria import choose, expert_scores, keep_counts  # noqa: E402
-from ggufmoe.sensitivity.local import depth  # noqa: E402
+from ggufmoe.sensitivity.local_costs import depth  # noqa: E402
 from ggufmoe.source.hf import HFSource  # noqa: E402
 from ggufmoe.stats.file import load_stats  # noqa: E402
-from ggufmoe.stats.local import local_errors  # noqa: E402
+from ggufmoe.stats.local_errors import local_errors  # noqa: E402
 
 CRITERION = "reap"
 

@@ -1,4 +1,4 @@
-"""Local errors of the streamed calibration (ggufmoe.stats.local, ggufmoe.stats.prune_error) against
+"""Local errors of the streamed calibration (ggufmoe.stats.local_errors, ggufmoe.stats.prune_error) against
 transformers: with sampling switched off, a tensor's error is exactly ``mean ||(W - Q(W)) x||^2`` over the
 inputs transformers' own model gives it, and a layer's pruning error is exactly how much transformers' MoE
 block output changes when the same experts are pruned (tests/prune_hf.py), DeepSeek groups and routing bias
@@ -27,7 +27,7 @@ from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.hf_model import load_model
 from ggufmoe.stats.file import save_stats
-from ggufmoe.stats.local import LocalOptions, local_errors
+from ggufmoe.stats.local_errors import LocalOptions, local_errors
 from ggufmoe.stats.text import batches, calibration_tokens
 
 CTX = 128

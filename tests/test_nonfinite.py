@@ -11,7 +11,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import ggufmoe.pipeline.convert as convert_mod

@@ -27,7 +27,7 @@ from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats, load_stats, save_stats
 from ggufmoe.stats.collect import collect_stats
-from ggufmoe.quant.rules import EMBEDDING
+from ggufmoe.model.names import EMBEDDING, role, tensor_name
 
 # Small but real: 1 chunk of 512 tokens per probe, 64 sampled rows per tensor (the defaults are 4 and 256).
 MEASURE = dict(chunks=1, max_rows=64)
@@ -82,7 +82,7 @@ def test_measured_covers_quantized_tensors(measured, ref_specs):
     assert set(sens.cost) == quantized
     assert not any(n.endswith(("_norm.weight", "ffn_gate_inp.weight")) for n in sens.cost)  # F32 tensors: none
     for name, costs in sens.cost.items():
-        expected = [t.name for t in CANDIDATES if name != EMBEDDING or not requires_imatrix(t)]
+        expected = [t.name for t in CANDIDATES if role(name) != EMBEDDING or not requires_imatrix(t)]
         assert list(costs) == expected, name  # the embedding has no imatrix: no IQ2_XXS/IQ2_XS/IQ1_S
         assert all(np.isfinite(c) and c >= 0 for c in costs.values())
     kinds = {s.kind for s in specs if quantizable(s)}
@@ -210,7 +210,7 @@ def test_default_on_reference_agrees_with_measured(measured, ref_specs):
         assert all(a > b for a, b in zip(chain, chain[1:]))
     with_imatrix = default_sensitivity(specs, n_expert, top_k, imatrix=True)
     assert "IQ2_XXS" in with_imatrix.cost["blk.0.ffn_down_exps.weight"]
-    assert "IQ2_XXS" not in with_imatrix.cost[EMBEDDING]
+    assert "IQ2_XXS" not in with_imatrix.cost[tensor_name(EMBEDDING)]
     with pytest.raises(GgufmoeError, match="needs an importance matrix"):
         default.predict("IQ2_XXS")
     assert with_imatrix.predict("IQ2_XXS") > with_imatrix.predict("Q2_K")  # the embedding at Q2_K, as convert does

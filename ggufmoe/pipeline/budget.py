@@ -26,13 +26,13 @@ from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity.cache import cached_sensitivity, store
 from ggufmoe.sensitivity.defaults import default_sensitivity
-from ggufmoe.sensitivity.local import PRUNE_EXPONENT, PRUNE_SCALE, local_sensitivity, prune_unit
-from ggufmoe.sensitivity.local import prune_cost as prune_cost_local
+from ggufmoe.sensitivity.local_costs import PRUNE_EXPONENT, PRUNE_SCALE, local_sensitivity, prune_unit
+from ggufmoe.sensitivity.local_costs import prune_cost as prune_cost_local
 from ggufmoe.source import open_source
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import CALIBRATION
 from ggufmoe.stats.file import load_stats
-from ggufmoe.stats.local import local_errors
+from ggufmoe.stats.local_errors import local_errors
 from ggufmoe.stats.text import hold_out, read_text, spread_chunks, token_chunks
 
 
@@ -91,7 +91,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     With statistics of a model with weights, ``sensitivity`` says how costs are made: ``probes`` measures
     them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: a conversion per tensor class, layer group and
     three whole-model types, on its local errors when the statistics hold them); ``local`` maps the
-    statistics' local errors to KL with the reference model's factors (:mod:`ggufmoe.sensitivity.local`;
+    statistics' local errors to KL with the reference model's factors (:mod:`ggufmoe.sensitivity.local_costs`;
     nothing is converted); ``auto`` probes a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the
     local errors of a bigger one (probes when it has none). The plan's notes say which was used. Without
     statistics: defaults from shapes.

@@ -2,7 +2,7 @@
 runs that calibrate the cost model, and the cache around them.
 
 1. **Error** of every tensor at every candidate type: the local errors the streamed calibration
-   measured (:mod:`ggufmoe.stats.local`) where the statistics hold them, else from the weights and the
+   measured (:mod:`ggufmoe.stats.local_errors`) where the statistics hold them, else from the weights and the
    importance matrix (:mod:`ggufmoe.sensitivity.quant_error`, the diagonal approximation).
 2. **Calibration.** Per tensor class (:attr:`TensorSpec.kind`: ``attn_q``, ``ffn_down_exps``,
    ``token_embd``, ...) one probe: ``convert`` with that class (all layers) at the anchor type
@@ -33,20 +33,21 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
+from ggufmoe.model.names import EMBEDDING, role
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.quant.rules import EMBEDDING, TypeRules
+from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity import cache
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.sensitivity.fit import apply_layer_factors, calibrate, fit_joint, layer_groups
+from ggufmoe.sensitivity.fit import apply_layer_factors, fit_joint, layer_groups, scales_from_probes
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import save_imatrix
-from ggufmoe.stats.local import local_errors
+from ggufmoe.stats.local_errors import local_errors
 from ggufmoe.stats.text import spread_chunks, token_ids
 
 MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
@@ -94,7 +95,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
     anchor = probe_types[0].name
     tok = AutoTokenizer.from_pretrained(src_dir)
     ids = token_ids(tok, text, max_tokens=MAX_TEXT_TOKENS)
-    vocab = next((s.shape[0] for s in specs if s.name == EMBEDDING), arch.n_vocab)
+    vocab = next((s.shape[0] for s in specs if role(s.name) == EMBEDDING), arch.n_vocab)
     freq = token_frequency(ids.astype(np.int64), vocab)
     if len(ids) < 2:
         raise GgufmoeError("calibration text too short to measure KL divergence")
@@ -150,7 +151,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
                 layer_kl[g] = _kl(path, seqs, base, threads)
                 path.unlink()
                 bar.update()
-            cost, scales, exponents = calibrate(error, kinds, probes, anchor)
+            cost, scales, exponents = scales_from_probes(error, kinds, probes, anchor)
             factors = apply_layer_factors(cost, kinds, groups, layer_kl, anchor)
             sens = Sensitivity(cost, True, scales, error, probes, exponents, layer_kl, factors)
             for t in uniform_types:

@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.gguf.header import file_bytes
-from ggufmoe.model.names import OUTPUT, role
+from ggufmoe.model.names import EMBEDDING, OUTPUT, role
 from ggufmoe.model.qtypes import CANDIDATES, POOR_WITHOUT_IMATRIX, bits_per_weight, effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.plan.budget import Budget, Plan
@@ -44,7 +44,7 @@ from ggufmoe.prune.apply import prune_model
 from ggufmoe.prune.criteria import (Pruning, PruneRequest, choose, choose_experts, keep_counts, reachable_experts,
                                     resolve, top_k_variants)
 from ggufmoe.quant.ggml import requires_imatrix
-from ggufmoe.quant.rules import EMBEDDING, TypedTensor, TypeRules, always_f32
+from ggufmoe.quant.rules import TypedTensor, TypeRules, always_f32
 from ggufmoe.sensitivity.cost import Sensitivity
 from ggufmoe.stats.file import Stats
 from ggufmoe.units import format_size
@@ -90,7 +90,7 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
     cap = spec.source_type
     seen: dict[T, Option] = {}
     for t in CANDIDATES:
-        if (t in POOR_WITHOUT_IMATRIX and not with_stats) or (spec.name == EMBEDDING and requires_imatrix(t)):
+        if (t in POOR_WITHOUT_IMATRIX and not with_stats) or (role(spec.name) == EMBEDDING and requires_imatrix(t)):
             continue
         eff = effective_type(t, spec.shape[-1])
         if eff in seen or eff.name not in costs and t.name not in costs:
@@ -313,7 +313,7 @@ def active_bytes(specs: list[TensorSpec], types: dict[str, T], top_k: int) -> in
         n = TypedTensor(s, types[s.name]).nbytes
         if s.is_expert:
             n = n * top_k // s.n_parts
-        elif s.name == EMBEDDING:
+        elif role(s.name) == EMBEDDING:
             n //= s.shape[0]
         total += n
     return total

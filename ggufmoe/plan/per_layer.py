@@ -17,9 +17,9 @@ from dataclasses import replace
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.prune.criteria import Pruning, choose, expert_scores, keep_counts, reachable_experts
-from ggufmoe.sensitivity.local import depth
+from ggufmoe.sensitivity.local_costs import depth
 from ggufmoe.stats.file import Stats
-from ggufmoe.stats.local import local_errors
+from ggufmoe.stats.local_errors import local_errors
 
 
 def spread_counts(errors: dict[int, dict[int, float]], total: int, counts: list[int], n_layers: int) -> dict[int, int]:

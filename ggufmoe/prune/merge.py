@@ -20,7 +20,7 @@ from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.prune.criteria import Pruning, expert_scores
 from ggufmoe.stats.file import Stats
-from ggufmoe.stats.local import local_errors
+from ggufmoe.stats.local_errors import local_errors
 
 # Per kept expert, in kept order: (source expert, weight) pairs whose weights sum to 1.
 Folds = list[list[tuple[int, float]]]

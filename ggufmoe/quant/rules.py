@@ -10,9 +10,8 @@ import re
 from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as T, LlamaFileType
-from gguf.constants import MODEL_TENSOR
 
-from ggufmoe.model.names import ROUTER, tensor_name
+from ggufmoe.model.names import EMBEDDING, ROUTER, role
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FILE_TYPE, effective_type, parse_type, row_bytes
@@ -28,7 +27,6 @@ def always_f32(spec: TensorSpec) -> bool:
 
 # The token embedding is a row lookup, so no importance matrix ever covers it: when the default
 # type needs one, the embedding gets this type instead (as llama-quantize does for IQ1/IQ2 mixes).
-EMBEDDING = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
 EMBEDDING_SUBSTITUTE = T.Q2_K
 
 DEFAULT_TYPE = T.Q8_0  # --type when none is given and the source has no types of its own
@@ -75,7 +73,7 @@ class TypeRules:
             return T.F32
         if self.default is None:
             return DEFAULT_TYPE
-        if spec.name == EMBEDDING and requires_imatrix(self.default):
+        if role(spec.name) == EMBEDDING and requires_imatrix(self.default):
             return EMBEDDING_SUBSTITUTE
         return self.default
 

@@ -25,7 +25,8 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import requires_imatrix
-from ggufmoe.quant.rules import EMBEDDING, EMBEDDING_SUBSTITUTE
+from ggufmoe.model.names import EMBEDDING, role
+from ggufmoe.quant.rules import EMBEDDING_SUBSTITUTE
 
 PROBE_TYPE = T.Q3_K  # the anchor type: each class is calibrated there (see :mod:`.fit`)
 METHOD_VERSION = 3  # part of the cache key: a new version measures again
@@ -58,7 +59,7 @@ class Sensitivity:
         t = _name(types)
         total = 0.0
         for name, c in self.cost.items():
-            if t not in c and name == EMBEDDING:
+            if t not in c and role(name) == EMBEDDING:
                 t_here = EMBEDDING_SUBSTITUTE.name
             elif t not in c:
                 raise GgufmoeError(f"{name}: no cost for type {t} (it needs an importance matrix)")

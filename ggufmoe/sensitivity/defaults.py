@@ -25,11 +25,12 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from ggufmoe.model.names import EMBEDDING, role
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.quant.rules import EMBEDDING, quantizable
+from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity, active_elements, candidates_for
 
 
@@ -117,7 +118,7 @@ def default_sensitivity(specs: list[TensorSpec], n_expert: int, top_k: int, imat
         ne0 = s.shape[-1]
         anchor = GAUSSIAN_REL_ERROR[effective_type(PROBE_TYPE, ne0).name] * act[s.name]
         error[s.name] = {t.name: GAUSSIAN_REL_ERROR[effective_type(t, ne0).name] * act[s.name]
-                         for t in candidates_for(s, imatrix and s.name != EMBEDDING)}
+                         for t in candidates_for(s, imatrix and role(s.name) != EMBEDDING)}
         cost[s.name] = {t: scale * anchor * (e / anchor) ** b for t, e in error[s.name].items()}
     info = dict(method="default", version=METHOD_VERSION, anchor=PROBE_TYPE.name, g=g, n_active=sum(act.values()),
                 note="Gaussian relative error x active elements, reference per-class scale and exponent, x g")

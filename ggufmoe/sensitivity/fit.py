@@ -1,7 +1,7 @@
 """Steps 2-4 of a measured sensitivity: from errors (:mod:`.quant_error`) and the KL the probes
 measured through llama.cpp (:mod:`ggufmoe.pipeline.measure`) to costs.
 
-Calibration. ``scale[class] = KL / sum of the class's errors at the anchor`` (:func:`calibrate`), the
+Calibration. ``scale[class] = KL / sum of the class's errors at the anchor`` (:func:`scales_from_probes`), the
 KL being the class's probe: that class (all layers) at the anchor type
 :data:`~ggufmoe.sensitivity.cost.PROBE_TYPE` (Q3_K), everything else F16.
 
@@ -71,7 +71,7 @@ def fit_joint(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
-def calibrate(error: dict[str, dict[str, float]], classes: dict[str, list[str]], probes: dict[str, dict[str, float]],
+def scales_from_probes(error: dict[str, dict[str, float]], classes: dict[str, list[str]], probes: dict[str, dict[str, float]],
               anchor: str) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float]]:
     """(cost, scales, exponents) from the errors and the probes' measured KL (see the module docstring).
 

@@ -36,11 +36,11 @@ from tqdm import tqdm
 from ggufmoe.model.qtypes import effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.quant.rules import EMBEDDING
+from ggufmoe.model.names import EMBEDDING, role
 from ggufmoe.sensitivity.cost import candidates_for
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import importance
-from ggufmoe.stats.local import sample_rows, seeded_rng
+from ggufmoe.stats.local_errors import sample_rows, seeded_rng
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
     imp = None if rows is None else rows.mean(axis=0)  # per-head rows (MLA's attn_k_b/attn_v_b): their mean
     col_w = np.ones(ne0) if imp is None else imp.astype(np.float64)
     n = len(data)
-    if spec.name == EMBEDDING and token_freq is not None and len(token_freq) == n:
+    if role(spec.name) == EMBEDDING and token_freq is not None and len(token_freq) == n:
         p = token_freq
         if n <= max_rows:
             idx, w = np.arange(n), p
@@ -124,7 +124,7 @@ def measure_errors(specs: list[TensorSpec], stats: Stats, token_freq: np.ndarray
     q = Quantizer(1)
     tasks = []
     for s in specs:
-        has_row = s.name in stats.imatrix.entries and s.name != EMBEDDING
+        has_row = s.name in stats.imatrix.entries and role(s.name) != EMBEDDING
         for t in candidates_for(s, has_row):
             tasks.append((s, t, effective_type(t, s.shape[-1])))
     for eff in sorted({e for _, _, e in tasks}, key=lambda e: e.value):  # lookup tables, before the threads

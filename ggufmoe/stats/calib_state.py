@@ -29,7 +29,7 @@ from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.state_dir import StateDir
 from ggufmoe.stats.file import ExpertStats
 from ggufmoe.stats.imatrix import ImatrixEntry
-from ggufmoe.stats.local import LocalErrors
+from ggufmoe.stats.local_errors import LocalErrors
 
 if TYPE_CHECKING:
     import torch

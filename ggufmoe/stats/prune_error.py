@@ -12,7 +12,7 @@ per-expert tensors gathered, its expert count set, as a pruned GGUF routes in ll
 experts module capturing the new routes instead of computing. The error is the mean over the sampled
 tokens of ``||y - y_pruned||^2`` with ``y`` the routed output of the unpruned model, relative to the
 mean squared norm of the layer's input hidden state, as the quantization errors of
-:mod:`ggufmoe.stats.local` are. Experts that got no calibration token are never loaded: a token
+:mod:`ggufmoe.stats.local_errors` are. Experts that got no calibration token are never loaded: a token
 re-routed to one is counted as losing that share of its output.
 """
 

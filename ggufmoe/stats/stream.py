@@ -42,7 +42,7 @@ lays them out (:func:`ggufmoe.stats.text.batches`):
 The hidden states (tokens x hidden, float32) pass from layer to layer in two :class:`RowStore`
 buffers, plus one for the experts' input: in memory when they fit in ``max_memory`` beside one
 layer's step (its weights and statistics, the experts in use and read ahead, a forward's
-activations), else mapped from files in the state directory (:meth:`StreamedRun.plan`). A forward
+activations), else mapped from files in the state directory (:meth:`StreamedRun.working_set`). A forward
 runs at most ``BATCH_TOKENS`` tokens (whole chunks), fewer when ``max_memory`` is tight; the
 statistics do not depend on it beyond summation order.
 
@@ -60,7 +60,7 @@ Memory: one layer's non-expert weights, the routed experts in use and read ahead
 layer, what the local errors sample in one layer (:meth:`StreamedRun.local_bytes`), and the hidden
 states (mapped: the pages touched since they were last handed back).
 
-Local errors (:mod:`ggufmoe.stats.local`, :mod:`ggufmoe.stats.prune_error`) are measured on the way:
+Local errors (:mod:`ggufmoe.stats.local_errors`, :mod:`ggufmoe.stats.prune_error`) are measured on the way:
 plain tensors' inputs are sampled by the :class:`Collector`'s hooks in phase 1 and their errors computed
 (in a thread pool) once the layer's importance rows are complete; each routed expert's, while phase 2
 has it loaded; the pruning errors after phase 2, with the layer's own MoE block re-routing.
@@ -98,8 +98,8 @@ from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats, Stats, save_stats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
-from ggufmoe.stats.local import KEY as LOCAL_KEY, LocalErrors, LocalOptions
-from ggufmoe.stats.local_meter import MAX_PENDING, LocalMeter
+from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors, LocalOptions
+from ggufmoe.stats.error_meter import MAX_PENDING, LocalMeter
 from ggufmoe.stats.prune_error import PROBE_DIM, KeptSets, PruneProbe
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
 from ggufmoe.stats.text import BATCH_TOKENS, batches, calibration_tokens, warn_if_few_tokens
@@ -143,7 +143,7 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
     With ``out`` the statistics are written there (atomically) and the state directory beside it
     makes the run resumable (``resume``); without it a temporary directory (``tempfile``'s) holds
     what does not stay in memory and nothing is resumable. ``measure_local``: also measure the local
-    errors of :mod:`ggufmoe.stats.local` (sampled as ``local`` says), stored with the statistics, and with
+    errors of :mod:`ggufmoe.stats.local_errors` (sampled as ``local`` says), stored with the statistics, and with
     ``kept_sets`` (the candidate prunings of a layer, from its statistics) the local pruning errors of
     :mod:`ggufmoe.stats.prune_error`. ``in_memory`` forces where the hidden
     states live (None: decided by ``max_memory``).
@@ -194,7 +194,7 @@ def deferred_forward(m: nn.Module, hidden_states: torch.Tensor, top_k_index: tor
 # --- the run --------------------------------------------------------------------------------------------
 
 @dataclass
-class Budget:
+class WorkingSet:
     """How the working set is spent (bytes, estimated): where the hidden states live, the experts read
     ahead, and the tokens per forward."""
 
@@ -216,7 +216,7 @@ class StreamedRun:
         self.ids, self.prefix, self.ctx = ids, prefix, ctx
         self.n_chunks = -(-len(ids) // (ctx - len(prefix)))
         self.rows = len(ids) + self.n_chunks * len(prefix)  # tokens, special prefixes included
-        self.batches: list[torch.Tensor] = []  # laid out by plan()
+        self.batches: list[torch.Tensor] = []  # laid out by working_set()
         self.offsets: list[int] = [0]
         self.width = int(arch.cfg.hidden_size)
         self.n_layers = int(arch.cfg.num_hidden_layers)
@@ -228,7 +228,7 @@ class StreamedRun:
         self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
         self.interrupt_at = int(os.environ[TEST_INTERRUPT_LAYER]) if os.environ.get(TEST_INTERRUPT_LAYER) else None
 
-    def plan(self, max_memory: int, in_memory: bool | None) -> Budget:
+    def working_set(self, max_memory: int, in_memory: bool | None) -> WorkingSet:
         """Spend ``max_memory``: hidden states in memory if they fit beside one layer's step, and as many
         whole chunks per forward as fit (at most ``BATCH_TOKENS`` tokens, as the whole-model path runs)."""
         cfg = self.arch.cfg
@@ -257,7 +257,7 @@ class StreamedRun:
         self.batches = list(batches(self.ids, self.prefix, self.ctx, batch_tokens))
         self.offsets = np.cumsum([0] + [b.numel() for b in self.batches]).tolist()
         assert self.offsets[-1] == self.rows
-        return Budget(fixed, ahead, stores, in_memory, batch_tokens, per_token)
+        return WorkingSet(fixed, ahead, stores, in_memory, batch_tokens, per_token)
 
     def local_bytes(self, per_layer) -> int:
         """What measuring the local errors holds at most in one layer: the sampled inputs of its plain tensors,
@@ -276,7 +276,7 @@ class StreamedRun:
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
             resume_hint: str = "run the same command with --resume") -> Stats:
-        budget = self.plan(max_memory, in_memory)
+        working = self.working_set(max_memory, in_memory)
         self.durable = out is not None  # a temporary state directory is never resumed: nothing to keep on disk
         skeleton = Skeleton(self.src, self.arch, self.specs, self.device)
         state.lock()
@@ -292,14 +292,14 @@ class StreamedRun:
                 raise GgufmoeError(f"{state.path}: the interrupted calibration kept there was made from another "
                                    f"source, text or context; delete the directory to start over")
             state.progress = kept
-            self._check_disk(state, budget)
+            self._check_disk(state, working)
             if kept is not None and self.progress:
                 tqdm.write(f"resuming: {kept.layers_done} of {self.n_layers} layers are done already", file=sys.stderr)
         except BaseException:
             state.release(keep=kept is not None)  # an earlier run's, else nothing in it
             raise
         try:
-            return self._run(skeleton, state, fingerprint, budget)
+            return self._run(skeleton, state, fingerprint, working)
         except KeyboardInterrupt:
             if state.layers_done == 0 or out is None:
                 state.remove()
@@ -311,28 +311,28 @@ class StreamedRun:
             state.release(keep=state.layers_done > 0 and out is not None and keep_on_error)
             raise
 
-    def _check_disk(self, state: CalibrationState, budget: Budget) -> None:
+    def _check_disk(self, state: CalibrationState, working: WorkingSet) -> None:
         one = self.rows * self.width * 4
-        need = (2 if budget.in_memory else 3 if self.moe_layers else 2) * one
+        need = (2 if working.in_memory else 3 if self.moe_layers else 2) * one
         have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in (*HIDDEN, MOE_IN))
         free = shutil.disk_usage(state.path).free
         if need - have > free:
             raise GgufmoeError(f"{state.path.parent}: not enough free disk for the calibration activations: "
                                f"needs {format_size(need)}, {format_size(free + have)} free")
 
-    def _run(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, budget: Budget) -> Stats:
+    def _run(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, working: WorkingSet) -> Stats:
         self.meter = LocalMeter(self.rows, self.local) if self.local is not None else None
         try:
-            return self._run_layers(skeleton, state, fingerprint, budget)
+            return self._run_layers(skeleton, state, fingerprint, working)
         finally:
             if self.meter is not None:
                 self.meter.close()
                 self.meter = None
 
-    def _run_layers(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, budget: Budget) -> Stats:
+    def _run_layers(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, working: WorkingSet) -> Stats:
         start = state.layers_done
         paths = [state.path / name for name in HIDDEN]
-        mem = budget.in_memory
+        mem = working.in_memory
         embedded = None
         if start == 0:
             h_in = RowStore.create(paths[0], self.rows, self.width, mem)
@@ -342,7 +342,7 @@ class StreamedRun:
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
         for k in range(start, self.n_layers):
-            entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, budget)
+            entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, working)
             if k == 0 and embedded is not None:
                 local.update(embedded)
             if self.durable:
@@ -384,7 +384,7 @@ class StreamedRun:
         return self.meter.finish([spec.name], None)
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
-              budget: Budget) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
+              working: WorkingSet) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
         """Run layer ``k`` over every token: ``h_out`` = its output; returns its statistics and local errors."""
         layer = skeleton.layers[k]
         specs = self.by_layer.get(k, [])
@@ -400,7 +400,7 @@ class StreamedRun:
                                   sample=self.meter.sample if self.meter else None)
             try:
                 entries, layers, local, probe, residual = self._layer(skeleton, k, layer, collector, h_in, h_out,
-                                                                      moe_in, budget)
+                                                                      moe_in, working)
             finally:
                 collector.remove()
             if probe is not None and k in layers:
@@ -415,7 +415,7 @@ class StreamedRun:
             layer.to("meta")
 
     def _layer(self, skeleton: Skeleton, k: int, layer: nn.Module, collector: Collector, h_in: RowStore,
-               h_out: RowStore, moe_in: RowStore | None, budget: Budget):
+               h_out: RowStore, moe_in: RowStore | None, working: WorkingSet):
         experts = collector.experts.get(k)
         top_k = self.arch.top_k
         idx = torch.empty(self.rows, top_k, dtype=torch.long) if experts is not None else None
@@ -469,7 +469,7 @@ class StreamedRun:
                     pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
                     probe = PruneProbe(moe_in.tensor[pos].clone(), idx[pos], weights[pos])
                 t1 = time.perf_counter()
-                self.run_experts(k, experts, moe_in, idx, weights, h_out, budget, bar, 1.0 - share, probe)
+                self.run_experts(k, experts, moe_in, idx, weights, h_out, working, bar, 1.0 - share, probe)
                 t2 = time.perf_counter()
                 self.phase1_share = min(0.95, max(0.05, (t1 - t0) / max(t2 - t0, 1e-9)))
             local = meter.finish([s.name for s in measured], residual) if meter is not None else LocalErrors()
@@ -477,14 +477,14 @@ class StreamedRun:
         return collector.entries(), collector.layers(), local, probe, residual
 
     def run_experts(self, k: int, experts: nn.Module, moe_in: RowStore, idx: torch.Tensor, weights: torch.Tensor,
-                    h_out: RowStore, budget: Budget, bar: tqdm, share: float, probe: PruneProbe | None = None) -> None:
+                    h_out: RowStore, working: WorkingSet, bar: tqdm, share: float, probe: PruneProbe | None = None) -> None:
         """Phase 2: every routed expert of layer ``k`` over the tokens routed to it, added to ``h_out``."""
         n_expert = experts._ggufmoe.x_acc.n_expert
         counts = torch.bincount(idx.reshape(-1).clamp(0, n_expert), minlength=n_expert + 1)[:n_expert].tolist()
         order = [e for e, c in enumerate(counts) if c]
         total = max(1, sum(counts))
         last, touched = [None], [0]
-        window = max(budget.ahead, 64 * 1024**2)  # bytes of mapped rows touched before they are handed back
+        window = max(working.ahead, 64 * 1024**2)  # bytes of mapped rows touched before they are handed back
 
         def advance(e: int) -> None:
             if last[0] is not None:
@@ -496,7 +496,7 @@ class StreamedRun:
                     touched[0] = 0
             last[0] = e
 
-        loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, budget.ahead, advance)
+        loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, working.ahead, advance)
         meter = self.meter
 
         def measure(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
@@ -516,7 +516,7 @@ class StreamedRun:
 
         try:
             with torch.no_grad():
-                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=budget.batch_tokens,
+                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=working.batch_tokens,
                               device=self.device, on_expert=measure if meter is not None else None)
         finally:
             loader.close()

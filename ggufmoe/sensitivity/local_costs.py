@@ -1,4 +1,4 @@
-"""Costs from local errors alone: the streamed calibration's measurements (:mod:`ggufmoe.stats.local`,
+"""Costs from local errors alone: the streamed calibration's measurements (:mod:`ggufmoe.stats.local_errors`,
 :mod:`ggufmoe.stats.prune_error`) mapped to KL divergence without a single run through llama.cpp —
 how a model too big to probe is planned.
 
@@ -32,7 +32,7 @@ from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.sensitivity.defaults import default_class, default_exponent, default_sensitivity
 from ggufmoe.sensitivity.fit import power_costs
-from ggufmoe.stats.local import LocalErrors
+from ggufmoe.stats.local_errors import LocalErrors
 
 # Derived on refmoe-qwen3 by `python eval/derive_defaults.py` (see derive_local_defaults): streamed statistics
 # with local errors on the first 400,000 characters of calib.txt less its held-out pieces, and probes on those

@@ -23,11 +23,11 @@ layer's input hidden state (the residual stream the block writes into, sampled a
 positions), so a block whose output is small next to the residual costs less; the embedding and
 the output matrix divide by their own output's mean squared norm. Tensors whose matmul input no
 hook sees (MLA's ``attn_k_b``/``attn_v_b``, cut from one checkpoint tensor) get none; the cost model
-prices them from shapes (:mod:`ggufmoe.sensitivity.local`).
+prices them from shapes (:mod:`ggufmoe.sensitivity.local_costs`).
 
 The result (:class:`LocalErrors`) is stored in the statistics file as the JSON key
 :data:`KEY` (llama.cpp ignores it). The calibration measures them with
-:class:`ggufmoe.stats.local_meter.LocalMeter`; reading them (planning, merging) needs no torch.
+:class:`ggufmoe.stats.error_meter.LocalMeter`; reading them (planning, merging) needs no torch.
 """
 
 from __future__ import annotations

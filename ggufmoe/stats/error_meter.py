@@ -1,4 +1,4 @@
-"""The local errors (:mod:`ggufmoe.stats.local`) measured while a streamed calibration runs: its
+"""The local errors (:mod:`ggufmoe.stats.local_errors`) measured while a streamed calibration runs: its
 inputs sampled from torch tensors, the errors computed in numpy on a thread pool."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from ggufmoe.model.qtypes import CANDIDATES, effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.stats.local import (LocalErrors, LocalOptions, lookup_errors, output_errors, sample_rows,
+from ggufmoe.stats.local_errors import (LocalErrors, LocalOptions, lookup_errors, output_errors, sample_rows,
                                   seeded_rng)
 from ggufmoe.stats.skeleton import embedding_rows
 
