@@ -5,12 +5,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hooked_cli import HOOKS
+
 GGUFMOE = str(Path(sys.executable).with_name("ggufmoe"))
+HOOKED = [sys.executable, str(Path(__file__).with_name("hooked_cli.py"))]
+
+
+def cli_command(env: dict | None = None) -> list[str]:
+    """The installed ``ggufmoe``, or the launcher that installs the test hooks when ``env`` sets one of them."""
+    return HOOKED if env and any(k in env for k in HOOKS) else [GGUFMOE]
 
 
 def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``ggufmoe ARGS``, with ``env`` added to the environment."""
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    """``ggufmoe ARGS``, with ``env`` added to the environment (test hooks included: :mod:`hooked_cli`)."""
+    return subprocess.run([*cli_command(env), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:

@@ -1,8 +1,8 @@
 """Issue 23: no command destroys kept work or an input, and every mistake is one line and exit code 1.
 
 Each case runs the installed `ggufmoe` as a user would and checks the error line, the exit code, that the inputs
-are byte-identical and that nothing is left at the output path. Interrupted runs are made with the test-only hooks
-the resume tests use (no timing)."""
+are byte-identical and that nothing is left at the output path. Interrupted runs are made with the test hooks of
+tests/hooked_cli.py that the resume tests use (no timing)."""
 
 import hashlib
 import os
@@ -14,7 +14,7 @@ import pytest
 
 import tiny_models
 from cli_run import assert_one_line_error, run
-from ggufmoe.stats.stream import TEST_INTERRUPT_LAYER
+from hooked_cli import INTERRUPT_LAYER
 from test_resume import run_paused
 from test_stream import assert_same_stats
 from test_robustness import tmpfs
@@ -202,7 +202,7 @@ def test_interrupted_calibration_survives_the_other_commands(model, small_gguf, 
     assert proc.returncode == 0, proc.stderr
     assert "warning: statistics from only 256 tokens of text" in proc.stderr  # too little text is said
     out = tmp_path / "s.gguf"
-    proc = run(*args, out, env={TEST_INTERRUPT_LAYER: "2"})
+    proc = run(*args, out, env={INTERRUPT_LAYER: "2"})
     assert proc.returncode == 130, proc.stderr
     state = tmp_path / ".s.gguf.partial"
     kept = digest(state)

@@ -1,7 +1,6 @@
 """read_ahead: items in order, errors where they happen, at most `depth` items ahead, the worker stopped on exit."""
 
 import threading
-import time
 
 import pytest
 
@@ -36,17 +35,25 @@ def test_error_raised_to_the_consumer_after_the_items_before_it():
 
 
 def test_bounded_ahead_and_stopped_on_exit():
-    made = []
+    """At most ``depth`` items queued (+ one in the consumer's hand, one being made) at every moment the worker
+    makes one; the worker really runs ahead; leaving early stops it."""
+    depth, consumed, ahead = 2, [0], []
+    ran_ahead = threading.Event()
 
     def items():
         for i in range(1000):
-            made.append(i)
+            ahead.append(i - consumed[0])  # items made and not yet consumed, as this one is made
+            if i == depth:
+                ran_ahead.set()
             yield i
 
-    with read_ahead(items(), depth=2) as it:
+    with read_ahead(items(), depth=depth) as it:
         assert next(it) == 0
-        time.sleep(0.3)
-        # one consumed, two waiting in the queue, one made and waiting to be queued
-        assert len(made) <= 4
+        assert ran_ahead.wait(600)  # a deadline against a hang only: the worker makes items 1 and 2 meanwhile
+        consumed[0] = 1
+        for x in it:
+            consumed[0] += 1
+            if x == 50:
+                break
     assert not any(t.name == "read-ahead" for t in threading.enumerate())
-    assert len(made) <= 4
+    assert max(ahead) <= depth + 2 and len(ahead) < 1000

@@ -1,8 +1,8 @@
 """convert --resume: an interrupted conversion continues where it stopped and gives the very file an
 uninterrupted run gives; the interruption leaves no output file, only the state kept for --resume.
 
-Nothing here depends on timing: the writer's test-only hook (``GGUFMOE_TEST_WAIT_AFTER``/``_FILE``,
-see ``ggufmoe.gguf.writer``) pauses a run after a known number of complete tensors, and the test
+Nothing here depends on timing: the writer's hook, installed by tests/hooked_cli.py
+(``GGUFMOE_TEST_WAIT_AFTER``/``_FILE``), pauses a run after a known number of complete tensors, and the test
 acts (a real SIGINT or SIGTERM, a full disk, a second run) while it waits."""
 
 import contextlib
@@ -17,8 +17,9 @@ from typing import Callable
 import pytest
 
 import tiny_models
-from cli_run import GGUFMOE, assert_one_line_error, run
-from ggufmoe.gguf.writer import TEST_WAIT_AFTER, TEST_WAIT_FILE, Progress
+from cli_run import GGUFMOE, assert_one_line_error, cli_command, run
+from hooked_cli import WAIT_AFTER, WAIT_FILE
+from ggufmoe.gguf.writer import Progress
 from test_robustness import tmpfs
 
 # IQ3_S on one thread: several seconds, many tensors.
@@ -40,10 +41,10 @@ def run_paused(args: list, gate: Path, action: Callable[[subprocess.Popen], None
                after: int = 3) -> subprocess.CompletedProcess:
     """Run ``args``; once exactly ``after`` tensors are complete and recorded, the writer waits: do
     ``action`` to the waiting process, then let it go on."""
-    env = {**os.environ, TEST_WAIT_AFTER: str(after), TEST_WAIT_FILE: str(gate)}
+    hooks = {WAIT_AFTER: str(after), WAIT_FILE: str(gate)}
     ready = gate.with_name(gate.name + ".ready")
-    proc = subprocess.Popen([GGUFMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([*cli_command(hooks), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **hooks})
     try:
         deadline = time.monotonic() + TIMEOUT
         while not ready.exists():

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tiny_models
-from cli_run import GGUFMOE, assert_one_line_error, run
+from cli_run import assert_one_line_error, cli_command, run
+from hooked_cli import INTERRUPT_LAYER
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.pipeline import budget as budget_flow
@@ -27,7 +28,7 @@ from ggufmoe.pipeline.convert import ConvertOptions
 from ggufmoe.plan.budget import Budget
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.source.gguf_in import GGUFSource
-from ggufmoe.stats.stream import TEST_INTERRUPT_LAYER, StreamedRun
+from ggufmoe.stats.stream import StreamedRun
 from ggufmoe.units import parse_size
 
 REF = tiny_models.REF_MODEL
@@ -96,7 +97,7 @@ def budget_run(folder: Path, *more, env: dict | None = None) -> subprocess.Compl
     """``convert --budget`` with a budget no plan fits, so it calibrates and then fails in planning."""
     args = ["convert", REF, "-o", folder / "o.gguf", "--budget", BUDGET, "--tensor-type", PINS, "--weights-only",
             "--calib", folder / "calib.txt", *more]
-    return subprocess.run([GGUFMOE, *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([*cli_command(env), *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
 
 
@@ -158,7 +159,7 @@ def test_budget_calibration_interrupted_then_resumed(tmp_path):
     the calibration; the run that then fails leaves nothing."""
     small_calib(tmp_path)
     state = tmp_path / ".o.stats.gguf.partial"
-    proc = budget_run(tmp_path, "-q", env={TEST_INTERRUPT_LAYER: "2"})
+    proc = budget_run(tmp_path, "-q", env={INTERRUPT_LAYER: "2"})
     assert proc.returncode == 130 and proc.stderr.strip().splitlines() == [
         f"interrupted: 2 of 6 layers are kept in {state}: run the same command with --resume to continue"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [state.name, "calib.txt"]

@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 import tiny_models
 from ggufmoe.model.qtypes import CANDIDATES
+from ggufmoe.pipeline import measure
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.sensitivity.cache import KEY, cached_sensitivity
 from ggufmoe.sensitivity.cost import PROBE_TYPE
@@ -163,13 +164,13 @@ def test_joint_fit() -> None:
     assert fit_joint([]) == (1.0, 1.0)
 
 
-def test_cache_in_stats_file(measured, stats_path):
-    sens, first = measured
-    t0 = time.perf_counter()
-    again = load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
-    second = time.perf_counter() - t0
-    assert again == sens
-    assert second < 2.0 and second < first / 10
+def test_cache_in_stats_file(measured, stats_path, monkeypatch):
+    sens, _ = measured
+    kept = stats_path.read_bytes()
+    with monkeypatch.context() as m:  # the second call measures nothing and writes nothing
+        m.setattr(measure, "measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+        again = load_or_measure(tiny_models.REF_MODEL, stats_path, calib_text(), progress=False, **MEASURE)
+    assert again == sens and stats_path.read_bytes() == kept
     # without text: whatever text it was measured on
     assert load_or_measure(tiny_models.REF_MODEL, stats_path, None, progress=False, **MEASURE) == sens
     # the file is still an imatrix llama.cpp reads, and a stats file with the result in its extras
@@ -228,9 +229,7 @@ def test_default_from_config_alone(tmp_path):
     transformers.DeepseekV3Config().to_json_file(tmp_path / "config.json")
     arch = architecture_for(ConfigSource(tmp_path))
     specs = list(arch.tensors())
-    t0 = time.perf_counter()
     sens = default_sensitivity(specs, arch.n_expert, arch.top_k, aliases=arch.sensitivity_aliases)
-    assert time.perf_counter() - t0 < 1.0
     assert set(sens.cost) == {s.name for s in specs if quantizable(s)}
     assert not any(k in sens.cost for k in ("blk.3.ffn_gate_inp.weight", "blk.3.exp_probs_b.bias"))
     for costs in sens.cost.values():

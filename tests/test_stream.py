@@ -3,8 +3,8 @@
 Its statistics equal the whole-model path's (ggufmoe.stats.collect, transformers' from_pretrained)
 for every family, FP8 checkpoints included; an interrupted run continues with --resume to the same
 statistics; bad inputs end in one error line. Nothing here depends on timing: the interruption is
-the test-only hook GGUFMOE_TEST_INTERRUPT_LAYER (a SIGINT the process sends itself in the middle of
-a known layer)."""
+the test hook GGUFMOE_TEST_INTERRUPT_LAYER of tests/hooked_cli.py (a SIGINT the process sends itself in
+the middle of a known layer)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import tiny_models
-from cli_run import GGUFMOE, assert_one_line_error, run
+from cli_run import assert_one_line_error, cli_command, run
+from hooked_cli import INTERRUPT_LAYER
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.pipeline.convert import ConvertOptions, convert
@@ -31,7 +32,7 @@ from ggufmoe.stats.calib_state import HIDDEN
 from ggufmoe.stats.collect import collect_stats
 from ggufmoe.stats.file import Stats, load_stats, save_stats
 from ggufmoe.stats.skeleton import embedding_rows
-from ggufmoe.stats.stream import TEST_INTERRUPT_LAYER, stream_stats
+from ggufmoe.stats.stream import stream_stats
 
 CTX = 128
 N_TOKENS = 5000  # 39 full chunks (two batches of 32 and 7) and a short one
@@ -200,7 +201,7 @@ def without_warnings(proc: subprocess.CompletedProcess) -> subprocess.CompletedP
 
 
 def calibrate(model: Path, text: Path, out: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [GGUFMOE, "calibrate", model, "--text", text, "--ctx", CTX, "--max-tokens", 3000, "-o", out, "-q", *args]
+    cmd = [*cli_command(env), "calibrate", model, "--text", text, "--ctx", CTX, "--max-tokens", 3000, "-o", out, "-q", *args]
     return without_warnings(subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=False,
                                            env={**os.environ, **(env or {})}))
 
@@ -229,7 +230,7 @@ def test_interrupt_in_a_layer_then_resume(models, tmp_path):
 
     out = tmp_path / "stats.gguf"
     state = tmp_path / ".stats.gguf.partial"
-    proc = calibrate(model, text, out, env={TEST_INTERRUPT_LAYER: str(layer)})
+    proc = calibrate(model, text, out, env={INTERRUPT_LAYER: str(layer)})
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == [(f"interrupted: {layer} of 3 layers are kept in {state}: "
                                                  f"run the same command with --resume to continue")]
@@ -252,7 +253,7 @@ def test_interrupt_in_the_first_layer_keeps_nothing(models, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(calib_text())
     out = tmp_path / "stats.gguf"
-    proc = calibrate(models["qwen3moe"], text, out, env={TEST_INTERRUPT_LAYER: "0"})
+    proc = calibrate(models["qwen3moe"], text, out, env={INTERRUPT_LAYER: "0"})
     assert proc.returncode == 130 and proc.stderr.strip().splitlines() == ["interrupted"], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
     # --resume without anything kept simply starts
@@ -268,7 +269,7 @@ def test_kept_state_damaged(models, tmp_path):
     text.write_text(calib_text())
     out = tmp_path / "stats.gguf"
     state = tmp_path / ".stats.gguf.partial"
-    assert calibrate(model, text, out, env={TEST_INTERRUPT_LAYER: "1"}).returncode == 130
+    assert calibrate(model, text, out, env={INTERRUPT_LAYER: "1"}).returncode == 130
     hidden = state / HIDDEN[1]
     hidden.write_bytes(hidden.read_bytes()[:1000])
     assert_one_line_error(calibrate(model, text, out, "--resume"), str(hidden), "delete")
@@ -325,7 +326,7 @@ def test_resume_with_the_hidden_states_in_files(models, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(calib_text())
     out = tmp_path / "stats.gguf"
-    assert calibrate(model, text, out, env={TEST_INTERRUPT_LAYER: "1"}).returncode == 130
+    assert calibrate(model, text, out, env={INTERRUPT_LAYER: "1"}).returncode == 130
     proc = calibrate(model, text, out, "--resume", "--max-memory", "7M")
     assert proc.returncode == 0, proc.stderr
     whole = collect_stats(model, calib_text(), ctx=CTX, max_tokens=3000, progress=False, dataset="calib.txt")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,14 +32,10 @@ PROGRESS = "progress.json"
 CONVERSION = "conversion"  # the kind of run that owns the state directory
 SCRATCH = "header"  # where a header is written before it is compared with a kept one
 
-# TEST-ONLY hook (tests/test_resume.py sets it; not a user setting, never documented for users):
-# with GGUFMOE_TEST_WAIT_AFTER=N and GGUFMOE_TEST_WAIT_FILE=PATH, once the N-th tensor is complete and
-# recorded in progress.json, the writer creates PATH.ready and waits until PATH exists (at most
-# TEST_WAIT_TIMEOUT seconds, then fails). A test sends SIGINT/SIGTERM, or fills the disk, at that
-# known point, then creates PATH. Read once per output; unset, it costs one comparison per tensor.
-TEST_WAIT_AFTER = "GGUFMOE_TEST_WAIT_AFTER"
-TEST_WAIT_FILE = "GGUFMOE_TEST_WAIT_FILE"
-TEST_WAIT_TIMEOUT = 300.0
+
+def tensor_recorded(done: int) -> None:
+    """Called after each tensor is complete and recorded in progress.json, with the count done. Does nothing;
+    tests replace it (tests/hooked_cli.py) to act at a known point, as Ctrl-C, SIGTERM or a full disk can."""
 
 
 @dataclass
@@ -78,7 +73,6 @@ class GGUFOutput:
         self.state_dir = self.state.path
         self.progress: Progress | None = None
         self._owns_state = False  # whether the state directory is this run's to delete
-        self._test_wait = _test_wait_point()
 
     def add_tensor_info(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType,
                         nbytes: int) -> None:
@@ -211,8 +205,7 @@ class GGUFOutput:
         self.progress.tensors += 1
         self.progress.offsets[file_id] = fout.tell()
         self.progress.save(self.state_dir)
-        if self._test_wait is not None and self.progress.tensors == self._test_wait[0]:
-            _test_wait(self._test_wait[1])
+        tensor_recorded(self.progress.tensors)
 
     def finish(self) -> list[Path]:
         """Close and move the finished files into place; returns their paths."""
@@ -242,20 +235,3 @@ class GGUFOutput:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort(keep=issubclass(exc_type, (KeyboardInterrupt, OSError)))
-
-
-def _test_wait_point() -> tuple[int, Path] | None:
-    """(N, PATH) of the test-only wait hook (see ``TEST_WAIT_AFTER``), or None when it is not set."""
-    after, path = os.environ.get(TEST_WAIT_AFTER), os.environ.get(TEST_WAIT_FILE)
-    return (int(after), Path(path)) if after and path else None
-
-
-def _test_wait(path: Path) -> None:
-    """Test-only: announce ``PATH.ready``, then wait for ``path``. A signal arriving meanwhile raises here,
-    in the main thread, between two complete tensors, as Ctrl-C or SIGTERM can in a real run."""
-    path.with_name(path.name + ".ready").touch()
-    deadline = time.monotonic() + TEST_WAIT_TIMEOUT
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{TEST_WAIT_FILE}: {path} did not appear within {TEST_WAIT_TIMEOUT:.0f} s")
-        time.sleep(0.01)

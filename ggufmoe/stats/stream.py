@@ -68,9 +68,7 @@ has it loaded; the pruning errors after phase 2, with the layer's own MoE block 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -109,10 +107,10 @@ DEFAULT_MAX_MEMORY = 4 * 1024**3
 MAX_AHEAD = 1024**3  # routed experts read ahead at most
 PROBE_TOKENS = 16  # tokens the linearity check of a MoE layer runs
 
-# TEST-ONLY hook (tests/test_stream.py sets it; not a user setting, never documented for users):
-# with GGUFMOE_TEST_INTERRUPT_LAYER=N the process sends itself SIGINT in the middle of layer N (0-based),
-# after its phase 1 has overwritten part of the state and before its experts run, as Ctrl-C can.
-TEST_INTERRUPT_LAYER = "GGUFMOE_TEST_INTERRUPT_LAYER"
+
+def layer_half_done(layer: int) -> None:
+    """Called in the middle of each decoder layer (0-based): after its phase 1 has overwritten part of the state
+    and before its experts run. Does nothing; tests replace it (tests/hooked_cli.py) to interrupt there."""
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -226,7 +224,6 @@ class StreamedRun:
         self.moe_layers = {s.layer for s in specs if s.is_expert}
         self.durable = True  # whether the state directory is kept for --resume (set by run())
         self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
-        self.interrupt_at = int(os.environ[TEST_INTERRUPT_LAYER]) if os.environ.get(TEST_INTERRUPT_LAYER) else None
 
     def working_set(self, max_memory: int, in_memory: bool | None) -> WorkingSet:
         """Spend ``max_memory``: hidden states in memory if they fit beside one layer's step, and as many
@@ -457,8 +454,7 @@ class StreamedRun:
                     if store is not None:
                         store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
                 bar.update((b - a) * share)
-            if self.interrupt_at == k:
-                signal.raise_signal(signal.SIGINT)  # test-only (TEST_INTERRUPT_LAYER)
+            layer_half_done(k)
             if meter is not None:
                 for s in measured:
                     if not s.is_expert and s.name in collector.acc:
