@@ -3,11 +3,11 @@
 # experts): fit it into a memory budget in one command (calibrate, plan which experts to keep and a type per
 # tensor, convert), run the result in llama.cpp under a kernel-enforced limit of that budget, and measure its
 # quality against the F16 conversion on text it was not calibrated on.
-#   BUDGET=104MiB CTX=1024 ./demo.sh
+#   BUDGET=108MiB CTX=1024 ./demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-104MiB}
+BUDGET=${BUDGET:-108MiB}
 CTX=${CTX:-1024}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
