@@ -158,7 +158,8 @@ def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, crite
             raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
         if local is not None:
             # the local errors' map to KL, fitted through probes at a quarter and at half the experts pruned
-            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, keep_candidates(arch, stats), f) for f in (0.75, 0.5))}.values())
+            keeps = keep_candidates(arch, stats)
+            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, keeps, f) for f in (0.75, 0.5))}.values())
             units = [prune_unit(local, choose_experts(arch, stats, r), n_layers) or 0.0 for r in reqs]
             kls = pruning_kl(src.path, stats_path, calib_text, reqs) if any(units) else []
             sens.scales[key], sens.scales[PRUNE_FIT] = fit_pruning(units, kls)
