@@ -1,5 +1,5 @@
 """What pruning costs: the predicted KL divergence of a pruning, from the routing mass it removes or from the
-local pruning errors (:mod:`ggufmoe.sensitivity.local`), and the pruning probes that scale it.
+local pruning errors (:mod:`ggufmoe.sensitivity.local_costs`), and the pruning probes that scale it.
 
 Routing mass: ``cost = scale * (routing mass removed, averaged over layers)``. Local errors:
 ``cost = PRUNE_SCALE * (sum over MoE layers of depth(x) * r_prune) ** PRUNE_EXPONENT`` with the reference
@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 
 from ggufmoe.prune.criteria import Pruning, PruneRequest, prune_key
-from ggufmoe.sensitivity.local import Profile, depth
+from ggufmoe.sensitivity.local_costs import Profile, depth
 from ggufmoe.stats.file import Stats
-from ggufmoe.stats.local import LocalErrors
+from ggufmoe.stats.local_errors import LocalErrors
 
 # Predicted KL per unit of routing mass removed, used when it cannot be measured (no weights).
 DEFAULT_PRUNE_SCALE = 1.0
