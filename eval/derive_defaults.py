@@ -38,7 +38,8 @@ from ggufmoe.pipeline.budget import pruning_kl  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest, choose_experts  # noqa: E402
 from ggufmoe.sensitivity.fit import fit_power  # noqa: E402
-from ggufmoe.sensitivity.local_costs import derive_local_defaults, prune_unit  # noqa: E402
+from ggufmoe.sensitivity.local_costs import derive_local_defaults  # noqa: E402
+from ggufmoe.sensitivity.prune_cost import prune_unit  # noqa: E402
 from ggufmoe.stats.collect import collect_stats  # noqa: E402
 from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
 from ggufmoe.stats.local_errors import local_errors  # noqa: E402

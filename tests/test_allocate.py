@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import architecture_for
 from ggufmoe.model.qtypes import row_bytes
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.plan.allocate import Option, _TooSmall, allocate, keep_candidates, options_for, prune_cost
+from ggufmoe.plan.allocate import Option, _TooSmall, allocate, keep_candidates, options_for
+from ggufmoe.sensitivity.prune_cost import prune_cost
 from ggufmoe.plan.layout import padded
 from ggufmoe.prune.criteria import MAX_KEEP_CANDIDATES, Pruning
 from ggufmoe.quant.rules import TypeRules

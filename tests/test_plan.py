@@ -71,8 +71,8 @@ def test_mxfp4_experts_are_planned_as_stored(tmp_path):
 
 
 def test_pruning_cost_fit_through_probes():
-    from ggufmoe.pipeline.budget import fit_pruning
-    from ggufmoe.sensitivity.local_costs import PRUNE_EXPONENT
+    from ggufmoe.sensitivity.prune_cost import fit_pruning
+    from ggufmoe.sensitivity.prune_cost import PRUNE_EXPONENT
 
     scale, exponent = fit_pruning([0.1, 0.4], [0.02, 0.16])  # KL = 0.632 * unit^1.5
     assert exponent == pytest.approx(1.5) and scale * 0.4 ** 1.5 == pytest.approx(0.16)

@@ -3,7 +3,6 @@ pruning costs, then the best plan (:mod:`ggufmoe.plan.allocate`) and its convers
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import replace
 from functools import partial
@@ -18,7 +17,7 @@ from ggufmoe.outputs import check_outputs
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, load_or_measure
-from ggufmoe.plan.allocate import DEFAULT_PRUNE_SCALE, allocate_budget, keep_candidates, prune_cost
+from ggufmoe.plan.allocate import allocate_budget, keep_candidates
 from ggufmoe.plan.budget import Budget, Plan, model_fingerprint
 from ggufmoe.plan.layout import TOKENIZER_BYTES_PER_TOKEN
 from ggufmoe.prune.criteria import PruneRequest, choose_experts
@@ -26,8 +25,9 @@ from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity.cache import cached_sensitivity, store
 from ggufmoe.sensitivity.defaults import default_sensitivity
-from ggufmoe.sensitivity.local_costs import PRUNE_EXPONENT, PRUNE_SCALE, local_sensitivity, prune_unit
-from ggufmoe.sensitivity.local_costs import prune_cost as prune_cost_local
+from ggufmoe.sensitivity.local_costs import local_sensitivity
+from ggufmoe.sensitivity.prune_cost import (DEFAULT_PRUNE_SCALE, PRUNE_SCALE, fit_pruning, local_prune_kl,
+                                          probe_pruning, prune_cost, prune_unit)
 from ggufmoe.source import open_source
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import CALIBRATION
@@ -55,27 +55,6 @@ def pruning_kl(src_dir: Path, stats_path: Path, text: str, requests: list[PruneR
             out.append(float(np.mean([c.kld_mean for c in score_against(pruned, seqs, ref)])))  # mean over chunks
             pruned.unlink()
     return out
-
-
-def probe_pruning(arch, stats, fraction: float = 0.75) -> PruneRequest:
-    """A pruning a probe measures: the keep count nearest ``fraction`` of the experts, by REAP (frequency without
-    routing statistics)."""
-    keep = min(keep_candidates(arch, stats), key=lambda k: abs(k - fraction * arch.n_expert))
-    return PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
-
-
-def fit_pruning(units: list[float], kls: list[float]) -> tuple[float, float]:
-    """(scale, exponent) of ``KL = scale * unit ** exponent`` through the measured points: a log-log line through
-    two distinct ones (the exponent kept within 0.5-2), else the reference exponent through one."""
-    pts = [(u, k) for u, k in zip(units, kls) if u > 0 and k > 0]
-    if len(pts) >= 2 and abs(math.log(pts[-1][0] / pts[0][0])) > 1e-6:
-        (u0, k0), (u1, k1) = pts[0], pts[-1]
-        exponent = min(2.0, max(0.5, math.log(k1 / k0) / math.log(u1 / u0)))
-        scale = math.exp(np.mean([math.log(k) - exponent * math.log(u) for u, k in pts]))
-        return scale, exponent
-    if pts:
-        return pts[0][1] / pts[0][0] ** PRUNE_EXPONENT, PRUNE_EXPONENT
-    return PRUNE_SCALE, PRUNE_EXPONENT
 
 
 SENSITIVITY_MODES = ("auto", "probes", "local")
@@ -127,7 +106,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
                                    "`ggufmoe calibrate`); measure with probes instead")
             sens = local_sensitivity(list(arch.tensors()), local, n_layers, arch.n_expert, arch.top_k,
                                      arch.sensitivity_aliases)
-            prune_kl = _local_prune_kl(local, n_layers, PRUNE_SCALE, stats)
+            prune_kl = local_prune_kl(local, n_layers, PRUNE_SCALE, stats)
             notes.append("sensitivities and pruning costs: local errors mapped to KL by the reference model's "
                          "factors (no probes)")
         else:
@@ -179,32 +158,20 @@ def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, crite
             raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
         if local is not None:
             # the local errors' map to KL, fitted through probes at a quarter and at half the experts pruned
-            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, f) for f in (0.75, 0.5))}.values())
+            keeps = keep_candidates(arch, stats)
+            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, keeps, f) for f in (0.75, 0.5))}.values())
             units = [prune_unit(local, choose_experts(arch, stats, r), n_layers) or 0.0 for r in reqs]
             kls = pruning_kl(src.path, stats_path, calib_text, reqs) if any(units) else []
             sens.scales[key], sens.scales[PRUNE_FIT] = fit_pruning(units, kls)
         else:
-            req = probe_pruning(arch, stats)
+            req = probe_pruning(arch, stats, keep_candidates(arch, stats))
             unit = prune_cost(choose_experts(arch, stats, req), stats, 1.0)
             sens.scales[key] = pruning_kl(src.path, stats_path, calib_text, [req])[0] / unit if unit \
                 else DEFAULT_PRUNE_SCALE
         store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
     if local is not None:
-        return sens, _local_prune_kl(local, n_layers, sens.scales[key], stats, sens.scales[PRUNE_FIT])
+        return sens, local_prune_kl(local, n_layers, sens.scales[key], stats, sens.scales[PRUNE_FIT])
     return sens, partial(prune_cost, stats=stats, scale=sens.scales[key])
-
-
-def _local_prune_kl(local, n_layers: int, scale: float, stats, exponent: float = PRUNE_EXPONENT):
-    """Predicted KL of a pruning from the local pruning errors (the routing-mass model where none was measured)."""
-    def kl(plan) -> float:
-        unit = prune_unit(local, plan, n_layers)
-        if unit is not None:
-            return prune_cost_local(unit, scale, exponent)
-        if plan.top_k != plan.top_k_source:
-            return math.inf  # another top-k that was not measured: never chosen
-        return prune_cost(plan, stats, DEFAULT_PRUNE_SCALE)
-
-    return kl
 
 
 def check_plan(plan: Plan, plan_path: Path, src: Path) -> None:

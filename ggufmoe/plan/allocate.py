@@ -49,9 +49,6 @@ from ggufmoe.sensitivity.cost import Sensitivity
 from ggufmoe.stats.file import Stats
 from ggufmoe.units import format_size
 
-# Predicted KL per unit of routing mass removed, used when it cannot be measured (no weights).
-DEFAULT_PRUNE_SCALE = 1.0
-
 
 @dataclass
 class Option:
@@ -167,26 +164,11 @@ def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool =
     return keep_counts(arch)
 
 
-def prune_cost(plan: Pruning, stats: Stats | None, scale: float) -> float:
-    """Predicted KL of pruning: routing mass removed, averaged over layers, times a measured scale."""
-    if not plan.prunes:
-        return 0.0
-    if stats is None:  # configuration alone: assume the removed experts carried their share of routing
-        return scale * (1.0 - plan.keep / plan.n_expert)
-    removed = []
-    for il, kept in plan.kept.items():
-        s = stats.layers[il]
-        mass = s.weight_mass if stats.has_routing else s.counts
-        total = float(mass.sum()) or 1.0
-        removed.append(1.0 - float(mass[kept].sum()) / total)
-    return scale * sum(removed) / max(len(removed), 1)
-
-
 def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
                      pins: TypeRules, prune_kl: Callable[[Pruning], float], criterion: str = "reap",
                      stats_path: str | None = None) -> Plan:
     """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
-    predicted KL of a pruning (e.g. :func:`prune_cost` with a measured scale)."""
+    predicted KL of a pruning (:mod:`ggufmoe.sensitivity.prune_cost`)."""
     best: Plan | None = None
     smallest = smallest_gpu = slowest = None
     candidates = []

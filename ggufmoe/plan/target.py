@@ -12,6 +12,7 @@ offload leaves in host memory is in :mod:`ggufmoe.plan.memory`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gguf
@@ -31,8 +32,10 @@ REPACK_ARM_DOTPROD = {T.Q4_0: 4, T.Q4_K: 8, T.Q5_K: 8, T.Q6_K: 8, T.IQ4_NL: 4, T
 PRESETS = ("host", "cpu", "cpu-repack", "cuda:SIZE")
 
 
+@functools.cache
 def local_repack_types() -> dict[gguf.GGMLQuantizationType, int]:
-    """The repacked types of the llama.cpp build installed here, from its system info."""
+    """The repacked types of the llama.cpp build installed here, from its system info (asked once per
+    process: callers get copies from :meth:`Target.repack_types`)."""
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode()
@@ -66,7 +69,7 @@ class Target:
         (Q2_K too): an AVX2-only CPU leaves Q2_K mapped, so the plan overstates it there, never understates.
         With every layer offloaded the CPU keeps only the token embedding, which is never repacked."""
         if self.preset == "host":
-            return local_repack_types()
+            return dict(local_repack_types())
         return dict(REPACK_X86_AVX512) if self.preset == "cpu-repack" else {}
 
     def __str__(self) -> str:

@@ -5,7 +5,7 @@ how a model too big to probe is planned.
 Quantization: ``cost = LOCAL_SCALES[class] * depth(x) * r(Q3_K) * (r(t) / r(Q3_K)) ** LOCAL_EXPONENTS[class]``
 with ``r`` the tensor's relative local error at each type and ``x = (layer + 0.5) / layers`` its
 relative depth (``depth`` interpolates :data:`LOCAL_DEPTH`; 1 outside the blocks). Pruning:
-``cost = PRUNE_SCALE * (sum over MoE layers of depth(x) * r_prune) ** PRUNE_EXPONENT``. A plan's quantization
+``cost = PRUNE_SCALE * (sum over MoE layers of depth(x) * r_prune) ** PRUNE_EXPONENT`` (:mod:`ggufmoe.sensitivity.prune_cost`). A plan's quantization
 cost is the sum of its tensors' through :data:`LOCAL_JOINT` (:meth:`~ggufmoe.sensitivity.cost.Sensitivity.combined`).
 
 The tables are the reference model's (refmoe-qwen3): its class costs per unit of local error and their
@@ -27,7 +27,6 @@ from typing import Mapping
 import numpy as np
 
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.prune.criteria import Pruning, prune_key
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.sensitivity.defaults import default_class, default_exponent, default_sensitivity
@@ -52,7 +51,6 @@ LOCAL_EXPONENTS: dict[str, float] = {
 LOCAL_FIRST_LAYER = 0.0201
 LOCAL_DEPTH: list[tuple[float, float]] = [(0.25, 1.727), (0.4167, 1.9995), (0.5833, 2.2904), (0.75, 2.4509),
                                           (0.9167, 2.5693)]
-PRUNE_SCALE, PRUNE_EXPONENT = 0.685168, 0.937
 # (a, b) of a plan's quantization KL = a * (sum of its costs) ** b (cost.Sensitivity.joint)
 LOCAL_JOINT = (0.927204, 1.07206)
 
@@ -95,27 +93,6 @@ def local_sensitivity(specs: list[TensorSpec], local: LocalErrors, n_layers: int
                 shape_defaults=sorted(s.name for s in fallback),
                 note="local errors x the reference model's class scales, slopes and depth profile (no probes)")
     return Sensitivity(cost, False, scales, error, {}, exponents, info=info, joint=list(LOCAL_JOINT))
-
-
-def prune_unit(local: LocalErrors, plan: Pruning, n_layers: int, profile: Profile | None = None) -> float | None:
-    """``sum over MoE layers of depth * relative pruning error`` of ``plan``; None when not measured."""
-    if not plan.changes:
-        return 0.0
-    total = 0.0
-    key = prune_key(plan.keep, plan.top_k, plan.top_k_source)
-    layers = plan.kept or sorted(int(layer) for layer in local.prune)
-    if not layers:
-        return None
-    for il in layers:
-        r = local.prune.get(str(il), {}).get(plan.criterion, {}).get(key)
-        if r is None:
-            return None
-        total += depth(il, n_layers, profile) * r
-    return total
-
-
-def prune_cost(unit: float, scale: float = PRUNE_SCALE, exponent: float = PRUNE_EXPONENT) -> float:
-    return scale * unit ** exponent if unit > 0 else 0.0
 
 
 def derive_local_defaults(sens: Sensitivity, specs: list[TensorSpec], local: LocalErrors, n_layers: int
