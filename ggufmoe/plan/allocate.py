@@ -210,13 +210,13 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                 choice, used = allocate(groups, limit, gpu_limit)
             except _TooSmall as e:
                 if active is not None and budget.max_active is not None and active > budget.max_active:
-                    slowest = active if slowest is None else min(slowest, active)  # backed off for speed
+                    slowest = _least(slowest, active)  # backed off for speed
                 elif e.on_gpu:
                     need = e.needed + (target.gpu_memory - gpu_limit)
-                    smallest_gpu = need if smallest_gpu is None else min(smallest_gpu, need)
+                    smallest_gpu = _least(smallest_gpu, need)
                 else:
                     need = e.needed + (budget.total - limit)
-                    smallest = need if smallest is None else min(smallest, need)
+                    smallest = _least(smallest, need)
                 choice = None
                 break
             types = {name: o.qtype for name, o in choice.items()}
@@ -241,11 +241,11 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         else:  # still over after every pass: it needs at least what the last one did
             choice = None
             if over > 0:
-                smallest = min(smallest or budget.total + over, budget.total + over)
+                smallest = _least(smallest, budget.total + over)
             elif gpu_over > 0:
-                smallest_gpu = min(smallest_gpu or mem.gpu_total, mem.gpu_total)
+                smallest_gpu = _least(smallest_gpu, mem.gpu_total)
             else:
-                slowest = min(slowest or active, active)
+                slowest = _least(slowest, active)
         if choice is None:
             continue
         quant = sens.combined(sum(o.cost for o in choice.values()))
@@ -285,6 +285,11 @@ def _memory_dict(mem: RuntimeMemory, target: Target) -> dict[str, int]:
         d.update(gpu_weights=mem.gpu_weights, gpu_kv_cache=mem.gpu_kv_cache, gpu_compute=mem.gpu_compute,
                  gpu_reserve=mem.gpu_reserve, gpu_total=mem.gpu_total)
     return d
+
+
+def _least(current: int | None, value: int) -> int:
+    """The smaller of a running minimum (None: none yet) and ``value``."""
+    return value if current is None else min(current, value)
 
 
 def active_bytes(specs: list[TensorSpec], types: dict[str, T], top_k: int) -> int:

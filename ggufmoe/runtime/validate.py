@@ -47,6 +47,8 @@ from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.units import format_size
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+DEFAULT_CTX = 2048
+DEFAULT_KV_TYPE = "f16"
 _METHODS = {"cgroup": "cgroup v2 memory.max", "rlimit": "RLIMIT_AS"}
 
 
@@ -137,28 +139,26 @@ def target_mismatch(files: list[Path], target: Target, planned: Target | None = 
     return None
 
 
-DEFAULT_CTX = 2048
-
-
 @dataclass(frozen=True)
 class RunSettings:
     """What a validation runs as: the memory limit on the whole process, the context, KV type and target."""
 
     limit: int
     ctx: int = DEFAULT_CTX
-    kv_type: str = "f16"
+    kv_type: str = DEFAULT_KV_TYPE
     target: Target = HOST
 
 
 def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = None, kv_type: str | None = None,
                  target: Target | None = None) -> tuple[RunSettings, list[str]]:
     """The settings given, the rest from ``plan`` (its memory budget, or its predicted memory when it budgeted
-    the file alone; its context, KV type and target), else the defaults; and one line for what comes from the
-    plan and one for each setting given that is not the plan's."""
+    the file alone; its context, KV type and target), else the defaults; and the lines to say: what comes from
+    the plan, and a warning for a context or KV type given that is not the plan's (the target's is
+    :func:`target_mismatch`)."""
     if plan is None:
         if limit is None:
             raise GgufmoeError("give --memory-limit, or --plan to take the plan's")
-        return RunSettings(limit, ctx or DEFAULT_CTX, kv_type or "f16", target or HOST), []
+        return RunSettings(limit, ctx or DEFAULT_CTX, kv_type or DEFAULT_KV_TYPE, target or HOST), []
     planned = {"memory limit": (plan.memory["total"] if plan.weights_only else plan.budget, limit, format_size),
                "context": (plan.ctx, ctx, str), "KV type": (plan.kv_type, kv_type, str),
                "target": (plan.machine(), target, str)}
@@ -166,18 +166,18 @@ def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = 
     notes = [f"from the plan: {', '.join(taken)}"] if taken else []
     notes += [f"warning: the plan's {k} is {show(mine)}, this run's {show(given)}: the measured memory is not the "
               f"plan's" for k, (mine, given, show) in planned.items()
-              if k in ("context", "KV type") and given is not None and given != mine]  # targets: target_mismatch
+              if k in ("context", "KV type") and given is not None and given != mine]
     chosen = {k: mine if given is None else given for k, (mine, given, _) in planned.items()}
     return RunSettings(chosen["memory limit"], chosen["context"], chosen["KV type"], chosen["target"]), notes
 
 
-def validate(path: str | Path, limit: int, ctx: int = 2048, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
+def validate(path: str | Path, limit: int, ctx: int = DEFAULT_CTX, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
              threads: int | None = None, timeout: float | None = None, target: Target = HOST,
-             planned: Target | None = None, kv_type: str = "f16") -> ValidateResult:
+             planned: Target | None = None, kv_type: str = DEFAULT_KV_TYPE) -> ValidateResult:
     """Load and run ``path`` in llama.cpp as ``target`` with a ``kv_type`` KV cache under a memory limit of
     ``limit`` bytes on the whole process (see the module docstring); raise :class:`GgufmoeError` with a
-    one-line reason when it does not fit or does not run. A run that does not measure what a plan for ``planned`` (or for ``target``)
-    predicts is said on stderr (:func:`target_mismatch`)."""
+    one-line reason when it does not fit or does not run. A run that does not measure what a plan for
+    ``planned`` (or for ``target``) predicts is said on stderr (:func:`target_mismatch`)."""
     if limit <= 0:
         raise GgufmoeError("the memory limit must be positive")
     if limit <= (base := interpreter_baseline()):
