@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "stats.gguf"
         for i in range(args.runs):
-            rss, wall = peak_rss_of([exe, "calibrate", args.model, "--text", args.text, "--ctx", str(args.ctx),
+            rss, wall = peak_rss_of([exe, "calibrate", args.model, "--text", args.text, "--chunk", str(args.ctx),
                                      "-o", str(out), "-q"], quiet=True)
             stats = load_stats(out)
             tokens = next(iter(stats.layers.values())).n_tokens

@@ -30,6 +30,7 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--sensitivity", choices=("probes", "local"), default="probes")
     ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
     args = ap.parse_args()
+    planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     chunks = eval_chunks(args.model, args.chunks, args.ctx)
     work = args.work or Path(tempfile.mkdtemp())
@@ -86,8 +88,7 @@ def main() -> None:
     for mix in MIXES:
         theirs = llama_quantize(f32, work / f"mix-{mix}.gguf", mix, imatrix=imatrix)
         size = theirs.stat().st_size
-        plan = build_plan(args.model, Budget(size, weights_only=True), stats_path, calib,
-                          sensitivity=args.sensitivity)
+        plan = build_plan(args.model, Budget(size, weights_only=True, **planner), stats_path, calib)
         ours = convert(args.model, options_from_plan(plan, ConvertOptions(out=work / f"plan-{mix}.gguf",
                                                                           types=TypeRules.parse("Q8_0"),
                                                                           progress=False)))[0]

@@ -25,6 +25,7 @@ import numpy as np
 from common import ROOT, SHARED, reference_parser, reference_work, score  # noqa: E402
 
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.plan.allocate import active_bytes as plan_active_bytes  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
     ap = reference_parser(__doc__.splitlines()[0])
     ap.add_argument("--sensitivity", choices=("probes", "local"), default="probes")
     args = ap.parse_args()
+    planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     work, stats_path, f32, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     imatrix = load_stats(stats_path).imatrix
@@ -95,8 +97,8 @@ def main() -> None:
     ours = []
     for m, mix in zip(MIXES, anchors):
         for auto in (False, True):
-            plan = build_plan(args.model, Budget(mix["bytes"], weights_only=True, top_k_auto=auto), stats_path, calib,
-                              sensitivity=args.sensitivity, progress=False)
+            plan = build_plan(args.model, Budget(mix["bytes"], weights_only=True, top_k_auto=auto, **planner),
+                              stats_path, calib, progress=False)
             out = convert(args.model, options_from_plan(plan, ConvertOptions(
                 out=work / f"plan-{m}{'-auto' if auto else ''}.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]
             ours.append(measure(out, kind="plan" + (", top-k auto" if auto else ""), name=f"at {m}", keep=plan.keep,
@@ -106,8 +108,8 @@ def main() -> None:
                 plain = ours[-2]
                 try:
                     plan = build_plan(args.model, Budget(mix["bytes"], weights_only=True, top_k_auto=True,
-                                                         max_active=int(0.8 * plain["active"])),
-                                      stats_path, calib, sensitivity=args.sensitivity, progress=False)
+                                                         max_active=int(0.8 * plain["active"]), **planner),
+                                      stats_path, calib, progress=False)
                 except GgufmoeError as e:
                     print(f"at {m}, 80% active: {e}", flush=True)
                     continue

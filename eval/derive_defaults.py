@@ -35,13 +35,14 @@ from ggufmoe.pipeline.measure import measure_sensitivity  # noqa: E402
 from ggufmoe.sensitivity.defaults import GAUSSIAN_REL_ERROR, derive_defaults, gaussian_rel_errors  # noqa: E402
 from ggufmoe.source.hf import HFSource  # noqa: E402
 from ggufmoe.pipeline.budget import pruning_kl  # noqa: E402
+from ggufmoe.stats.opened import OpenedModel  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest, choose_experts  # noqa: E402
 from ggufmoe.sensitivity.fit import fit_power  # noqa: E402
 from ggufmoe.sensitivity.local_costs import derive_local_defaults  # noqa: E402
 from ggufmoe.sensitivity.prune_cost import prune_unit  # noqa: E402
 from ggufmoe.stats.collect import collect_stats  # noqa: E402
-from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
+from ggufmoe.stats.file import save_stats  # noqa: E402
 from ggufmoe.stats.local_errors import local_errors  # noqa: E402
 from ggufmoe.stats.text import hold_out  # noqa: E402
 
@@ -71,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     if not stats_path.exists():
         save_stats(collect_stats(args.model, text, ctx=512) if args.whole else calibrate(args.model, text, ctx=512),
                    stats_path)
-    stats = load_stats(stats_path)
+    model = OpenedModel.open(args.model, stats_path, config_ok=False)
+    stats = model.stats
     probes = hold_out(text).probes or text  # as ``plan`` probes: on text the statistics did not see
     uniform = tuple(T[n] for n in args.uniform.split(",") if n)
-    sens = measure_sensitivity(args.model, stats, probes, chunks=args.chunks, probe_types=(T.Q3_K, T.Q2_K, T.Q4_K),
+    sens = measure_sensitivity(model, probes, chunks=args.chunks, probe_types=(T.Q3_K, T.Q2_K, T.Q4_K),
                                uniform_types=uniform)
     if args.out:
         args.out.write_text(sens.to_json())
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print("LOCAL_DEPTH =", [(round(x, 4), round(f, 4)) for x, f in profile[1]])
     print("LOCAL_JOINT =", tuple(float(f"{v:.6g}") for v in sens.joint))
     reqs = [PruneRequest(keep=k, criterion=c) for c in PRUNE_CRITERIA for k in PRUNE_KEEP]
-    kls = pruning_kl(args.model, stats_path, probes, reqs, chunks=args.chunks)
+    kls = pruning_kl(model, probes, reqs, chunks=args.chunks)
     units = [prune_unit(local, choose_experts(arch, stats, r), n_layers, profile) for r in reqs]
     for r, u, kl in zip(reqs, units, kls):
         print(f"prune keep {r.keep} {r.criterion}: local unit {u:.5g}, KL {kl:.5f}", flush=True)

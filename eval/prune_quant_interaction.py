@@ -20,6 +20,7 @@ import numpy as np
 from common import ROOT, SHARED, reference_parser, reference_work, score  # noqa: E402
 
 from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest  # noqa: E402
@@ -48,7 +49,8 @@ def main() -> None:
     for m in MIXES:
         size = llama_quantize(f32, work / f"mix-{m}.gguf", m, imatrix=imatrix).stat().st_size
         for keep in KEEPS:
-            plan = build_plan(args.model, Budget(size, weights_only=True, keep=keep), stats_path, calib, progress=False)
+            plan = build_plan(args.model, Budget(size, weights_only=True, keep=keep, criterion=Criterion.REAP),
+                              stats_path, calib, progress=False)
             tag = f"{m}-k{keep}"
             both = convert(args.model, options_from_plan(plan, ConvertOptions(
                 out=work / f"both-{tag}.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from common import eval_chunks, score as score_gguf  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
-from ggufmoe.prune.criteria import CRITERIA, PruneRequest  # noqa: E402
+from ggufmoe.prune.criteria import Criterion, PruneRequest  # noqa: E402
 from ggufmoe.stats.collect import collect_stats
 from ggufmoe.stats.file import load_stats, save_stats
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
@@ -72,9 +72,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         for ratio in RATIOS:
             keep = round(ratio * n)
-            for criterion in CRITERIA:
+            for criterion in Criterion:
                 for top_k in sorted({k, math.ceil(ratio * k - 1e-9)}, reverse=True):
-                    if ratio == 1.0 and criterion != CRITERIA[0]:
+                    if ratio == 1.0 and criterion != Criterion.FREQUENCY:
                         continue  # nothing pruned: the criterion does not matter
                     r = run(f"{keep}-{criterion}-{top_k}", PruneRequest(keep=keep, criterion=criterion, top_k=top_k))
                     rows.append(dict(ratio=ratio, keep=keep, criterion=criterion if ratio < 1 else "-", top_k=top_k,

@@ -248,7 +248,7 @@ def calibrate(src: Path, work: Path, tag: str, args) -> dict:
     timings.unlink(missing_ok=True)
     drop_cache(src.glob("*.safetensors"))
     cmd = [PY, __file__, "--_calibrate", str(timings), "calibrate", str(src), "--text", str(args.text), "-o",
-           str(stats), "--max-tokens", str(args.tokens), "--ctx", str(args.ctx), "--max-memory", args.max_memory, "-q"]
+           str(stats), "--max-tokens", str(args.tokens), "--chunk", str(args.ctx), "--max-memory", args.max_memory, "-q"]
     m = step_retrying(cmd, work / f"{tag}.calibrate.log", "calibrate")
     m["timings"] = json.loads(timings.read_text()) if timings.is_file() else None
     m["stats"] = str(stats)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +13,10 @@ import click
 
 from ggufmoe.errors import GgufmoeError, one_line
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
+from ggufmoe.plan.budget import DEFAULT_CTX, Budget
+from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType
+from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion
+from ggufmoe.sensitivity.cost import SensitivityMode
 
 if TYPE_CHECKING:
     from ggufmoe.plan.target import Target
@@ -34,6 +40,8 @@ class TopK(click.ParamType):
 
 
 TOP_K = TopK()
+TOP_K_HELP = "With --budget, 'auto' lets the plan use one fewer or one more, priced by the local errors."
+FIXED_TOP_K = "--top-k N chooses a pruning, which a budget plan chooses itself: --top-k auto lets it choose top-k"
 
 
 class Size(click.ParamType):
@@ -85,14 +93,96 @@ class TargetType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class EnumChoice(click.Choice):
+    """The values of a ``StrEnum``, given to the command as its members."""
+
+    def __init__(self, enum: type[StrEnum], members=None):
+        super().__init__([e.value for e in members or enum])
+        self.enum = enum
+
+    def convert(self, value, param, ctx):
+        return self.enum(super().convert(value, param, ctx))
+
+
 SIZE, SIZES, TARGET = Size(), Sizes(), TargetType()
-KV_TYPE = click.Choice(["f32", "f16", "q8_0", "q4_0"])  # the KV cache types llama.cpp takes for K and V
+KV_TYPE, CRITERION = EnumChoice(KvType), EnumChoice(Criterion)
+FLOAT_KV = (KvType.F32, KvType.F16)  # what eval scores with
+CTX = CHUNK = click.IntRange(min=2)
+EVAL_CHUNK = CALIB_CHUNK = 512  # tokens per independent chunk, as llama-perplexity's and llama-imatrix's
+
+
+def renamed(new: str):
+    """A callback refusing an option that has another name here (``--ctx`` is the context llama.cpp runs at)."""
+    def refuse(ctx, param, value):
+        if value is not None:
+            raise click.BadParameter(f"here the chunk length is {new}; --ctx is the context plan, convert and "
+                                     "validate run at", ctx, param)
+    return refuse  # a context: the tokens llama.cpp holds (and a full one validate fills)
+CTX_HELP = "Context llama.cpp runs at (n_ctx)."
+
+
+def ctx_option(purpose: str):
+    """``--ctx``, the same default on every command that counts memory or runs llama.cpp."""
+    return click.option("--ctx", default=DEFAULT_CTX, show_default=True, type=CTX, help=f"{CTX_HELP} {purpose}")
+
+
+def kv_option(purpose: str):
+    """``--kv-type``, the same choices and default wherever memory is counted."""
+    return click.option("--kv-type", default=DEFAULT_KV_TYPE.value, show_default=True, type=KV_TYPE,
+                        help=f"KV cache type {purpose}")
+TARGET_HELP = ("The machine: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack (x86 AVX2/AVX512 "
+               "repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
+CRITERION_HELP = ("Which experts pruning keeps: most often routed to, alpha*frequency + (1-alpha)*mean routing weight "
+                  "(best at every keep count measured: eval/results/prune.md), or REAP saliency.")
+SENSITIVITY_HELP = ("How tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
+                    "conversion per tensor class, layer group and three whole-model types), the calibration's local "
+                    "errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local errors above.")
+
+
+def budget_options(size: str | None, required: bool = False, memory_flag: str = "--weights-only"):
+    """The options of a budget plan, the same on ``plan``, ``convert`` and ``sweep``, given to the command as one
+    ``budget`` (:class:`Budget`; total 0 when ``--budget`` is not given). ``size``: the help of ``--budget``
+    (None: the command takes its sizes itself). ``memory_flag``: ``--weights-only``
+    (budgets count memory unless given) or ``--memory-budgets`` (budgets are file sizes unless given)."""
+    options = [
+        ctx_option("The plan fits it; the memory printed is for it."),
+        kv_option("the plan fits and the memory printed is for."),
+        click.option(memory_flag, "budget_flag", is_flag=True,
+                     help="The budget counts the file only, not llama.cpp's runtime memory."
+                     if memory_flag == "--weights-only" else "Budgets include llama.cpp's runtime memory at --ctx [default: they are file sizes]."),
+        click.option("--target", default="host", show_default=True, type=TARGET, help=TARGET_HELP),
+        click.option("--max-active", type=SIZE, help="At most SIZE of weights read per token (a speed target)."),
+        click.option("--criterion", type=CRITERION, default=DEFAULT_CRITERION.value, show_default=True,
+                     help=CRITERION_HELP),
+        click.option("--sensitivity", type=EnumChoice(SensitivityMode), default=SensitivityMode.AUTO.value,
+                     show_default=True, help=SENSITIVITY_HELP),
+    ]
+    if size is not None:
+        options.insert(0, click.option("--budget", "budget_size", required=required, type=SIZE, help=size))
+
+    def decorate(f):
+        @functools.wraps(f)
+        def command(**kw):
+            flag = kw.pop("budget_flag")
+            kw["budget"] = Budget(kw.pop("budget_size", None) or 0, ctx=kw.pop("ctx"), kv_type=kw.pop("kv_type"),
+                                  weights_only=flag if memory_flag == "--weights-only" else not flag,
+                                  top_k_auto=kw.get("top_k") == "auto", max_active=kw.pop("max_active"),
+                                  target=kw.pop("target"), criterion=kw.pop("criterion"),
+                                  sensitivity=kw.pop("sensitivity"))
+            return f(**kw)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def needs(options: tuple[str, ...], *others: str) -> None:
     """Refuse ``others`` given explicitly on the command line without any of ``options`` (parameter names)."""
     ctx = click.get_current_context()
-    flag = lambda name: f"--{name.replace('_', '-')}"  # noqa: E731
+    flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+    flag = flags.__getitem__
     given = [flag(o) for o in others if ctx.get_parameter_source(o) not in (None, click.core.ParameterSource.DEFAULT)]
     if given and not any(ctx.params.get(o) for o in options):
         raise GgufmoeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only with "
@@ -110,8 +200,10 @@ def cli() -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--type", "qtype", default=None,
               help="Default type for weight matrices (F32 F16 BF16 Q8_0 Q6_K Q5_K Q4_K Q3_K Q2_K IQ4_XS "
-                   "IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S) [default: Q8_0; a GGUF source keeps "
-                   "its own types, copied as they are].")
+                   "IQ3_S IQ3_XXS IQ2_S IQ2_XS IQ2_XXS IQ1_M IQ1_S), or a llama.cpp mix that is no tensor type "
+                   "(Q4_K_M Q5_K_M Q3_K_M Q3_K_S IQ2_M IQ3_M ...: made by llama.cpp's quantizer from a BF16 "
+                   "conversion, every tensor at the type llama-quantize gives it) [default: Q8_0; a GGUF source "
+                   "keeps its own types, copied as they are].")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE",
               help="Type for tensors whose GGUF name matches REGEX; repeatable, first match wins.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
@@ -120,16 +212,10 @@ def cli() -> None:
               help="Statistics from `ggufmoe calibrate` (or a llama.cpp imatrix: frequency criterion only).")
 @click.option("--keep", type=click.IntRange(min=1), help="Routed experts to keep in every MoE layer.")
 @click.option("--keep-ratio", type=click.FloatRange(0, 1, min_open=True), help="Fraction of experts to keep.")
-@click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="routing", show_default=True,
-              help="Which experts to keep: most often routed to, alpha*frequency + (1-alpha)*mean routing weight, "
-                   "or REAP saliency.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of frequency in the routing criterion.")
-@click.option("--top-k", type=TOP_K, help="Experts used per token [default: the model's]; with --budget, 'auto' lets "
-                                          "the plan use one fewer or one more, priced by the local errors.")
+@click.option("--top-k", type=TOP_K, help="Experts used per token [default: the model's]. " + TOP_K_HELP)
 @click.option("--top-k-scale", type=click.FloatRange(0, min_open=True), help="Experts used per token = ceil(S * k).")
-@click.option("--max-active", type=SIZE,
-              help="With --budget: at most SIZE of weights read per token (a speed target for decoding).")
 @click.option("--keep-per-layer", "per_layer", is_flag=True,
               help="With --keep: as many experts in all, but each layer its own count, chosen from the measured "
                    "pruning errors (for the families patches/per-layer-expert-count.patch covers; the file needs "
@@ -138,22 +224,9 @@ def cli() -> None:
               help="Fold each pruned expert into the most similar kept one (weighted by the criterion's score) "
                    "instead of dropping it; needs --stats from the streamed `ggufmoe calibrate`.")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Execute a plan from `ggufmoe plan`.")
-@click.option("--budget", type=SIZE,
-              help="Plan for this memory budget and convert (calibrates with --calib unless --stats is given).")
+@budget_options("Plan for this memory budget and convert (calibrates with --calib unless --stats is given); "
+                "--ctx, --kv-type, --weights-only, --target, --max-active and --sensitivity shape its plan.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
-@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="Context for --budget (and num_ctx with --ollama).")
-@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
-              help="KV cache type for --budget.")
-@click.option("--weights-only", is_flag=True, help="--budget counts the file only, not the runtime memory.")
-@click.option("--target", default="host", show_default=True, type=TARGET,
-              help="The machine --budget plans for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
-                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
-@click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
-              help="--budget: how tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
-                   "conversion per tensor class, layer group and three whole-model types), the calibration's "
-                   "local errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local "
-                   "errors above.")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", type=SIZE, help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
@@ -166,11 +239,10 @@ def cli() -> None:
                    "(and says how many).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
-            keep: int | None, keep_ratio: float | None, criterion: str, alpha: float, top_k: int | str | None,
-            top_k_scale: float | None, max_active: int | None, per_layer: bool, merge: bool,
-            plan_file: Path | None, budget: int | None, calib: Path | None, ctx: int,
-            kv_type: str, weights_only: bool, target: Target, sensitivity: str, threads: int | None,
-            split_max_size: int | None, ollama: bool, resume: bool, allow_nonfinite: str | None, quiet: bool) -> None:
+            keep: int | None, keep_ratio: float | None, alpha: float, top_k: int | str | None,
+            top_k_scale: float | None, per_layer: bool, merge: bool, plan_file: Path | None, budget: Budget,
+            calib: Path | None, threads: int | None, split_max_size: int | None, ollama: bool, resume: bool,
+            allow_nonfinite: str | None, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -185,57 +257,62 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     """
     from ggufmoe.pipeline.convert import ConvertOptions
     from ggufmoe.pipeline.convert_job import ConvertJob
-    from ggufmoe.plan.budget import Budget
+    from ggufmoe.pipeline.inspect import RunAt, file_memory, memory_line
+    from ggufmoe.pipeline.mix import mix_name
     from ggufmoe.plan.report import format_plan
     from ggufmoe.prune.criteria import PruneRequest
     from ggufmoe.quant.rules import TypeRules
     from ggufmoe.units import format_size
 
-    if top_k == "auto" and not budget:
+    if top_k == "auto" and not budget.total:
         raise GgufmoeError("--top-k auto shapes a --budget plan; give --budget")
-    needs(("budget",), "max_active", "calib", "kv_type", "weights_only", "target", "sensitivity")
-    needs(("budget", "ollama"), "ctx")
+    needs(("budget_size",), "max_active", "calib", "budget_flag", "sensitivity")
     if (merge or per_layer) and keep is None and keep_ratio is None:
         raise GgufmoeError(f"{'--merge' if merge else '--keep-per-layer'} changes how --keep prunes; give --keep or "
                            "--keep-ratio")
-    needs(("keep", "keep_ratio", "budget"), "criterion")
+    needs(("keep", "keep_ratio", "budget_size"), "criterion")
     needs(("keep", "keep_ratio"), "alpha", "top_k_scale")
-    prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=criterion, alpha=alpha,
+    prune = PruneRequest(keep=keep, keep_ratio=keep_ratio, criterion=budget.criterion, alpha=alpha,
                          top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge,
                          per_layer=per_layer)
-    opts = ConvertOptions(out=out, types=TypeRules.parse(qtype, rules), imatrix=imatrix, threads=threads,
-                          split_max_size=split_max_size or 0, progress=not quiet,
+    mix = mix_name(qtype)
+    opts = ConvertOptions(out=out, types=TypeRules.parse(None, ()) if mix else TypeRules.parse(qtype, rules),
+                          imatrix=imatrix, threads=threads, split_max_size=split_max_size or 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero")
-    job = ConvertJob(opts, plan_file, Budget(budget, ctx, kv_type, weights_only, top_k == "auto", max_active,
-                                             target) if budget else None,
-                     calib, criterion, sensitivity)
+    job = ConvertJob(opts, plan_file, budget if budget.total else None, calib, mix, rules if mix else ())
     if ollama:
         from ggufmoe.gguf.modelfile import modelfile_path
         from ggufmoe.outputs import check_outputs
 
         check_outputs([modelfile_path(out)], [src, imatrix, stats, plan_file, calib])
     plan, paths = job.run(src)
-    if budget:
+    if budget.total:
         click.echo(format_plan(plan))
     for path in paths:
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
+    run = RunAt(budget.ctx, budget.kv_type, budget.target)
+    click.echo(memory_line(file_memory(paths[0], run), run))
     if ollama:
         from ggufmoe.gguf.modelfile import write_modelfile
 
         explicit = click.get_current_context().get_parameter_source("ctx") != click.core.ParameterSource.DEFAULT
-        click.echo(f"wrote {write_modelfile(paths[0], ctx=ctx if explicit else None)}")
+        click.echo(f"wrote {write_modelfile(paths[0], ctx=budget.ctx if explicit else None)}")
 
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-def inspect(src: Path) -> None:
-    """Show architecture, layers, experts, parameter counts and size at several types.
+@ctx_option("The memory is for it.")
+@kv_option("the memory is for.")
+@click.option("--target", default="host", show_default=True, type=TARGET, help=TARGET_HELP)
+def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
+    """Show architecture, layers, experts, parameter counts, size at several types and the memory
+    llama.cpp needs to run the model at --ctx.
 
     For a GGUF (a file or its first shard) also the types it stores and its bytes by tensor class.
     """
-    from ggufmoe.pipeline.inspect import format_summary, summarize
+    from ggufmoe.pipeline.inspect import RunAt, format_summary, summarize
 
-    click.echo(format_summary(summarize(src)))
+    click.echo(format_summary(summarize(src, RunAt(ctx, kv_type, target))))
 
 
 @cli.command()
@@ -245,8 +322,9 @@ def inspect(src: Path) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output stats file (a llama.cpp GGUF imatrix with expert statistics).")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Use at most this many tokens of the text.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2),
+@click.option("--chunk", default=CALIB_CHUNK, show_default=True, type=CHUNK,
               help="Tokens per chunk; chunks are independent sequences, as llama-imatrix's.")
+@click.option("--ctx", hidden=True, callback=renamed("--chunk"), expose_value=False)
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted calibration to the same output (same source, text and options) "
                    "after its last complete layer.")
@@ -260,7 +338,7 @@ def inspect(src: Path) -> None:
               help="Load the whole model into transformers (float32, CPU) instead of streaming it layer by "
                    "layer; the reference the streamed path is tested against. Needs RAM for all of it.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx: int, resume: bool, device: str,
+def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chunk: int, resume: bool, device: str,
               max_memory: int, whole: bool, quiet: bool) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
@@ -295,7 +373,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 
     text = read_text(text_file)
     kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory)
-    stats = run_calibration(src, text, whole=whole, ctx=ctx, max_tokens=max_tokens, progress=not quiet,
+    stats = run_calibration(src, text, whole=whole, ctx=chunk, max_tokens=max_tokens, progress=not quiet,
                             dataset=text_file.name, **kw)
     if whole:
         save_stats(stats, out)
@@ -305,33 +383,16 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, ctx
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--budget", required=True, type=SIZE, help="Memory budget, e.g. 128GiB or 20M.")
-@click.option("--ctx", default=8192, show_default=True, type=click.IntRange(min=1), help="Context to fit.")
-@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
-              help="KV cache type.")
+@budget_options("Memory budget, e.g. 128GiB or 20M.", required=True)
 @click.option("--stats", type=click.Path(path_type=Path), help="Statistics from `ggufmoe calibrate`.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration text, to measure sensitivities (cached in the stats file).")
-@click.option("--weights-only", is_flag=True, help="Budget the file only, not llama.cpp's runtime memory.")
-@click.option("--target", default="host", show_default=True, type=TARGET,
-              help="The machine to plan for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
-                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("--tensor-type", "rules", multiple=True, metavar="REGEX=TYPE", help="Pin tensors to a type.")
-@click.option("--criterion", type=click.Choice(["frequency", "routing", "reap"]), default="reap", show_default=True,
-              help="Which experts to keep when pruning pays.")
-@click.option("--sensitivity", type=click.Choice(["auto", "probes", "local"]), default="auto", show_default=True,
-              help="How tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
-                   "conversion per tensor class, layer group and three whole-model types), the calibration's "
-                   "local errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local "
-                   "errors above.")
-@click.option("--top-k", "top_k", type=click.Choice(["auto"]),
-              help="'auto': the plan may use one fewer or one more expert per token, priced by the local errors.")
-@click.option("--max-active", type=SIZE, help="At most SIZE of weights read per token (a speed target).")
+@click.option("--top-k", "top_k", type=TOP_K, help=TOP_K_HELP)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Write the plan as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def plan(src: Path, budget: int, ctx: int, kv_type: str, stats: Path | None, calib: Path | None, weights_only: bool,
-         target: Target, rules: tuple[str, ...], criterion: str, sensitivity: str, top_k: str | None,
-         max_active: int | None, out: Path | None, quiet: bool) -> None:
+def plan(src: Path, budget: Budget, stats: Path | None, calib: Path | None, rules: tuple[str, ...],
+         top_k: int | str | None, out: Path | None, quiet: bool) -> None:
     """Plan kept experts, top-k and a type per tensor so SRC fits BUDGET.
 
     SRC is a model directory, a config.json alone (then default sensitivities are used) or a GGUF
@@ -339,16 +400,16 @@ def plan(src: Path, budget: int, ctx: int, kv_type: str, stats: Path | None, cal
     """
     from ggufmoe.outputs import check_outputs
     from ggufmoe.pipeline.budget import build_plan
-    from ggufmoe.plan.budget import Budget
     from ggufmoe.plan.report import format_plan
     from ggufmoe.stats.text import read_text
     from ggufmoe.quant.rules import TypeRules
 
+    if isinstance(top_k, int):
+        raise GgufmoeError(FIXED_TOP_K)
     if out:
         check_outputs([out], [src, stats, calib])
-    result = build_plan(src, Budget(budget, ctx, kv_type, weights_only, top_k == "auto", max_active, target), stats,
-                        read_text(calib) if calib else None, TypeRules.parse(None, rules), criterion,
-                        progress=not quiet, sensitivity=sensitivity)
+    result = build_plan(src, budget, stats, read_text(calib) if calib else None, TypeRules.parse(None, rules),
+                        progress=not quiet)
     click.echo(format_plan(result))
     if out:
         result.save(out)
@@ -362,24 +423,19 @@ def plan(src: Path, budget: int, ctx: int, kv_type: str, stats: Path | None, cal
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text.")
 @click.option("--baselines", default=",".join(DEFAULT_BASELINES), show_default=True, metavar="LIST",
               help="llama.cpp mixes to compare with ('' for none).")
-@click.option("--memory-budgets", is_flag=True,
-              help="Budgets include llama.cpp's runtime memory at --ctx [default: they are file sizes].")
-@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=2),
-              help="Context every file is validated at (and planned for with --memory-budgets).")
-@click.option("--eval-ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per eval chunk.")
+@budget_options(None, memory_flag="--memory-budgets")
+@click.option("--eval-chunk", default=EVAL_CHUNK, show_default=True, type=CHUNK, help="Tokens per eval chunk.")
+@click.option("--eval-ctx", hidden=True, callback=renamed("--eval-chunk"), expose_value=False)
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
               help="Evaluation tokens per file.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and llama.cpp.")
-@click.option("--target", default="host", show_default=True, type=TARGET,
-              help="The machine to plan and validate for: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack "
-                   "(x86 AVX2/AVX512 repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Folder for the files and results (a second run resumes).")
 @click.option("--base-model", help="The model card's base_model [default: the source's name in the files].")
 @click.option("--license", "license_", help="The model card's license [default: general.license of the files].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Path, baselines: str, memory_budgets: bool, ctx: int,
-          eval_ctx: int, max_tokens: int, threads: int | None, target: Target, out: Path, base_model: str | None,
+def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Path, baselines: str, budget: Budget,
+          eval_chunk: int, max_tokens: int, threads: int | None, out: Path, base_model: str | None,
           license_: str | None, quiet: bool) -> None:
     """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
 
@@ -391,9 +447,8 @@ def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Pat
 
     opts = SweepOptions(budgets=[text for text, _ in budgets], calib=calib,
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
-                        weights_only=not memory_budgets, ctx=ctx, eval_ctx=eval_ctx, max_tokens=max_tokens,
-                        threads=threads, progress=not quiet, target=target, base_model=base_model,
-                        license=license_)
+                        planning=budget, eval_chunk=eval_chunk, max_tokens=max_tokens, threads=threads,
+                        progress=not quiet, base_model=base_model, license=license_)
     rows = run(src, opts)
     click.echo((out / "results.md").read_text())
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, {out / 'README.md'} "
@@ -411,12 +466,10 @@ def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Pat
 @click.option("--base-model",
               help="The source model, a Hugging Face repository (org/name) [default: its name in the files].")
 @click.option("--license", "license_", help="The source's license [default: general.license of the files].")
-@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="Context the memory column is computed at.")
-@click.option("--kv-type", default="f16", show_default=True, type=KV_TYPE,
-              help="KV cache type of the memory column.")
+@ctx_option("The memory column is for it.")
+@kv_option("the memory column is for.")
 def card(ggufs: tuple[Path, ...], out: Path, eval_json: tuple[Path, ...], results: Path | None,
-         base_model: str | None, license_: str | None, ctx: int, kv_type: str) -> None:
+         base_model: str | None, license_: str | None, ctx: int, kv_type: KvType) -> None:
     """Write a Hugging Face model card for GGUFS: metadata (base_model, quantized, tags, license) and a
     table of every file: size, bits per weight, experts kept, top-k, KL divergence (mean, p99, p99.9),
     top-1, same top-p, perplexity and llama.cpp's memory at --ctx.
@@ -436,10 +489,12 @@ def card(ggufs: tuple[Path, ...], out: Path, eval_json: tuple[Path, ...], result
 @click.option("--base", required=True, type=click.Path(path_type=Path),
               help="Reference: a GGUF (e.g. the F32 conversion) or the Hugging Face model directory.")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text (UTF-8).")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Tokens per chunk.")
+@click.option("--chunk", default=EVAL_CHUNK, show_default=True, type=CHUNK,
+              help="Tokens per chunk: the text is scored in independent chunks of this length.")
+@click.option("--ctx", hidden=True, callback=renamed("--chunk"), expose_value=False)
 @click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
               help="Score at most this many tokens of the text.")
-@click.option("--kv-type", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
+@click.option("--kv-type", default=DEFAULT_KV_TYPE.value, show_default=True, type=EnumChoice(KvType, FLOAT_KV),
               help="KV cache type of both models (f32: only the weights differ).")
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads.")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
@@ -448,7 +503,7 @@ def card(ggufs: tuple[Path, ...], out: Path, eval_json: tuple[Path, ...], result
               help="p of same-top-p: the smallest set of most probable tokens whose probabilities sum to at least p.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv_type: str, threads: int | None,
+def eval_(gguf: Path, base: Path, text_file: Path, chunk: int, max_tokens: int, kv_type: KvType, threads: int | None,
           cache_dir: Path | None, top_p: float, as_json: bool, quiet: bool) -> None:
     """Perplexity, KL divergence (mean, 99th and 99.9th percentile), top-1 agreement and same-top-p
     of GGUF against BASE.
@@ -463,7 +518,7 @@ def eval_(gguf: Path, base: Path, text_file: Path, ctx: int, max_tokens: int, kv
     from ggufmoe.runtime.evaluate import evaluate, format_result
     from ggufmoe.stats.text import read_text
 
-    result = evaluate(gguf, base, read_text(text_file), ctx, max_tokens, kv_type == "f32", threads, cache_dir,
+    result = evaluate(gguf, base, read_text(text_file), chunk, max_tokens, kv_type == KvType.F32, threads, cache_dir,
                       progress=not quiet, top_p=top_p)
     click.echo(json.dumps(result.to_dict(), indent=1) if as_json else format_result(result))
 
@@ -491,9 +546,10 @@ def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--memory-limit", "limit", type=SIZE,
               help="Memory the whole process may use (peak RSS), e.g. 128GiB [default: the --plan's budget].")
-@click.option("--ctx", type=click.IntRange(min=2),
-              help="Context to fill (every token's logits requested) [default: the --plan's, else 2048].")
-@click.option("--kv-type", type=KV_TYPE, help="KV cache type [default: the --plan's, else f16].")
+@click.option("--ctx", type=CTX,
+              help=CTX_HELP + f" It is filled, every token's logits requested [default: the --plan's, else "
+                   f"{DEFAULT_CTX}].")
+@click.option("--kv-type", type=KV_TYPE, help=f"KV cache type [default: the --plan's, else {DEFAULT_KV_TYPE}].")
 @click.option("--prompt", default=None, help="Prompt to generate from [default: a short English sentence].")
 @click.option("--n-predict", default=16, show_default=True, type=click.IntRange(min=0), help="Tokens to generate.")
 @click.option("--threads", type=click.IntRange(min=1), help="llama.cpp threads [default: llama-cpp-python's].")
@@ -504,7 +560,7 @@ def modelfile(gguf: Path, ctx: int | None, out: Path | None) -> None:
                    "[default: the --plan's, else host].")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path),
               help="The plan the GGUF was made from: its memory budget, context, KV type and target unless given.")
-def validate(src: Path, limit: int | None, ctx: int | None, kv_type: str | None, prompt: str | None, n_predict: int,
+def validate(src: Path, limit: int | None, ctx: int | None, kv_type: KvType | None, prompt: str | None, n_predict: int,
              threads: int | None, timeout: float, target: Target | None, plan_file: Path | None) -> None:
     """Load and run the GGUF in SRC in llama.cpp under an enforced memory limit on the whole process.
 

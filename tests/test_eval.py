@@ -24,7 +24,7 @@ def q4(tmp_path_factory) -> Path:
 
 def test_f32_conversion_against_transformers(ref_f32_gguf, tmp_path):
     proc = run("eval", ref_f32_gguf, "--base", tiny_models.REF_MODEL, "--text", TEXT, "--max-tokens", 2048,
-               "--cache-dir", tmp_path, "--json", "-q")
+               "--kv-type", "f32", "--cache-dir", tmp_path, "--json", "-q")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     print(f"\nF32 GGUF vs transformers: KLD {r['kld_mean']:.2e} (p99 {r['kld_p99']:.2e}), top-1 {r['top1']:.4f}")

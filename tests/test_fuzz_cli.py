@@ -93,7 +93,7 @@ def draw(rng: random.Random, p: dict[str, Path], i: int) -> tuple[list[str], Pat
     elif command == "eval":
         args = [pick([p["gguf"], p["text"], p["missing"]]), "--base", pick([p["gguf"], p["model"], p["dir"]]),
                 "--text", pick([p["text"], p["text"], p["gguf"]]), "--max-tokens", pick(["64", "1"]), "-q",
-                "--ctx", "64", "--cache-dir", p["ws"] / "cache"]
+                "--chunk", "64", "--cache-dir", p["ws"] / "cache"]
     else:
         args = [src, "--budgets", pick(["1M", "abc", ""]), "--calib", p["text"], "--text", p["text"], "-o",
                 pick([p["out"] / f"sweep{i}", p["dir"], p["model"], p["gguf"]]), "-q", "--baselines", ""]

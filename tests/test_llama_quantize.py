@@ -239,3 +239,30 @@ def test_convert_writes_llama_quantizes_imatrix_keys(tmp_path, imatrix, q2k):
         assert ours.get_field(k).contents() == theirs.get_field(k).contents(), k
     assert ours.get_field("quantize.imatrix.file").contents() == "ref.imatrix.gguf"
     assert not [k for k in GGUFReader(made["F16"]).fields if k.startswith("quantize.")]
+
+
+def test_convert_to_a_llama_cpp_mix(tmp_path, imatrix):
+    """`convert --type Q4_K_M` is llama.cpp's own mix: the very file llama.cpp's quantizer makes from the BF16
+    conversion with the same importance matrix, every tensor at the type llama-quantize gives it; mixes llama.cpp
+    refuses without an importance matrix, and options a mix cannot take, are one line before any work."""
+    from cli_run import assert_one_line_error, run
+    from ggufmoe.pipeline.convert import ConvertOptions, convert
+    from ggufmoe.quant.rules import TypeRules
+
+    save_imatrix(imatrix, tmp_path / "im.gguf")
+    proc = run("convert", tiny_models.REF_MODEL, "--type", "q4_k_m", "--imatrix", tmp_path / "im.gguf", "-o",
+               tmp_path / "ours.gguf", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "memory to run" in proc.stdout
+    bf16 = convert(tiny_models.REF_MODEL, ConvertOptions(out=tmp_path / "bf16.gguf", types=TypeRules.parse("BF16"),
+                                                         imatrix=tmp_path / "im.gguf", progress=False))[0]
+    theirs = llama_quantize(bf16, tmp_path / "theirs.gguf", "Q4_K_M", imatrix=imatrix)
+    ours_t, theirs_t = tensor_types(tmp_path / "ours.gguf"), tensor_types(theirs)
+    assert ours_t == theirs_t and {T.Q4_K, T.Q6_K} <= set(ours_t.values())
+    for a, b in zip(GGUFReader(tmp_path / "ours.gguf").tensors, GGUFReader(theirs).tensors):
+        assert a.name == b.name and np.array_equal(a.data, b.data), a.name
+    for args, words in [(["--type", "IQ2_M"], ("IQ2_M", "importance matrix")),
+                        (["--type", "Q4_K_M", "--keep", "12"], ("Q4_K_M", "pruning")),
+                        (["--type", "Q4_K_M", "--split-max-size", "5M"], ("--split-max-size",))]:
+        assert_one_line_error(run("convert", tiny_models.REF_MODEL, *args, "-o", tmp_path / "x.gguf", "-q"), *words)
+        assert not list(tmp_path.glob("*x.gguf*"))

@@ -24,11 +24,14 @@ from ggufmoe.plan.budget import Budget
 from ggufmoe.prune.criteria import (PruneRequest, choose_experts, keep_counts, prune_key, reachable_experts,
                                     top_k_variants)
 from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.sensitivity.cost import SensitivityMode
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.hf_model import load_model
 from ggufmoe.stats.file import save_stats
 from ggufmoe.stats.local_errors import LocalOptions, local_errors
 from ggufmoe.stats.text import batches, calibration_tokens
+
+LOCAL = SensitivityMode.LOCAL
 
 CTX = 128
 N_TOKENS = 600
@@ -125,7 +128,7 @@ def test_plan_from_local_errors_only(qwen3, tmp_path):
     stats_path = tmp_path / "stats.gguf"
     save_stats(calibrate(qwen3, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False), stats_path)
     size = sum(s.n_elements for s in architecture_for(HFSource(qwen3)).tensors())  # about 8 bits a weight
-    plan = build_plan(qwen3, Budget(size, weights_only=True), stats_path, None, sensitivity="local", progress=False)
+    plan = build_plan(qwen3, Budget(size, weights_only=True, sensitivity=LOCAL), stats_path, None, progress=False)
     assert any("local errors" in n and "no probes" in n for n in plan.notes)
     assert plan.file_bytes <= size and plan.predicted_kld["total"] > 0
     assert np.isfinite(plan.predicted_kld["total"])
@@ -144,17 +147,18 @@ def test_top_k_auto_and_speed_target(qwen3, tmp_path):
     save_stats(calibrate(qwen3, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False), stats_path)
     arch = architecture_for(HFSource(qwen3))
     size = sum(s.n_elements for s in arch.tensors())
-    free = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True), stats_path, None, sensitivity="local",
+    free = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True, sensitivity=LOCAL), stats_path, None,
                       progress=False)
     assert {c["top_k"] for c in free.candidates} == {arch.top_k - 1, arch.top_k, arch.top_k + 1}
     assert all(np.isfinite(c["predicted_kld"]) for c in free.candidates)
-    fast = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True, max_active=free.active_bytes - 1),
-                      stats_path, None, sensitivity="local", progress=False)
+    fast = build_plan(qwen3, Budget(size, weights_only=True, top_k_auto=True, max_active=free.active_bytes - 1,
+                                    sensitivity=LOCAL),
+                      stats_path, None, progress=False)
     assert fast.active_bytes < free.active_bytes and fast.predicted_kld["total"] >= free.predicted_kld["total"]
     out = convert(qwen3, options_from_plan(fast, ConvertOptions(out=tmp_path / "fast.gguf", types=TypeRules.parse("Q8_0"),
                                                                 progress=False)))[0]
     assert out.stat().st_size == fast.file_bytes
     assert GGUFReader(out).fields["qwen3moe.expert_used_count"].contents() == fast.top_k
     with pytest.raises(GgufmoeError, match="per token"):
-        build_plan(qwen3, Budget(size, weights_only=True, max_active=1), stats_path, None, sensitivity="local",
+        build_plan(qwen3, Budget(size, weights_only=True, max_active=1, sensitivity=LOCAL), stats_path, None,
                    progress=False)

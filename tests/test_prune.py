@@ -11,7 +11,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.runtime.logprobs import compare, hf_logprobs, llama_logprobs
-from ggufmoe.prune.criteria import CRITERIA, PruneRequest, choose, choose_experts
+from ggufmoe.prune.criteria import Criterion, PruneRequest, choose, choose_experts
 from prune_hf import prune_hf_model
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.collect import collect_stats
@@ -45,7 +45,7 @@ def pruned_pair(d, req):
     return out, prune_hf_model(model, plan), plan
 
 
-@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("criterion", Criterion)
 @pytest.mark.parametrize("adjust_top_k", [False, True])
 def test_pruned_parity(calibrated, criterion, adjust_top_k, eval_tokens):
     arch, d = calibrated

@@ -17,6 +17,7 @@ from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.pipeline import measure
 from ggufmoe.pipeline.measure import load_or_measure
 from ggufmoe.sensitivity.cache import KEY, cached_sensitivity
+from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.sensitivity.cost import PROBE_TYPE
 from ggufmoe.sensitivity.fit import fit_joint
 from ggufmoe.quant.rules import quantizable
@@ -178,10 +179,12 @@ def test_cache_in_stats_file(measured, stats_path, monkeypatch):
     assert KEY in stats.extras and json.loads(stats.extras[KEY])["sensitivity"]["cost"] == sens.cost
     assert load_imatrix(stats_path).entries.keys() == stats.imatrix.entries.keys()
     # another text, other parameters or other statistics: not the cached result
-    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text() + "x", **MEASURE) is None
-    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), chunks=2, max_rows=64) is None
-    stats.layers[0].counts[0] += 1
-    assert cached_sensitivity(tiny_models.REF_MODEL, stats, calib_text(), **MEASURE) is None
+    model = OpenedModel.open(tiny_models.REF_MODEL, stats_path, config_ok=False)
+    assert cached_sensitivity(model, calib_text(), **MEASURE) == sens
+    assert cached_sensitivity(model, calib_text() + "x", **MEASURE) is None
+    assert cached_sensitivity(model, calib_text(), chunks=2, max_rows=64) is None
+    model.stats.layers[0].counts[0] += 1
+    assert cached_sensitivity(model, calib_text(), **MEASURE) is None
     # extras are string keys under ggufmoe.*, never the reserved ones
     for bad in ("sensitivity", "ggufmoe.stats.source"):
         with pytest.raises(GgufmoeError, match="extra key"):

@@ -201,7 +201,7 @@ def without_warnings(proc: subprocess.CompletedProcess) -> subprocess.CompletedP
 
 
 def calibrate(model: Path, text: Path, out: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [*cli_command(env), "calibrate", model, "--text", text, "--ctx", CTX, "--max-tokens", 3000, "-o", out, "-q", *args]
+    cmd = [*cli_command(env), "calibrate", model, "--text", text, "--chunk", CTX, "--max-tokens", 3000, "-o", out, "-q", *args]
     return without_warnings(subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=False,
                                            env={**os.environ, **(env or {})}))
 

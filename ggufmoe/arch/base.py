@@ -18,7 +18,7 @@ from ggufmoe.arch.shape import ModelShape
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
-from ggufmoe.source.tokenizer import write_tokenizer
+from ggufmoe.source.tokenizer import TokenizerKeys, tokenizer_keys
 
 
 @dataclass
@@ -54,6 +54,8 @@ class Architecture:
     # per-layer kept counts (block -> experts), written as an ``expert_count`` array; only for the families
     # the patched llama.cpp of patches/per-layer-expert-count.patch runs (:attr:`per_layer_expert_counts`)
     n_expert_per_layer: dict[int, int] | None = field(default=None, init=False)
+    # the tokenizer read once (vocabulary size -> keys), shared by the copies pruning makes
+    tokenizers: dict[int, TokenizerKeys] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_expert(self) -> int:
@@ -129,7 +131,10 @@ class Architecture:
     def write_tokenizer(self, w: gguf.GGUFWriter) -> None:
         """The ``tokenizer.*`` keys, from the checkpoint's tokenizer.json."""
         if self.writes_tokenizer:
-            write_tokenizer(w, self.src.path, int(self.cfg.vocab_size))
+            vocab = int(self.cfg.vocab_size)
+            if vocab not in self.tokenizers:
+                self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab)
+            self.tokenizers[vocab].write(w)
 
     def with_expert_counts(self, n_expert: int, top_k: int, per_layer: dict[int, int] | None = None) -> "Architecture":
         """A copy that writes ``n_expert`` experts per layer (``per_layer``: each MoE layer its own, ``n_expert``

@@ -74,7 +74,8 @@ DEFAULT_BASELINES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M", "Q4_K_M")
 def parse_type(name: str) -> T:
     t = USER_TYPES.get(name.upper())
     if t is None:
-        raise GgufmoeError(f"unknown quant type {name!r} (choose from {', '.join(USER_TYPES)})")
+        raise GgufmoeError(f"unknown quant type {name!r} (choose from {', '.join(USER_TYPES)}, or a llama.cpp mix "
+                           f"such as Q4_K_M)")
     return t
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.gguf.writer import CONVERSION, Progress
 from ggufmoe.outputs import check_outputs
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, load_or_measure
+from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, measure_sensitivity
 from ggufmoe.plan.allocate import allocate_budget, keep_candidates
 from ggufmoe.plan.budget import Budget, Plan, model_fingerprint
 from ggufmoe.plan.layout import TOKENIZER_BYTES_PER_TOKEN
@@ -24,50 +23,47 @@ from ggufmoe.prune.criteria import PruneRequest, choose_experts
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity.cache import cached_sensitivity, store
+from ggufmoe.sensitivity.cost import SensitivityMode
 from ggufmoe.sensitivity.defaults import default_sensitivity
 from ggufmoe.sensitivity.local_costs import local_sensitivity
 from ggufmoe.sensitivity.prune_cost import (DEFAULT_PRUNE_SCALE, PRUNE_SCALE, fit_pruning, local_prune_kl,
                                           probe_pruning, prune_cost, prune_unit)
-from ggufmoe.source import open_source
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import CALIBRATION
-from ggufmoe.stats.file import load_stats
-from ggufmoe.stats.local_errors import local_errors
+from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.stats.text import hold_out, read_text, spread_chunks, token_chunks
 
 
-def pruning_kl(src_dir: Path, stats_path: Path, text: str, requests: list[PruneRequest], ctx: int = 512,
+def pruning_kl(model: OpenedModel, text: str, requests: list[PruneRequest], ctx: int = 512,
                chunks: int = 4) -> list[float]:
     """KL divergence (through llama.cpp, F16 weights, mean over ``chunks`` chunks of ``ctx`` tokens spread over
-    ``text``) of each pruning in ``requests`` against the unpruned model."""
+    ``text``) of each pruning in ``requests`` of ``model`` (by its statistics) against the unpruned model."""
     from transformers import AutoTokenizer  # heavy: only when measuring
 
-    tok = AutoTokenizer.from_pretrained(src_dir)
+    tok = AutoTokenizer.from_pretrained(model.path)
     seqs = spread_chunks(token_chunks(tok, text, ctx, MAX_TEXT_TOKENS), chunks)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = convert(src_dir, ConvertOptions(out=Path(tmp) / "base.gguf", types=TypeRules.parse("F16"),
-                                               progress=False))[0]
+        base = convert(model, ConvertOptions(out=Path(tmp) / "base.gguf", types=TypeRules.parse("F16"),
+                                             progress=False))[0]
         ref = base_logprobs(base, seqs)
         for req in requests:
-            pruned = convert(src_dir, ConvertOptions(out=Path(tmp) / "pruned.gguf", types=TypeRules.parse("F16"),
-                                                     stats=stats_path, prune=req, progress=False))[0]
+            pruned = convert(model, ConvertOptions(out=Path(tmp) / "pruned.gguf", types=TypeRules.parse("F16"),
+                                                   stats=model.stats_path, prune=req, progress=False))[0]
             out.append(float(np.mean([c.kld_mean for c in score_against(pruned, seqs, ref)])))  # mean over chunks
             pruned.unlink()
     return out
 
 
-SENSITIVITY_MODES = ("auto", "probes", "local")
 PRUNE_FIT = "prune_local_exponent"  # the fitted exponent, cached with the scale in the sensitivities
 PROBE_MAX_BYTES = 2 * 1024**3  # F16 size up to which ``auto`` probes the model through llama.cpp
 
 
-def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, calib_text: str | None = None,
-               pins: TypeRules | None = None, criterion: str = "reap", progress: bool = True,
-               sensitivity: str = "auto") -> Plan:
+def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | None = None,
+               calib_text: str | None = None, pins: TypeRules | None = None, progress: bool = True) -> Plan:
     """Everything ``ggufmoe plan`` does: sensitivities and pruning costs, then the best plan.
 
-    With statistics of a model with weights, ``sensitivity`` says how costs are made: ``probes`` measures
+    With statistics of a model with weights, ``budget.sensitivity`` says how costs are made: ``probes`` measures
     them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: a conversion per tensor class, layer group and
     three whole-model types, on its local errors when the statistics hold them); ``local`` maps the
     statistics' local errors to KL with the reference model's factors (:mod:`ggufmoe.sensitivity.local_costs`;
@@ -78,15 +74,13 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
     Probes measure on the pieces of ``calib_text`` that calibration holds out
     (:func:`~ggufmoe.stats.text.hold_out`), text the statistics did not see; on all of it when it is too
     short to hold any out."""
-    if sensitivity not in SENSITIVITY_MODES:
-        raise GgufmoeError(f"sensitivity {sensitivity!r}: choose from {', '.join(SENSITIVITY_MODES)}")
-    src = open_source(source)
-    arch = architecture_for(src)
+    model = OpenedModel.open(source)
+    src, arch = model.source, model.arch
     pins = pins or TypeRules(None)
     if stats_path and not src.has_weights:
         raise GgufmoeError("--stats needs the model's weights; a configuration alone is planned with defaults")
-    stats = load_stats(stats_path, top_k=arch.top_k) if stats_path else None
-    local = local_errors(stats) if stats is not None else None
+    model = OpenedModel.open(model, stats_path) if stats_path else model
+    stats, local = (model.stats, model.local) if stats_path else (None, None)
     if budget.top_k_auto and local is None:
         raise GgufmoeError("--top-k auto prices each top-k from the local errors of the streamed `ggufmoe "
                            "calibrate`: pass --stats from it")
@@ -96,11 +90,11 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
         probe_text = hold_out(calib_text).probes or calib_text
     if stats is not None and src.can_calibrate:
         n_layers = int(arch.cfg.num_hidden_layers)
-        mode = sensitivity
-        if mode == "auto":
+        mode = budget.sensitivity
+        if mode == SensitivityMode.AUTO:
             small = 2 * sum(s.n_elements for s in arch.tensors()) <= PROBE_MAX_BYTES
-            mode = "local" if local is not None and not small else "probes"
-        if mode == "local":
+            mode = SensitivityMode.LOCAL if local is not None and not small else SensitivityMode.PROBES
+        if mode == SensitivityMode.LOCAL:
             if local is None:
                 raise GgufmoeError(f"{stats_path}: the statistics hold no local errors (they come from a streamed "
                                    "`ggufmoe calibrate`); measure with probes instead")
@@ -110,8 +104,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
             notes.append("sensitivities and pruning costs: local errors mapped to KL by the reference model's "
                          "factors (no probes)")
         else:
-            sens, prune_kl = _probed(src, arch, stats, stats_path, probe_text, local, budget, pins, criterion,
-                                     progress)
+            sens, prune_kl = _probed(model, probe_text, budget, progress)
             notes.append("sensitivities: " + ("local errors" if sens.info.get("local_errors") else "importance-"
                                               "weighted errors") + " calibrated by probes through llama.cpp")
             if probe_text is calib_text and calib_text is not None:
@@ -124,8 +117,7 @@ def build_plan(source: Path, budget: Budget, stats_path: Path | None = None, cal
                                    imatrix=stats is not None or not src.has_weights, aliases=arch.sensitivity_aliases)
         prune_kl = partial(prune_cost, stats=stats, scale=DEFAULT_PRUNE_SCALE)
         notes.append("sensitivities are defaults from tensor shapes (not measured)")
-    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, criterion,
-                           str(stats_path) if stats_path else None)
+    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, str(stats_path) if stats_path else None)
     plan.notes += notes
     plan.model_fingerprint = model_fingerprint(arch)
     if not arch.writes_tokenizer:
@@ -142,44 +134,48 @@ def check_budget_possible(src: Path, budget: Budget) -> None:
         build_plan(config, replace(budget, top_k_auto=False, max_active=None), progress=False)
 
 
-def _probed(src, arch, stats, stats_path, calib_text, local, budget, pins, criterion, progress):
-    """(measured sensitivity, pruning cost) calibrated by probes through llama.cpp, cached in the stats file."""
-    if calib_text is not None and cached_sensitivity(src.path, stats, calib_text) is None:
-        # sensitivities will be measured (minutes): say first if the budget is impossible
-        rough = default_sensitivity(list(arch.tensors()), arch.n_expert, arch.top_k, imatrix=True,
-                                    aliases=arch.sensitivity_aliases)
-        allocate_budget(src, arch, stats, rough, budget, pins, partial(prune_cost, stats=stats, scale=1.0),
-                        criterion, None)
-    sens = load_or_measure(src.path, stats_path, calib_text, progress=progress)
+def _probed(model: OpenedModel, calib_text: str | None, budget: Budget, progress: bool):
+    """(measured sensitivity, pruning cost) calibrated by probes through llama.cpp, cached in the stats file (written
+    once, when something was measured)."""
+    arch, stats, local = model.arch, model.stats, model.local
+    sens = cached_sensitivity(model, calib_text)
+    measured = sens is None
+    if measured:
+        if calib_text is None:
+            raise GgufmoeError(f"{model.stats_path}: no sensitivity measured for this model and these statistics "
+                               "yet; measuring it needs calibration text")
+        check_budget_possible(model.path, budget)  # from the sizes alone, before minutes of probes
+        sens = measure_sensitivity(model, calib_text, progress=progress)
     n_layers = int(arch.cfg.num_hidden_layers)
     key = "prune_local" if local is not None else "prune"
     if key not in sens.scales or (local is not None and PRUNE_FIT not in sens.scales):
         if calib_text is None:
             raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
+        measured = True
         if local is not None:
             # the local errors' map to KL, fitted through probes at a quarter and at half the experts pruned
             keeps = keep_candidates(arch, stats)
             reqs = list({r.keep: r for r in (probe_pruning(arch, stats, keeps, f) for f in (0.75, 0.5))}.values())
             units = [prune_unit(local, choose_experts(arch, stats, r), n_layers) or 0.0 for r in reqs]
-            kls = pruning_kl(src.path, stats_path, calib_text, reqs) if any(units) else []
+            kls = pruning_kl(model, calib_text, reqs) if any(units) else []
             sens.scales[key], sens.scales[PRUNE_FIT] = fit_pruning(units, kls)
         else:
             req = probe_pruning(arch, stats, keep_candidates(arch, stats))
             unit = prune_cost(choose_experts(arch, stats, req), stats, 1.0)
-            sens.scales[key] = pruning_kl(src.path, stats_path, calib_text, [req])[0] / unit if unit \
-                else DEFAULT_PRUNE_SCALE
-        store(src.path, stats_path, calib_text, sens)  # cached with the sensitivities
+            sens.scales[key] = pruning_kl(model, calib_text, [req])[0] / unit if unit else DEFAULT_PRUNE_SCALE
+    if measured and calib_text is not None:
+        store(model, calib_text, sens)  # the sensitivities and pruning scales, cached together
     if local is not None:
         return sens, local_prune_kl(local, n_layers, sens.scales[key], stats, sens.scales[PRUNE_FIT])
     return sens, partial(prune_cost, stats=stats, scale=sens.scales[key])
 
 
-def check_plan(plan: Plan, plan_path: Path, src: Path) -> None:
+def check_plan(plan: Plan, plan_path: Path, src: OpenedModel) -> None:
     """Refuse, before anything is written, a plan made for another model than ``src`` (:meth:`Plan.mismatch`):
     executed, it would give tensors no planned type and miss the planned bytes."""
-    why = plan.mismatch(architecture_for(open_source(src, config_ok=False)))
+    why = plan.mismatch(src.arch)
     if why:
-        raise GgufmoeError(f"{plan_path} was made for another model ({why}): make a plan for {src} with ggufmoe plan")
+        raise GgufmoeError(f"{plan_path} was made for another model ({why}): make a plan for {src.path} with ggufmoe plan")
 
 
 def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
@@ -188,8 +184,8 @@ def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
     return replace(base, types=plan.type_rules(), pruning=plan.pruning(), stats=stats, prune=None)
 
 
-def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, pins: TypeRules,
-                      criterion: str = "reap", sensitivity: str = "auto") -> tuple[Plan, list[Path]]:
+def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
+                      pins: TypeRules) -> tuple[Plan, list[Path]]:
     """calibrate (unless statistics are given, or kept beside the output for --resume) + plan + convert;
     the statistics and the plan are saved beside the output.
 
@@ -209,7 +205,8 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
     text = read_text(calib_file) if calib_file else None
     stats_path = base.stats
     made: list[Path] = []  # files this run wrote, removed again when it fails
-    if stats_path is None and not open_source(src, config_ok=False).can_calibrate:
+    model = OpenedModel.open(src, config_ok=False)  # once, for the plan and the conversion
+    if stats_path is None and not model.source.can_calibrate:
         if text is not None:
             raise GgufmoeError(f"{src}: a GGUF cannot be calibrated (transformers runs the Hugging Face model); "
                                "pass --stats from `ggufmoe calibrate` on that model, or a llama.cpp imatrix")
@@ -225,11 +222,10 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None, 
                          resume=base.resume, keep_on_error=False)
             made.append(stats_path)
     try:
-        plan = build_plan(src, budget, stats_path, text, pins, criterion, progress=base.progress,
-                          sensitivity=sensitivity)
+        plan = build_plan(model, budget, stats_path, text, pins, progress=base.progress)
         made.append(plan_path)
         plan.save(plan_path)
-        return plan, convert(src, options_from_plan(plan, base))
+        return plan, convert(model, options_from_plan(plan, base))
     except BaseException as e:
         if _conversion_kept(base.out):  # --resume continues it from these statistics
             raise

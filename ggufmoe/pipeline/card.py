@@ -27,7 +27,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.outputs import check_outputs, write_output
-from ggufmoe.plan.memory import gguf_runtime_memory
+from ggufmoe.plan.budget import DEFAULT_CTX
+from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType, gguf_runtime_memory
 from ggufmoe.prune.apply import KEY_EXPERT_COUNT_SOURCE, KEY_SOURCE
 from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.source.gguf_in import GGUFSource
@@ -66,7 +67,7 @@ CARD_KEYS = (gguf.Keys.General.NAME, gguf.Keys.General.LICENSE, gguf.Keys.Genera
              gguf.Keys.General.SOURCE_URL, KEY_SOURCE, KV_DATASET, KV_CHUNKS)
 
 
-def file_facts(path: Path, ctx: int, kv_type: str = "f16") -> FileFacts:
+def file_facts(path: Path, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE) -> FileFacts:
     """Size, source parameters, expert counts and runtime memory of the GGUF at ``path``."""
     files = gguf_files(path)  # a missing file or one without the GGUF magic: one line
     src = GGUFSource(files[0])
@@ -83,8 +84,8 @@ def file_facts(path: Path, ctx: int, kv_type: str = "f16") -> FileFacts:
 class CardInputs:
     """What the card says beyond the files' headers and their quality rows."""
 
-    ctx: int = 4096  # context the memory column is computed at
-    kv_type: str = "f16"
+    ctx: int = DEFAULT_CTX  # context the memory column is computed at
+    kv_type: KvType = DEFAULT_KV_TYPE
     base_model: str | None = None  # default: from the files' keys
     license: str | None = None  # default: general.license of the files
     title: str | None = None

@@ -15,7 +15,6 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ggufmoe.arch import architecture_for
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.model.tensor import RowLoader
 from ggufmoe.errors import GgufmoeError, Interrupted
@@ -30,8 +29,7 @@ from ggufmoe.prune.merge import merge_experts
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.pipeline.read_ahead import read_ahead
 from ggufmoe.source.config import check_shapes
-from ggufmoe.source import open_source
-from ggufmoe.stats.file import load_stats
+from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rules import TypedTensor, TypeRules
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
@@ -125,16 +123,18 @@ def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) ->
     return data
 
 
-def convert(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
-    """Convert ``src_dir`` (a Hugging Face directory or a GGUF) to ``opts.out``; returns the written file(s)."""
+def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path]:
+    """Convert ``source`` (a Hugging Face directory or a GGUF, or one opened already) to ``opts.out``; returns the
+    written file(s)."""
+    src_dir = source.path if isinstance(source, OpenedModel) else source
     check_outputs([opts.out], [src_dir, opts.imatrix, opts.stats], kind=CONVERSION, split=opts.split_max_size > 0,
                   gguf=True)
-    src = open_source(src_dir, config_ok=False)
-    arch = architecture_for(src)
+    model = OpenedModel.open(source, opts.stats, config_ok=False)
+    src, arch = model.source, model.arch
     for caveat in arch.caveats():
         print(f"note: {caveat}", file=sys.stderr)
     check_shapes(src)
-    stats = load_stats(opts.stats, top_k=arch.top_k) if opts.stats else None
+    stats = model.stats if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
     prune = opts.pruning or choose_experts(arch, stats, opts.prune or PruneRequest())
     if opts.prune is not None and not opts.pruning:  # the request's refinements of the chosen experts

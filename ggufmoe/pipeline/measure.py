@@ -34,7 +34,6 @@ from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
 
 from ggufmoe.model.names import EMBEDDING, role
-from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.quant.rules import TypeRules
@@ -44,10 +43,8 @@ from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.fit import apply_layer_factors, fit_joint, layer_groups, scales_from_probes
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
-from ggufmoe.source.hf import HFSource
-from ggufmoe.stats.file import Stats
 from ggufmoe.stats.imatrix import save_imatrix
-from ggufmoe.stats.local_errors import local_errors
+from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.stats.text import spread_chunks, token_ids
 
 MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
@@ -66,11 +63,12 @@ def _class_rules(names: list[str], t: T) -> TypeRules:
     return TypeRules(T.F16, [(re.compile(pattern), t)])
 
 
-def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: int | None = None, progress: bool = True,
+def measure_sensitivity(model: OpenedModel, text: str, threads: int | None = None, progress: bool = True,
                         *, chunks: int = 4, ctx: int = 512, max_rows: int = 256, max_experts: int = 64,
                         probe_types: tuple[T, ...] = (PROBE_TYPE,), uniform_types: tuple[T, ...] = JOINT_TYPES,
                         layer_probes: int = 8) -> Sensitivity:
-    """Costs from the weights, calibrated by probes through llama.cpp (see the module docstring).
+    """Costs of ``model``'s tensors from its weights and statistics, calibrated by probes through llama.cpp (see
+    the module docstring).
 
     ``probe_types``: the first is the anchor each class is calibrated at; with more, each class's
     exponent is fitted to its probes (else :data:`~ggufmoe.sensitivity.defaults.DEFAULT_EXPONENTS`).
@@ -84,8 +82,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
 
     t_start = time.perf_counter()
     threads = max(1, threads or os.cpu_count() or 1)
-    src_dir = Path(src_dir)
-    arch = architecture_for(HFSource(src_dir))
+    arch, stats = model.arch, model.stats
     n_expert, top_k = arch.n_expert, arch.top_k
     specs = [s for s in arch.tensors() if quantizable(s)]
     if not text or not text.strip():
@@ -93,7 +90,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
     if not probe_types:
         raise GgufmoeError("at least one probe type is needed")
     anchor = probe_types[0].name
-    tok = AutoTokenizer.from_pretrained(src_dir)
+    tok = AutoTokenizer.from_pretrained(model.path)
     ids = token_ids(tok, text, max_tokens=MAX_TEXT_TOKENS)
     vocab = next((s.shape[0] for s in specs if role(s.name) == EMBEDDING), arch.n_vocab)
     freq = token_frequency(ids.astype(np.int64), vocab)
@@ -108,7 +105,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
         raise GgufmoeError("calibration text too short to measure KL divergence")
 
     # the local errors the streamed calibration measured where there are some, else the diagonal approximation
-    local = local_errors(stats)
+    local = model.local
     measured_locally = {s.name: local.quant[s.name] for s in specs if local and s.name in local.quant}
     rest = [s for s in specs if s.name not in measured_locally]
     error = measure_errors(rest, stats, freq, n_expert, top_k, threads, max_rows, max_experts, progress) if rest else {}
@@ -129,7 +126,7 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
         save_imatrix(stats.imatrix, imx)
 
         def build(name: str, rules: TypeRules) -> Path:
-            return convert(src_dir, ConvertOptions(out=tmp / name, types=rules, imatrix=imx, threads=threads,
+            return convert(model, ConvertOptions(out=tmp / name, types=rules, imatrix=imx, threads=threads,
                                                    progress=False))[0]
 
         with tqdm(total=1 + len(runs) + len(groups) + len(uniform_types), desc="KL probes", unit="probe",
@@ -179,8 +176,8 @@ def measure_sensitivity(src_dir: str | Path, stats: Stats, text: str, threads: i
     return sens
 
 
-def load_or_measure(src_dir: str | Path, stats_path: str | Path, text: str | None, threads: int | None = None,
-                    progress: bool = True, **kw) -> Sensitivity:
+def load_or_measure(source: str | Path | OpenedModel, stats_path: str | Path, text: str | None,
+                    threads: int | None = None, progress: bool = True, **kw) -> Sensitivity:
     """The sensitivity cached in the stats file when it matches (source, statistics, text, method and
     parameters), else :func:`measure_sensitivity` (``kw`` are its keyword options), then cached
     there as the key ``ggufmoe.sensitivity`` (the file stays a valid llama.cpp imatrix).
@@ -189,14 +186,13 @@ def load_or_measure(src_dir: str | Path, stats_path: str | Path, text: str | Non
     was measured on; without one, it is an error. A legacy ``.dat`` imatrix cannot hold the cache:
     then nothing is cached.
     """
-    stats_path = Path(stats_path)
-    stats, sens = cache.load(src_dir, stats_path, text, **kw)
+    model = OpenedModel.open(source, stats_path, config_ok=False)
+    sens = cache.cached_sensitivity(model, text, **kw)
     if sens is not None:
         return sens
     if text is None:
         raise GgufmoeError(f"{stats_path}: no sensitivity measured for this model and these statistics yet; "
                            "measuring it needs calibration text")
-    sens = measure_sensitivity(src_dir, stats, text, threads, progress, **kw)
-    cache.store(src_dir, stats_path, text, sens, **kw)
+    sens = measure_sensitivity(model, text, threads, progress, **kw)
+    cache.store(model, text, sens, **kw)
     return sens
-

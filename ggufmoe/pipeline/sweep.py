@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -26,7 +26,6 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.budget import build_plan, check_budget_possible, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
-from ggufmoe.plan.target import HOST, Target
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.evaluate import TOP_P, evaluate
 from ggufmoe.runtime.llama_quantize import llama_quantize
@@ -51,14 +50,13 @@ class SweepOptions:
     text: Path
     out: Path
     baselines: tuple[str, ...] = DEFAULT_BASELINES
-    weights_only: bool = True  # budgets are file sizes (as the baselines are); else file + runtime memory
-    ctx: int = 2048  # context validated (and planned for when not weights_only)
-    kv_type: str = "f16"
-    eval_ctx: int = 512
+    # how every point is planned (its total is each point's budget); weights_only by default: budgets are file sizes,
+    # as the baselines are; else file + runtime memory. Its context and KV type are what every file is validated at.
+    planning: Budget = field(default_factory=lambda: Budget(0, weights_only=True))
+    eval_chunk: int = 512
     max_tokens: int = 8192
     threads: int | None = None
     progress: bool = True
-    target: Target = HOST  # the machine planned and validated for (memory.runtime_memory)
     base_model: str | None = None  # the model card's base_model [default: from the files' keys]
     license: str | None = None  # the model card's license [default: general.license of the files]
 
@@ -122,8 +120,7 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
     check_output_folder(out, [src, opts.calib, opts.text], (SETTINGS, "results.json"))
     calib, text = read_text(opts.calib), read_text(opts.text)
     settings = sweep_settings(src, opts)
-    check_budget_possible(src, Budget(min(b for _, _, b in todo[:len(opts.budgets)]), opts.ctx, opts.kv_type,
-                                      opts.weights_only, target=opts.target))
+    check_budget_possible(src, replace(opts.planning, total=min(b for _, _, b in todo[:len(opts.budgets)])))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -138,7 +135,7 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
             continue
         bar.set_postfix_str(name)
         point = (_ours if kind == "ggufmoe" else _baseline)(src, arch, name, what, stats_path, base, calib, opts)
-        point.bpw = file_facts(out / point.file, opts.ctx, opts.kv_type).bpw
+        point.bpw = file_facts(out / point.file, opts.planning.ctx, opts.planning.kv_type).bpw
         _measure(point, base, text, opts)
         points[name] = point
         save_results(points, results_path)
@@ -146,7 +143,7 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
     table = format_table(rows, src, opts)
     write_output(out / "results.md", lambda tmp: tmp.write_text(table))
     plot_pareto(rows, out / "pareto.png", src.name)
-    write_card(build_card([file_facts(out / p.file, opts.ctx, opts.kv_type) for p in rows],
+    write_card(build_card([file_facts(out / p.file, opts.planning.ctx, opts.planning.kv_type) for p in rows],
                           {p.file: asdict(p) for p in rows}, card_inputs(src, opts)), out / "README.md")
     return rows
 
@@ -155,9 +152,8 @@ def sweep_settings(src: Path, opts: SweepOptions) -> dict[str, str]:
     """What decides a sweep's points besides their budgets and mixes: its inputs (path, size, modification time)
     and its settings."""
     return dict(source=file_identity(model_files(src)), calib=file_identity([opts.calib]),
-                text=file_identity([opts.text]), ctx=str(opts.ctx), kv_type=opts.kv_type,
-                weights_only=str(opts.weights_only), eval_ctx=str(opts.eval_ctx), max_tokens=str(opts.max_tokens),
-                target=str(opts.target))
+                text=file_identity([opts.text]), planning=shlex.join(opts.planning.command_options()),
+                eval_chunk=str(opts.eval_chunk), max_tokens=str(opts.max_tokens))
 
 
 def claim_folder(path: Path, settings: dict[str, str]) -> None:
@@ -179,15 +175,16 @@ def claim_folder(path: Path, settings: dict[str, str]) -> None:
 def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:
     """The model card's settings, evaluation and shared commands for a sweep of ``src``."""
     run = shlex.join(["ggufmoe", "eval", "FILE.gguf", "--base", f"base-{BASE_TYPE}.gguf", "--text", opts.text.name,
-                      "--ctx", str(opts.eval_ctx), "--max-tokens", str(opts.max_tokens), "--json"])
+                      "--chunk", str(opts.eval_chunk), "--max-tokens", str(opts.max_tokens), "--kv-type", "f32",
+                      "--json"])
     return CardInputs(
-        ctx=opts.ctx, kv_type=opts.kv_type, base_model=opts.base_model, license=opts.license,
+        ctx=opts.planning.ctx, kv_type=opts.planning.kv_type, base_model=opts.base_model, license=opts.license,
         evaluation=[f"KL divergence, top-1, same top-p and perplexity against the {BASE_TYPE} conversion on "
-                    f"`{opts.text.name}` (up to {opts.max_tokens} tokens in chunks of {opts.eval_ctx}): `{run}`. Same "
-                    f"top-p is the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
+                    f"`{opts.text.name}` (up to {opts.max_tokens} tokens in chunks of {opts.eval_chunk}): `{run}`. "
+                    f"Same top-p is the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
                     f"probability {TOP_P:g}) is the base's. Memory: the file plus llama.cpp's runtime memory at ctx "
-                    f"{opts.ctx} (KV {opts.kv_type}), every file validated under it. Bits per weight count the "
-                    "source's parameters."],
+                    f"{opts.planning.ctx} (KV {opts.planning.kv_type}), every file validated under it. Bits per "
+                    "weight count the source's parameters."],
         calib_text=opts.calib, plot="pareto.png",
         commands=[shlex.join(["ggufmoe", "calibrate", src.name, "--text", opts.calib.name, "-o", "stats.gguf"]),
                   shlex.join(["ggufmoe", "convert", src.name, "--type", BASE_TYPE, "-o", f"base-{BASE_TYPE}.gguf"])])
@@ -212,21 +209,19 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
     path, plan_path = opts.out / f"{name}.gguf", opts.out / f"{name}.plan.json"
     if path.is_file() and plan_path.is_file():
         plan = Plan.load(plan_path)
-        if plan.target != str(opts.target):
-            raise GgufmoeError(f"{plan_path}: planned for target {plan.target}, this sweep is for {opts.target}: "
+        if plan.target != str(opts.planning.target):
+            raise GgufmoeError(f"{plan_path}: planned for target {plan.target}, this sweep is for "
+                               f"{opts.planning.target}: "
                                "sweep into another folder")
     else:
-        plan = build_plan(src, Budget(budget, opts.ctx, opts.kv_type, opts.weights_only, target=opts.target),
-                          stats_path, calib, progress=opts.progress)
+        plan = build_plan(src, replace(opts.planning, total=budget), stats_path, calib, progress=opts.progress)
         plan.save(plan_path)
         convert(src, options_from_plan(plan, ConvertOptions(out=path, types=TypeRules.parse("Q8_0"),
                                                             threads=opts.threads, progress=False)))
     size = path.stat().st_size
     if size != plan.file_bytes:
         raise GgufmoeError(f"{path}: {size} bytes written, {plan.file_bytes} planned")
-    planning = ["ggufmoe", "plan", src.name, "--budget", name.removeprefix("plan-"), "--ctx", str(opts.ctx),
-                "--kv-type", opts.kv_type, *(["--weights-only"] if opts.weights_only else []),
-                *(["--target", str(opts.target)] if opts.target != HOST else []),
+    planning = ["ggufmoe", "plan", src.name, "--budget", name.removeprefix("plan-"), *opts.planning.command_options(),
                 "--stats", stats_path.name, "--calib", opts.calib.name, "-o", plan_path.name]
     return Point(name, "ggufmoe", path.name, size, f"{plan.keep}/{plan.n_expert}", plan.top_k, plan.memory["total"],
                  budget=budget, predicted_kld=plan.predicted_kld["total"],
@@ -240,7 +235,7 @@ def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
     if not path.is_file():
         llama_quantize(base, path, mix, imatrix=load_stats(stats_path).imatrix, threads=opts.threads)
     size = path.stat().st_size
-    memory = gguf_runtime_memory(arch, path, opts.ctx, opts.kv_type, opts.target).total
+    memory = gguf_runtime_memory(arch, path, opts.planning.ctx, opts.planning.kv_type, opts.planning.target).total
     return Point(name, "llama.cpp", path.name, size, f"{arch.n_expert}/{arch.n_expert}", arch.top_k, memory,
                  commands=[shlex.join(["llama-quantize", "--imatrix", stats_path.name, base.name, path.name, mix])])
 
@@ -249,11 +244,12 @@ def _measure(point: Point, base: Path, text: str, opts: SweepOptions) -> None:
     """Validate under the predicted memory, then score against the base; fills ``point`` in place."""
     path = opts.out / point.file
     try:
-        v = validate(path, point.predicted_memory, opts.ctx, threads=opts.threads, target=opts.target)
+        v = validate(path, point.predicted_memory, opts.planning.ctx, threads=opts.threads, target=opts.planning.target,
+                     kv_type=opts.planning.kv_type)
         point.fits, point.peak_rss, point.prompt_tps, point.gen_tps = True, v.peak_rss, v.prompt_tps, v.gen_tps
     except GgufmoeError as e:
         point.note = f"validate: {e}"
-    r = evaluate(path, base, text, opts.eval_ctx, opts.max_tokens, threads=opts.threads,
+    r = evaluate(path, base, text, opts.eval_chunk, opts.max_tokens, threads=opts.threads,
                  cache_dir=opts.out / "cache", progress=False)
     point.ppl, point.ppl_base, point.kld_mean, point.kld_p99, point.kld_p999, point.top1, point.same_top_p = (
         r.ppl, r.ppl_base, r.kld_mean, r.kld_p99, r.kld_p999, r.top1, r.same_top_p)
@@ -274,14 +270,15 @@ def format_table(rows: list[Point], src: Path, opts: SweepOptions) -> str:
     lines = [
         f"# Budget sweep: {src.name}",
         "",
-        f"Budgets are {'file sizes' if opts.weights_only else 'file + llama.cpp runtime memory'}; every file "
-        f"is validated in llama.cpp under its predicted memory at ctx {opts.ctx} (KV {opts.kv_type}) and scored "
+        f"Budgets are {'file sizes' if opts.planning.weights_only else 'file + llama.cpp runtime memory'}; every file "
+        f"is validated in llama.cpp under its predicted memory at ctx {opts.planning.ctx} "
+        f"(KV {opts.planning.kv_type}) and scored "
         f"against the {BASE_TYPE} conversion on `{opts.text.name}` (up to {opts.max_tokens} tokens in chunks of "
-        f"{opts.eval_ctx}, F32 KV cache). Baselines: llama.cpp's mixes by `llama_model_quantize` from the "
+        f"{opts.eval_chunk}, F32 KV cache). Baselines: llama.cpp's mixes by `llama_model_quantize` from the "
         f"{BASE_TYPE} file with the same importance matrix. Bits per weight count the source's parameters. "
         f"Same top-p: the share of tokens whose top-{TOP_P:g} set (the fewest most probable tokens reaching "
         f"probability {TOP_P:g}) is the base's. "
-        f"Machine: {os.cpu_count()} cores; target `{opts.target}`. ★ = on the Pareto front (size vs KLD).",
+        f"Machine: {os.cpu_count()} cores; target `{opts.planning.target}`. ★ = on the Pareto front (size vs KLD).",
         "",
         "| file | bytes | bits/weight | experts | top-k | PPL | KLD | predicted KLD | KLD p99 | KLD p99.9 | top-1 | "
         "same top-p | peak RSS | predicted memory | prompt tok/s | gen tok/s |",

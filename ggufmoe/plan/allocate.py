@@ -41,8 +41,8 @@ from ggufmoe.plan.memory import RuntimeMemory, gpu_tensor_bytes, is_repacked, pl
 from ggufmoe.plan.target import Target
 from ggufmoe.plan.report import source_notes
 from ggufmoe.prune.apply import prune_model
-from ggufmoe.prune.criteria import (Pruning, PruneRequest, choose, choose_experts, keep_counts, reachable_experts,
-                                    resolve, top_k_variants)
+from ggufmoe.prune.criteria import (Criterion, Pruning, PruneRequest, choose, choose_experts, keep_counts,
+                                    reachable_experts, resolve, top_k_variants)
 from ggufmoe.quant.ggml import requires_imatrix
 from ggufmoe.quant.rules import TypedTensor, TypeRules, always_f32
 from ggufmoe.sensitivity.cost import Sensitivity
@@ -165,14 +165,13 @@ def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool =
 
 
 def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
-                     pins: TypeRules, prune_kl: Callable[[Pruning], float], criterion: str = "reap",
-                     stats_path: str | None = None) -> Plan:
+                     pins: TypeRules, prune_kl: Callable[[Pruning], float], stats_path: str | None = None) -> Plan:
     """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
     predicted KL of a pruning (:mod:`ggufmoe.sensitivity.prune_cost`)."""
     best: Plan | None = None
     smallest = smallest_gpu = slowest = None
     candidates = []
-    crit = criterion if stats is None or stats.has_routing else "frequency"
+    crit = budget.criterion if stats is None or stats.has_routing else Criterion.FREQUENCY
     config_only = not src.has_weights
     target = budget.target
     if target.offload and budget.weights_only:

@@ -17,10 +17,16 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.outputs import write_output
+from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType
 from ggufmoe.plan.target import HOST, Target, parse_target
 from ggufmoe.prune.apply import prune_model
-from ggufmoe.prune.criteria import Pruning
+from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion, Pruning
 from ggufmoe.quant.rules import TypedTensor, TypeRules
+from ggufmoe.sensitivity.cost import SensitivityMode
+
+
+# The context every command plans, validates and reports memory at unless told (llama-server's default)
+DEFAULT_CTX = 4096
 
 
 @dataclass
@@ -28,17 +34,30 @@ class Budget:
     """What a plan must fit (``total`` bytes of memory, or of file with ``weights_only``), and how it may get
     there: ``top_k_auto`` lets it change the experts used per token; ``max_active`` caps the weight bytes one
     token reads (a speed target: decoding is bound by them); ``keep`` fixes the experts kept per layer (only the
-    types are chosen). ``target``: the machine it runs on; with a cuda target ``total`` is host memory and the
-    target's GPU memory must hold the offloaded rest."""
+    types are chosen); ``criterion`` which experts a pruning keeps; ``sensitivity`` how costs are made
+    (:func:`ggufmoe.pipeline.budget.build_plan`). ``target``: the machine it runs on; with a cuda target ``total``
+    is host memory and the target's GPU memory must hold the offloaded rest."""
 
     total: int
-    ctx: int = 8192
-    kv_type: str = "f16"
+    ctx: int = DEFAULT_CTX
+    kv_type: KvType = DEFAULT_KV_TYPE
     weights_only: bool = False
     top_k_auto: bool = False
     max_active: int | None = None
     target: Target = HOST
     keep: int | None = None
+    criterion: Criterion = DEFAULT_CRITERION  # which experts a pruning keeps
+    sensitivity: SensitivityMode = SensitivityMode.AUTO  # how tensor and pruning costs are made
+
+    def command_options(self) -> list[str]:
+        """The ``plan``/``convert --budget`` options that give this budget, but for its total (``--budget``)."""
+        return ["--ctx", str(self.ctx), "--kv-type", str(self.kv_type),
+                *(["--weights-only"] if self.weights_only else []),
+                *(["--target", str(self.target)] if self.target != HOST else []),
+                *(["--top-k", "auto"] if self.top_k_auto else []),
+                *(["--max-active", str(self.max_active)] if self.max_active else []),
+                *(["--keep", str(self.keep)] if self.keep else []),
+                "--criterion", str(self.criterion), "--sensitivity", str(self.sensitivity)]
 
 
 @dataclass

@@ -11,6 +11,7 @@ not checked against a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import gguf
 from gguf import GGUFWriter
@@ -139,7 +140,20 @@ def weight_memory(source, target: Target = HOST) -> WeightMemory:
 # --------------------------------------------------------------------------------------------
 
 MiB = 1 << 20
-KV_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
+
+
+class KvType(StrEnum):
+    """The KV cache types llama.cpp takes for K and V (``type_k``/``type_v``; quantized ones need flash attention)."""
+
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+
+KV_TYPES = {KvType.F32: T.F32, KvType.F16: T.F16, KvType.BF16: T.BF16, KvType.Q8_0: T.Q8_0, KvType.Q4_0: T.Q4_0}
+DEFAULT_KV_TYPE = KvType.F16  # llama.cpp's own default
 
 # llama.cpp's own structures once a model is loaded (vocab, merges, tensor metadata, context
 # objects) and llama-cpp-python's Llama object: 3.4 MB + 320 B per vocabulary entry (150 B for
@@ -188,7 +202,7 @@ def swa_kv_size(shape: ModelShape, ctx: int, n_ubatch: int = 512, swa_full: bool
     return full if swa_full else min(full, -(-(shape.n_swa + n_ubatch) // 256) * 256)
 
 
-def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str = "f16", n_ubatch: int = 512,
+def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE, n_ubatch: int = 512,
                    swa_full: bool = True) -> int:
     """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
     row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
@@ -266,7 +280,7 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
 
 
 def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
-                      kv_type: str = "f16") -> int:
+                      kv_type: KvType = DEFAULT_KV_TYPE) -> int:
     """The CPU backend's work buffer (malloc'd outside the compute buffer): the largest matmul
     operand converted to the weight's dot-product type. Without flash attention that is the
     KQ scores converted to the V cache type (f16: n_kv·T·n_head·2 bytes); otherwise the
@@ -298,7 +312,7 @@ def offloaded_host_compute_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 51
     return mask + 4 * t * shape.n_embd + 32 * t
 
 
-def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: str = "f16", n_batch: int = 512,
+def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE, n_batch: int = 512,
                    n_ubatch: int = 512, *, flash_attn: bool | None = None, repacked_bytes: int = 0,
                    logits_all: bool = True, process: int | None = None,
                    shape: ModelShape | None = None, swa_full: bool = True, gpu_weights_bytes: int = 0,
@@ -370,7 +384,8 @@ def _row_size(qt: gguf.GGMLQuantizationType, n: int) -> int:
     return n // block * size
 
 
-def gguf_runtime_memory(arch, files, ctx: int, kv_type: str = "f16", target: Target = HOST, **kw) -> RuntimeMemory:
+def gguf_runtime_memory(arch, files, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE, target: Target = HOST,
+                        **kw) -> RuntimeMemory:
     """:func:`runtime_memory` of written GGUF file(s) on ``target``: mapped pages, repacked copies and GPU copies."""
     wm = weight_memory(files, target)
     return runtime_memory(arch, wm.mapped, ctx, kv_type, repacked_bytes=wm.repacked, gpu_weights_bytes=wm.gpu,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from enum import StrEnum
 
 import gguf
 
@@ -29,7 +30,17 @@ REPACK_X86_AVX2 = {T.Q4_0: 8, T.Q4_K: 8, T.IQ4_NL: 8, T.MXFP4: 8}
 REPACK_X86_AVX512 = {**REPACK_X86_AVX2, T.Q2_K: 8}
 REPACK_ARM_DOTPROD = {T.Q4_0: 4, T.Q4_K: 8, T.Q5_K: 8, T.Q6_K: 8, T.IQ4_NL: 4, T.MXFP4: 4, T.Q8_0: 4}
 
-PRESETS = ("host", "cpu", "cpu-repack", "cuda:SIZE")
+
+class TargetPreset(StrEnum):
+    """The kinds of ``--target`` (``cuda`` takes the GPU's memory: ``cuda:SIZE``)."""
+
+    HOST = "host"
+    CPU = "cpu"
+    CPU_REPACK = "cpu-repack"
+    CUDA = "cuda"
+
+
+PRESETS = (*(p.value for p in TargetPreset if p != TargetPreset.CUDA), "cuda:SIZE")  # as a user types them
 
 
 @functools.cache
@@ -56,43 +67,43 @@ def local_repack_types() -> dict[gguf.GGMLQuantizationType, int]:
 class Target:
     """A ``--target``: ``preset`` one of host, cpu, cpu-repack, cuda; ``gpu_memory`` the GPU's bytes (cuda)."""
 
-    preset: str = "host"
+    preset: TargetPreset = TargetPreset.HOST
     gpu_memory: int = 0
 
     @property
     def offload(self) -> bool:
         """Every layer in GPU memory (the input layer, token embeddings, stays in host memory)."""
-        return self.preset == "cuda"
+        return self.preset == TargetPreset.CUDA
 
     def repack_types(self) -> dict[gguf.GGMLQuantizationType, int]:
         """The types llama.cpp's CPU backend repacks on this target. ``cpu-repack`` counts the AVX512 set
         (Q2_K too): an AVX2-only CPU leaves Q2_K mapped, so the plan overstates it there, never understates.
         With every layer offloaded the CPU keeps only the token embedding, which is never repacked."""
-        if self.preset == "host":
+        if self.preset == TargetPreset.HOST:
             return dict(local_repack_types())
-        return dict(REPACK_X86_AVX512) if self.preset == "cpu-repack" else {}
+        return dict(REPACK_X86_AVX512) if self.preset == TargetPreset.CPU_REPACK else {}
 
     def __str__(self) -> str:
         return f"cuda:{_exact_size(self.gpu_memory)}" if self.offload else self.preset
 
 
 HOST = Target()
-CPU = Target("cpu")
+CPU = Target(TargetPreset.CPU)
 
 
 def parse_target(text: str) -> Target:
     """``host``, ``cpu``, ``cpu-repack`` or ``cuda:SIZE`` (e.g. ``cuda:24GiB``)."""
     spec = text.strip().lower()
-    if spec in ("host", "cpu", "cpu-repack"):
-        return Target(spec)
-    if spec.startswith("cuda"):
+    if spec in tuple(TargetPreset) and spec != TargetPreset.CUDA:
+        return Target(TargetPreset(spec))
+    if spec.startswith(TargetPreset.CUDA):
         _, colon, size = spec.partition(":")
         if not colon or not size.strip():
             raise GgufmoeError(f"target {text!r}: give the GPU's memory, e.g. cuda:24GiB")
         gpu = parse_size(size)
         if gpu <= 0:
             raise GgufmoeError(f"target {text!r}: the GPU memory must be positive")
-        return Target("cuda", gpu)
+        return Target(TargetPreset.CUDA, gpu)
     raise GgufmoeError(f"unknown target {text!r} (one of {', '.join(PRESETS)})")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,21 @@ from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.file import ExpertStats, Stats
 
-CRITERIA = ("frequency", "routing", "reap")
+
+
+class Criterion(StrEnum):
+    """How experts are scored: how often routed to, ``alpha * frequency + (1 - alpha) * mean routing weight``,
+    or REAP saliency (routing weight times output norm)."""
+
+    FREQUENCY = "frequency"
+    ROUTING = "routing"
+    REAP = "reap"
+
+
+# The default everywhere (--keep, plan, convert --budget, sweep): on the reference model routing is the best or
+# tied-best criterion at every keep ratio measured (eval/results/prune.md: KL 0.287 vs 0.497 frequency and 0.565
+# REAP at half the experts), and it needs only routing statistics.
+DEFAULT_CRITERION = Criterion.ROUTING
 MIN_KEEP_RATIO = 0.5  # pruning more than half the experts never paid on the reference model
 MAX_KEEP_CANDIDATES = 13  # keep counts tried (evenly spread between all and half when there are more)
 
@@ -30,12 +45,17 @@ class PruneRequest:
 
     keep: int | None = None
     keep_ratio: float | None = None
-    criterion: str = "routing"
+    criterion: Criterion = DEFAULT_CRITERION
     alpha: float = 0.5
     top_k: int | None = None
     top_k_scale: float | None = None
     merge: bool = False  # fold the removed experts into the kept ones (ggufmoe.prune.merge)
     per_layer: bool = False  # the same total kept, spread over the layers by measured errors (ggufmoe.plan.per_layer)
+
+    @property
+    def asks(self) -> bool:
+        """Whether it asks for any pruning, merging or top-k change."""
+        return bool(self.merge or self.per_layer or self.keep or self.keep_ratio or self.top_k or self.top_k_scale)
 
 
 @dataclass
@@ -72,16 +92,16 @@ def normalised(x: np.ndarray) -> np.ndarray:
     return x / total if total > 0 else np.zeros_like(x, dtype=np.float64)
 
 
-def expert_scores(s: ExpertStats, criterion: str, alpha: float) -> np.ndarray:
+def expert_scores(s: ExpertStats, criterion: Criterion, alpha: float) -> np.ndarray:
     """Higher is more useful. ``routing`` is alpha * frequency + (1 - alpha) * mean routing weight,
     each normalised over the layer's experts; ``reap`` is the REAP saliency."""
-    if criterion == "frequency":
+    if criterion == Criterion.FREQUENCY:
         return s.frequency
-    if criterion == "routing":
+    if criterion == Criterion.ROUTING:
         return alpha * normalised(s.frequency) + (1 - alpha) * normalised(s.mean_routing)
-    if criterion == "reap":
+    if criterion == Criterion.REAP:
         return s.reap
-    raise GgufmoeError(f"unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
+    raise GgufmoeError(f"unknown criterion {criterion!r} (choose from {', '.join(Criterion)})")
 
 
 def choose(scores: np.ndarray, keep: int, groups: int = 1) -> list[int]:
@@ -145,7 +165,7 @@ def choose_experts(arch: Architecture, stats: Stats | None, req: PruneRequest) -
         return plan
     if stats is None:
         raise GgufmoeError("pruning needs calibration statistics: pass --stats (from `ggufmoe calibrate`)")
-    if req.criterion != "frequency" and not stats.has_routing:
+    if req.criterion != Criterion.FREQUENCY and not stats.has_routing:
         raise GgufmoeError(f"criterion {req.criterion!r} needs routing statistics from `ggufmoe calibrate`; "
                            "a llama.cpp imatrix only supports --criterion frequency")
     moe_layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
@@ -181,6 +201,6 @@ def kept_sets(arch: Architecture, alpha: float = 0.5) -> Callable[[ExpertStats],
 
     def sets(layer: ExpertStats) -> dict[str, dict[str, tuple]]:
         return {c: {prune_key(keep, t, k): (choose(expert_scores(layer, c, alpha), keep, groups), t)
-                    for keep, t in candidates} for c in CRITERIA}
+                    for keep, t in candidates} for c in Criterion}
 
     return sets

@@ -39,16 +39,14 @@ from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FLOAT_TYPES
-from ggufmoe.plan.budget import Plan
-from ggufmoe.plan.memory import KV_TYPES
+from ggufmoe.plan.budget import DEFAULT_CTX, Plan
+from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KV_TYPES, KvType
 from ggufmoe.plan.process import interpreter_baseline
-from ggufmoe.plan.target import HOST, Target
+from ggufmoe.plan.target import HOST, Target, TargetPreset
 from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.units import format_size
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-DEFAULT_CTX = 2048
-DEFAULT_KV_TYPE = "f16"
 _METHODS = {"cgroup": "cgroup v2 memory.max", "rlimit": "RLIMIT_AS"}
 
 
@@ -128,7 +126,7 @@ def target_mismatch(files: list[Path], target: Target, planned: Target | None = 
 
     if planned is not None and str(planned) != str(target):
         return f"the plan is for target {planned}, this run is {target}: the measured memory is not the plan's"
-    if target.preset == "cpu-repack" and weight_memory(files, target) != weight_memory(files, HOST):
+    if target.preset == TargetPreset.CPU_REPACK and weight_memory(files, target) != weight_memory(files, HOST):
         return ("target cpu-repack, but this host's llama.cpp repacks other tensors of this file (its CPU lacks "
                 "AVX2/AVX512 or its build repacks otherwise): the measured memory is not the plan's")
     if target.offload:
@@ -145,11 +143,11 @@ class RunSettings:
 
     limit: int
     ctx: int = DEFAULT_CTX
-    kv_type: str = DEFAULT_KV_TYPE
+    kv_type: KvType = DEFAULT_KV_TYPE
     target: Target = HOST
 
 
-def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = None, kv_type: str | None = None,
+def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = None, kv_type: KvType | None = None,
                  target: Target | None = None) -> tuple[RunSettings, list[str]]:
     """The settings given, the rest from ``plan`` (its memory budget, or its predicted memory when it budgeted
     the file alone; its context, KV type and target), else the defaults; and the lines to say: what comes from
@@ -160,7 +158,7 @@ def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = 
             raise GgufmoeError("give --memory-limit, or --plan to take the plan's")
         return RunSettings(limit, ctx or DEFAULT_CTX, kv_type or DEFAULT_KV_TYPE, target or HOST), []
     planned = {"memory limit": (plan.memory["total"] if plan.weights_only else plan.budget, limit, format_size),
-               "context": (plan.ctx, ctx, str), "KV type": (plan.kv_type, kv_type, str),
+               "context": (plan.ctx, ctx, str), "KV type": (KvType(plan.kv_type), kv_type, str),
                "target": (plan.machine(), target, str)}
     taken = [f"{k} {show(mine)}" for k, (mine, given, show) in planned.items() if given is None]
     notes = [f"from the plan: {', '.join(taken)}"] if taken else []
@@ -173,7 +171,7 @@ def run_settings(plan: Plan | None, limit: int | None = None, ctx: int | None = 
 
 def validate(path: str | Path, limit: int, ctx: int = DEFAULT_CTX, prompt: str = DEFAULT_PROMPT, n_predict: int = 16,
              threads: int | None = None, timeout: float | None = None, target: Target = HOST,
-             planned: Target | None = None, kv_type: str = DEFAULT_KV_TYPE) -> ValidateResult:
+             planned: Target | None = None, kv_type: KvType = DEFAULT_KV_TYPE) -> ValidateResult:
     """Load and run ``path`` in llama.cpp as ``target`` with a ``kv_type`` KV cache under a memory limit of
     ``limit`` bytes on the whole process (see the module docstring); raise :class:`GgufmoeError` with a
     one-line reason when it does not fit or does not run. A run that does not measure what a plan for
@@ -192,7 +190,7 @@ def validate(path: str | Path, limit: int, ctx: int = DEFAULT_CTX, prompt: str =
         print(f"warning: {warning}", file=sys.stderr)
     cgroup = _Cgroup(limit)
     req = dict(path=str(files[0]), limit=limit, ctx=ctx, prompt=prompt, n_predict=n_predict, threads=threads,
-               cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != "cpu",
+               cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != TargetPreset.CPU,
                offload=target.offload, kv_type=int(KV_TYPES[kv_type]),
                flash_attn=KV_TYPES[kv_type] not in FLOAT_TYPES)  # a quantized V cache needs it, as planned
     env = dict(os.environ, MALLOC_ARENA_MAX="1", GGML_NO_BACKTRACE="1")  # no gdb on a GGML_ASSERT

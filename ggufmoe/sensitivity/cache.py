@@ -2,7 +2,7 @@
 
 The result is stored in the stats file as the JSON string key ``ggufmoe.sensitivity`` (:data:`KEY`),
 with a key hashing the source (config, checkpoint file names and sizes), the statistics, the text,
-the method and its parameters; a later call finds it at once (:func:`load`). The file stays a valid
+the method and its parameters; a later call finds it at once (:func:`cached_sensitivity`). The file stays a valid
 llama.cpp imatrix. Measuring when nothing is cached: :func:`ggufmoe.pipeline.measure.load_or_measure`.
 """
 
@@ -18,12 +18,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggufmoe.source.fingerprint import fingerprint, model_files
-from ggufmoe.arch import architecture_for
 from ggufmoe.model.qtypes import CANDIDATES
 from ggufmoe.sensitivity.cost import METHOD_VERSION, Sensitivity
 from ggufmoe.source.gguf_file import has_magic
-from ggufmoe.source.hf import HFSource
-from ggufmoe.stats.file import Stats, load_stats, save_stats
+from ggufmoe.stats.file import Stats, save_stats
+from ggufmoe.stats.opened import OpenedModel
 
 KEY = "ggufmoe.sensitivity"  # stats-file key holding the cached result (JSON)
 
@@ -63,34 +62,28 @@ def _text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()
 
 
-def cached_sensitivity(src_dir: str | Path, stats: Stats, text: str | None, **kw) -> Sensitivity | None:
-    """The sensitivity stored with ``stats`` if it was measured on this source, these statistics, this
-    text (any text when None) and with these parameters (``kw`` of
+def cached_sensitivity(model: OpenedModel, text: str | None, **kw) -> Sensitivity | None:
+    """The sensitivity stored with ``model``'s statistics if it was measured on this source, these statistics,
+    this text (any text when None) and with these parameters (``kw`` of
     :func:`ggufmoe.pipeline.measure.measure_sensitivity`)."""
-    raw = stats.extras.get(KEY)
+    raw = model.stats.extras.get(KEY)
     if not raw:
         return None
     try:
         d = json.loads(raw)
-        if d.get("key") != _cache_key(src_dir, stats, kw) or (text is not None and d.get("text") != _text_hash(text)):
+        if d.get("key") != _cache_key(model.path, model.stats, kw) or \
+                (text is not None and d.get("text") != _text_hash(text)):
             return None
         return Sensitivity.from_dict(d["sensitivity"])
     except (json.JSONDecodeError, KeyError, TypeError):
         return None  # damaged or from another version: measure again
 
 
-def load(src_dir: str | Path, stats_path: str | Path, text: str | None, **kw) -> tuple[Stats, Sensitivity | None]:
-    """The statistics of ``stats_path`` and the sensitivity cached there for this source, text and
-    parameters (:func:`cached_sensitivity`; None when there is none)."""
-    stats = load_stats(Path(stats_path), top_k=architecture_for(HFSource(src_dir)).top_k)
-    return stats, cached_sensitivity(src_dir, stats, text, **kw)
-
-
-def store(src_dir: str | Path, stats_path: str | Path, text: str, sens: Sensitivity, **kw) -> None:
-    """Cache ``sens`` (measured on ``text`` with ``kw``) in the stats file; a ``.dat`` imatrix cannot hold it."""
-    if not has_magic(Path(stats_path), "stats"):
+def store(model: OpenedModel, text: str, sens: Sensitivity, **kw) -> None:
+    """Cache ``sens`` (measured on ``text`` with ``kw``) with ``model``'s statistics and write them to their file
+    (a ``.dat`` imatrix cannot hold it)."""
+    if not has_magic(model.stats_path, "stats"):
         return
-    stats = load_stats(stats_path, top_k=architecture_for(HFSource(src_dir)).top_k)
-    stats.extras[KEY] = json.dumps(dict(key=_cache_key(src_dir, stats, kw), text=_text_hash(text),
-                                        sensitivity=asdict(sens)))
-    save_stats(stats, stats_path)
+    model.stats.extras[KEY] = json.dumps(dict(key=_cache_key(model.path, model.stats, kw), text=_text_hash(text),
+                                              sensitivity=asdict(sens)))
+    save_stats(model.stats, model.stats_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Mapping
 
 from gguf import GGMLQuantizationType as T
@@ -30,6 +31,15 @@ from ggufmoe.quant.rules import EMBEDDING_SUBSTITUTE
 
 PROBE_TYPE = T.Q3_K  # the anchor type: each class is calibrated there (see :mod:`.fit`)
 METHOD_VERSION = 3  # part of the cache key: a new version measures again
+
+
+class SensitivityMode(StrEnum):
+    """How a budget plan's costs are made from the statistics (``--sensitivity``): probes through llama.cpp, the
+    calibration's local errors alone, or ``auto`` (probes for a small model, local errors for a big one)."""
+
+    AUTO = "auto"
+    PROBES = "probes"
+    LOCAL = "local"
 
 
 @dataclass

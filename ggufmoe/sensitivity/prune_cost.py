@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ggufmoe.prune.criteria import Pruning, PruneRequest, prune_key
+from ggufmoe.prune.criteria import Criterion, Pruning, PruneRequest, prune_key
 from ggufmoe.sensitivity.local_costs import Profile, depth
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.local_errors import LocalErrors
@@ -79,7 +79,7 @@ def probe_pruning(arch, stats: Stats, keeps: list[int], fraction: float = 0.75) 
     """A pruning a probe measures: the keep count of ``keeps`` nearest ``fraction`` of the experts, by REAP
     (frequency without routing statistics)."""
     keep = min(keeps, key=lambda k: abs(k - fraction * arch.n_expert))
-    return PruneRequest(keep=keep, criterion="reap" if stats.has_routing else "frequency")
+    return PruneRequest(keep=keep, criterion=Criterion.REAP if stats.has_routing else Criterion.FREQUENCY)
 
 
 def fit_pruning(units: list[float], kls: list[float]) -> tuple[float, float]:

@@ -90,6 +90,46 @@ _SPECIAL_TOKEN_KEYS: dict[str, Callable[[gguf.GGUFWriter, int], None]] = {  # to
 
 def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
     """Add the ``tokenizer.ggml.*`` keys for ``model_dir``'s tokenizer, padded to ``vocab_size`` tokens."""
+    tokenizer_keys(model_dir, vocab_size).write(w)
+
+
+@dataclass(frozen=True)
+class TokenizerKeys:
+    """A tokenizer as llama.cpp's ``tokenizer.ggml.*`` keys, read once and written into any number of headers."""
+
+    byte_level: bool
+    pre: str
+    tokens: list[str]
+    types: list[TokenType]
+    merges: list[str]  # byte-level BPE: "a b" pairs
+    scores: list[float]  # SentencePiece-style: a score per token
+    space_prefix: bool
+    special_ids: dict[str, int]
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+    def write(self, w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("gpt2" if self.byte_level else "llama")
+        w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        w.add_token_types(self.types)
+        if self.byte_level:
+            w.add_token_merges(self.merges)
+        else:
+            w.add_token_scores(self.scores)
+            w.add_add_space_prefix(self.space_prefix)
+        for name, token_id in self.special_ids.items():
+            _SPECIAL_TOKEN_KEYS[name](w, token_id)
+        w.add_add_bos_token(self.add_bos)
+        w.add_add_eos_token(self.add_eos)
+        if self.chat_template:
+            w.add_chat_template(self.chat_template)
+
+
+def tokenizer_keys(model_dir: Path, vocab_size: int) -> TokenizerKeys:
+    """``model_dir``'s tokenizer read and checked, padded to ``vocab_size`` tokens (everything that can fail fails
+    here, before a header is written)."""
     path, tok = _read_tokenizer(model_dir)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     model = tok["model"]
@@ -101,26 +141,11 @@ def write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> Non
     merges = _merges(path, model)
     special_ids = _special_token_ids(model_dir, tok, cfg, {t: i for i, t in enumerate(tokens)})
     add_bos, add_eos = _template_adds(tok.get("post_processor"))
-
-    w.add_tokenizer_model("gpt2" if byte_level else "llama")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if byte_level:
-        w.add_token_merges([f"{a} {b}" for a, b in merges])
-    else:
-        w.add_token_scores(_spm_scores(tokens, merges))
-        w.add_add_space_prefix(space_prefix)
-
-    for name, token_id in special_ids.items():
-        _SPECIAL_TOKEN_KEYS[name](w, token_id)
-    w.add_add_bos_token(bool(cfg.get("add_bos_token", add_bos)))
-    w.add_add_eos_token(bool(cfg.get("add_eos_token", add_eos)))
     template = model_dir / "chat_template.jinja"
-    if template.is_file():
-        w.add_chat_template(template.read_text(encoding="utf-8"))
-    elif cfg.get("chat_template"):
-        w.add_chat_template(cfg["chat_template"])
+    return TokenizerKeys(byte_level, pre, tokens, types, [f"{a} {b}" for a, b in merges] if byte_level else [],
+                         [] if byte_level else _spm_scores(tokens, merges), space_prefix, special_ids,
+                         bool(cfg.get("add_bos_token", add_bos)), bool(cfg.get("add_eos_token", add_eos)),
+                         template.read_text(encoding="utf-8") if template.is_file() else cfg.get("chat_template"))
 
 
 def token_texts(model_dir: Path, vocab_size: int) -> list[str]:
