@@ -2,7 +2,7 @@
 ``python tests/hooked_cli.py ARGS...``; :func:`cli_run.cli_command` picks it when a hook is set).
 
 The production code calls hooks that do nothing (:func:`ggufmoe.gguf.writer.tensor_recorded`,
-:func:`ggufmoe.stats.stream.layer_half_done`); this launcher replaces them from its environment:
+:func:`ggufmoe.stats.layer_pass.layer_half_done`); this launcher replaces them from its environment:
 
 - ``GGUFMOE_TEST_WAIT_AFTER=N`` and ``GGUFMOE_TEST_WAIT_FILE=PATH``: once the N-th tensor is complete and
   recorded, create ``PATH.ready`` and wait until PATH exists. The test sends SIGINT/SIGTERM, or fills the disk,
@@ -40,10 +40,10 @@ def install(env: dict[str, str]) -> None:
         after, gate = int(env[WAIT_AFTER]), Path(env[WAIT_FILE])
         writer.tensor_recorded = lambda done: wait_for(gate) if done == after else None
     if env.get(INTERRUPT_LAYER):
-        from ggufmoe.stats import stream  # torch: only for the runs that calibrate
+        from ggufmoe.stats import layer_pass  # torch: only for the runs that calibrate
 
         layer = int(env[INTERRUPT_LAYER])
-        stream.layer_half_done = lambda k: signal.raise_signal(signal.SIGINT) if k == layer else None
+        layer_pass.layer_half_done = lambda k: signal.raise_signal(signal.SIGINT) if k == layer else None
 
 
 if __name__ == "__main__":
