@@ -29,7 +29,7 @@ from common import eval_chunks, score as score_gguf  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
-from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.pipeline.planning import build_plan, options_from_plan  # noqa: E402
 from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, SHARED, reference_parser, reference_work, score  # noqa: E402
 
-from ggufmoe.pipeline.budget import build_plan, options_from_plan  # noqa: E402
+from ggufmoe.pipeline.planning import build_plan, options_from_plan  # noqa: E402
 from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.plan.allocate import active_bytes as plan_active_bytes  # noqa: E402

@@ -34,7 +34,7 @@ from ggufmoe.arch import architecture_for  # noqa: E402
 from ggufmoe.pipeline.measure import measure_sensitivity  # noqa: E402
 from ggufmoe.sensitivity.defaults import GAUSSIAN_REL_ERROR, derive_defaults, gaussian_rel_errors  # noqa: E402
 from ggufmoe.source.hf import HFSource  # noqa: E402
-from ggufmoe.pipeline.budget import pruning_kl  # noqa: E402
+from ggufmoe.pipeline.planning import pruning_kl  # noqa: E402
 from ggufmoe.stats.opened import OpenedModel  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.prune.criteria import PruneRequest, choose_experts  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ggufmoe.pipeline.budget import build_plan  # noqa: E402
+from ggufmoe.pipeline.planning import build_plan  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.plan.report import format_plan  # noqa: E402
 

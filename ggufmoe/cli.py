@@ -399,7 +399,7 @@ def plan(src: Path, budget: Budget, stats: Path | None, calib: Path | None, rule
     file (default sensitivities; no tensor above the type it stores unless --tensor-type pins it).
     """
     from ggufmoe.outputs import check_outputs
-    from ggufmoe.pipeline.budget import build_plan
+    from ggufmoe.pipeline.planning import build_plan
     from ggufmoe.plan.report import format_plan
     from ggufmoe.stats.text import read_text
     from ggufmoe.quant.rules import TypeRules

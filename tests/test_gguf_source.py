@@ -17,7 +17,7 @@ from ggufmoe.runtime.evaluate import evaluate
 from ggufmoe.stats.imatrix import save_imatrix
 from ggufmoe.runtime.llama_quantize import llama_quantize
 from ggufmoe.runtime.logprobs import llama_logprobs
-from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.pipeline.planning import build_plan, options_from_plan
 from ggufmoe.plan.budget import Budget
 from ggufmoe.plan.report import format_plan
 from ggufmoe.prune.criteria import PruneRequest

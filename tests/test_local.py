@@ -18,7 +18,7 @@ import tiny_models
 from prune_hf import prune_hf_model
 from ggufmoe.arch import architecture_for
 from ggufmoe.model.qtypes import effective_type
-from ggufmoe.pipeline.budget import build_plan
+from ggufmoe.pipeline.planning import build_plan
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.plan.budget import Budget
 from ggufmoe.prune.criteria import (PruneRequest, choose_experts, keep_counts, prune_key, reachable_experts,
@@ -139,7 +139,7 @@ def test_top_k_auto_and_speed_target(qwen3, tmp_path):
     from gguf import GGUFReader
 
     from ggufmoe.errors import GgufmoeError
-    from ggufmoe.pipeline.budget import options_from_plan
+    from ggufmoe.pipeline.planning import options_from_plan
     from ggufmoe.pipeline.convert import ConvertOptions, convert
     from ggufmoe.quant.rules import TypeRules
 

@@ -12,7 +12,7 @@ import tiny_models
 from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.pipeline.planning import build_plan, options_from_plan
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.budget import Budget, model_fingerprint
 from ggufmoe.quant.rules import TypeRules

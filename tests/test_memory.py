@@ -49,8 +49,8 @@ def prepared_writer(src_dir, types: TypeRules, out: Path, split: int = 0, stats:
     st = load_stats(stats, top_k=arch.top_k) if stats else None
     plan = choose_experts(arch, st, prune or PruneRequest())
     arch, specs = prune_model(arch, plan)
-    plans = assign_types(specs, types, st.imatrix if st else None)
-    return prepare_output(src, arch, plans, plan, types, out, split, st.imatrix if st else None, stats).writer
+    typed = assign_types(specs, types, st.imatrix if st else None)
+    return prepare_output(src, arch, typed, plan, types, out, split, st.imatrix if st else None, stats).writer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import tiny_models
 from cli_run import GGUFMOE
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.pipeline.planning import build_plan, options_from_plan
 from ggufmoe.plan.budget import Budget
 from ggufmoe.quant.rules import TypeRules
 

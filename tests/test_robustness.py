@@ -22,8 +22,8 @@ from cli_run import assert_one_line_error, cli_command, run
 from hooked_cli import INTERRUPT_LAYER
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError, Interrupted
-from ggufmoe.pipeline import budget as budget_flow
-from ggufmoe.pipeline.budget import convert_to_budget
+from ggufmoe.pipeline import planning as budget_flow
+from ggufmoe.pipeline.planning import convert_to_budget
 from ggufmoe.pipeline.convert import ConvertOptions
 from ggufmoe.plan.budget import Budget
 from ggufmoe.quant.rules import TypeRules

@@ -11,7 +11,7 @@ import tiny_models
 from memory_check import model_part_error
 from cli_run import assert_one_line_error, run
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.budget import build_plan, options_from_plan
+from ggufmoe.pipeline.planning import build_plan, options_from_plan
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import weight_memory

@@ -78,7 +78,7 @@ def test_not_a_gguf(tmp_path):
 def test_planned_gguf_memory_matches_peak_rss(tmp_path):
     """A plan for a memory budget (file + runtime at its ctx): its predicted total is within 5% of the
     peak RSS llama.cpp reaches loading it and filling the context, and it fits its own prediction."""
-    from ggufmoe.pipeline.budget import build_plan, options_from_plan
+    from ggufmoe.pipeline.planning import build_plan, options_from_plan
     from ggufmoe.plan.budget import Budget
 
     plan = build_plan(tiny_models.REF_MODEL, Budget(120 * 2**20, ctx=1024), progress=False)

@@ -58,15 +58,15 @@ class Piece:
     """One part of a tensor as read from the source, in write order: the stored bytes to copy, or
     float32 rows to quantize with their importance rows (one row, or one per outermost slice)."""
 
-    plan: TypedTensor
+    tensor: TypedTensor
     data: np.ndarray
     importance: np.ndarray | None = None
 
 
-def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None, nonfinite: NonFinite) -> Iterator[Piece]:
+def read_pieces(typed: list[TypedTensor], imatrix: Imatrix | None, nonfinite: NonFinite) -> Iterator[Piece]:
     """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time, its non-finite
     values set to 0 and counted by ``nonfinite``, which refuses them once the tensor is read."""
-    for p in plans:
+    for p in typed:
         name = p.spec.name
         for i in range(p.spec.n_parts):
             if p.copies:
@@ -80,7 +80,7 @@ def read_pieces(plans: list[TypedTensor], imatrix: Imatrix | None, nonfinite: No
 
 def encode(piece: Piece, q: Quantizer) -> np.ndarray:
     """The bytes written for ``piece``. Quantized rows are contiguous in GGUF, so parts are written in order."""
-    p, rows = piece.plan, piece.importance
+    p, rows = piece.tensor, piece.importance
     if p.copies:
         return piece.data
     if rows is not None and len(rows) > 1:
@@ -146,21 +146,21 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
         raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
                            f"{src.path} has {arch.n_expert}")
     arch, specs = prune_model(arch, prune)
-    plans = assign_types(specs, opts.types, imatrix)
-    out = prepare_output(src, arch, plans, prune, opts.types, opts.out, opts.split_max_size, imatrix,
+    typed = assign_types(specs, opts.types, imatrix)
+    out = prepare_output(src, arch, typed, prune, opts.types, opts.out, opts.split_max_size, imatrix,
                          opts.imatrix or opts.stats)
     try:
         with out:
             done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
             if done:
-                tqdm.write(f"resuming: {done} of {len(plans)} tensors are written already", file=sys.stderr)
+                tqdm.write(f"resuming: {done} of {len(typed)} tensors are written already", file=sys.stderr)
             nonfinite = NonFinite(opts.zero_nonfinite)
             with (Quantizer(opts.threads) as q,
-                  read_ahead(read_pieces(plans[done:], imatrix, nonfinite)) as pieces,
-                  tqdm(total=sum(p.nbytes for p in plans), unit="B", unit_scale=True, desc="convert",
+                  read_ahead(read_pieces(typed[done:], imatrix, nonfinite)) as pieces,
+                  tqdm(total=sum(p.nbytes for p in typed), unit="B", unit_scale=True, desc="convert",
                        disable=not opts.progress) as bar):
-                bar.update(sum(p.nbytes for p in plans[:done]))
-                for name, group in itertools.groupby(pieces, key=lambda piece: piece.plan.spec.name):
+                bar.update(sum(p.nbytes for p in typed[:done]))
+                for name, group in itertools.groupby(pieces, key=lambda piece: piece.tensor.spec.name):
                     out.write_tensor(name, encoded(group, q, bar))
             paths = out.finish()
             if (replaced := nonfinite.summary()) is not None:
@@ -169,7 +169,7 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
     except KeyboardInterrupt:
         if not out.kept:
             raise
-        raise Interrupted(f"{out.tensors_done} of {len(plans)} tensors are kept in {out.state_dir}: "
+        raise Interrupted(f"{out.tensors_done} of {len(typed)} tensors are kept in {out.state_dir}: "
                           f"run the same command with --resume to continue") from None
     except OSError as e:
         kept = f"; {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.budget import check_plan, convert_to_budget, options_from_plan
+from ggufmoe.pipeline.planning import check_plan, convert_to_budget, options_from_plan
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.mix import convert_mix
 from ggufmoe.plan.budget import Budget, Plan

@@ -23,7 +23,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.card import CardInputs, build_card, file_facts, write_card
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.pipeline.budget import build_plan, check_budget_possible, options_from_plan
+from ggufmoe.pipeline.planning import build_plan, check_budget_possible, options_from_plan
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.quant.rules import TypeRules

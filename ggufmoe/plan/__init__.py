@@ -7,5 +7,5 @@ memory    llama.cpp's runtime memory (weights, KV cache, compute buffers)
 target    the machine a plan is for (--target): CPU repacks, GPU offload
 report    the plan as text, notes on a GGUF source's types
 
-Making a plan from a model (statistics, sensitivities, pruning cost): :mod:`ggufmoe.pipeline.budget`.
+Making a plan from a model (statistics, sensitivities, pruning cost): :mod:`ggufmoe.pipeline.planning`.
 """

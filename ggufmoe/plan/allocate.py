@@ -188,15 +188,15 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         if config_only and keep < arch.n_expert:
             # which experts is decided at conversion, from calibration; placeholders keep the shapes right
             _, top_k = resolve(arch, PruneRequest(keep=keep, top_k=k))
-            pplan = _placeholder_kept(arch, Pruning(arch.n_expert, arch.top_k, keep, top_k, crit, 0.5))
+            pruning = _placeholder_kept(arch, Pruning(arch.n_expert, arch.top_k, keep, top_k, crit, 0.5))
         else:
-            pplan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit, top_k=k))
-        pruned, specs = prune_model(arch, pplan)
+            pruning = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit, top_k=k))
+        pruned, specs = prune_model(arch, pruning)
         tied = not any(role(s.name) == OUTPUT for s in specs)
         groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack,
                                       placement(s.name, target, tied)) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
-        overhead = overhead_bytes(src, pruned, specs, first, pplan, stats, stats_path)
+        overhead = overhead_bytes(src, pruned, specs, first, pruning, stats, stats_path)
         runtime = runtime_memory(pruned, 0, budget.ctx, budget.kv_type, target=target)
         fixed = (0 if target.offload else overhead) + (0 if budget.weights_only else runtime.total)
         limit = budget.total - fixed
@@ -219,13 +219,13 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                 choice = None
                 break
             types = {name: o.qtype for name, o in choice.items()}
-            writer = planned_output(src, pruned, specs, types, pplan, stats, stats_path).writer
+            writer = planned_output(src, pruned, specs, types, pruning, stats, stats_path).writer
             size, wm = file_bytes(writer), weight_memory(writer, target)
             mem = runtime_memory(pruned, wm.mapped, budget.ctx, budget.kv_type, repacked_bytes=wm.repacked,
                                  gpu_weights_bytes=wm.gpu, target=target)
             over = (size if budget.weights_only else mem.total) - budget.total
             gpu_over = mem.gpu_total - target.gpu_memory if target.offload else 0
-            active = active_bytes(specs, types, pplan.top_k)
+            active = active_bytes(specs, types, pruning.top_k)
             slow = active - budget.max_active if budget.max_active is not None else 0
             if over <= 0 and slow <= 0 and gpu_over <= 0:
                 break
@@ -248,16 +248,16 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         if choice is None:
             continue
         quant = sens.combined(sum(o.cost for o in choice.values()))
-        pcost = prune_kl(pplan)
+        pcost = prune_kl(pruning)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
                     kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
-                    top_k_source=arch.top_k, keep=keep, top_k=pplan.top_k, criterion=crit, kept=pplan.kept,
+                    top_k_source=arch.top_k, keep=keep, top_k=pruning.top_k, criterion=crit, kept=pruning.kept,
                     types={n: t.name for n, t in types.items()},
                     tensor_bytes={s.name: TypedTensor(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
                     memory=_memory_dict(mem, target),
                     predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path,
                     active_bytes=active, target=str(target))
-        candidates.append(dict(keep=keep, top_k=pplan.top_k, file_bytes=size, active_bytes=active,
+        candidates.append(dict(keep=keep, top_k=pruning.top_k, file_bytes=size, active_bytes=active,
                                predicted_kld=plan.predicted_kld["total"]))
         if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:
             best, best_specs = plan, specs
@@ -305,8 +305,8 @@ def active_bytes(specs: list[TensorSpec], types: dict[str, T], top_k: int) -> in
     return total
 
 
-def _placeholder_kept(arch: Architecture, pplan: Pruning) -> Pruning:
+def _placeholder_kept(arch: Architecture, pruning: Pruning) -> Pruning:
     groups = arch.expert_groups[0] if arch.expert_groups else 1
     layers = sorted({s.layer for s in arch.tensors() if s.is_expert})
-    pplan.kept = {il: choose(np.zeros(arch.n_expert), pplan.keep, groups) for il in layers}
-    return pplan
+    pruning.kept = {il: choose(np.zeros(arch.n_expert), pruning.keep, groups) for il in layers}
+    return pruning

@@ -2,7 +2,7 @@
 tensor, as written to PLAN.json and executed by ``convert --plan``.
 
 The plan is chosen by :mod:`ggufmoe.plan.allocate` (made by ``ggufmoe plan``:
-:func:`ggufmoe.pipeline.budget.build_plan`) and shown by :mod:`ggufmoe.plan.report`.
+:func:`ggufmoe.pipeline.planning.build_plan`) and shown by :mod:`ggufmoe.plan.report`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Budget:
     there: ``top_k_auto`` lets it change the experts used per token; ``max_active`` caps the weight bytes one
     token reads (a speed target: decoding is bound by them); ``keep`` fixes the experts kept per layer (only the
     types are chosen); ``criterion`` which experts a pruning keeps; ``sensitivity`` how costs are made
-    (:func:`ggufmoe.pipeline.budget.build_plan`). ``target``: the machine it runs on; with a cuda target ``total``
+    (:func:`ggufmoe.pipeline.planning.build_plan`). ``target``: the machine it runs on; with a cuda target ``total``
     is host memory and the target's GPU memory must hold the offloaded rest."""
 
     total: int

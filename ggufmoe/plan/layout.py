@@ -39,15 +39,15 @@ def padded(n: int) -> int:
 def assign_types(specs: list[TensorSpec], types: TypeRules, imatrix: Imatrix | None) -> list[TypedTensor]:
     """A type for every tensor; fails before anything is written if an imatrix is needed but missing,
     or has an entry that does not fit its tensor."""
-    plans = [TypedTensor(spec, types.type_for(spec)) for spec in specs]
-    for p in plans:
+    typed = [TypedTensor(spec, types.type_for(spec)) for spec in specs]
+    for p in typed:
         if p.copies:
             continue
         rows = importance(p.spec, 0, imatrix)
         if rows is None and requires_imatrix(p.qtype):
             what = "no --imatrix given" if imatrix is None else "the imatrix has no entry for it"
             raise GgufmoeError(f"{p.spec.name}: type {p.qtype.name} needs an importance matrix, but {what}")
-    return plans
+    return typed
 
 
 def write_general_metadata(w: gguf.GGUFWriter, src, arch: Architecture, types: TypeRules) -> None:
@@ -60,14 +60,14 @@ def write_general_metadata(w: gguf.GGUFWriter, src, arch: Architecture, types: T
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def imatrix_keys(plans: list[TypedTensor], imatrix: Imatrix | None, path: str | Path | None) -> QuantizeKeys:
+def imatrix_keys(typed: list[TypedTensor], imatrix: Imatrix | None, path: str | Path | None) -> QuantizeKeys:
     """llama-quantize's ``quantize.imatrix.*`` keys (file name, not path) when ``imatrix`` shapes a quantized tensor."""
-    if imatrix is None or path is None or all(p.copies or p.qtype in FLOAT_TYPES for p in plans):
+    if imatrix is None or path is None or all(p.copies or p.qtype in FLOAT_TYPES for p in typed):
         return []
     return quantize_keys(imatrix, Path(path).name)
 
 
-def prepare_output(src, arch: Architecture, plans: list[TypedTensor], prune: Pruning, types: TypeRules,
+def prepare_output(src, arch: Architecture, typed: list[TypedTensor], prune: Pruning, types: TypeRules,
                    out: Path, split_max_size: int = 0, imatrix: Imatrix | None = None,
                    imatrix_path: str | Path | None = None) -> GGUFOutput:
     """Everything the file will hold but the tensor data: metadata and tensor infos (nothing written yet).
@@ -76,23 +76,23 @@ def prepare_output(src, arch: Architecture, plans: list[TypedTensor], prune: Pru
     write_general_metadata(output.writer, src, arch, types)
     arch.write_metadata(output.writer)
     write_provenance(output.writer, src.name, prune)
-    write_quantize_keys(output.writer, imatrix_keys(plans, imatrix, imatrix_path))
+    write_quantize_keys(output.writer, imatrix_keys(typed, imatrix, imatrix_path))
     arch.write_tokenizer(output.writer)
-    for p in plans:
+    for p in typed:
         output.add_tensor_info(p.spec.name, p.spec.shape, p.qtype, p.nbytes)
     return output
 
 
-def planned_output(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: Pruning,
+def planned_output(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pruning: Pruning,
                    stats: Stats | None, stats_path: str | None) -> GGUFOutput:
     """The output convert will prepare for these types (nothing written): its header gives exact bytes."""
-    plans = [TypedTensor(s, types[s.name]) for s in specs]
-    return prepare_output(src, arch, plans, pplan, TypeRules(T.Q8_0), Path("plan.gguf"),
+    typed = [TypedTensor(s, types[s.name]) for s in specs]
+    return prepare_output(src, arch, typed, pruning, TypeRules(T.Q8_0), Path("plan.gguf"),
                           imatrix=stats.imatrix if stats else None, imatrix_path=stats_path)
 
 
-def overhead_bytes(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pplan: Pruning,
+def overhead_bytes(src, arch: Architecture, specs: list[TensorSpec], types: dict[str, T], pruning: Pruning,
                    stats: Stats | None, stats_path: str | None) -> int:
     """Bytes of the file that are not (padded) tensor data: header, metadata, tensor infos."""
-    out = planned_output(src, arch, specs, types, pplan, stats, stats_path)
+    out = planned_output(src, arch, specs, types, pruning, stats, stats_path)
     return file_bytes(out.writer) - sum(padded(ti.nbytes) for t in out.writer.tensors for ti in t.values())
