@@ -1,13 +1,14 @@
 """How often one command opens its inputs: sources, statistics files, GGUF headers, llama.cpp's system info.
 
     python eval/bench_open_once.py [WORKDIR] [--synthetic-layers 2] [--synthetic-experts 32] [--shard-size 64MB]
+                                   [--package CHECKOUT]   # the ggufmoe of another checkout (before/after)
 
 Runs, each in a child process with an empty cache folder (``XDG_CACHE_HOME``, so cold):
 
-- ``convert models/refmoe-qwen3 --budget 104MiB --ctx 1024 --calib data/calib-sample.txt``;
-- ``plan SYNTH --budget ...`` of a DeepSeek-V3-width synthetic checkpoint (``tools/make_synthetic.py``,
-  few layers and experts, many small shards), without ``--stats``: calibrating a DeepSeek-V3-width model
-  takes far longer than this benchmark should.
+- ``convert models/refmoe-qwen3 --budget 112MiB --ctx 1024 --calib data/calib-sample.txt``;
+- ``plan SYNTH --budget ... --stats STATS`` of a DeepSeek-V3-width synthetic checkpoint
+  (``tools/make_synthetic.py``, few layers and experts, many small shards), its statistics from a streamed
+  calibration on ``--synthetic-tokens`` tokens (made once, outside the counted command, by this checkout).
 
 The child wraps, before running the command in-process, the functions that open things and counts
 their calls: ``HFSource`` constructions and safetensors shard headers read, statistics files read and
@@ -74,12 +75,12 @@ def child(out: Path, argv: list[str]) -> None:
     out.write_text(json.dumps(counts))
 
 
-def run(work: Path, name: str, argv: list[str]) -> dict:
-    """One cold command in a child process; its counts."""
+def run(work: Path, name: str, argv: list[str], package: Path) -> dict:
+    """One cold command in a child process running the ggufmoe of ``package``; its counts."""
     cache = work / f"cache-{name}"
     cache.mkdir(exist_ok=True)
     res = work / f"{name}.json"
-    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(package)}
     subprocess.run([sys.executable, __file__, "--child", str(res), *argv], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     return json.loads(res.read_text())
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--synthetic-experts", default="32")
     ap.add_argument("--shard-size", default="64MB")
     ap.add_argument("--plan-budget", default="3GiB")
+    ap.add_argument("--synthetic-tokens", default="256", help="calibration tokens of the synthetic model")
+    ap.add_argument("--package", type=Path, default=ROOT, help="checkout whose ggufmoe runs [default: this one]")
     if sys.argv[1:2] == ["--child"]:  # the counted command: --child RESULT ARGV...
         child(Path(sys.argv[2]), sys.argv[3:])
         return
@@ -99,16 +102,22 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-open-once-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {"convert_ref": run(work, "convert_ref", [
-        "convert", str(REF), "-o", str(work / "ref.gguf"), "--budget", "104MiB", "--ctx", "1024",
-        "--calib", str(CALIB), "-q"])}
+        "convert", str(REF), "-o", str(work / "ref.gguf"), "--budget", "112MiB", "--ctx", "1024",
+        "--calib", str(CALIB), "-q"], args.package)}
     synth = work / "synth"
     if not (synth / "config.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(synth), "--layers",
                         args.synthetic_layers, "--experts", args.synthetic_experts, "--shard-size", args.shard_size,
                         "-q"], check=True)
     results["synth_shards"] = len(list(synth.glob("*.safetensors")))
+    stats = work / "synth.stats.gguf"
+    if not stats.is_file():
+        subprocess.run([sys.executable, "-c", "from ggufmoe.cli import main; main()", "calibrate", str(synth),
+                        "--text", str(CALIB), "--max-tokens", args.synthetic_tokens, "-o", str(stats), "-q"],
+                       check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
     results["plan_synth"] = run(work, "plan_synth", [
-        "plan", str(synth), "--budget", args.plan_budget, "--ctx", "1024", "-o", str(work / "synth-plan.json")])
+        "plan", str(synth), "--budget", args.plan_budget, "--ctx", "1024", "--stats", str(stats), "-o",
+        str(work / "synth-plan.json")], args.package)
     print(json.dumps(results, indent=1))
 
 

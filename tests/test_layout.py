@@ -144,3 +144,12 @@ def test_architecture_knowledge_stays_in_arch():
         if found:
             bad[name] = found
     assert not bad, bad
+
+
+MAX_MODULE_LINES = 400  # a module bigger than this has more than one job (cli.py only parses and calls)
+
+
+def test_small_modules():
+    big = {name: n for name, path in modules().items()
+           if name != "ggufmoe.cli" and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not big, f"modules over {MAX_MODULE_LINES} lines: {big}"

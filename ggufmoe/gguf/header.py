@@ -8,12 +8,18 @@ the alignment. Serialised sizes are computed here from the value types (no gguf-
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from gguf import GGUFValueType as V, GGUFWriter
 from gguf.constants import Keys
 
 _FIXED = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4,
           V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
 HEADER = 4 + 4 + 8 + 8  # magic, version, tensor count, KV count
+# Bytes of the big string arrays seen last (the tokenizer's tokens and merges, the same list objects in every
+# header a planner counts): array id -> (the array, its bytes). Arrays are never changed once added to a writer.
+_COUNTED: OrderedDict[int, tuple[list, int]] = OrderedDict()
+_COUNTED_MIN_ITEMS, _COUNTED_MAX = 1024, 8
 
 
 def string_bytes(s: str | bytes) -> int:
@@ -29,11 +35,24 @@ def value_bytes(value, vtype: V, sub_type: V | None = None) -> int:
         if sub_type is None:
             sub_type = V.UINT8 if isinstance(value, bytes) else V.get_type(value[0])
         if sub_type == V.STRING:
-            return 4 + 8 + sum(string_bytes(v) for v in value)
+            return 4 + 8 + _strings_bytes(value)
         if sub_type == V.ARRAY:
             return 4 + 8 + sum(value_bytes(v, V.ARRAY) for v in value)
         return 4 + 8 + _FIXED[sub_type] * len(value)
     return _FIXED[vtype]
+
+
+def _strings_bytes(items: list) -> int:
+    """Bytes of a string array's items, counted once for a big array."""
+    hit = _COUNTED.get(id(items))
+    if hit is not None and hit[0] is items:
+        return hit[1]
+    n = sum(string_bytes(v) for v in items)
+    if len(items) >= _COUNTED_MIN_ITEMS:
+        _COUNTED[id(items)] = (items, n)
+        if len(_COUNTED) > _COUNTED_MAX:
+            _COUNTED.popitem(last=False)
+    return n
 
 
 def _kv(w: GGUFWriter, shard: int) -> dict[str, tuple[object, V, V | None]]:
