@@ -93,8 +93,9 @@ def ref_outputs(work: Path) -> dict:
     ggufmoe(work, "convert", REF, "-o", work / "pruned.gguf", "--type", "Q4_K", "--stats", stats, "--keep", "16",
             "--criterion", "reap")
     ggufmoe(work, "convert", work / "q4k.gguf", "-o", work / "gguf-pruned.gguf", "--stats", stats, "--keep", "18")
+    # the options explicit, with the values they defaulted to before issue 24 made one default for each
     ggufmoe(work, "plan", REF, "--budget", "12M", "--weights-only", "--stats", stats, "--calib", CALIB,
-            "-o", work / "plan.json")
+            "--ctx", "8192", "--criterion", "reap", "-o", work / "plan.json")
     ggufmoe(work, "convert", REF, "-o", work / "planned.gguf", "--plan", work / "plan.json")
     for name in ["q4k.gguf", "pruned.gguf", "gguf-pruned.gguf", "planned.gguf"]:
         out[name] = gguf_hashes(work / name)
