@@ -4,9 +4,11 @@
 The production code calls hooks that do nothing (:func:`ggufmoe.gguf.writer.tensor_recorded`,
 :func:`ggufmoe.stats.layer_pass.layer_half_done`); this launcher replaces them from its environment:
 
-- ``GGUFMOE_TEST_WAIT_AFTER=N`` and ``GGUFMOE_TEST_WAIT_FILE=PATH``: once the N-th tensor is complete and
-  recorded, create ``PATH.ready`` and wait until PATH exists. The test sends SIGINT/SIGTERM, or fills the disk,
-  meanwhile, then creates PATH; a signal raises here, between two complete tensors, as in a real run.
+- ``GGUFMOE_TEST_WAIT_AFTER=N`` and ``GGUFMOE_TEST_WAIT_FDS=READY,GO`` (two pipe ends the test passes on):
+  once the N-th tensor is complete and recorded, write a byte to READY and block reading GO. The test, blocked
+  reading READY until then, sends SIGINT/SIGTERM, fills the disk or runs a second command meanwhile, then
+  writes to GO (or closes it); a signal raises here, between two complete tensors, as in a real run. No
+  polling and no clock: each side blocks on a pipe, and a side that dies closes its ends.
 - ``GGUFMOE_TEST_INTERRUPT_LAYER=N``: SIGINT in the middle of decoder layer N of a streamed calibration.
 """
 
@@ -15,30 +17,26 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
-from pathlib import Path
 
-WAIT_AFTER, WAIT_FILE = "GGUFMOE_TEST_WAIT_AFTER", "GGUFMOE_TEST_WAIT_FILE"
+WAIT_AFTER, WAIT_FDS = "GGUFMOE_TEST_WAIT_AFTER", "GGUFMOE_TEST_WAIT_FDS"
 INTERRUPT_LAYER = "GGUFMOE_TEST_INTERRUPT_LAYER"
-HOOKS = (WAIT_AFTER, WAIT_FILE, INTERRUPT_LAYER)
-WAIT_DEADLINE = 600.0  # against a test that never opens the gate: not a timing assumption
+HOOKS = (WAIT_AFTER, WAIT_FDS, INTERRUPT_LAYER)
 
 
-def wait_for(gate: Path) -> None:
-    gate.with_name(gate.name + ".ready").touch()
-    deadline = time.monotonic() + WAIT_DEADLINE
-    while not gate.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{gate} did not appear within {WAIT_DEADLINE:.0f} s")
-        time.sleep(0.01)
+def pause(ready: int, go: int) -> None:
+    """Say so on ``ready``, then wait for a byte (or the end) on ``go``."""
+    os.write(ready, b"r")
+    os.close(ready)
+    os.read(go, 1)
 
 
 def install(env: dict[str, str]) -> None:
-    if env.get(WAIT_AFTER) and env.get(WAIT_FILE):
+    if env.get(WAIT_AFTER) and env.get(WAIT_FDS):
         from ggufmoe.gguf import writer
 
-        after, gate = int(env[WAIT_AFTER]), Path(env[WAIT_FILE])
-        writer.tensor_recorded = lambda done: wait_for(gate) if done == after else None
+        after = int(env[WAIT_AFTER])
+        ready, go = map(int, env[WAIT_FDS].split(","))
+        writer.tensor_recorded = lambda done: pause(ready, go) if done == after else None
     if env.get(INTERRUPT_LAYER):
         from ggufmoe.stats import layer_pass  # torch: only for the runs that calibrate
 

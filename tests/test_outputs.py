@@ -178,12 +178,12 @@ def other_commands(out: Path, model: Path, small_gguf: Path, text: Path) -> list
             ["modelfile", small_gguf, "-o", out]]
 
 
-def test_interrupted_conversion_survives_the_other_commands(model, small_gguf, calib_text, tmp_path, gate):
+def test_interrupted_conversion_survives_the_other_commands(model, small_gguf, calib_text, tmp_path):
     full = tmp_path / "full.gguf"
     args = ["convert", model, "-o", None, "--type", "Q8_0", "--threads", "1", "-q"]
     assert run(*[full if a is None else a for a in args]).returncode == 0
     out = tmp_path / "o.gguf"
-    proc = run_paused([out if a is None else a for a in args], gate, lambda p: p.send_signal(signal.SIGINT))
+    proc = run_paused([out if a is None else a for a in args], lambda p: p.send_signal(signal.SIGINT))
     assert proc.returncode == 130, proc.stderr
     state = tmp_path / ".o.gguf.partial"
     kept = digest(state)
@@ -212,8 +212,3 @@ def test_interrupted_calibration_survives_the_other_commands(model, small_gguf, 
     assert run(*args, out, "--resume").returncode == 0
     assert not state.exists()
     assert_same_stats(out, full)
-
-
-@pytest.fixture
-def gate(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("gate") / "go"

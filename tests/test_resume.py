@@ -2,8 +2,8 @@
 uninterrupted run gives; the interruption leaves no output file, only the state kept for --resume.
 
 Nothing here depends on timing: the writer's hook, installed by tests/hooked_cli.py
-(``GGUFMOE_TEST_WAIT_AFTER``/``_FILE``), pauses a run after a known number of complete tensors, and the test
-acts (a real SIGINT or SIGTERM, a full disk, a second run) while it waits."""
+(``GGUFMOE_TEST_WAIT_AFTER``/``_FDS``), pauses a run after a known number of complete tensors on a pipe, and
+the test acts (a real SIGINT or SIGTERM, a full disk, a second run) while it waits."""
 
 import contextlib
 import os
@@ -18,7 +18,7 @@ import pytest
 
 import tiny_models
 from cli_run import GGUFMOE, assert_one_line_error, cli_command, run
-from hooked_cli import WAIT_AFTER, WAIT_FILE
+from hooked_cli import WAIT_AFTER, WAIT_FDS
 from ggufmoe.gguf.writer import Progress
 from test_robustness import tmpfs
 
@@ -31,32 +31,30 @@ def convert_args(out: Path, split: str | None) -> list:
     return ["convert", tiny_models.REF_MODEL, "-o", out, *ARGS, *(["--split-max-size", split] if split else [])]
 
 
-@pytest.fixture
-def gate(tmp_path_factory) -> Path:
-    """Where a paused run waits for its go (outside the test's own folder, which tests list)."""
-    return tmp_path_factory.mktemp("gate") / "go"
-
-
-def run_paused(args: list, gate: Path, action: Callable[[subprocess.Popen], None],
-               after: int = 3) -> subprocess.CompletedProcess:
+def run_paused(args: list, action: Callable[[subprocess.Popen], None], after: int = 3) -> subprocess.CompletedProcess:
     """Run ``args``; once exactly ``after`` tensors are complete and recorded, the writer waits: do
-    ``action`` to the waiting process, then let it go on."""
-    hooks = {WAIT_AFTER: str(after), WAIT_FILE: str(gate)}
-    ready = gate.with_name(gate.name + ".ready")
-    proc = subprocess.Popen([*cli_command(hooks), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **hooks})
+    ``action`` to the waiting process, then let it go on. Both sides block on pipes (no polling, no clock)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    hooks = {WAIT_AFTER: str(after), WAIT_FDS: f"{ready_w},{go_r}"}
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not ready.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"exited ({proc.returncode}) before {after} tensors were complete: {proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{after} tensors not complete within {TIMEOUT} s")
-            time.sleep(0.01)
+        proc = subprocess.Popen([*cli_command(hooks), *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, **hooks},
+                                pass_fds=(ready_w, go_r))
+    finally:
+        os.close(ready_w)  # the child holds its own copies: ready reads the end when it exits
+        os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"r":  # the end of the pipe: the child exited before the pause
+            out, err = proc.communicate()
+            pytest.fail(f"exited ({proc.returncode}) before {after} tensors were complete: {err}")
         action(proc)
-        gate.touch()
+        os.write(go_w, b"g")
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
+        for fd in (ready_r, go_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
@@ -68,7 +66,7 @@ def gguf_files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("split, sig", [(None, signal.SIGINT), ("5M", signal.SIGTERM)])
-def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, gate, split, sig):
+def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, split, sig):
     (tmp_path / "full").mkdir()
     (tmp_path / "part").mkdir()
     assert run(*convert_args(tmp_path / "full" / "m.gguf", split)).returncode == 0
@@ -77,7 +75,7 @@ def test_interrupted_conversion_resumes_to_the_identical_file(tmp_path, gate, sp
 
     out = tmp_path / "part" / "m.gguf"
     state = tmp_path / "part" / ".m.gguf.partial"
-    proc = run_paused(convert_args(out, split), gate, lambda p: p.send_signal(sig))  # a real signal, after tensor 3
+    proc = run_paused(convert_args(out, split), lambda p: p.send_signal(sig))  # a real signal, after tensor 3
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("interrupted: ") and "--resume" in lines[0] and str(state) in lines[0]
@@ -143,7 +141,7 @@ def test_resume_without_kept_state_converts_normally(tmp_path):
     assert "resuming" not in proc.stderr and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
 
 
-def test_disk_filled_during_conversion_then_resumed(tmp_path, gate):
+def test_disk_filled_during_conversion_then_resumed(tmp_path):
     """Someone else fills the disk mid-conversion: one line, the complete tensors kept; space freed, --resume."""
     (tmp_path / "full").mkdir()
     assert run(*convert_args(tmp_path / "full" / "m.gguf", None)).returncode == 0
@@ -159,7 +157,7 @@ def test_disk_filled_during_conversion_then_resumed(tmp_path, gate):
                         f.write(bytes(1 << 20))
                         f.flush()
 
-        proc = run_paused(convert_args(out, None), gate, fill_disk)  # full after tensor 3
+        proc = run_paused(convert_args(out, None), fill_disk)  # full after tensor 3
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "No space left on device" in lines[0] and "--resume" in lines[0], lines[0]
@@ -171,10 +169,10 @@ def test_disk_filled_during_conversion_then_resumed(tmp_path, gate):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path, gate, resume):
+def test_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path, resume):
     out = tmp_path / "m.gguf"
     second = []
-    first = run_paused(convert_args(out, None), gate,  # the second runs while the first waits after tensor 1
+    first = run_paused(convert_args(out, None),  # the second runs while the first waits after tensor 1
                        lambda _: second.append(run(*convert_args(out, None), *(["--resume"] if resume else []))),
                        after=1)
     assert_one_line_error(second[0], "another ggufmoe is writing", str(out))
