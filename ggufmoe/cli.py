@@ -107,8 +107,16 @@ class EnumChoice(click.Choice):
 SIZE, SIZES, TARGET = Size(), Sizes(), TargetType()
 KV_TYPE, CRITERION = EnumChoice(KvType), EnumChoice(Criterion)
 FLOAT_KV = (KvType.F32, KvType.F16)  # what eval scores with
-CTX = CHUNK = click.IntRange(min=2)
+CTX = CHUNK = click.IntRange(min=2)  # a context: the tokens llama.cpp holds (and a full one validate fills)
 EVAL_CHUNK = CALIB_CHUNK = 512  # tokens per independent chunk, as llama-perplexity's and llama-imatrix's
+CTX_HELP = "Context llama.cpp runs at (n_ctx)."
+TARGET_HELP = ("The machine: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack (x86 AVX2/AVX512 "
+               "repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
+CRITERION_HELP = ("Which experts pruning keeps: most often routed to, alpha*frequency + (1-alpha)*mean routing weight "
+                  "(best at every keep count measured: eval/results/prune.md), or REAP saliency.")
+SENSITIVITY_HELP = ("How tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
+                    "conversion per tensor class, layer group and three whole-model types), the calibration's local "
+                    "errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local errors above.")
 
 
 def renamed(new: str):
@@ -117,8 +125,7 @@ def renamed(new: str):
         if value is not None:
             raise click.BadParameter(f"here the chunk length is {new}; --ctx is the context plan, convert and "
                                      "validate run at", ctx, param)
-    return refuse  # a context: the tokens llama.cpp holds (and a full one validate fills)
-CTX_HELP = "Context llama.cpp runs at (n_ctx)."
+    return refuse
 
 
 def ctx_option(purpose: str):
@@ -130,13 +137,6 @@ def kv_option(purpose: str):
     """``--kv-type``, the same choices and default wherever memory is counted."""
     return click.option("--kv-type", default=DEFAULT_KV_TYPE.value, show_default=True, type=KV_TYPE,
                         help=f"KV cache type {purpose}")
-TARGET_HELP = ("The machine: host (this llama.cpp's CPU repacks), cpu (repacking off), cpu-repack (x86 AVX2/AVX512 "
-               "repacks) or cuda:SIZE (every layer offloaded to a GPU of SIZE memory).")
-CRITERION_HELP = ("Which experts pruning keeps: most often routed to, alpha*frequency + (1-alpha)*mean routing weight "
-                  "(best at every keep count measured: eval/results/prune.md), or REAP saliency.")
-SENSITIVITY_HELP = ("How tensor and pruning costs are made from the statistics: probes through llama.cpp (one "
-                    "conversion per tensor class, layer group and three whole-model types), the calibration's local "
-                    "errors alone (nothing converted), or auto: probes up to 2 GiB of F16 weights, local errors above.")
 
 
 def budget_options(size: str | None, required: bool = False, memory_flag: str = "--weights-only"):
@@ -149,7 +149,8 @@ def budget_options(size: str | None, required: bool = False, memory_flag: str = 
         kv_option("the plan fits and the memory printed is for."),
         click.option(memory_flag, "budget_flag", is_flag=True,
                      help="The budget counts the file only, not llama.cpp's runtime memory."
-                     if memory_flag == "--weights-only" else "Budgets include llama.cpp's runtime memory at --ctx [default: they are file sizes]."),
+                     if memory_flag == "--weights-only"
+                     else "Budgets include llama.cpp's runtime memory at --ctx [default: they are file sizes]."),
         click.option("--target", default="host", show_default=True, type=TARGET, help=TARGET_HELP),
         click.option("--max-active", type=SIZE, help="At most SIZE of weights read per token (a speed target)."),
         click.option("--criterion", type=CRITERION, default=DEFAULT_CRITERION.value, show_default=True,
