@@ -258,7 +258,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     """
     from ggufmoe.pipeline.convert import ConvertOptions
     from ggufmoe.pipeline.convert_job import ConvertJob
-    from ggufmoe.pipeline.inspect import RunAt, file_memory, memory_line
+    from ggufmoe.pipeline.inspect import RunAt, written_memory_line
     from ggufmoe.pipeline.mix import mix_name
     from ggufmoe.plan.report import format_plan
     from ggufmoe.prune.criteria import PruneRequest
@@ -292,7 +292,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     for path in paths:
         click.echo(f"wrote {path} ({format_size(path.stat().st_size)})")
     run = RunAt(budget.ctx, budget.kv_type, budget.target)
-    click.echo(memory_line(file_memory(paths[0], run), run))
+    click.echo(written_memory_line(paths[0], run))
     if ollama:
         from ggufmoe.gguf.modelfile import write_modelfile
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.arch import architecture_for
 from ggufmoe.plan.budget import DEFAULT_CTX
@@ -111,6 +112,15 @@ def file_memory(path: Path, run: RunAt) -> RuntimeMemory:
     """The memory llama.cpp needs to run the written GGUF at ``path`` (a file or its first shard)."""
     files = gguf_files(path)
     return gguf_runtime_memory(architecture_for(open_source(files[0])), files, run.ctx, run.kv_type, run.target)
+
+
+def written_memory_line(path: Path, run: RunAt) -> str:
+    """:func:`memory_line` of a file just written; a file this model of llama.cpp's memory cannot read (a per-layer
+    expert count) says so instead of failing the command that wrote it."""
+    try:
+        return memory_line(file_memory(path, run), run)
+    except GgufmoeError as e:
+        return f"memory to run: not counted ({e})"
 
 
 def memory_line(m: RuntimeMemory, run: RunAt) -> str:
