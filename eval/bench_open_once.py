@@ -13,7 +13,8 @@ Runs, each in a child process with an empty cache folder (``XDG_CACHE_HOME``, so
 The child wraps, before running the command in-process, the functions that open things and counts
 their calls: ``HFSource`` constructions and safetensors shard headers read, statistics files read and
 written (``read_imatrix_gguf`` / ``write_imatrix_gguf``), GGUF headers built (``GGUFWriter``
-constructions) and ``tokenizer.json`` parses, llama.cpp system-info calls (``llama_print_system_info``).
+constructions) and ``tokenizer.json`` parses, llama.cpp system-info calls (``llama_print_system_info``), wall
+and CPU time (its own and its children's: the CPU time means more than the wall time on a loaded machine).
 Child processes the command starts (llama.cpp measurements) are not counted. Prints one JSON object.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -71,6 +73,8 @@ def child(out: Path, argv: list[str]) -> None:
     except SystemExit as e:
         code = e.code or 0
     counts["wall_s"] = round(time.perf_counter() - t0, 1)
+    use = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    counts["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in use), 1)  # this process and llama.cpp's children
     counts["exit"] = code
     out.write_text(json.dumps(counts))
 

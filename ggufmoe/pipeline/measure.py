@@ -43,7 +43,6 @@ from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.fit import apply_layer_factors, fit_joint, layer_groups, scales_from_probes
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
-from ggufmoe.stats.imatrix import save_imatrix
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.stats.text import spread_chunks, token_ids
 
@@ -122,12 +121,10 @@ def measure_sensitivity(model: OpenedModel, text: str, threads: int | None = Non
     uniform = {}
     with tempfile.TemporaryDirectory(prefix="ggufmoe-sens-") as tmp:
         tmp = Path(tmp)
-        imx = tmp / "imatrix.gguf"
-        save_imatrix(stats.imatrix, imx)
 
-        def build(name: str, rules: TypeRules) -> Path:
-            return convert(model, ConvertOptions(out=tmp / name, types=rules, imatrix=imx, threads=threads,
-                                                   progress=False))[0]
+        def build(name: str, rules: TypeRules) -> Path:  # the statistics' imatrix, as read once with the model
+            return convert(model, ConvertOptions(out=tmp / name, types=rules, stats=model.stats_path, threads=threads,
+                                                 progress=False))[0]
 
         with tqdm(total=1 + len(runs) + len(groups) + len(uniform_types), desc="KL probes", unit="probe",
                   disable=not progress) as bar:
