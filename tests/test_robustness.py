@@ -127,9 +127,10 @@ def test_budget_calibration_that_fails_leaves_no_state(tmp_path, monkeypatch):
 
 def test_budget_interrupted_while_planning_keeps_the_statistics(tmp_path, monkeypatch):
     """Ctrl-C after the calibration: the statistics stay, and say so; --resume plans from them, and a resumed
-    run that fails leaves them as they were (it did not make them)."""
-    types = TypeRules.parse(None, (PINS,))
-    opts = ConvertOptions(out=tmp_path / "o.gguf", types=types, progress=False)
+    run that fails (pins no plan within the budget can have: refused from the sizes alone) leaves them as they
+    were (it did not make them)."""
+    free, types = TypeRules.parse(None), TypeRules.parse(None, (PINS,))
+    opts = ConvertOptions(out=tmp_path / "o.gguf", types=free, progress=False)
     budget = Budget(parse_size(BUDGET), weights_only=True)
     calib = small_calib(tmp_path)
     real = budget_flow.build_plan
@@ -144,12 +145,12 @@ def test_budget_interrupted_while_planning_keeps_the_statistics(tmp_path, monkey
         m.setattr(budget_flow, "build_plan", interrupt)
         with pytest.raises(Interrupted, match="statistics are kept in .*o.stats.gguf: run the same command with "
                                               "--resume"):
-            convert_to_budget(REF, opts, budget, calib, types)
+            convert_to_budget(REF, opts, budget, calib, free)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]
     kept = (tmp_path / "o.stats.gguf").read_bytes()
     monkeypatch.setattr(budget_flow, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
     with pytest.raises(GgufmoeError, match="smallest feasible plan needs"):
-        convert_to_budget(REF, replace(opts, resume=True), budget, calib, types)
+        convert_to_budget(REF, replace(opts, resume=True, types=types), budget, calib, types)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o.stats.gguf"]
     assert (tmp_path / "o.stats.gguf").read_bytes() == kept
 

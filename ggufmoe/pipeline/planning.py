@@ -104,7 +104,7 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
             notes.append("sensitivities and pruning costs: local errors mapped to KL by the reference model's "
                          "factors (no probes)")
         else:
-            sens, prune_kl = _probed(model, probe_text, budget, progress)
+            sens, prune_kl = _probed(model, probe_text, budget, pins, progress)
             notes.append("sensitivities: " + ("local errors" if sens.info.get("local_errors") else "importance-"
                                               "weighted errors") + " calibrated by probes through llama.cpp")
             if probe_text is calib_text and calib_text is not None:
@@ -125,16 +125,16 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
     return plan
 
 
-def check_budget_possible(src: Path, budget: Budget) -> None:
-    """Before a calibration (minutes, or hours at 671B): refuse a budget that no plan can meet, from the sizes alone.
-    A plan of the configuration alone may prune as deep and use every type, and leaves out the tokenizer's bytes:
-    when even it does not fit, nothing will."""
+def check_budget_possible(src: Path, budget: Budget, pins: TypeRules | None = None) -> None:
+    """Before a calibration or probes (minutes, or hours at 671B): refuse a budget that no plan can meet, from the
+    sizes alone (and the types ``pins`` fixes). A plan of the configuration alone may prune as deep and use every
+    type, and leaves out the tokenizer's bytes: when even it does not fit, nothing will."""
     config = Path(src) / "config.json"
     if config.is_file():
-        build_plan(config, replace(budget, top_k_auto=False, max_active=None), progress=False)
+        build_plan(config, replace(budget, top_k_auto=False, max_active=None), pins=pins, progress=False)
 
 
-def _probed(model: OpenedModel, calib_text: str | None, budget: Budget, progress: bool):
+def _probed(model: OpenedModel, calib_text: str | None, budget: Budget, pins: TypeRules, progress: bool):
     """(measured sensitivity, pruning cost) calibrated by probes through llama.cpp, cached in the stats file (written
     once, when something was measured)."""
     arch, stats, local = model.arch, model.stats, model.local
@@ -144,7 +144,7 @@ def _probed(model: OpenedModel, calib_text: str | None, budget: Budget, progress
         if calib_text is None:
             raise GgufmoeError(f"{model.stats_path}: no sensitivity measured for this model and these statistics "
                                "yet; measuring it needs calibration text")
-        check_budget_possible(model.path, budget)  # from the sizes alone, before minutes of probes
+        check_budget_possible(model.path, budget, pins)  # from the sizes alone, before minutes of probes
         sens = measure_sensitivity(model, calib_text, progress=progress)
     n_layers = int(arch.cfg.num_hidden_layers)
     key = "prune_local" if local is not None else "prune"
@@ -213,7 +213,7 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
     elif stats_path is None:
         if text is None:
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
-        check_budget_possible(src, budget)
+        check_budget_possible(src, budget, pins)
         stats_path = base.out.with_suffix(".stats.gguf")
         # a resumed conversion plans from the statistics it was made from (kept beside it); so does a run that
         # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
