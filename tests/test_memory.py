@@ -11,7 +11,7 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.arch.shape import ModelShape
-from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes, runtime_memory, weight_memory
+from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes, recurrent_state_bytes, runtime_memory, weight_memory
 from ggufmoe.plan.target import CPU
 from ggufmoe.gguf.header import file_bytes
 from ggufmoe.gguf.header import shard_bytes
@@ -108,6 +108,8 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
     shape = ModelShape.from_gguf(path)
     assert arch.model_shape() == shape
     assert arch.kv_elements_per_token() == shape.kv_elements_per_token
+    if name == "qwen3next":  # a KV cache for the full-attention layer only, a state for the two recurrent ones
+        assert shape.n_layer_recr == 2 and shape.kv_elements_per_token == 1 * 2 * (32 + 32)
     if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
         c = arch.cfg
         assert arch.kv_elements_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
@@ -118,6 +120,8 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
             continue
         got = b.llama_reserved(path, ctx, 512, fa, swa_full)
         assert abs(got["kv"] - kv_cache_bytes(shape, ctx, swa_full=swa_full)) < 0.006 * MiB * caches, (ctx, swa_full)
+        # recurrent layers: their F32 state (none without), logged with 2 decimals
+        assert abs(got["rs"] - recurrent_state_bytes(shape)) < 0.006 * MiB and (got["rs"] > 0) == (shape.n_layer_recr > 0)
         assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa, swa_full=swa_full)) < 1 * MiB, \
             (ctx, fa, swa_full)
 
