@@ -61,6 +61,7 @@ os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
 print(json.dumps(dict(compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
                       kv=mib(r"CPU KV buffer size =\s*([\d.]+) MiB"),
+                      rs=mib(r"CPU RS buffer size =\s*([\d.]+) MiB"),
                       mapped=mib(r"CPU_Mapped model buffer size =\s*([\d.]+) MiB"),
                       repack=mib(r"CPU_REPACK model buffer size =\s*([\d.]+) MiB"), peak=peak())))
 '''

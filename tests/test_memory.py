@@ -169,3 +169,28 @@ def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
     peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
     assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
+
+
+@pytest.mark.xfail(strict=True, reason="peak RSS is ~33 KiB per ubatch token above the plan (16.7 MiB at n_ubatch 512, 7.6 "
+                   "at 256), outside the buffers llama.cpp logs and independent of n_embd, layer count and the "
+                   "linear-attention sizes: not yet found (the logged KV, recurrent state and compute buffer agree)")
+def test_recurrent_memory_within_5_percent(tmp_path):
+    """Qwen3-Next (recurrent linear-attention layers and a full-attention one): planned total vs llama.cpp's peak
+    RSS over a 4096-token context; the KV cache of the full layer and the recurrent state as llama.cpp logs them."""
+    cfg = tiny_models.configs()["qwen3next"]
+    cfg.hidden_size, cfg.head_dim, cfg.linear_key_head_dim, cfg.linear_value_head_dim = 256, 64, 64, 64
+    cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.moe_intermediate_size = 4, 8, 128
+    tiny_models.build("qwen3next", tmp_path / "hf", config=cfg)
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
+                                                   progress=False))[0]
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    shape = arch.model_shape()
+    assert shape == ModelShape.from_gguf(path) and shape.n_layer_recr == 2
+    wm = weight_memory(path)
+    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, process=measured_process())
+    rs = recurrent_state_bytes(shape)
+    assert rs == 2 * 4 * (3 * (512 + 2 * 4 * 64) + 64 * 512)  # layers x F32 x (conv + delta-rule state)
+    assert planned.kv_cache == kv_cache_bytes(shape, 4096) + rs
+    peak, logged = bench().run_child(path, 4096, "all")
+    assert abs(logged["kv"] - kv_cache_bytes(shape, 4096)) < 0.006 * MiB and abs(logged["rs"] - rs) < 0.006 * MiB
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
