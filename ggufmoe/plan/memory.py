@@ -173,7 +173,7 @@ class RuntimeMemory:
     """Host memory (``total``) and, with every layer offloaded to a GPU, GPU memory (``gpu_total``)."""
 
     weights: int   # the GGUF tensor data, memory-mapped (plus repacked copies); offloaded: the host's part
-    kv_cache: int  # for n_ctx tokens at the KV type, and recurrent layers' state (offloaded: 0, it is in GPU memory)
+    kv_cache: int  # for n_ctx tokens at the KV type, with recurrent layers' state (offloaded: 0, in GPU memory)
     compute: int   # llama.cpp compute buffers (CPU backend), output/logits buffer included
     reserve: int   # the process (Python with llama_cpp, llama.cpp's runtime structures, batch arrays) and a stated OS margin
     gpu_weights: int = 0   # offloaded weights in CUDA buffers
