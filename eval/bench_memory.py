@@ -61,6 +61,7 @@ os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
 print(json.dumps(dict(compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
                       kv=mib(r"CPU KV buffer size =\s*([\d.]+) MiB"),
+                      rs=mib(r"CPU RS buffer size =\s*([\d.]+) MiB"),
                       mapped=mib(r"CPU_Mapped model buffer size =\s*([\d.]+) MiB"),
                       repack=mib(r"CPU_REPACK model buffer size =\s*([\d.]+) MiB"), peak=peak())))
 '''
@@ -81,7 +82,8 @@ ok = bool(L.llama_init_from_model(model, cp))
 os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
 print(json.dumps(dict(ok=ok, compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
-                      kv=mib(r"llama_kv_cache: size =\s*([\d.]+) MiB"))))
+                      kv=mib(r"llama_kv_cache: size =\s*([\d.]+) MiB"),
+                      rs=mib(r"llama_memory_recurrent: size =\s*([\d.]+) MiB"))))
 '''
 
 
@@ -114,7 +116,8 @@ def run_child(gguf_path: str | Path, ctx: int, mode: str = "all", flash_attn: bo
 
 def llama_reserved(gguf_path: str | Path, ctx: int, n_ubatch: int, flash_attn: bool, swa_full: bool = True) -> dict:
     """Buffer sizes llama.cpp plans for a metadata-only GGUF (``no_alloc``: nothing allocated); the KV size
-    sums the caches llama.cpp logs (two for sliding-window models)."""
+    sums the caches llama.cpp logs (two for sliding-window models); ``rs``: the recurrent-state buffer of
+    models with recurrent layers."""
     r = subprocess.run([sys.executable, "-c", NO_ALLOC_CHILD, str(gguf_path), str(ctx), str(n_ubatch),
                         "1" if flash_attn else "0", "1" if swa_full else "0"], capture_output=True, text=True)
     if r.returncode != 0:
@@ -194,6 +197,9 @@ def real_shapes() -> dict:
             vocab_size=151936, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
             intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60,
             num_experts_per_tok=4, num_hidden_layers=n, max_position_embeddings=8192), "Qwen2MoeForCausalLM"),
+        # transformers' defaults are Qwen3-Next-80B-A3B's: 3 linear-attention (recurrent) layers, then a full one
+        "Qwen3-Next-80B-A3B": (T.Qwen3NextConfig(num_hidden_layers=n, max_position_embeddings=262144),
+                               "Qwen3NextForCausalLM"),
     }
 
 

@@ -34,6 +34,25 @@ def test_unsupported_architecture(tmp_path):
     assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf"), "unsupported architecture")
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(norm_topk_prob=False), "norm_topk_prob=false"),
+    (dict(mlp_only_layers=[1]), "dense layers between MoE layers"),
+    (dict(decoder_sparse_step=2), "dense layers between MoE layers"),
+    (dict(linear_value_head_dim=32), "linear_key_head_dim 16 != linear_value_head_dim 32"),
+])
+def test_qwen3next_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, words):
+    """Qwen3-Next settings llama.cpp's qwen3next graph cannot run: one clear error, no output."""
+    config = tiny_models.configs()["qwen3next"]
+    if "linear_value_head_dim" in change:  # it shapes the weights: a checkpoint built with it
+        config.linear_value_head_dim = change["linear_value_head_dim"]
+    tiny_models.build("qwen3next", tmp_path / "m", config=config)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
+    assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf", "--type", "F16", "-q"),
+                          "unsupported Qwen3NextForCausalLM checkpoint", words)
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_missing_shard(tmp_path):
     src = tmp_path / "m"
     shutil.copytree(tiny_models.REF_MODEL, src)

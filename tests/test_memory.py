@@ -11,7 +11,8 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.arch.shape import ModelShape
-from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes, runtime_memory, weight_memory
+from ggufmoe.plan.memory import (compute_buffer_bytes, kv_cache_bytes, recurrent_state_bytes, runtime_memory,
+                                 weight_memory)
 from ggufmoe.plan.target import CPU
 from ggufmoe.gguf.header import file_bytes
 from ggufmoe.gguf.header import shard_bytes
@@ -108,6 +109,8 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
     shape = ModelShape.from_gguf(path)
     assert arch.model_shape() == shape
     assert arch.kv_elements_per_token() == shape.kv_elements_per_token
+    if name == "qwen3next":  # a KV cache for the full-attention layer only, a state for the two recurrent ones
+        assert shape.n_layer_recr == 2 and shape.kv_elements_per_token == 1 * 2 * (32 + 32)
     if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
         c = arch.cfg
         assert arch.kv_elements_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
@@ -118,6 +121,9 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
             continue
         got = b.llama_reserved(path, ctx, 512, fa, swa_full)
         assert abs(got["kv"] - kv_cache_bytes(shape, ctx, swa_full=swa_full)) < 0.006 * MiB * caches, (ctx, swa_full)
+        # recurrent layers: their F32 state (none without), logged with 2 decimals
+        rs = recurrent_state_bytes(shape)
+        assert abs(got["rs"] - rs) < 0.006 * MiB and (got["rs"] > 0) == (shape.n_layer_recr > 0)
         assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa, swa_full=swa_full)) < 1 * MiB, \
             (ctx, fa, swa_full)
 
@@ -164,4 +170,30 @@ def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
                              process=measured_process())
     peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
     assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
+
+
+@pytest.mark.xfail(strict=True, reason="peak RSS is ~33 KiB per ubatch token above the plan (16.7 MiB at n_ubatch 512, "
+                   "7.6 at 256), outside the buffers llama.cpp logs and independent of n_embd, vocabulary, layer "
+                   "count and the linear-attention sizes: not yet found (the logged KV, recurrent state and compute "
+                   "buffer agree)")
+def test_recurrent_memory_within_5_percent(tmp_path):
+    """Qwen3-Next (recurrent linear-attention layers and a full-attention one): planned total vs llama.cpp's peak
+    RSS over a 4096-token context; the KV cache of the full layer and the recurrent state as llama.cpp logs them."""
+    cfg = tiny_models.configs()["qwen3next"]
+    cfg.hidden_size, cfg.head_dim, cfg.linear_key_head_dim, cfg.linear_value_head_dim = 256, 64, 64, 64
+    cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.moe_intermediate_size = 4, 8, 128
+    tiny_models.build("qwen3next", tmp_path / "hf", config=cfg)
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
+                                                   progress=False))[0]
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    shape = arch.model_shape()
+    assert shape == ModelShape.from_gguf(path) and shape.n_layer_recr == 2
+    wm = weight_memory(path)
+    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, process=measured_process())
+    rs = recurrent_state_bytes(shape)
+    assert rs == 2 * 4 * (3 * (512 + 2 * 4 * 64) + 64 * 512)  # layers x F32 x (conv + delta-rule state)
+    assert planned.kv_cache == kv_cache_bytes(shape, 4096) + rs
+    peak, logged = bench().run_child(path, 4096, "all")
+    assert abs(logged["kv"] - kv_cache_bytes(shape, 4096)) < 0.006 * MiB and abs(logged["rs"] - rs) < 0.006 * MiB
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)

@@ -23,9 +23,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
-UNCALIBRATED = ("llama4",)
+UNCALIBRATED = ("llama4", "qwen3next")
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe", "llama4", "dots1")  # the keys of configs()
+            "ernie4_5-moe", "llama4", "dots1", "qwen3next")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -66,6 +66,13 @@ def configs() -> dict:
         "llama4": T.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 4}, intermediate_size=32, intermediate_size_mlp=128,
                                      num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=1,
                                      interleave_moe_layer_step=2, architectures=["Llama4ForCausalLM"]),
+        # linear attention in layers 0 and 2, full attention in layer 1; 4 value heads over 2 key heads
+        "qwen3next": T.Qwen3NextConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48, num_key_value_heads=2, head_dim=32,
+                                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                       linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                                       linear_num_key_heads=2, linear_num_value_heads=4,
+                                       layer_types=["linear_attention", "full_attention", "linear_attention"]),
     }
 
 

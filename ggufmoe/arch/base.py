@@ -102,9 +102,9 @@ class Architecture:
         return int(hd), int(hd)
 
     def kv_elements_per_token(self) -> int:
-        """KV-cache elements per token of context, all layers: n_layer x n_kv_heads x (head_k + head_v)."""
-        hk, hv = self.kv_head_dims()
-        return self.n_layer * int(self.cfg.num_key_value_heads) * (hk + hv)
+        """KV-cache elements per token of context, all layers with a cache: n_layer x n_kv_heads x (head_k + head_v)
+        (:attr:`ModelShape.kv_elements_per_token`)."""
+        return self.model_shape().kv_elements_per_token
 
     def model_shape(self) -> ModelShape:
         """The hyper-parameters llama.cpp's memory depends on, as this module writes them."""

@@ -28,12 +28,38 @@ class ModelShape:
     head_k_mla: int = 0  # MLA: qk_nope + qk_rope (the decompressed K head)
     n_swa: int = 0  # sliding window (tokens) of the sliding-window layers
     n_layer_swa: int = 0  # layers that attend to a sliding window only
+    # recurrent (linear-attention) layers: no KV cache, a fixed F32 state per sequence instead
+    n_layer_recr: int = 0
+    ssm_d_conv: int = 0   # convolution kernel (``ssm.conv_kernel``)
+    ssm_d_inner: int = 0  # ``ssm.inner_size``
+    ssm_d_state: int = 0  # ``ssm.state_size``
+    ssm_n_group: int = 0  # ``ssm.group_count``
+
+    @property
+    def n_layer_kv(self) -> int:
+        """Layers with a KV cache (llama.cpp's hybrid memory gives the recurrent ones none)."""
+        return self.n_layer - self.n_layer_recr
 
     @property
     def kv_elements_per_token(self) -> int:
         if self.mla:
-            return self.n_layer * self.head_k
-        return self.n_layer * self.n_head_kv * (self.head_k + self.head_v)
+            return self.n_layer_kv * self.head_k
+        return self.n_layer_kv * self.n_head_kv * (self.head_k + self.head_v)
+
+    @property
+    def n_embd_r(self) -> int:
+        """Convolution state per recurrent layer and sequence (llama_hparams::n_embd_r, values)."""
+        return max(self.ssm_d_conv - 1, 0) * (self.ssm_d_inner + 2 * self.ssm_n_group * self.ssm_d_state)
+
+    @property
+    def n_embd_s(self) -> int:
+        """Recurrent (SSM / delta-rule) state per recurrent layer and sequence (llama_hparams::n_embd_s)."""
+        return self.ssm_d_state * self.ssm_d_inner
+
+    @property
+    def recurrent_elements_per_sequence(self) -> int:
+        """F32 values of recurrent state per sequence, all recurrent layers."""
+        return self.n_layer_recr * (self.n_embd_r + self.n_embd_s)
 
     @classmethod
     def from_gguf(cls, path, swa_pattern: int = 0) -> "ModelShape":
@@ -63,6 +89,14 @@ class ModelShape:
             n_layer_swa = sum(bool(p) for p in pattern)
         else:  # llama.cpp's set_swa_pattern: layer il slides unless il % n == n - 1
             n_layer_swa = sum(il % int(pattern) < int(pattern) - 1 for il in range(n_layer)) if pattern else 0
+        recurrent = g("attention.recurrent_layers")
+        if isinstance(recurrent, list):
+            n_layer_recr = sum(bool(r) for r in recurrent[:n_layer])
+        elif g("full_attention_interval") is not None and g("ssm.inner_size") is not None:
+            every = int(g("full_attention_interval"))  # llama.cpp: layer il recurrent unless (il + 1) % n == 0
+            n_layer_recr = sum((il + 1) % every != 0 for il in range(n_layer))
+        else:
+            n_layer_recr = 0
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=int(g("attention.head_count_kv", n_head)),
                    head_k=int(g("attention.key_length", n_embd // n_head)),
@@ -73,4 +107,7 @@ class ModelShape:
                    int(g("expert_shared_count", 0)) * int(g("expert_feed_forward_length", ff)),
                    n_ff_dense=ff if n_dense else 0, n_dense=n_dense,
                    mla=mla, head_k_mla=int(g("attention.key_length_mla", 0)),
-                   n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0)
+                   n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0,
+                   n_layer_recr=n_layer_recr, ssm_d_conv=int(g("ssm.conv_kernel", 0)),
+                   ssm_d_inner=int(g("ssm.inner_size", 0)), ssm_d_state=int(g("ssm.state_size", 0)),
+                   ssm_n_group=int(g("ssm.group_count", 0)))

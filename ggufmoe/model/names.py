@@ -65,4 +65,6 @@ GATE_UP_EXPERTS = (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP)  # read t
 EXPERT_ORDER = (*GATE_UP_EXPERTS, MODEL_TENSOR.FFN_DOWN_EXP)
 ROUTER = MODEL_TENSOR.FFN_GATE_INP
 EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
+# Weights llama.cpp's op reads in F32 only (ggml's CPU ssm_conv takes an F32 kernel)
+F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)

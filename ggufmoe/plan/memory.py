@@ -173,7 +173,7 @@ class RuntimeMemory:
     """Host memory (``total``) and, with every layer offloaded to a GPU, GPU memory (``gpu_total``)."""
 
     weights: int   # the GGUF tensor data, memory-mapped (plus repacked copies); offloaded: the host's part
-    kv_cache: int  # for n_ctx tokens at the KV type (offloaded: 0, it is in GPU memory)
+    kv_cache: int  # for n_ctx tokens at the KV type, with recurrent layers' state (offloaded: 0, in GPU memory)
     compute: int   # llama.cpp compute buffers (CPU backend), output/logits buffer included
     reserve: int   # the process (Python with llama_cpp, llama.cpp's runtime structures, batch arrays) and a stated OS margin
     gpu_weights: int = 0   # offloaded weights in CUDA buffers
@@ -206,15 +206,23 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
                    swa_full: bool = True) -> int:
     """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
     row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
-    layers have :func:`swa_kv_size` cells."""
+    layers have :func:`swa_kv_size` cells; recurrent layers have none (:func:`recurrent_state_bytes`)."""
     qt = _kv_type(kv_type)
     if shape.mla:
         per_cell = _row_size(qt, shape.head_k)
     else:
         per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
-    cells = ((shape.n_layer - shape.n_layer_swa) * kv_size(ctx)
+    cells = ((shape.n_layer_kv - shape.n_layer_swa) * kv_size(ctx)
              + shape.n_layer_swa * swa_kv_size(shape, ctx, n_ubatch, swa_full))
     return cells * per_cell
+
+
+def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
+    """llama.cpp's recurrent-state buffer (``llama_memory_recurrent``, the RS buffer) of a model with recurrent
+    layers: per layer a convolution state (``n_embd_r``) and a recurrent state (``n_embd_s``) per sequence, always
+    F32 whatever the KV type, independent of the context length. ``n_seq``: llama.cpp's rows,
+    max(1, n_seq_max) x (1 + n_rs_seq); llama-cpp-python sets neither (1)."""
+    return 4 * shape.recurrent_elements_per_sequence * max(1, n_seq)
 
 
 def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
@@ -347,7 +355,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
                          "(llama.cpp refuses a quantized V cache without it)")
     n_batch = min(n_batch, kv_size(ctx))
     n_ubatch = min(n_ubatch, n_batch)
-    kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full)
+    kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full) + recurrent_state_bytes(shape)
     n_out = n_batch if logits_all else 1
     graph = compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1)
     work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType as T
 
+from ggufmoe.model.names import TensorName
 from ggufmoe.model.qtypes import bits_per_weight
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.plan.budget import Plan
@@ -31,9 +32,9 @@ def format_plan(plan: Plan) -> str:
     by_class: dict[tuple[str, str], list[int]] = {}
     class_bytes: dict[tuple[str, str], int] = {}
     for name, t in plan.types.items():
-        parts = name.split(".")
-        layer = int(parts[1]) if parts[0] == "blk" else -1
-        kind = ".".join(parts[2:-1]) if parts[0] == "blk" else ".".join(parts[:-1])
+        parsed = TensorName.parse(name)  # a tensor without suffix (llama.cpp's ``ssm_a``) keeps its class
+        layer = -1 if parsed.layer is None else parsed.layer
+        kind = parsed.base
         by_class.setdefault((kind, t), []).append(layer)
         class_bytes[kind, t] = class_bytes.get((kind, t), 0) + plan.tensor_bytes.get(name, 0)
     lines = [f"source       {plan.source} ({plan.architecture})",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
-from ggufmoe.model.names import EMBEDDING, ROUTER, role
+from ggufmoe.model.names import EMBEDDING, F32_ONLY, ROUTER, role
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FILE_TYPE, effective_type, parse_type, row_bytes
@@ -20,9 +20,10 @@ from ggufmoe.quant.ggml import requires_imatrix
 
 def always_f32(spec: TensorSpec) -> bool:
     """Tensors llama.cpp keeps in full precision whatever the mix: vectors (shared-expert gates among
-    them), norms, biases, routers."""
+    them), norms, biases, routers, and the weights of ops that take F32 only (:data:`F32_ONLY`)."""
     n = spec.parsed
-    return len(spec.shape) == 1 or n.suffix == "bias" or n.base.endswith("_norm") or n.tensor == ROUTER
+    return (len(spec.shape) == 1 or n.suffix == "bias" or n.base.endswith("_norm") or n.tensor == ROUTER
+            or n.tensor in F32_ONLY)
 
 
 # The token embedding is a row lookup, so no importance matrix ever covers it: when the default

@@ -1,0 +1,162 @@
+"""Qwen3-Next (Qwen3NextForCausalLM) -> llama.cpp ``qwen3next``.
+
+A hybrid: most layers are Gated DeltaNet linear attention (``linear_attention`` in ``layer_types``,
+recurrent layers to llama.cpp), the others gated full attention (q_proj gives per head the query and
+an output gate). Every layer is MoE: softmax routing renormalised over the top-k, plus a shared expert
+scaled by ``sigmoid(shared_expert_gate)``.
+
+Conversion (as llama.cpp's own converter does): the zero-centred RMS norms (transformers computes
+``x * (1 + w)``) get ``w + 1``, except the gated norm of the linear attention (plain ``w``);
+``A_log`` becomes ``ssm_a = -exp(A_log)``, ``dt_bias`` ``ssm_dt.bias``; the depthwise conv kernel
+loses its middle axis; ``in_proj_qkvz`` (per key head ``[q, k, v, z]``) is split into ``attn_qkv``
+(all q, all k, all v) and ``attn_gate`` (z); ``in_proj_ba`` stays interleaved per key head
+(``ssm_ba``). llama.cpp's graph repeats q/k heads interleaved as transformers does, so no value-head
+reordering. Multi-token-prediction weights (``mtp.*``) are left out.
+
+llama.cpp keeps a KV cache for the full-attention layers only, and a fixed F32 state per sequence
+for the recurrent ones (:meth:`model_shape`).
+
+Streamed calibration of this family is not done yet (:attr:`calibration_refused`); pruning to a given
+plan is exact (softmax over the kept experts, renormalised).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+from ggufmoe.arch.base import Architecture
+from ggufmoe.arch.deepseek2 import ReadForTwo
+from ggufmoe.arch.registry import register
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.model.tensor import TensorSpec
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def plus_one(t: np.ndarray) -> np.ndarray:
+    return t + 1.0
+
+
+@register
+class Qwen3Next(Architecture):
+    hf_architectures = ("Qwen3NextForCausalLM",)
+    gguf_arch = "qwen3next"
+    writes_head_dim = True
+    calibration_refused = ("streamed calibration of its Gated DeltaNet (linear-attention) layers is not "
+                           "supported yet")
+    # the new matrices take the defaults of their closest reference class
+    sensitivity_aliases = {"attn_gate": "attn_v", "ssm_ba": "attn_k", "ssm_out": "attn_output"}
+
+    @property
+    def recurrent(self) -> list[bool]:
+        """Per layer: a linear-attention (recurrent) layer."""
+        return [t == LINEAR for t in self.cfg.layer_types]
+
+    def check(self) -> None:
+        c = self.cfg
+        # llama.cpp's qwen3next graph hard-codes softmax routing renormalised over the top-k, every layer MoE
+        # with a shared expert, one head size for keys and values of the linear attention
+        self.require(bool(c.norm_topk_prob), "norm_topk_prob=false (llama.cpp's qwen3next always normalises)")
+        self.require(not c.mlp_only_layers and c.decoder_sparse_step == 1,
+                     "dense layers between MoE layers (mlp_only_layers / decoder_sparse_step != 1)")
+        self.require(c.linear_key_head_dim == c.linear_value_head_dim,
+                     f"linear_key_head_dim {c.linear_key_head_dim} != linear_value_head_dim {c.linear_value_head_dim}")
+        self.require(c.linear_num_value_heads % c.linear_num_key_heads == 0,
+                     "linear_num_value_heads not a multiple of linear_num_key_heads")
+        self.require(len(c.layer_types) == c.num_hidden_layers and set(c.layer_types) <= {LINEAR, FULL},
+                     f"layer types {sorted(set(c.layer_types))}")
+        self.require(int(c.shared_expert_intermediate_size or 0) > 0, "no shared expert")
+        self.require(not getattr(c, "attention_bias", False), "attention biases")
+        self.require(c.hidden_act == "silu", f"activation {c.hidden_act!r}")
+
+    # --- memory ---------------------------------------------------------------------
+    def model_shape(self) -> ModelShape:
+        c = self.cfg
+        s = super().model_shape()
+        s.n_layer_recr = sum(self.recurrent)
+        s.ssm_d_conv, s.ssm_d_state = int(c.linear_conv_kernel_dim), int(c.linear_key_head_dim)
+        s.ssm_d_inner = int(c.linear_value_head_dim) * int(c.linear_num_value_heads)
+        s.ssm_n_group = int(c.linear_num_key_heads)
+        return s
+
+    # --- metadata -------------------------------------------------------------------
+    def write_metadata(self, w: gguf.GGUFWriter) -> None:
+        self.check()
+        c = self.cfg
+        self.write_common_metadata(w)
+        w.add_rope_dimension_count(self.rope_dims)
+        w.add_expert_feed_forward_length(int(c.moe_intermediate_size))
+        w.add_expert_shared_feed_forward_length(int(c.shared_expert_intermediate_size))
+        self.write_expert_counts(w)
+        w.add_ssm_conv_kernel(int(c.linear_conv_kernel_dim))
+        w.add_ssm_inner_size(int(c.linear_value_head_dim) * int(c.linear_num_value_heads))
+        w.add_ssm_state_size(int(c.linear_key_head_dim))
+        w.add_ssm_time_step_rank(int(c.linear_num_value_heads))
+        w.add_ssm_group_count(int(c.linear_num_key_heads))
+        # gguf-py 0.19 has no name for it (llama.cpp: LLM_KV_ATTENTION_RECURRENT_LAYERS, a bool per block)
+        w.add_array(f"{self.gguf_arch}.attention.recurrent_layers", self.recurrent)
+
+    # --- tensors --------------------------------------------------------------------
+    def split_qkvz(self, il: int, qkvz: ReadForTwo) -> Iterator[TensorSpec]:
+        """``attn_qkv`` (all q, all k, all v rows) and ``attn_gate`` (z rows) from ``in_proj_qkvz``, whose rows
+        are grouped per key head as ``[q, k, v, z]``."""
+        c = self.cfg
+        name = f"model.layers.{il}.linear_attn.in_proj_qkvz.weight"
+        nk, dk = int(c.linear_num_key_heads), int(c.linear_key_head_dim)
+        vr = int(c.linear_num_value_heads) // nk * int(c.linear_value_head_dim)  # value (and z) rows per key head
+        hidden = int(c.hidden_size)
+
+        def groups() -> np.ndarray:
+            return qkvz.get(name).reshape(nk, 2 * dk + 2 * vr, hidden)
+
+        def qkv(_: int) -> np.ndarray:
+            g = groups()
+            return np.concatenate([g[:, :dk].reshape(-1, hidden), g[:, dk:2 * dk].reshape(-1, hidden),
+                                   g[:, 2 * dk:2 * dk + vr].reshape(-1, hidden)])
+
+        def z(_: int) -> np.ndarray:
+            return np.ascontiguousarray(groups()[:, 2 * dk + vr:].reshape(-1, hidden))
+
+        yield TensorSpec(f"blk.{il}.attn_qkv.weight", (nk * (2 * dk + vr), hidden), qkv, hf_name=name)
+        yield TensorSpec(f"blk.{il}.attn_gate.weight", (nk * vr, hidden), z, hf_name=name)
+
+    def linear_attention(self, il: int, qkvz: ReadForTwo) -> Iterator[TensorSpec]:
+        p, b = f"model.layers.{il}.linear_attn", f"blk.{il}"
+        conv = self.src.shape(f"{p}.conv1d.weight")
+        yield from self.split_qkvz(il, qkvz)
+        yield self.plain(f"{b}.ssm_conv1d.weight", f"{p}.conv1d.weight", lambda t: t.reshape(conv[0], conv[-1]),
+                         shape=(conv[0], conv[-1]))
+        yield self.plain(f"{b}.ssm_dt.bias", f"{p}.dt_bias")
+        yield self.plain(f"{b}.ssm_a", f"{p}.A_log", lambda t: -np.exp(t))
+        yield self.plain(f"{b}.ssm_ba.weight", f"{p}.in_proj_ba.weight")
+        yield self.plain(f"{b}.ssm_norm.weight", f"{p}.norm.weight")  # a plain weight: no +1
+        yield self.plain(f"{b}.ssm_out.weight", f"{p}.out_proj.weight")
+
+    def full_attention(self, il: int) -> Iterator[TensorSpec]:
+        p, b = f"model.layers.{il}.self_attn", f"blk.{il}"
+        yield self.plain(f"{b}.attn_q.weight", f"{p}.q_proj.weight")  # per head [query, gate], as llama.cpp reads it
+        yield self.plain(f"{b}.attn_k.weight", f"{p}.k_proj.weight")
+        yield self.plain(f"{b}.attn_v.weight", f"{p}.v_proj.weight")
+        yield self.plain(f"{b}.attn_output.weight", f"{p}.o_proj.weight")
+        yield self.plain(f"{b}.attn_q_norm.weight", f"{p}.q_norm.weight", plus_one)
+        yield self.plain(f"{b}.attn_k_norm.weight", f"{p}.k_norm.weight", plus_one)
+
+    def tensors(self) -> Iterator[TensorSpec]:
+        c = self.cfg
+        qkvz = ReadForTwo(self.src)
+        yield self.plain("token_embd.weight", "model.embed_tokens.weight")
+        yield self.plain("output_norm.weight", "model.norm.weight", plus_one)
+        if "lm_head.weight" in self.src:
+            yield self.plain("output.weight", "lm_head.weight")
+        for il, recurrent in enumerate(self.recurrent):  # mtp.* (multi-token prediction) is left out
+            p, b, moe = f"model.layers.{il}", f"blk.{il}", f"model.layers.{il}.mlp"
+            yield self.plain(f"{b}.attn_norm.weight", f"{p}.input_layernorm.weight", plus_one)
+            yield from (self.linear_attention(il, qkvz) if recurrent else self.full_attention(il))
+            yield self.plain(f"{b}.post_attention_norm.weight", f"{p}.post_attention_layernorm.weight", plus_one)
+            yield from self.routed_experts(il, moe)
+            yield self.plain(f"{b}.ffn_gate_inp_shexp.weight", f"{moe}.shared_expert_gate.weight",
+                             lambda t: t.reshape(-1), shape=(int(c.hidden_size),))
+            yield from self.dense_ffn(il, f"{moe}.shared_expert", "_shexp")
