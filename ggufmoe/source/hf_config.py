@@ -21,7 +21,7 @@ from typing import Callable
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.files import cache_folder, replace_atomically
 
-FORMAT = 1  # of the cached files: a change makes every earlier entry a miss
+FORMAT = 2  # of the cached files: a change makes every earlier entry a miss (2: the text model of a nested config)
 
 
 def read_config(cfg: Path) -> dict:
@@ -42,11 +42,12 @@ def read_config(cfg: Path) -> dict:
 
 def transformers_config(path: Path):
     """The configuration of the checkpoint in folder ``path`` as transformers computes it (a
-    ``PretrainedConfig``; what a transformers model is built from)."""
+    ``PretrainedConfig``; what its causal LM is built from): for a vision-language checkpoint (Qwen3.5) the
+    text model's, nested under ``text_config`` (``AutoModelForCausalLM`` builds the text model alone)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(path))
+        return AutoConfig.from_pretrained(str(path)).get_text_config()
     except Exception as e:  # transformers raises many types for bad configs
         raise GgufmoeError(f"{path}/config.json: transformers cannot read it ({e})") from None
 
