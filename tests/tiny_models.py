@@ -23,9 +23,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
-UNCALIBRATED = ("llama4", "qwen3next")
+UNCALIBRATED = ("llama4", "qwen3next", "qwen35moe")
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe", "llama4", "dots1", "qwen3next")  # the keys of configs()
+            "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -73,7 +73,27 @@ def configs() -> dict:
                                        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
                                        linear_num_key_heads=2, linear_num_value_heads=4,
                                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        "qwen35moe": qwen35moe_config(),
     }
+
+
+def qwen35moe_config(**text):
+    """Qwen3.5-MoE as Qwen ships it: a vision-language config (a tiny vision tower) with the text model under
+    ``text_config``; linear attention in layers 0 and 2, 4 value heads over 2 key heads (llama.cpp's V-head order
+    differs from transformers'); an expert width (96) unlike the hidden size, so the fused gate_up and down
+    layouts cannot be taken for each other."""
+    import transformers as T
+
+    common = {k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}
+    kw = dict(common, moe_intermediate_size=96, shared_expert_intermediate_size=48, num_key_value_heads=2,
+              head_dim=32, num_experts=8, num_experts_per_tok=2, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+              linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, eos_token_id=None,
+              layer_types=["linear_attention", "full_attention", "linear_attention"])
+    kw.update(text)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    return T.Qwen3_5MoeConfig(text_config=kw, vision_config=vision, tie_word_embeddings=False,
+                              architectures=["Qwen3_5MoeForConditionalGeneration"])
 
 
 def deepseek3_config(**overrides):
@@ -94,10 +114,16 @@ ROUTING_BIAS_STD = {"minimax-m2": 0.03, "ernie4_5-moe": 0.03}
 
 def build(name: str, out: Path, seed: int = 0, config=None):
     """Build, randomise (routing bias included) and save a tiny model; returns the model."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config or configs()[name], dtype=torch.float32)
+    config = config or configs()[name]
+    nested = config.get_text_config() is not config  # a vision-language checkpoint (Qwen3.5), built whole
+    if nested:
+        model = getattr(transformers, config.architectures[0])._from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight") or "layernorm" in n:
@@ -108,10 +134,29 @@ def build(name: str, out: Path, seed: int = 0, config=None):
             if "e_score_correction_bias" in n:
                 b.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(b))
     model.eval()
-    model.save_pretrained(out)
+    if nested:
+        save_as_shipped(model, out)
+    else:
+        model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REF_MODEL / f, out / f)
     return model
+
+
+def save_as_shipped(model, out: Path) -> None:
+    """Save a vision-language model's weights with the names and layout its in-memory modules have, as Qwen ships
+    Qwen3.5 (``model.language_model.`` prefix, experts fused, ``model.visual.*``), plus a multi-token-prediction
+    block (``mtp.*``) that transformers does not load; transformers 5's save_pretrained would write the experts
+    one by one."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    hidden = model.config.get_text_config().hidden_size
+    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
+    tensors["mtp.norm.weight"] = torch.ones(hidden)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(out)
 
 
 def to_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,6 +206,17 @@ class Architecture:
 
         return TensorSpec(gguf_name, (n_expert, len(range(n_out)[outputs]), n_in), load, n_expert, hf_name=hf_name)
 
+    def fused_expert_rows(self, gguf_name: str, hf_name: str, rows: slice) -> TensorSpec:
+        """One of gate / up / down from a fused (experts, outputs, inputs) checkpoint tensor (Qwen3.5), expert by
+        expert: the ``rows`` of each expert, already GGUF rows."""
+        src = self.src
+        n_expert, n_out, n_in = src.shape(hf_name)
+
+        def load(e: int) -> np.ndarray:
+            return np.ascontiguousarray(src.get_rows(hf_name, e, e + 1)[0][rows])
+
+        return TensorSpec(gguf_name, (n_expert, len(range(n_out)[rows]), n_in), load, n_expert, hf_name=hf_name)
+
     def embeddings_and_output(self) -> Iterator[TensorSpec]:
         yield self.plain("token_embd.weight", "model.embed_tokens.weight")
         yield self.plain("output_norm.weight", "model.norm.weight")
