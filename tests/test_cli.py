@@ -53,6 +53,24 @@ def test_qwen3next_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, w
     assert not (tmp_path / "o.gguf").exists()
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(hidden_act="gelu"), "activation 'gelu'"),
+    (dict(linear_value_head_dim=32), "linear_key_head_dim 16 != linear_value_head_dim 32"),
+    (dict(rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0, partial_rotary_factor=0.25,
+                               original_max_position_embeddings=512)), "rope scaling 'yarn'"),
+])
+def test_qwen35moe_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, words):
+    """Qwen3.5-MoE settings (under text_config) llama.cpp's qwen35moe graph cannot run: one clear error, no output."""
+    shaping = {k: v for k, v in change.items() if k == "linear_value_head_dim"}  # shapes the weights: built with it
+    tiny_models.build("qwen35moe", tmp_path / "m", config=tiny_models.qwen35moe_config(**shaping))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["text_config"].update(change)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf", "--type", "F16", "-q"),
+                          "unsupported Qwen3_5MoeForConditionalGeneration checkpoint", words)
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_missing_shard(tmp_path):
     src = tmp_path / "m"
     shutil.copytree(tiny_models.REF_MODEL, src)

@@ -109,7 +109,8 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
     shape = ModelShape.from_gguf(path)
     assert arch.model_shape() == shape
     assert arch.kv_elements_per_token() == shape.kv_elements_per_token
-    if name == "qwen3next":  # a KV cache for the full-attention layer only, a state for the two recurrent ones
+    if name in ("qwen3next", "qwen35moe"):  # a KV cache for the full-attention layer only, a state for the two recurrent
+        # ones
         assert shape.n_layer_recr == 2 and shape.kv_elements_per_token == 1 * 2 * (32 + 32)
     if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
         c = arch.cfg
@@ -177,13 +178,18 @@ def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
                    "7.6 at 256), outside the buffers llama.cpp logs and independent of n_embd, vocabulary, layer "
                    "count and the linear-attention sizes: not yet found (the logged KV, recurrent state and compute "
                    "buffer agree)")
-def test_recurrent_memory_within_5_percent(tmp_path):
-    """Qwen3-Next (recurrent linear-attention layers and a full-attention one): planned total vs llama.cpp's peak
-    RSS over a 4096-token context; the KV cache of the full layer and the recurrent state as llama.cpp logs them."""
-    cfg = tiny_models.configs()["qwen3next"]
-    cfg.hidden_size, cfg.head_dim, cfg.linear_key_head_dim, cfg.linear_value_head_dim = 256, 64, 64, 64
-    cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.moe_intermediate_size = 4, 8, 128
-    tiny_models.build("qwen3next", tmp_path / "hf", config=cfg)
+@pytest.mark.parametrize("family", ["qwen3next", "qwen35moe"])
+def test_recurrent_memory_within_5_percent(tmp_path, family):
+    """Qwen3-Next / Qwen3.5-MoE (recurrent linear-attention layers and a full-attention one): planned total vs
+    llama.cpp's peak RSS over a 4096-token context; the KV cache of the full layer and the recurrent state as
+    llama.cpp logs them."""
+    cfg = tiny_models.configs()[family]
+    text = cfg.get_text_config()
+    text.hidden_size, text.head_dim, text.linear_key_head_dim, text.linear_value_head_dim = 256, 64, 64, 64
+    text.linear_num_key_heads, text.linear_num_value_heads, text.moe_intermediate_size = 4, 8, 128
+    if text is not cfg:  # the vision tower's output is the text model's input
+        cfg.vision_config.out_hidden_size = 256
+    tiny_models.build(family, tmp_path / "hf", config=cfg)
     path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
                                                    progress=False))[0]
     arch = architecture_for(HFSource(tmp_path / "hf"))
