@@ -151,7 +151,7 @@ def test_card_results_with_a_wrongly_typed_value(small_gguf, tmp_path):
     (["convert", "MODEL", "-o", "OUT", "--split-max-size", "0"], ("--split-max-size",)),
     (["convert", "MODEL", "-o", "OUT", "--merge"], ("--merge", "--keep")),
     (["convert", "MODEL", "-o", "OUT", "--keep-per-layer"], ("--keep-per-layer", "--keep")),
-    (["convert", "MODEL", "-o", "OUT", "--ctx", "1024"], ("--ctx", "--budget")),
+    (["convert", "MODEL", "-o", "OUT", "--weights-only"], ("--weights-only", "--budget")),
     (["convert", "MODEL", "-o", "OUT", "--calib", "MODEL/config.json"], ("--calib", "--budget")),
     (["convert", "MODEL", "-o", "OUT", "--alpha", "0.3"], ("--alpha", "--keep")),
     (["nosuch"], ("No such command",)),
