@@ -57,7 +57,9 @@ def convert_mix(src: str | Path, opts: ConvertOptions, mix: str, overrides: tupl
     except OSError as e:
         raise GgufmoeError(f"{opts.out.parent}: cannot write ({e.strerror or e})") from None
     try:
-        base = convert(src, replace(opts, out=work / f"{INTERMEDIATE}.gguf", types=TypeRules.parse(INTERMEDIATE)))
+        # a float file takes no importance matrix: it is read once, above, for llama.cpp
+        base = convert(src, replace(opts, out=work / f"{INTERMEDIATE}.gguf", types=TypeRules.parse(INTERMEDIATE),
+                                    imatrix=None, stats=None))
         if opts.progress:
             print(f"quantizing to {mix} with llama.cpp", file=sys.stderr)
         return [llama_quantize(base[0], opts.out, mix, imatrix, pairs, opts.threads)]
