@@ -13,12 +13,13 @@ import llama_gguf
 import tiny_models
 from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
-from ggufmoe.stats.collect import Collector
+from ggufmoe.stats.collect import Collector, model_keys
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix, write_imatrix_gguf
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import ExpertStats, Stats, load_stats, save_stats
 from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.hf_model import load_model
 from test_imatrix import write_dat
 
 CTX = 512
@@ -143,6 +144,46 @@ def test_instrumented_model_computes_the_same(tmp_path, arch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert again.shape == (2, 64, tiny_models.VOCAB)
     assert all(s.n_tokens == 2 * 2 * 64 for s in collector.layers().values())
+
+
+@pytest.mark.parametrize("arch", tiny_models.CALIBRATED)
+def test_recorded_inputs_are_the_gguf_tensors_inputs(tmp_path, arch):
+    """What the statistics record for a plain matmul is the input of the GGUF tensor's matmul, in its column order:
+    the converted tensor times it gives the checkpoint matmul's outputs (rows cut or reordered on conversion
+    included: Qwen3-Next's ``in_proj_qkvz`` split in two, Qwen3.5's ``out_proj`` columns tiled)."""
+    tiny_models.build(arch, tmp_path)
+    _, model = load_model(tmp_path, progress=False)  # the weights as saved
+    specs = {s.name: s for s in architecture_for(HFSource(tmp_path)).tensors() if not s.is_expert}
+    modules = dict(model.named_modules())
+    outputs: dict[int, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def record(m: torch.nn.Module, args: tuple) -> None:
+        outputs.setdefault(id(m), args[0] @ m.weight.T)
+
+    for m in modules.values():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_pre_hook(record)
+    ids = torch.randint(0, tiny_models.VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    collector = Collector(model, list(specs.values()), sample=lambda name, x: inputs.setdefault(name, x))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        collector.remove()
+    keys = model_keys(model, [s.hf_name for s in specs.values()])
+    checked = 0
+    for name, x in inputs.items():
+        want = outputs.get(id(modules.get(keys[specs[name].hf_name].rpartition(".")[0])))
+        if want is None or specs[name].kind == "output":
+            continue
+        got = x.reshape(-1, x.shape[-1]) @ torch.from_numpy(specs[name].load(0)).reshape(-1, x.shape[-1]).T
+        want = want.reshape(-1, want.shape[-1])
+        # every output of the GGUF tensor is one of the checkpoint matmul's outputs
+        nearest = torch.cdist(got.T.double(), want.T.double()).min(dim=1).values
+        assert float(nearest.max()) < 1e-4 * float(want.norm(dim=0).max()), name
+        checked += 1
+    assert checked >= 4 * int(model.config.get_text_config().num_hidden_layers)
 
 
 # --- file -----------------------------------------------------------------------------------------

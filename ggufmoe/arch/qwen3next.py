@@ -18,8 +18,11 @@ Qwen3.5-MoE (:mod:`ggufmoe.arch.qwen35moe`) is the same hybrid: it subclasses th
 llama.cpp keeps a KV cache for the full-attention layers only, and a fixed F32 state per sequence
 for the recurrent ones (:meth:`model_shape`).
 
-Streamed calibration of this family is not done yet (:attr:`calibration_refused`); pruning to a given
-plan is exact (softmax over the kept experts, renormalised).
+Calibration runs transformers' own layers, the linear attention stateless over each chunk (every chunk a
+sequence, as llama.cpp's imatrix runs them); ``attn_qkv`` and ``attn_gate`` both record the input of
+``in_proj_qkvz`` (:attr:`~ggufmoe.model.tensor.TensorSpec.rows_of_source`) and, where the value heads are
+reordered, ``ssm_out`` records its input in the GGUF's column order (``input_order``). Pruning is exact (softmax
+over the kept experts, renormalised).
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ class Qwen3Next(Architecture):
     hf_architectures = ("Qwen3NextForCausalLM",)
     gguf_arch = "qwen3next"
     writes_head_dim = True
-    calibration_refused = ("streamed calibration of its Gated DeltaNet (linear-attention) layers is not "
-                           "supported yet")
     # the new matrices take the defaults of their closest reference class
     sensitivity_aliases = {"attn_gate": "attn_v", "ssm_ba": "attn_k", "ssm_out": "attn_output"}
     # llama.cpp's graph broadcasts q/k over the value heads tiled (k0 k1 .. k0 k1 ..), where transformers repeats
@@ -147,8 +148,10 @@ class Qwen3Next(Architecture):
         def z(_: int) -> np.ndarray:
             return np.ascontiguousarray(groups()[:, 2 * dk + vr:].reshape(-1, hidden))
 
-        yield TensorSpec(f"blk.{il}.attn_qkv.weight", (nk * (2 * dk + vr), hidden), qkv, hf_name=name)
-        yield TensorSpec(f"blk.{il}.attn_gate.weight", (nk * vr, hidden), z, hf_name=name)
+        yield TensorSpec(f"blk.{il}.attn_qkv.weight", (nk * (2 * dk + vr), hidden), qkv, hf_name=name,
+                         rows_of_source=True)
+        yield TensorSpec(f"blk.{il}.attn_gate.weight", (nk * vr, hidden), z, hf_name=name,
+                         rows_of_source=True)
 
     def input_projections(self, il: int, qkvz: ReadForTwo) -> Iterator[TensorSpec]:
         """The linear attention's projections of the layer input: q/k/v, the output gate z, beta and alpha."""
@@ -171,8 +174,11 @@ class Qwen3Next(Architecture):
         yield self.plain(f"{b}.ssm_dt.bias", f"{p}.dt_bias", (lambda t: self.v_heads(t, 1)) if self.tiles_qk else None)
         yield self.plain(f"{b}.ssm_a", f"{p}.A_log", lambda t: -np.exp(self.v_heads(t, 1)))
         yield self.plain(f"{b}.ssm_norm.weight", f"{p}.norm.weight")  # a plain weight: no +1
-        yield self.plain(f"{b}.ssm_out.weight", f"{p}.out_proj.weight",
+        out = self.plain(f"{b}.ssm_out.weight", f"{p}.out_proj.weight",
                          (lambda t: self.v_heads(t, dv, axis=1)) if self.tiles_qk else None)
+        if self.tiles_qk:  # its columns reordered as the value heads: so is its input (the imatrix's columns)
+            out.input_order = tuple(self.v_heads(np.arange(out.shape[1]), dv).tolist())
+        yield out
 
     def full_attention(self, il: int) -> Iterator[TensorSpec]:
         p, b = f"{self.prefix}layers.{il}.self_attn", f"blk.{il}"

@@ -47,7 +47,8 @@ class TensorSpec:
     ``load(i)`` returns part ``i`` as a float32 array: the whole tensor when ``n_parts == 1``,
     else the 2-D slice of expert ``i``; a :class:`RowLoader` also loads a range of rows. A source
     that stores quantized tensors (a GGUF) also gives ``source_type`` and ``raw(i)``: part ``i``'s
-    bytes as stored, copied when the type stays.
+    bytes as stored, copied when the type stays. Several specs may come from one checkpoint tensor: cut
+    into rows (``rows_of_source``: each multiplies the same input) or otherwise (MLA's ``kv_b``: no one input).
     """
 
     name: str
@@ -58,6 +59,9 @@ class TensorSpec:
     expert_ids: tuple[int, ...] | None = None  # source expert of each part, when pruned
     source_type: gguf.GGMLQuantizationType | None = None  # type as stored in the source (GGUF)
     raw: RawLoader | None = None  # part ``i`` as stored (uint8), for sources with ``source_type``
+    rows_of_source: bool = False  # some rows of ``hf_name``, shared with other specs: its matmul reads that input
+    # column j multiplies element input_order[j] of the checkpoint matmul's input (columns reordered on conversion)
+    input_order: tuple[int, ...] | None = None
 
     def source_expert(self, part: int) -> int:
         return self.expert_ids[part] if self.expert_ids is not None else part

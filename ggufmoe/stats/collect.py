@@ -99,8 +99,8 @@ class Collector:
         modules = dict(model.named_modules())
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         shared = Counter(s.hf_name for s in specs)
-        # a checkpoint tensor cut into two GGUF tensors (MLA's kv_b) has no one input to hook
-        plain = [s for s in specs if not s.is_expert and shared[s.hf_name] == 1]
+        # a checkpoint tensor cut into GGUF tensors other than by rows (MLA's kv_b) has no one input to hook
+        plain = [s for s in specs if not s.is_expert and (shared[s.hf_name] == 1 or s.rows_of_source)]
         experts = [s for s in specs if s.is_expert]
         keys = model_keys(model, [s.hf_name for s in plain] + [s.hf_name.format(e=0) for s in experts])
         for s in plain:
@@ -109,23 +109,34 @@ class Collector:
             weight = getattr(mod, "weight", None)
             if leaf == "weight" and isinstance(weight, torch.Tensor) and weight.ndim == 2 \
                     and not isinstance(mod, nn.Embedding):
-                self.hook_matmul(s.name, mod, weight.shape[1], is_output=mod is output)
+                self.hook_matmul(s.name, mod, weight.shape[1], is_output=mod is output, order=s.input_order)
         by_module: dict[str, list[TensorSpec]] = {}
         for s in experts:
             by_module.setdefault(keys[s.hf_name.format(e=0)].rpartition(".")[0], []).append(s)
         for path, group in by_module.items():
             self.hook_experts(path, modules.get(path), group)
 
-    def hook_matmul(self, name: str, mod: nn.Module, ne0: int, is_output: bool = False) -> None:
+    def hook_matmul(self, name: str, mod: nn.Module, ne0: int, is_output: bool = False,
+                    order: tuple[int, ...] | None = None) -> None:
+        """Record the input of ``mod``'s matmul for tensor ``name``, its elements in the tensor's column ``order``."""
         acc = self.acc[name] = Accumulator(1, ne0)
+        columns = None if order is None else torch.tensor(order)
+
+        def ordered(x: torch.Tensor) -> torch.Tensor:
+            return x if columns is None else x[..., columns.to(x.device)]
+
         if self.sample is not None:
             sample = self.sample
-            self.handles.append(mod.register_forward_pre_hook(lambda _m, args: sample(name, args[0])))
+
+            def give(_m: nn.Module, args: tuple) -> None:
+                sample(name, ordered(args[0]))
+
+            self.handles.append(mod.register_forward_pre_hook(give))
         if is_output and isinstance(mod, nn.Linear):
             self.patch(mod, output_forward, acc)
         else:
-            def hook(_m: nn.Module, args: tuple) -> None:
-                acc.add_sums(*self.square_sums(args[0]))
+            def hook(_m: nn.Module, args: tuple) -> None:  # the square sums of a reordered input are not shared
+                acc.add_sums(*(self.square_sums(args[0]) if columns is None else square_sums(ordered(args[0]))))
 
             self.handles.append(mod.register_forward_pre_hook(hook))
 
