@@ -36,6 +36,7 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.deepseek2 import ReadForTwo
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
+from ggufmoe.model.names import NewKeys
 from ggufmoe.model.tensor import TensorSpec
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -112,8 +113,7 @@ class Qwen3Next(Architecture):
         w.add_ssm_state_size(int(c.linear_key_head_dim))
         w.add_ssm_time_step_rank(int(c.linear_num_value_heads))
         w.add_ssm_group_count(int(c.linear_num_key_heads))
-        # gguf-py 0.19 has no name for it (llama.cpp: LLM_KV_ATTENTION_RECURRENT_LAYERS, a bool per block)
-        w.add_array(f"{self.gguf_arch}.attention.recurrent_layers", self.recurrent)
+        w.add_array(NewKeys.RECURRENT_LAYERS.format(arch=self.gguf_arch), self.recurrent)
 
     # --- tensors --------------------------------------------------------------------
     def v_heads(self, t: np.ndarray, head_dim: int, axis: int = 0) -> np.ndarray:

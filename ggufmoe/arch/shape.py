@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ggufmoe.model.names import NewKeys, arch_key
 from ggufmoe.source.gguf_file import read_gguf
 
 
@@ -89,7 +90,7 @@ class ModelShape:
             n_layer_swa = sum(bool(p) for p in pattern)
         else:  # llama.cpp's set_swa_pattern: layer il slides unless il % n == n - 1
             n_layer_swa = sum(il % int(pattern) < int(pattern) - 1 for il in range(n_layer)) if pattern else 0
-        recurrent = g("attention.recurrent_layers")
+        recurrent = g(arch_key(NewKeys.RECURRENT_LAYERS, a))
         if isinstance(recurrent, list):
             n_layer_recr = sum(bool(r) for r in recurrent[:n_layer])
         elif g("full_attention_interval") is not None and g("ssm.inner_size") is not None:

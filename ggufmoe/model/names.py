@@ -1,4 +1,5 @@
-"""GGUF tensor names, parsed and built through gguf-py's own table (``MODEL_TENSOR`` / ``TENSOR_NAMES``).
+"""GGUF tensor names, parsed and built through gguf-py's own table (``MODEL_TENSOR`` / ``TENSOR_NAMES``), and the
+metadata keys gguf-py 0.19 lacks (:class:`NewKeys`).
 
 ``blk.3.ffn_gate_exps.weight`` is ``TensorName(MODEL_TENSOR.FFN_GATE_EXP, 3, "weight")``. Code asks
 for a tensor's role (:attr:`TensorName.tensor`) instead of matching substrings of its name.
@@ -68,3 +69,15 @@ EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
 # Weights llama.cpp's op reads in F32 only (ggml's CPU ssm_conv takes an F32 kernel)
 F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)
+
+
+class NewKeys:
+    """Metadata keys llama.cpp reads that gguf-py 0.19 has no name for (llama.cpp's ``src/llama-arch.cpp``), in
+    gguf-py's form: ``NewKeys.RECURRENT_LAYERS.format(arch="qwen3next")``."""
+
+    RECURRENT_LAYERS = "{arch}.attention.recurrent_layers"  # bool per block: a recurrent (linear-attention) layer
+
+
+def arch_key(key: str, arch: str) -> str:
+    """``key`` (a ``{arch}.…`` template) without its architecture prefix, as :meth:`ModelShape.from_fields` asks."""
+    return key.format(arch=arch).removeprefix(f"{arch}.")
