@@ -224,17 +224,20 @@ def _llama_quantize_child(src: str, dst: str, imatrix: str, threads: str) -> Non
 # ---------------------------------------------------------------------------------------------------
 # inputs: checkpoint and importance matrix
 
-def ensure_model(path: Path, layers: int, experts: int, seed: int, tokenizer: Path) -> dict:
-    """Make the synthetic checkpoint unless ``path`` already holds the same one."""
+def ensure_model(path: Path, layers: int, experts: int, seed: int, tokenizer: Path,
+                 family: str = "deepseek-v3") -> dict:
+    """Make the synthetic checkpoint (``tools/make_synthetic.py --family``) unless ``path`` already holds the same one."""
     stamp = path / "synthetic.json"
     want = {"layers": layers, "experts": experts, "seed": seed, "tokenizer": str(tokenizer)}
+    if family != "deepseek-v3":
+        want["family"] = family
     if stamp.is_file() and json.loads(stamp.read_text()).get("args") == want:
         return json.loads(stamp.read_text())
     if path.exists():
         import shutil
         shutil.rmtree(path)
     cmd = [PY, str(ROOT / "tools" / "make_synthetic.py"), str(path), "--layers", str(layers), "--experts", str(experts),
-           "--seed", str(seed), "--tokenizer", str(tokenizer), "-q"]
+           "--seed", str(seed), "--tokenizer", str(tokenizer), "--family", family, "-q"]
     print(f"making {path.name} ...", flush=True)
     m = measure(cmd, log=path.parent / f"{path.name}.make.log")
     info = json.loads((path.parent / f"{path.name}.make.log").read_text().strip().splitlines()[-1])

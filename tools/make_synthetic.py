@@ -1,7 +1,15 @@
-"""A synthetic DeepSeek-V3 checkpoint: the real per-layer shapes and FP8 layout, few layers and experts.
+"""A synthetic DeepSeek-V3 (or Qwen3.5-122B) checkpoint: the real per-layer shapes and layout, few layers and experts.
 
-    python tools/make_synthetic.py OUT_DIR [--layers 3] [--experts 32] [--seed 0] [--shard-size 2GB]
-                                   [--tokenizer DIR_OR_VOCAB_GGUF] [--pow2-scales]
+    python tools/make_synthetic.py OUT_DIR [--family deepseek-v3|qwen3.5-122b] [--layers 3] [--experts 32]
+                                   [--seed 0] [--shard-size 2GB] [--tokenizer DIR_OR_VOCAB_GGUF] [--pow2-scales]
+
+``--family qwen3.5-122b``: Qwen3.5-122B-A10B's text model as Qwen ships it (``Qwen3_5MoeForConditionalGeneration``,
+the text configuration under ``text_config``, tensors under ``model.language_model.``, all BF16): hidden 3072,
+Gated DeltaNet layers (16 key heads and 64 value heads of 128, conv kernel 4) with a full gated-attention layer
+every 4th (32 heads, 2 KV heads of 256, partial rope 0.25), experts of FFN 1024 stored fused (``gate_up_proj``,
+``down_proj``) plus a shared expert of 1024 and its gate, top-8 softmax routing, vocabulary 248320; the layers
+and routed experts are fewer (``--layers`` a multiple of 4 keeps the real pattern). The rest of this text is the
+DeepSeek-V3 layout.
 
 Every layer has DeepSeek-V3's own shapes (hidden 7168, MLA q_lora 1536 / kv_lora 512, qk_nope 128,
 qk_rope 64, v_head 128, 128 heads, dense FFN 18432, expert FFN 2048, one shared expert, vocabulary
@@ -182,6 +190,80 @@ def tensor_list(cfg: dict) -> list[Tensor]:
     return out
 
 
+# Qwen3.5-122B-A10B's text model (Qwen/Qwen3.5-122B-A10B config.json); layers/experts are set per run.
+QWEN35_122B = {
+    "hidden_size": 3072, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 256,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 64, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "moe_intermediate_size": 1024,
+    "shared_expert_intermediate_size": 1024, "num_experts": 256, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "full_attention_interval": 4, "vocab_size": 248320, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 262144, "hidden_act": "silu", "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+}
+QWEN35_PREFIX = "model.language_model."
+
+
+def qwen35_config(layers: int, experts: int, bos: int, eos: int) -> dict:
+    """The checkpoint's config.json: the vision-language wrapper with the text model nested, as shipped."""
+    import transformers as T
+
+    text = dict(QWEN35_122B, num_hidden_layers=layers, num_experts=experts, bos_token_id=bos, eos_token_id=eos,
+                layer_types=["full_attention" if (il + 1) % QWEN35_122B["full_attention_interval"] == 0
+                             else "linear_attention" for il in range(layers)])
+    cfg = T.Qwen3_5MoeConfig(text_config=text, tie_word_embeddings=False,
+                             architectures=["Qwen3_5MoeForConditionalGeneration"]).to_dict()
+    cfg["torch_dtype"] = "bfloat16"
+    return cfg
+
+
+def qwen35_tensor_list(cfg: dict) -> list[Tensor]:
+    """Every tensor of the text model in file order, names as in the official release (experts fused)."""
+    c = cfg["text_config"]
+    h, v, e, ff = c["hidden_size"], c["vocab_size"], c["num_experts"], c["moe_intermediate_size"]
+    nk, nv, dk, dv = (c["linear_num_key_heads"], c["linear_num_value_heads"], c["linear_key_head_dim"],
+                      c["linear_value_head_dim"])
+    heads, kv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    bf16 = torch.bfloat16
+    out: list[Tensor] = [Tensor(f"{QWEN35_PREFIX}embed_tokens.weight", (v, h), bf16, "bf16")]
+    for il, kind in enumerate(c["layer_types"]):
+        p = f"{QWEN35_PREFIX}layers.{il}"
+        out.append(Tensor(f"{p}.input_layernorm.weight", (h,), bf16, "norm"))
+        if kind == "linear_attention":
+            a, conv = f"{p}.linear_attn", 2 * nk * dk + nv * dv
+            out += [Tensor(f"{a}.in_proj_qkv.weight", (conv, h), bf16, "bf16"),
+                    Tensor(f"{a}.in_proj_z.weight", (nv * dv, h), bf16, "bf16"),
+                    Tensor(f"{a}.in_proj_b.weight", (nv, h), bf16, "bf16"),
+                    Tensor(f"{a}.in_proj_a.weight", (nv, h), bf16, "bf16"),
+                    Tensor(f"{a}.conv1d.weight", (conv, 1, c["linear_conv_kernel_dim"]), bf16, "bf16"),
+                    Tensor(f"{a}.dt_bias", (nv,), bf16, "norm"),
+                    Tensor(f"{a}.A_log", (nv,), bf16, "norm"),
+                    Tensor(f"{a}.norm.weight", (dv,), bf16, "norm"),
+                    Tensor(f"{a}.out_proj.weight", (h, nv * dv), bf16, "bf16")]
+        else:
+            a = f"{p}.self_attn"
+            out += [Tensor(f"{a}.q_proj.weight", (2 * heads * hd, h), bf16, "bf16"),  # per head [query, gate]
+                    Tensor(f"{a}.k_proj.weight", (kv * hd, h), bf16, "bf16"),
+                    Tensor(f"{a}.v_proj.weight", (kv * hd, h), bf16, "bf16"),
+                    Tensor(f"{a}.o_proj.weight", (h, heads * hd), bf16, "bf16"),
+                    Tensor(f"{a}.q_norm.weight", (hd,), bf16, "norm"),
+                    Tensor(f"{a}.k_norm.weight", (hd,), bf16, "norm")]
+        out.append(Tensor(f"{p}.post_attention_layernorm.weight", (h,), bf16, "norm"))
+        m, sh = f"{p}.mlp", c["shared_expert_intermediate_size"]
+        out += [Tensor(f"{m}.gate.weight", (e, h), bf16, "bf16"),
+                Tensor(f"{m}.experts.gate_up_proj", (e, 2 * ff, h), bf16, "bf16"),
+                Tensor(f"{m}.experts.down_proj", (e, h, ff), bf16, "bf16"),
+                Tensor(f"{m}.shared_expert.gate_proj.weight", (sh, h), bf16, "bf16"),
+                Tensor(f"{m}.shared_expert.up_proj.weight", (sh, h), bf16, "bf16"),
+                Tensor(f"{m}.shared_expert.down_proj.weight", (h, sh), bf16, "bf16"),
+                Tensor(f"{m}.shared_expert_gate.weight", (1, h), bf16, "bf16")]
+    out.append(Tensor(f"{QWEN35_PREFIX}norm.weight", (h,), bf16, "norm"))
+    out.append(Tensor("lm_head.weight", (v, h), bf16, "bf16"))
+    for i, t in enumerate(out):
+        t.index = i
+    return out
+
+
 def to_fp8_blocks(w: np.ndarray, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 matrix -> (float8_e4m3fn matrix, float32 inverse scale per 128x128 block), as DeepSeek
     quantizes: ``scale = amax(block) / 448``, ``q = w / scale`` (rows/cols padded for the amax only)."""
@@ -230,8 +312,10 @@ class Maker:
             yield s.numpy()
         elif t.kind == "bf16":
             rng = self.rng(t)
-            for r0 in range(0, t.shape[0], EMBED_ROWS_PER_CHUNK):
-                n = min(EMBED_ROWS_PER_CHUNK, t.shape[0] - r0)
+            row = int(np.prod(t.shape[1:]))
+            step = max(1, min(EMBED_ROWS_PER_CHUNK, EMBED_ROWS_PER_CHUNK * 8192 // max(row, 1)))
+            for r0 in range(0, t.shape[0], step):
+                n = min(step, t.shape[0] - r0)
                 x = rng.standard_normal((n, *t.shape[1:]), dtype=np.float32)
                 x *= STD
                 yield torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
@@ -373,13 +457,17 @@ def parse_size(s: str) -> int:
 
 def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_size: int = 2 * 10**9,
          tokenizer: Path | None = None, n_group: int = 8, topk_group: int = 4, pow2: bool = False,
-         quiet: bool = False) -> dict:
+         quiet: bool = False, family: str = "deepseek-v3") -> dict:
     """Write the checkpoint into ``out`` (created; must be empty or absent). Returns a summary."""
-    if layers < 2:
+    qwen = family == "qwen3.5-122b"
+    if qwen and (layers < 1 or experts < QWEN35_122B["num_experts_per_tok"]):
+        raise SystemExit(f"--layers must be at least 1 and --experts at least {QWEN35_122B['num_experts_per_tok']}")
+    elif not qwen and layers < 2:
         raise SystemExit("--layers must be at least 2 (the first layer is dense, the others MoE)")
-    if experts < 32 or experts % n_group:
+    if not qwen and (experts < 32 or experts % n_group):
         raise SystemExit(f"--experts must be at least 32 and divisible by n_group={n_group}")
-    if not 0 < topk_group < n_group or experts // n_group * topk_group < DEEPSEEK_V3["num_experts_per_tok"]:
+    if not qwen and (not 0 < topk_group < n_group or
+                     experts // n_group * topk_group < DEEPSEEK_V3["num_experts_per_tok"]):
         raise SystemExit(f"topk_group={topk_group} of {n_group} groups cannot reach top-8")
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
@@ -389,13 +477,14 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
         bos, eos = tokenizer_from_vocab_gguf(tokenizer, out)
     else:
         bos, eos = copy_tokenizer(tokenizer, out)
-    cfg = make_config(layers, experts, n_group, topk_group, bos, eos)
+    cfg = qwen35_config(layers, experts, bos, eos) if qwen else make_config(layers, experts, n_group, topk_group,
+                                                                            bos, eos)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos, "do_sample": True,
          "temperature": 0.6, "top_p": 0.95}, indent=2))
 
-    tensors = tensor_list(cfg)
+    tensors = qwen35_tensor_list(cfg) if qwen else tensor_list(cfg)
     groups = shard_groups(tensors, shard_size)
     maker = Maker(seed, pow2)
     weight_map, total = {}, 0
@@ -410,7 +499,7 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     params = sum(int(np.prod(t.shape)) for t in tensors if t.kind != "scale")
-    return {"dir": str(out), "layers": layers, "experts": experts, "seed": seed, "pow2_scales": pow2,
+    return {"dir": str(out), "family": family, "layers": layers, "experts": experts, "seed": seed, "pow2_scales": pow2,
             "tensors": len(tensors), "shards": len(groups), "bytes": total, "params": params,
             "seconds": time.perf_counter() - t0}
 
@@ -418,8 +507,11 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--layers", type=int, default=3, help="layers: 1 dense + the rest MoE (default 3)")
-    ap.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (>= 32, default 32)")
+    ap.add_argument("--family", choices=("deepseek-v3", "qwen3.5-122b"), default="deepseek-v3",
+                    help="whose per-layer shapes (default deepseek-v3)")
+    ap.add_argument("--layers", type=int, default=3,
+                    help="layers (default 3): DeepSeek-V3 1 dense + the rest MoE; Qwen3.5 every 4th full attention")
+    ap.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (DeepSeek-V3 >= 32; default 32)")
     ap.add_argument("--n-group", type=int, default=8, help="expert groups (default 8, as DeepSeek-V3)")
     ap.add_argument("--topk-group", type=int, default=4, help="groups used per token (default 4)")
     ap.add_argument("--seed", type=int, default=0)
@@ -430,7 +522,7 @@ def main() -> None:
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args()
     info = make(args.out, args.layers, args.experts, args.seed, parse_size(args.shard_size), args.tokenizer,
-                args.n_group, args.topk_group, args.pow2_scales, args.quiet)
+                args.n_group, args.topk_group, args.pow2_scales, args.quiet, args.family)
     print(json.dumps(info))
 
 
