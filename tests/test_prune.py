@@ -132,7 +132,9 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
 
 @pytest.mark.parametrize("family", tiny_models.UNCALIBRATED)
 def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
-    """A family that cannot be calibrated still prunes exactly to a given plan (and calibrating it is refused)."""
+    """A family that cannot be calibrated still prunes exactly to a given plan (and calibrating it is refused). The
+    reference computes tanh GELU as llama.cpp's CPU backend does (from an f16 table): Gemma 4's pruned routes are
+    near-tied often enough that the table's rounding alone moves the mean |dNLL| to ~2e-3."""
     from ggufmoe.prune.criteria import Pruning
     from ggufmoe.stats.stream import stream_stats
 
@@ -144,7 +146,8 @@ def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
                    alpha=0.5, kept=kept)
     out = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("F32"), pruning=plan,
                                                   progress=False))[0]
-    model = prune_hf_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval(), plan)
+    model = tiny_models.with_ggml_gelu(
+        prune_hf_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval(), plan))
     result = compare(llama_logprobs(out, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
     assert result.mean_abs_dnll < 1e-3, result
     assert GGUFReader(out).fields[f"{arch.gguf_arch}.expert_count"].contents() == 5

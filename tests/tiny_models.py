@@ -143,6 +143,28 @@ def build(name: str, out: Path, seed: int = 0, config=None):
     return model
 
 
+class GgmlGelu(torch.nn.Module):
+    """tanh GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16): zero below -10, the input above 10, else
+    the input rounded to f16 and the output read from an f16 table."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def with_ggml_gelu(model):
+    """``model`` with its tanh GELUs computed as llama.cpp's CPU backend does (:class:`GgmlGelu`), in place: the
+    reference where the table's rounding flips near-tied routes (Gemma 4's pruned experts), which says nothing of
+    the conversion. A model without GELU is unchanged."""
+    from transformers.activations import GELUTanh
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, GELUTanh):
+                setattr(module, name, GgmlGelu())
+    return model
+
+
 def save_as_shipped(model, out: Path) -> None:
     """Save a vision-language model's weights with the names and layout its in-memory modules have, as Qwen ships
     Qwen3.5 (``model.language_model.`` prefix, experts fused, ``model.visual.*``), plus a multi-token-prediction

@@ -16,6 +16,7 @@ from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.names import EXPERT_TENSORS, SCALE, TensorName
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
 from ggufmoe.source.tokenizer import TokenizerKeys, tokenizer_keys
@@ -70,6 +71,14 @@ class Architecture:
     def top_k(self) -> int:
         """Experts used per token in the source."""
         return int(self.cfg.num_experts_per_tok)
+
+    def rows_are_experts(self, name: TensorName) -> bool:
+        """Whether the rows of tensor ``name`` (not a 3-D expert tensor) are experts, gathered when pruning: the
+        roles of :attr:`per_expert_rows`, but for a ``.scale`` only those of the expert tensors (llama.cpp's
+        per-expert output scales, n_expert long); a router's ``.scale`` (Gemma 4's, n_embd long) is per input."""
+        if name.suffix == SCALE:
+            return name.tensor in EXPERT_TENSORS and name.tensor in self.per_expert_rows
+        return name.tensor in self.per_expert_rows
 
     @property
     def expert_groups(self) -> tuple[int, int] | None:
