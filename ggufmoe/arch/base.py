@@ -272,16 +272,18 @@ class Architecture:
         yield self.plain(f"{b}.ffn_up{suffix}.weight", f"{prefix}.up_proj.weight")
         yield self.plain(f"{b}.ffn_down{suffix}.weight", f"{prefix}.down_proj.weight")
 
-    def write_common_metadata(self, w: gguf.GGUFWriter, n_ff: int | None = None) -> None:
+    def write_common_metadata(self, w: gguf.GGUFWriter, n_ff: int | list[int] | None = None,
+                              n_head_kv: int | list[int] | None = None) -> None:
         """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps); ``n_ff``: the
-        dense feed-forward width where it is not ``intermediate_size``."""
+        dense feed-forward width where it is not ``intermediate_size``, ``n_head_kv``: the key/value heads where
+        they are not ``num_key_value_heads`` (either one per layer where layers differ)."""
         c = self.cfg
         w.add_context_length(int(c.max_position_embeddings))
         w.add_embedding_length(int(c.hidden_size))
         w.add_block_count(int(c.num_hidden_layers))
-        w.add_feed_forward_length(int(n_ff if n_ff is not None else getattr(c, "intermediate_size", 0) or 0))
+        w.add_feed_forward_length(n_ff if n_ff is not None else int(getattr(c, "intermediate_size", 0) or 0))
         w.add_head_count(int(c.num_attention_heads))
-        w.add_head_count_kv(int(c.num_key_value_heads))
+        w.add_head_count_kv(n_head_kv if n_head_kv is not None else int(c.num_key_value_heads))
         if self.writes_head_dim:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
