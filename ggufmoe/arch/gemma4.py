@@ -114,10 +114,6 @@ class Gemma4(Architecture):
             last = max(j for j in range(self.first_shared) if self.sliding[j] == self.sliding[il])
             self.require(src == last, f"shared-KV layer {il} reuses layer {last} (llama.cpp: layer {src})")
 
-    def caveats(self) -> list[str]:
-        return ["llama.cpp's CPU backend computes GELU from an f16 table (the input rounded to f16): activations "
-                "differ from transformers' by about 1e-3 relative, which now and then flips a near-tied route"]
-
     # --- memory ---------------------------------------------------------------------
     def model_shape(self) -> ModelShape:
         """The full layers' heads, the sliding layers' own, and the shared-KV layers (no cache). The dense MLP beside
