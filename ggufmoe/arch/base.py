@@ -19,7 +19,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.names import EXPERT_TENSORS, SCALE, TensorName
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
-from ggufmoe.source.tokenizer import TokenizerKeys, tokenizer_keys
+from ggufmoe.source.tokenizer import SPM, TokenizerKeys, tokenizer_keys
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Architecture:
     calibration_refused: ClassVar[str | None] = None
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
+    # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (source.tokenizer: SPM or GEMMA4)
+    spm_tokenizer: ClassVar[str] = SPM
     # Tensor classes without default sensitivities of their own -> the reference class they take.
     sensitivity_aliases: ClassVar[dict[str, str]] = {}
     # set when pruning: experts kept per layer and experts used per token
@@ -142,7 +144,7 @@ class Architecture:
         if self.writes_tokenizer:
             vocab = int(self.cfg.vocab_size)
             if vocab not in self.tokenizers:
-                self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab)
+                self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab, self.spm_tokenizer)
             self.tokenizers[vocab].write(w)
 
     def with_expert_counts(self, n_expert: int, top_k: int, per_layer: dict[int, int] | None = None) -> "Architecture":

@@ -20,6 +20,9 @@ Rope: the sliding layers rotate the whole head (base ``rope_theta`` of ``sliding
 leaves the rest, which llama.cpp runs as NEOX rope over the whole head with ``rope_freqs`` dividing the kept
 frequencies by the rope ``factor`` and the others by 1e30 (no rotation), as its own converter writes.
 
+Gemma's tokenizer (SentencePiece-style BPE: spaces as ``▁``, byte fallback) is written as llama.cpp's ``gemma4``
+tokenizer, with its merges.
+
 Refused (llama.cpp's graph cannot run them as transformers does): per-layer embeddings
 (``hidden_size_per_layer_input``), dense models (``enable_moe_block`` false), attention biases, bidirectional
 attention, activations other than tanh GELU, shared-KV layers whose source llama.cpp picks differently.
@@ -37,6 +40,7 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.source.tokenizer import GEMMA4
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 NO_ROTATION = 1e30  # a rope_freqs divisor that leaves a frequency unrotated (llama.cpp's converter uses it)
@@ -48,6 +52,7 @@ class Gemma4(Architecture):
     gguf_arch = "gemma4"
     # the per-expert output scales (``ffn_down_exps.scale``) are rows per expert besides the router's
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_DOWN_EXP}
+    spm_tokenizer = GEMMA4  # Gemma's SentencePiece-style BPE: llama.cpp's gemma4 tokenizer (merges by rank, exact)
     calibration_refused = ("the routed experts' output passes through two RMS norms before the residual (the streamed "
                            "runner's linear split of a layer's output does not hold), and the router reads the "
                            "residual rather than the experts' input")
