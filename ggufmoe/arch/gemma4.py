@@ -25,7 +25,8 @@ tokenizer, with its merges.
 
 Refused (llama.cpp's graph cannot run them as transformers does): per-layer embeddings
 (``hidden_size_per_layer_input``), dense models (``enable_moe_block`` false), attention biases, bidirectional
-attention, activations other than tanh GELU, shared-KV layers whose source llama.cpp picks differently.
+attention for text (``use_bidirectional_attention="all"``; ``"vision"`` leaves text causal), activations other
+than tanh GELU, shared-KV layers whose source llama.cpp picks differently.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class Gemma4(Architecture):
     # the per-expert output scales (``ffn_down_exps.scale``) are rows per expert besides the router's
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_DOWN_EXP}
     spm_tokenizer = GEMMA4  # Gemma's SentencePiece-style BPE: llama.cpp's gemma4 tokenizer (merges by rank, exact)
-    calibration_refused = ("the routed experts' output passes through two RMS norms before the residual (the streamed "
-                           "runner's linear split of a layer's output does not hold), and the router reads the "
-                           "residual rather than the experts' input")
+    calibration_refused = ("the streamed runner adds the routed experts' output after the layer ran, where Gemma 4 "
+                           "normalises it twice before the residual, and it reads plain embedding rows where Gemma "
+                           "scales them inside its embedding module; the whole-model path is not checked for it yet")
 
     @property
     def prefix(self) -> str:
@@ -80,15 +81,18 @@ class Gemma4(Architecture):
     def attn(self, il: int) -> str:
         return f"{self.prefix}layers.{il}.self_attn"
 
+    def first(self, swa: bool) -> int:
+        """The first sliding (``swa``) or full layer (llama.cpp's gemma4 graph needs both kinds)."""
+        self.require(swa in self.sliding, f"no {'sliding' if swa else 'full'}-attention layer")
+        return self.sliding.index(swa)
+
     def head_size(self, swa: bool) -> int:
         """Head size of the sliding (``swa``) or full layers, as transformers defines their query projection."""
-        il = self.sliding.index(swa)
-        return self.src.shape(f"{self.attn(il)}.q_proj.weight")[0] // int(self.cfg.num_attention_heads)
+        return self.src.shape(f"{self.attn(self.first(swa))}.q_proj.weight")[0] // int(self.cfg.num_attention_heads)
 
     def kv_heads(self, swa: bool) -> int:
         """Key/value heads of the sliding (``swa``) or full layers, from the first such layer's key projection."""
-        il = self.sliding.index(swa)
-        return self.src.shape(f"{self.attn(il)}.k_proj.weight")[0] // self.head_size(swa)
+        return self.src.shape(f"{self.attn(self.first(swa))}.k_proj.weight")[0] // self.head_size(swa)
 
     def check(self) -> None:
         c = self.cfg
@@ -97,8 +101,9 @@ class Gemma4(Architecture):
         self.require(not int(c.hidden_size_per_layer_input or 0),
                      f"per-layer embeddings (hidden_size_per_layer_input={c.hidden_size_per_layer_input})")
         self.require(not c.attention_bias, "attention biases")
-        self.require(c.use_bidirectional_attention is None, f"bidirectional attention "
-                     f"({c.use_bidirectional_attention!r}; llama.cpp runs text causally)")
+        # "vision": images attend both ways, text causally (as llama.cpp runs text)
+        self.require(c.use_bidirectional_attention != "all", "bidirectional attention ('all'; llama.cpp runs text "
+                     "causally)")
         self.require(c.hidden_activation == "gelu_pytorch_tanh", f"activation {c.hidden_activation!r}")
         self.require(len(c.layer_types) == n and set(c.layer_types) == {SLIDING, FULL},
                      f"layer types {sorted(set(c.layer_types))} (llama.cpp: sliding and full layers)")
