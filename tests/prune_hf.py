@@ -3,7 +3,8 @@ for measuring what pruning costs through transformers.
 
 transformers 5 MoE blocks share one shape: a router module (``weight`` (E, hidden), ``top_k``,
 ``num_experts``, DeepSeek's ``e_score_correction_bias``, which MiniMax-M2 keeps on the block) and a fused experts module
-(``gate_up_proj`` / ``down_proj`` (E, ...), ``num_experts``).
+(``gate_up_proj`` / ``down_proj`` (E, ...), ``num_experts``). Gemma 4's router is apart: ``proj`` (E, hidden),
+``per_expert_scale`` (E), an input ``scale`` (hidden, untouched) and its top-k in the configuration.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
             if kept is not None:
                 _gather(mod, ROUTER_TENSORS, kept)
             mod.top_k = plan.top_k
+            touched.add(il)
+        elif isinstance(getattr(mod, "per_expert_scale", None), torch.Tensor):  # Gemma 4's router
+            if kept is not None:
+                _gather(mod, ("per_expert_scale",), kept)
+                _gather(mod.proj, ("weight",), kept)
+            mod.config.top_k_experts = plan.top_k
             touched.add(il)
         elif isinstance(getattr(mod, "e_score_correction_bias", None), torch.Tensor):  # a block's routing bias
             if kept is not None:

@@ -71,6 +71,30 @@ def test_qwen35moe_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, w
     assert not (tmp_path / "o.gguf").exists()
 
 
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=tiny_models.VOCAB),
+     "per-layer embeddings (hidden_size_per_layer_input=8)"),
+    (dict(layer_types=[SLIDING, FULL, FULL, SLIDING, SLIDING, FULL]),
+     "shared-KV layer 4 reuses layer 3 (llama.cpp: layer 2)"),
+    (dict(hidden_activation="gelu"), "activation 'gelu'"),
+    (dict(use_bidirectional_attention="all"), "bidirectional attention ('all'"),
+])
+def test_gemma4_settings_llama_cpp_cannot_run_are_refused(tmp_path, change, words):
+    """Gemma 4 settings (under text_config) llama.cpp's gemma4 graph cannot run as transformers does: one clear
+    error, no output."""
+    shaping = {k: v for k, v in change.items() if k != "hidden_activation" and k != "use_bidirectional_attention"}
+    tiny_models.build("gemma4", tmp_path / "m", config=tiny_models.gemma4_config(**shaping))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["text_config"].update(change)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf", "--type", "F16", "-q"),
+                          "unsupported Gemma4ForConditionalGeneration checkpoint", words)
+    assert not (tmp_path / "o.gguf").exists()
+
+
 def test_missing_shard(tmp_path):
     src = tmp_path / "m"
     shutil.copytree(tiny_models.REF_MODEL, src)

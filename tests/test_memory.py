@@ -121,7 +121,8 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
         if not swa_full and not shape.n_layer_swa:
             continue
         got = b.llama_reserved(path, ctx, 512, fa, swa_full)
-        assert abs(got["kv"] - kv_cache_bytes(shape, ctx, swa_full=swa_full)) < 0.006 * MiB * caches, (ctx, swa_full)
+        assert abs(got["kv"] - kv_cache_bytes(shape, ctx, swa_full=swa_full, flash_attn=fa)) < 0.006 * MiB * caches, \
+            (ctx, fa, swa_full)
         # recurrent layers: their F32 state (none without), logged with 2 decimals
         rs = recurrent_state_bytes(shape)
         assert abs(got["rs"] - rs) < 0.006 * MiB and (got["rs"] > 0) == (shape.n_layer_recr > 0)
@@ -166,6 +167,28 @@ def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
                                                    progress=False))[0]
     arch = architecture_for(HFSource(tmp_path / "hf"))
     assert arch.model_shape() == ModelShape.from_gguf(path) and arch.model_shape().n_layer_swa == 2
+    wm = weight_memory(path)
+    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, swa_full=swa_full,
+                             process=measured_process())
+    peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
+    assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
+
+
+@pytest.mark.parametrize("swa_full", [True, False])
+def test_gemma4_memory_within_5_percent(tmp_path, swa_full):
+    """Gemma 4 (sliding layers with their own heads, full layers with wider ones and keys as values, two layers
+    reusing earlier caches, V rows padded to the widest without flash attention): planned total vs llama.cpp's peak
+    RSS over a 4096-token context, the sliding layers caching the whole context or the window."""
+    cfg = tiny_models.gemma4_config(hidden_size=256, num_attention_heads=8, head_dim=32, global_head_dim=64,
+                                    num_global_key_value_heads=2, intermediate_size=128, moe_intermediate_size=128,
+                                    sliding_window=128)
+    tiny_models.build("gemma4", tmp_path / "hf", config=cfg)
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
+                                                   progress=False))[0]
+    arch = architecture_for(HFSource(tmp_path / "hf"))
+    shape = arch.model_shape()
+    assert shape == ModelShape.from_gguf(path) and shape.kv_layers == (2, 2)
     wm = weight_memory(path)
     planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, swa_full=swa_full,
                              process=measured_process())

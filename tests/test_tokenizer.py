@@ -12,7 +12,7 @@ from gguf import TokenType
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.source.tokenizer import PRE_TOKENIZERS, detect_pre_tokenizer, write_tokenizer
+from ggufmoe.source.tokenizer import GEMMA4, PRE_TOKENIZERS, detect_pre_tokenizer, tokenizer_keys, write_tokenizer
 
 REF_MODEL = Path(__file__).resolve().parents[1] / "models" / "refmoe-qwen3"
 DATA = Path(__file__).resolve().parent / "data"
@@ -225,6 +225,46 @@ def test_sentencepiece_bpe_matches_llama_cpp(tmp_path: Path, eval_text: str, cal
     # eval_doc has literal "<s>" and "</s>": check both readings of special-token text
     for special in (False, True):
         assert llama_ids(path, eval_text, special) == hf_ids(model_dir, eval_text, special)
+
+
+def train_gemma_bpe(chunks: list[str]) -> Tokenizer:
+    """Gemma's layout (transformers' GemmaTokenizer): byte-fallback BPE over the whole text (merges across words),
+    spaces replaced by ``▁`` by the normalizer, a split at spaces that finds none, nothing prepended; trained apart
+    at newlines, as no Gemma token mixes newlines with other text."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", *bytes_],
+                                  show_progress=False)
+    tok.train_from_iterator(chunks, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [a for a in data["added_tokens"] if not a["content"].startswith("<0x")]
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def test_gemma_bpe_as_llama_cpp_gemma4_tokenizer(tmp_path: Path, eval_text: str, calib_chunks: list[str]) -> None:
+    """A Gemma-style tokenizer written as llama.cpp's gemma4 tokenizer, as its own converter writes Gemma 4's (merges
+    by rank over the text split at newlines, <0xNN> byte fallback), tokenizes as transformers does."""
+    tok = train_gemma_bpe(calib_chunks)
+    model_dir = save(tok, tmp_path / "gemma", {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True})
+    path = tmp_path / "gemma.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    tokenizer_keys(model_dir, tok.get_vocab_size(), GEMMA4).write(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    f = read_fields(path)
+    vocab = tok.get_vocab()
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == (GEMMA4, GEMMA4)
+    assert len(f["tokenizer.ggml.merges"]) == len(json.loads(tok.to_str())["model"]["merges"])
+    assert f["tokenizer.ggml.token_type"][vocab["<0x0A>"]] == TokenType.BYTE
+    text = eval_text + "\n\n\ttabs  and   runs of spaces, émigré, 数字 🙂\n"
+    for special in (False, True):
+        assert llama_ids(path, text, special) == hf_ids(model_dir, text, special)
 
 
 def _tiny_spm(vocab: list[str], merges: list[str], metaspace: bool) -> dict:

@@ -23,9 +23,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
-UNCALIBRATED = ("llama4",)
+UNCALIBRATED = ("llama4", "gemma4")
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe")  # the keys of configs()
+            "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe", "gemma4")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -74,7 +74,29 @@ def configs() -> dict:
                                        linear_num_key_heads=2, linear_num_value_heads=4,
                                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
         "qwen35moe": qwen35moe_config(),
+        "gemma4": gemma4_config(),
     }
+
+
+def gemma4_config(**text):
+    """Gemma 4 MoE as Google ships it (the text model under ``text_config`` of a vision-language config with a tiny
+    vision tower): sliding layers (window 64, head 16, 4 KV heads) and full layers (head 32, 1 KV head, keys as
+    values, proportional rope over a quarter of the head), a dense MLP beside the experts, final logit softcapping,
+    and the last two layers reusing the keys and values of layers 2 (sliding) and 3 (full)."""
+    import transformers as T
+
+    common = {k: v for k, v in COMMON.items() if k not in ("tie_word_embeddings", "num_hidden_layers")}
+    sliding, full = "sliding_attention", "full_attention"
+    kw = dict(common, num_hidden_layers=6, layer_types=[sliding, full] * 3, sliding_window=64, num_key_value_heads=4,
+              head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+              num_kv_shared_layers=2, enable_moe_block=True, num_experts=8, top_k_experts=2, intermediate_size=48,
+              moe_intermediate_size=32, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
+              bos_token_id=None, eos_token_id=None)
+    kw.update(text)
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)
+    return T.Gemma4Config(text_config=kw, vision_config=vision, tie_word_embeddings=False,
+                          architectures=["Gemma4ForConditionalGeneration"])
 
 
 def qwen35moe_config(**text):
@@ -107,6 +129,8 @@ def deepseek3_config(**overrides):
     return T.DeepseekV3Config(**kw)
 
 
+# Scales that start at one (Gemma 4's router input and per-expert output scales, its layer scalar): randomised
+SCALES = ("router.scale", "router.per_expert_scale", "layer_scalar")
 # Spread of the random routing biases: large enough to move routes, small enough that every expert
 # is still routed to (MiniMax-M2 and ERNIE route on their scores alone, with no groups to spread the choice)
 ROUTING_BIAS_STD = {"minimax-m2": 0.03, "ernie4_5-moe": 0.03}
@@ -126,12 +150,14 @@ def build(name: str, out: Path, seed: int = 0, config=None):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith("norm.weight") or "layernorm" in n:
+            if n.endswith("norm.weight") or "layernorm" in n or n.endswith(SCALES):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif "e_score_correction_bias" in n:
                 p.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(p))
         for n, b in model.named_buffers():
-            if "e_score_correction_bias" in n:
+            if n.endswith(SCALES):
+                b.copy_(1.0 + 0.1 * torch.randn_like(b))
+            elif "e_score_correction_bias" in n:
                 b.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(b))
     model.eval()
     if nested:
@@ -140,6 +166,28 @@ def build(name: str, out: Path, seed: int = 0, config=None):
         model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REF_MODEL / f, out / f)
+    return model
+
+
+class GgmlGelu(torch.nn.Module):
+    """tanh GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16): zero below -10, the input above 10, else
+    the input rounded to f16 and the output read from an f16 table."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+
+def with_ggml_gelu(model):
+    """``model`` with its tanh GELUs computed as llama.cpp's CPU backend does (:class:`GgmlGelu`), in place: the
+    reference where the table's rounding flips near-tied routes (Gemma 4's pruned experts), which says nothing of
+    the conversion. A model without GELU is unchanged."""
+    from transformers.activations import GELUTanh
+
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, GELUTanh):
+                setattr(module, name, GgmlGelu())
     return model
 
 

@@ -16,9 +16,10 @@ from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.names import EXPERT_TENSORS, SCALE, TensorName
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source.hf import HFSource
-from ggufmoe.source.tokenizer import TokenizerKeys, tokenizer_keys
+from ggufmoe.source.tokenizer import SPM, TokenizerKeys, tokenizer_keys
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Architecture:
     calibration_refused: ClassVar[str | None] = None
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
+    # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (source.tokenizer: SPM or GEMMA4)
+    spm_tokenizer: ClassVar[str] = SPM
     # Tensor classes without default sensitivities of their own -> the reference class they take.
     sensitivity_aliases: ClassVar[dict[str, str]] = {}
     # set when pruning: experts kept per layer and experts used per token
@@ -70,6 +73,14 @@ class Architecture:
     def top_k(self) -> int:
         """Experts used per token in the source."""
         return int(self.cfg.num_experts_per_tok)
+
+    def rows_are_experts(self, name: TensorName) -> bool:
+        """Whether the rows of tensor ``name`` (not a 3-D expert tensor) are experts, gathered when pruning: the
+        roles of :attr:`per_expert_rows`, but for a ``.scale`` only those of the expert tensors (llama.cpp's
+        per-expert output scales, n_expert long); a router's ``.scale`` (Gemma 4's, n_embd long) is per input."""
+        if name.suffix == SCALE:
+            return name.tensor in EXPERT_TENSORS and name.tensor in self.per_expert_rows
+        return name.tensor in self.per_expert_rows
 
     @property
     def expert_groups(self) -> tuple[int, int] | None:
@@ -133,7 +144,7 @@ class Architecture:
         if self.writes_tokenizer:
             vocab = int(self.cfg.vocab_size)
             if vocab not in self.tokenizers:
-                self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab)
+                self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab, self.spm_tokenizer)
             self.tokenizers[vocab].write(w)
 
     def with_expert_counts(self, n_expert: int, top_k: int, per_layer: dict[int, int] | None = None) -> "Architecture":
@@ -263,16 +274,18 @@ class Architecture:
         yield self.plain(f"{b}.ffn_up{suffix}.weight", f"{prefix}.up_proj.weight")
         yield self.plain(f"{b}.ffn_down{suffix}.weight", f"{prefix}.down_proj.weight")
 
-    def write_common_metadata(self, w: gguf.GGUFWriter, n_ff: int | None = None) -> None:
+    def write_common_metadata(self, w: gguf.GGUFWriter, n_ff: int | list[int] | None = None,
+                              n_head_kv: int | list[int] | None = None) -> None:
         """Keys shared by the llama-like architectures (context, sizes, heads, rope, norm eps); ``n_ff``: the
-        dense feed-forward width where it is not ``intermediate_size``."""
+        dense feed-forward width where it is not ``intermediate_size``, ``n_head_kv``: the key/value heads where
+        they are not ``num_key_value_heads`` (either one per layer where layers differ)."""
         c = self.cfg
         w.add_context_length(int(c.max_position_embeddings))
         w.add_embedding_length(int(c.hidden_size))
         w.add_block_count(int(c.num_hidden_layers))
-        w.add_feed_forward_length(int(n_ff if n_ff is not None else getattr(c, "intermediate_size", 0) or 0))
+        w.add_feed_forward_length(n_ff if n_ff is not None else int(getattr(c, "intermediate_size", 0) or 0))
         w.add_head_count(int(c.num_attention_heads))
-        w.add_head_count_kv(int(c.num_key_value_heads))
+        w.add_head_count_kv(n_head_kv if n_head_kv is not None else int(c.num_key_value_heads))
         if self.writes_head_dim:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)

@@ -29,6 +29,14 @@ class ModelShape:
     head_k_mla: int = 0  # MLA: qk_nope + qk_rope (the decompressed K head)
     n_swa: int = 0  # sliding window (tokens) of the sliding-window layers
     n_layer_swa: int = 0  # layers that attend to a sliding window only
+    # sliding-window layers with their own head sizes / key-value heads (Gemma 4; 0: as the full layers)
+    n_head_kv_swa: int = 0
+    head_k_swa: int = 0
+    head_v_swa: int = 0
+    # layers that reuse an earlier layer's cache and have none of their own (Gemma 4's shared-KV layers), and
+    # how many of them slide
+    n_layer_shared: int = 0
+    n_layer_shared_swa: int = 0
     # recurrent (linear-attention) layers: no KV cache, a fixed F32 state per sequence instead
     n_layer_recr: int = 0
     ssm_d_conv: int = 0   # convolution kernel (``ssm.conv_kernel``)
@@ -42,10 +50,28 @@ class ModelShape:
         return self.n_layer - self.n_layer_recr
 
     @property
-    def kv_elements_per_token(self) -> int:
+    def kv_layers(self) -> tuple[int, int]:
+        """(full-context, sliding-window) layers with a KV cache of their own."""
+        swa = self.n_layer_swa - self.n_layer_shared_swa
+        return self.n_layer_kv - self.n_layer_shared - swa, swa
+
+    def kv_row(self, swa: bool, v_trans: bool = False) -> tuple[int, int]:
+        """(K, V) values per cache cell of a full or sliding-window layer (MLA: no V). ``v_trans`` (llama.cpp without
+        flash attention) pads every layer's V row to the widest layer's."""
         if self.mla:
-            return self.n_layer_kv * self.head_k
-        return self.n_layer_kv * self.n_head_kv * (self.head_k + self.head_v)
+            return self.head_k, 0
+        k, v = self.n_head_kv * self.head_k, self.n_head_kv * self.head_v
+        k_swa = (self.n_head_kv_swa or self.n_head_kv) * (self.head_k_swa or self.head_k)
+        v_swa = (self.n_head_kv_swa or self.n_head_kv) * (self.head_v_swa or self.head_v)
+        if v_trans:
+            v = v_swa = max(v, v_swa) if self.n_layer_swa else v
+        return (k_swa, v_swa) if swa else (k, v)
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """KV values per token of context over the layers with a cache of their own (sliding layers counted as full)."""
+        full, swa = self.kv_layers
+        return full * sum(self.kv_row(False)) + swa * sum(self.kv_row(True))
 
     @property
     def n_embd_r(self) -> int:
@@ -87,9 +113,10 @@ class ModelShape:
         n_dense = lead + sum((il + 1) % step != 0 for il in range(lead, n_layer))
         pattern = g("attention.sliding_window_pattern", swa_pattern)
         if isinstance(pattern, list):
-            n_layer_swa = sum(bool(p) for p in pattern)
+            swa_layers = [bool(p) for p in pattern]
         else:  # llama.cpp's set_swa_pattern: layer il slides unless il % n == n - 1
-            n_layer_swa = sum(il % int(pattern) < int(pattern) - 1 for il in range(n_layer)) if pattern else 0
+            swa_layers = [bool(pattern) and il % int(pattern) < int(pattern) - 1 for il in range(n_layer)]
+        n_layer_swa = sum(swa_layers)
         recurrent = g(arch_key(NewKeys.RECURRENT_LAYERS, a))
         if isinstance(recurrent, list):
             n_layer_recr = sum(bool(r) for r in recurrent[:n_layer])
@@ -98,8 +125,14 @@ class ModelShape:
             n_layer_recr = sum((il + 1) % every != 0 for il in range(n_layer))
         else:
             n_layer_recr = 0
+        kv = g("attention.head_count_kv", n_head)  # one per layer where layers differ (Gemma 4)
+        kv_full = [int(kv[il]) for il in range(n_layer) if not swa_layers[il]] if isinstance(kv, list) else [int(kv)]
+        kv_swa = [int(kv[il]) for il in range(n_layer) if swa_layers[il]] if isinstance(kv, list) else [0]
+        shared = range(n_layer - int(g("attention.shared_kv_layers", 0)), n_layer)
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                   n_head_kv=int(g("attention.head_count_kv", n_head)),
+                   n_head_kv=kv_full[0], n_head_kv_swa=kv_swa[0] if kv_swa[0] != kv_full[0] else 0,
+                   head_k_swa=int(g("attention.key_length_swa", 0)), head_v_swa=int(g("attention.value_length_swa", 0)),
+                   n_layer_shared=len(shared), n_layer_shared_swa=sum(swa_layers[il] for il in shared),
                    head_k=int(g("attention.key_length", n_embd // n_head)),
                    head_v=int(g("attention.value_length", n_embd // n_head)),
                    n_expert=int(g("expert_count")), n_expert_used=int(g("expert_used_count")),

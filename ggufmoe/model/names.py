@@ -68,6 +68,9 @@ ROUTER = MODEL_TENSOR.FFN_GATE_INP
 EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
 # Weights llama.cpp's op reads in F32 only (ggml's CPU ssm_conv takes an F32 kernel)
 F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
+# The suffix of a tensor that scales another's outputs or inputs (``ffn_down_exps.scale``: per expert,
+# ``ffn_gate_inp.scale``: per input channel of the router)
+SCALE = "scale"
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)
 
 

@@ -203,18 +203,18 @@ def swa_kv_size(shape: ModelShape, ctx: int, n_ubatch: int = 512, swa_full: bool
 
 
 def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE, n_ubatch: int = 512,
-                   swa_full: bool = True) -> int:
-    """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
-    row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
-    layers have :func:`swa_kv_size` cells; recurrent layers have none (:func:`recurrent_state_bytes`)."""
+                   swa_full: bool = True, flash_attn: bool = False) -> int:
+    """llama.cpp's KV buffer: per layer with a cache of its own a K and a V row per cell (:meth:`ModelShape.kv_row`:
+    none with MLA, where V is a view of K; without flash attention V rows padded to the widest layer's), at the KV
+    type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells; recurrent layers have none
+    (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache."""
     qt = _kv_type(kv_type)
-    if shape.mla:
-        per_cell = _row_size(qt, shape.head_k)
-    else:
-        per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
-    cells = ((shape.n_layer_kv - shape.n_layer_swa) * kv_size(ctx)
-             + shape.n_layer_swa * swa_kv_size(shape, ctx, n_ubatch, swa_full))
-    return cells * per_cell
+    full, swa = shape.kv_layers
+
+    def per_cell(sliding: bool) -> int:
+        return sum(_row_size(qt, n) for n in shape.kv_row(sliding, v_trans=not flash_attn))
+
+    return full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
@@ -355,9 +355,9 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
                          "(llama.cpp refuses a quantized V cache without it)")
     n_batch = min(n_batch, kv_size(ctx))
     n_ubatch = min(n_ubatch, n_batch)
-    kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full) + recurrent_state_bytes(shape)
+    kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full, flash_attn) + recurrent_state_bytes(shape)
     n_out = n_batch if logits_all else 1
-    graph = compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1)
+    graph = compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1, swa_full)
     work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type)
     output = 4 * shape.n_vocab * n_out                                # output buffer (logits of n_out tokens)
     weights = weights_bytes + repacked_bytes

@@ -41,11 +41,11 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
         elif s.is_expert:
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_parts(s.load, kept),
                                raw=_parts(s.raw, kept) if s.raw else None, expert_ids=tuple(kept)))
-        elif s.parsed.tensor in arch.per_expert_rows and folds and s.parsed.tensor in EXPERT_TENSORS:
-            # an expert's own bias (gpt-oss) is folded with its matrices; router rows are kept as they are
+        elif arch.rows_are_experts(s.parsed) and folds and s.parsed.tensor in EXPERT_TENSORS:
+            # an expert's own bias (gpt-oss) or scale (Gemma 4) is folded with its matrices; router rows stay as kept
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_folded_rows(s.load, folds), raw=None,
                                source_type=None))
-        elif s.parsed.tensor in arch.per_expert_rows:
+        elif arch.rows_are_experts(s.parsed):
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), load=_rows(s.load, kept),
                                raw=_raw_rows(s.raw, kept, s.shape[0]) if s.raw else None))
         else:

@@ -8,7 +8,9 @@ Two BPE families are supported:
 * SentencePiece-style BPE (Llama-2, Mixtral: ``byte_fallback``, spaces written as ``▁``, ``<0xNN>``
   byte tokens) -> llama.cpp model ``llama``. llama.cpp's SPM tokenizer merges the adjacent pair
   whose concatenation is the vocabulary token with the highest score, so the token made by merge
-  rank ``r`` gets score ``-r`` and every other token a score below all of them.
+  rank ``r`` gets score ``-r`` and every other token a score below all of them. A family whose llama.cpp
+  graph has its own tokenizer for them (Gemma 4: :data:`GEMMA4`, BPE merges by rank over the ``▁``-spaced
+  text split at newlines, ``<0xNN>`` byte fallback) gets that model and the merges instead: HF's own algorithm.
 
 What llama.cpp does not reproduce:
 
@@ -79,6 +81,7 @@ PRE_TOKENIZERS: tuple[PreTokenizer, ...] = (
 )
 
 SPACE = "\u2581"  # SentencePiece's visible space
+SPM, GEMMA4 = "llama", "gemma4"  # llama.cpp's tokenizer models for SentencePiece-style BPE (Architecture.spm_tokenizer)
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _SPECIAL_TOKEN_KEYS: dict[str, Callable[[gguf.GGUFWriter, int], None]] = {  # tokenizer_config name -> writer
     "bos": gguf.GGUFWriter.add_bos_token_id,
@@ -98,6 +101,7 @@ class TokenizerKeys:
     """A tokenizer as llama.cpp's ``tokenizer.ggml.*`` keys, read once and written into any number of headers."""
 
     byte_level: bool
+    spm_model: str  # SentencePiece-style: SPM (scores) or GEMMA4 (merges)
     pre: str
     tokens: list[str]
     types: list[TokenType]
@@ -110,11 +114,11 @@ class TokenizerKeys:
     chat_template: str | None
 
     def write(self, w: gguf.GGUFWriter) -> None:
-        w.add_tokenizer_model("gpt2" if self.byte_level else "llama")
+        w.add_tokenizer_model("gpt2" if self.byte_level else self.spm_model)
         w.add_tokenizer_pre(self.pre)
         w.add_token_list(self.tokens)
         w.add_token_types(self.types)
-        if self.byte_level:
+        if self.byte_level or self.spm_model == GEMMA4:
             w.add_token_merges(self.merges)
         else:
             w.add_token_scores(self.scores)
@@ -127,23 +131,27 @@ class TokenizerKeys:
             w.add_chat_template(self.chat_template)
 
 
-def tokenizer_keys(model_dir: Path, vocab_size: int) -> TokenizerKeys:
+def tokenizer_keys(model_dir: Path, vocab_size: int, spm_model: str = SPM) -> TokenizerKeys:
     """``model_dir``'s tokenizer read and checked, padded to ``vocab_size`` tokens (everything that can fail fails
-    here, before a header is written)."""
+    here, before a header is written); a SentencePiece-style one written as llama.cpp's ``spm_model``."""
     path, tok = _read_tokenizer(model_dir)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     model = tok["model"]
     byte_level = any(s.get("type") == "ByteLevel" for s in _steps(tok.get("pre_tokenizer"), "pretokenizers"))
     # everything that can fail is checked before the first key is written
-    pre = detect_pre_tokenizer(path, tok) if byte_level else "default"
+    pre = detect_pre_tokenizer(path, tok) if byte_level else GEMMA4 if spm_model == GEMMA4 else "default"
     space_prefix = not byte_level and _spm_space_prefix(path, tok)
+    if space_prefix and spm_model == GEMMA4:
+        raise GgufmoeError(f"{path}: the tokenizer prepends '{SPACE}' to the text, which llama.cpp's {GEMMA4} "
+                           "tokenizer does not")
     tokens, types = _tokens(path, tok, vocab_size, spm=not byte_level)
     merges = _merges(path, model)
     special_ids = _special_token_ids(model_dir, tok, cfg, {t: i for i, t in enumerate(tokens)})
     add_bos, add_eos = _template_adds(tok.get("post_processor"))
     template = model_dir / "chat_template.jinja"
-    return TokenizerKeys(byte_level, pre, tokens, types, [f"{a} {b}" for a, b in merges] if byte_level else [],
-                         [] if byte_level else _spm_scores(tokens, merges), space_prefix, special_ids,
+    ranked = byte_level or spm_model == GEMMA4  # merges written; else SPM scores made from them
+    return TokenizerKeys(byte_level, spm_model, pre, tokens, types, [f"{a} {b}" for a, b in merges] if ranked else [],
+                         [] if ranked else _spm_scores(tokens, merges), space_prefix, special_ids,
                          bool(cfg.get("add_bos_token", add_bos)), bool(cfg.get("add_eos_token", add_eos)),
                          template.read_text(encoding="utf-8") if template.is_file() else cfg.get("chat_template"))
 
@@ -282,6 +290,8 @@ def _spm_space_prefix(path: Path, tok: Json) -> bool:
         else:
             raise GgufmoeError(f"{path}: normalizer {step.get('type')!r} is not supported for SentencePiece-style BPE")
     for step in _steps(tok.get("pre_tokenizer"), "pretokenizers"):
+        if replaces and step.get("type") == "Split" and step.get("pattern") == {"String": " "}:
+            continue  # a split at spaces the normalizer has already replaced (Gemma's): nothing to split
         if step.get("type") != "Metaspace" or step.get("replacement", SPACE) != SPACE:
             raise GgufmoeError(f"{path}: BPE tokenizer with pre-tokenizer {step.get('type')!r} is neither "
                                "byte-level nor SentencePiece-style")
