@@ -156,14 +156,14 @@ def reference_ggufs(model: Path, tmp: Path) -> list[tuple[str, Path, int | None]
 def predicted(model: Path, gguf_path: Path, keep: int | None, ctx: int, logits_all: bool, flash_attn: bool = False,
               kv_type: str = "f16"):
     from ggufmoe.arch import architecture_for
-    from ggufmoe.arch.shape import ModelShape
+    from ggufmoe.arch.registry import gguf_shape
     from ggufmoe.plan.memory import runtime_memory, weight_memory
     from ggufmoe.source.hf import HFSource
 
     arch = architecture_for(HFSource(model))
     if keep:
         arch.n_expert_kept = keep
-    assert arch.model_shape() == ModelShape.from_gguf(gguf_path), "module and file disagree on the shape"
+    assert arch.model_shape() == gguf_shape(gguf_path), "module and file disagree on the shape"
     wm = weight_memory(gguf_path)
     return runtime_memory(arch, wm.mapped, ctx, kv_type, n_batch=N_BATCH, n_ubatch=N_BATCH, flash_attn=flash_attn,
                           repacked_bytes=wm.repacked, logits_all=logits_all), wm
@@ -264,7 +264,7 @@ def main() -> None:
     from ggufmoe.plan.memory import MISC_BYTES, OS_MARGIN_FRACTION, compute_buffer_bytes
     from ggufmoe.plan.process import LLAMA_CODE_BYTES, interpreter_baseline
     from ggufmoe.plan.target import local_repack_types
-    from ggufmoe.arch.shape import ModelShape
+    from ggufmoe.arch.registry import gguf_shape
 
     base_rss, _ = run_child("none", 0)
     lines = [
@@ -338,7 +338,7 @@ def main() -> None:
             "|---|---:|---:|---:|---:|---:|",
         ]
         for label, ctx, logged, wm, mem in llama_numbers:
-            shape = ModelShape.from_gguf(ggufs[[g[0] for g in ggufs].index(label)][1])
+            shape = gguf_shape(ggufs[[g[0] for g in ggufs].index(label)][1])
             cb = compute_buffer_bytes(shape, ctx, N_BATCH)
             lines.append(f"| {label} | {ctx} | {logged['mapped'] / MiB:.2f} / {wm.mapped / MiB:.2f} MiB | "
                          f"{logged['repack'] / MiB:.2f} / {wm.repacked / MiB:.2f} MiB | "
@@ -358,7 +358,7 @@ def compute_buffer_section(tmp: Path) -> list[str]:
     import tiny_models
 
     from ggufmoe.pipeline.convert import ConvertOptions, convert
-    from ggufmoe.arch.shape import ModelShape
+    from ggufmoe.arch.registry import gguf_shape
     from ggufmoe.plan.memory import compute_buffer_bytes, kv_cache_bytes
     from ggufmoe.quant.rules import TypeRules
 
@@ -386,7 +386,7 @@ def compute_buffer_section(tmp: Path) -> list[str]:
         write_metadata_only(cfg, architecture, p)
         models.append((name, p, (4096, 16384)))
     for label, p, ctxs in models:
-        shape = ModelShape.from_gguf(p)
+        shape = gguf_shape(p)
         for ctx in ctxs:
             for fa in (False, True):
                 got = llama_reserved(p, ctx, 512, fa)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, ClassVar, Iterator
 
 import gguf
@@ -43,6 +44,9 @@ class Architecture:
     # llama.cpp's default sliding-window period for the family (every n-th layer full; 0: no sliding window),
     # for GGUF files that have a window but no per-layer pattern
     swa_pattern: ClassVar[int] = 0
+    # llama.cpp's compute-graph nodes per ubatch token for families whose graph grows with the batch (0: its
+    # default budget, from the tensor count alone: ModelShape.graph_max_nodes)
+    graph_nodes_per_token: ClassVar[int] = 0
     # Why the family's transformers model cannot be calibrated (None: it can)
     calibration_refused: ClassVar[str | None] = None
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
@@ -125,7 +129,13 @@ class Architecture:
                           n_head=int(c.num_attention_heads), n_head_kv=int(c.num_key_value_heads), head_k=hk, head_v=hv,
                           n_expert=int(self.n_expert_kept or self.n_expert),
                           n_expert_used=int(self.n_expert_used or self.top_k), n_ff_exp=self.n_ff_exp,
-                          n_ff_shexp=int(getattr(c, "shared_expert_intermediate_size", 0) or 0))
+                          n_ff_shexp=int(getattr(c, "shared_expert_intermediate_size", 0) or 0),
+                          n_tensors=self.n_tensors, graph_nodes_per_token=self.graph_nodes_per_token)
+
+    @cached_property
+    def n_tensors(self) -> int:
+        """Tensors the module writes (pruning keeps the count)."""
+        return sum(1 for _ in self.tensors())
 
     @property
     def n_ff_exp(self) -> int:

@@ -139,7 +139,8 @@ class Gemma4(Architecture):
                           n_expert_used=int(self.n_expert_used or self.top_k), n_ff_exp=self.n_ff_exp,
                           n_swa=int(c.sliding_window), n_layer_swa=sum(self.sliding),
                           n_head_kv_swa=kv_swa if kv_swa != kv else 0, head_k_swa=hd_swa, head_v_swa=hd_swa,
-                          n_layer_shared=len(shared), n_layer_shared_swa=sum(self.sliding[il] for il in shared))
+                          n_layer_shared=len(shared), n_layer_shared_swa=sum(self.sliding[il] for il in shared),
+                          n_tensors=self.n_tensors, graph_nodes_per_token=self.graph_nodes_per_token)
 
     # --- metadata -------------------------------------------------------------------
     def n_ff(self) -> list[int]:

@@ -100,7 +100,8 @@ class GGUFModel(Architecture):
         return self._int("block_count")
 
     def model_shape(self) -> ModelShape:
-        shape = ModelShape.from_fields(self.src.fields, self.family.swa_pattern)
+        shape = ModelShape.from_fields(self.src.fields, len(self.src.tensor_names()), self.family.swa_pattern,
+                                       self.family.graph_nodes_per_token)
         shape.n_expert = self.n_expert_kept or self.n_expert
         shape.n_expert_used = self.n_expert_used or self.top_k
         return shape

@@ -56,6 +56,7 @@ class Qwen3Next(Architecture):
     # llama.cpp's graph broadcasts q/k over the value heads tiled (k0 k1 .. k0 k1 ..), where transformers repeats
     # each key head (k0 k0 .. k1 k1 ..): the value heads are then reordered grouped -> tiled (:meth:`v_heads`)
     tiles_qk: ClassVar[bool] = False
+    graph_nodes_per_token = 40  # llama.cpp's graph budget for the chunked delta rule (llama-context.cpp)
 
     @property
     def prefix(self) -> str:

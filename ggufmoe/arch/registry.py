@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TypeVar
 
 from ggufmoe.arch.base import Architecture
+from ggufmoe.arch.shape import ModelShape
+from ggufmoe.source.gguf_file import read_gguf
 
 ARCHITECTURES: dict[str, type[Architecture]] = {}  # Hugging Face ``architectures`` name -> module class
 A = TypeVar("A", bound=type[Architecture])
@@ -24,3 +26,9 @@ def family_for_gguf(gguf_arch: str) -> type[Architecture] | None:
 
 def gguf_architectures() -> list[str]:
     return sorted({cls.gguf_arch for cls in ARCHITECTURES.values()})
+
+
+def gguf_shape(path) -> ModelShape:
+    """:meth:`ModelShape.from_gguf` with the defaults of the registered family of the file's architecture."""
+    family = family_for_gguf(read_gguf(path).fields["general.architecture"].contents())
+    return ModelShape.from_gguf(path, family.swa_pattern if family else 0, family.graph_nodes_per_token if family else 0)

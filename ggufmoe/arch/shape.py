@@ -43,6 +43,16 @@ class ModelShape:
     ssm_d_inner: int = 0  # ``ssm.inner_size``
     ssm_d_state: int = 0  # ``ssm.state_size``
     ssm_n_group: int = 0  # ``ssm.group_count``
+    # llama.cpp's budget of compute-graph nodes (``llama_context::graph_max_nodes``): the weights' tensor count and,
+    # for families whose graph grows with the batch (the delta-rule hybrids), nodes per token of a ubatch
+    n_tensors: int = 0
+    graph_nodes_per_token: int = 0
+
+    def graph_max_nodes(self, n_ubatch: int) -> int:
+        """The graph nodes llama.cpp reserves its graph and scheduler bookkeeping for."""
+        if self.graph_nodes_per_token:
+            return max(self.graph_nodes_per_token * n_ubatch, 32 * self.n_tensors)
+        return max(1024, 8 * self.n_tensors)
 
     @property
     def n_layer_kv(self) -> int:
@@ -89,14 +99,17 @@ class ModelShape:
         return self.n_layer_recr * (self.n_embd_r + self.n_embd_s)
 
     @classmethod
-    def from_gguf(cls, path, swa_pattern: int = 0) -> "ModelShape":
-        """The shape as llama.cpp reads it from a GGUF file's metadata."""
-        return cls.from_fields(read_gguf(path).fields, swa_pattern)
+    def from_gguf(cls, path, swa_pattern: int = 0, graph_nodes_per_token: int = 0) -> "ModelShape":
+        """The shape as llama.cpp reads it from a GGUF file (one file: its metadata and tensor count); the family's
+        defaults as :meth:`from_fields` takes them (:func:`ggufmoe.arch.registry.gguf_shape` looks them up)."""
+        r = read_gguf(path)
+        return cls.from_fields(r.fields, len(r.tensors), swa_pattern, graph_nodes_per_token)
 
     @classmethod
-    def from_fields(cls, f: dict, swa_pattern: int = 0) -> "ModelShape":
-        """The shape from a GGUF's metadata (``GGUFReader.fields``). ``swa_pattern``: the family's default
-        sliding-window period (every n-th layer full), for files that have a window but no pattern key."""
+    def from_fields(cls, f: dict, n_tensors: int, swa_pattern: int = 0, graph_nodes_per_token: int = 0) -> "ModelShape":
+        """The shape from a GGUF's metadata (``GGUFReader.fields``) and tensor count. ``swa_pattern``: the family's
+        default sliding-window period (every n-th layer full), for files that have a window but no pattern key;
+        ``graph_nodes_per_token``: its graph's nodes per ubatch token (:attr:`graph_nodes_per_token`)."""
         a = f["general.architecture"].contents()
 
         def g(key, default=None):
@@ -144,4 +157,5 @@ class ModelShape:
                    n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0,
                    n_layer_recr=n_layer_recr, ssm_d_conv=int(g("ssm.conv_kernel", 0)),
                    ssm_d_inner=int(g("ssm.inner_size", 0)), ssm_d_state=int(g("ssm.state_size", 0)),
-                   ssm_n_group=int(g("ssm.group_count", 0)))
+                   ssm_n_group=int(g("ssm.group_count", 0)), n_tensors=n_tensors,
+                   graph_nodes_per_token=graph_nodes_per_token)

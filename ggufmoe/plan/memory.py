@@ -1,11 +1,10 @@
-"""The memory model of the planner: llama.cpp's runtime memory (weights, KV cache, compute
-buffers, process) for a context length. Exact file sizes: :mod:`ggufmoe.gguf.header`.
+"""The memory model of the planner: llama.cpp's runtime memory (weights, KV cache, compute buffers, process) for a
+context length. Exact file sizes: :mod:`ggufmoe.gguf.header`.
 
-Runtime memory is a model of llama.cpp's CPU backend (llama-cpp-python 0.3.36), checked
-against the buffer sizes llama.cpp reports and the peak RSS of a child process
-(``eval/bench_memory.py``, ``eval/results/memory.md``), for the machine a plan targets
-(:mod:`ggufmoe.plan.target`). Full offload to a GPU (a cuda target) follows llama.cpp's source and is
-not checked against a GPU.
+Runtime memory is a model of llama.cpp's CPU backend (llama-cpp-python 0.3.36), checked against the buffer sizes
+llama.cpp reports and the peak RSS of a child process (``eval/bench_memory.py``, ``eval/results/memory.md``), for the
+machine a plan targets (:mod:`ggufmoe.plan.target`). Full offload to a GPU (a cuda target) follows llama.cpp's
+source and is not checked against a GPU.
 """
 
 from __future__ import annotations
@@ -14,19 +13,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import gguf
-from gguf import GGUFWriter
 
 from ggufmoe.arch.shape import ModelShape
 from ggufmoe.gguf.header import header_bytes
 from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
-from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.model.qtypes import FLOAT_TYPES
-from ggufmoe.plan.target import HOST, Target
+from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.plan.process import process_bytes
+from ggufmoe.plan.target import HOST, Target
 
 # --------------------------------------------------------------------------------------------
 # weights in memory: mapped file pages and CPU repacking
-# --------------------------------------------------------------------------------------------
 
 T = gguf.GGMLQuantizationType
 
@@ -65,7 +62,7 @@ def gpu_tensor_bytes(shape: tuple[int, ...], qtype, nbytes: int) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     if block > 1 and shape[-1] % CUDA_ROW_PADDING:
         nbytes += (CUDA_ROW_PADDING - shape[-1] % CUDA_ROW_PADDING) // block * size
-    return GGUFWriter.ggml_pad(nbytes, CUDA_ALIGNMENT)
+    return gguf.GGUFWriter.ggml_pad(nbytes, CUDA_ALIGNMENT)
 
 
 @dataclass
@@ -82,14 +79,14 @@ class WeightMemory:
 
 def _file_tensors(source) -> list[list[tuple[str, tuple[int, ...], object, int, int]]]:
     """Per file: (name, numpy-order shape, type, nbytes, absolute data offset) of each tensor."""
-    if isinstance(source, GGUFWriter):
+    if isinstance(source, gguf.GGUFWriter):
         files = []
         for i, tensors in enumerate(source.tensors):
-            offset = GGUFWriter.ggml_pad(header_bytes(source, i), source.data_alignment)
+            offset = gguf.GGUFWriter.ggml_pad(header_bytes(source, i), source.data_alignment)
             rows = []
             for name, ti in tensors.items():
                 rows.append((name, tuple(int(d) for d in ti.shape), ti.dtype, ti.nbytes, offset))
-                offset += GGUFWriter.ggml_pad(ti.nbytes, source.data_alignment)
+                offset += gguf.GGUFWriter.ggml_pad(ti.nbytes, source.data_alignment)
             files.append(rows)
         return files
     paths = [source] if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else list(source)
@@ -131,13 +128,12 @@ def weight_memory(source, target: Target = HOST) -> WeightMemory:
                 first = offset if first is None else min(first, offset)
                 last = max(last, offset + nbytes)
         if first is not None:
-            mapped += GGUFWriter.ggml_pad(last, page) - first // page * page
+            mapped += gguf.GGUFWriter.ggml_pad(last, page) - first // page * page
     return WeightMemory(mapped, repacked, gpu)
 
 
 # --------------------------------------------------------------------------------------------
 # runtime memory
-# --------------------------------------------------------------------------------------------
 
 MiB = 1 << 20
 
@@ -155,13 +151,16 @@ class KvType(StrEnum):
 KV_TYPES = {KvType.F32: T.F32, KvType.F16: T.F16, KvType.BF16: T.BF16, KvType.Q8_0: T.Q8_0, KvType.Q4_0: T.Q4_0}
 DEFAULT_KV_TYPE = KvType.F16  # llama.cpp's own default
 
-# llama.cpp's own structures once a model is loaded (vocab, merges, tensor metadata, context
-# objects) and llama-cpp-python's Llama object: 3.4 MB + 320 B per vocabulary entry (150 B for
-# the token, ~170 B for its BPE merge: measured with metadata-only loads of 6k-150k vocabularies).
+# llama.cpp's own structures once a model is loaded (vocab, merges, tensor metadata, context objects) and
+# llama-cpp-python's Llama object: 3.4 MB + 320 B per vocabulary entry (150 B for the token, ~170 B for its BPE
+# merge: measured with metadata-only loads of 6k-150k vocabularies).
 RUNTIME_BASE_BYTES = 3_400_000
 RUNTIME_BYTES_PER_TOKEN = 320
 # Small buffers not modelled one by one (CPU threadpool, scratch of ops, Python objects).
 MISC_BYTES = 1 * MiB
+# llama.cpp's bookkeeping per budgeted compute-graph node (graph metadata, scheduler and allocator tables): 867 B,
+# measured on qwen35moe's peak RSS at 20480 and 5120 nodes; the default 1024 nodes are in RUNTIME_BASE_BYTES
+GRAPH_BYTES_PER_NODE, GRAPH_NODES_MEASURED = 867, 1024
 # Stated OS margin: page tables for the mapping (8 B per 4 KiB page = 0.2 %) and headroom for
 # allocator fragmentation and the error of the compute-buffer formula: 1 % of weights + KV + compute (the
 # process carries its own spread, :data:`ggufmoe.plan.process.BASELINE_SPREAD_BYTES`).
@@ -361,7 +360,8 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
     work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type)
     output = 4 * shape.n_vocab * n_out                                # output buffer (logits of n_out tokens)
     weights = weights_bytes + repacked_bytes
-    runtime = RUNTIME_BASE_BYTES + RUNTIME_BYTES_PER_TOKEN * shape.n_vocab
+    nodes = max(0, shape.graph_max_nodes(n_ubatch) - GRAPH_NODES_MEASURED)
+    runtime = RUNTIME_BASE_BYTES + RUNTIME_BYTES_PER_TOKEN * shape.n_vocab + GRAPH_BYTES_PER_NODE * nodes
     batch = n_batch * min(4 * kv_size(ctx) + 16, 4096)           # llama-cpp-python's llama_batch seq_id arrays
     if target.offload:
         compute = offloaded_host_compute_bytes(shape, ctx, n_ubatch, swa_full) + output + MISC_BYTES
