@@ -174,3 +174,34 @@ def test_llama4_long_context_parity(tmp_path):
     result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), tokens), hf_logprobs(model, tokens),
                      tokens)
     assert result.mean_abs_dnll < TOL, result
+
+
+def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
+    """The tiny GLM-5's indexer really selects (its top-k changes transformers' output), the GGUF says which
+    layers run their own indexer, and only those carry its tensors."""
+    from gguf import GGUFReader
+
+    model = tiny_models.build("glm-dsa", tmp_path / "hf")
+    r = GGUFReader(f32(tmp_path / "hf", tmp_path / "m.gguf"))
+    assert list(r.fields["glm-dsa.attention.indexer.types"].contents()) == [True, False, True, False]
+    assert r.fields["glm-dsa.attention.indexer.top_k"].contents() == 128 < len(eval_tokens)
+    indexers = sorted(t.name for t in r.tensors if ".indexer." in t.name)
+    assert {int(n.split(".")[1]) for n in indexers} == {0, 2} and len(indexers) == 10
+    sparse = hf_logprobs(model, eval_tokens)
+    for layer in model.model.layers:
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.index_topk = len(eval_tokens)
+    assert compare(sparse, hf_logprobs(model, eval_tokens), eval_tokens).mean_abs_dnll > 10 * TOL
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(indexer_types=["shared", "full", "full", "shared"]), "first layer's indexer is 'shared'"),
+    (dict(mlp_layer_types=["dense", "sparse", "dense", "sparse"]), "dense blocks only before the first MoE block"),
+    (dict(index_head_dim=96), "index_head_dim 96"),
+])
+def test_glm_dsa_refuses_what_llama_cpp_cannot_run(tmp_path, change, reason):
+    from ggufmoe.errors import GgufmoeError
+
+    tiny_models.build("glm-dsa", tmp_path / "hf", config=tiny_models.glm_dsa_config(**change))
+    with pytest.raises(GgufmoeError, match=reason):
+        f32(tmp_path / "hf", tmp_path / "m.gguf")

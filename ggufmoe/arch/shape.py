@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ggufmoe.model.names import Keys
 from ggufmoe.source.gguf_file import read_gguf
 
 
@@ -34,6 +35,10 @@ class ModelShape:
     ssm_d_inner: int = 0  # ``ssm.inner_size``
     ssm_d_state: int = 0  # ``ssm.state_size``
     ssm_n_group: int = 0  # ``ssm.group_count``
+    # DeepSeek sparse attention: layers that run the lightning indexer cache its key (one head) per token
+    n_layer_indexer: int = 0
+    head_indexer: int = 0  # ``attention.indexer.key_length``
+    n_head_indexer: int = 0  # ``attention.indexer.head_count``
 
     @property
     def n_layer_kv(self) -> int:
@@ -42,9 +47,10 @@ class ModelShape:
 
     @property
     def kv_elements_per_token(self) -> int:
+        indexer = self.n_layer_indexer * self.head_indexer
         if self.mla:
-            return self.n_layer_kv * self.head_k
-        return self.n_layer_kv * self.n_head_kv * (self.head_k + self.head_v)
+            return self.n_layer_kv * self.head_k + indexer
+        return self.n_layer_kv * self.n_head_kv * (self.head_k + self.head_v) + indexer
 
     @property
     def n_embd_r(self) -> int:
@@ -97,6 +103,10 @@ class ModelShape:
             n_layer_recr = sum((il + 1) % every != 0 for il in range(n_layer))
         else:
             n_layer_recr = 0
+        head_indexer = int(g("attention.indexer.key_length", 0))
+        indexer_types = g(Keys.INDEXER_TYPES.removeprefix("{arch}."))  # absent: llama.cpp indexes every layer
+        n_layer_indexer = (sum(bool(t) for t in indexer_types[:n_layer]) if isinstance(indexer_types, list) else n_layer
+                           ) if head_indexer else 0
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=int(g("attention.head_count_kv", n_head)),
                    head_k=int(g("attention.key_length", n_embd // n_head)),
@@ -110,4 +120,5 @@ class ModelShape:
                    n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0,
                    n_layer_recr=n_layer_recr, ssm_d_conv=int(g("ssm.conv_kernel", 0)),
                    ssm_d_inner=int(g("ssm.inner_size", 0)), ssm_d_state=int(g("ssm.state_size", 0)),
-                   ssm_n_group=int(g("ssm.group_count", 0)))
+                   ssm_n_group=int(g("ssm.group_count", 0)), n_layer_indexer=n_layer_indexer,
+                   head_indexer=head_indexer, n_head_indexer=int(g("attention.indexer.head_count", 0)))

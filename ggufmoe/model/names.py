@@ -68,3 +68,9 @@ EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
 # Weights llama.cpp's op reads in F32 only (ggml's CPU ssm_conv takes an F32 kernel)
 F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)
+
+
+class Keys:
+    """Metadata keys this llama.cpp reads that gguf-py 0.19's ``gguf.Keys`` has no name for (``{arch}`` as there)."""
+
+    INDEXER_TYPES = "{arch}.attention.indexer.types"  # bool per block: the layer runs its own DSA indexer ("full")

@@ -206,7 +206,8 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
                    swa_full: bool = True) -> int:
     """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
     row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
-    layers have :func:`swa_kv_size` cells; recurrent layers have none (:func:`recurrent_state_bytes`)."""
+    layers have :func:`swa_kv_size` cells; recurrent layers have none (:func:`recurrent_state_bytes`). A sparse-attention
+    model's indexer layers add a second cache (same cells and type) of one indexer key per cell."""
     qt = _kv_type(kv_type)
     if shape.mla:
         per_cell = _row_size(qt, shape.head_k)
@@ -214,7 +215,7 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
         per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
     cells = ((shape.n_layer_kv - shape.n_layer_swa) * kv_size(ctx)
              + shape.n_layer_swa * swa_kv_size(shape, ctx, n_ubatch, swa_full))
-    return cells * per_cell
+    return cells * per_cell + shape.n_layer_indexer * kv_size(ctx) * _row_size(qt, shape.head_indexer)
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
