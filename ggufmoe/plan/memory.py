@@ -204,10 +204,9 @@ def swa_kv_size(shape: ModelShape, ctx: int, n_ubatch: int = 512, swa_full: bool
 
 def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYPE, n_ubatch: int = 512,
                    swa_full: bool = True) -> int:
-    """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V
-    row, except with MLA where V is a view of K), at the KV type's ggml row size; sliding-window
-    layers have :func:`swa_kv_size` cells; recurrent layers have none (:func:`recurrent_state_bytes`). A sparse-attention
-    model's indexer layers add a second cache (same cells and type) of one indexer key per cell."""
+    """llama.cpp's KV buffer: per layer a K row of head_k x n_head_kv values per cell (and a V row, except with MLA
+    where V is a view of K), at the KV type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells;
+    recurrent layers have none (:func:`recurrent_state_bytes`); indexer layers (sparse attention) add one key a cell."""
     qt = _kv_type(kv_type)
     if shape.mla:
         per_cell = _row_size(qt, shape.head_k)
