@@ -184,7 +184,7 @@ def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
     model = tiny_models.build("glm-dsa", tmp_path / "hf")
     r = GGUFReader(f32(tmp_path / "hf", tmp_path / "m.gguf"))
     assert list(r.fields["glm-dsa.attention.indexer.types"].contents()) == [True, False, True, False]
-    assert r.fields["glm-dsa.attention.indexer.top_k"].contents() == 128 < len(eval_tokens)
+    assert r.fields["glm-dsa.attention.indexer.top_k"].contents() == 64 < len(eval_tokens)
     indexers = sorted(t.name for t in r.tensors if ".indexer." in t.name)
     assert {int(n.split(".")[1]) for n in indexers} == {0, 2} and len(indexers) == 10
     sparse = hf_logprobs(model, eval_tokens)

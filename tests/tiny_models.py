@@ -80,8 +80,8 @@ def configs() -> dict:
 
 def glm_dsa_config(**overrides):
     """GLM-5 with DeepSeek-V3's latent attention and routing (groups, bias, a leading dense block, a shared expert)
-    and the sparse attention: the indexer selects 128 of up to 1024 earlier tokens on the full layers 0 and 2,
-    layers 1 and 3 reuse that selection; index_head_dim 64 (llama.cpp's smallest Hadamard rotation). GLM-5's 32
+    and the sparse attention: the indexer selects 64 of up to 1024 earlier tokens (of 128 in a calibration chunk) on
+    the full layers 0 and 2, layers 1 and 3 reuse that selection; index_head_dim 64 (llama.cpp's smallest Hadamard rotation). GLM-5's 32
     indexer heads: with few, many tokens score exactly 0 (every head's ReLU zero), and torch.topk and llama.cpp's
     partial sort break such ties differently."""
     import transformers as T
@@ -89,7 +89,7 @@ def glm_dsa_config(**overrides):
     kw = dict(COMMON, num_hidden_layers=4, intermediate_size=128, moe_intermediate_size=32, first_k_dense_replace=1,
               num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
               q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-              n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, index_topk=128, index_head_dim=64,
+              n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, index_topk=64, index_head_dim=64,
               index_n_heads=32, indexer_types=["full", "shared", "full", "shared"])
     kw.update(overrides)
     return T.GlmMoeDsaConfig(**kw)

@@ -11,8 +11,8 @@ What llama.cpp's graph cannot run as transformers does is refused (:meth:`GlmMoe
 multi-token-prediction layers stored after the last block are not written.
 
 llama.cpp caches one latent row per layer and token (as deepseek2) plus the indexer's key on the full
-layers (:meth:`GlmMoeDsa.model_shape`). Calibration hands each layer the selection of the last full
-layer before it (:meth:`GlmMoeDsa.layer_state`).
+layers (:meth:`GlmMoeDsa.model_shape`). A streamed calibration hands each layer the selection of the last full
+layer before it, batch by batch (:meth:`GlmMoeDsa.layer_output`).
 """
 
 from __future__ import annotations
@@ -109,3 +109,11 @@ class GlmMoeDsa(Deepseek2):
         s.n_layer_indexer, s.head_indexer, s.n_head_indexer = sum(self.indexer_full), int(c.index_head_dim), int(
             c.index_n_heads)
         return s
+
+    # --- calibration: the indexer's selection goes from a full layer to the shared ones after it ----------
+    def layer_output(self, out) -> tuple[object, dict]:
+        hidden, topk_indices = out
+        return hidden, {"prev_topk_indices": topk_indices}
+
+    def stand_in_output(self, hidden):
+        return hidden, None
