@@ -23,6 +23,7 @@ from ggufmoe.source.gguf_file import read_gguf
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.plan.target import HOST, Target
 from ggufmoe.plan.process import process_bytes
+from ggufmoe.plan.sparse_attention import sparse_attention_peaks
 
 # --------------------------------------------------------------------------------------------
 # weights in memory: mapped file pages and CPU repacking
@@ -208,10 +209,8 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
     where V is a view of K), at the KV type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells;
     recurrent layers have none (:func:`recurrent_state_bytes`); indexer layers (sparse attention) add one key a cell."""
     qt = _kv_type(kv_type)
-    if shape.mla:
-        per_cell = _row_size(qt, shape.head_k)
-    else:
-        per_cell = _row_size(qt, shape.n_head_kv * shape.head_k) + _row_size(qt, shape.n_head_kv * shape.head_v)
+    per_cell = _row_size(qt, shape.head_k) if shape.mla else (_row_size(qt, shape.n_head_kv * shape.head_k)
+                                                               + _row_size(qt, shape.n_head_kv * shape.head_v))
     cells = ((shape.n_layer_kv - shape.n_layer_swa) * kv_size(ctx)
              + shape.n_layer_swa * swa_kv_size(shape, ctx, n_ubatch, swa_full))
     return cells * per_cell + shape.n_layer_indexer * kv_size(ctx) * _row_size(qt, shape.head_indexer)
@@ -245,8 +244,8 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     * shared expert / leading dense FFN: S + n_embd + 3·n_ff;
     * output: logits n_vocab·n_outputs + 2·n_embd·n_outputs (n_outputs = T as reserved).
 
-    A model with sliding-window layers has a second KQ mask, over the window's cells
-    (:func:`swa_kv_size`); the attention scores use the full cache's n_kv (its full layers).
+    A model with sliding-window layers has a second KQ mask, over the window's cells (:func:`swa_kv_size`); the
+    attention scores use the full cache's n_kv (its full layers). Sparse attention: :mod:`.sparse_attention`.
 
     ``n_outputs`` set to 1 gives what a run that asks for the last token's logits only touches.
     The routed expert count enters only through router-sized tensors (n_expert·T), which fit in
@@ -278,6 +277,7 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
         attn += n_kv * s.head_v * 2                    # V made contiguous from the latent cache (f16)
     k, ff = s.n_expert_used, s.n_ff_exp
     peaks = [attn, stack + u * 3 * k * ff, 4 * n_out * (s.n_vocab + 2 * e)]
+    peaks += sparse_attention_peaks(s, attn, n_kv, t, flash_attn)
     if e > 2 * ff:
         peaks.append(stack + u * (3 * k * ff + k * e))
     if s.n_ff_shexp:
