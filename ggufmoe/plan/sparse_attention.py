@@ -8,7 +8,8 @@ mask from the top-k: the mask filled with -inf, the top-k cells set to 0, added 
 masks the size of the KQ mask, f16 with flash attention, else f32).
 
 Fitted to llama.cpp's reported compute buffer of tiny GLM-5 models (indexer heads 16/32, head size 64/128, hidden
-64/128, context 256-8192, ubatch 128-1024, flash attention on and off): within 0.3 MiB; the per-token remainder
+64/128, context 256-8192, ubatch 128-1024, flash attention on and off): within 0.7 MiB at ubatch <= 512
+(1.4 MiB at 1024: a peak by the output, with flash attention, not modelled); the per-token remainder
 (the query projections beside them) is counted as ``n_q`` values, twice.
 """
 
