@@ -178,8 +178,8 @@ def test_llama4_long_context_parity(tmp_path):
 
 def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
     """The tiny GLM-5's indexer really selects (its top-k changes transformers' output), the GGUF says which
-    layers run their own indexer, and only those carry its tensors."""
-    from gguf import GGUFReader
+    layers run their own indexer, and only those carry its tensors; its per-head weights stay F32 in a Q8_0 file."""
+    from gguf import GGMLQuantizationType, GGUFReader
 
     model = tiny_models.build("glm-dsa", tmp_path / "hf")
     r = GGUFReader(f32(tmp_path / "hf", tmp_path / "m.gguf"))
@@ -187,6 +187,11 @@ def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
     assert r.fields["glm-dsa.attention.indexer.top_k"].contents() == 64 < len(eval_tokens)
     indexers = sorted(t.name for t in r.tensors if ".indexer." in t.name)
     assert {int(n.split(".")[1]) for n in indexers} == {0, 2} and len(indexers) == 10
+    q8 = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"),
+                                                 progress=False))[0]
+    types = {t.name: t.tensor_type for t in GGUFReader(q8).tensors}
+    assert types["blk.0.indexer.proj.weight"] == GGMLQuantizationType.F32
+    assert types["blk.0.indexer.attn_k.weight"] == GGMLQuantizationType.Q8_0
     sparse = hf_logprobs(model, eval_tokens)
     for layer in model.model.layers:
         if layer.self_attn.indexer is not None:

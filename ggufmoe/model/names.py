@@ -67,6 +67,9 @@ ROUTER = MODEL_TENSOR.FFN_GATE_INP
 EMBEDDING = MODEL_TENSOR.TOKEN_EMBD
 # Weights llama.cpp's op reads in F32 only (ggml's CPU ssm_conv takes an F32 kernel)
 F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
+# Small weights kept F32 for precision as llama.cpp's converter writes them: the DSA indexer's per-head weights
+# (transformers keeps them F32 too; they weigh the scores whose top-k sparse attention keeps)
+KEPT_F32 = frozenset({MODEL_TENSOR.INDEXER_PROJ})
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)
 
 
