@@ -162,6 +162,10 @@ class Architecture:
         next layer from it). Most families hand nothing; the tensors handed have the batch as their first axis."""
         return (out[0] if isinstance(out, tuple) else out), {}
 
+    def layer_output_bytes(self, ctx: int) -> int:
+        """Bytes a token's share of :meth:`layer_output`'s hand-over takes, calibrating in chunks of ``ctx`` tokens."""
+        return 0
+
     def stand_in_output(self, hidden):
         """What a stand-in for a decoder layer returns to the model's forward (the form of a layer's return value)."""
         return hidden

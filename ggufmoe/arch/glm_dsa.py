@@ -106,14 +106,17 @@ class GlmMoeDsa(Deepseek2):
     def model_shape(self) -> ModelShape:
         c = self.cfg
         s = super().model_shape()
-        s.n_layer_indexer, s.head_indexer, s.n_head_indexer = sum(self.indexer_full), int(c.index_head_dim), int(
-            c.index_n_heads)
+        s.n_layer_indexer = sum(self.indexer_full)
+        s.head_indexer, s.n_head_indexer = int(c.index_head_dim), int(c.index_n_heads)
         return s
 
     # --- calibration: the indexer's selection goes from a full layer to the shared ones after it ----------
     def layer_output(self, out) -> tuple[object, dict]:
         hidden, topk_indices = out
         return hidden, {"prev_topk_indices": topk_indices}
+
+    def layer_output_bytes(self, ctx: int) -> int:
+        return 4 * min(int(self.cfg.index_topk), ctx)  # int32 indices of the tokens each token attends to
 
     def stand_in_output(self, hidden):
         return hidden, None
