@@ -14,7 +14,7 @@ import click
 from ggufmoe.errors import GgufmoeError, one_line
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.plan.budget import DEFAULT_CTX, Budget
-from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
 from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion
 from ggufmoe.sensitivity.cost import SensitivityMode
 

@@ -116,8 +116,11 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
     if name == "deepseek3":  # MLA: one latent row (kv_lora_rank + rope) per layer, no V
         c = arch.cfg
         assert arch.kv_elements_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+    if name == "glm-dsa":  # MLA's latent row on every layer, the indexer's key on the full layers 0 and 2
+        c = arch.cfg
+        assert shape.kv_elements_per_token == 4 * (c.kv_lora_rank + c.qk_rope_head_dim) + 2 * c.index_head_dim
     b = bench()
-    caches = 2 if shape.n_layer_swa else 1  # llama.cpp logs each cache's size with 2 decimals
+    caches = 2 if shape.n_layer_swa or shape.n_layer_indexer else 1  # llama.cpp logs each cache's size, 2 decimals
     for ctx, fa, swa_full in ((512, False, True), (2048, False, True), (2048, True, True), (2048, False, False)):
         if not swa_full and not shape.n_layer_swa:
             continue
@@ -129,6 +132,19 @@ def test_kv_and_compute_match_llama_cpp(tmp_path, name):
         assert abs(got["rs"] - rs) < 0.006 * MiB and (got["rs"] > 0) == (shape.n_layer_recr > 0)
         assert abs(got["compute"] - compute_buffer_bytes(shape, ctx, 512, fa, swa_full=swa_full)) < 1 * MiB, \
             (ctx, fa, swa_full)
+
+
+def test_glm5_kv_cache_from_config(tmp_path):
+    """GLM-5 (78 layers, every indexer full): a 576-value latent row and a 128-value indexer key per layer and
+    token, 107 KiB a token in F16; llama.cpp's own layers past the trunk (multi-token prediction) are not written."""
+    from transformers import GlmMoeDsaConfig
+
+    from ggufmoe.source.config import ConfigSource
+
+    GlmMoeDsaConfig(architectures=["GlmMoeDsaForCausalLM"]).save_pretrained(tmp_path)
+    arch = architecture_for(ConfigSource(tmp_path))
+    assert arch.kv_elements_per_token() == 78 * (576 + 128)
+    assert kv_cache_bytes(arch.model_shape(), 4096) == 4096 * 78 * (576 + 128) * 2
 
 
 def test_kv_types():

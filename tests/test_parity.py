@@ -189,3 +189,70 @@ def test_llama4_long_context_parity(tmp_path):
     result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), tokens), hf_logprobs(model, tokens),
                      tokens)
     assert result.mean_abs_dnll < TOL, result
+
+
+def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
+    """The tiny GLM-5's indexer really selects (its top-k changes transformers' output), the GGUF says which
+    layers run their own indexer, and only those carry its tensors; its per-head weights stay F32 in a Q8_0 file."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    model = tiny_models.build("glm-dsa", tmp_path / "hf")
+    r = GGUFReader(f32(tmp_path / "hf", tmp_path / "m.gguf"))
+    assert list(r.fields["glm-dsa.attention.indexer.types"].contents()) == [True, False, True, False]
+    assert r.fields["glm-dsa.attention.indexer.top_k"].contents() == 64 < len(eval_tokens)
+    indexers = sorted(t.name for t in r.tensors if ".indexer." in t.name)
+    assert {int(n.split(".")[1]) for n in indexers} == {0, 2} and len(indexers) == 10
+    q8 = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"),
+                                                 progress=False))[0]
+    types = {t.name: t.tensor_type for t in GGUFReader(q8).tensors}
+    assert types["blk.0.indexer.proj.weight"] == GGMLQuantizationType.F32
+    assert types["blk.0.indexer.attn_k.weight"] == GGMLQuantizationType.Q8_0
+    sparse = hf_logprobs(model, eval_tokens)
+    for layer in model.model.layers:
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.index_topk = len(eval_tokens)
+    assert compare(sparse, hf_logprobs(model, eval_tokens), eval_tokens).mean_abs_dnll > 10 * TOL
+
+
+def test_glm_dsa_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
+    """GLM-5 stores its MTP block as layer num_hidden_layers (with an indexer of its own): convert and calibrate
+    skip it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ggufmoe.stats.stream import stream_stats
+
+    cfg = tiny_models.glm_dsa_config(num_hidden_layers=5, indexer_types=["full", "shared", "full", "shared", "full"])
+    tiny_models.build("glm-dsa", tmp_path / "hf", config=cfg)
+    shard = next((tmp_path / "hf").glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.4.eh_proj.weight"] = torch.randn(cfg.hidden_size, 2 * cfg.hidden_size)
+    tensors["model.layers.4.enorm.weight"] = torch.ones(cfg.hidden_size)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update(num_hidden_layers=4, num_nextn_predict_layers=1)  # the per-layer types derived, as GLM-5 ships
+    for derived in ("layer_types", "mlp_layer_types"):
+        del config[derived]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), eval_tokens),
+                     hf_logprobs(reference, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < TOL, result
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
+    stats = stream_stats(tmp_path / "hf", text, ctx=128, max_tokens=512, progress=False)
+    assert sorted(stats.layers) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(indexer_types=["shared", "full", "full", "shared"]), "first layer's indexer is 'shared'"),
+    (dict(mlp_layer_types=["dense", "sparse", "dense", "sparse"]), "dense blocks only before the first MoE block"),
+    (dict(index_head_dim=96), "index_head_dim 96"),
+])
+def test_glm_dsa_refuses_what_llama_cpp_cannot_run(tmp_path, change, reason):
+    from ggufmoe.errors import GgufmoeError
+
+    tiny_models.build("glm-dsa", tmp_path / "hf", config=tiny_models.glm_dsa_config(**change))
+    with pytest.raises(GgufmoeError, match=reason):
+        f32(tmp_path / "hf", tmp_path / "m.gguf")

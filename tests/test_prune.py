@@ -22,7 +22,7 @@ from ggufmoe.quant.rules import TypeRules
 CASES = {"qwen3moe": (6, dict(top_k_scale=1.5)), "deepseek3": (8, dict(top_k=4)), "glm4moe": (8, dict(top_k=4)),
          "gpt-oss": (5, dict(top_k=3)), "minimax-m2": (4, dict(top_k=3)),
          "ernie4_5-moe": (4, dict(top_k=3)), "dots1": (8, dict(top_k=4)), "qwen3next": (5, dict(top_k=3)),
-         "qwen35moe": (5, dict(top_k=3))}
+         "qwen35moe": (5, dict(top_k=3)), "glm-dsa": (8, dict(top_k=4))}
 
 
 @pytest.fixture(scope="module", params=list(CASES))

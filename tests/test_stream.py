@@ -249,6 +249,21 @@ def test_interrupt_in_a_layer_then_resume(models, tmp_path):
     assert_same_stats(out, want)
 
 
+def test_resume_where_a_layer_takes_what_the_one_before_handed_it(models, tmp_path):
+    """GLM-5's layer 3 reuses the top-k its full layer 2 selected (not layer 0's): interrupted in layer 3 and
+    resumed, the kept hand-over of layer 2 gives the statistics of an uninterrupted run."""
+    model, text = models["glm-dsa"], tmp_path / "calib.txt"
+    text.write_text(calib_text())
+    want, out = tmp_path / "want.gguf", tmp_path / "stats.gguf"
+    assert calibrate(model, text, want).returncode == 0
+    proc = calibrate(model, text, out, env={INTERRUPT_LAYER: "3"})
+    assert proc.returncode == 130, proc.stderr
+    assert sorted(p.name for p in (tmp_path / ".stats.gguf.partial").glob("carry.*")) == ["carry.2.npz"]
+    proc = calibrate(model, text, out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert_same_stats(out, want)
+
+
 def test_interrupt_in_the_first_layer_keeps_nothing(models, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(calib_text())

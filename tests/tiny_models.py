@@ -25,7 +25,8 @@ GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fas
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
 UNCALIBRATED = ("llama4", "gemma4")
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
-            "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe", "gemma4")  # the keys of configs()
+            "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe", "gemma4",
+            "glm-dsa")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -75,6 +76,7 @@ def configs() -> dict:
                                        layer_types=["linear_attention", "full_attention", "linear_attention"]),
         "qwen35moe": qwen35moe_config(),
         "gemma4": gemma4_config(),
+        "glm-dsa": glm_dsa_config(),
     }
 
 
@@ -97,6 +99,23 @@ def gemma4_config(**text):
                   num_key_value_heads=2, head_dim=16)
     return T.Gemma4Config(text_config=kw, vision_config=vision, tie_word_embeddings=False,
                           architectures=["Gemma4ForConditionalGeneration"])
+
+
+def glm_dsa_config(**overrides):
+    """GLM-5 with DeepSeek-V3's latent attention and routing (groups, bias, a leading dense block, a shared expert)
+    and the sparse attention: the indexer selects 64 of up to 1024 earlier tokens (of 128 in a calibration chunk) on
+    the full layers 0 and 2, layers 1 and 3 reuse that selection; index_head_dim 64 (llama.cpp's smallest Hadamard rotation). GLM-5's 32
+    indexer heads: with few, many tokens score exactly 0 (every head's ReLU zero), and torch.topk and llama.cpp's
+    partial sort break such ties differently."""
+    import transformers as T
+
+    kw = dict(COMMON, num_hidden_layers=4, intermediate_size=128, moe_intermediate_size=32, first_k_dense_replace=1,
+              num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=3, n_group=4, topk_group=2,
+              q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, index_topk=64, index_head_dim=64,
+              index_n_heads=32, indexer_types=["full", "shared", "full", "shared"])
+    kw.update(overrides)
+    return T.GlmMoeDsaConfig(**kw)
 
 
 def qwen35moe_config(**text):
@@ -152,6 +171,8 @@ def build(name: str, out: Path, seed: int = 0, config=None):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight") or "layernorm" in n or n.endswith(SCALES):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith("norm.bias"):  # LayerNorm (GLM-5's indexer keys)
+                p.copy_(0.1 * torch.randn_like(p))
             elif "e_score_correction_bias" in n:
                 p.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(p))
         for n, b in model.named_buffers():

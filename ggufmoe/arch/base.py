@@ -177,6 +177,20 @@ class Architecture:
             w.add_expert_count(self.n_expert_kept or self.n_expert)
         w.add_expert_used_count(self.n_expert_used or self.top_k)
 
+    # --- calibration: what a decoder layer hands the next besides its hidden states ----------
+    def layer_output(self, out) -> tuple[object, dict]:
+        """A transformers decoder layer's return value: (its hidden states, the keyword arguments the model hands the
+        next layer from it). Most families hand nothing; the tensors handed have the batch as their first axis."""
+        return (out[0] if isinstance(out, tuple) else out), {}
+
+    def layer_output_bytes(self, ctx: int) -> int:
+        """Bytes a token's share of :meth:`layer_output`'s hand-over takes, calibrating in chunks of ``ctx`` tokens."""
+        return 0
+
+    def stand_in_output(self, hidden):
+        """What a stand-in for a decoder layer returns to the model's forward (the form of a layer's return value)."""
+        return hidden
+
     def caveats(self) -> list[str]:
         """Where llama.cpp will run the converted model slightly differently from transformers (a note
         for the user; what it cannot run at all is refused by :meth:`require`)."""

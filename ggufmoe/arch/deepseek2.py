@@ -110,24 +110,27 @@ class Deepseek2(BiasedRoutingMoe):
         yield TensorSpec(f"blk.{il}.attn_v_b.weight", (n_head, v, rank), lambda _: np.ascontiguousarray(heads()[:, nope:, :]),
                          hf_name=name)
 
+    def attention(self, il: int, kv_b: ReadForTwo) -> Iterator[TensorSpec]:
+        """Layer ``il``'s latent attention: the query (low-rank or not), the compressed KV and the output."""
+        b, a = f"blk.{il}", f"model.layers.{il}.self_attn"
+        if getattr(self.cfg, "q_lora_rank", None):
+            yield self.plain(f"{b}.attn_q_a.weight", f"{a}.q_a_proj.weight")
+            yield self.plain(f"{b}.attn_q_a_norm.weight", f"{a}.q_a_layernorm.weight")
+            yield self.plain(f"{b}.attn_q_b.weight", f"{a}.q_b_proj.weight")
+        else:
+            yield self.plain(f"{b}.attn_q.weight", f"{a}.q_proj.weight")
+        yield self.plain(f"{b}.attn_kv_a_mqa.weight", f"{a}.kv_a_proj_with_mqa.weight")
+        yield self.plain(f"{b}.attn_kv_a_norm.weight", f"{a}.kv_a_layernorm.weight")
+        yield from self.split_kv_b(il, kv_b)
+        yield self.plain(f"{b}.attn_output.weight", f"{a}.o_proj.weight")
+
     def tensors(self) -> Iterator[TensorSpec]:
-        c = self.cfg
         kv_b = ReadForTwo(self.src)
         yield from self.embeddings_and_output()
-        for il in range(c.num_hidden_layers):  # multi-token-prediction layers beyond are skipped
+        for il in range(self.cfg.num_hidden_layers):  # multi-token-prediction layers beyond are skipped
             p, b = f"model.layers.{il}", f"blk.{il}"
-            a = f"{p}.self_attn"
             yield self.plain(f"{b}.attn_norm.weight", f"{p}.input_layernorm.weight")
-            if getattr(c, "q_lora_rank", None):
-                yield self.plain(f"{b}.attn_q_a.weight", f"{a}.q_a_proj.weight")
-                yield self.plain(f"{b}.attn_q_a_norm.weight", f"{a}.q_a_layernorm.weight")
-                yield self.plain(f"{b}.attn_q_b.weight", f"{a}.q_b_proj.weight")
-            else:
-                yield self.plain(f"{b}.attn_q.weight", f"{a}.q_proj.weight")
-            yield self.plain(f"{b}.attn_kv_a_mqa.weight", f"{a}.kv_a_proj_with_mqa.weight")
-            yield self.plain(f"{b}.attn_kv_a_norm.weight", f"{a}.kv_a_layernorm.weight")
-            yield from self.split_kv_b(il, kv_b)
-            yield self.plain(f"{b}.attn_output.weight", f"{a}.o_proj.weight")
+            yield from self.attention(il, kv_b)
             yield self.plain(f"{b}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight")
             yield from self.feed_forward(il)
 

@@ -53,6 +53,10 @@ class ModelShape:
         if self.graph_nodes_per_token:
             return max(self.graph_nodes_per_token * n_ubatch, 32 * self.n_tensors)
         return max(1024, 8 * self.n_tensors)
+    # DeepSeek sparse attention: layers that run the lightning indexer cache its key (one head) per token
+    n_layer_indexer: int = 0
+    head_indexer: int = 0  # ``attention.indexer.key_length``
+    n_head_indexer: int = 0  # ``attention.indexer.head_count``
 
     @property
     def n_layer_kv(self) -> int:
@@ -81,7 +85,8 @@ class ModelShape:
     def kv_elements_per_token(self) -> int:
         """KV values per token of context over the layers with a cache of their own (sliding layers counted as full)."""
         full, swa = self.kv_layers
-        return full * sum(self.kv_row(False)) + swa * sum(self.kv_row(True))
+        indexer = self.n_layer_indexer * self.head_indexer  # DSA: the indexer's key, one head, on its layers
+        return full * sum(self.kv_row(False)) + swa * sum(self.kv_row(True)) + indexer
 
     @property
     def n_embd_r(self) -> int:
@@ -142,6 +147,10 @@ class ModelShape:
         kv_full = [int(kv[il]) for il in range(n_layer) if not swa_layers[il]] if isinstance(kv, list) else [int(kv)]
         kv_swa = [int(kv[il]) for il in range(n_layer) if swa_layers[il]] if isinstance(kv, list) else [0]
         shared = range(n_layer - int(g("attention.shared_kv_layers", 0)), n_layer)
+        head_indexer = int(g("attention.indexer.key_length", 0))
+        indexer_types = g(arch_key(NewKeys.INDEXER_TYPES, a))  # absent: llama.cpp indexes every layer
+        n_layer_indexer = (sum(bool(t) for t in indexer_types[:n_layer]) if isinstance(indexer_types, list) else n_layer
+                           ) if head_indexer else 0
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=kv_full[0], n_head_kv_swa=kv_swa[0] if kv_swa[0] != kv_full[0] else 0,
                    head_k_swa=int(g("attention.key_length_swa", 0)), head_v_swa=int(g("attention.value_length_swa", 0)),
@@ -157,5 +166,6 @@ class ModelShape:
                    n_swa=n_swa if n_layer_swa else 0, n_layer_swa=n_layer_swa if n_swa else 0,
                    n_layer_recr=n_layer_recr, ssm_d_conv=int(g("ssm.conv_kernel", 0)),
                    ssm_d_inner=int(g("ssm.inner_size", 0)), ssm_d_state=int(g("ssm.state_size", 0)),
-                   ssm_n_group=int(g("ssm.group_count", 0)), n_tensors=n_tensors,
-                   graph_nodes_per_token=graph_nodes_per_token)
+                   ssm_n_group=int(g("ssm.group_count", 0)), n_layer_indexer=n_layer_indexer,
+                   head_indexer=head_indexer, n_head_indexer=int(g("attention.indexer.head_count", 0)),
+                   n_tensors=n_tensors, graph_nodes_per_token=graph_nodes_per_token)

@@ -71,6 +71,9 @@ F32_ONLY = frozenset({MODEL_TENSOR.SSM_CONV1D})
 # The suffix of a tensor that scales another's outputs or inputs (``ffn_down_exps.scale``: per expert,
 # ``ffn_gate_inp.scale``: per input channel of the router)
 SCALE = "scale"
+# Small weights kept F32 for precision as llama.cpp's converter writes them: the DSA indexer's per-head weights
+# (transformers keeps them F32 too; they weigh the scores whose top-k sparse attention keeps)
+KEPT_F32 = frozenset({MODEL_TENSOR.INDEXER_PROJ})
 OUTPUT = MODEL_TENSOR.OUTPUT  # the output projection (absent when tied to the embedding)
 
 
@@ -79,6 +82,7 @@ class NewKeys:
     gguf-py's form: ``NewKeys.RECURRENT_LAYERS.format(arch="qwen3next")``."""
 
     RECURRENT_LAYERS = "{arch}.attention.recurrent_layers"  # bool per block: a recurrent (linear-attention) layer
+    INDEXER_TYPES = "{arch}.attention.indexer.types"  # bool per block: the layer runs its own DSA indexer ("full")
 
 
 def arch_key(key: str, arch: str) -> str:

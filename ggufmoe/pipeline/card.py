@@ -28,7 +28,8 @@ from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.outputs import check_outputs, write_output
 from ggufmoe.plan.budget import DEFAULT_CTX
-from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType, gguf_runtime_memory
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
+from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.prune.apply import KEY_EXPERT_COUNT_SOURCE, KEY_SOURCE
 from ggufmoe.source.gguf_file import gguf_files
 from ggufmoe.source.gguf_in import GGUFSource

@@ -11,8 +11,8 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.arch import architecture_for
 from ggufmoe.plan.budget import DEFAULT_CTX
-from ggufmoe.plan.memory import (DEFAULT_KV_TYPE, KvType, RuntimeMemory, gguf_runtime_memory, is_repacked,
-                                 runtime_memory)
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
+from ggufmoe.plan.memory import RuntimeMemory, gguf_runtime_memory, is_repacked, runtime_memory
 from ggufmoe.plan.target import HOST, Target
 from ggufmoe.source import open_source
 from ggufmoe.source.gguf_file import gguf_files

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.arch import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.outputs import write_output
-from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KvType
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
 from ggufmoe.plan.target import HOST, Target, parse_target
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion, Pruning

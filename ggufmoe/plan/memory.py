@@ -10,7 +10,6 @@ source and is not checked against a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 import gguf
 
@@ -19,7 +18,9 @@ from ggufmoe.gguf.header import header_bytes
 from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.source.gguf_file import read_gguf
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType, kv_qtype
 from ggufmoe.plan.process import process_bytes
+from ggufmoe.plan.sparse_attention import sparse_attention_peaks
 from ggufmoe.plan.target import HOST, Target
 
 # --------------------------------------------------------------------------------------------
@@ -137,20 +138,6 @@ def weight_memory(source, target: Target = HOST) -> WeightMemory:
 
 MiB = 1 << 20
 
-
-class KvType(StrEnum):
-    """The KV cache types llama.cpp takes for K and V (``type_k``/``type_v``; quantized ones need flash attention)."""
-
-    F32 = "f32"
-    F16 = "f16"
-    BF16 = "bf16"
-    Q8_0 = "q8_0"
-    Q4_0 = "q4_0"
-
-
-KV_TYPES = {KvType.F32: T.F32, KvType.F16: T.F16, KvType.BF16: T.BF16, KvType.Q8_0: T.Q8_0, KvType.Q4_0: T.Q4_0}
-DEFAULT_KV_TYPE = KvType.F16  # llama.cpp's own default
-
 # llama.cpp's own structures once a model is loaded (vocab, merges, tensor metadata, context objects) and
 # llama-cpp-python's Llama object: 3.4 MB + 320 B per vocabulary entry (150 B for the token, ~170 B for its BPE
 # merge: measured with metadata-only loads of 6k-150k vocabularies).
@@ -206,14 +193,17 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
     """llama.cpp's KV buffer: per layer with a cache of its own a K and a V row per cell (:meth:`ModelShape.kv_row`:
     none with MLA, where V is a view of K; without flash attention V rows padded to the widest layer's), at the KV
     type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells; recurrent layers have none
-    (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache."""
-    qt = _kv_type(kv_type)
+    (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache; indexer layers (sparse attention)
+    add one key a cell."""
+    qt = kv_qtype(kv_type)
     full, swa = shape.kv_layers
 
     def per_cell(sliding: bool) -> int:
         return sum(_row_size(qt, n) for n in shape.kv_row(sliding, v_trans=not flash_attn))
 
-    return full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
+    indexer = shape.n_layer_indexer * kv_size(ctx) * _row_size(qt, shape.head_indexer)
+    return (full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
+            + indexer)
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
@@ -244,8 +234,8 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     * shared expert / leading dense FFN: S + n_embd + 3·n_ff;
     * output: logits n_vocab·n_outputs + 2·n_embd·n_outputs (n_outputs = T as reserved).
 
-    A model with sliding-window layers has a second KQ mask, over the window's cells
-    (:func:`swa_kv_size`); the attention scores use the full cache's n_kv (its full layers).
+    A model with sliding-window layers has a second KQ mask, over the window's cells (:func:`swa_kv_size`); the
+    attention scores use the full cache's n_kv (its full layers). Sparse attention: :mod:`.sparse_attention`.
 
     ``n_outputs`` set to 1 gives what a run that asks for the last token's logits only touches.
     The routed expert count enters only through router-sized tensors (n_expert·T), which fit in
@@ -277,6 +267,7 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
         attn += n_kv * s.head_v * 2                    # V made contiguous from the latent cache (f16)
     k, ff = s.n_expert_used, s.n_ff_exp
     peaks = [attn, stack + u * 3 * k * ff, 4 * n_out * (s.n_vocab + 2 * e)]
+    peaks += sparse_attention_peaks(s, attn, n_kv, t, flash_attn)
     if e > 2 * ff:
         peaks.append(stack + u * (3 * k * ff + k * e))
     if s.n_ff_shexp:
@@ -294,7 +285,7 @@ def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_at
     activations of the widest weight matmul (at most 2 bytes a value)."""
     t, s = min(n_ubatch, ctx), shape
     acts = 2 * t * max(s.n_embd, s.n_head * s.head_k, s.n_expert_used * s.n_ff_exp, s.n_ff_shexp, s.n_ff_dense)
-    if flash_attn or _kv_type(kv_type) == T.F32:
+    if flash_attn or kv_qtype(kv_type) == T.F32:
         return acts
     return max(acts, kv_size(ctx) * t * s.n_head * 2)
 
@@ -346,7 +337,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
     """
     shape = shape or arch.model_shape()
     process = process_bytes() if process is None else process
-    qt = _kv_type(kv_type)
+    qt = kv_qtype(kv_type)
     if flash_attn is None:
         flash_attn = qt not in FLOAT_TYPES
     elif not flash_attn and qt not in FLOAT_TYPES:
@@ -376,13 +367,6 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
     margin = int(OS_MARGIN_FRACTION * (weights + kv + compute))
     return RuntimeMemory(weights=weights, kv_cache=kv, compute=compute,
                          reserve=process + runtime + batch + margin)
-
-
-def _kv_type(kv_type: str) -> gguf.GGMLQuantizationType:
-    try:
-        return KV_TYPES[kv_type.lower()]
-    except KeyError:
-        raise ValueError(f"unknown KV cache type {kv_type!r} (one of {', '.join(KV_TYPES)})") from None
 
 
 def _row_size(qt: gguf.GGMLQuantizationType, n: int) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from gguf import GGMLQuantizationType as T, LlamaFileType
 
-from ggufmoe.model.names import EMBEDDING, F32_ONLY, ROUTER, role
+from ggufmoe.model.names import EMBEDDING, F32_ONLY, KEPT_F32, ROUTER, role
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FILE_TYPE, effective_type, parse_type, row_bytes
@@ -20,10 +20,11 @@ from ggufmoe.quant.ggml import requires_imatrix
 
 def always_f32(spec: TensorSpec) -> bool:
     """Tensors llama.cpp keeps in full precision whatever the mix: vectors (shared-expert gates among
-    them), norms, biases, routers, and the weights of ops that take F32 only (:data:`F32_ONLY`)."""
+    them), norms, biases, routers, the weights of ops that take F32 only (:data:`F32_ONLY`) and a few small ones
+    llama.cpp's converter keeps F32 (:data:`KEPT_F32`)."""
     n = spec.parsed
     return (len(spec.shape) == 1 or n.suffix == "bias" or n.base.endswith("_norm") or n.tensor == ROUTER
-            or n.tensor in F32_ONLY)
+            or n.tensor in F32_ONLY | KEPT_F32)
 
 
 # The token embedding is a row lookup, so no importance matrix ever covers it: when the default

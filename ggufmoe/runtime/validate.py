@@ -40,7 +40,7 @@ from pathlib import Path
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.plan.budget import DEFAULT_CTX, Plan
-from ggufmoe.plan.memory import DEFAULT_KV_TYPE, KV_TYPES, KvType
+from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KV_TYPES, KvType
 from ggufmoe.plan.process import interpreter_baseline
 from ggufmoe.plan.target import HOST, Target, TargetPreset
 from ggufmoe.source.gguf_file import gguf_files

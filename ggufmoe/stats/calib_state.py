@@ -7,6 +7,8 @@ is) that holds:
   the routed experts' input of the layer running (``MOE_IN``): raw float32 rows
   (:class:`ggufmoe.stats.hidden.RowStore`);
 - the statistics of every complete layer, ``layer.K.npz``;
+- what the last complete layer handed the next besides its hidden states, per batch, ``carry.K.npz`` (only for
+  families whose layers hand something: :meth:`ggufmoe.arch.base.Architecture.layer_output`);
 - the progress record, ``state.json`` (:class:`Progress`): layers complete and a fingerprint of
   what decides the statistics (the source's files, the token ids, the chunk prefix, the context).
 
@@ -105,6 +107,38 @@ class CalibrationState(StateDir):
             arrays[f"n_tokens:{il}"] = np.array(s.n_tokens, dtype=np.int64)
         path = self.layer_file(k)
         self.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration statistics")
+
+    def carry_file(self, k: int) -> Path:
+        return self.path / f"carry.{k}.npz"
+
+    def save_carry(self, k: int, carry: list[dict[str, torch.Tensor]]) -> None:
+        """What layer ``k`` handed the next besides its hidden states, per batch (when it hands anything), durably;
+        the previous layer's is removed."""
+        if any(carry):
+            arrays = {f"{i}:{name}": t.numpy() for i, c in enumerate(carry) for name, t in c.items()}
+            path = self.carry_file(k)
+            self.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration state")
+
+    def drop_carry(self, k: int) -> None:
+        self.carry_file(k).unlink(missing_ok=True)
+
+    def load_carry(self, k: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+        """What layer ``k`` handed the next (per batch; nothing when it kept no file)."""
+        import torch
+
+        carry: list[dict[str, torch.Tensor]] = [{} for _ in range(n_batches)]
+        path = self.carry_file(k)
+        if not path.exists():
+            return carry
+        try:
+            with np.load(path) as z:
+                for key in z.files:
+                    i, _, name = key.partition(":")
+                    carry[int(i)][name] = torch.from_numpy(z[key])
+        except (OSError, ValueError, IndexError) as e:
+            raise GgufmoeError(f"{path}: kept calibration state unreadable ({e}); delete {path.parent} to start over") \
+                from None
+        return carry
 
     def load_layer(self, k: int) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors | None]:
         path = self.layer_file(k)

@@ -24,7 +24,7 @@ from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
 from ggufmoe.stats.prune_error import KeptSets, PruneProbe
 from ggufmoe.stats.routed_experts import expert_output, route_experts
-from ggufmoe.stats.skeleton import Skeleton, unsupported
+from ggufmoe.stats.skeleton import Skeleton, on_device, unsupported
 from ggufmoe.stats.working_set import WorkingSet
 
 PROBE_TOKENS = 16  # tokens the linearity check of a MoE layer runs
@@ -57,6 +57,8 @@ class LayerPasses:
     batches: list[torch.Tensor]
     offsets: list[int]
     phase1_share: float
+    # per batch: what the last layer handed the next besides its hidden states (Architecture.layer_output), on the CPU
+    carry: list[dict[str, torch.Tensor]]
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
               working: WorkingSet) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
@@ -119,14 +121,15 @@ class LayerPasses:
         t0 = time.perf_counter()
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
                                    disable=not self.progress) as bar:
-            for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+            for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
                 where[:] = a, b
                 if meter is not None:
                     meter.offset = a
                 args, kwargs = skeleton.layer_args(tuple(batch.shape), k)
                 h = h_in.tensor[a:b].view(*batch.shape, self.width).to(self.device)
-                y = layer(h, *args, **kwargs)
-                y = y[0] if isinstance(y, tuple) else y
+                kwargs = {**kwargs, **on_device(self.carry[i], self.device)}  # the earlier layer's hand-over
+                y, carry = self.arch.layer_output(layer(h, *args, **kwargs))
+                self.carry[i] = on_device(carry, torch.device("cpu"))
                 h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
                 for store in (h_in, h_out, moe_in):
                     if store is not None:
@@ -199,10 +202,13 @@ class LayerPasses:
 
     def check_linear(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore) -> None:
         """Phase 2 adds the routed output after the layer ran: the layer's output must be linear in its experts'
-        output with slope 1. Checked on the first tokens of the first chunk with zeros and a random output."""
-        n = min(PROBE_TOKENS, self.batches[0].shape[1])
+        output with slope 1. Checked on the first tokens of the first chunk with zeros and a random output (on the
+        whole chunk where the layer takes what the one before handed it: that is for whole chunks)."""
+        carry = on_device({name: t[:1] for name, t in self.carry[0].items()}, self.device)
+        n = self.batches[0].shape[1] if carry else min(PROBE_TOKENS, self.batches[0].shape[1])
         h = h_in.tensor[:n].reshape(1, n, self.width).to(self.device)
         args, kwargs = skeleton.layer_args((1, n), k)
+        kwargs = {**kwargs, **carry}
         gen = torch.Generator().manual_seed(k)
         probe = (torch.randn(n, self.width, generator=gen) * float(h.std().clamp(min=1e-3))).to(self.device)
         outs = []
@@ -210,8 +216,8 @@ class LayerPasses:
             for r in (torch.zeros_like(probe), probe):
                 experts.forward = lambda hs, *_, r=r, **__: r.reshape(hs.shape).to(hs.dtype)
                 with torch.no_grad():
-                    y = layer(h, *args, **kwargs)
-                outs.append((y[0] if isinstance(y, tuple) else y).reshape(n, self.width))
+                    y, _ = self.arch.layer_output(layer(h, *args, **kwargs))
+                outs.append(y.reshape(n, self.width))
         finally:
             del experts.forward
         scale = float(outs[0].abs().max()) + float(probe.abs().max())

@@ -49,11 +49,12 @@ class _Stop(Exception):
 
 
 class _Capture(nn.Module):
-    """Stands in for decoder layer ``index`` in a capture pass: hands what it gets to ``sink``, returns its input."""
+    """Stands in for decoder layer ``index`` in a capture pass: hands what it gets to ``sink``, returns its input
+    in the form a layer returns (``output``: :meth:`Architecture.stand_in_output`)."""
 
-    def __init__(self, index: int, sink, last: bool, like: nn.Module):
+    def __init__(self, index: int, sink, last: bool, like: nn.Module, output):
         super().__init__()
-        self.index, self.sink, self.last = index, sink, last
+        self.index, self.sink, self.last, self.output = index, sink, last, output
         if hasattr(like, "attention_type"):  # models that pick a mask per layer type read it
             self.attention_type = like.attention_type
 
@@ -61,17 +62,17 @@ class _Capture(nn.Module):
         self.sink(self.index, hidden_states, args, kwargs)
         if self.last:
             raise _Stop
-        return hidden_states
+        return self.output(hidden_states)
 
 
-def _to(obj, device: torch.device):
+def on_device(obj, device: torch.device):
     """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(on_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: on_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -169,7 +170,8 @@ class Skeleton:
             records[i] = (hidden, args, kwargs)
 
         n = len(self.layers)
-        self.base.layers = nn.ModuleList([_Capture(i, sink, i == n - 1, layer) for i, layer in enumerate(self.layers)])
+        self.base.layers = nn.ModuleList([_Capture(i, sink, i == n - 1, layer, self.arch.stand_in_output)
+                                          for i, layer in enumerate(self.layers)])
         try:
             with torch.no_grad():
                 self.base(inputs_embeds=inputs_embeds, use_cache=False)
@@ -190,7 +192,8 @@ class Skeleton:
 
     def remember(self, shape: tuple[int, ...], records: dict[int, tuple]) -> None:
         if shape not in self._args:
-            self._args[shape] = {i: (_to(a, self.device), _to(kw, self.device)) for i, (_, a, kw) in records.items()}
+            self._args[shape] = {i: (on_device(a, self.device), on_device(kw, self.device))
+                                 for i, (_, a, kw) in records.items()}
 
     def output_pass(self, hidden: torch.Tensor) -> None:
         """The model's forward with no decoder layers: final norm and the (patched) output matmul."""

@@ -32,7 +32,9 @@ lays them out (:func:`ggufmoe.stats.text.batches`):
    fuses them), read ahead in a background thread within a bound in bytes, computes each over
    every token routed to it and adds the weighted outputs to the layer's output — the shared
    :func:`route_experts`, which records the imatrix rows, routing counts, routing mass and REAP
-   exactly as the whole-model path does. The layer is then put back on the meta device.
+   exactly as the whole-model path does. The layer is then put back on the meta device. What a
+   layer hands the next besides its hidden states (GLM-5: the indexer's top-k,
+   :meth:`~ggufmoe.arch.base.Architecture.layer_output`) is kept per batch for the next layer.
    Phase 2 relies on the routed output being added linearly to the layer's output after the
    experts call (true for qwen3moe, qwen2moe, mixtral, olmoe, deepseek2); every MoE layer checks
    it on a few tokens before running (a family for which it is false fails with one clear error
@@ -196,6 +198,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.moe_layers = {s.layer for s in specs if s.is_expert}
         self.durable = True  # whether the state directory is kept for --resume (set by run())
         self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
+        self.carry: list[dict[str, torch.Tensor]] = []  # set per run (_run_layers)
 
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
@@ -254,6 +257,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             embedded = self.embed(skeleton, h_in)
         else:
             h_in = RowStore.open(paths[start % 2], self.rows, self.width, mem)
+        self.carry = state.load_carry(start - 1, len(self.batches))
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
         for k in range(start, self.n_layers):
@@ -262,8 +266,10 @@ class StreamedRun(WorkingSetBound, LayerPasses):
                 local.update(embedded)
             if self.durable:
                 h_out.save()
+                state.save_carry(k, self.carry)
             state.save_layer(k, entries, layers, local if self.meter else None)
             state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
+            state.drop_carry(k - 1)
             h_in.drop_pages()
             h_in, h_out = h_out, h_in
         del h_out, moe_in

@@ -67,7 +67,7 @@ class WorkingSetBound:
         stats = per_layer(lambda s: s.n_parts * s.shape[-1] * 8)
         ahead = min(MAX_AHEAD, max(expert, max_memory // 16)) if expert else 0
         local = self.local_bytes(per_layer)
-        fixed = weights + stats + ahead + expert + local
+        fixed = weights + stats + ahead + expert + local + self.rows * self.arch.layer_output_bytes(self.ctx)
         # a forward's activations per token: a few dozen hidden-wide tensors and a row of attention scores
         per_token = self.width * 4 * 24 + int(cfg.num_attention_heads) * self.ctx * 4
         if fixed + self.ctx * per_token > max_memory:
@@ -101,7 +101,8 @@ class WorkingSetBound:
 
     def _check_disk(self, state: CalibrationState, working: WorkingSet) -> None:
         one = self.rows * self.width * 4
-        need = (2 if working.in_memory else 3 if self.moe_layers else 2) * one
+        need = (2 if working.in_memory else 3 if self.moe_layers else 2) * one \
+            + 2 * self.rows * self.arch.layer_output_bytes(self.ctx)  # two layers' hand-over, for --resume
         have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in (*HIDDEN, MOE_IN))
         free = shutil.disk_usage(state.path).free
         if need - have > free:
