@@ -62,12 +62,18 @@ def test_qwen3next_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, w
 def test_qwen35moe_settings_llama_cpp_hard_codes_are_refused(tmp_path, change, words):
     """Qwen3.5-MoE settings (under text_config) llama.cpp's qwen35moe graph cannot run: one clear error, no output."""
     shaping = {k: v for k, v in change.items() if k == "linear_value_head_dim"}  # shapes the weights: built with it
-    tiny_models.build("qwen35moe", tmp_path / "m", config=tiny_models.qwen35moe_config(**shaping))
+    assert_nested_setting_refused(tmp_path, "qwen35moe", tiny_models.qwen35moe_config(**shaping), change, words)
+
+
+def assert_nested_setting_refused(tmp_path, family: str, config, change: dict, words: str) -> None:
+    """``family`` built from ``config``, then ``change`` written into its ``text_config``: convert refuses it in one
+    line naming ``words``, and writes nothing."""
+    tiny_models.build(family, tmp_path / "m", config=config)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["text_config"].update(change)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf", "--type", "F16", "-q"),
-                          "unsupported Qwen3_5MoeForConditionalGeneration checkpoint", words)
+                          f"unsupported {config.architectures[0]} checkpoint", words)
     assert not (tmp_path / "o.gguf").exists()
 
 
@@ -86,13 +92,7 @@ def test_gemma4_settings_llama_cpp_cannot_run_are_refused(tmp_path, change, word
     """Gemma 4 settings (under text_config) llama.cpp's gemma4 graph cannot run as transformers does: one clear
     error, no output."""
     shaping = {k: v for k, v in change.items() if k != "hidden_activation" and k != "use_bidirectional_attention"}
-    tiny_models.build("gemma4", tmp_path / "m", config=tiny_models.gemma4_config(**shaping))
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["text_config"].update(change)
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(run("convert", tmp_path / "m", "-o", tmp_path / "o.gguf", "--type", "F16", "-q"),
-                          "unsupported Gemma4ForConditionalGeneration checkpoint", words)
-    assert not (tmp_path / "o.gguf").exists()
+    assert_nested_setting_refused(tmp_path, "gemma4", tiny_models.gemma4_config(**shaping), change, words)
 
 
 def test_missing_shard(tmp_path):

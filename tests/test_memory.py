@@ -172,6 +172,23 @@ def test_runtime_memory_within_5_percent(ref_f32_gguf):
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
 
 
+def built_q8(family: str, cfg, tmp_path: Path):
+    """(architecture, Q8_0 GGUF) of a tiny ``family`` model built from ``cfg``."""
+    tiny_models.build(family, tmp_path / "hf", config=cfg)
+    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
+                                                   progress=False))[0]
+    return architecture_for(HFSource(tmp_path / "hf")), path
+
+
+def planned_and_measured(arch, path: Path, ctx: int, swa_full: bool = True):
+    """(planned memory, llama.cpp's peak RSS, the buffers it logged) of ``path`` over a ``ctx``-token context."""
+    wm = weight_memory(path)
+    planned = runtime_memory(arch, wm.mapped, ctx, repacked_bytes=wm.repacked, swa_full=swa_full,
+                             process=measured_process())
+    peak, logged = bench().run_child(path, ctx, "all", swa_full=swa_full)
+    return planned, peak, logged
+
+
 @pytest.mark.parametrize("swa_full", [True, False])
 def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
     """gpt-oss (sliding-window and full layers): planned total vs llama.cpp's peak RSS over a 4096-token
@@ -179,15 +196,9 @@ def test_sliding_window_memory_within_5_percent(tmp_path, swa_full):
     cfg = tiny_models.configs()["gpt-oss"]
     cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 256, 8, 4, 32
     cfg.intermediate_size, cfg.sliding_window = 128, 128
-    tiny_models.build("gpt-oss", tmp_path / "hf", config=cfg)
-    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
-                                                   progress=False))[0]
-    arch = architecture_for(HFSource(tmp_path / "hf"))
+    arch, path = built_q8("gpt-oss", cfg, tmp_path)
     assert arch.model_shape() == gguf_shape(path) and arch.model_shape().n_layer_swa == 2
-    wm = weight_memory(path)
-    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, swa_full=swa_full,
-                             process=measured_process())
-    peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
+    planned, peak, logged = planned_and_measured(arch, path, 4096, swa_full)
     assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
 
@@ -200,16 +211,9 @@ def test_gemma4_memory_within_5_percent(tmp_path, swa_full):
     cfg = tiny_models.gemma4_config(hidden_size=256, num_attention_heads=8, head_dim=32, global_head_dim=64,
                                     num_global_key_value_heads=2, intermediate_size=128, moe_intermediate_size=128,
                                     sliding_window=128)
-    tiny_models.build("gemma4", tmp_path / "hf", config=cfg)
-    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
-                                                   progress=False))[0]
-    arch = architecture_for(HFSource(tmp_path / "hf"))
-    shape = arch.model_shape()
-    assert shape == gguf_shape(path) and shape.kv_layers == (2, 2)
-    wm = weight_memory(path)
-    planned = runtime_memory(arch, wm.mapped, 4096, repacked_bytes=wm.repacked, swa_full=swa_full,
-                             process=measured_process())
-    peak, logged = bench().run_child(path, 4096, "all", swa_full=swa_full)
+    arch, path = built_q8("gemma4", cfg, tmp_path)
+    assert arch.model_shape() == gguf_shape(path) and arch.model_shape().kv_layers == (2, 2)
+    planned, peak, logged = planned_and_measured(arch, path, 4096, swa_full)
     assert abs(logged["kv"] - planned.kv_cache) < 2 * 0.006 * MiB  # two caches, each logged with 2 decimals
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
 
@@ -226,17 +230,12 @@ def test_recurrent_memory_within_5_percent(tmp_path, family, ctx):
     text.linear_num_key_heads, text.linear_num_value_heads, text.moe_intermediate_size = 4, 8, 128
     if text is not cfg:  # the vision tower's output is the text model's input
         cfg.vision_config.out_hidden_size = 256
-    tiny_models.build(family, tmp_path / "hf", config=cfg)
-    path = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("Q8_0"),
-                                                   progress=False))[0]
-    arch = architecture_for(HFSource(tmp_path / "hf"))
+    arch, path = built_q8(family, cfg, tmp_path)
     shape = arch.model_shape()
     assert shape == gguf_shape(path) and shape.n_layer_recr == 2
-    wm = weight_memory(path)
-    planned = runtime_memory(arch, wm.mapped, ctx, repacked_bytes=wm.repacked, process=measured_process())
+    planned, peak, logged = planned_and_measured(arch, path, ctx)
     rs = recurrent_state_bytes(shape)
     assert rs == 2 * 4 * (3 * (512 + 2 * 4 * 64) + 64 * 512)  # layers x F32 x (conv + delta-rule state)
     assert planned.kv_cache == kv_cache_bytes(shape, ctx) + rs
-    peak, logged = bench().run_child(path, ctx, "all")
     assert abs(logged["kv"] - kv_cache_bytes(shape, ctx)) < 0.006 * MiB and abs(logged["rs"] - rs) < 0.006 * MiB
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)

@@ -86,17 +86,25 @@ def test_deepseek_yarn_parity(tmp_path, eval_tokens):
     assert result.mean_abs_dnll < TOL, result
 
 
-def test_glm_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
-    """GLM-4.5 checkpoints store an MTP block after the last layer: convert and calibrate skip it."""
+def mtp_cases():
+    """(family, config with one more layer: the MTP block, keys the shipped config derives, MoE layers of the trunk)."""
+    glm = tiny_models.configs()["glm4moe"]
+    glm.num_hidden_layers += 1
+    dsa = tiny_models.glm_dsa_config(num_hidden_layers=5, indexer_types=["full", "shared", "full", "shared", "full"])
+    return [("glm4moe", glm, (), [1, 2]), ("glm-dsa", dsa, ("layer_types", "mlp_layer_types"), [1, 2, 3])]
+
+
+@pytest.mark.parametrize("family, cfg, derived, moe_layers", mtp_cases(), ids=["glm4moe", "glm-dsa"])
+def test_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens, family, cfg, derived, moe_layers):
+    """GLM-4.5 and GLM-5 store an MTP block as layer num_hidden_layers (GLM-5's with an indexer of its own): convert
+    and calibrate skip it."""
     import json
 
     from safetensors.torch import load_file, save_file
 
     from ggufmoe.stats.stream import stream_stats
 
-    cfg = tiny_models.configs()["glm4moe"]
-    cfg.num_hidden_layers += 1
-    tiny_models.build("glm4moe", tmp_path / "hf", config=cfg)
+    tiny_models.build(family, tmp_path / "hf", config=cfg)
     shard = next((tmp_path / "hf").glob("*.safetensors"))
     tensors = load_file(shard)
     n = cfg.num_hidden_layers - 1  # the last layer becomes the MTP block, with its own extra tensors
@@ -105,6 +113,8 @@ def test_glm_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
     save_file(tensors, shard, metadata={"format": "pt"})
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config.update(num_hidden_layers=n, num_nextn_predict_layers=1)
+    for key in derived:  # derived from the others, as the family ships its configuration
+        del config[key]
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
 
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -113,7 +123,7 @@ def test_glm_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
     assert result.mean_abs_dnll < TOL, result
     text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
     stats = stream_stats(tmp_path / "hf", text, ctx=128, max_tokens=512, progress=False)
-    assert sorted(stats.layers) == list(range(cfg.first_k_dense_replace, n))
+    assert sorted(stats.layers) == moe_layers
 
 
 def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -212,37 +222,6 @@ def test_glm_dsa_sparse_attention_selects(tmp_path, eval_tokens):
         if layer.self_attn.indexer is not None:
             layer.self_attn.indexer.index_topk = len(eval_tokens)
     assert compare(sparse, hf_logprobs(model, eval_tokens), eval_tokens).mean_abs_dnll > 10 * TOL
-
-
-def test_glm_dsa_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens):
-    """GLM-5 stores its MTP block as layer num_hidden_layers (with an indexer of its own): convert and calibrate
-    skip it."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from ggufmoe.stats.stream import stream_stats
-
-    cfg = tiny_models.glm_dsa_config(num_hidden_layers=5, indexer_types=["full", "shared", "full", "shared", "full"])
-    tiny_models.build("glm-dsa", tmp_path / "hf", config=cfg)
-    shard = next((tmp_path / "hf").glob("*.safetensors"))
-    tensors = load_file(shard)
-    tensors["model.layers.4.eh_proj.weight"] = torch.randn(cfg.hidden_size, 2 * cfg.hidden_size)
-    tensors["model.layers.4.enorm.weight"] = torch.ones(cfg.hidden_size)
-    save_file(tensors, shard, metadata={"format": "pt"})
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config.update(num_hidden_layers=4, num_nextn_predict_layers=1)  # the per-layer types derived, as GLM-5 ships
-    for derived in ("layer_types", "mlp_layer_types"):
-        del config[derived]
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    result = compare(llama_logprobs(f32(tmp_path / "hf", tmp_path / "m.gguf"), eval_tokens),
-                     hf_logprobs(reference, eval_tokens), eval_tokens)
-    assert result.mean_abs_dnll < TOL, result
-    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
-    stats = stream_stats(tmp_path / "hf", text, ctx=128, max_tokens=512, progress=False)
-    assert sorted(stats.layers) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("change, reason", [
