@@ -8,10 +8,12 @@ the kernel limits as well, from the moment it has imported llama_cpp:
 
 * cgroup v2, when the current unified cgroup lets us create a child with a ``memory.max``: the limit less
   what the interpreter then holds (its VmRSS; the child cgroup is removed afterwards);
-* otherwise RLIMIT_AS, the address space: its VmSize then + the limit. The address space exceeds resident
-  memory (the memory-mapped model file counts in full as soon as it is mapped, and so do reserved but
-  untouched ranges: 8 MiB of stack per llama.cpp thread, llama-cpp-python's n_batch x n_vocab logits
-  array), so it cannot hold the process to the limit exactly: it stops a runaway, and the peak RSS decides.
+* otherwise RLIMIT_AS, the address space: its VmSize then + the limit + what llama.cpp's scheduler reserves
+  and never touches for a graph budget beyond its default (:func:`scheduler_reserve`: 0.4 GiB for the delta-rule
+  hybrids). The address space exceeds resident memory (the memory-mapped model file counts in full as soon as
+  it is mapped, and so do reserved but untouched ranges: 8 MiB of stack per llama.cpp thread, llama-cpp-python's
+  n_batch x n_vocab logits array), so it cannot hold the process to the limit exactly: it stops a runaway, and
+  the peak RSS decides.
 
 The run: load, evaluate a full context of ``ctx`` tokens (the prompt repeated) asking for
 every token's logits (llama.cpp's worst case, which ``memory.runtime_memory`` plans by
@@ -37,6 +39,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ggufmoe.arch.registry import gguf_shape
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.plan.budget import DEFAULT_CTX, Plan
@@ -48,6 +51,22 @@ from ggufmoe.units import format_size
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
 _METHODS = {"cgroup": "cgroup v2 memory.max", "rlimit": "RLIMIT_AS"}
+# Address space llama.cpp's scheduler reserves but does not touch per graph node it budgets beyond the default
+# 1024 (ggml-backend.cpp, ggml_backend_sched_new): a context of 2 x 30 split-input tensors (336 B each) and four
+# node-backend arrays of 61 int32 a node: 21,136 B; measured 21.1-21.2 KB (VmPeak less VmHWM, qwen35moe against
+# qwen3moe at n_ubatch 512 and 128)
+SCHED_RESERVE_PER_NODE, DEFAULT_GRAPH_NODES = 21_136, 1024
+N_UBATCH = 512  # llama-cpp-python's default, which the child runs with
+
+
+def scheduler_reserve(path: Path) -> int:
+    """Address space llama.cpp reserves untouched for ``path``'s graph budget beyond the default (0 for a file
+    whose architecture ggufmoe does not know)."""
+    try:
+        nodes = gguf_shape(path).graph_max_nodes(N_UBATCH)
+    except (KeyError, ValueError, TypeError):  # not an MoE architecture we read: the default budget
+        return 0
+    return SCHED_RESERVE_PER_NODE * max(0, nodes - DEFAULT_GRAPH_NODES)
 
 
 @dataclass
@@ -189,7 +208,8 @@ def validate(path: str | Path, limit: int, ctx: int = DEFAULT_CTX, prompt: str =
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     cgroup = _Cgroup(limit)
-    req = dict(path=str(files[0]), limit=limit, ctx=ctx, prompt=prompt, n_predict=n_predict, threads=threads,
+    req = dict(path=str(files[0]), limit=limit, address_reserve=scheduler_reserve(files[0]), ctx=ctx, prompt=prompt,
+               n_predict=n_predict, threads=threads,
                cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != TargetPreset.CPU,
                offload=target.offload, kv_type=int(KV_TYPES[kv_type]),
                flash_attn=KV_TYPES[kv_type] not in FLOAT_TYPES)  # a quantized V cache needs it, as planned

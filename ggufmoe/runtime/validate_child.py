@@ -20,13 +20,14 @@ import time
 from ggufmoe.plan.process import status
 
 
-def limit_memory(limit: int, cgroup: str | None) -> str:
+def limit_memory(limit: int, cgroup: str | None, address_reserve: int = 0) -> str:
     """Limit this process's memory from now on; the method used.
 
     cgroup v2: move into ``cgroup`` and set its memory.max to ``limit`` less the VmRSS the process already holds
     (that memory stays charged to the old cgroup), so that the whole process stays within ``limit``. Else
-    RLIMIT_AS at the current address space (VmSize) + ``limit``: a backstop only, since the address space of a
-    mapped file and of reserved stacks exceeds what is resident; the parent judges the peak RSS."""
+    RLIMIT_AS at the current address space (VmSize) + ``limit`` + ``address_reserve`` (address space llama.cpp
+    reserves and never touches): a backstop only, since the address space of a mapped file and of reserved stacks
+    exceeds what is resident; the parent judges the peak RSS."""
     if cgroup:
         try:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
@@ -36,7 +37,7 @@ def limit_memory(limit: int, cgroup: str | None) -> str:
             return "cgroup"
         except OSError:
             pass
-    vm = status("VmSize") + limit
+    vm = status("VmSize") + limit + address_reserve
     resource.setrlimit(resource.RLIMIT_AS, (vm, vm))
     return "rlimit"
 
@@ -67,7 +68,7 @@ def run(req: dict, out: dict, stage) -> None:
     import llama_cpp
 
     out["baseline_vm"], out["baseline_rss"] = status("VmSize"), status("VmRSS")
-    out["method"] = limit_memory(req["limit"], req.get("cgroup"))
+    out["method"] = limit_memory(req["limit"], req.get("cgroup"), req.get("address_reserve", 0))
     stage("load")
     t = time.perf_counter()
     with repacking(req["repack"]):
