@@ -101,6 +101,14 @@ def report(res: dict) -> str:
                      + (f"; at {a['below']:g}x ({gib(b['limit'])}): exit {b['rc']}, "
                         f"{' / '.join(b['stderr_lines']) or 'no error line'}" if b else "") + ".")
         L.append("")
+    first, rerun = res.get("chain_first"), res.get("chain_rerun")
+    if first and rerun and "validate" in first:
+        tries = [first["validate"], *first.get("validate_search", [])]
+        L.append("The first chain (before `validate`'s RLIMIT_AS backstop allowed for llama.cpp's untouched scheduler "
+                 "reserve) ran `validate` at " + ", ".join(f"{gib(m['limit'])} (exit {m['rc']})" for m in tries)
+                 + f"; its peak RSS where it ran: {gib(tries[-1]['peak_rss'])}. The chain was redone with the fix "
+                 f"({rerun['date']}, `{rerun['command']}`).")
+        L.append("")
     if ch and ch.get("failed"):
         L.append(f"The chain failed at **{ch['failed']}**; its log tail is in the JSON.")
     return "\n".join(L)
@@ -125,9 +133,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--render", action="store_true", help="only rewrite the report from its .json")
+    ap.add_argument("--chain-only", action="store_true",
+                    help="redo the chain from the statistics an earlier run left in WORK and merge it into the JSON")
     args = ap.parse_args()
     args.plan_fallback = False
-    if args.render:
+    if args.chain_only:
+        chain_again(args)
+    if args.render or args.chain_only:
         res = json.loads(args.out.with_suffix(".json").read_text())
         args.out.write_text(report(res) + "\n")
         print(report(res))
@@ -158,6 +170,25 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     args.out.write_text(report(res) + "\n")
     print(report(res))
+
+
+def chain_again(args) -> None:
+    """--chain-only: the chain on its size again (the checkpoint remade if deleted), merged into the earlier JSON."""
+    res = json.loads(args.out.with_suffix(".json").read_text())
+    layers, experts = (int(v) for v in args.chain.split("x"))
+    stats = args.work / f"q35-{args.chain}.stats.gguf"
+    if not stats.is_file():
+        raise SystemExit(f"{stats}: no statistics from the earlier run; run without --chain-only")
+    t0 = time.perf_counter()
+    d = args.work / f"q35-l{layers}-e{experts}"
+    ensure_model(d, layers, experts, args.seed, TOKENIZER, FAMILY)
+    res["chain_first"] = res.get("chain_first") or res.get("chain")
+    res["chain"] = chain(d, stats, args.work, args.chain, args)
+    res["chain_rerun"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "wall": time.perf_counter() - t0,
+                          "command": "python eval/rehearse_qwen35.py " + " ".join(sys.argv[1:])}
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
