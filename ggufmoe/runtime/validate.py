@@ -8,12 +8,12 @@ the kernel limits as well, from the moment it has imported llama_cpp:
 
 * cgroup v2, when the current unified cgroup lets us create a child with a ``memory.max``: the limit less
   what the interpreter then holds (its VmRSS; the child cgroup is removed afterwards);
-* otherwise RLIMIT_AS, the address space: its VmSize then + the limit + what llama.cpp's scheduler reserves
-  and never touches for a graph budget beyond its default (:func:`scheduler_reserve`: 0.4 GiB for the delta-rule
-  hybrids). The address space exceeds resident memory (the memory-mapped model file counts in full as soon as
-  it is mapped, and so do reserved but untouched ranges: 8 MiB of stack per llama.cpp thread, llama-cpp-python's
-  n_batch x n_vocab logits array), so it cannot hold the process to the limit exactly: it stops a runaway, and
-  the peak RSS decides.
+* otherwise RLIMIT_AS, the address space: its VmSize then + the limit + the ranges the run reserves and never
+  touches that grow with the model (:func:`address_reserve`: llama-cpp-python's n_batch x n_vocab scores array,
+  0.5 GB at a 248k vocabulary; llama.cpp's scheduler for a graph budget beyond its default, 0.4 GB for the
+  delta-rule hybrids). The address space exceeds resident memory (the memory-mapped model file counts in full as
+  soon as it is mapped, and so do reserved but untouched ranges, 8 MiB of stack per llama.cpp thread among them),
+  so it cannot hold the process to the limit exactly: it stops a runaway, and the peak RSS decides.
 
 The run: load, evaluate a full context of ``ctx`` tokens (the prompt repeated) asking for
 every token's logits (llama.cpp's worst case, which ``memory.runtime_memory`` plans by
@@ -56,17 +56,20 @@ _METHODS = {"cgroup": "cgroup v2 memory.max", "rlimit": "RLIMIT_AS"}
 # node-backend arrays of 61 int32 a node: 21,136 B; measured 21.1-21.2 KB (VmPeak less VmHWM, qwen35moe against
 # qwen3moe at n_ubatch 512 and 128)
 SCHED_RESERVE_PER_NODE, DEFAULT_GRAPH_NODES = 21_136, 1024
-N_UBATCH = 512  # llama-cpp-python's default, which the child runs with
+N_UBATCH = 512  # llama-cpp-python's n_batch and n_ubatch default, which the child runs with
 
 
-def scheduler_reserve(path: Path) -> int:
-    """Address space llama.cpp reserves untouched for ``path``'s graph budget beyond the default (0 for a file
-    whose architecture ggufmoe does not know)."""
+def address_reserve(path: Path) -> int:
+    """Address space the run reserves for ``path`` and never touches, beyond what every model's run reserves:
+    llama-cpp-python's scores array (n_batch x n_vocab float32; the child decodes through the low-level API, which
+    does not fill it) and llama.cpp's scheduler for a graph budget beyond its default. 0 for a file whose
+    architecture ggufmoe does not read."""
     try:
-        nodes = gguf_shape(path).graph_max_nodes(N_UBATCH)
-    except (KeyError, ValueError, TypeError):  # not an MoE architecture we read: the default budget
+        shape = gguf_shape(path)
+    except (KeyError, ValueError, TypeError):  # not an MoE architecture we read
         return 0
-    return SCHED_RESERVE_PER_NODE * max(0, nodes - DEFAULT_GRAPH_NODES)
+    scores = 4 * N_UBATCH * shape.n_vocab
+    return scores + SCHED_RESERVE_PER_NODE * max(0, shape.graph_max_nodes(N_UBATCH) - DEFAULT_GRAPH_NODES)
 
 
 @dataclass
@@ -208,7 +211,7 @@ def validate(path: str | Path, limit: int, ctx: int = DEFAULT_CTX, prompt: str =
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     cgroup = _Cgroup(limit)
-    req = dict(path=str(files[0]), limit=limit, address_reserve=scheduler_reserve(files[0]), ctx=ctx, prompt=prompt,
+    req = dict(path=str(files[0]), limit=limit, address_reserve=address_reserve(files[0]), ctx=ctx, prompt=prompt,
                n_predict=n_predict, threads=threads,
                cgroup=str(cgroup.path) if cgroup.path else None, repack=target.preset != TargetPreset.CPU,
                offload=target.offload, kv_type=int(KV_TYPES[kv_type]),
@@ -285,7 +288,7 @@ def format_result(r: ValidateResult) -> str:
     """A readable report of a successful run."""
     shards = f", {len(r.files)} shards" if len(r.files) > 1 else ""
     how = {"rlimit": f"peak RSS, with RLIMIT_AS as a backstop (address space: {format_size(r.baseline_vm)} before "
-                     f"loading + the limit)",
+                     f"loading + the limit + the model's untouched reserve)",
            "cgroup": "cgroup v2 memory.max (the limit less what the process held before loading) and peak RSS"}
     return "\n".join([
         f"{r.path.name}: fits and runs in {format_size(r.limit)}: the whole process peaked at {format_size(r.peak_rss)} "
