@@ -90,7 +90,7 @@ def report(res: dict) -> str:
         p = ch["plan"]
         L.append(f"**Plan** ({ch['plan_mode']}): budget {a['budget']} at ctx {ch['ctx']}; planned file "
                  f"{p['file_bytes']:,} bytes, predicted memory {gib(p['memory']['total'])}, keep {p['keep']} of "
-                 f"{p['n_expert']} experts, top-k {p['top_k']}, predicted KL {p['predicted_kld']:.4f}; bytes by type: "
+                 f"{p['n_expert']} experts, top-k {p['top_k']}, predicted KL {p['predicted_kld']['total']:.4f}; bytes by type: "
                  + ", ".join(f"{t} {b / 1e6:.0f} MB" for t, b in p["bytes_by_type"].items()) + ".")
         if "file_bytes" in ch:
             same = "equal" if ch["file_bytes"] == p["file_bytes"] else "NOT equal"
