@@ -29,6 +29,9 @@ def gguf_architectures() -> list[str]:
 
 
 def gguf_shape(path) -> ModelShape:
-    """:meth:`ModelShape.from_gguf` with the defaults of the registered family of the file's architecture."""
-    family = family_for_gguf(read_gguf(path).fields["general.architecture"].contents())
-    return ModelShape.from_gguf(path, family.swa_pattern if family else 0, family.graph_nodes_per_token if family else 0)
+    """The shape as llama.cpp reads it from a GGUF file (one file: its metadata and tensor count), with the defaults
+    of the registered family of its architecture (:meth:`ModelShape.from_fields`)."""
+    r = read_gguf(path)
+    family = family_for_gguf(r.fields["general.architecture"].contents())
+    return ModelShape.from_fields(r.fields, len(r.tensors), family.swa_pattern if family else 0,
+                                  family.graph_nodes_per_token if family else 0)

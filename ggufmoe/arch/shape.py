@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ggufmoe.model.names import NewKeys, arch_key
-from ggufmoe.source.gguf_file import read_gguf
 
 
 @dataclass
@@ -102,13 +101,6 @@ class ModelShape:
     def recurrent_elements_per_sequence(self) -> int:
         """F32 values of recurrent state per sequence, all recurrent layers."""
         return self.n_layer_recr * (self.n_embd_r + self.n_embd_s)
-
-    @classmethod
-    def from_gguf(cls, path, swa_pattern: int = 0, graph_nodes_per_token: int = 0) -> "ModelShape":
-        """The shape as llama.cpp reads it from a GGUF file (one file: its metadata and tensor count); the family's
-        defaults as :meth:`from_fields` takes them (:func:`ggufmoe.arch.registry.gguf_shape` looks them up)."""
-        r = read_gguf(path)
-        return cls.from_fields(r.fields, len(r.tensors), swa_pattern, graph_nodes_per_token)
 
     @classmethod
     def from_fields(cls, f: dict, n_tensors: int, swa_pattern: int = 0, graph_nodes_per_token: int = 0) -> "ModelShape":

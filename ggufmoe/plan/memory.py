@@ -325,7 +325,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
     llama.cpp's worst case; False models runs that take the last token's logits only.
     ``process``: the process before it loads a model (default: :func:`~ggufmoe.plan.process.process_bytes`,
     measured here: the whole process is counted, as ``validate`` measures it).
-    ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. ``ModelShape.from_gguf``).
+    ``shape`` overrides the hyper-parameters read from ``arch`` (e.g. :func:`ggufmoe.arch.registry.gguf_shape`).
     ``swa_full``: sliding-window layers cache the whole context (llama-cpp-python's default) or the
     window only (llama-server's ``--swa-full`` off).
 
