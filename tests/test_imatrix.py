@@ -254,7 +254,10 @@ def test_reference_model_values_recomputed(ref_imatrix, calib_tokens):
 
 
 def glu(config, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The experts' gated activation: SwiGLU, or gpt-oss's clamped variant ``(u + 1) * g * sigmoid(alpha g)``."""
+    """The experts' gated activation: SwiGLU, Gemma's tanh GELU, or gpt-oss's clamped variant
+    ``(u + 1) * g * sigmoid(alpha g)``."""
+    if getattr(config, "hidden_activation", None) == "gelu_pytorch_tanh":
+        return torch.nn.functional.gelu(g, approximate="tanh") * u
     if config.model_type != "gpt_oss":
         return torch.nn.functional.silu(g) * u
     g, u = g.clamp(max=config.swiglu_limit), u.clamp(-config.swiglu_limit, config.swiglu_limit)
@@ -271,7 +274,8 @@ def test_tiny_models(tmp_path, arch):
     assert im.chunk_count == max_tokens // ctx
 
     # reference: the routed tokens seen at each experts module, the checkpoint's own expert tensors
-    specs = list(architecture_for(HFSource(tmp_path)).tensors())
+    arch = architecture_for(HFSource(tmp_path))
+    specs = list(arch.tensors())
     linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     shared = {s.hf_name for s in specs if s.name.endswith(("attn_k_b.weight", "attn_v_b.weight"))}
     want = {s.name for s in specs if s.is_expert or (s.hf_name in linear and s.hf_name not in shared)}
@@ -281,8 +285,9 @@ def test_tiny_models(tmp_path, arch):
     def keep(il: int):
         return lambda _m, args: routed.setdefault(il, []).append((args[0], args[1]))
 
-    hooks = [layer.mlp.experts.register_forward_pre_hook(keep(il))
-             for il, layer in enumerate(model.get_decoder().layers) if hasattr(layer.mlp, "experts")]
+    experts = {il: next((m for m in layer.modules() if hasattr(m, "gate_up_proj")), None)
+               for il, layer in enumerate(model.get_decoder().layers)}
+    hooks = [m.register_forward_pre_hook(keep(il)) for il, m in experts.items() if m is not None]
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -294,7 +299,7 @@ def test_tiny_models(tmp_path, arch):
     n_tokens = im.entries[next(
         n for n in im.entries if n.startswith("blk.0.") and "_exps" not in n)].counts[0]
     assert n_tokens == max_tokens
-    top_k = model.config.get_text_config().num_experts_per_tok
+    top_k = arch.top_k
     by_name = {s.name: s for s in specs}
     assert routed
     for il, calls in routed.items():

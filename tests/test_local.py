@@ -42,21 +42,32 @@ def calib_text() -> str:
     return (tiny_models.TEST_DATA / "calib.txt").read_text()[:20_000]
 
 
-def run_whole(model_dir, hooks: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def run_whole(model_dir, hooks: dict[str, str]) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
     """Every token's input of each hooked module, from transformers' whole model over the calibration batches."""
     tokenizer, model = load_model(model_dir, progress=False)
+    return run_model(model, tokenizer, hooks), model
+
+
+def run_model(model, tokenizer, inputs: dict[str, str], outputs: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Every token's input (``inputs``: name -> module path) or output (``outputs``) of each hooked module, from
+    ``model`` over the calibration batches."""
     ids, prefix = calibration_tokens(tokenizer, calib_text(), CTX, N_TOKENS)
-    got: dict[str, list[torch.Tensor]] = {k: [] for k in hooks}
+    got: dict[str, list[torch.Tensor]] = {k: [] for k in [*inputs, *(outputs or {})]}
     mods = dict(model.named_modules())
-    handles = [mods[path].register_forward_pre_hook(
-        lambda _m, args, key=key: got[key].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
-        for key, path in hooks.items()]
+
+    def keep(key: str, t: torch.Tensor) -> None:
+        got[key].append(t.detach().reshape(-1, t.shape[-1]).clone())
+
+    handles = [mods[path].register_forward_pre_hook(lambda _m, args, key=key: keep(key, args[0]))
+               for key, path in inputs.items()]
+    handles += [mods[path].register_forward_hook(lambda _m, _a, out, key=key: keep(key, out))
+                for key, path in (outputs or {}).items()]
     with torch.no_grad():
         for batch in batches(torch.from_numpy(ids), prefix, CTX):
             model(input_ids=batch, use_cache=False)
     for h in handles:
         h.remove()
-    return {k: torch.cat(v) for k, v in got.items()}, model
+    return {k: torch.cat(v) for k, v in got.items()}
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +173,44 @@ def test_top_k_auto_and_speed_target(qwen3, tmp_path):
     with pytest.raises(GgufmoeError, match="per token"):
         build_plan(qwen3, Budget(size, weights_only=True, max_active=1, sensitivity=LOCAL), stats_path, None,
                    progress=False)
+
+
+def test_gemma4_pruning_errors_are_the_layer_output_change(tmp_path):
+    """Gemma 4 routes on the residual and normalises the routed output twice before adding it: its pruning errors
+    are how much transformers' decoder layer output changes when pruned (the layer's tail run on the pruned routed
+    output), a top-k change included (in layer 0, where the shared configuration's top-k changes nothing before),
+    and its experts' quantization errors how much it changes when they are quantized."""
+    model_dir = tmp_path / "gemma4"
+    tiny_models.build("gemma4", model_dir)
+    arch = architecture_for(HFSource(model_dir))
+    stats = calibrate(model_dir, calib_text(), ctx=CTX, max_tokens=N_TOKENS, progress=False, local=EXACT)
+    local = local_errors(stats)
+    assert set(local.prune) == {str(k) for k in stats.layers} and set(local.similarity) == set(local.prune)
+    counts = [k for k in keep_counts(arch) if k < arch.n_expert]
+    layers = {il: f"model.language_model.layers.{il}" for il in (0, 4)}
+    tokenizer, model = load_model(model_dir, progress=False)
+    whole = run_model(model, tokenizer, {f"h{il}": p for il, p in layers.items()},
+                      {f"y{il}": p for il, p in layers.items()})
+    for layer, criterion, keep, k in ((0, "reap", counts[0], arch.top_k), (0, "routing", arch.n_expert, arch.top_k - 1),
+                                      (4, "routing", counts[-1], arch.top_k)):
+        plan = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=criterion, top_k=k))
+        plan.kept = {il: kept for il, kept in plan.kept.items() if il == layer}
+        pruned = run_model(prune_hf_model(copy.deepcopy(model), plan), tokenizer, {}, {"y": layers[layer]})
+        residual = float((whole[f"h{layer}"].double() ** 2).sum(1).mean())
+        want = float(((whole[f"y{layer}"] - pruned["y"]).double() ** 2).sum(1).mean()) / residual
+        assert want > 0
+        assert local.prune[str(layer)][criterion][prune_key(keep, k, arch.top_k)] == pytest.approx(want, rel=1e-3)
+    # the experts' quantization errors reach the layer's output through the routed output's measured gain (a
+    # linearisation: exact for small errors); the down matrices' output is the routed output
+    quantized = copy.deepcopy(model)
+    down = quantized.model.language_model.layers[4].experts.down_proj.data
+    name, t = "blk.4.ffn_down_exps.weight", T.Q4_K
+    with Quantizer(1) as q:
+        for e in range(len(down)):
+            w = down[e].numpy()
+            eff = effective_type(t, w.shape[1])  # as convert writes it
+            d = gguf.quants.dequantize(q.quantize(w, eff, stats.imatrix.row(name, e)).reshape(len(w), -1), eff)
+            down[e] = torch.from_numpy(d.astype(np.float32))
+    got = run_model(quantized, tokenizer, {}, {"y": layers[4]})
+    want = float(((whole["y4"] - got["y"]).double() ** 2).sum(1).mean()) / float((whole["h4"].double() ** 2).sum(1).mean())
+    assert local.quant[name][t.name] == pytest.approx(want, rel=0.1)

@@ -46,8 +46,9 @@ def pruned_pair(d, req):
     return out, prune_hf_model(model, plan), plan
 
 
-@pytest.mark.parametrize("criterion", Criterion)
-@pytest.mark.parametrize("adjust_top_k", [False, True])
+# every criterion, and per family both the source's top-k and the adjusted one
+@pytest.mark.parametrize("criterion, adjust_top_k", [(Criterion.FREQUENCY, True), (Criterion.ROUTING, False),
+                                                     (Criterion.REAP, True)])
 def test_pruned_parity(calibrated, criterion, adjust_top_k, eval_tokens):
     arch, d = calibrated
     keep, top_k = CASES[arch]
@@ -132,9 +133,7 @@ def test_cli_prunes_and_explains_errors(calibrated, tmp_path):
 
 @pytest.mark.parametrize("family", tiny_models.UNCALIBRATED)
 def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
-    """A family that cannot be calibrated still prunes exactly to a given plan (and calibrating it is refused). The
-    reference computes tanh GELU as llama.cpp's CPU backend does (from an f16 table): Gemma 4's pruned routes are
-    near-tied often enough that the table's rounding alone moves the mean |dNLL| to ~2e-3."""
+    """A family that cannot be calibrated still prunes exactly to a given plan (and calibrating it is refused)."""
     from ggufmoe.prune.criteria import Pruning
     from ggufmoe.stats.stream import stream_stats
 
@@ -146,8 +145,7 @@ def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
                    alpha=0.5, kept=kept)
     out = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("F32"), pruning=plan,
                                                   progress=False))[0]
-    model = tiny_models.with_ggml_gelu(
-        prune_hf_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval(), plan))
+    model = prune_hf_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval(), plan)
     result = compare(llama_logprobs(out, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
     assert result.mean_abs_dnll < 1e-3, result
     assert GGUFReader(out).fields[f"{arch.gguf_arch}.expert_count"].contents() == 5
@@ -155,6 +153,25 @@ def test_pruned_parity_without_calibration(family, tmp_path, eval_tokens):
     for calibrate in (collect_stats, stream_stats):
         with pytest.raises(GgufmoeError, match="cannot be calibrated"):
             calibrate(tmp_path / "hf", text, ctx=128, progress=False)
+
+
+def test_gemma4_prunes_from_streamed_statistics(tmp_path, eval_tokens):
+    """Gemma 4 calibrated streamed (its layers run again on their routed output, the pruning probe routing the
+    residual), then pruned by REAP to 5 experts with one more per token: the file matches transformers pruned the
+    same way (the router's rows and per-expert scales kept). The reference computes tanh GELU as llama.cpp's CPU
+    backend does (from an f16 table): Gemma 4's pruned routes are near-tied often enough that the table's rounding
+    alone moves the mean |dNLL| to ~2e-3."""
+    from ggufmoe.stats.stream import stream_stats
+
+    tiny_models.build("gemma4", tmp_path / "hf")
+    text = (tiny_models.TEST_DATA / "calib.txt").read_text()[:30000]
+    save_stats(stream_stats(tmp_path / "hf", text, ctx=256, progress=False), tmp_path / "stats.gguf")
+    gguf_path, model, plan = pruned_pair(tmp_path, PruneRequest(keep=5, criterion="reap", top_k=3))
+    result = compare(llama_logprobs(gguf_path, eval_tokens), hf_logprobs(tiny_models.with_ggml_gelu(model), eval_tokens),
+                     eval_tokens)
+    assert result.mean_abs_dnll < 1e-3, result
+    fields = GGUFReader(gguf_path).fields
+    assert (fields["gemma4.expert_count"].contents(), fields["gemma4.expert_used_count"].contents()) == (5, 3)
 
 
 def test_gemma4_gguf_source_prunes_as_the_checkpoint(tmp_path):

@@ -49,6 +49,10 @@ class Architecture:
     graph_nodes_per_token: ClassVar[int] = 0
     # Why the family's transformers model cannot be calibrated (None: it can)
     calibration_refused: ClassVar[str | None] = None
+    # the path, in the transformers decoder layer, of a router that reads the layer's residual rather than its experts'
+    # input (Gemma 4); the pruning probe routes that input (route_residual) and measures at the layer's output
+    # (routed_tail). None: the module holding the experts routes their input
+    residual_router: ClassVar[str | None] = None
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
     # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (source.tokenizer: SPM or GEMMA4)
@@ -178,14 +182,36 @@ class Architecture:
         w.add_expert_used_count(self.n_expert_used or self.top_k)
 
     # --- calibration: what a decoder layer hands the next besides its hidden states ----------
-    def layer_output(self, out) -> tuple[object, dict]:
-        """A transformers decoder layer's return value: (its hidden states, the keyword arguments the model hands the
-        next layer from it). Most families hand nothing; the tensors handed have the batch as their first axis."""
+    @property
+    def embedding_scale(self) -> float | None:
+        """The factor transformers' input-embedding module multiplies the table's rows by; None: a plain
+        ``nn.Embedding`` (the streamed calibration reads the rows itself and refuses any other module)."""
+        return None
+
+    def layer_input(self, carry: dict) -> dict:
+        """The keyword arguments a decoder layer gets from what the layers before it handed on (``carry``, the
+        tensors :meth:`layer_output` returned, batch first)."""
+        return carry
+
+    def layer_output(self, out, handed: dict) -> tuple[object, dict]:
+        """A transformers decoder layer's return value ``out`` and the keyword arguments it got from the layers
+        before it (``handed``, from :meth:`layer_input`): (its hidden states, the tensors handed on to the next,
+        the batch as their first axis). Most families hand nothing."""
         return (out[0] if isinstance(out, tuple) else out), {}
 
     def layer_output_bytes(self, ctx: int) -> int:
         """Bytes a token's share of :meth:`layer_output`'s hand-over takes, calibrating in chunks of ``ctx`` tokens."""
         return 0
+
+    def route_residual(self, router, x, top_k: int) -> tuple:
+        """(expert ids, weights) the :attr:`residual_router` module ``router`` gives the rows ``x`` of its input,
+        choosing ``top_k`` experts per token."""
+        raise NotImplementedError
+
+    def routed_tail(self, layer, residual, routed):
+        """The output of a decoder layer with a :attr:`residual_router`, per token, from the residual its router
+        reads and its routed experts' summed output (what the layer computes after its experts)."""
+        raise NotImplementedError
 
     def stand_in_output(self, hidden):
         """What a stand-in for a decoder layer returns to the model's forward (the form of a layer's return value)."""

@@ -53,10 +53,9 @@ class Gemma4(Architecture):
     gguf_arch = "gemma4"
     # the per-expert output scales (``ffn_down_exps.scale``) are rows per expert besides the router's
     per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_DOWN_EXP}
+    router_tensors = ("proj.weight", "per_expert_scale")  # the router's tensors with an axis of experts
+    residual_router = "router"  # it reads the residual, the experts their own norm of it
     spm_tokenizer = GEMMA4  # Gemma's SentencePiece-style BPE: llama.cpp's gemma4 tokenizer (merges by rank, exact)
-    calibration_refused = ("the streamed runner adds the routed experts' output after the layer ran, where Gemma 4 "
-                           "normalises it twice before the residual, and it reads plain embedding rows where Gemma "
-                           "scales them inside its embedding module; the whole-model path is not checked for it yet")
 
     @property
     def prefix(self) -> str:
@@ -141,6 +140,51 @@ class Gemma4(Architecture):
                           n_head_kv_swa=kv_swa if kv_swa != kv else 0, head_k_swa=hd_swa, head_v_swa=hd_swa,
                           n_layer_shared=len(shared), n_layer_shared_swa=sum(self.sliding[il] for il in shared),
                           n_tensors=self.n_tensors, graph_nodes_per_token=self.graph_nodes_per_token)
+
+    # --- calibration ----------------------------------------------------------------
+    @property
+    def embedding_scale(self) -> float:
+        """transformers' ``Gemma4TextScaledWordEmbedding`` multiplies the rows by sqrt(hidden) (llama.cpp's graph too)."""
+        return float(self.cfg.hidden_size) ** 0.5
+
+    def layer_input(self, carry: dict) -> dict:
+        """The keys and values the store layers left (per layer type) for the shared-KV layers after them."""
+        from transformers.cache_utils import KVSharingDict
+
+        kv = KVSharingDict()
+        for kind in (SLIDING, FULL):
+            if f"{kind}.keys" in carry:
+                kv[kind] = (carry[f"{kind}.keys"], carry[f"{kind}.values"])
+        return {"shared_kv_states": kv}
+
+    def layer_output(self, out, handed: dict) -> tuple[object, dict]:
+        """The hidden states, and what a store layer wrote into the shared-KV dict, handed on to the layers after."""
+        return out, {f"{kind}.{what}": t for kind, (keys, values) in handed["shared_kv_states"].items()
+                     for what, t in (("keys", keys), ("values", values))}
+
+    def route_residual(self, router, x, top_k: int) -> tuple:
+        """transformers' router (softmax, top-k renormalised, times the per-expert scale) at ``top_k`` experts per
+        token, which it reads from the configuration."""
+        cfg = router.config
+        before, cfg.top_k_experts = cfg.top_k_experts, top_k
+        try:
+            _, weights, ids = router(x)
+        finally:
+            cfg.top_k_experts = before
+        return ids, weights
+
+    def routed_tail(self, layer, residual, routed):
+        """transformers' layer after its experts: the dense MLP beside them, the two norms, the residual, the scalar
+        (no per-layer inputs: refused)."""
+        dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(residual)))
+        return (residual + layer.post_feedforward_layernorm(dense + layer.post_feedforward_layernorm_2(routed))) \
+            * layer.layer_scalar
+
+    def layer_output_bytes(self, ctx: int) -> int:
+        """With shared-KV layers, one sliding and one full layer's keys and values (float32) ride along."""
+        if self.first_shared == self.n_layer:
+            return 0
+        return 4 * 2 * sum(self.kv_heads(swa) * self.head_size(swa) for swa in (True, False))
 
     # --- metadata -------------------------------------------------------------------
     def n_ff(self) -> list[int]:

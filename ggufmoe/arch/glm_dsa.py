@@ -111,7 +111,7 @@ class GlmMoeDsa(Deepseek2):
         return s
 
     # --- calibration: the indexer's selection goes from a full layer to the shared ones after it ----------
-    def layer_output(self, out) -> tuple[object, dict]:
+    def layer_output(self, out, handed: dict) -> tuple[object, dict]:
         hidden, topk_indices = out
         return hidden, {"prev_topk_indices": topk_indices}
 

@@ -67,6 +67,11 @@ from ggufmoe.stats.text import batches, calibration_tokens, warn_if_few_tokens
 from ggufmoe.source.hf import HFSource
 
 
+# a vision-language checkpoint's text model, and the same tensors as the text model alone names them (the streamed
+# calibration builds the causal LM of the text configuration) where transformers' renames do not map them
+NESTED_TEXT, TEXT = "model.language_model.", "model."
+
+
 def model_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
     """Checkpoint tensor name -> model parameter (or buffer) name, as transformers renames them when loading."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -79,6 +84,9 @@ def model_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
     out = {}
     for name in names:
         key, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if key not in params and name.startswith(NESTED_TEXT):
+            key, _ = rename_source_key(TEXT + name[len(NESTED_TEXT):], renamings, converters,
+                                       model.base_model_prefix, params)
         out[name] = key if key in params else name
     return out
 

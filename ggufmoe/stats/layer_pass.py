@@ -1,7 +1,14 @@
 """One decoder layer of a streamed calibration (:mod:`ggufmoe.stats.stream`), made real, run over every token
-and put back: phase 1 (the layer's own forward, its fused experts deferred), the check that its routed output adds
-linearly, and phase 2 (the routed experts read from the checkpoint one at a time and run over their tokens), with
-the layer's statistics and local errors."""
+and put back: phase 1 (the layer's own forward, its fused experts deferred) and phase 2 (the routed experts read
+from the checkpoint one at a time and run over their tokens), with the layer's statistics and local errors.
+
+Where the layer adds its routed output to its output as it is (checked on a few tokens first: most families),
+phase 2 adds each expert's weighted output to phase 1's output. Where it does not (Gemma 4 normalises the routed
+output twice before the residual), phase 2 sums the routed output per token and phase 3 runs the layer again, its
+experts module handing back that sum, for the layer's output. The experts' local errors are measured on the routed
+output: the routed output's measured gain at the layer's output (:meth:`LayerPasses.routed_gain`) then scales
+them, and the pruning errors too unless the family states the layer's computation after its experts
+(:meth:`~ggufmoe.arch.base.Architecture.routed_tail`, Gemma 4), which measures them at the layer's output."""
 
 from __future__ import annotations
 
@@ -22,12 +29,13 @@ from ggufmoe.stats.file import ExpertStats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
-from ggufmoe.stats.prune_error import KeptSets, PruneProbe
+from ggufmoe.stats.prune_error import KeptSets, PruneProbe, ResidualRouting
 from ggufmoe.stats.routed_experts import expert_output, route_experts
 from ggufmoe.stats.skeleton import Skeleton, on_device, unsupported
 from ggufmoe.stats.working_set import WorkingSet
 
 PROBE_TOKENS = 16  # tokens the linearity check of a MoE layer runs
+GAIN_STEP = 1e-3  # size of the routed-output perturbation measuring its gain, relative to each token's routed output
 
 
 def layer_half_done(layer: int) -> None:
@@ -69,21 +77,27 @@ class LayerPasses:
         try:
             skeleton.materialize(layer)
             experts = skeleton.experts_module(k) if moe else None
+            adds = True
             if moe:
                 if experts is None:
                     raise unsupported(self.arch, f"no fused experts module for layer {k}")
-                self.check_linear(skeleton, k, layer, experts, h_in)
+                adds = self.adds_routed_output(skeleton, k, layer, experts, h_in)
             collector = Collector(skeleton.model, specs, forward=deferred_forward,
                                   sample=self.meter.sample if self.meter else None)
             try:
-                entries, layers, local, probe, residual = self._layer(skeleton, k, layer, collector, h_in, h_out,
-                                                                      moe_in, working)
+                entries, layers, local, probe, residual, gain = self._layer(skeleton, k, layer, collector, h_in,
+                                                                            h_out, moe_in, working, adds)
             finally:
                 collector.remove()
             if probe is not None and k in layers:
                 block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
-                local.prune[str(k)] = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]),
-                                                   residual, self.arch.router_tensors)
+                if probe.routing is not None:  # measured at the layer's output
+                    gain, layer_out = 1.0, h_out.tensor[probe.positions]
+                else:
+                    layer_out = None
+                errors = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]), residual,
+                                      self.arch.router_tensors, layer_out)
+                local.prune[str(k)] = {c: {n: v * gain for n, v in by.items()} for c, by in errors.items()}
                 similarity = probe.similarity(block, self.arch.n_expert) if probe.out else None
                 if similarity is not None:
                     local.similarity[str(k)] = similarity
@@ -92,7 +106,7 @@ class LayerPasses:
             layer.to("meta")
 
     def _layer(self, skeleton: Skeleton, k: int, layer: nn.Module, collector: Collector, h_in: RowStore,
-               h_out: RowStore, moe_in: RowStore | None, working: WorkingSet):
+               h_out: RowStore, moe_in: RowStore | None, working: WorkingSet, adds: bool):
         experts = collector.experts.get(k)
         top_k = self.arch.top_k
         idx = torch.empty(self.rows, top_k, dtype=torch.long) if experts is not None else None
@@ -112,12 +126,18 @@ class LayerPasses:
         if experts is not None:
             experts._ggufmoe.sink = sink
         share = self.phase1_share if experts is not None else 1.0
+        again = experts is not None and not adds  # phase 3: the layer runs again on its routed output
+        if again:
+            share /= 2
         meter = self.meter
         measured = [s for s in self.by_layer.get(k, []) if quantizable(s)]
-        residual, probe = 0.0, None
+        residual, probe, pos, routing = 0.0, None, None, None
         if meter is not None:
             residual = meter.residual_energy(h_in.tensor)
             meter.wanted = {s.name for s in measured if not s.is_expert}
+            if experts is not None and self.kept_sets is not None:  # the tokens the pruning errors are measured on
+                pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
+                routing = self.residual_routing(layer, collector, pos, where)
         t0 = time.perf_counter()
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
                                    disable=not self.progress) as bar:
@@ -125,16 +145,18 @@ class LayerPasses:
                 where[:] = a, b
                 if meter is not None:
                     meter.offset = a
-                args, kwargs = skeleton.layer_args(tuple(batch.shape), k)
-                h = h_in.tensor[a:b].view(*batch.shape, self.width).to(self.device)
-                kwargs = {**kwargs, **on_device(self.carry[i], self.device)}  # the earlier layer's hand-over
-                y, carry = self.arch.layer_output(layer(h, *args, **kwargs))
-                self.carry[i] = on_device(carry, torch.device("cpu"))
-                h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
+                y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
+                if again:  # phase 2 sums the routed output here; phase 3 gives the output and the hand-over
+                    h_out.tensor[a:b] = 0
+                else:
+                    self.carry[i] = carry
+                    h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
                 for store in (h_in, h_out, moe_in):
                     if store is not None:
                         store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
                 bar.update((b - a) * share)
+            if routing is not None:
+                routing.x = torch.cat(routing.x)
             layer_half_done(k)
             if meter is not None:
                 for s in measured:
@@ -142,16 +164,95 @@ class LayerPasses:
                         entry = collector.acc[s.name].entry()
                         meter.plain(s, entry.importance_row(0) if entry.counts.sum() > 0 else None)
             if experts is not None:
-                if meter is not None and self.kept_sets is not None:
-                    pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
-                    probe = PruneProbe(moe_in.tensor[pos].clone(), idx[pos], weights[pos])
+                if pos is not None:
+                    probe = PruneProbe(pos, moe_in.tensor[pos].clone(), idx[pos], weights[pos], routing=routing)
                 t1 = time.perf_counter()
-                self.run_experts(k, experts, moe_in, idx, weights, h_out, working, bar, 1.0 - share, probe)
+                self.run_experts(k, experts, moe_in, idx, weights, h_out, working, bar, 1.0 - 2 * share if again
+                                 else 1.0 - share, probe)
                 t2 = time.perf_counter()
                 self.phase1_share = min(0.95, max(0.05, (t1 - t0) / max(t2 - t0, 1e-9)))
+            gain = 1.0
+            if again:
+                collector.remove()  # phase 3 records nothing: phase 1 did
+                gain = self.again(skeleton, k, layer, experts, h_in, h_out, bar, share, meter is not None)
             local = meter.finish([s.name for s in measured], residual) if meter is not None else LocalErrors()
+            if gain != 1.0:
+                expert_names = {s.name for s in measured if s.is_expert}
+                local.quant = {n: ({t: v * gain for t, v in by.items()} if n in expert_names else by)
+                               for n, by in local.quant.items()}
             bar.update(max(0.0, bar.total - bar.n))
-        return collector.entries(), collector.layers(), local, probe, residual
+        return collector.entries(), collector.layers(), local, probe, residual, gain
+
+    def residual_routing(self, layer: nn.Module, collector: Collector, pos: torch.Tensor,
+                         where: list[int]) -> ResidualRouting | None:
+        """Where the layer routes on its residual (:attr:`~ggufmoe.arch.base.Architecture.residual_router`), its
+        router's input at rows ``pos``, gathered (a list of pieces, in order) while phase 1 runs the batch at rows
+        ``where``, by a hook the ``collector`` removes with its own."""
+        if self.arch.residual_router is None:
+            return None
+        router = layer.get_submodule(self.arch.residual_router)
+        routing = ResidualRouting(router, [], self.arch.route_residual,
+                                  lambda residual, routed: self.arch.routed_tail(layer, residual, routed))
+
+        def gather(_m: nn.Module, args: tuple) -> None:
+            a, b = where
+            rows = pos[(pos >= a) & (pos < b)] - a
+            routing.x.append(args[0].reshape(b - a, -1)[rows.to(args[0].device)].detach().to("cpu", torch.float32))
+
+        collector.handles.append(router.register_forward_pre_hook(gather))
+        return routing
+
+    def run_batch(self, skeleton: Skeleton, k: int, layer: nn.Module, h_in: RowStore, i: int,
+                  carry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer ``k`` over batch ``i`` of ``h_in``, given what the layers before handed on for it (``carry``): its
+        output and what it hands on (on the CPU)."""
+        shape, a, b = tuple(self.batches[i].shape), self.offsets[i], self.offsets[i + 1]
+        args, kwargs = skeleton.layer_args(shape, k)
+        h = h_in.tensor[a:b].view(*shape, self.width).to(self.device)
+        handed = self.arch.layer_input(on_device(carry, self.device))
+        y, out = self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
+        return y, on_device(out, torch.device("cpu"))
+
+    def again(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore,
+              h_out: RowStore, bar: tqdm, share: float, gain: bool) -> float:
+        """Phase 3: layer ``k`` again over every batch, its experts module handing back the routed output phase 2
+        summed into ``h_out``, which becomes the layer's output. With ``gain``, returns the routed output's mean
+        squared gain at the layer's output (:meth:`routed_gain`), else 1."""
+        measured = 1.0
+        routed = [None]
+        experts.forward = lambda hs, *_, **__: routed[0].reshape(hs.shape).to(hs.device, hs.dtype)
+        try:
+            for i, (a, b) in enumerate(zip(self.offsets, self.offsets[1:])):
+                routed[0] = h_out.tensor[a:b].clone()
+                y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
+                if gain and i == 0:
+                    measured = self.routed_gain(skeleton, k, layer, h_in, routed, y)
+                self.carry[i] = carry
+                h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
+                h_out.drop_pages()
+                bar.update((b - a) * share)
+        finally:
+            del experts.forward
+        return measured
+
+    def routed_gain(self, skeleton: Skeleton, k: int, layer: nn.Module, h_in: RowStore, routed: list,
+                    y: torch.Tensor) -> float:
+        """How much a change of the routed output changes layer ``k``'s output, on the first batch: the ratio of the
+        squared norms of the output's change and a small random change of each token's routed output (seeded,
+        :data:`GAIN_STEP` of its norm). 1 where the routed output is added as it is; Gemma 4's norms make it differ.
+        ``routed[0]`` is what the experts module hands back (changed here and put back)."""
+        base = routed[0]
+        gen = torch.Generator().manual_seed(k)
+        step = torch.randn(base.shape, generator=gen)
+        step *= GAIN_STEP * torch.linalg.vector_norm(base, dim=-1, keepdim=True).clamp(min=1e-12) / \
+            torch.linalg.vector_norm(step, dim=-1, keepdim=True).clamp(min=1e-12)
+        routed[0] = base + step
+        try:
+            y2, _ = self.run_batch(skeleton, k, layer, h_in, 0, self.carry[0])
+        finally:
+            routed[0] = base
+        change = (y2.reshape(-1, self.width).double().cpu() - y.reshape(-1, self.width).double().cpu())
+        return float((change ** 2).sum() / (step.double() ** 2).sum().clamp(min=1e-300))
 
     def run_experts(self, k: int, experts: nn.Module, moe_in: RowStore, idx: torch.Tensor, weights: torch.Tensor,
                     h_out: RowStore, working: WorkingSet, bar: tqdm, share: float, probe: PruneProbe | None = None) -> None:
@@ -200,26 +301,26 @@ class LayerPasses:
         moe_in.drop_pages()
         h_out.drop_pages()
 
-    def check_linear(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore) -> None:
-        """Phase 2 adds the routed output after the layer ran: the layer's output must be linear in its experts'
-        output with slope 1. Checked on the first tokens of the first chunk with zeros and a random output (on the
-        whole chunk where the layer takes what the one before handed it: that is for whole chunks)."""
-        carry = on_device({name: t[:1] for name, t in self.carry[0].items()}, self.device)
+    def adds_routed_output(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module,
+                           h_in: RowStore) -> bool:
+        """Whether the layer's output is its routed output added as it is (linear with slope 1), so phase 2 can add
+        it after the layer ran. Checked on the first tokens of the first chunk with zeros and a random output (on
+        the whole chunk where the layer takes what the ones before handed it: that is for whole chunks)."""
+        carry = {name: t[:1] for name, t in self.carry[0].items()}
         n = self.batches[0].shape[1] if carry else min(PROBE_TOKENS, self.batches[0].shape[1])
         h = h_in.tensor[:n].reshape(1, n, self.width).to(self.device)
         args, kwargs = skeleton.layer_args((1, n), k)
-        kwargs = {**kwargs, **carry}
         gen = torch.Generator().manual_seed(k)
         probe = (torch.randn(n, self.width, generator=gen) * float(h.std().clamp(min=1e-3))).to(self.device)
         outs = []
         try:
             for r in (torch.zeros_like(probe), probe):
                 experts.forward = lambda hs, *_, r=r, **__: r.reshape(hs.shape).to(hs.dtype)
+                handed = self.arch.layer_input(on_device(carry, self.device))
                 with torch.no_grad():
-                    y, _ = self.arch.layer_output(layer(h, *args, **kwargs))
+                    y, _ = self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
                 outs.append(y.reshape(n, self.width))
         finally:
             del experts.forward
         scale = float(outs[0].abs().max()) + float(probe.abs().max())
-        if not torch.allclose(outs[1] - outs[0], probe, rtol=0, atol=1e-4 * scale):
-            raise unsupported(self.arch, f"layer {k} does not add its routed experts' output to its output as it is")
+        return torch.allclose(outs[1] - outs[0], probe, rtol=0, atol=1e-4 * scale)

@@ -19,11 +19,13 @@ re-routed to one is counted as losing that share of its output.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
 from ggufmoe.stats.file import ExpertStats
 
@@ -34,13 +36,41 @@ COUNT = "num_experts"  # the expert count a transformers router reads
 PROBE_DIM = 512  # expert outputs wider than this are kept as a projection to this many values
 
 
-def router_of(block: nn.Module, n_expert: int) -> nn.Module | None:
-    """The router module of a transformers MoE block: a child with ``top_k`` and an (n_expert, hidden) weight."""
+def router_of(block: nn.Module, n_expert: int, top_k: bool = True) -> nn.Module | None:
+    """The router module of a transformers MoE block: a child with ``top_k`` (unless not ``top_k``) and an
+    (n_expert, hidden) weight."""
     for m in block.modules():
         w = getattr(m, "weight", None)
-        if hasattr(m, "top_k") and isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == n_expert:
+        if (hasattr(m, "top_k") or not top_k) and isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == n_expert:
             return m
     return None
+
+
+@dataclass
+class ResidualRouting:
+    """A router that routes on the layer's residual, not on the experts' input (Gemma 4:
+    :attr:`~ggufmoe.arch.base.Architecture.residual_router`): the module, its input at the sampled tokens, how it
+    routes rows at a number of experts per token (``Architecture.route_residual``), and the layer's output from
+    those rows and their routed output (``Architecture.routed_tail``): the pruning errors are the changes of the
+    layer's output, the routed output passing through the norms after it."""
+
+    router: nn.Module
+    x: torch.Tensor
+    route: Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+    tail: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def logits(self, n_expert: int) -> torch.Tensor | None:
+        """(tokens, n_expert): the output of the router's matmul on the sampled tokens."""
+        matmul = router_of(self.router, n_expert, top_k=False)
+        if matmul is None:
+            return None
+        got = []
+        handle = matmul.register_forward_hook(lambda _m, _a, out: got.append(out.detach()))
+        try:
+            self.route(self.router, self.x.to(matmul.weight.device), 1)
+        finally:
+            handle.remove()
+        return got[0]
 
 
 @contextlib.contextmanager
@@ -105,12 +135,16 @@ def _cosines(rows: torch.Tensor) -> torch.Tensor:
 class PruneProbe:
     """Gathers the sampled tokens' expert outputs of one MoE layer, then measures each candidate pruning."""
 
-    def __init__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, dim: int = PROBE_DIM):
+    def __init__(self, positions: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                 dim: int = PROBE_DIM, routing: ResidualRouting | None = None):
+        self.positions = positions  # (m,): the sampled tokens' rows in the calibration
         self.x = x  # (m, hidden): the experts' input at the sampled positions
         self.idx, self.weights = idx, weights  # (m, top_k): the unpruned routes
+        self.routing = routing  # None: the MoE block routes the experts' input
         width = x.shape[-1]
         gen = torch.Generator().manual_seed(0)
-        self.proj = None if width <= dim else torch.randn(width, dim, generator=gen) / dim ** 0.5
+        # the layer's tail needs the routed output whole
+        self.proj = None if width <= dim or routing is not None else torch.randn(width, dim, generator=gen) / dim ** 0.5
         self.out: dict[int, torch.Tensor] = {}  # expert -> (m, dim) output on every sampled token
 
     def expert(self, experts: nn.Module, e: int, ew: ExpertWeights) -> None:
@@ -127,11 +161,14 @@ class PruneProbe:
     def similarity(self, block: nn.Module, n_expert: int) -> list[list[float]] | None:
         """Experts x experts: the mean of two cosines over the sampled tokens, of the experts' outputs and of
         their router logits (what expert merging folds by; 0 for an expert that got no token)."""
-        router = router_of(block, n_expert)
-        if router is None:
-            return None
         with torch.no_grad():
-            logits = self.x.to(router.weight.device, router.weight.dtype) @ router.weight.T
+            if self.routing is not None:
+                logits = self.routing.logits(n_expert)
+            else:
+                router = router_of(block, n_expert)
+                logits = None if router is None else self.x.to(router.weight.device) @ router.weight.T
+        if logits is None:
+            return None
         by_logit = _cosines(logits.T.to("cpu", torch.float64))
         outputs = torch.zeros(n_expert, len(self.x) * next(iter(self.out.values())).shape[1], dtype=torch.float64)
         for e, y in self.out.items():
@@ -140,39 +177,63 @@ class PruneProbe:
 
     def errors(self, block: nn.Module, experts: nn.Module, n_expert: int,
                kept: dict[str, dict[str, tuple[list[int], int]]], residual: float,
-               router_tensors: tuple[str, ...]) -> dict[str, dict[str, float]]:
+               router_tensors: tuple[str, ...], layer_out: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
         """criterion -> candidate -> mean ||y - y_pruned||^2 / residual, the block rerouting as pruned (to the
-        candidate's kept experts, with its experts per token)."""
-        router = router_of(block, n_expert)
+        candidate's kept experts, with its experts per token). ``y`` is the routed output, or with a residual router
+        the layer's output through its tail, checked against ``layer_out`` (the real one at the sampled tokens)."""
+        routing = self.routing
+        router = router_of(block, n_expert) if routing is None else routing.router
         if router is None or residual <= 0:
             return {}
+        device = next(router.parameters()).device
         dim = self.proj.shape[1] if self.proj is not None else self.x.shape[1]
         outputs = torch.zeros(n_expert, len(self.x), dim)  # experts never loaded (no token): no output
         for e, y in self.out.items():
             outputs[e] = y
-        full = self.routed(outputs, self.idx, self.weights)
+
+        def output(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            y = self.routed(outputs, idx, weights)
+            if routing is None:
+                return y
+            with torch.no_grad():
+                return routing.tail(routing.x.to(device), y.to(device)).cpu()
+
+        full = output(self.idx, self.weights)
+        if layer_out is not None and not torch.allclose(full, layer_out, rtol=1e-4,
+                                                        atol=1e-4 * float(layer_out.abs().max())):
+            raise GgufmoeError("pruning errors: the layer's output computed after its experts differs from its real "
+                               "output (transformers' layer changed?)")
+        out: dict[str, dict[str, float]] = {}
+        for criterion, sets in kept.items():
+            for name, (members, top_k) in sets.items():
+                routes = self.reroute(block, experts, router, members, top_k, router_tensors, n_expert, device)
+                if routes is None:
+                    return {}
+                new_idx, new_w = routes
+                diff = full - output(torch.tensor(members)[new_idx.clamp(0, len(members) - 1)], new_w)
+                out.setdefault(criterion, {})[name] = float((diff.double() ** 2).sum(1).mean()) / residual
+        return out
+
+    def reroute(self, block: nn.Module, experts: nn.Module, router: nn.Module, members: list[int], top_k: int,
+                router_tensors: tuple[str, ...], n_expert: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(expert ids as positions in ``members``, weights) of the sampled tokens, the router cut to ``members``
+        choosing ``top_k`` per token: the block's own routing (its experts module capturing the routes instead of
+        computing), or the residual router's on its input. None where the block never called its experts."""
         got: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def capture(hs: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_, **__):
-            got.append((top_k_index.to("cpu"), top_k_weights.to("cpu", torch.float32)))
+            got.append((top_k_index, top_k_weights))
             return torch.zeros_like(hs)
 
-        out: dict[str, dict[str, float]] = {}
-        experts.forward = capture
-        try:
-            x = self.x.to(router.weight.device).reshape(1, len(self.x), -1)
-            for criterion, sets in kept.items():
-                for name, (members, top_k) in sets.items():
-                    got.clear()
-                    with torch.no_grad(), pruned_router(router, members, router_tensors, n_expert), \
-                            pruned_router(block, members, router_tensors, n_expert), routing_top_k(router, top_k):
-                        block(x)
-                    if not got:
-                        return {}
-                    new_idx, new_w = got[0]
-                    ids = torch.tensor(members)[new_idx.clamp(0, len(members) - 1)]
-                    diff = full - self.routed(outputs, ids, new_w)
-                    out.setdefault(criterion, {})[name] = float((diff.double() ** 2).sum(1).mean()) / residual
-        finally:
-            del experts.forward
-        return out
+        with torch.no_grad(), pruned_router(router, members, router_tensors, n_expert):
+            if self.routing is not None:
+                got.append(self.routing.route(router, self.routing.x.to(device), top_k))
+            else:
+                experts.forward = capture
+                try:
+                    with pruned_router(block, members, router_tensors, n_expert), routing_top_k(router, top_k):
+                        block(self.x.to(device).reshape(1, len(self.x), -1))
+                finally:
+                    del experts.forward
+        return (got[0][0].to("cpu"), got[0][1].to("cpu", torch.float32)) if got else None

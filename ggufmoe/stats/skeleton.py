@@ -98,7 +98,9 @@ class Skeleton:
             raise unsupported(arch, "no list of num_hidden_layers decoder layers in the model")
         self.layers = layers
         embed = model.get_input_embeddings()
-        if type(embed) is not nn.Embedding:  # a subclass may scale or otherwise change the lookup
+        # a subclass may scale or otherwise change the lookup: only the scale its architecture states is taken
+        self.embedding_scale = arch.embedding_scale
+        if type(embed) is not nn.Embedding and (self.embedding_scale is None or not isinstance(embed, nn.Embedding)):
             raise unsupported(arch, f"input embedding {type(embed).__name__}")
         self.embeddings = {id(embed), id(model.get_output_embeddings())}  # never materialized
         rotary = getattr(self.base, "rotary_emb", None)
@@ -162,6 +164,12 @@ class Skeleton:
             return None
 
     # --- what the model hands its layers
+    def input_embeddings(self, rows: torch.Tensor) -> torch.Tensor:
+        """The input embeddings the model's embedding module makes of the table rows ``rows`` (float32)."""
+        if self.embedding_scale is None:
+            return rows
+        return rows * torch.tensor(self.embedding_scale, dtype=rows.dtype)
+
     def capture(self, inputs_embeds: torch.Tensor) -> dict[int, tuple]:
         """Run the model's forward on ``inputs_embeds`` with capturing layers: layer -> (hidden, args, kwargs)."""
         records: dict[int, tuple] = {}

@@ -35,10 +35,11 @@ lays them out (:func:`ggufmoe.stats.text.batches`):
    exactly as the whole-model path does. The layer is then put back on the meta device. What a
    layer hands the next besides its hidden states (GLM-5: the indexer's top-k,
    :meth:`~ggufmoe.arch.base.Architecture.layer_output`) is kept per batch for the next layer.
-   Phase 2 relies on the routed output being added linearly to the layer's output after the
-   experts call (true for qwen3moe, qwen2moe, mixtral, olmoe, deepseek2); every MoE layer checks
-   it on a few tokens before running (a family for which it is false fails with one clear error
-   instead of giving wrong statistics), and the parity tests compare with the whole-model path.
+   Adding the routed output after the layer ran holds where the layer adds it to its output as it
+   is (qwen3moe, qwen2moe, mixtral, olmoe, deepseek2 and most others); every MoE layer checks it on
+   a few tokens first, and where it does not hold (Gemma 4's norms after the experts) phase 2 only
+   sums the routed output and phase 3 runs the layer again with its experts module handing that
+   sum back (:mod:`ggufmoe.stats.layer_pass`). The parity tests compare with the whole-model path.
 3. **Output.** After the last layer the model's own forward runs with no decoder layers (its
    final norm) into the output matmul, whose input is recorded (no logits are computed).
 
@@ -296,7 +297,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         if spec is None:
             raise unsupported(self.arch, "no token embedding tensor")
         for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
-            records = skeleton.capture(embedding_rows(spec, batch))
+            records = skeleton.capture(skeleton.input_embeddings(embedding_rows(spec, batch)))
             skeleton.remember(tuple(batch.shape), records)
             h0.tensor[a:b] = records[0][0].reshape(b - a, self.width)
         if self.meter is None or not quantizable(spec):
