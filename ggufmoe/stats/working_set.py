@@ -95,8 +95,10 @@ class WorkingSetBound:
         plain = per_layer(lambda s: 0 if s.is_expert else tokens * s.shape[-1] * 4)
         widest = per_layer(lambda s: s.shape[-1] if s.is_expert else 0)
         queued = MAX_PENDING * min(o.expert_tokens, self.rows) * 2 * widest * 4
-        kept = self.width if self.arch.residual_router else min(self.width, PROBE_DIM)  # values of an expert output
-        probe = min(o.prune_tokens, self.rows) * (2 * self.width + self.arch.n_expert * kept) * 4 \
+        # per sampled token: the experts' input (and a residual router's), each expert's output (whole for such
+        # a router's layers, which run it through the layer's tail, else projected)
+        inputs, kept = (2, self.width) if self.arch.residual_router else (1, min(self.width, PROBE_DIM))
+        probe = min(o.prune_tokens, self.rows) * (inputs * self.width + self.arch.n_expert * kept) * 4 \
             if self.moe_layers and self.kept_sets else 0
         return plain + queued + probe
 
