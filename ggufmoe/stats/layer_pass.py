@@ -137,7 +137,8 @@ class LayerPasses:
             meter.wanted = {s.name for s in measured if not s.is_expert}
             if experts is not None and self.kept_sets is not None:  # the tokens the pruning errors are measured on
                 pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
-                routing = self.residual_routing(layer, collector, pos, where)
+                pieces: list[torch.Tensor] = []  # the residual router's input at ``pos``, batch by batch
+                routing = self.residual_routing(layer, collector, pos, where, pieces)
         t0 = time.perf_counter()
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
                                    disable=not self.progress) as bar:
@@ -156,7 +157,7 @@ class LayerPasses:
                         store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
                 bar.update((b - a) * share)
             if routing is not None:
-                routing.x = torch.cat(routing.x)
+                routing.x = torch.cat(pieces)
             layer_half_done(k)
             if meter is not None:
                 for s in measured:
@@ -183,21 +184,21 @@ class LayerPasses:
             bar.update(max(0.0, bar.total - bar.n))
         return collector.entries(), collector.layers(), local, probe, residual, gain
 
-    def residual_routing(self, layer: nn.Module, collector: Collector, pos: torch.Tensor,
-                         where: list[int]) -> ResidualRouting | None:
+    def residual_routing(self, layer: nn.Module, collector: Collector, pos: torch.Tensor, where: list[int],
+                         pieces: list[torch.Tensor]) -> ResidualRouting | None:
         """Where the layer routes on its residual (:attr:`~ggufmoe.arch.base.Architecture.residual_router`), its
-        router's input at rows ``pos``, gathered (a list of pieces, in order) while phase 1 runs the batch at rows
-        ``where``, by a hook the ``collector`` removes with its own."""
+        router's input at rows ``pos`` is gathered into ``pieces`` (in order) while phase 1 runs the batch at rows
+        ``where``, by a hook the ``collector`` removes with its own; ``x`` is set from them after phase 1."""
         if self.arch.residual_router is None:
             return None
         router = layer.get_submodule(self.arch.residual_router)
-        routing = ResidualRouting(router, [], self.arch.route_residual,
+        routing = ResidualRouting(router, torch.empty(0), self.arch.route_residual,
                                   lambda residual, routed: self.arch.routed_tail(layer, residual, routed))
 
         def gather(_m: nn.Module, args: tuple) -> None:
             a, b = where
             rows = pos[(pos >= a) & (pos < b)] - a
-            routing.x.append(args[0].reshape(b - a, -1)[rows.to(args[0].device)].detach().to("cpu", torch.float32))
+            pieces.append(args[0].reshape(b - a, -1)[rows.to(args[0].device)].detach().to("cpu", torch.float32))
 
         collector.handles.append(router.register_forward_pre_hook(gather))
         return routing
