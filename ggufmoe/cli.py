@@ -16,7 +16,7 @@ from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.plan.budget import DEFAULT_CTX, Budget
 from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
 from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion
-from ggufmoe.sensitivity.cost import SensitivityMode
+from ggufmoe.sensitivity.cost import PROBE_CHUNKS, SensitivityMode
 
 if TYPE_CHECKING:
     from ggufmoe.plan.target import Target
@@ -338,9 +338,20 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
 @click.option("--whole", is_flag=True,
               help="Load the whole model into transformers (float32, CPU) instead of streaming it layer by "
                    "layer; the reference the streamed path is tested against. Needs RAM for all of it.")
+@click.option("--probes/--no-probes", default=None,
+              help="Carry end-to-end probes beside the calibration (held-out tokens through the model with each "
+                   "tensor class, run of layers and the whole model quantized, and pruned), which `plan "
+                   "--sensitivity streamed` plans from. Default: on for a model above 2 GiB in F16 (too big to "
+                   "probe through llama.cpp) or when --probe-text is given.")
+@click.option("--probe-text", "probe_files", multiple=True, type=click.Path(path_type=Path),
+              help="Another held-out text the probes also run on (repeatable); the plan reports the spread.")
+@click.option("--probe-chunks", type=click.IntRange(min=1), default=PROBE_CHUNKS, show_default=True,
+              help="Chunks of --chunk tokens per text the probes run on (their standard error falls as the square "
+                   "root of it; memory and time grow with it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chunk: int, resume: bool, device: str,
-              max_memory: int, whole: bool, quiet: bool) -> None:
+              max_memory: int, whole: bool, probes: bool | None, probe_files: tuple[Path, ...], probe_chunks: int,
+              quiet: bool) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
     Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
@@ -355,7 +366,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
 
     The same pass measures local errors, stored in the output: what each tensor at each
     candidate type, and each MoE layer pruned to each candidate keep count, change on the
-    layer's real inputs. `plan --stats` plans a model too big to probe from them alone.
+    layer's real inputs; and, with --probes, the KL divergence that quantizing each tensor
+    class, each run of layers and the whole model, and pruning, cause at the logits on
+    held-out tokens. `plan --stats` plans a model too big to probe through llama.cpp from them.
 
     One piece of the text in eight (pieces of about 16k characters, spread over it) is held out:
     `plan --calib` with the same text measures its probes there, on text the statistics did not see.
@@ -365,7 +378,9 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     from ggufmoe.stats.file import format_summary, save_stats
     from ggufmoe.stats.text import read_text
 
-    check_outputs([out], [src, text_file], kind=CALIBRATION, gguf=True)
+    check_outputs([out], [src, text_file, *probe_files], kind=CALIBRATION, gguf=True)
+    if probes is False and probe_files:
+        raise GgufmoeError("--probe-text is for the probes: it takes no --no-probes")
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if whole and explicit:
@@ -373,7 +388,10 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     from ggufmoe.pipeline.calibrate import calibrate as run_calibration
 
     text = read_text(text_file)
-    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory)
+    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory, probes=probes,
+                               probe_texts={f.name: read_text(f) for f in probe_files}, probe_chunks=probe_chunks)
+    if whole and (probes or probe_files):
+        raise GgufmoeError("the probes run in the streamed calibration: --whole takes no --probes or --probe-text")
     stats = run_calibration(src, text, whole=whole, ctx=chunk, max_tokens=max_tokens, progress=not quiet,
                             dataset=text_file.name, **kw)
     if whole:

@@ -188,6 +188,12 @@ class Architecture:
         ``nn.Embedding`` (the streamed calibration reads the rows itself and refuses any other module)."""
         return None
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """The cap of the final logits' ``cap * tanh(logits / cap)`` (None: none), as llama.cpp and transformers
+        apply it."""
+        return None
+
     def layer_input(self, carry: dict) -> dict:
         """The keyword arguments a decoder layer gets from what the layers before it handed on (``carry``, the
         tensors :meth:`layer_output` returned, batch first)."""

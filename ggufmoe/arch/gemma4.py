@@ -147,6 +147,11 @@ class Gemma4(Architecture):
         """transformers' ``Gemma4TextScaledWordEmbedding`` multiplies the rows by sqrt(hidden) (llama.cpp's graph too)."""
         return float(self.cfg.hidden_size) ** 0.5
 
+    @property
+    def logit_softcap(self) -> float | None:
+        cap = self.cfg.final_logit_softcapping
+        return float(cap) if cap else None
+
     def layer_input(self, carry: dict) -> dict:
         """The keys and values the store layers left (per layer type) for the shared-KV layers after them."""
         from transformers.cache_utils import KVSharingDict

@@ -24,7 +24,6 @@ Caching (:func:`load_or_measure`): the result is kept in the stats file
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -39,15 +38,14 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.sensitivity import cache
-from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity
+from ggufmoe.sensitivity.cost import JOINT_TYPES, METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.sensitivity.fit import apply_layer_factors, fit_joint, layer_groups, scales_from_probes
+from ggufmoe.sensitivity.fit import calibrated, join, layer_groups
+from ggufmoe.sensitivity.probe_set import class_rules, probe_kinds
 from ggufmoe.sensitivity.quant_error import measure_errors, token_frequency
 from ggufmoe.stats.opened import OpenedModel
-from ggufmoe.stats.text import spread_chunks, token_ids
+from ggufmoe.stats.text import MAX_TEXT_TOKENS, spread_chunks, token_ids
 
-MAX_TEXT_TOKENS = 1_000_000  # tokens of the text looked at (token frequencies, KL chunks)
-JOINT_TYPES = (T.IQ2_XXS, T.Q3_K, T.Q5_K)  # whole-model probes that measure what tensors cost together
 
 
 def _kl(scorer_path: Path, seqs: list[list[int]], base: list[np.ndarray], threads: int) -> float:
@@ -55,11 +53,6 @@ def _kl(scorer_path: Path, seqs: list[list[int]], base: list[np.ndarray], thread
     kls = [c.kld_mean for c in score_against(scorer_path, seqs, base, threads)]
     weights = [len(s) - 1 for s in seqs]
     return float(np.average(kls, weights=weights))
-
-
-def _class_rules(names: list[str], t: T) -> TypeRules:
-    pattern = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-    return TypeRules(T.F16, [(re.compile(pattern), t)])
 
 
 def measure_sensitivity(model: OpenedModel, text: str, threads: int | None = None, progress: bool = True,
@@ -111,9 +104,7 @@ def measure_sensitivity(model: OpenedModel, text: str, threads: int | None = Non
     error.update(measured_locally)
     t_error = time.perf_counter() - t_start
 
-    kinds: dict[str, list[str]] = {}
-    for s in specs:
-        kinds.setdefault(s.kind, []).append(s.name)
+    kinds = probe_kinds(specs)
     probes: dict[str, dict[str, float]] = {k: {} for k in kinds}
     runs = [(k, t) for k in kinds for t in probe_types]
     groups = layer_groups(specs, layer_probes)
@@ -135,34 +126,31 @@ def measure_sensitivity(model: OpenedModel, text: str, threads: int | None = Non
             bar.update()
             for kind, t in runs:
                 bar.set_postfix_str(f"{kind}={t.name}")
-                path = build("probe.gguf", _class_rules(kinds[kind], t))
+                path = build("probe.gguf", class_rules(kinds[kind], t))
                 probes[kind][t.name] = _kl(path, seqs, base, threads)
                 path.unlink()
                 bar.update()
             for g, names in groups.items():
                 bar.set_postfix_str(f"layers {g}={anchor}")
-                path = build("probe.gguf", _class_rules(names, T[anchor]))
+                path = build("probe.gguf", class_rules(names, T[anchor]))
                 layer_kl[g] = _kl(path, seqs, base, threads)
                 path.unlink()
                 bar.update()
-            cost, scales, exponents = scales_from_probes(error, kinds, probes, anchor)
-            factors = apply_layer_factors(cost, kinds, groups, layer_kl, anchor)
-            sens = Sensitivity(cost, True, scales, error, probes, exponents, layer_kl, factors)
+            sens = calibrated(error, kinds, probes, groups, layer_kl, anchor)
+            measured = {}
             for t in uniform_types:
                 bar.set_postfix_str(f"all={t.name}")
                 try:
-                    summed = sens.predict(t)
+                    sens.predict(t)
                 except GgufmoeError:  # a type some tensor takes another type for: no sum to compare
                     bar.update()
                     continue
                 path = build("uniform.gguf", TypeRules(t))
-                uniform[t.name] = dict(summed=summed, measured=_kl(path, seqs, base, threads))
+                measured[t.name] = _kl(path, seqs, base, threads)
                 path.unlink()
                 bar.update()
-            sens.joint = list(fit_joint([(u["summed"], u["measured"]) for u in uniform.values()]))
-            for u in uniform.values():
-                u["predicted"] = sens.combined(u["summed"])
-                u["ratio"] = u["predicted"] / u["measured"] if u["measured"] > 0 else None
+            uniform = join(sens, measured)
+    cost = sens.cost
     fit = {k: {t: sum(cost[n][t] for n in kinds[k]) / v for t, v in p.items() if v > 0} for k, p in probes.items()}
     sens.info = dict(method="measured", version=METHOD_VERSION, anchor=anchor,
                      probe_types=[t.name for t in probe_types],

@@ -15,8 +15,8 @@ from ggufmoe.gguf.writer import CONVERSION, Progress
 from ggufmoe.outputs import check_outputs
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
-from ggufmoe.pipeline.measure import MAX_TEXT_TOKENS, measure_sensitivity
-from ggufmoe.plan.allocate import allocate_budget, keep_candidates
+from ggufmoe.pipeline.measure import measure_sensitivity
+from ggufmoe.plan.allocate import allocate_budget
 from ggufmoe.plan.budget import Budget, Plan, model_fingerprint
 from ggufmoe.plan.layout import TOKENIZER_BYTES_PER_TOKEN
 from ggufmoe.prune.criteria import PruneRequest, choose_experts
@@ -26,12 +26,14 @@ from ggufmoe.sensitivity.cache import cached_sensitivity, store
 from ggufmoe.sensitivity.cost import SensitivityMode
 from ggufmoe.sensitivity.defaults import default_sensitivity
 from ggufmoe.sensitivity.local_costs import local_sensitivity
-from ggufmoe.sensitivity.prune_cost import (DEFAULT_PRUNE_SCALE, PRUNE_SCALE, fit_pruning, local_prune_kl,
-                                          probe_pruning, prune_cost, prune_unit)
+from ggufmoe.sensitivity.prune_cost import (DEFAULT_PRUNE_SCALE, PRUNE_FIT, PRUNE_LOCAL_KEY, PRUNE_SCALE, fit_pruning,
+                                          local_prune_kl, probe_pruning, probe_prunings, prune_cost, prune_unit)
+from ggufmoe.sensitivity.probe_set import too_big_to_probe
+from ggufmoe.sensitivity.streamed import streamed_sensitivity
 from ggufmoe.state_dir import partial_path
 from ggufmoe.stats.calib_state import CALIBRATION
 from ggufmoe.stats.opened import OpenedModel
-from ggufmoe.stats.text import hold_out, read_text, spread_chunks, token_chunks
+from ggufmoe.stats.text import MAX_TEXT_TOKENS, hold_out, read_text, spread_chunks, token_chunks
 
 
 def pruning_kl(model: OpenedModel, text: str, requests: list[PruneRequest], ctx: int = 512,
@@ -55,8 +57,6 @@ def pruning_kl(model: OpenedModel, text: str, requests: list[PruneRequest], ctx:
     return out
 
 
-PRUNE_FIT = "prune_local_exponent"  # the fitted exponent, cached with the scale in the sensitivities
-PROBE_MAX_BYTES = 2 * 1024**3  # F16 size up to which ``auto`` probes the model through llama.cpp
 
 
 def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | None = None,
@@ -67,9 +67,9 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
     them through llama.cpp (:mod:`ggufmoe.pipeline.measure`: a conversion per tensor class, layer group and
     three whole-model types, on its local errors when the statistics hold them); ``local`` maps the
     statistics' local errors to KL with the reference model's factors (:mod:`ggufmoe.sensitivity.local_costs`;
-    nothing is converted); ``auto`` probes a model of at most :data:`PROBE_MAX_BYTES` in F16 and uses the
-    local errors of a bigger one (probes when it has none). The plan's notes say which was used. Without
-    statistics: defaults from shapes.
+    nothing is converted); ``streamed`` calibrates the local errors by the end-to-end probes the streamed
+    calibration carried (:mod:`ggufmoe.sensitivity.streamed`; nothing is converted either); ``auto``:
+    :func:`auto_mode`. The plan's notes say which was used. Without statistics: defaults from shapes.
 
     Probes measure on the pieces of ``calib_text`` that calibration holds out
     (:func:`~ggufmoe.stats.text.hold_out`), text the statistics did not see; on all of it when it is too
@@ -92,9 +92,13 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
         n_layers = int(arch.cfg.num_hidden_layers)
         mode = budget.sensitivity
         if mode == SensitivityMode.AUTO:
-            small = 2 * sum(s.n_elements for s in arch.tensors()) <= PROBE_MAX_BYTES
-            mode = SensitivityMode.LOCAL if local is not None and not small else SensitivityMode.PROBES
-        if mode == SensitivityMode.LOCAL:
+            mode = auto_mode(model)
+        if mode == SensitivityMode.STREAMED:
+            sens, prune_kl = streamed_sensitivity(model, progress)
+            notes.append(f"sensitivities and pruning costs: local errors calibrated by end-to-end probes in the "
+                         f"streamed calibration ({sens.info['kl_tokens']} held-out tokens of "
+                         f"{len(sens.info['texts'])} text(s); no llama.cpp run)")
+        elif mode == SensitivityMode.LOCAL:
             if local is None:
                 raise GgufmoeError(f"{stats_path}: the statistics hold no local errors (they come from a streamed "
                                    "`ggufmoe calibrate`); measure with probes instead")
@@ -125,6 +129,16 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
     return plan
 
 
+def auto_mode(model: OpenedModel) -> SensitivityMode:
+    """``--sensitivity auto``: probes through llama.cpp for a small model; for a big one the streamed probes, else
+    the local errors, else probes (a whole-model calibration holds neither)."""
+    if not too_big_to_probe(model.arch):
+        return SensitivityMode.PROBES
+    if model.probes is not None and model.local is not None:
+        return SensitivityMode.STREAMED
+    return SensitivityMode.LOCAL if model.local is not None else SensitivityMode.PROBES
+
+
 def check_budget_possible(src: Path, budget: Budget, pins: TypeRules | None = None) -> None:
     """Before a calibration or probes (minutes, or hours at 671B): refuse a budget that no plan can meet, from the
     sizes alone (and the types ``pins`` fixes). A plan of the configuration alone may prune as deep and use every
@@ -147,20 +161,19 @@ def _probed(model: OpenedModel, calib_text: str | None, budget: Budget, pins: Ty
         check_budget_possible(model.path, budget, pins)  # from the sizes alone, before minutes of probes
         sens = measure_sensitivity(model, calib_text, progress=progress)
     n_layers = int(arch.cfg.num_hidden_layers)
-    key = "prune_local" if local is not None else "prune"
+    key = PRUNE_LOCAL_KEY if local is not None else "prune"
     if key not in sens.scales or (local is not None and PRUNE_FIT not in sens.scales):
         if calib_text is None:
             raise GgufmoeError("measuring what pruning costs needs calibration text: pass --calib FILE")
         measured = True
         if local is not None:
             # the local errors' map to KL, fitted through probes at a quarter and at half the experts pruned
-            keeps = keep_candidates(arch, stats)
-            reqs = list({r.keep: r for r in (probe_pruning(arch, stats, keeps, f) for f in (0.75, 0.5))}.values())
+            reqs = probe_prunings(arch, stats.has_routing)
             units = [prune_unit(local, choose_experts(arch, stats, r), n_layers) or 0.0 for r in reqs]
             kls = pruning_kl(model, calib_text, reqs) if any(units) else []
             sens.scales[key], sens.scales[PRUNE_FIT] = fit_pruning(units, kls)
         else:
-            req = probe_pruning(arch, stats, keep_candidates(arch, stats))
+            req = probe_pruning(arch, stats.has_routing)
             unit = prune_cost(choose_experts(arch, stats, req), stats, 1.0)
             sens.scales[key] = pruning_kl(model, calib_text, [req])[0] / unit if unit else DEFAULT_PRUNE_SCALE
     if measured and calib_text is not None:

@@ -30,15 +30,19 @@ from ggufmoe.model.names import EMBEDDING, role
 from ggufmoe.quant.rules import EMBEDDING_SUBSTITUTE
 
 PROBE_TYPE = T.Q3_K  # the anchor type: each class is calibrated there (see :mod:`.fit`)
+JOINT_TYPES = (T.IQ2_XXS, T.Q3_K, T.Q5_K)  # whole-model probes that measure what tensors cost together
+PROBE_CHUNKS = 8  # held-out chunks per text the streamed probes run on (relative standard error ~5% on the reference)
 METHOD_VERSION = 3  # part of the cache key: a new version measures again
 
 
 class SensitivityMode(StrEnum):
     """How a budget plan's costs are made from the statistics (``--sensitivity``): probes through llama.cpp, the
-    calibration's local errors alone, or ``auto`` (probes for a small model, local errors for a big one)."""
+    end-to-end probes the streamed calibration carried, the calibration's local errors alone, or ``auto`` (probes
+    through llama.cpp for a small model; for a big one the streamed probes, else the local errors)."""
 
     AUTO = "auto"
     PROBES = "probes"
+    STREAMED = "streamed"
     LOCAL = "local"
 
 

@@ -28,7 +28,7 @@ probes while each class keeps its total (:func:`apply_layer_factors`).
 Together. Tensors quantized together cost less than their costs alone add up to, and the more so the
 finer the type: on the reference model, with probes on held-out text, the sum is 1.3x the whole model's
 KL at Q3_K, 1.75x at Q4_K and 2x at Q5_K, but 0.76x at IQ2_XXS. So whole-model probes at
-:data:`~ggufmoe.pipeline.measure.JOINT_TYPES` fit ``KL = a * sum ** b`` (:func:`fit_joint`), and a plan's
+:data:`~ggufmoe.sensitivity.cost.JOINT_TYPES` fit ``KL = a * sum ** b`` (:func:`fit_joint`), and a plan's
 quantization cost is its sum through that map (:meth:`~ggufmoe.sensitivity.cost.Sensitivity.combined`).
 Within one keep count the map is monotone, so the allocation of types is the same; it changes what the
 planner weighs against pruning.
@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.sensitivity.cost import Sensitivity
 from ggufmoe.sensitivity.defaults import default_exponent
 
 
@@ -137,3 +139,28 @@ def apply_layer_factors(cost: dict[str, dict[str, float]], kinds: dict[str, list
         cost[n] = {t: v * m for t, v in cost[n].items()}
     return f
 
+
+
+def calibrated(error: dict[str, dict[str, float]], kinds: dict[str, list[str]], probes: dict[str, dict[str, float]],
+               groups: dict[str, list[str]], layer_kl: dict[str, float], anchor: str) -> Sensitivity:
+    """The costs of every tensor from its errors, the classes' probes and the layer groups' probes (measured KL;
+    :func:`scales_from_probes`, :func:`apply_layer_factors`)."""
+    cost, scales, exponents = scales_from_probes(error, kinds, probes, anchor)
+    factors = apply_layer_factors(cost, kinds, groups, layer_kl, anchor)
+    return Sensitivity(cost, True, scales, error, probes, exponents, layer_kl, factors)
+
+
+def join(sens: Sensitivity, measured: dict[str, float]) -> dict[str, dict]:
+    """Fit ``sens.joint`` through whole-model probes (type name -> measured KL; a type some tensor has no cost for
+    is left out); returns, per type, the sum of its costs, the measured and predicted KL and their ratio."""
+    uniform = {}
+    for t, kl in measured.items():
+        try:
+            uniform[t] = dict(summed=sens.predict(t), measured=kl)
+        except GgufmoeError:
+            continue
+    sens.joint = list(fit_joint([(u["summed"], u["measured"]) for u in uniform.values()]))
+    for u in uniform.values():
+        u["predicted"] = sens.combined(u["summed"])
+        u["ratio"] = u["predicted"] / u["measured"] if u["measured"] > 0 else None
+    return uniform

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ggufmoe.prune.criteria import Criterion, Pruning, PruneRequest, prune_key
+from ggufmoe.prune.criteria import Criterion, Pruning, PruneRequest, keep_counts, prune_key
 from ggufmoe.sensitivity.local_costs import Profile, depth
 from ggufmoe.stats.file import Stats
 from ggufmoe.stats.local_errors import LocalErrors
@@ -75,11 +75,22 @@ def local_prune_kl(local: LocalErrors, n_layers: int, scale: float, stats: Stats
     return kl
 
 
-def probe_pruning(arch, stats: Stats, keeps: list[int], fraction: float = 0.75) -> PruneRequest:
-    """A pruning a probe measures: the keep count of ``keeps`` nearest ``fraction`` of the experts, by REAP
-    (frequency without routing statistics)."""
-    keep = min(keeps, key=lambda k: abs(k - fraction * arch.n_expert))
-    return PruneRequest(keep=keep, criterion=Criterion.REAP if stats.has_routing else Criterion.FREQUENCY)
+PRUNE_FRACTIONS = (0.75, 0.5)  # experts kept by the pruning probes
+# where a sensitivity keeps the fit of the local pruning errors' map to KL (scale, exponent), beside the class scales
+PRUNE_LOCAL_KEY, PRUNE_FIT = "prune_local", "prune_local_exponent"
+
+
+def probe_pruning(arch, has_routing: bool, fraction: float = PRUNE_FRACTIONS[0]) -> PruneRequest:
+    """A pruning a probe measures: the keep count of :func:`~ggufmoe.prune.criteria.keep_counts` nearest
+    ``fraction`` of the experts, by REAP (frequency without routing statistics)."""
+    keep = min(keep_counts(arch), key=lambda k: abs(k - fraction * arch.n_expert))
+    return PruneRequest(keep=keep, criterion=Criterion.REAP if has_routing else Criterion.FREQUENCY)
+
+
+def probe_prunings(arch, has_routing: bool) -> list[PruneRequest]:
+    """The pruning probes: one per distinct keep count of :data:`PRUNE_FRACTIONS` that prunes."""
+    reqs = {r.keep: r for r in (probe_pruning(arch, has_routing, f) for f in PRUNE_FRACTIONS)}
+    return [r for r in reqs.values() if r.keep < arch.n_expert]
 
 
 def fit_pruning(units: list[float], kls: list[float]) -> tuple[float, float]:

@@ -58,11 +58,20 @@ class ExpertLoader:
     def _load(self, e: int) -> ExpertWeights:
         gate, up, down = (torch.from_numpy(checked_finite(f"{s.name} (expert {e})", s.load(e)))
                           for s in (self.gate, self.up, self.down))  # (ff, hidden), (ff, hidden), (hidden, ff)
+        return self._fused(gate, up, down)
+
+    def _fused(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
         # (2 ff, hidden) as transformers fuses them
         gate_up = torch.cat([gate, up]) if self.concatenated else torch.stack([gate, up], 1).reshape(-1, gate.shape[1])
         if self.transposed:
             gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
         return ExpertWeights(gate_up, down)
+
+    def fuse(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, e: int) -> ExpertWeights:
+        """Expert ``e``'s weights from its matrices as the checkpoint stores them (:meth:`parts` undone), with its
+        biases from the module."""
+        w = self._fused(gate, up, down)
+        return ExpertWeights(w.gate_up, w.down, *self.biases(e))
 
     def parts(self, w: ExpertWeights) -> dict[str, torch.Tensor]:
         """An expert's matrices as the checkpoint (and the GGUF) stores them, by spec name: the fusion undone."""

@@ -29,6 +29,7 @@ from ggufmoe.stats.file import ExpertStats
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
+from ggufmoe.stats.probe_streams import ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets, PruneProbe, ResidualRouting
 from ggufmoe.stats.routed_experts import expert_output, route_experts
 from ggufmoe.stats.skeleton import Skeleton, on_device, unsupported
@@ -67,6 +68,7 @@ class LayerPasses:
     phase1_share: float
     # per batch: what the last layer handed the next besides its hidden states (Architecture.layer_output), on the CPU
     carry: list[dict[str, torch.Tensor]]
+    streams: ProbeStreams | None
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
               working: WorkingSet) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
@@ -101,6 +103,8 @@ class LayerPasses:
                 similarity = probe.similarity(block, self.arch.n_expert) if probe.out else None
                 if similarity is not None:
                     local.similarity[str(k)] = similarity
+            if self.streams is not None:
+                self.streams.layer(skeleton, k, layer, specs, experts, adds, entries, layers.get(k), working.ahead)
             return entries, layers, local
         finally:
             layer.to("meta")

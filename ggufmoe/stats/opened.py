@@ -12,6 +12,7 @@ from ggufmoe.arch import Architecture, architecture_for
 from ggufmoe.source import open_source
 from ggufmoe.stats.file import Stats, load_stats
 from ggufmoe.stats.local_errors import LocalErrors, local_errors
+from ggufmoe.stats.probe_results import KEY as PROBES_KEY, StreamedProbes
 
 
 @dataclass
@@ -43,3 +44,9 @@ class OpenedModel:
     def local(self) -> LocalErrors | None:
         """The local errors the statistics hold (None without statistics or local errors)."""
         return local_errors(self.stats) if self.stats is not None else None
+
+    @functools.cached_property
+    def probes(self) -> StreamedProbes | None:
+        """The end-to-end probes the streamed calibration carried (None without statistics or probes)."""
+        raw = self.stats.extras.get(PROBES_KEY) if self.stats is not None else None
+        return StreamedProbes.from_json(raw) if raw else None

@@ -96,9 +96,11 @@ from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
 from ggufmoe.stats.layer_pass import LayerPasses
 from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors, LocalOptions
 from ggufmoe.stats.error_meter import LocalMeter
+from ggufmoe.stats.probe_results import KEY as PROBES_KEY
+from ggufmoe.stats.probe_streams import ProbeRequest, ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
-from ggufmoe.stats.text import calibration_tokens, warn_if_few_tokens
+from ggufmoe.stats.text import CALIB_CTX, calibration_tokens, warn_if_few_tokens
 from ggufmoe.stats.working_set import WorkingSet, WorkingSetBound
 
 DEFAULT_MAX_MEMORY = 4 * 1024**3
@@ -121,12 +123,13 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: int | None = None,
+def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tokens: int | None = None,
                  progress: bool = True, dataset: str = "calibration", out: str | Path | None = None,
                  resume: bool = False, device: str | torch.device = "cpu", max_memory: int = DEFAULT_MAX_MEMORY,
                  in_memory: bool | None = None, keep_on_error: bool = True,
                  resume_hint: str = "run the same command with --resume", local: LocalOptions | None = None,
-                 measure_local: bool = True, kept_sets: KeptSets | None = None) -> Stats:
+                 measure_local: bool = True, kept_sets: KeptSets | None = None,
+                 probes: ProbeRequest | None = None) -> Stats:
     """The statistics :func:`ggufmoe.stats.collect.collect_stats` gives, computed one layer at a time.
 
     With ``out`` the statistics are written there (atomically) and the state directory beside it
@@ -134,7 +137,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
     what does not stay in memory and nothing is resumable. ``measure_local``: also measure the local
     errors of :mod:`ggufmoe.stats.local_errors` (sampled as ``local`` says), stored with the statistics, and with
     ``kept_sets`` (the candidate prunings of a layer, from its statistics) the local pruning errors of
-    :mod:`ggufmoe.stats.prune_error`. ``in_memory`` forces where the hidden
+    :mod:`ggufmoe.stats.prune_error`. ``probes``: end-to-end probes carried beside the calibration
+    (:mod:`ggufmoe.stats.probe_streams`), their KL stored with the statistics. ``in_memory`` forces where the hidden
     states live (None: decided by ``max_memory``).
 
     Interrupted (Ctrl-C, SIGTERM) after a complete layer, the state directory is kept and the
@@ -155,8 +159,10 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = 512, max_tokens: i
     warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
     ids = torch.from_numpy(ids)
     local = (local or LocalOptions()) if measure_local else None
-    fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local))
+    fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local) + (probes.key() if probes else ""))
     run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress, local, kept_sets if local else None)
+    if probes is not None:
+        run.streams = ProbeStreams(arch, probes, dev, kept_sets, progress)
     n_chunks = run.n_chunks
     if out is None:
         with tempfile.TemporaryDirectory(prefix="ggufmoe-calibrate-") as tmp:
@@ -200,6 +206,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.durable = True  # whether the state directory is kept for --resume (set by run())
         self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
         self.carry: list[dict[str, torch.Tensor]] = []  # set per run (_run_layers)
+        self.streams: ProbeStreams | None = None  # end-to-end probes carried beside the calibration
 
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
@@ -258,6 +265,9 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             embedded = self.embed(skeleton, h_in)
         else:
             h_in = RowStore.open(paths[start % 2], self.rows, self.width, mem)
+            if self.streams is not None and not self.streams.load(state):
+                raise GgufmoeError(f"{state.path}: the interrupted calibration kept there has no probe streams; "
+                                   f"delete the directory to start over")
         self.carry = state.load_carry(start - 1, len(self.batches))
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
@@ -268,6 +278,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             if self.durable:
                 h_out.save()
                 state.save_carry(k, self.carry)
+                if self.streams is not None:
+                    self.streams.save(state)
             state.save_layer(k, entries, layers, local if self.meter else None)
             state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
             state.drop_carry(k - 1)
@@ -288,6 +300,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         if self.meter is not None:
             local.update(out_local)
             stats.extras[LOCAL_KEY] = local.to_json()
+        if self.streams is not None:
+            stats.extras[PROBES_KEY] = self.streams.finish(skeleton, self.by_layer.get(None, []), out_entries).to_json()
         return stats
 
     def embed(self, skeleton: Skeleton, h0: RowStore) -> LocalErrors | None:
@@ -300,6 +314,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             records = skeleton.capture(skeleton.input_embeddings(embedding_rows(spec, batch)))
             skeleton.remember(tuple(batch.shape), records)
             h0.tensor[a:b] = records[0][0].reshape(b - a, self.width)
+        if self.streams is not None:
+            self.streams.embed(skeleton, spec)
         if self.meter is None or not quantizable(spec):
             return None
         self.meter.embedding(spec, torch.cat([b.reshape(-1) for b in self.batches]))

@@ -15,6 +15,8 @@ from ggufmoe.errors import GgufmoeError
 if TYPE_CHECKING:
     import torch
 
+MAX_TEXT_TOKENS = 1_000_000  # tokens of a text the probes look at (token frequencies, KL chunks)
+CALIB_CTX = 512  # tokens per calibration chunk by default (llama-imatrix's)
 BATCH_TOKENS = 4096  # tokens per forward: whole chunks of ctx tokens batched together
 PIECE_CHARS = 1 << 16  # characters of text tokenized at a time
 CHECK_CHARS = 1 << 14  # opening of the text on which tokenizing in pieces is checked

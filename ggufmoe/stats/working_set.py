@@ -16,6 +16,7 @@ from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.stats.calib_state import HIDDEN, MOE_IN, CalibrationState
 from ggufmoe.stats.error_meter import MAX_PENDING
 from ggufmoe.stats.local_errors import LocalOptions
+from ggufmoe.stats.probe_streams import ProbeStreams
 from ggufmoe.stats.prune_error import PROBE_DIM, KeptSets
 from ggufmoe.stats.text import BATCH_TOKENS, batches
 from ggufmoe.units import format_size
@@ -53,6 +54,7 @@ class WorkingSetBound:
     kept_sets: KeptSets | None
     batches: list[torch.Tensor]
     offsets: list[int]
+    streams: ProbeStreams | None
 
     def working_set(self, max_memory: int, in_memory: bool | None) -> WorkingSet:
         """Spend ``max_memory``: hidden states in memory if they fit beside one layer's step, and as many
@@ -68,6 +70,8 @@ class WorkingSetBound:
         ahead = min(MAX_AHEAD, max(expert, max_memory // 16)) if expert else 0
         local = self.local_bytes(per_layer)
         fixed = weights + stats + ahead + expert + local + self.rows * self.arch.layer_output_bytes(self.ctx)
+        if self.streams is not None:
+            fixed += self.streams.nbytes(weights, expert)
         # a forward's activations per token: a few dozen hidden-wide tensors and a row of attention scores
         per_token = self.width * 4 * 24 + int(cfg.num_attention_heads) * self.ctx * 4
         if fixed + self.ctx * per_token > max_memory:

@@ -1,0 +1,84 @@
+"""The end-to-end probes of a streamed calibration (:mod:`ggufmoe.stats.probe_streams`): what they are
+(:class:`Variant`, :class:`ProbeRequest`) and what they measured (:class:`StreamedProbes`, stored in the statistics
+file as the JSON key :data:`KEY`; llama.cpp ignores it). Plain data: no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+KEY = "ggufmoe.streamed_probes"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One probe: the tensors a file would store at quantized types (GGUF name -> the type written; the others
+    exact), and optionally a pruning: (criterion, candidate) of the calibration's kept sets."""
+
+    name: str
+    types: Mapping[str, T] = field(default_factory=dict)
+    prune: tuple[str, str] | None = None
+
+
+@dataclass
+class ProbeRequest:
+    """The probes a calibration carries and the held-out chunks (token ids, by text) they run on."""
+
+    variants: list[Variant]
+    texts: list[str]  # names
+    chunks: list[list[int]]
+    text_of: list[int]  # per chunk
+
+    def key(self) -> str:
+        """A digest of the probes and their tokens (a kept calibration resumes only with the same)."""
+        h = hashlib.sha256(repr([(v.name, sorted((n, t.name) for n, t in v.types.items()), v.prune)
+                                 for v in self.variants]).encode())
+        h.update(repr((self.texts, self.chunks, self.text_of)).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class StreamedProbes:
+    """Per probe (a variant's name), the mean KL divergence from the exact model of each held-out chunk; which text
+    each chunk is from and how many positions it scores."""
+
+    texts: list[str]  # the held-out texts' names
+    text_of: list[int]  # per chunk: its text
+    positions: list[int]  # per chunk: the positions scored (its tokens less one)
+    kl: dict[str, list[float]] = field(default_factory=dict)  # probe -> per-chunk mean KL
+    info: dict = field(default_factory=dict)  # how they were measured (tokens, seconds, tensors left exact)
+
+    def mean(self, probe: str) -> float:
+        """The probe's KL over every scored position of every text."""
+        return float(np.average(self.kl[probe], weights=self.positions))
+
+    def by_text(self, probe: str) -> dict[str, float]:
+        """The probe's KL on each text."""
+        kl, w, of = np.array(self.kl[probe]), np.array(self.positions), np.array(self.text_of)
+        return {t: float(np.average(kl[of == i], weights=w[of == i])) for i, t in enumerate(self.texts)
+                if (of == i).any()}
+
+    def rel_stderr(self, probe: str) -> float:
+        """The relative standard error of :meth:`mean` over the chunks (inf with one chunk)."""
+        kl = np.array(self.kl[probe])
+        m = self.mean(probe)
+        if len(kl) < 2 or m <= 0:
+            return float("inf")
+        return float(kl.std(ddof=1) / np.sqrt(len(kl)) / m)
+
+    def to_json(self) -> str:
+        return json.dumps(dict(version=VERSION, **asdict(self)))
+
+    @classmethod
+    def from_json(cls, text: str) -> "StreamedProbes | None":
+        """None for another version (measured again)."""
+        d = json.loads(text)
+        if d.pop("version", None) != VERSION:
+            return None
+        return cls(**d)

@@ -1,0 +1,491 @@
+"""End-to-end probes inside the streamed calibration: several hidden-state streams of held-out tokens carried from
+layer to layer beside the calibration's, each through a variant of the model, and each stream's logits compared
+with the exact model's at the end (KL divergence per held-out chunk).
+
+A variant (:class:`Variant`) stores some tensors at quantized types (what the file will hold: our quantizer, the
+calibration's own importance rows, gguf-py's dequantization, :func:`~ggufmoe.quant.held.held_values`) and may prune
+the routed experts to one of the calibration's candidate sets (the router cut to them as a pruned GGUF routes). While
+a layer is loaded, after the calibration has run it (so its importance rows and expert statistics are complete):
+
+1. every stream whose variant touches the layer, or whose hidden states already differ from the exact model's, runs
+   the layer's own forward with the variant's matmul weights put into its modules (the GGUF rows matched back to the
+   checkpoint tensor's rows; a tensor cut otherwise, MLA's ``attn_k_b``/``attn_v_b``, stays exact and is listed), its
+   experts module recording its input and routes;
+2. the routed experts its streams use are read once (:class:`~ggufmoe.stats.expert_loader.ExpertLoader`), each
+   computed for every stream at the types that stream's variant gives it (quantized once per type);
+3. where the layer adds its routed output as it is, the stream's output is step 1's plus the routed output; where it
+   does not (Gemma 4), the layer runs again with its experts handing back the routed output.
+
+A stream whose variant has not touched any layer yet shares the exact model's hidden states (none kept). At the end,
+the final norm runs on every stream and the output matrix (at each variant's type) is applied in row chunks, the
+KL divergence per token accumulated online over the vocabulary (never a whole row of logits per stream).
+Memory: (streams + 1) x tokens x hidden x 4 bytes for the hidden states and as much again for one layer's step
+(:meth:`ProbeStreams.nbytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from torch import nn
+from tqdm import tqdm
+
+from ggufmoe.arch.base import Architecture
+from ggufmoe.model.tensor import RowLoader, TensorSpec
+from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.held import held_values
+from ggufmoe.stats.calib_state import CalibrationState
+from ggufmoe.stats.expert_loader import ExpertLoader
+from ggufmoe.stats.file import ExpertStats
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, importance
+from ggufmoe.stats.probe_results import ProbeRequest, StreamedProbes, Variant
+from ggufmoe.stats.prune_error import KeptSets, pruned_router, router_of
+from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
+from ggufmoe.stats.skeleton import Skeleton, embedding_rows, on_device
+from ggufmoe.stats.text import BATCH_TOKENS
+
+REF = ""  # the exact model's stream
+STATE_FILE = "probes.npz"
+LOGIT_BYTES = 256 * 1024**2  # logits of one vocabulary chunk for all tokens (float64)
+
+
+@dataclass
+class _Step:
+    """One stream's pass through one layer."""
+
+    types: dict[str, T]
+    members: list[int] | None  # experts kept (pruned routing), else None
+    out: torch.Tensor  # step 1's output (the routed output added in step 3)
+    carry: list[dict[str, torch.Tensor]]
+    x: torch.Tensor | None = None  # the experts' input, routes and their weights
+    idx: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # routing slots (token x top_k + j) sorted by expert
+    starts: list[int] | None = None  # expert e's slots: slots[starts[e]:starts[e + 1]]
+
+
+class ProbeStreams:
+    """The probe streams of one streamed calibration (see the module docstring)."""
+
+    def __init__(self, arch: Architecture, request: ProbeRequest, device: torch.device, kept_sets: KeptSets | None,
+                 progress: bool = True):
+        self.arch, self.request, self.device, self.kept_sets = arch, request, device, kept_sets
+        self.progress = progress
+        self.variants = request.variants
+        self.width = int(arch.cfg.hidden_size)
+        order = sorted(range(len(request.chunks)), key=lambda i: -len(request.chunks[i]))
+        self.order = order  # chunk i's rows are the order.index(i)-th chunk's
+        self.batches: list[torch.Tensor] = []
+        group: list[list[int]] = []
+        for i in order:
+            c = request.chunks[i]
+            if group and (len(c) != len(group[0]) or (len(group) + 1) * len(c) > BATCH_TOKENS):
+                self.batches.append(torch.tensor(group))
+                group = []
+            group.append(c)
+        if group:
+            self.batches.append(torch.tensor(group))
+        self.offsets = np.cumsum([0] + [b.numel() for b in self.batches]).tolist()
+        self.rows = self.offsets[-1]
+        self.hidden: dict[str, torch.Tensor | None] = {v.name: None for v in self.variants}
+        self.carry: dict[str, list[dict[str, torch.Tensor]] | None] = {v.name: None for v in self.variants}
+        self.carry[REF] = [{} for _ in self.batches]
+        self.exact: set[str] = set()  # tensors a variant quantizes that no module holds as their rows: left exact
+        self.pruned: set[str] = set()  # pruning variants that pruned some layer (others measure nothing)
+        self.q = Quantizer()
+        self.seconds = 0.0
+
+    def nbytes(self, weights: int, expert: int) -> int:
+        """What the streams hold at most, for a layer of ``weights`` bytes of matmul weights and ``expert`` bytes
+        per routed expert (float32): every stream's hidden states and one layer's step for each (its output, its
+        experts' input and routed output), the layer's weights at each quantized type and one expert's."""
+        n_types = len({t for v in self.variants for t in v.types.values()})
+        return (len(self.variants) + 1) * self.rows * self.width * 4 * 4 + n_types * (weights + expert)
+
+
+    # --- the embedding ----------------------------------------------------------------------------------------
+
+    def embed(self, skeleton: Skeleton, spec: TensorSpec) -> None:
+        """Layer 0's input of every stream: the exact embedding rows, or those a variant's type holds."""
+        t0 = time.perf_counter()
+        types = {v.types.get(spec.name) for v in self.variants}
+        hidden = {t: torch.empty(self.rows, self.width) for t in types | {None}}
+        for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+            rows = embedding_rows(spec, batch)
+            for t, h in hidden.items():
+                r = rows if t is None else torch.from_numpy(held_values(rows.numpy(), t, None, self.q))
+                records = skeleton.capture(skeleton.input_embeddings(r))
+                skeleton.remember(tuple(batch.shape), records)
+                h[a:b] = records[0][0].reshape(b - a, self.width)
+        self.hidden[REF] = hidden[None]
+        for v in self.variants:
+            t = v.types.get(spec.name)
+            self.hidden[v.name] = None if t is None else hidden[t]
+        self.seconds += time.perf_counter() - t0
+
+    # --- one decoder layer ----------------------------------------------------------------------------------
+
+    def layer(self, skeleton: Skeleton, k: int, layer: nn.Module, specs: list[TensorSpec], experts: nn.Module | None,
+              adds: bool, entries: dict[str, ImatrixEntry], layer_stats: ExpertStats | None, ahead: int) -> None:
+        """Every stream through layer ``k`` (made real, its statistics ``entries``/``layer_stats`` complete)."""
+        t0 = time.perf_counter()
+        imatrix = Imatrix(entries, [], 0, 0)
+        names = {s.name for s in specs}
+        kept = self.kept_sets(layer_stats) if self.kept_sets and layer_stats is not None and experts is not None \
+            else {}
+        weights = _PlainWeights(skeleton, [s for s in specs if not s.is_expert], imatrix, self.q, self.exact)
+        block = router = None
+        if experts is not None:
+            block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
+            router = layer.get_submodule(self.arch.residual_router) if self.arch.residual_router \
+                else router_of(block, self.arch.n_expert)
+        steps: dict[str, _Step] = {}
+        ref_in = self.hidden[REF]
+        bar = tqdm(total=len(self.variants) + 1 + (experts is not None), unit="stream", leave=False,
+                   desc=f"probes {k + 1}/{self.arch.cfg.num_hidden_layers}", disable=not self.progress)
+        for v in [Variant(REF), *self.variants]:
+            bar.update()
+            types = {n: t for n, t in v.types.items() if n in names}
+            members = None
+            if v.prune is not None and router is not None:
+                members = kept.get(v.prune[0], {}).get(v.prune[1], (None,))[0]
+                if members is not None:
+                    self.pruned.add(v.name)
+            if v.name != REF and self.hidden[v.name] is None and not types and members is None:
+                continue  # still the exact model's stream
+            h = self.hidden[v.name] if self.hidden[v.name] is not None else ref_in
+            carry = self.carry[v.name] or self.carry[REF]
+            steps[v.name] = self._phase1(skeleton, k, layer, experts, block, router, weights, h, carry, types,
+                                         members)
+        if experts is not None:
+            routed = self._experts(k, experts, specs, steps, imatrix, ahead)
+            bar.update()
+            for name, step in steps.items():
+                if adds:
+                    step.out += routed[name]
+                else:
+                    step.out, step.carry = self._again(skeleton, k, layer, experts, block, router, weights,
+                                                       self.hidden[name] if self.hidden[name] is not None else ref_in,
+                                                       self.carry[name] or self.carry[REF], step, routed[name])
+        for name, step in steps.items():
+            self.hidden[name], self.carry[name] = step.out, step.carry
+        bar.close()
+        self.seconds += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def _variant(self, experts: nn.Module | None, block: nn.Module | None, router: nn.Module | None,
+                 weights: "_PlainWeights", types: dict[str, T], members: list[int] | None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(weights.applied(types))
+            if members is not None:
+                n = self.arch.n_expert
+                stack.enter_context(pruned_router(router, members, self.arch.router_tensors, n))
+                if not self.arch.residual_router:
+                    stack.enter_context(pruned_router(block, members, self.arch.router_tensors, n))
+            yield
+
+    def _forward(self, skeleton: Skeleton, k: int, layer: nn.Module, h: torch.Tensor,
+                 carry: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        out, handed_on = torch.empty(self.rows, self.width), []
+        for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
+            shape = tuple(batch.shape)
+            args, kwargs = skeleton.layer_args(shape, k)
+            handed = self.arch.layer_input(on_device(carry[i], self.device))
+            y, nxt = self.arch.layer_output(layer(h[a:b].view(*shape, self.width).to(self.device), *args,
+                                                  **{**kwargs, **handed}), handed)
+            out[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
+            handed_on.append(on_device(nxt, torch.device("cpu")))
+        return out, handed_on
+
+    def _phase1(self, skeleton, k, layer, experts, block, router, weights, h, carry, types, members) -> _Step:
+        got: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        ids = None if members is None else torch.tensor(members)
+
+        def capture(hs: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *_, **__):
+            idx = top_k_index.to("cpu")
+            got.append((hs.detach().reshape(len(idx), -1).to("cpu", torch.float32),
+                        idx if ids is None else ids[idx.clamp(0, len(ids) - 1)], top_k_weights.to("cpu", torch.float32)))
+            return torch.zeros_like(hs)
+
+        with torch.no_grad(), self._variant(experts, block, router, weights, types, members):
+            if experts is not None:
+                experts.forward = capture
+            try:
+                out, handed = self._forward(skeleton, k, layer, h, carry)
+            finally:
+                if experts is not None:
+                    del experts.forward
+        step = _Step(types, members, out, handed)
+        if got:
+            step.x, step.idx, step.w = (torch.cat(p) for p in zip(*got))
+        return step
+
+    def _experts(self, k: int, experts: nn.Module, specs: list[TensorSpec], steps: dict[str, _Step],
+                 imatrix: Imatrix, ahead: int) -> dict[str, torch.Tensor]:
+        """Each stream's routed output: every expert its streams use read once, computed at each stream's types."""
+        n = self.arch.n_expert
+        routed = {name: torch.zeros(self.rows, self.width) for name in steps}
+        used = torch.zeros(n + 1, dtype=torch.bool)
+        for s in steps.values():
+            flat = s.idx.reshape(-1).clamp(0, n)  # ids at or beyond the expert count contribute nothing
+            used[flat] = True
+            s.slots = torch.argsort(flat, stable=True)
+            s.starts = [0, *torch.cumsum(torch.bincount(flat, minlength=n + 1), 0).tolist()]
+        order = torch.nonzero(used[:n]).reshape(-1).tolist()
+        loader = ExpertLoader(self.arch, experts, specs, order, self.device, ahead)
+        parts = (loader.gate.name, loader.up.name, loader.down.name)
+        try:
+            with torch.no_grad():
+                for e in order:
+                    ew = loader(e)
+                    exact = None
+                    held: dict[tuple, ExpertWeights] = {}
+                    quantized: dict[tuple[str, T], torch.Tensor] = {}
+                    for name, s in steps.items():
+                        slots = s.slots[s.starts[e]:s.starts[e + 1]]
+                        if not len(slots):
+                            continue
+                        top_k = s.idx.shape[1]
+                        rows, slots = slots // top_k, slots % top_k
+                        key = tuple(s.types.get(p) for p in parts)
+                        if key not in held:
+                            if exact is None:
+                                exact = loader.parts(ew)
+                            mats = []
+                            for p, t in zip(parts, key):
+                                if t is None:
+                                    mats.append(exact[p])
+                                    continue
+                                if (p, t) not in quantized:
+                                    values = held_values(exact[p].cpu().numpy(), t, imatrix.row(p, e), self.q)
+                                    quantized[p, t] = torch.from_numpy(values).to(self.device)
+                                mats.append(quantized[p, t])
+                            held[key] = ew if all(t is None for t in key) else loader.fuse(*mats, e)
+                        _, y = expert_output(experts, held[key], s.x[rows].to(self.device))
+                        routed[name].index_add_(0, rows, (y * s.w[rows, slots, None].to(y.device)).to("cpu", torch.float32))
+        finally:
+            loader.close()
+        return routed
+
+    def _again(self, skeleton, k, layer, experts, block, router, weights, h, carry, step: _Step,
+               routed: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The layer again with its experts handing back ``routed`` (a layer that does not add it as it is)."""
+        where = [0]
+
+        def hand_back(hs: torch.Tensor, *_, **__):
+            a = where[0]
+            where[0] += hs.reshape(-1, self.width).shape[0]
+            return routed[a:where[0]].reshape(hs.shape).to(hs.device, hs.dtype)
+
+        with torch.no_grad(), self._variant(experts, block, router, weights, step.types, step.members):
+            experts.forward = hand_back
+            try:
+                return self._forward(skeleton, k, layer, h, carry)
+            finally:
+                del experts.forward
+
+    # --- the logits ------------------------------------------------------------------------------------------
+
+    def finish(self, skeleton: Skeleton, specs: list[TensorSpec], out_entries: dict[str, ImatrixEntry]
+               ) -> StreamedProbes:
+        """Every stream's KL divergence from the exact model, per held-out chunk (the final norm and the output
+        matrix at each variant's type; on the CPU, where :meth:`StreamedRun.output` made the final norm real)."""
+        t0 = time.perf_counter()
+        out = next((s for s in specs if s.parsed.base == "output"), None) or \
+            next(s for s in specs if s.parsed.base == "token_embd")  # tied: llama.cpp multiplies by the embedding
+        lm = skeleton.model.get_output_embeddings()
+        got: list[torch.Tensor] = []
+
+        def capture(x: torch.Tensor) -> torch.Tensor:
+            got.append(x.detach().reshape(-1, x.shape[-1]).float())
+            return x.new_empty(*x.shape[:-1], 0)
+
+        finals: dict[int, torch.Tensor] = {}  # by the hidden states' identity: streams sharing them share this
+        lm.forward = capture
+        try:
+            with torch.no_grad():
+                for name in [REF, *(v.name for v in self.variants)]:
+                    h = self.hidden[name] if self.hidden[name] is not None else self.hidden[REF]
+                    if id(h) not in finals:
+                        got.clear()
+                        for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
+                            skeleton.output_pass(h[a:b].view(*batch.shape, self.width))
+                        finals[id(h)] = torch.cat(got)
+        finally:
+            del lm.forward
+        x = {name: finals[id(self.hidden[name] if self.hidden[name] is not None else self.hidden[REF])]
+             for name in [REF, *(v.name for v in self.variants)]}
+        kl = self._kl(out, x, Imatrix(out_entries, [], 0, 0).row(out.name, None) if out.name in out_entries else None)
+        measured = [v for v in self.variants if v.prune is None or v.name in self.pruned]
+        positions, per_chunk = [], {v.name: [] for v in measured}
+        for i, c in enumerate(self.request.chunks):
+            j = self.order.index(i)
+            a = sum(len(self.request.chunks[m]) for m in self.order[:j])
+            positions.append(len(c) - 1)
+            for v in measured:
+                per_chunk[v.name].append(float(kl[v.name][a:a + len(c) - 1].mean()))
+        self.seconds += time.perf_counter() - t0
+        info = dict(tokens=self.rows, chunks=len(self.request.chunks), seconds=round(self.seconds, 2),
+                    left_exact=sorted(self.exact))
+        return StreamedProbes(self.request.texts, self.request.text_of, positions, per_chunk, info)
+
+    def _kl(self, spec: TensorSpec, x: dict[str, torch.Tensor], imatrix_row: np.ndarray | None
+            ) -> dict[str, torch.Tensor]:
+        """Per token, KL(exact || stream) of every variant's logits, the output matrix read and quantized in row
+        chunks: running log-sum-exps and the exact distribution's running expectation of the difference."""
+        n_vocab = spec.shape[0]
+        cap = self.arch.logit_softcap
+        step = max(1, LOGIT_BYTES // (8 * self.rows * 2))
+        loader = spec.load
+        whole = None if isinstance(loader, RowLoader) else loader(0)
+        neg = torch.full((self.rows,), -torch.inf, dtype=torch.float64)
+        m_ref, s_ref = neg.clone(), torch.zeros(self.rows, dtype=torch.float64)
+        lse = {v.name: (neg.clone(), torch.zeros(self.rows, dtype=torch.float64)) for v in self.variants}
+        acc = {v.name: torch.zeros(self.rows, dtype=torch.float64) for v in self.variants}
+
+        def logits(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            z = (xs @ w.T).double()
+            return cap * torch.tanh(z / cap) if cap else z
+
+        for r0 in range(0, n_vocab, step):
+            r1 = min(n_vocab, r0 + step)
+            rows = whole[r0:r1] if whole is not None else loader.rows(r0, r1)
+            mats = {None: torch.from_numpy(np.ascontiguousarray(rows, np.float32))}
+            for v in self.variants:
+                t = v.types.get(spec.name)
+                if t not in mats:
+                    mats[t] = torch.from_numpy(held_values(rows, t, imatrix_row, self.q))
+            z_ref = logits(x[REF], mats[None])
+            m_new = torch.maximum(m_ref, z_ref.max(1).values)
+            decay = torch.exp(m_ref - m_new)
+            p = torch.exp(z_ref - m_new[:, None])
+            s_ref = s_ref * decay + p.sum(1)
+            for v in self.variants:
+                z = logits(x[v.name], mats[v.types.get(spec.name)])
+                acc[v.name] = acc[v.name] * decay + (p * (z_ref - z)).sum(1)
+                m, s = lse[v.name]
+                m2 = torch.maximum(m, z.max(1).values)
+                lse[v.name] = (m2, s * torch.exp(m - m2) + torch.exp(z - m2[:, None]).sum(1))
+            m_ref = m_new
+        log_z_ref = m_ref + torch.log(s_ref)
+        return {name: (acc[name] / s_ref - log_z_ref + m + torch.log(s)).clamp(min=0)
+                for name, (m, s) in lse.items()}
+
+    # --- resuming ------------------------------------------------------------------------------------------
+
+    def save(self, state: CalibrationState) -> None:
+        """The streams after the last complete layer, durably (``--resume`` continues them)."""
+        arrays = {"exact": np.array(sorted(self.exact), dtype=str), "pruned": np.array(sorted(self.pruned), dtype=str),
+                  "seconds": np.array(self.seconds)}
+        for name, h in self.hidden.items():
+            if h is not None:
+                arrays[f"hidden:{name}"] = h.numpy()
+        for name, carry in self.carry.items():
+            for i, c in enumerate(carry or []):
+                for key, t in c.items():
+                    arrays[f"carry:{name}:{i}:{key}"] = t.numpy()
+        path = state.path / STATE_FILE
+        state.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration state")
+
+    def load(self, state: CalibrationState) -> bool:
+        """The streams a kept calibration saved; False when it kept none."""
+        path = state.path / STATE_FILE
+        if not path.exists():
+            return False
+        with np.load(path) as z:
+            for key in z.files:
+                kind, _, rest = key.partition(":")
+                if kind == "hidden":
+                    self.hidden[rest] = torch.from_numpy(z[key])
+                elif kind == "carry":
+                    name, i, tensor = rest.rsplit(":", 2)
+                    if self.carry.get(name) is None:
+                        self.carry[name] = [{} for _ in self.batches]
+                    self.carry[name][int(i)][tensor] = torch.from_numpy(z[key])
+            self.exact, self.pruned = set(z["exact"].tolist()), set(z["pruned"].tolist())
+            self.seconds = float(z["seconds"])
+        return True
+
+
+class _PlainWeights:
+    """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs:
+    each GGUF tensor's rows (its columns in the checkpoint's order) matched back to the rows of the module parameter
+    they come from, exactly (transposed, scaled or otherwise cut tensors match nothing and stay exact, listed in
+    ``exact``)."""
+
+    def __init__(self, skeleton: Skeleton, specs: list[TensorSpec], imatrix: Imatrix, q: Quantizer, exact: set[str]):
+        self.skeleton, self.imatrix, self.q, self.exact = skeleton, imatrix, q, exact
+        self.specs = {s.name: s for s in specs}
+        self.keys = {name: key for key, name in skeleton.checkpoint.items()}
+        self.places: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor] | None] = {}
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def _place(self, s: TensorSpec):
+        """(module, parameter name, its rows, its columns) that tensor ``s`` is, or None."""
+        if s.name in self.places:
+            return self.places[s.name]
+        found = None
+        key = self.keys.get(s.hf_name)
+        if key is not None and len(s.shape) == 2:
+            path, _, leaf = key.rpartition(".")
+            owner = self.skeleton.model.get_submodule(path)
+            w = getattr(owner, leaf, None)
+            if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.is_meta:
+                cols = torch.tensor(s.input_order) if s.input_order is not None else torch.arange(w.shape[1])
+                if len(cols) == s.shape[1]:
+                    source = w.detach()[:, cols.to(w.device)].cpu().numpy()
+                    where: dict[bytes, list[int]] = {}
+                    for j, row in enumerate(source):
+                        where.setdefault(row.tobytes(), []).append(j)
+                    rows = []
+                    for row in np.ascontiguousarray(s.load(0), np.float32).reshape(s.shape):
+                        js = where.get(row.tobytes())
+                        if not js:
+                            break
+                        rows.append(js.pop() if len(js) > 1 else js[0])
+                    else:
+                        found = (owner, leaf, torch.tensor(rows), cols)
+        if found is None:
+            self.exact.add(s.name)
+        self.places[s.name] = found
+        return found
+
+    @contextlib.contextmanager
+    def applied(self, types: dict[str, T]) -> Iterator[None]:
+        """The modules hold the tensors of ``types`` at those types while inside."""
+        by_param: dict[tuple[int, str], list[tuple[TensorSpec, T]]] = {}
+        owners: dict[tuple[int, str], nn.Module] = {}
+        for name, t in sorted(types.items()):
+            s = self.specs.get(name)
+            place = self._place(s) if s is not None else None
+            if place is None:
+                continue
+            owner, leaf = place[0], place[1]
+            by_param.setdefault((id(owner), leaf), []).append((s, t))
+            owners[(id(owner), leaf)] = owner
+        saved = []
+        try:
+            for key, group in by_param.items():
+                owner, leaf = owners[key], key[1]
+                cached = (key, tuple((s.name, t) for s, t in group))
+                if cached not in self.cache:
+                    w = getattr(owner, leaf).detach().clone()
+                    for s, t in group:
+                        _, _, rows, cols = self.places[s.name]
+                        at = (rows.to(w.device)[:, None], cols.to(w.device)[None, :])
+                        imp = importance(s, 0, self.imatrix)
+                        values = held_values(w[at].cpu().numpy(), t, None if imp is None else imp[0], self.q)
+                        w[at] = torch.from_numpy(values).to(w.device)
+                    self.cache[cached] = w
+                saved.append((owner, leaf, owner._parameters[leaf]))
+                owner._parameters[leaf] = nn.Parameter(self.cache[cached], requires_grad=False)
+            yield
+        finally:
+            for owner, leaf, p in reversed(saved):
+                owner._parameters[leaf] = p
