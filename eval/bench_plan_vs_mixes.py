@@ -8,7 +8,10 @@ budget for `ggufmoe plan`; both files are measured on eval_doc.txt (KL divergenc
 conversion, through llama.cpp). Calibration on calib.txt, streamed with local errors (`ggufmoe calibrate`).
 ``--sensitivity probes`` (the default of a model this small) writes eval/results/plan_vs_mixes.{md,json,png};
 ``--sensitivity local`` (local errors mapped by the reference tables, no probe through llama.cpp)
-writes eval/results/plan_vs_mixes_local.{md,json,png}.
+writes eval/results/plan_vs_mixes_local.{md,json,png}; ``--sensitivity streamed`` (the streamed probes, carried by
+the calibration on the pieces of calib.txt it holds out; no llama.cpp run) writes plan_vs_mixes_streamed.*.
+Every file is also measured on a second text the calibration did not see, of another kind: this project's README
+and sources (``common.source_text``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from common import eval_chunks, score as score_gguf  # noqa: E402
+from common import eval_chunks, score as score_gguf, source_text  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
@@ -67,22 +70,24 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--work", type=Path, help="keep intermediate files here (stats, sensitivities are cached)")
-    ap.add_argument("--sensitivity", choices=("probes", "local"), default="probes")
+    ap.add_argument("--sensitivity", choices=("probes", "local", "streamed"), default="probes")
     ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
     args = ap.parse_args()
     planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     chunks = eval_chunks(args.model, args.chunks, args.ctx)
+    other = eval_chunks(args.model, args.chunks, args.ctx, source_text())
     work = args.work or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     stats_path = work / "stats.gguf"
     if not stats_path.exists():
-        save_stats(calibrate(args.model, calib), stats_path)
+        save_stats(calibrate(args.model, calib, probes=args.sensitivity == "streamed"), stats_path)
     f32 = work / "F32.gguf"
     if not f32.exists():
         convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
     with LlamaScorer(f32, args.ctx) as score:
         base = [score(c) for c in chunks]
+        base_other = [score(c) for c in other]
     imatrix = load_stats(stats_path).imatrix
     rows = []
     for mix in MIXES:
@@ -96,33 +101,41 @@ def main() -> None:
                    ours_bytes=ours.stat().st_size, planned_bytes=plan.file_bytes, keep=plan.keep,
                    ours_kld=score_gguf(ours, chunks, base, args.ctx)["kld"], predicted_kld=plan.predicted_kld["total"])
         row["ratio"] = row["ours_kld"] / row["mix_kld"]
+        row["mix_kld_source"] = score_gguf(theirs, other, base_other, args.ctx)["kld"]
+        row["ours_kld_source"] = score_gguf(ours, other, base_other, args.ctx)["kld"]
+        row["ratio_source"] = row["ours_kld_source"] / row["mix_kld_source"]
         rows.append(row)
         print(row, flush=True)
     out = ROOT / "eval" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "plan_vs_mixes" + ("_local" if args.sensitivity == "local" else "")
+    name = "plan_vs_mixes" + ("" if args.sensitivity == "probes" else f"_{args.sensitivity}")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / f"{name}.png")
-    how = ("local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local_costs.py (no probe "
-           "through llama.cpp)" if args.sensitivity == "local" else "measured with probes through llama.cpp")
+    how = {"local": "local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local_costs.py "
+                    "(no probe through llama.cpp)",
+           "streamed": "from the streamed probes the calibration carried on the pieces of calib.txt it held out (no "
+                       "probe through llama.cpp)",
+           "probes": "measured with probes through llama.cpp"}[args.sensitivity]
     lines = [
         "# Budgeted plans vs llama.cpp's mixes at the same size",
         "",
         f"Reference model `{args.model.name}`; statistics (streamed, with local errors) from "
         f"{'the first {:,} characters of '.format(args.chars) if args.chars else ''}calib.txt; "
         f"sensitivities and pruning costs {how}; KL divergence to the "
-        f"F32 conversion over {len(chunks)} chunks of {args.ctx} tokens of eval_doc.txt through llama.cpp. "
+        f"F32 conversion over {len(chunks)} chunks of {args.ctx} tokens of eval_doc.txt (and as many of the source text: README and ggufmoe/*.py) through llama.cpp. "
         "Mixes made by `llama_model_quantize` from our F32 file with our importance matrix; our plan gets the "
         f"mix's file size as a weights-only budget. Machine: {platform.machine()}, {os.cpu_count()} cores. "
         "Reproduce: `python eval/bench_plan_vs_mixes.py`.",
         "",
         "| llama.cpp mix | its size | its KLD | our size | planned = written | experts kept | our KLD | predicted | "
-        "predicted / measured | ratio to the mix |",
-        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|",
+        "predicted / measured | ratio to the mix | source text: its KLD | our KLD | predicted / measured | ratio |",
+        "|---|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['mix']} | {r['mix_bytes']:,} | {r['mix_kld']:.4f} | {r['ours_bytes']:,} | "
               f"{'yes' if r['planned_bytes'] == r['ours_bytes'] else 'NO'} | {r['keep']} | {r['ours_kld']:.4f} | "
-              f"{r['predicted_kld']:.4f} | {r['predicted_kld'] / r['ours_kld']:.2f} | {r['ratio']:.2f} |" for r in rows]
+              f"{r['predicted_kld']:.4f} | {r['predicted_kld'] / r['ours_kld']:.2f} | {r['ratio']:.2f} | "
+              f"{r['mix_kld_source']:.4f} | {r['ours_kld_source']:.4f} | "
+              f"{r['predicted_kld'] / r['ours_kld_source']:.2f} | {r['ratio_source']:.2f} |" for r in rows]
     lines += ["", f"![size vs KL]({name}.png)"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

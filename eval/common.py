@@ -31,14 +31,15 @@ def peak_rss_of(cmd: list[str], quiet: bool = False) -> tuple[int, float]:
     return usage.ru_maxrss * 1024, time.perf_counter() - t0
 
 
-def eval_chunks(model: Path, n: int, ctx: int) -> list[list[int]]:
-    """The first ``n`` full chunks of ``ctx`` tokens of eval_doc.txt."""
+def eval_chunks(model: Path, n: int, ctx: int, text: str | None = None) -> list[list[int]]:
+    """The first ``n`` full chunks of ``ctx`` tokens of ``text`` (eval_doc.txt by default)."""
     from transformers import AutoTokenizer
 
     from ggufmoe.stats.text import token_chunks
 
     tok = AutoTokenizer.from_pretrained(model)
-    chunks = token_chunks(tok, (SHARED / "data" / "eval_doc.txt").read_text(), ctx, ctx * (n + 1))
+    text = text if text is not None else (SHARED / "data" / "eval_doc.txt").read_text()
+    chunks = token_chunks(tok, text, ctx, ctx * (n + 1))
     return [c for c in chunks if len(c) == ctx][:n]
 
 
@@ -85,3 +86,10 @@ def reference_work(model: Path, work: Path | None, chars: int, n_chunks: int, ct
     with LlamaScorer(f32, ctx) as s:
         base = [s(c) for c in chunks]
     return work, stats, f32, chunks, base
+
+
+def source_text() -> str:
+    """A second held-out text of another kind than the calibration text (prose): this project's README and Python
+    sources, concatenated in path order."""
+    files = [ROOT / "README.md", *sorted((ROOT / "ggufmoe").rglob("*.py"))]
+    return "\n\n".join(f.read_text() for f in files)

@@ -16,6 +16,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.prune.criteria import choose_experts
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import JOINT_TYPES, METHOD_VERSION, PROBE_TYPE
+from ggufmoe.sensitivity.defaults import default_sensitivity
 from ggufmoe.sensitivity.fit import calibrated, join, layer_groups
 from ggufmoe.sensitivity.probe_set import LAYER_PROBES, probe_kinds, prune_name
 from ggufmoe.sensitivity.prune_cost import (PRUNE_FIT, PRUNE_LOCAL_KEY, fit_pruning, local_prune_kl, probe_prunings,
@@ -32,8 +33,13 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
                            "calibrate --probes`)")
     specs = [s for s in arch.tensors() if quantizable(s)]
     anchor = PROBE_TYPE.name
+    # a class the streams left exact (no module holds its rows: MLA's attn_k_b/attn_v_b) measured nothing: priced from
+    # shapes, as a model without statistics is
+    left_exact = set(probes.info.get("left_exact", []))
+    unprobed = [s for s in specs if s.name in left_exact]
+    specs = [s for s in specs if s.name not in left_exact]
     error = {s.name: local.quant[s.name] for s in specs if s.name in local.quant}
-    rest = [s for s in specs if s.name not in error]  # no local error (MLA's attn_k_b/attn_v_b): the diagonal one
+    rest = [s for s in specs if s.name not in error]  # no local error: the diagonal one
     if rest:
         error.update(measure_errors(rest, stats, None, arch.n_expert, arch.top_k, progress=progress))
     kinds = probe_kinds(specs)
@@ -46,6 +52,10 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
     layer_kl = {g: probes.mean(f"layers:{g}:{anchor}") for g in groups if f"layers:{g}:{anchor}" in probes.kl}
     sens = calibrated(error, kinds, {k: {anchor: probes.mean(f"class:{k}:{anchor}")} for k in kinds},
                       {g: n for g, n in groups.items() if g in layer_kl}, layer_kl, anchor)
+    if unprobed:
+        shapes = default_sensitivity(unprobed, arch.n_expert, arch.top_k, imatrix=True, aliases=arch.sensitivity_aliases)
+        sens.cost.update(shapes.cost)
+        sens.error.update(shapes.error)
     uniform = join(sens, {t.name: probes.mean(f"all:{t.name}") for t in JOINT_TYPES})
     n_layers = int(arch.cfg.num_hidden_layers)
     pruning = {}  # probe -> (its local pruning errors' unit, measured KL)
@@ -60,5 +70,5 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
                      chunks=len(probes.positions), kl_tokens=int(np.sum(probes.positions)), uniform=uniform,
                      by_text=spread, rel_stderr={p: round(probes.rel_stderr(p), 4) for p in probes.kl},
                      pruning=pruning,
-                     left_exact=probes.info.get("left_exact", []), diagonal_errors=sorted(s.name for s in rest))
+                     shape_defaults=sorted(s.name for s in unprobed), diagonal_errors=sorted(s.name for s in rest))
     return sens, local_prune_kl(local, n_layers, sens.scales[PRUNE_LOCAL_KEY], stats, sens.scales[PRUNE_FIT])

@@ -37,22 +37,22 @@ from torch import nn
 from tqdm import tqdm
 
 from ggufmoe.arch.base import Architecture
-from ggufmoe.model.tensor import RowLoader, TensorSpec
+from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.quant.held import held_values
 from ggufmoe.stats.calib_state import CalibrationState
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats
-from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, importance
+from ggufmoe.stats.held_weights import PlainWeights
+from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
+from ggufmoe.stats.probe_logits import REF, stream_kl
 from ggufmoe.stats.probe_results import ProbeRequest, StreamedProbes, Variant
 from ggufmoe.stats.prune_error import KeptSets, pruned_router, router_of
 from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, on_device
 from ggufmoe.stats.text import BATCH_TOKENS
 
-REF = ""  # the exact model's stream
 STATE_FILE = "probes.npz"
-LOGIT_BYTES = 256 * 1024**2  # logits of one vocabulary chunk for all tokens (float64)
 
 
 @dataclass
@@ -139,7 +139,7 @@ class ProbeStreams:
         names = {s.name for s in specs}
         kept = self.kept_sets(layer_stats) if self.kept_sets and layer_stats is not None and experts is not None \
             else {}
-        weights = _PlainWeights(skeleton, [s for s in specs if not s.is_expert], imatrix, self.q, self.exact)
+        weights = PlainWeights(skeleton, [s for s in specs if not s.is_expert], imatrix, self.q, self.exact)
         block = router = None
         if experts is not None:
             block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
@@ -180,7 +180,7 @@ class ProbeStreams:
 
     @contextlib.contextmanager
     def _variant(self, experts: nn.Module | None, block: nn.Module | None, router: nn.Module | None,
-                 weights: "_PlainWeights", types: dict[str, T], members: list[int] | None) -> Iterator[None]:
+                 weights: PlainWeights, types: dict[str, T], members: list[int] | None) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             stack.enter_context(weights.applied(types))
             if members is not None:
@@ -321,7 +321,8 @@ class ProbeStreams:
             del lm.forward
         x = {name: finals[id(self.hidden[name] if self.hidden[name] is not None else self.hidden[REF])]
              for name in [REF, *(v.name for v in self.variants)]}
-        kl = self._kl(out, x, Imatrix(out_entries, [], 0, 0).row(out.name, None) if out.name in out_entries else None)
+        row = Imatrix(out_entries, [], 0, 0).row(out.name, None) if out.name in out_entries else None
+        kl = stream_kl(out, x, self.variants, row, self.arch.logit_softcap, self.q)
         measured = [v for v in self.variants if v.prune is None or v.name in self.pruned]
         positions, per_chunk = [], {v.name: [] for v in measured}
         for i, c in enumerate(self.request.chunks):
@@ -334,48 +335,6 @@ class ProbeStreams:
         info = dict(tokens=self.rows, chunks=len(self.request.chunks), seconds=round(self.seconds, 2),
                     left_exact=sorted(self.exact))
         return StreamedProbes(self.request.texts, self.request.text_of, positions, per_chunk, info)
-
-    def _kl(self, spec: TensorSpec, x: dict[str, torch.Tensor], imatrix_row: np.ndarray | None
-            ) -> dict[str, torch.Tensor]:
-        """Per token, KL(exact || stream) of every variant's logits, the output matrix read and quantized in row
-        chunks: running log-sum-exps and the exact distribution's running expectation of the difference."""
-        n_vocab = spec.shape[0]
-        cap = self.arch.logit_softcap
-        step = max(1, LOGIT_BYTES // (8 * self.rows * 2))
-        loader = spec.load
-        whole = None if isinstance(loader, RowLoader) else loader(0)
-        neg = torch.full((self.rows,), -torch.inf, dtype=torch.float64)
-        m_ref, s_ref = neg.clone(), torch.zeros(self.rows, dtype=torch.float64)
-        lse = {v.name: (neg.clone(), torch.zeros(self.rows, dtype=torch.float64)) for v in self.variants}
-        acc = {v.name: torch.zeros(self.rows, dtype=torch.float64) for v in self.variants}
-
-        def logits(xs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            z = (xs @ w.T).double()
-            return cap * torch.tanh(z / cap) if cap else z
-
-        for r0 in range(0, n_vocab, step):
-            r1 = min(n_vocab, r0 + step)
-            rows = whole[r0:r1] if whole is not None else loader.rows(r0, r1)
-            mats = {None: torch.from_numpy(np.ascontiguousarray(rows, np.float32))}
-            for v in self.variants:
-                t = v.types.get(spec.name)
-                if t not in mats:
-                    mats[t] = torch.from_numpy(held_values(rows, t, imatrix_row, self.q))
-            z_ref = logits(x[REF], mats[None])
-            m_new = torch.maximum(m_ref, z_ref.max(1).values)
-            decay = torch.exp(m_ref - m_new)
-            p = torch.exp(z_ref - m_new[:, None])
-            s_ref = s_ref * decay + p.sum(1)
-            for v in self.variants:
-                z = logits(x[v.name], mats[v.types.get(spec.name)])
-                acc[v.name] = acc[v.name] * decay + (p * (z_ref - z)).sum(1)
-                m, s = lse[v.name]
-                m2 = torch.maximum(m, z.max(1).values)
-                lse[v.name] = (m2, s * torch.exp(m - m2) + torch.exp(z - m2[:, None]).sum(1))
-            m_ref = m_new
-        log_z_ref = m_ref + torch.log(s_ref)
-        return {name: (acc[name] / s_ref - log_z_ref + m + torch.log(s)).clamp(min=0)
-                for name, (m, s) in lse.items()}
 
     # --- resuming ------------------------------------------------------------------------------------------
 
@@ -411,81 +370,3 @@ class ProbeStreams:
             self.exact, self.pruned = set(z["exact"].tolist()), set(z["pruned"].tolist())
             self.seconds = float(z["seconds"])
         return True
-
-
-class _PlainWeights:
-    """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs:
-    each GGUF tensor's rows (its columns in the checkpoint's order) matched back to the rows of the module parameter
-    they come from, exactly (transposed, scaled or otherwise cut tensors match nothing and stay exact, listed in
-    ``exact``)."""
-
-    def __init__(self, skeleton: Skeleton, specs: list[TensorSpec], imatrix: Imatrix, q: Quantizer, exact: set[str]):
-        self.skeleton, self.imatrix, self.q, self.exact = skeleton, imatrix, q, exact
-        self.specs = {s.name: s for s in specs}
-        self.keys = {name: key for key, name in skeleton.checkpoint.items()}
-        self.places: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor] | None] = {}
-        self.cache: dict[tuple, torch.Tensor] = {}
-
-    def _place(self, s: TensorSpec):
-        """(module, parameter name, its rows, its columns) that tensor ``s`` is, or None."""
-        if s.name in self.places:
-            return self.places[s.name]
-        found = None
-        key = self.keys.get(s.hf_name)
-        if key is not None and len(s.shape) == 2:
-            path, _, leaf = key.rpartition(".")
-            owner = self.skeleton.model.get_submodule(path)
-            w = getattr(owner, leaf, None)
-            if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.is_meta:
-                cols = torch.tensor(s.input_order) if s.input_order is not None else torch.arange(w.shape[1])
-                if len(cols) == s.shape[1]:
-                    source = w.detach()[:, cols.to(w.device)].cpu().numpy()
-                    where: dict[bytes, list[int]] = {}
-                    for j, row in enumerate(source):
-                        where.setdefault(row.tobytes(), []).append(j)
-                    rows = []
-                    for row in np.ascontiguousarray(s.load(0), np.float32).reshape(s.shape):
-                        js = where.get(row.tobytes())
-                        if not js:
-                            break
-                        rows.append(js.pop() if len(js) > 1 else js[0])
-                    else:
-                        found = (owner, leaf, torch.tensor(rows), cols)
-        if found is None:
-            self.exact.add(s.name)
-        self.places[s.name] = found
-        return found
-
-    @contextlib.contextmanager
-    def applied(self, types: dict[str, T]) -> Iterator[None]:
-        """The modules hold the tensors of ``types`` at those types while inside."""
-        by_param: dict[tuple[int, str], list[tuple[TensorSpec, T]]] = {}
-        owners: dict[tuple[int, str], nn.Module] = {}
-        for name, t in sorted(types.items()):
-            s = self.specs.get(name)
-            place = self._place(s) if s is not None else None
-            if place is None:
-                continue
-            owner, leaf = place[0], place[1]
-            by_param.setdefault((id(owner), leaf), []).append((s, t))
-            owners[(id(owner), leaf)] = owner
-        saved = []
-        try:
-            for key, group in by_param.items():
-                owner, leaf = owners[key], key[1]
-                cached = (key, tuple((s.name, t) for s, t in group))
-                if cached not in self.cache:
-                    w = getattr(owner, leaf).detach().clone()
-                    for s, t in group:
-                        _, _, rows, cols = self.places[s.name]
-                        at = (rows.to(w.device)[:, None], cols.to(w.device)[None, :])
-                        imp = importance(s, 0, self.imatrix)
-                        values = held_values(w[at].cpu().numpy(), t, None if imp is None else imp[0], self.q)
-                        w[at] = torch.from_numpy(values).to(w.device)
-                    self.cache[cached] = w
-                saved.append((owner, leaf, owner._parameters[leaf]))
-                owner._parameters[leaf] = nn.Parameter(self.cache[cached], requires_grad=False)
-            yield
-        finally:
-            for owner, leaf, p in reversed(saved):
-                owner._parameters[leaf] = p
