@@ -1,11 +1,11 @@
 """At DeepSeek-V3 width: a streamed calibration carrying the end-to-end probes, then `plan --sensitivity streamed`.
 
-    python eval/rehearse_probes_ds3.py [--sizes 2x16,4x16,2x32] [--work DIR]
+    python eval/rehearse_probes_ds3.py [--sizes 2x32,4x32] [--work DIR]
 
 For each size (layers x routed experts) a synthetic FP8 checkpoint of DeepSeek-V3's shapes (`tools/make_synthetic.py`:
 hidden 7168, MLA, a dense first layer, then MoE layers of 2048-wide experts) is calibrated on 1,024 tokens of
 tests/data/calib.txt with `--probes --probe-chunks 1` (one chunk of 512 held-out tokens per stream, 21 streams) and
-`--max-memory 6GiB`; then planned from the streamed probes alone. Wall time and peak RSS (the child's ``ru_maxrss``)
+`--max-memory 8GiB`; then planned from the streamed probes alone. Wall time and peak RSS (the child's ``ru_maxrss``)
 of each step, the streams' own seconds, and the stated bound of what the streams hold go to
 eval/results/rehearse_probes_ds3.{md,json}.
 """
@@ -34,7 +34,7 @@ from ggufmoe.stats.probe_results import KEY, StreamedProbes  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="2x16,4x16,2x32")
+    ap.add_argument("--sizes", default="2x32,4x32")
     ap.add_argument("--budget", default="2.7GiB")
     ap.add_argument("--work", type=Path)
     args = ap.parse_args()
@@ -51,7 +51,7 @@ def main() -> None:
         stats.unlink(missing_ok=True)
         row = dict(size=size)
         row["calibrate"] = step(GGUFMOE + ["calibrate", str(src), "--text", str(TEXT), "--max-tokens", "1024",
-                                           "--max-memory", "6GiB", "--probes", "--probe-chunks", "1", "-o", str(stats),
+                                           "--max-memory", "8GiB", "--probes", "--probe-chunks", "1", "-o", str(stats),
                                            "-q"], work / f"{size}.cal.log")
         if stats.is_file():
             probes = StreamedProbes.from_json(load_stats(stats).extras[KEY])
@@ -72,7 +72,7 @@ def main() -> None:
     lines = ["# Streamed probes at DeepSeek-V3 width", "",
              f"`python eval/rehearse_probes_ds3.py --sizes {args.sizes}`: synthetic FP8 checkpoints of DeepSeek-V3's "
              "shapes, 1,024 calibration tokens, the probes on one held-out chunk of 512 tokens (21 streams: 5 tensor "
-             "classes, layer runs, 3 whole-model types, 2 prunings), `--max-memory 6GiB`. Peak RSS is the child's "
+             "classes, layer runs, 3 whole-model types, 2 prunings), `--max-memory 8GiB`. Peak RSS is the child's "
              f"`ru_maxrss`; load is the 1-minute load average at the end. Machine: {platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| size | step | wall | peak RSS | load | result |", "|---|---|---:|---:|---:|---|"]

@@ -54,7 +54,8 @@ def streamed_variants(arch: Architecture, specs: list[TensorSpec]) -> list[Varia
            for kind, names in probe_kinds(specs).items()]
     out += [Variant(f"layers:{g}:{anchor.name}", types(class_rules(names, anchor)))
             for g, names in layer_groups(specs, LAYER_PROBES).items()]
-    out += [Variant(f"all:{t.name}", types(TypeRules(t))) for t in JOINT_TYPES]
+    # the anchor's first: the layer probes' held copies of the weights at it are used again (streams/held_weights.py)
+    out += [Variant(f"all:{t.name}", types(TypeRules(t))) for t in sorted(JOINT_TYPES, key=lambda t: t != anchor)]
     if any(s.is_expert for s in specs):
         out += [Variant(prune_name(req, arch), prune=(str(req.criterion), prune_key(req.keep, arch.top_k, arch.top_k)))
                 for req in probe_prunings(arch, True)]

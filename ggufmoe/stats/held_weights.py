@@ -18,48 +18,87 @@ from ggufmoe.stats.imatrix import Imatrix, importance
 from ggufmoe.stats.skeleton import Skeleton
 
 
+def _row_index(rows: np.ndarray) -> dict[bytes, list[int]]:
+    where: dict[bytes, list[int]] = {}
+    for j, row in enumerate(rows):
+        where.setdefault(row.tobytes(), []).append(j)
+    return where
+
+
+def _match(wanted: np.ndarray, where: dict[bytes, list[int]]) -> list[int] | None:
+    """The row of the parameter each of ``wanted``'s rows is (identical rows taken in turn), or None."""
+    out = []
+    for row in wanted:
+        js = where.get(row.tobytes())
+        if not js:
+            return None
+        out.append(js.pop() if len(js) > 1 else js[0])
+    return out
+
+
 class PlainWeights:
-    """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs:
-    each GGUF tensor's rows (its columns in the checkpoint's order) matched back to the rows of the module parameter
-    they come from, exactly (transposed, scaled or otherwise cut tensors match nothing and stay exact, listed in
-    ``exact``)."""
+    """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs.
+
+    Each GGUF tensor is found in the module parameter it comes from, element by element, exactly: its rows as rows of
+    the parameter (its columns in the checkpoint's order: ``input_order``), or, for a 3-D tensor of transposed slices
+    (MLA's ``attn_k_b``, per head a block of ``kv_b_proj``'s rows transposed), each slice's columns as rows of the
+    parameter. A tensor found neither way (scaled, or cut otherwise) stays exact and is listed in ``exact``. One held
+    copy per parameter is kept (the last types asked for): memory is at most the layer's matmul weights once more."""
 
     def __init__(self, skeleton: Skeleton, specs: list[TensorSpec], imatrix: Imatrix, q: Quantizer, exact: set[str]):
         self.skeleton, self.imatrix, self.q, self.exact = skeleton, imatrix, q, exact
         self.specs = {s.name: s for s in specs}
         self.keys = {name: key for key, name in skeleton.checkpoint.items()}
+        # tensor -> (module, parameter name, (row, column) of the parameter of each of its elements, in its shape)
         self.places: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor] | None] = {}
-        self.cache: dict[tuple, torch.Tensor] = {}
+        self.cache: dict[tuple[int, str], tuple[tuple, torch.Tensor]] = {}  # one held copy per parameter
 
     def _place(self, s: TensorSpec):
-        """(module, parameter name, its rows, its columns) that tensor ``s`` is, or None."""
         if s.name in self.places:
             return self.places[s.name]
         found = None
         key = self.keys.get(s.hf_name)
-        if key is not None and len(s.shape) == 2:
+        if key is not None and len(s.shape) in (2, 3):
             path, _, leaf = key.rpartition(".")
             owner = self.skeleton.model.get_submodule(path)
             w = getattr(owner, leaf, None)
             if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.is_meta:
-                cols = torch.tensor(s.input_order) if s.input_order is not None else torch.arange(w.shape[1])
-                if len(cols) == s.shape[1]:
-                    source = w.detach()[:, cols.to(w.device)].cpu().numpy()
-                    where: dict[bytes, list[int]] = {}
-                    for j, row in enumerate(source):
-                        where.setdefault(row.tobytes(), []).append(j)
-                    rows = []
-                    for row in np.ascontiguousarray(s.load(0), np.float32).reshape(s.shape):
-                        js = where.get(row.tobytes())
-                        if not js:
-                            break
-                        rows.append(js.pop() if len(js) > 1 else js[0])
-                    else:
-                        found = (owner, leaf, torch.tensor(rows), cols)
+                at = self._locate(s, w.detach().cpu().numpy())
+                found = None if at is None else (owner, leaf, *at)
         if found is None:
             self.exact.add(s.name)
         self.places[s.name] = found
         return found
+
+    def _locate(self, s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, columns) of ``w`` holding each element of ``s`` (arrays of ``s``'s shape), or None."""
+        data = np.ascontiguousarray(s.load(0), np.float32)
+        ne0 = s.shape[-1]
+        cols = np.asarray(s.input_order) if s.input_order is not None else np.arange(w.shape[1])
+        if len(cols) == ne0:
+            rows = _match(data.reshape(-1, ne0), _row_index(np.ascontiguousarray(w[:, cols])))
+            if rows is not None:
+                r = np.broadcast_to(np.asarray(rows)[:, None], (len(rows), ne0)).reshape(s.shape)
+                return torch.from_numpy(r.copy()), torch.from_numpy(np.broadcast_to(cols, r.shape).copy())
+        if len(s.shape) == 3 and s.shape[1] == w.shape[1]:  # slices (n, a, ne0) whose transposes are rows of w
+            where = _row_index(w)
+            r = np.empty(s.shape, np.int64)
+            for h, piece in enumerate(data):
+                rows = _match(np.ascontiguousarray(piece.T), where)
+                if rows is None:
+                    return None
+                r[h] = np.asarray(rows)[None, :]  # element (h, i, c) is w[rows[c], i]
+            c = np.broadcast_to(np.arange(s.shape[1])[None, :, None], s.shape).copy()
+            return torch.from_numpy(r), torch.from_numpy(c)
+        return None
+
+    def _held(self, s: TensorSpec, values: np.ndarray, t: T) -> np.ndarray:
+        """``values`` (in ``s``'s shape) as the file holds them at ``t``, with the importance rows ``convert`` uses
+        (one per slice where the statistics hold per-head rows)."""
+        imp = importance(s, 0, self.imatrix)
+        if imp is not None and len(imp) > 1:
+            return np.stack([held_values(v, t, row, self.q) for v, row in zip(values, imp)])
+        return held_values(values, t, None if imp is None else imp[0], self.q)
 
     @contextlib.contextmanager
     def applied(self, types: dict[str, T]) -> Iterator[None]:
@@ -78,18 +117,17 @@ class PlainWeights:
         try:
             for key, group in by_param.items():
                 owner, leaf = owners[key], key[1]
-                cached = (key, tuple((s.name, t) for s, t in group))
-                if cached not in self.cache:
+                wanted = tuple((s.name, t) for s, t in group)
+                if self.cache.get(key, (None,))[0] != wanted:
+                    self.cache.pop(key, None)  # the copy held for other types goes first
                     w = getattr(owner, leaf).detach().clone()
                     for s, t in group:
                         _, _, rows, cols = self.places[s.name]
-                        at = (rows.to(w.device)[:, None], cols.to(w.device)[None, :])
-                        imp = importance(s, 0, self.imatrix)
-                        values = held_values(w[at].cpu().numpy(), t, None if imp is None else imp[0], self.q)
-                        w[at] = torch.from_numpy(values).to(w.device)
-                    self.cache[cached] = w
+                        at = (rows.to(w.device), cols.to(w.device))
+                        w[at] = torch.from_numpy(self._held(s, w[at].cpu().numpy(), t)).to(w.device)
+                    self.cache[key] = (wanted, w)
                 saved.append((owner, leaf, owner._parameters[leaf]))
-                owner._parameters[leaf] = nn.Parameter(self.cache[cached], requires_grad=False)
+                owner._parameters[leaf] = nn.Parameter(self.cache[key][1], requires_grad=False)
             yield
         finally:
             for owner, leaf, p in reversed(saved):

@@ -104,9 +104,14 @@ class ProbeStreams:
     def nbytes(self, weights: int, expert: int) -> int:
         """What the streams hold at most, for a layer of ``weights`` bytes of matmul weights and ``expert`` bytes
         per routed expert (float32): every stream's hidden states and one layer's step for each (its output, its
-        experts' input and routed output), the layer's weights at each quantized type and one expert's."""
-        n_types = len({t for v in self.variants for t in v.types.values()})
-        return (len(self.variants) + 1) * self.rows * self.width * 4 * 4 + n_types * (weights + expert)
+        experts' input and routed output), one held copy of the layer's matmul weights, and one expert at each of the
+        types a tensor takes in some probe."""
+        by_tensor: dict[str, set] = {}
+        for v in self.variants:
+            for name, t in v.types.items():
+                by_tensor.setdefault(name, set()).add(t)
+        n_types = max((len(ts) for ts in by_tensor.values()), default=0)
+        return (len(self.variants) + 1) * self.rows * self.width * 4 * 4 + weights + n_types * expert
 
 
     # --- the embedding ----------------------------------------------------------------------------------------
