@@ -43,6 +43,16 @@ def step(cmd: list[str], log: Path) -> dict:
                 rc=os.waitstatus_to_exitcode(status), load=os.getloadavg()[0])
 
 
+def synthetic(work: Path, size: str) -> Path:
+    """The synthetic DeepSeek-V3-shaped checkpoint of ``size`` (LAYERSxEXPERTS) in ``work``, made unless there."""
+    layers, experts = size.split("x")
+    src = work / size
+    if not src.exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(src), "--layers", layers,
+                        "--experts", experts, "-q"], check=True)
+    return src
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2x32,2x64")
@@ -53,11 +63,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes.split(","):
-        layers, experts = size.split("x")
-        src = work / size
-        if not src.exists():
-            subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(src), "--layers", layers,
-                            "--experts", experts, "-q"], check=True)
+        src = synthetic(work, size)
         stats, bare = work / f"{size}.stats.gguf", work / f"{size}.bare.stats.gguf"
         for p in (stats, bare):
             p.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "eval"))
 sys.path.insert(0, str(ROOT))
 
-from rehearse_local_ds3 import GGUFMOE, TEXT, step  # noqa: E402
+from rehearse_local_ds3 import GGUFMOE, TEXT, step, synthetic  # noqa: E402
 
 from ggufmoe.stats.file import load_stats  # noqa: E402
 from ggufmoe.stats.probe_results import KEY, StreamedProbes  # noqa: E402
@@ -42,11 +41,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes.split(","):
-        layers, experts = size.split("x")
-        src = work / size
-        if not src.exists():
-            subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic.py"), str(src), "--layers", layers,
-                            "--experts", experts, "-q"], check=True)
+        src = synthetic(work, size)
         stats = work / f"{size}.stats.gguf"
         stats.unlink(missing_ok=True)
         row = dict(size=size)
@@ -55,7 +50,8 @@ def main() -> None:
                                            "-q"], work / f"{size}.cal.log")
         if stats.is_file():
             probes = StreamedProbes.from_json(load_stats(stats).extras[KEY])
-            row["streams"] = dict(seconds=probes.info["seconds"], tokens=probes.info["tokens"], probes=len(probes.kl),
+            row["streams"] = dict(seconds=probes.info["seconds"], by_part=probes.info["seconds_by_part"],
+                                  tokens=probes.info["tokens"], probes=len(probes.kl),
                                   left_exact=len(probes.info["left_exact"]),
                                   all_kl={p: round(probes.mean(p), 4) for p in probes.kl if p.startswith("all:")})
         plan = work / f"{size}.plan.json"
@@ -82,7 +78,8 @@ def main() -> None:
             res = "ok" if m["rc"] == 0 else f"rc {m['rc']}"
             if key == "calibrate" and "streams" in r:
                 s = r["streams"]
-                res += f": the streams {s['seconds']:.0f} s of it, {s['probes']} probes, KL {s['all_kl']}"
+                res += (f": the streams {s['seconds']:.0f} s of it ({', '.join(f'{k} {v:.0f} s' for k, v in s['by_part'].items())}"
+                        f"), {s['probes']} probes, KL {s['all_kl']}")
             if key == "plan" and "plan_result" in r:
                 pr = r["plan_result"]
                 res += f": keep {pr['keep']}, predicted KL {pr['predicted_kld']:.3f}"

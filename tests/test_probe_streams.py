@@ -15,6 +15,7 @@ from cli_run import run
 from hooked_cli import INTERRUPT_LAYER
 from ggufmoe.pipeline.calibrate import HELD_OUT, calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.pipeline.measure import measure_sensitivity
 from ggufmoe.pipeline.planning import build_plan, options_from_plan, pruning_kl
 from ggufmoe.plan.budget import Budget
@@ -24,6 +25,7 @@ from ggufmoe.sensitivity.cost import JOINT_TYPES, PROBE_TYPE, SensitivityMode
 from ggufmoe.sensitivity.probe_set import prune_name
 from ggufmoe.sensitivity.prune_cost import probe_prunings
 from ggufmoe.stats.file import load_stats, save_stats
+from ggufmoe.stats.held_weights import locate
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.stats.probe_results import KEY, StreamedProbes
 from ggufmoe.stats.text import MAX_TEXT_TOKENS, spread_chunks, token_chunks
@@ -134,3 +136,17 @@ def test_interrupted_calibration_resumes_its_probes(tmp_path):
     assert a.kl.keys() == b.kl.keys()
     for p in a.kl:
         np.testing.assert_allclose(b.kl[p], a.kl[p], rtol=1e-5, err_msg=p)
+
+
+def test_tensors_are_found_in_their_parameter_element_by_element():
+    """Rows in another order, MLA's attn_v_b (per-head rows of kv_b_proj) and attn_k_b (those blocks transposed) are
+    found exactly; a tensor transformed otherwise (scaled) is not (it stays exact in the streams)."""
+    w = np.random.default_rng(0).standard_normal((2 * (4 + 3), 8)).astype(np.float32)  # 2 heads, nope 4, v 3, rank 8
+    heads = w.reshape(2, 7, 8)
+    specs = [TensorSpec("blk.0.attn_k_b.weight", (2, 8, 4), lambda _: heads[:, :4].transpose(0, 2, 1).copy()),
+             TensorSpec("blk.0.attn_v_b.weight", (2, 3, 8), lambda _: heads[:, 4:].copy()),
+             TensorSpec("blk.0.attn_q.weight", (14, 8), lambda _: w[::-1].copy())]
+    for s in specs:
+        rows, cols = locate(s, w)
+        np.testing.assert_array_equal(w[rows.numpy(), cols.numpy()], s.load(0))
+    assert locate(TensorSpec("blk.0.attn_q.weight", (14, 8), lambda _: 2 * w), w) is None

@@ -36,6 +36,31 @@ def _match(wanted: np.ndarray, where: dict[bytes, list[int]]) -> list[int] | Non
     return out
 
 
+def locate(s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, columns) of the 2-D parameter ``w`` holding each element of GGUF tensor ``s`` (arrays of ``s``'s shape):
+    its rows as rows of ``w`` (its columns in the checkpoint's order, ``input_order``), or the columns of each slice of a
+    3-D tensor as rows of ``w``; None when neither holds exactly."""
+    data = np.ascontiguousarray(s.load(0), np.float32)
+    ne0 = s.shape[-1]
+    cols = np.asarray(s.input_order) if s.input_order is not None else np.arange(w.shape[1])
+    if len(cols) == ne0:
+        rows = _match(data.reshape(-1, ne0), _row_index(np.ascontiguousarray(w[:, cols])))
+        if rows is not None:
+            r = np.broadcast_to(np.asarray(rows)[:, None], (len(rows), ne0)).reshape(s.shape)
+            return torch.from_numpy(r.copy()), torch.from_numpy(np.broadcast_to(cols, r.shape).copy())
+    if len(s.shape) == 3 and s.shape[1] == w.shape[1]:  # slices (n, a, ne0) whose transposes are rows of w
+        where = _row_index(w)
+        r = np.empty(s.shape, np.int64)
+        for h, piece in enumerate(data):
+            rows = _match(np.ascontiguousarray(piece.T), where)
+            if rows is None:
+                return None
+            r[h] = np.asarray(rows)[None, :]  # element (h, i, c) is w[rows[c], i]
+        c = np.broadcast_to(np.arange(s.shape[1])[None, :, None], s.shape).copy()
+        return torch.from_numpy(r), torch.from_numpy(c)
+    return None
+
+
 class PlainWeights:
     """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs.
 
@@ -63,34 +88,12 @@ class PlainWeights:
             owner = self.skeleton.model.get_submodule(path)
             w = getattr(owner, leaf, None)
             if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.is_meta:
-                at = self._locate(s, w.detach().cpu().numpy())
+                at = locate(s, w.detach().cpu().numpy())
                 found = None if at is None else (owner, leaf, *at)
         if found is None:
             self.exact.add(s.name)
         self.places[s.name] = found
         return found
-
-    def _locate(self, s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, columns) of ``w`` holding each element of ``s`` (arrays of ``s``'s shape), or None."""
-        data = np.ascontiguousarray(s.load(0), np.float32)
-        ne0 = s.shape[-1]
-        cols = np.asarray(s.input_order) if s.input_order is not None else np.arange(w.shape[1])
-        if len(cols) == ne0:
-            rows = _match(data.reshape(-1, ne0), _row_index(np.ascontiguousarray(w[:, cols])))
-            if rows is not None:
-                r = np.broadcast_to(np.asarray(rows)[:, None], (len(rows), ne0)).reshape(s.shape)
-                return torch.from_numpy(r.copy()), torch.from_numpy(np.broadcast_to(cols, r.shape).copy())
-        if len(s.shape) == 3 and s.shape[1] == w.shape[1]:  # slices (n, a, ne0) whose transposes are rows of w
-            where = _row_index(w)
-            r = np.empty(s.shape, np.int64)
-            for h, piece in enumerate(data):
-                rows = _match(np.ascontiguousarray(piece.T), where)
-                if rows is None:
-                    return None
-                r[h] = np.asarray(rows)[None, :]  # element (h, i, c) is w[rows[c], i]
-            c = np.broadcast_to(np.arange(s.shape[1])[None, :, None], s.shape).copy()
-            return torch.from_numpy(r), torch.from_numpy(c)
-        return None
 
     def _held(self, s: TensorSpec, values: np.ndarray, t: T) -> np.ndarray:
         """``values`` (in ``s``'s shape) as the file holds them at ``t``, with the importance rows ``convert`` uses

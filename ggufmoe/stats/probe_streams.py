@@ -53,6 +53,9 @@ from ggufmoe.stats.skeleton import Skeleton, embedding_rows, on_device
 from ggufmoe.stats.text import BATCH_TOKENS
 
 STATE_FILE = "probes.npz"
+# where the streams' time goes: the embedding rows, the layers' own forwards (and their weights quantized), the routed
+# experts (read, quantized and computed), the logits
+SECONDS = ("embedding", "layers", "experts", "logits")
 
 
 @dataclass
@@ -99,7 +102,7 @@ class ProbeStreams:
         self.exact: set[str] = set()  # tensors a variant quantizes that no module holds as their rows: left exact
         self.pruned: set[str] = set()  # pruning variants that pruned some layer (others measure nothing)
         self.q = Quantizer()
-        self.seconds = 0.0
+        self.seconds = {part: 0.0 for part in SECONDS}  # where the streams' time went
 
     def nbytes(self, weights: int, expert: int) -> int:
         """What the streams hold at most, for a layer of ``weights`` bytes of matmul weights and ``expert`` bytes
@@ -132,7 +135,7 @@ class ProbeStreams:
         for v in self.variants:
             t = v.types.get(spec.name)
             self.hidden[v.name] = None if t is None else hidden[t]
-        self.seconds += time.perf_counter() - t0
+        self.seconds["embedding"] += time.perf_counter() - t0
 
     # --- one decoder layer ----------------------------------------------------------------------------------
 
@@ -169,7 +172,10 @@ class ProbeStreams:
             steps[v.name] = self._phase1(skeleton, k, layer, experts, block, router, weights, h, carry, types,
                                          members)
         if experts is not None:
+            t1 = time.perf_counter()
             routed = self._experts(k, experts, specs, steps, imatrix, ahead)
+            self.seconds["experts"] += time.perf_counter() - t1
+            t0 += time.perf_counter() - t1  # "layers" is the rest: the layer's own forwards and its weights quantized
             bar.update()
             for name, step in steps.items():
                 if adds:
@@ -181,7 +187,7 @@ class ProbeStreams:
         for name, step in steps.items():
             self.hidden[name], self.carry[name] = step.out, step.carry
         bar.close()
-        self.seconds += time.perf_counter() - t0
+        self.seconds["layers"] += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def _variant(self, experts: nn.Module | None, block: nn.Module | None, router: nn.Module | None,
@@ -336,8 +342,9 @@ class ProbeStreams:
             positions.append(len(c) - 1)
             for v in measured:
                 per_chunk[v.name].append(float(kl[v.name][a:a + len(c) - 1].mean()))
-        self.seconds += time.perf_counter() - t0
-        info = dict(tokens=self.rows, chunks=len(self.request.chunks), seconds=round(self.seconds, 2),
+        self.seconds["logits"] += time.perf_counter() - t0
+        info = dict(tokens=self.rows, chunks=len(self.request.chunks), seconds=round(sum(self.seconds.values()), 2),
+                    seconds_by_part={k: round(v, 2) for k, v in self.seconds.items()},
                     left_exact=sorted(self.exact))
         return StreamedProbes(self.request.texts, self.request.text_of, positions, per_chunk, info)
 
@@ -346,7 +353,7 @@ class ProbeStreams:
     def save(self, state: CalibrationState) -> None:
         """The streams after the last complete layer, durably (``--resume`` continues them)."""
         arrays = {"exact": np.array(sorted(self.exact), dtype=str), "pruned": np.array(sorted(self.pruned), dtype=str),
-                  "seconds": np.array(self.seconds)}
+                  "seconds": np.array([self.seconds[p] for p in SECONDS])}
         for name, h in self.hidden.items():
             if h is not None:
                 arrays[f"hidden:{name}"] = h.numpy()
@@ -373,5 +380,5 @@ class ProbeStreams:
                         self.carry[name] = [{} for _ in self.batches]
                     self.carry[name][int(i)][tensor] = torch.from_numpy(z[key])
             self.exact, self.pruned = set(z["exact"].tolist()), set(z["pruned"].tolist())
-            self.seconds = float(z["seconds"])
+            self.seconds = dict(zip(SECONDS, z["seconds"].tolist()))
         return True
