@@ -74,7 +74,7 @@ def main() -> None:
                                               work / f"{size}.bare.log")
         plan = work / f"{size}.plan.json"
         row["plan"] = step(GGUFMOE + ["plan", str(src), "--budget", args.budget, "--ctx", "512", "--stats", str(stats),
-                                      "-o", str(plan), "-q"], work / f"{size}.plan.log")
+                                      "--sensitivity", "local", "-o", str(plan), "-q"], work / f"{size}.plan.log")
         if plan.is_file():
             p = json.loads(plan.read_text())
             row["plan_result"] = dict(keep=p["keep"], criterion=p["criterion"], predicted_kld=p["predicted_kld"],

@@ -376,6 +376,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     from ggufmoe.outputs import check_outputs
     from ggufmoe.stats.calib_state import CALIBRATION
     from ggufmoe.stats.file import format_summary, save_stats
+    from ggufmoe.stats.probe_results import KEY as PROBES_KEY, StreamedProbes
     from ggufmoe.stats.text import read_text
 
     check_outputs([out], [src, text_file, *probe_files], kind=CALIBRATION, gguf=True)
@@ -397,6 +398,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     if whole:
         save_stats(stats, out)
     click.echo(format_summary(stats))
+    if PROBES_KEY in stats.extras:
+        click.echo(StreamedProbes.from_json(stats.extras[PROBES_KEY]).summary())
     click.echo(f"wrote {out}")
 
 

@@ -148,5 +148,5 @@ def test_tensors_are_found_in_their_parameter_element_by_element():
              TensorSpec("blk.0.attn_q.weight", (14, 8), lambda _: w[::-1].copy())]
     for s in specs:
         rows, cols = locate(s, w)
-        np.testing.assert_array_equal(w[rows.numpy(), cols.numpy()], s.load(0))
+        np.testing.assert_array_equal(w[rows.numpy(), cols.numpy()].reshape(s.shape), s.load(0))
     assert locate(TensorSpec("blk.0.attn_q.weight", (14, 8), lambda _: 2 * w), w) is None

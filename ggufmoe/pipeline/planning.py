@@ -95,9 +95,13 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
             mode = auto_mode(model)
         if mode == SensitivityMode.STREAMED:
             sens, prune_kl = streamed_sensitivity(model, progress)
+            se = sens.info["rel_stderr"]
             notes.append(f"sensitivities and pruning costs: local errors calibrated by end-to-end probes in the "
                          f"streamed calibration ({sens.info['kl_tokens']} held-out tokens of "
-                         f"{len(sens.info['texts'])} text(s); no llama.cpp run)")
+                         f"{len(sens.info['texts'])} text(s), relative standard error up to "
+                         f"{100 * max(v for p, v in se.items() if not p.startswith('prune:')):.0f}% for quantization, "
+                         f"{100 * max([v for p, v in se.items() if p.startswith('prune:')] or [0]):.0f}% for pruning; "
+                         "no llama.cpp run)")
         elif mode == SensitivityMode.LOCAL:
             if local is None:
                 raise GgufmoeError(f"{stats_path}: the statistics hold no local errors (they come from a streamed "
@@ -130,13 +134,16 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
 
 
 def auto_mode(model: OpenedModel) -> SensitivityMode:
-    """``--sensitivity auto``: probes through llama.cpp for a small model; for a big one the streamed probes, else
-    the local errors, else probes (a whole-model calibration holds neither)."""
-    if not too_big_to_probe(model.arch):
+    """``--sensitivity auto``: probes through llama.cpp for a small model (or statistics without local errors, from
+    the whole-model path); the streamed probes for a big one. The reference model's factors (``local``) are never
+    chosen for the user: statistics of a big model without streamed probes are refused, saying what to do."""
+    if not too_big_to_probe(model.arch) or model.local is None:
         return SensitivityMode.PROBES
-    if model.probes is not None and model.local is not None:
-        return SensitivityMode.STREAMED
-    return SensitivityMode.LOCAL if model.local is not None else SensitivityMode.PROBES
+    if model.probes is None:
+        raise GgufmoeError(f"{model.stats_path}: the statistics hold no streamed probes, which a model this big is "
+                           "planned from: calibrate again (it carries them by default), or pass --sensitivity local to "
+                           "plan from the reference model's factors")
+    return SensitivityMode.STREAMED
 
 
 def check_budget_possible(src: Path, budget: Budget, pins: TypeRules | None = None) -> None:

@@ -12,52 +12,54 @@ from gguf import GGMLQuantizationType as T
 from torch import nn
 
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.ggml import Quantizer, requires_imatrix
 from ggufmoe.quant.held import held_values
 from ggufmoe.stats.imatrix import Imatrix, importance
 from ggufmoe.stats.skeleton import Skeleton
 
 
-def _row_index(rows: np.ndarray) -> dict[bytes, list[int]]:
-    where: dict[bytes, list[int]] = {}
+def _row_index(rows: np.ndarray) -> dict[int, list[int]]:
+    """Hash of each row's bytes -> the rows with it (hashes, not the bytes: no second copy of the parameter)."""
+    where: dict[int, list[int]] = {}
     for j, row in enumerate(rows):
-        where.setdefault(row.tobytes(), []).append(j)
+        where.setdefault(hash(row.tobytes()), []).append(j)
     return where
 
 
-def _match(wanted: np.ndarray, where: dict[bytes, list[int]]) -> list[int] | None:
-    """The row of the parameter each of ``wanted``'s rows is (identical rows taken in turn), or None."""
-    out = []
-    for row in wanted:
-        js = where.get(row.tobytes())
+def _match(wanted: np.ndarray, where: dict[int, list[int]]) -> np.ndarray | None:
+    """The row of the parameter each of ``wanted``'s rows hashes to (identical rows taken in turn), or None; the
+    caller checks the values."""
+    out = np.empty(len(wanted), np.int64)
+    for i, row in enumerate(wanted):
+        js = where.get(hash(row.tobytes()))
         if not js:
             return None
-        out.append(js.pop() if len(js) > 1 else js[0])
+        out[i] = js.pop() if len(js) > 1 else js[0]
     return out
 
 
 def locate(s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(rows, columns) of the 2-D parameter ``w`` holding each element of GGUF tensor ``s`` (arrays of ``s``'s shape):
-    its rows as rows of ``w`` (its columns in the checkpoint's order, ``input_order``), or the columns of each slice of a
-    3-D tensor as rows of ``w``; None when neither holds exactly."""
+    """Indices (rows, columns) into the 2-D parameter ``w``, broadcasting to the elements of GGUF tensor ``s`` (its
+    rows flattened, or its shape): its rows as rows of ``w`` (its columns in the checkpoint's order,
+    ``input_order``), or the columns of each slice of a 3-D tensor as rows of ``w``; None unless every element is
+    found exactly. Small: a row index per row (per slice column), not one per element."""
     data = np.ascontiguousarray(s.load(0), np.float32)
     ne0 = s.shape[-1]
     cols = np.asarray(s.input_order) if s.input_order is not None else np.arange(w.shape[1])
     if len(cols) == ne0:
-        rows = _match(data.reshape(-1, ne0), _row_index(np.ascontiguousarray(w[:, cols])))
-        if rows is not None:
-            r = np.broadcast_to(np.asarray(rows)[:, None], (len(rows), ne0)).reshape(s.shape)
-            return torch.from_numpy(r.copy()), torch.from_numpy(np.broadcast_to(cols, r.shape).copy())
+        source = w if s.input_order is None else np.ascontiguousarray(w[:, cols])
+        rows = _match(data.reshape(-1, ne0), _row_index(source))
+        if rows is not None and np.array_equal(source[rows], data.reshape(-1, ne0)):
+            return torch.from_numpy(rows[:, None]), torch.from_numpy(cols[None, :])
     if len(s.shape) == 3 and s.shape[1] == w.shape[1]:  # slices (n, a, ne0) whose transposes are rows of w
         where = _row_index(w)
-        r = np.empty(s.shape, np.int64)
+        r = np.empty((s.shape[0], ne0), np.int64)  # element (h, i, c) is w[r[h, c], i]
         for h, piece in enumerate(data):
             rows = _match(np.ascontiguousarray(piece.T), where)
-            if rows is None:
+            if rows is None or not np.array_equal(w[rows].T, piece):
                 return None
-            r[h] = np.asarray(rows)[None, :]  # element (h, i, c) is w[rows[c], i]
-        c = np.broadcast_to(np.arange(s.shape[1])[None, :, None], s.shape).copy()
-        return torch.from_numpy(r), torch.from_numpy(c)
+            r[h] = rows
+        return torch.from_numpy(r[:, None, :]), torch.from_numpy(np.arange(s.shape[1])[None, :, None])
     return None
 
 
@@ -99,6 +101,8 @@ class PlainWeights:
         """``values`` (in ``s``'s shape) as the file holds them at ``t``, with the importance rows ``convert`` uses
         (one per slice where the statistics hold per-head rows)."""
         imp = importance(s, 0, self.imatrix)
+        if imp is None and requires_imatrix(t):  # no file holds it so (the planner never chooses it): as it is
+            return values
         if imp is not None and len(imp) > 1:
             return np.stack([held_values(v, t, row, self.q) for v, row in zip(values, imp)])
         return held_values(values, t, None if imp is None else imp[0], self.q)
@@ -127,7 +131,9 @@ class PlainWeights:
                     for s, t in group:
                         _, _, rows, cols = self.places[s.name]
                         at = (rows.to(w.device), cols.to(w.device))
-                        w[at] = torch.from_numpy(self._held(s, w[at].cpu().numpy(), t)).to(w.device)
+                        values = w[at]
+                        held = self._held(s, values.cpu().numpy().reshape(s.shape), t)
+                        w[at] = torch.from_numpy(held.reshape(values.shape)).to(w.device)
                     self.cache[key] = (wanted, w)
                 saved.append((owner, leaf, owner._parameters[leaf]))
                 owner._parameters[leaf] = nn.Parameter(self.cache[key][1], requires_grad=False)

@@ -11,7 +11,7 @@ from ggufmoe.quant.held import held_values
 from ggufmoe.stats.probe_results import Variant
 
 REF = ""  # the exact model's stream
-LOGIT_BYTES = 256 * 1024**2  # logits of one vocabulary chunk for all tokens (float64)
+LOGIT_BYTES = 256 * 1024**2  # a vocabulary chunk's logits for all tokens, and its rows at every type
 
 
 def stream_kl(spec: TensorSpec, x: dict[str, torch.Tensor], variants: list[Variant], imatrix_row: np.ndarray | None,
@@ -22,7 +22,9 @@ def stream_kl(spec: TensorSpec, x: dict[str, torch.Tensor], variants: list[Varia
     difference, never a whole row of logits per stream."""
     n_vocab = spec.shape[0]
     rows_x = len(x[REF])
-    step = max(1, LOGIT_BYTES // (8 * rows_x * 2))
+    n_types = len({v.types.get(spec.name) for v in variants} | {None})
+    # vocabulary rows per chunk: their logits (float64, two at a time) and the rows at each type within LOGIT_BYTES
+    step = max(1, min(LOGIT_BYTES // (8 * rows_x * 2), LOGIT_BYTES // (4 * spec.shape[-1] * n_types)))
     loader = spec.load
     whole = None if isinstance(loader, RowLoader) else loader(0)
     neg = torch.full((rows_x,), -torch.inf, dtype=torch.float64)

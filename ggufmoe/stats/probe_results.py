@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as T
 
 KEY = "ggufmoe.streamed_probes"
 VERSION = 1
+TARGET_STDERR = 0.05  # the relative standard error the summary says how many chunks would take
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,25 @@ class StreamedProbes:
         if len(kl) < 2 or m <= 0:
             return float("inf")
         return float(kl.std(ddof=1) / np.sqrt(len(kl)) / m)
+
+    def chunks_for(self, probe: str, target: float = TARGET_STDERR) -> int:
+        """Chunks per text that would bring the probe's relative standard error to ``target`` (it falls as the
+        square root of the chunks)."""
+        per_text = len(self.positions) / max(1, len(self.texts))
+        return max(1, int(np.ceil(per_text * (self.rel_stderr(probe) / target) ** 2)))
+
+    def summary(self) -> str:
+        """One line: what the probes ran on and how precise they are, with the chunks a 5% error would take."""
+        kinds = {"quantization": [p for p in self.kl if not p.startswith("prune:")],
+                 "pruning": [p for p in self.kl if p.startswith("prune:")]}
+        parts = []
+        for kind, probes in kinds.items():
+            if probes:
+                worst = max(probes, key=self.rel_stderr)
+                parts.append(f"{kind} up to {100 * self.rel_stderr(worst):.0f}% ({self.chunks_for(worst)} chunks per "
+                             f"text for {100 * TARGET_STDERR:.0f}%)")
+        return (f"probes: {len(self.kl)} on {sum(self.positions):,} held-out tokens of {len(self.texts)} text(s); "
+                "relative standard error " + ", ".join(parts))
 
     def to_json(self) -> str:
         return json.dumps(dict(version=VERSION, **asdict(self)))
