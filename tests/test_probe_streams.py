@@ -150,3 +150,11 @@ def test_tensors_are_found_in_their_parameter_element_by_element():
         rows, cols = locate(s, w)
         np.testing.assert_array_equal(w[rows.numpy(), cols.numpy()].reshape(s.shape), s.load(0))
     assert locate(TensorSpec("blk.0.attn_q.weight", (14, 8), lambda _: 2 * w), w) is None
+
+
+def test_the_summary_says_how_precise_the_probes_are():
+    one = StreamedProbes(["a"], [0], [511], {"all:Q3_K": [0.1], "prune:reap:8": [0.2]})
+    assert one.summary().endswith("one chunk: no standard error (--probe-chunks 2 or more gives one)")
+    four = StreamedProbes(["a", "b"], [0, 0, 1, 1], [511] * 4, {"all:Q3_K": [0.1, 0.12, 0.11, 0.09]})
+    assert four.rel_stderr("all:Q3_K") == pytest.approx(np.std([0.1, 0.12, 0.11, 0.09], ddof=1) / 2 / 0.105)
+    assert "quantization up to 6% (4 chunks per text for 5%)" in four.summary()

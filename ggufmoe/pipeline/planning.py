@@ -95,13 +95,8 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
             mode = auto_mode(model)
         if mode == SensitivityMode.STREAMED:
             sens, prune_kl = streamed_sensitivity(model, progress)
-            se = sens.info["rel_stderr"]
             notes.append(f"sensitivities and pruning costs: local errors calibrated by end-to-end probes in the "
-                         f"streamed calibration ({sens.info['kl_tokens']} held-out tokens of "
-                         f"{len(sens.info['texts'])} text(s), relative standard error up to "
-                         f"{100 * max(v for p, v in se.items() if not p.startswith('prune:')):.0f}% for quantization, "
-                         f"{100 * max([v for p, v in se.items() if p.startswith('prune:')] or [0]):.0f}% for pruning; "
-                         "no llama.cpp run)")
+                         f"streamed calibration ({sens.info['summary']}; no llama.cpp run)")
         elif mode == SensitivityMode.LOCAL:
             if local is None:
                 raise GgufmoeError(f"{stats_path}: the statistics hold no local errors (they come from a streamed "

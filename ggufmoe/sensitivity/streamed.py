@@ -67,8 +67,10 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
         if pruning else fit_pruning([], [])
     spread = {p: probes.by_text(p) for p in probes.kl if p.startswith("all:")}
     sens.info = dict(method="streamed", version=METHOD_VERSION, anchor=anchor, texts=probes.texts,
+                     summary=probes.summary().removeprefix("probes: "),
                      chunks=len(probes.positions), kl_tokens=int(np.sum(probes.positions)), uniform=uniform,
-                     by_text=spread, rel_stderr={p: round(probes.rel_stderr(p), 4) for p in probes.kl},
+                     by_text=spread, rel_stderr={p: round(probes.rel_stderr(p), 4) for p in probes.kl
+                                                 if len(probes.positions) > 1},
                      pruning=pruning,
                      shape_defaults=sorted(s.name for s in unprobed), diagonal_errors=sorted(s.name for s in rest))
     return sens, local_prune_kl(local, n_layers, sens.scales[PRUNE_LOCAL_KEY], stats, sens.scales[PRUNE_FIT])

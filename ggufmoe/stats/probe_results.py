@@ -75,12 +75,15 @@ class StreamedProbes:
 
     def chunks_for(self, probe: str, target: float = TARGET_STDERR) -> int:
         """Chunks per text that would bring the probe's relative standard error to ``target`` (it falls as the
-        square root of the chunks)."""
+        square root of the chunks); needs two chunks or more."""
         per_text = len(self.positions) / max(1, len(self.texts))
         return max(1, int(np.ceil(per_text * (self.rel_stderr(probe) / target) ** 2)))
 
     def summary(self) -> str:
         """One line: what the probes ran on and how precise they are, with the chunks a 5% error would take."""
+        head = f"probes: {len(self.kl)} on {sum(self.positions):,} held-out tokens of {len(self.texts)} text(s); "
+        if len(self.positions) < 2:
+            return head + "one chunk: no standard error (--probe-chunks 2 or more gives one)"
         kinds = {"quantization": [p for p in self.kl if not p.startswith("prune:")],
                  "pruning": [p for p in self.kl if p.startswith("prune:")]}
         parts = []
@@ -89,8 +92,7 @@ class StreamedProbes:
                 worst = max(probes, key=self.rel_stderr)
                 parts.append(f"{kind} up to {100 * self.rel_stderr(worst):.0f}% ({self.chunks_for(worst)} chunks per "
                              f"text for {100 * TARGET_STDERR:.0f}%)")
-        return (f"probes: {len(self.kl)} on {sum(self.positions):,} held-out tokens of {len(self.texts)} text(s); "
-                "relative standard error " + ", ".join(parts))
+        return head + "relative standard error " + ", ".join(parts)
 
     def to_json(self) -> str:
         return json.dumps(dict(version=VERSION, **asdict(self)))
