@@ -41,11 +41,11 @@ def _text(name: str, chars: int) -> str:
 
 @pytest.fixture(scope="module")
 def ref_stats(tmp_path_factory) -> tuple[Path, str]:
-    """The reference model calibrated streamed on 120,000 characters of calib.txt, carrying the probes on 2 chunks of
+    """The reference model calibrated streamed on 130,000 characters of calib.txt, carrying the probes on 2 chunks of
     eval_doc.txt (and of the pieces it held out)."""
     out = tmp_path_factory.mktemp("probes") / "stats.gguf"
     text = _text("eval_doc.txt", 200_000)
-    save_stats(calibrate(tiny_models.REF_MODEL, _text("calib.txt", 120_000), probes=True,
+    save_stats(calibrate(tiny_models.REF_MODEL, _text("calib.txt", 130_000), probes=True,
                          probe_texts={"eval_doc.txt": text}, probe_chunks=CHUNKS, ctx=CTX, progress=False), out)
     return out, text
 
@@ -82,11 +82,12 @@ def test_plan_from_streamed_probes(ref_stats, tmp_path):
 
 
 def test_stats_without_streamed_probes_are_refused_for_streamed_plans(tmp_path):
+    model = tmp_path / "hf"
+    tiny_models.build("qwen3moe", model)
     stats = tmp_path / "stats.gguf"
-    save_stats(calibrate(tiny_models.REF_MODEL, _text("calib.txt", 30_000), ctx=CTX, progress=False), stats)
+    save_stats(calibrate(model, _text("calib.txt", 30_000), ctx=128, progress=False), stats)
     assert KEY not in load_stats(stats).extras  # a model this small carries none by default
-    proc = run("plan", tiny_models.REF_MODEL, "--budget", "12M", "--weights-only", "--stats", stats,
-               "--sensitivity", "streamed")
+    proc = run("plan", model, "--budget", "1M", "--weights-only", "--stats", stats, "--sensitivity", "streamed")
     assert proc.returncode == 1 and "no streamed probes" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
@@ -120,18 +121,21 @@ def test_tiny_family_probes_agree_with_llama_cpp(family, tmp_path):
 
 
 def test_interrupted_calibration_resumes_its_probes(tmp_path):
-    """Interrupted in layer 3 and resumed, the probes' KL are those of an uninterrupted run."""
-    text, held = tmp_path / "calib.txt", tmp_path / "held.txt"
+    """Interrupted in layer 2 (DeepSeek-V3's second MoE layer) and resumed, the probes' KL are those of an
+    uninterrupted run."""
+    model, text, held = tmp_path / "hf", tmp_path / "calib.txt", tmp_path / "held.txt"
+    tiny_models.build("deepseek3", model)
     text.write_text(_text("calib.txt", 40_000))
     held.write_text(_text("eval_doc.txt", 30_000))
-    args = [str(tiny_models.REF_MODEL), "--text", str(text), "--probe-text", str(held), "--probe-chunks", "1", "-q"]
+    args = [model, "--text", text, "--chunk", 128, "--probe-text", held, "--probe-chunks", 2, "-q"]
     want, out = tmp_path / "want.gguf", tmp_path / "stats.gguf"
     assert run("calibrate", *args, "-o", want).returncode == 0
-    proc = run("calibrate", *args, "-o", out, env={INTERRUPT_LAYER: "3"})
+    proc = run("calibrate", *args, "-o", out, env={INTERRUPT_LAYER: "2"})
     assert proc.returncode == 130, proc.stderr
     assert (tmp_path / ".stats.gguf.partial" / "probes.npz").exists()
     proc = run("calibrate", *args, "-o", out, "--resume")
     assert proc.returncode == 0, proc.stderr
+    assert "relative standard error" in proc.stdout.splitlines()[-2]
     a, b = (StreamedProbes.from_json(load_stats(p).extras[KEY]) for p in (want, out))
     assert a.kl.keys() == b.kl.keys()
     for p in a.kl:
