@@ -4,7 +4,7 @@
 
 For each size (layers x routed experts) a synthetic FP8 checkpoint of DeepSeek-V3's shapes (`tools/make_synthetic.py`:
 hidden 7168, MLA, a dense first layer, then MoE layers of 2048-wide experts) is calibrated on 1,024 tokens of
-tests/data/calib.txt with `--probes --probe-chunks 1` (one chunk of 512 held-out tokens per stream, 21 streams) and
+tests/data/calib.txt with `--probes --probe-chunks 1` (one chunk of 512 held-out tokens per stream) and
 `--max-memory 8GiB`; then planned from the streamed probes alone. Wall time and peak RSS (the child's ``ru_maxrss``)
 of each step, the streams' own seconds, and the stated bound of what the streams hold go to
 eval/results/rehearse_probes_ds3.{md,json}.
@@ -67,8 +67,8 @@ def main() -> None:
     (out / "rehearse_probes_ds3.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Streamed probes at DeepSeek-V3 width", "",
              f"`python eval/rehearse_probes_ds3.py --sizes {args.sizes}`: synthetic FP8 checkpoints of DeepSeek-V3's "
-             "shapes, 1,024 calibration tokens, the probes on one held-out chunk of 512 tokens (21 streams: 5 tensor "
-             "classes, layer runs, 3 whole-model types, 2 prunings), `--max-memory 8GiB`. Peak RSS is the child's "
+             "shapes, 1,024 calibration tokens, the probes on one held-out chunk of 512 tokens (one stream per tensor "
+             "class and per run of layers at Q3_K, the whole model at three types, two prunings), `--max-memory 8GiB`. Peak RSS is the child's "
              f"`ru_maxrss`; load is the 1-minute load average at the end. Machine: {platform.machine()}, "
              f"{os.cpu_count()} cores.", "",
              "| size | step | wall | peak RSS | load | result |", "|---|---|---:|---:|---:|---|"]
