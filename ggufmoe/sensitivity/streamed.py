@@ -33,7 +33,7 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
                            "calibrate --probes`)")
     specs = [s for s in arch.tensors() if quantizable(s)]
     anchor = PROBE_TYPE.name
-    # a class the streams left exact (no module holds its rows: MLA's attn_k_b/attn_v_b) measured nothing: priced from
+    # a class the streams left exact (no module holds its elements as they are) measured nothing: priced from
     # shapes, as a model without statistics is
     left_exact = set(probes.info.get("left_exact", []))
     unprobed = [s for s in specs if s.name in left_exact]

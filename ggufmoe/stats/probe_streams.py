@@ -9,7 +9,7 @@ a layer is loaded, after the calibration has run it (so its importance rows and 
 
 1. every stream whose variant touches the layer, or whose hidden states already differ from the exact model's, runs
    the layer's own forward with the variant's matmul weights put into its modules (the GGUF rows matched back to the
-   checkpoint tensor's rows; a tensor cut otherwise, MLA's ``attn_k_b``/``attn_v_b``, stays exact and is listed), its
+   checkpoint tensor's elements, :mod:`ggufmoe.stats.held_weights`; one found nowhere stays exact and is listed), its
    experts module recording its input and routes;
 2. the routed experts its streams use are read once (:class:`~ggufmoe.stats.expert_loader.ExpertLoader`), each
    computed for every stream at the types that stream's variant gives it (quantized once per type);
