@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
@@ -30,6 +29,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.qtypes import effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.held import held_values
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import METHOD_VERSION, PROBE_TYPE, Sensitivity, active_elements, candidates_for
 
@@ -76,7 +76,7 @@ def gaussian_rel_errors(types=None, rows: int = 256, ne0: int = 256, seed: int =
     out = {}
     with Quantizer(1) as q:
         for t in types:
-            d = gguf.quants.dequantize(q.quantize(x, t, ones).reshape(rows, -1), t)
+            d = held_values(x, t, ones, q)
             out[t.name] = float(np.mean((d.astype(np.float64) - x) ** 2) / np.mean(x.astype(np.float64) ** 2))
     return out
 

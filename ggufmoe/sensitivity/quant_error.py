@@ -28,7 +28,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from tqdm import tqdm
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from ggufmoe.model.qtypes import effective_type
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.held import held_values
 from ggufmoe.model.names import EMBEDDING, role
 from ggufmoe.sensitivity.cost import candidates_for
 from ggufmoe.stats.file import Stats
@@ -109,8 +109,7 @@ def _samples(spec: TensorSpec, stats: Stats, token_freq: np.ndarray | None, n_ex
 def _error(q: Quantizer, samples: list[_Sample], t: T) -> float:
     total = 0.0
     for s in samples:
-        n = len(s.rows)
-        d = gguf.quants.dequantize(q.quantize(s.rows, t, s.imatrix).reshape(n, -1), t)
+        d = held_values(s.rows, t, s.imatrix, q)
         diff2 = (d.astype(np.float64) - s.rows) ** 2
         total += float(s.row_w @ (diff2 @ s.col_w))
     return total

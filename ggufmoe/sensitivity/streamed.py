@@ -63,8 +63,8 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
         name = prune_name(req, arch)
         if name in probes.kl:
             pruning[name] = (prune_unit(local, choose_experts(arch, stats, req), n_layers) or 0.0, probes.mean(name))
-    sens.scales[PRUNE_LOCAL_KEY], sens.scales[PRUNE_FIT] = fit_pruning(*map(list, zip(*pruning.values()))) \
-        if pruning else fit_pruning([], [])
+    sens.scales[PRUNE_LOCAL_KEY], sens.scales[PRUNE_FIT] = fit_pruning([u for u, _ in pruning.values()],
+                                                                       [kl for _, kl in pruning.values()])
     spread = {p: probes.by_text(p) for p in probes.kl if p.startswith("all:")}
     sens.info = dict(method="streamed", version=METHOD_VERSION, anchor=anchor, texts=probes.texts,
                      summary=probes.summary().removeprefix("probes: "),

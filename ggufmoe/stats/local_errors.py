@@ -36,12 +36,12 @@ import json
 import zlib
 from dataclasses import asdict, dataclass, field
 
-import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggufmoe.model.qtypes import CANDIDATES, effective_type
 from ggufmoe.quant.ggml import Quantizer, requires_imatrix
+from ggufmoe.quant.held import held_values
 
 KEY = "ggufmoe.local_errors"
 VERSION = 1
@@ -107,8 +107,7 @@ def _by_type(q: Quantizer, rows: np.ndarray, imatrix: np.ndarray | None, error) 
     out = {}
     for name, t in _types(rows.shape[1], imatrix is not None).items():
         if t not in by_type:
-            d = gguf.quants.dequantize(q.quantize(rows, t, imatrix).reshape(len(rows), -1), t)
-            by_type[t] = error(rows - d.astype(np.float32))
+            by_type[t] = error(rows - held_values(rows, t, imatrix, q))
         out[name] = by_type[t]
     return out
 

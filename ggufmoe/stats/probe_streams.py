@@ -82,8 +82,7 @@ class ProbeStreams:
         self.progress = progress
         self.variants = request.variants
         self.width = int(arch.cfg.hidden_size)
-        order = sorted(range(len(request.chunks)), key=lambda i: -len(request.chunks[i]))
-        self.order = order  # chunk i's rows are the order.index(i)-th chunk's
+        order = sorted(range(len(request.chunks)), key=lambda i: -len(request.chunks[i]))  # rows by chunk length
         self.batches: list[torch.Tensor] = []
         group: list[list[int]] = []
         for i in order:
@@ -96,6 +95,8 @@ class ProbeStreams:
             self.batches.append(torch.tensor(group))
         self.offsets = np.cumsum([0] + [b.numel() for b in self.batches]).tolist()
         self.rows = self.offsets[-1]
+        starts = np.cumsum([0] + [len(request.chunks[i]) for i in order]).tolist()
+        self.start = {i: starts[j] for j, i in enumerate(order)}  # chunk -> its first row
         self.hidden: dict[str, torch.Tensor | None] = {v.name: None for v in self.variants}
         self.carry: dict[str, list[dict[str, torch.Tensor]] | None] = {v.name: None for v in self.variants}
         self.carry[REF] = [{} for _ in self.batches]
@@ -116,7 +117,10 @@ class ProbeStreams:
         n_types = max((len(ts) for ts in by_tensor.values()), default=0)
         return (len(self.variants) + 1) * self.rows * self.width * 4 * 4 + weights + n_types * expert
 
-
+    def _input(self, name: str) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """A stream's hidden states and hand-over: the exact model's while it has none of its own."""
+        h = self.hidden[name]
+        return (self.hidden[REF], self.carry[REF]) if h is None else (h, self.carry[name] or self.carry[REF])
     # --- the embedding ----------------------------------------------------------------------------------------
 
     def embed(self, skeleton: Skeleton, spec: TensorSpec) -> None:
@@ -154,7 +158,6 @@ class ProbeStreams:
             router = layer.get_submodule(self.arch.residual_router) if self.arch.residual_router \
                 else router_of(block, self.arch.n_expert)
         steps: dict[str, _Step] = {}
-        ref_in = self.hidden[REF]
         bar = tqdm(total=len(self.variants) + 1 + (experts is not None), unit="stream", leave=False,
                    desc=f"probes {k + 1}/{self.arch.cfg.num_hidden_layers}", disable=not self.progress)
         for v in [Variant(REF), *self.variants]:
@@ -167,10 +170,8 @@ class ProbeStreams:
                     self.pruned.add(v.name)
             if v.name != REF and self.hidden[v.name] is None and not types and members is None:
                 continue  # still the exact model's stream
-            h = self.hidden[v.name] if self.hidden[v.name] is not None else ref_in
-            carry = self.carry[v.name] or self.carry[REF]
-            steps[v.name] = self._phase1(skeleton, k, layer, experts, block, router, weights, h, carry, types,
-                                         members)
+            steps[v.name] = self._phase1(skeleton, k, layer, experts, block, router, weights, *self._input(v.name),
+                                         types, members)
         if experts is not None:
             t1 = time.perf_counter()
             routed = self._experts(k, experts, specs, steps, imatrix, ahead)
@@ -182,16 +183,16 @@ class ProbeStreams:
                     step.out += routed[name]
                 else:
                     step.out, step.carry = self._again(skeleton, k, layer, experts, block, router, weights,
-                                                       self.hidden[name] if self.hidden[name] is not None else ref_in,
-                                                       self.carry[name] or self.carry[REF], step, routed[name])
+                                                       *self._input(name), step, routed[name])
         for name, step in steps.items():
             self.hidden[name], self.carry[name] = step.out, step.carry
         bar.close()
         self.seconds["layers"] += time.perf_counter() - t0
 
     @contextlib.contextmanager
-    def _variant(self, experts: nn.Module | None, block: nn.Module | None, router: nn.Module | None,
-                 weights: PlainWeights, types: dict[str, T], members: list[int] | None) -> Iterator[None]:
+    def _variant(self, block: nn.Module | None, router: nn.Module | None, weights: PlainWeights, types: dict[str, T],
+                 members: list[int] | None) -> Iterator[None]:
+        """The layer holds the variant's weights and routes to its kept experts while inside."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(weights.applied(types))
             if members is not None:
@@ -224,7 +225,7 @@ class ProbeStreams:
                         idx if ids is None else ids[idx.clamp(0, len(ids) - 1)], top_k_weights.to("cpu", torch.float32)))
             return torch.zeros_like(hs)
 
-        with torch.no_grad(), self._variant(experts, block, router, weights, types, members):
+        with torch.no_grad(), self._variant(block, router, weights, types, members):
             if experts is not None:
                 experts.forward = capture
             try:
@@ -294,7 +295,7 @@ class ProbeStreams:
             where[0] += hs.reshape(-1, self.width).shape[0]
             return routed[a:where[0]].reshape(hs.shape).to(hs.device, hs.dtype)
 
-        with torch.no_grad(), self._variant(experts, block, router, weights, step.types, step.members):
+        with torch.no_grad(), self._variant(block, router, weights, step.types, step.members):
             experts.forward = hand_back
             try:
                 return self._forward(skeleton, k, layer, h, carry)
@@ -322,7 +323,7 @@ class ProbeStreams:
         try:
             with torch.no_grad():
                 for name in [REF, *(v.name for v in self.variants)]:
-                    h = self.hidden[name] if self.hidden[name] is not None else self.hidden[REF]
+                    h = self._input(name)[0]
                     if id(h) not in finals:
                         got.clear()
                         for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
@@ -330,15 +331,13 @@ class ProbeStreams:
                         finals[id(h)] = torch.cat(got)
         finally:
             del lm.forward
-        x = {name: finals[id(self.hidden[name] if self.hidden[name] is not None else self.hidden[REF])]
-             for name in [REF, *(v.name for v in self.variants)]}
+        x = {name: finals[id(self._input(name)[0])] for name in [REF, *(v.name for v in self.variants)]}
         row = Imatrix(out_entries, [], 0, 0).row(out.name, None) if out.name in out_entries else None
         kl = stream_kl(out, x, self.variants, row, self.arch.logit_softcap, self.q)
         measured = [v for v in self.variants if v.prune is None or v.name in self.pruned]
         positions, per_chunk = [], {v.name: [] for v in measured}
         for i, c in enumerate(self.request.chunks):
-            j = self.order.index(i)
-            a = sum(len(self.request.chunks[m]) for m in self.order[:j])
+            a = self.start[i]
             positions.append(len(c) - 1)
             for v in measured:
                 per_chunk[v.name].append(float(kl[v.name][a:a + len(c) - 1].mean()))
