@@ -16,6 +16,7 @@ from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.plan.budget import DEFAULT_CTX, Budget
 from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType
 from ggufmoe.prune.criteria import DEFAULT_CRITERION, Criterion
+from ggufmoe.quant.modes import RoundingMode
 from ggufmoe.sensitivity.cost import PROBE_CHUNKS, SensitivityMode
 
 if TYPE_CHECKING:
@@ -227,7 +228,15 @@ def cli() -> None:
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Execute a plan from `ggufmoe plan`.")
 @budget_options("Plan for this memory budget and convert (calibrates with --calib unless --stats is given); "
                 "--ctx, --kv-type, --weights-only, --target, --max-active and --sensitivity shape its plan.")
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text for --budget.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text for --budget, and the text whose inputs --rounding aware fits.")
+@click.option("--rounding", type=click.Choice([m.value for m in RoundingMode]), default=RoundingMode.LLAMA.value,
+              show_default=True,
+              help="Who chooses each weight's code: llama.cpp's quantizers (llama), or output-aware rounding (aware: "
+                   "codes chosen with second-order error feedback from the layers' real inputs on --calib, in one "
+                   "streamed pass before writing; llama.cpp's scales and file format kept, and for each tensor "
+                   "whichever rounding has the lower output error on held-out tokens; needs the Hugging Face "
+                   "checkpoint).")
 @click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
 @click.option("--split-max-size", type=SIZE, help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
@@ -242,8 +251,8 @@ def cli() -> None:
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, alpha: float, top_k: int | str | None,
             top_k_scale: float | None, per_layer: bool, merge: bool, plan_file: Path | None, budget: Budget,
-            calib: Path | None, threads: int | None, split_max_size: int | None, ollama: bool, resume: bool,
-            allow_nonfinite: str | None, quiet: bool) -> None:
+            calib: Path | None, rounding: str, threads: int | None, split_max_size: int | None, ollama: bool,
+            resume: bool, allow_nonfinite: str | None, quiet: bool) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -258,6 +267,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     """
     from ggufmoe.pipeline.convert import ConvertOptions
     from ggufmoe.pipeline.convert_job import ConvertJob
+    from ggufmoe.stats.text import read_text
     from ggufmoe.pipeline.inspect import RunAt, written_memory_line
     from ggufmoe.pipeline.mix import mix_name
     from ggufmoe.plan.report import format_plan
@@ -267,7 +277,12 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
 
     if top_k == "auto" and not budget.total:
         raise GgufmoeError("--top-k auto shapes a --budget plan; give --budget")
-    needs(("budget_size",), "max_active", "calib", "budget_flag", "sensitivity")
+    needs(("budget_size",), "max_active", "budget_flag", "sensitivity")
+    aware = rounding == RoundingMode.AWARE
+    if calib is not None and not budget.total and not aware:
+        raise GgufmoeError("--calib applies only with --budget or --rounding aware")
+    if aware and calib is None:
+        raise GgufmoeError("--rounding aware fits the codes to the layers' inputs on a text: give --calib FILE")
     if (merge or per_layer) and keep is None and keep_ratio is None:
         raise GgufmoeError(f"{'--merge' if merge else '--keep-per-layer'} changes how --keep prunes; give --keep or "
                            "--keep-ratio")
@@ -277,9 +292,17 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
                          top_k=None if top_k == "auto" else top_k, top_k_scale=top_k_scale, merge=merge,
                          per_layer=per_layer)
     mix = mix_name(qtype)
+    if mix and aware:
+        raise GgufmoeError(f"--type {mix} is made by llama.cpp's quantizer; --rounding aware needs tensor types "
+                           f"(--type Q4_K ..., --plan or --budget)")
     opts = ConvertOptions(out=out, types=TypeRules.parse(None, ()) if mix else TypeRules.parse(qtype, rules),
                           imatrix=imatrix, threads=threads, split_max_size=split_max_size or 0, progress=not quiet,
-                          stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero")
+                          stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero",
+                          rounding=None)
+    if aware:
+        from ggufmoe.pipeline.rounding import RoundingOptions  # torch and transformers: only when the model runs
+
+        opts.rounding = RoundingOptions(read_text(calib))
     job = ConvertJob(opts, plan_file, budget if budget.total else None, calib, mix, rules if mix else ())
     if ollama:
         from ggufmoe.gguf.modelfile import modelfile_path

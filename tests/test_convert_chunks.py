@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tiny_models
 
-import ggufmoe.pipeline.convert as convert_mod
+import ggufmoe.model.parts as parts_mod
 from ggufmoe.arch import architecture_for
-from ggufmoe.pipeline.convert import ConvertOptions, chunk_rows, convert
+from ggufmoe.model.parts import chunk_rows
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.source.gguf_in import GGUFSource
 from ggufmoe.source.hf import HFSource
 from ggufmoe.quant.rules import TypeRules
@@ -29,7 +30,7 @@ def fp8_model(tmp_path_factory):
 def test_row_chunks_write_the_same_bytes(fp8_model, tmp_path, monkeypatch, qtype):
     types = TypeRules.parse(qtype)
     whole = convert(fp8_model, ConvertOptions(out=tmp_path / "whole.gguf", types=types, progress=False))[0]
-    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(parts_mod, "CHUNK_BYTES", 64 << 10)
     specs = list(architecture_for(HFSource(fp8_model)).tensors())
     chunked = {s.name for s in specs if chunk_rows(s) is not None}
     assert {"token_embd.weight", "output.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= chunked
@@ -43,7 +44,7 @@ def test_gguf_source_row_chunks_write_the_same_bytes(fp8_model, tmp_path, monkey
     src = convert(fp8_model, ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse("Q8_0"), progress=False))[0]
     types = TypeRules.parse("Q4_K")
     whole = convert(src, ConvertOptions(out=tmp_path / "whole.gguf", types=types, progress=False))[0]
-    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(parts_mod, "CHUNK_BYTES", 64 << 10)
     chunked = {s.name for s in architecture_for(GGUFSource(src)).tensors() if chunk_rows(s) is not None}
     assert {"token_embd.weight", "output.weight", "blk.0.ffn_gate.weight"} <= chunked
     parts = convert(src, ConvertOptions(out=tmp_path / "parts.gguf", types=types, progress=False))[0]

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-import ggufmoe.pipeline.convert as convert_mod
+import ggufmoe.model.parts as parts_mod
 import tiny_models
 from cli_run import assert_one_line_error, run
 from ggufmoe.arch import architecture_for
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.pipeline.convert import ConvertOptions, chunk_rows, convert
+from ggufmoe.model.parts import chunk_rows
+from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.source.hf import HFSource
 
@@ -89,7 +90,7 @@ def test_counted_across_row_chunks(tmp_path, monkeypatch, capsys):
     """A big tensor read in row chunks: its non-finite values are counted over all of them."""
     src = broken_copy(tmp_path / "m", {"model.embed_tokens.weight": [((0, 0), np.nan), ((3000, 7), np.inf),
                                                                       ((6143, 255), np.nan)]})
-    monkeypatch.setattr(convert_mod, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(parts_mod, "CHUNK_BYTES", 64 << 10)
     embd = next(s for s in architecture_for(HFSource(src)).tensors() if s.name == "token_embd.weight")
     assert chunk_rows(embd) == 256  # 24 chunks; the three values in three of them
     types = TypeRules.parse("Q8_0")

@@ -7,16 +7,16 @@ slices included: no dequantization, no requantization loss.
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.model.tensor import RowLoader
+from ggufmoe.model.parts import part_chunks
 from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.model.finite import NonFinite
 from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
@@ -28,15 +28,15 @@ from ggufmoe.plan.per_layer import spread_experts
 from ggufmoe.prune.merge import merge_experts
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.pipeline.read_ahead import read_ahead
+from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.source.config import check_shapes
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rules import TypedTensor, TypeRules
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 
-CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
-CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
-
+if TYPE_CHECKING:
+    from ggufmoe.pipeline.rounding import RoundingOptions
 
 @dataclass
 class ConvertOptions:
@@ -51,6 +51,7 @@ class ConvertOptions:
     pruning: Pruning | None = None  # decided already (a budget plan); overrides ``prune``
     resume: bool = False  # continue an interrupted conversion to ``out`` (same plan and inputs)
     zero_nonfinite: bool = False  # replace NaN/Inf in the weights with 0 instead of refusing them
+    rounding: RoundingOptions | None = None  # output-aware rounding from these inputs (else llama.cpp's)
 
 
 @dataclass
@@ -78,49 +79,24 @@ def read_pieces(typed: list[TypedTensor], imatrix: Imatrix | None, nonfinite: No
         nonfinite.check(name)
 
 
-def encode(piece: Piece, q: Quantizer) -> np.ndarray:
-    """The bytes written for ``piece``. Quantized rows are contiguous in GGUF, so parts are written in order."""
+def encode(piece: Piece, q: Quantizer, rounded: RoundedStore | None = None) -> np.ndarray:
+    """The bytes written for ``piece``: rounded ahead when ``rounded`` holds them, else quantized here. Quantized rows
+    are contiguous in GGUF, so parts are written in order."""
     p, rows = piece.tensor, piece.importance
     if p.copies:
         return piece.data
+    if rounded is not None and (data := rounded.get(piece.data, p.qtype)) is not None:
+        return data
     if rows is not None and len(rows) > 1:
         return np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(piece.data, rows)])
     return q.quantize(piece.data, p.qtype, None if rows is None else rows[0])
 
 
-def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm) -> Iterator[np.ndarray]:
+def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm, rounded: RoundedStore | None) -> Iterator[np.ndarray]:
     for piece in pieces:
-        data = encode(piece, q)
+        data = encode(piece, q, rounded)
         bar.update(data.nbytes)
         yield data
-
-
-def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Part ``i`` as float32, with the index of its first row: whole, or in row chunks when the tensor
-    is big and its loader reads rows (see :func:`chunk_rows`)."""
-    step = chunk_rows(spec)
-    if step is None:
-        yield 0, checked_shape(spec, spec.load(i), spec.shape[1:] if spec.is_expert else spec.shape)
-        return
-    n = spec.shape[0]
-    for r0 in range(0, n, step):
-        r1 = min(r0 + step, n)
-        yield r0, checked_shape(spec, spec.load.rows(r0, r1), (r1 - r0, *spec.shape[1:]))
-
-
-def chunk_rows(spec: TensorSpec) -> int | None:
-    """Rows per chunk for a tensor over ``CHUNK_BYTES`` in float32 whose loader reads rows, else None.
-    Chunks are whole multiples of ``CHUNK_ALIGN`` rows (whole FP8 scale blocks) unless the tensor ends."""
-    if not isinstance(spec.load, RowLoader) or 4 * spec.n_elements <= CHUNK_BYTES:
-        return None
-    row_bytes = 4 * spec.n_elements // spec.shape[0]
-    return max(CHUNK_ALIGN, CHUNK_BYTES // row_bytes // CHUNK_ALIGN * CHUNK_ALIGN)
-
-
-def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if tuple(data.shape) != tuple(shape):
-        raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(shape)}")
-    return data
 
 
 def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path]:
@@ -149,6 +125,11 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
     typed = assign_types(specs, opts.types, imatrix)
     out = prepare_output(src, arch, typed, prune, opts.types, opts.out, opts.split_max_size, imatrix,
                          opts.imatrix or opts.stats)
+    rounded = None
+    if opts.rounding is not None:
+        from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
+
+        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress)
     try:
         with out:
             done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
@@ -161,8 +142,10 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
                        disable=not opts.progress) as bar):
                 bar.update(sum(p.nbytes for p in typed[:done]))
                 for name, group in itertools.groupby(pieces, key=lambda piece: piece.tensor.spec.name):
-                    out.write_tensor(name, encoded(group, q, bar))
+                    out.write_tensor(name, encoded(group, q, bar, rounded))
             paths = out.finish()
+            if rounded is not None:
+                shutil.rmtree(rounded.path.parent, ignore_errors=True)  # the rounding folder, done with
             if (replaced := nonfinite.summary()) is not None:
                 tqdm.write(f"note: {replaced}", file=sys.stderr)
             return paths

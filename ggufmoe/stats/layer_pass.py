@@ -13,6 +13,7 @@ them, and the pruning errors too unless the family states the layer's computatio
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
 from ggufmoe.stats.probe_streams import ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets, PruneProbe, ResidualRouting
+from ggufmoe.stats.rounding import Rounder
 from ggufmoe.stats.routed_experts import expert_output, route_experts
 from ggufmoe.stats.skeleton import Skeleton, on_device, unsupported
 from ggufmoe.stats.working_set import WorkingSet
@@ -69,6 +71,25 @@ class LayerPasses:
     # per batch: what the last layer handed the next besides its hidden states (Architecture.layer_output), on the CPU
     carry: list[dict[str, torch.Tensor]]
     streams: ProbeStreams | None
+    rounder: Rounder | None
+
+    def sampler(self) -> Callable[[str, torch.Tensor], None] | None:
+        """What every plain matmul's input goes through: the local errors' and the rounding's samplers."""
+        takers = [t.sample for t in (self.meter, self.rounder) if t is not None]
+        if not takers:
+            return None
+
+        def sample(name: str, x: torch.Tensor) -> None:
+            for take in takers:
+                take(name, x)
+
+        return sample
+
+    def set_offset(self, row: int) -> None:
+        """The first calibration row of the forward about to run, for those that sample its inputs."""
+        for taker in (self.meter, self.rounder):
+            if taker is not None:
+                taker.offset = row
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
               working: WorkingSet) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
@@ -84,8 +105,7 @@ class LayerPasses:
                 if experts is None:
                     raise unsupported(self.arch, f"no fused experts module for layer {k}")
                 adds = self.adds_routed_output(skeleton, k, layer, experts, h_in)
-            collector = Collector(skeleton.model, specs, forward=deferred_forward,
-                                  sample=self.meter.sample if self.meter else None)
+            collector = Collector(skeleton.model, specs, forward=deferred_forward, sample=self.sampler())
             try:
                 entries, layers, local, probe, residual, gain = self._layer(skeleton, k, layer, collector, h_in,
                                                                             h_out, moe_in, working, adds)
@@ -105,6 +125,8 @@ class LayerPasses:
                     local.similarity[str(k)] = similarity
             if self.streams is not None:
                 self.streams.layer(skeleton, k, layer, specs, experts, adds, entries, layers.get(k), working.ahead)
+            if self.rounder is not None:
+                self.rounder.finish_layer()
             return entries, layers, local
         finally:
             layer.to("meta")
@@ -143,13 +165,14 @@ class LayerPasses:
                 pos = torch.arange(0, self.rows, -(-self.rows // meter.options.prune_tokens))
                 pieces: list[torch.Tensor] = []  # the residual router's input at ``pos``, batch by batch
                 routing = self.residual_routing(layer, collector, pos, where, pieces)
+        if self.rounder is not None:
+            self.rounder.wanted = {s.name for s in self.by_layer.get(k, []) if not s.is_expert}
         t0 = time.perf_counter()
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
                                    disable=not self.progress) as bar:
             for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
                 where[:] = a, b
-                if meter is not None:
-                    meter.offset = a
+                self.set_offset(a)
                 y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
                 if again:  # phase 2 sums the routed output here; phase 3 gives the output and the hand-over
                     h_out.tensor[a:b] = 0
@@ -163,6 +186,8 @@ class LayerPasses:
             if routing is not None:
                 routing.x = torch.cat(pieces)
             layer_half_done(k)
+            if self.rounder is not None:
+                self.rounder.plain(self.by_layer.get(k, []))
             if meter is not None:
                 for s in measured:
                     if not s.is_expert and s.name in collector.acc:
@@ -280,9 +305,16 @@ class LayerPasses:
             last[0] = e
 
         loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, working.ahead, advance)
-        meter = self.meter
+        meter, rounder = self.meter, self.rounder
+        specs = {s.name: s for s in self.by_layer[k]}
 
         def measure(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
+            if meter is not None:
+                local(e, ew, tokens, w, x2, mid2)
+            if rounder is not None:
+                rounder.expert(specs, e, loader.parts(ew), loader.down.name)
+
+        def local(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
             """The local errors of expert ``e`` on a sample of its routing slots."""
             c = len(tokens)
             pick = torch.from_numpy(np.unique(np.linspace(0, c - 1, min(c, meter.options.expert_tokens)).round()
@@ -300,7 +332,8 @@ class LayerPasses:
         try:
             with torch.no_grad():
                 route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=working.batch_tokens,
-                              device=self.device, on_expert=measure if meter is not None else None)
+                              device=self.device, on_expert=measure if meter or rounder else None,
+                              on_rows=rounder.expert_rows if rounder is not None else None)
         finally:
             loader.close()
         moe_in.drop_pages()

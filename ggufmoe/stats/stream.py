@@ -96,6 +96,7 @@ from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
 from ggufmoe.stats.layer_pass import LayerPasses
 from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors, LocalOptions
 from ggufmoe.stats.error_meter import LocalMeter
+from ggufmoe.stats.rounding import Rounder, RoundingRequest
 from ggufmoe.stats.probe_results import KEY as PROBES_KEY
 from ggufmoe.stats.probe_streams import ProbeRequest, ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets
@@ -129,7 +130,7 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
                  in_memory: bool | None = None, keep_on_error: bool = True,
                  resume_hint: str = "run the same command with --resume", local: LocalOptions | None = None,
                  measure_local: bool = True, kept_sets: KeptSets | None = None,
-                 probes: ProbeRequest | None = None) -> Stats:
+                 probes: ProbeRequest | None = None, rounding: RoundingRequest | None = None) -> Stats:
     """The statistics :func:`ggufmoe.stats.collect.collect_stats` gives, computed one layer at a time.
 
     With ``out`` the statistics are written there (atomically) and the state directory beside it
@@ -138,7 +139,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
     errors of :mod:`ggufmoe.stats.local_errors` (sampled as ``local`` says), stored with the statistics, and with
     ``kept_sets`` (the candidate prunings of a layer, from its statistics) the local pruning errors of
     :mod:`ggufmoe.stats.prune_error`. ``probes``: end-to-end probes carried beside the calibration
-    (:mod:`ggufmoe.stats.probe_streams`), their KL stored with the statistics. ``in_memory`` forces where the hidden
+    (:mod:`ggufmoe.stats.probe_streams`), their KL stored with the statistics. ``rounding``: round the tensors it
+    names with their inputs as the pass goes (:mod:`ggufmoe.stats.rounding`), into its store. ``in_memory`` forces where the hidden
     states live (None: decided by ``max_memory``).
 
     Interrupted (Ctrl-C, SIGTERM) after a complete layer, the state directory is kept and the
@@ -163,6 +165,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
     run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress, local, kept_sets if local else None)
     if probes is not None:
         run.streams = ProbeStreams(arch, probes, dev, kept_sets, progress)
+    if rounding is not None:
+        run.rounder = Rounder(rounding, ctx)
     n_chunks = run.n_chunks
     if out is None:
         with tempfile.TemporaryDirectory(prefix="ggufmoe-calibrate-") as tmp:
@@ -207,6 +211,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.phase1_share = 0.5  # of a MoE layer's time; measured on each MoE layer for the next bar
         self.carry: list[dict[str, torch.Tensor]] = []  # set per run (_run_layers)
         self.streams: ProbeStreams | None = None  # end-to-end probes carried beside the calibration
+        self.rounder: Rounder | None = None  # the output-aware rounding carried beside it
 
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
@@ -254,6 +259,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             if self.meter is not None:
                 self.meter.close()
                 self.meter = None
+            if self.rounder is not None:
+                self.rounder.close()
 
     def _run_layers(self, skeleton: Skeleton, state: CalibrationState, fingerprint: str, working: WorkingSet) -> Stats:
         start = state.layers_done
@@ -331,19 +338,23 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         meter = self.meter
         if meter is not None:
             meter.wanted = {s.name for s in out if quantizable(s)}
+        if self.rounder is not None:
+            self.rounder.wanted = {s.name for s in out}
         device, skeleton.device = skeleton.device, torch.device("cpu")
         try:
             skeleton.materialize(skeleton.model, skip=(skeleton.layers,))
         finally:
             skeleton.device = device
-        collector = Collector(skeleton.model, specs, sample=meter.sample if meter else None)
+        collector = Collector(skeleton.model, specs, sample=self.sampler())
         try:
             for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
-                if meter is not None:
-                    meter.offset = a
+                self.set_offset(a)
                 skeleton.output_pass(h.tensor[a:b].view(*batch.shape, self.width))
         finally:
             collector.remove()
+        if self.rounder is not None:
+            self.rounder.plain(out)
+            self.rounder.finish_layer()
         entries = collector.entries()
         if meter is None:
             return entries, LocalErrors()

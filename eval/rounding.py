@@ -1,0 +1,68 @@
+"""Output-aware rounding against llama.cpp's rounding on the reference model, at equal types and bytes.
+
+    python eval/rounding.py [--types Q4_K,Q3_K,...] [--chunks 8] [--work DIR]
+
+Statistics (the importance matrix both roundings use) and the rounding's inputs from the first 400k characters of
+calib.txt; KL divergence to the F32 conversion through llama.cpp on two texts the calibration did not see:
+eval_doc.txt and this project's README and sources (another kind of text). Writes eval/results/rounding.{md,json}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, SHARED, eval_chunks, reference_parser, reference_work, score, source_text  # noqa: E402
+
+from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
+from ggufmoe.pipeline.rounding import RoundingOptions  # noqa: E402
+from ggufmoe.quant.rules import TypeRules  # noqa: E402
+from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
+
+TYPES = "Q4_K,Q3_K,Q2_K,IQ3_XXS,IQ2_XXS,IQ1_M"
+
+
+def main() -> None:
+    ap = reference_parser(__doc__.splitlines()[0])
+    ap.add_argument("--types", default=TYPES)
+    args = ap.parse_args()
+    work, stats, f32, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
+    text = (SHARED / "data" / "calib.txt").read_text()[:args.chars]
+    src_chunks = eval_chunks(args.model, args.chunks, args.ctx, source_text())
+    with LlamaScorer(f32, args.ctx) as s:
+        src_base = [s(c) for c in src_chunks]
+    rows = []
+    for t in args.types.split(","):
+        row = {"type": t}
+        for mode in ("llama", "aware"):
+            out = work / f"{t}-{mode}.gguf"
+            t0 = time.perf_counter()
+            if not out.exists():
+                convert(args.model, ConvertOptions(out=out, types=TypeRules.parse(t), stats=stats, progress=False,
+                                                   rounding=RoundingOptions(text) if mode == "aware" else None))
+            row[f"{mode}_s"] = time.perf_counter() - t0
+            row[f"{mode}_bytes"] = out.stat().st_size
+            row[f"{mode}_eval_doc"] = score(out, chunks, base, args.ctx)["kld"]
+            row[f"{mode}_sources"] = score(out, src_chunks, src_base, args.ctx)["kld"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    res = ROOT / "eval" / "results"
+    (res / "rounding.json").write_text(json.dumps(rows, indent=1))
+    lines = ["# Output-aware rounding vs llama.cpp's rounding (reference model)", "",
+             f"Same types, same importance matrix, same bytes. Calibration: first {args.chars} characters of calib.txt; "
+             f"KL to F32 through llama.cpp, {args.chunks} chunks of {args.ctx} tokens of each text.", "",
+             "| type | bytes | KL eval_doc llama | aware | ratio | KL sources llama | aware | ratio | rounding pass s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['type']} | {r['aware_bytes']} | {r['llama_eval_doc']:.4f} | {r['aware_eval_doc']:.4f} | "
+                     f"{r['aware_eval_doc'] / r['llama_eval_doc']:.3f} | {r['llama_sources']:.4f} | "
+                     f"{r['aware_sources']:.4f} | {r['aware_sources'] / r['llama_sources']:.3f} | {r['aware_s']:.0f} |")
+    (res / "rounding.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

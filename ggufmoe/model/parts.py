@@ -1,0 +1,42 @@
+"""A tensor's parts as a conversion reads them: each expert slice whole, a big tensor in row chunks, so that memory holds
+one chunk (:data:`CHUNK_BYTES` of float32) at a time, never the whole tensor."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.tensor import RowLoader, TensorSpec
+
+CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk of a big tensor (token_embd, output, dense FFN)
+CHUNK_ALIGN = 256  # rows per chunk are a multiple of this: whole 128-row FP8 scale blocks
+
+
+def part_chunks(spec: TensorSpec, i: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Part ``i`` as float32, with the index of its first row: whole, or in row chunks when the tensor
+    is big and its loader reads rows (see :func:`chunk_rows`)."""
+    step = chunk_rows(spec)
+    if step is None:
+        yield 0, checked_shape(spec, spec.load(i), spec.shape[1:] if spec.is_expert else spec.shape)
+        return
+    n = spec.shape[0]
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        yield r0, checked_shape(spec, spec.load.rows(r0, r1), (r1 - r0, *spec.shape[1:]))
+
+
+def chunk_rows(spec: TensorSpec) -> int | None:
+    """Rows per chunk for a tensor over ``CHUNK_BYTES`` in float32 whose loader reads rows, else None.
+    Chunks are whole multiples of ``CHUNK_ALIGN`` rows (whole FP8 scale blocks) unless the tensor ends."""
+    if not isinstance(spec.load, RowLoader) or 4 * spec.n_elements <= CHUNK_BYTES:
+        return None
+    row_bytes = 4 * spec.n_elements // spec.shape[0]
+    return max(CHUNK_ALIGN, CHUNK_BYTES // row_bytes // CHUNK_ALIGN * CHUNK_ALIGN)
+
+
+def checked_shape(spec: TensorSpec, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if tuple(data.shape) != tuple(shape):
+        raise GgufmoeError(f"{spec.name}: source has shape {tuple(data.shape)}, expected {tuple(shape)}")
+    return data

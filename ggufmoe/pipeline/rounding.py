@@ -1,0 +1,76 @@
+"""``convert --rounding aware``: before the conversion writes anything, one streamed pass over the calibration text
+rounds every tensor the plan quantizes to a type we have an encoder for (:mod:`ggufmoe.stats.rounding`), into a folder
+beside the output (``.NAME.rounding``); the conversion then writes those bytes (found by content,
+:class:`~ggufmoe.quant.rounded_store.RoundedStore`) and quantizes the rest as usual. The folder is kept when the pass
+or the conversion is interrupted (``--resume`` takes it up); the conversion removes it once the output is complete.
+Imported only when rounding (torch and transformers run the model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ggufmoe.errors import GgufmoeError
+from ggufmoe.files import replace_atomically
+from ggufmoe.quant.aware import can_round
+from ggufmoe.quant.rounded_store import RoundedStore
+from ggufmoe.quant.rules import TypedTensor
+from ggufmoe.stats.imatrix import Imatrix
+from ggufmoe.stats.opened import OpenedModel
+from ggufmoe.stats.rounding import REPORT, RoundingRequest, TensorReport, summary
+from ggufmoe.stats.stream import stream_stats
+from ggufmoe.stats.text import CALIB_CTX, hold_out
+
+DONE = "done.json"
+
+
+@dataclass
+class RoundingOptions:
+    """``--rounding aware``'s inputs: the calibration text (less the pieces calibration holds out), in chunks of
+    ``ctx``, run on ``device`` within ``max_memory`` (None: the streamed pass's default)."""
+
+    text: str
+    ctx: int = CALIB_CTX
+    device: str = "cpu"
+    max_memory: int | None = None
+
+
+def rounding_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.rounding")
+
+
+def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix | None, opts: RoundingOptions,
+                out: Path, resume: bool, progress: bool) -> RoundedStore:
+    """The store of ``typed``'s tensors rounded output-aware (the pass runs unless a finished one for the same text
+    and types is kept beside ``out``)."""
+    if not model.source.can_calibrate:
+        raise GgufmoeError(f"{model.path}: --rounding aware runs the model over the calibration text: it needs the "
+                           f"Hugging Face checkpoint, not a GGUF")
+    types = {p.spec.name: p.qtype for p in typed if not p.copies and can_round(p.qtype)}
+    key = hashlib.sha256(json.dumps([opts.text, opts.ctx, sorted((n, t.name) for n, t in types.items())])
+                         .encode()).hexdigest()
+    folder = rounding_dir(out)
+    store = RoundedStore(folder / "tensors")
+    done = folder / DONE
+    if folder.exists():
+        if not resume:
+            raise GgufmoeError(f"{folder} holds the output-aware rounding of an interrupted conversion to {out.name}: "
+                               f"add --resume to use it, or delete the folder to start over")
+        if done.exists() and json.loads(done.read_text()).get("key") != key:
+            raise GgufmoeError(f"{folder}: the rounding kept there was made for other types or another text; delete "
+                               f"the folder to start over")
+    if not done.exists():
+        folder.mkdir(exist_ok=True)
+        stream_stats(model.path, hold_out(opts.text).calibration, ctx=opts.ctx, progress=progress,
+                     out=folder / "inputs.stats", resume=resume and folder.exists(), device=opts.device,
+                     measure_local=False, **({"max_memory": opts.max_memory} if opts.max_memory else {}),
+                     rounding=RoundingRequest(types, imatrix, store),
+                     resume_hint="run the same convert command with --resume")
+        replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
+    report = folder / "tensors" / REPORT
+    if report.exists():
+        print(summary({n: TensorReport(**r) for n, r in json.loads(report.read_text()).items()}), file=sys.stderr)
+    return store

@@ -1,0 +1,116 @@
+"""Output-aware rounding: the codes of a tensor's blocks chosen to make ``||(W - Q) X||`` small for the layer's real
+inputs ``X``, not ``||W - Q||`` weighted by a diagonal importance.
+
+What it does, and why. llama.cpp's quantizers choose each block's scales and codes from the weights and the diagonal
+of ``X^T X`` (the importance matrix); the error of one weight cannot compensate another's. GPTQ's second-order error
+feedback (Frantar et al., 2022) does: columns are rounded one group at a time, and the error each leaves, divided by the
+inverse Hessian's Cholesky diagonal, is pushed onto the columns not rounded yet, where later codes can absorb it. We keep
+llama.cpp's own block scales (its quantization of the tensor with the same importance row is the start: the scales
+are searched well there and the file format is untouched) and choose only the codes, with the format's exact code set
+(:mod:`ggufmoe.quant.formats`): one value at a time for the scalar types, the nearest lattice vector (eight values) for
+the IQ types, whose codes cannot be chosen value by value. Columns go in order of decreasing ``diag(H)`` (GPTQ's act
+order; groups of a lattice vector together), a damping of 1% of the mean diagonal keeps ``H`` invertible, and the
+updates are batched over ``BLOCK`` columns so the work is matrix products.
+
+Never worse: :func:`round_tensor` measures both roundings on held-out inputs (tokens the rounding did not see) and
+keeps the one with the lower output error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ggufmoe.quant.formats import FORMATS
+from ggufmoe.quant.ggml import Quantizer
+
+DAMP = 0.01  # of the mean of diag(H), added to its diagonal
+BLOCK = 128  # columns per lazy batch of updates
+
+
+def can_round(t: T) -> bool:
+    return t in FORMATS
+
+
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped."""
+    h = np.array(h, np.float64)
+    diag = np.diag(h)
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += DAMP * max(float(diag[~dead].mean()) if (~dead).any() else 1.0, 1e-30)
+    low = np.linalg.cholesky(h)
+    inv = np.linalg.inv(low)
+    return np.linalg.cholesky(inv.T @ inv).T
+
+
+def column_order(h: np.ndarray, group: int) -> np.ndarray:
+    """Columns by decreasing importance, a group's columns kept together and in order."""
+    weight = np.diag(h).reshape(-1, group).sum(axis=1)
+    groups = np.argsort(-weight, kind="stable")
+    return (groups[:, None] * group + np.arange(group)).reshape(-1)
+
+
+def group_weight(u: np.ndarray) -> np.ndarray:
+    """What an error in each column of a group chosen together costs once the columns after it compensate: the diagonal
+    of ``((U^T U))^-1`` for the group's block ``u`` of the inverse Hessian's Cholesky factor (a lattice vector's
+    search weighs its values by it; the off-diagonal terms are left out, which keeps the search exact per value)."""
+    return np.diag(np.linalg.inv(u.T @ u))
+
+
+def gptq_codes(w: np.ndarray, raw: np.ndarray, t: T, h: np.ndarray) -> np.ndarray:
+    """The bytes of ``w`` (rows x n float32) at type ``t`` with llama.cpp's scales from ``raw`` (its quantization of
+    ``w``) and codes chosen by error feedback for inputs whose second moment is ``h`` (n x n)."""
+    fmt = FORMATS[t].unpack(raw.reshape(len(w), -1))
+    g = fmt.GROUP
+    perm = column_order(h, g)
+    u = inverse_cholesky(h[np.ix_(perm, perm)])
+    work = np.array(w[:, perm], np.float64)
+    n = work.shape[1]
+    for i1 in range(0, n, BLOCK):
+        i2 = min(i1 + BLOCK, n)
+        block = work[:, i1:i2]
+        err = np.zeros_like(block)
+        ub = u[i1:i2, i1:i2]
+        for j0 in range(0, i2 - i1, g):
+            weight = None if g == 1 else group_weight(ub[j0:j0 + g, j0:j0 + g])
+            q = fmt.choose(int(perm[i1 + j0]), block[:, j0:j0 + g].astype(np.float32), weight).astype(np.float64)
+            for j in range(j0, j0 + g):
+                e = (block[:, j] - q[:, j - j0]) / ub[j, j]
+                block[:, j:] -= e[:, None] * ub[j, j:][None, :]
+                err[:, j] = e
+        work[:, i2:] -= err @ u[i1:i2, i2:]
+    return fmt.pack().reshape(-1)
+
+
+def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
+    """``sum over tokens ||(W - Q) x||^2`` for inputs whose second moment (sum of ``x x^T``) is ``h``."""
+    d = np.asarray(w, np.float64) - np.asarray(values, np.float64)
+    return float(((d @ h) * d).sum())
+
+
+@dataclass
+class Rounded:
+    """One tensor (or expert slice) rounded: the bytes kept and what decided it."""
+
+    data: np.ndarray  # uint8, as written
+    aware: bool  # whether the output-aware codes were kept (else llama.cpp's)
+    error_llama: float  # output error on the held-out inputs, llama.cpp's rounding
+    error_aware: float  # the same for the output-aware codes
+
+
+def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.ndarray, h_held: np.ndarray,
+                 q: Quantizer) -> Rounded:
+    """``w`` (rows x n float32) at type ``t``: llama.cpp's rounding with ``importance`` and the output-aware codes
+    for inputs ``h_fit``; whichever has the lower output error on ``h_held`` is kept."""
+    import gguf  # noqa: PLC0415  (gguf-py's dequantization, as the file's reader computes it)
+
+    llama = q.quantize(w, t, importance)
+    ours = gptq_codes(w, llama, t, h_fit)
+    rows = len(w)
+    e_llama = output_error(w, gguf.quants.dequantize(llama.reshape(rows, -1), t), h_held)
+    e_ours = output_error(w, gguf.quants.dequantize(ours.reshape(rows, -1), t), h_held)
+    keep = e_ours < e_llama
+    return Rounded(ours if keep else llama, bool(keep), e_llama, e_ours)

@@ -1,0 +1,121 @@
+"""Output-aware rounding (``convert --rounding aware``): codes chosen from the layers' real inputs in a streamed pass,
+written in llama.cpp's own block formats; per tensor never worse than llama.cpp's rounding on held-out tokens; the file
+loads and runs in stock llama.cpp and is closer to the model there."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T, GGUFReader
+
+import tiny_models
+from cli_run import run
+from ggufmoe.model.parts import part_chunks
+from ggufmoe.pipeline.calibrate import calibrate
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.pipeline.rounding import RoundingOptions, round_ahead, rounding_dir
+from ggufmoe.plan.layout import assign_types
+from ggufmoe.quant.aware import can_round, round_tensor
+from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.rules import TypeRules
+from ggufmoe.runtime.logprobs import base_logprobs, score_against
+from ggufmoe.stats.opened import OpenedModel
+from ggufmoe.stats.rounding import REPORT
+
+# every tensor at one of three types: attention at a lattice type, the routed experts at a K-type, the rest at another
+RULES = ("attn_.*=IQ2_XXS", "ffn_.*_exps=Q4_K")
+DEFAULT = "Q3_K"
+
+
+def _text(chars: int) -> str:
+    return (tiny_models.TEST_DATA / "calib.txt").read_text()[:chars]
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q2_K, T.IQ2_XXS, T.IQ4_XS])
+def test_round_tensor_lowers_the_output_error_of_correlated_inputs(t):
+    rng = np.random.default_rng(0)
+    n = 256
+    mix = rng.standard_normal((n, n)) * rng.random(n) ** 3  # inputs with a few strong directions
+    x = rng.standard_normal((3000, n)) @ mix + 0.05 * rng.standard_normal((3000, n))
+    fit, held = x[:2400], x[2400:]
+    w = rng.standard_normal((32, n)).astype(np.float32)
+    with Quantizer(1) as q:
+        r = round_tensor(w, t, (fit ** 2).mean(0).astype(np.float32), fit.T @ fit, held.T @ held, q)
+    assert r.aware and r.error_aware < 0.9 * r.error_llama
+
+
+@pytest.fixture(scope="module")
+def ref_rounded(tmp_path_factory):
+    """Statistics of a piece of calib.txt; the reference model's rounding pass from them (kept as ``--resume`` keeps
+    it, with its report), and the conversions with both roundings."""
+    tmp = tmp_path_factory.mktemp("rounding")
+    text = _text(30_000)
+    (tmp / "calib.txt").write_text(text)
+    stats = tmp / "ref.stats.gguf"
+    calibrate(tiny_models.REF_MODEL, text, out=stats, measure_local=False, progress=False, probes=False)
+    model = OpenedModel.open(tiny_models.REF_MODEL, stats)
+    base = ConvertOptions(out=tmp / "llama.gguf", types=TypeRules.parse(DEFAULT, RULES), stats=stats, progress=False)
+    llama = convert(model, base)[0]
+    aware = tmp / "aware.gguf"
+    opts = replace(base, out=aware, rounding=RoundingOptions(text))
+    typed = assign_types(list(model.arch.tensors()), opts.types, model.stats.imatrix)
+    store = round_ahead(model, typed, model.stats.imatrix, opts.rounding, aware, resume=False, progress=False)
+    report = json.loads((store.path / REPORT).read_text())
+    convert(model, replace(opts, resume=True))  # takes the kept rounding: no second pass
+    return model, typed, report, llama, aware
+
+
+def test_every_tensor_is_rounded_and_never_worse_on_held_out_tokens(ref_rounded):
+    """Every matmul the plan quantizes was rounded: each part (expert slice with routed tokens, row chunk) kept the
+    rounding with the lower output error on the held-out tokens, mostly ours."""
+    model, typed, report, _, aware = ref_rounded
+    matmuls = {p.spec.name: p.spec for p in typed if can_round(p.qtype) and p.spec.parsed.base != "token_embd"}
+    assert set(report) == set(matmuls)
+    for name, r in report.items():
+        spec = matmuls[name]
+        routed = int((model.stats.layers[spec.layer].counts > 0).sum()) if spec.is_expert else 0
+        assert r["parts"] == (routed if spec.is_expert else len(list(part_chunks(spec, 0)))), name
+        assert r["error_kept"] <= r["error_llama"] and r["error_kept"] <= r["error_aware"]
+    parts = sum(r["parts"] for r in report.values())
+    assert sum(r["aware"] for r in report.values()) > parts / 2
+    assert sum(r["error_kept"] for r in report.values()) < 0.9 * sum(r["error_llama"] for r in report.values())
+    assert not rounding_dir(aware).exists()
+
+
+def test_aware_file_has_llama_cpps_types_and_bytes_and_runs_closer_to_the_model(ref_rounded, ref_f32_gguf,
+                                                                               eval_tokens):
+    _, _, _, llama, aware = ref_rounded
+    a, b = GGUFReader(aware), GGUFReader(llama)
+    assert aware.stat().st_size == llama.stat().st_size
+    types = {t.name: t.tensor_type for t in b.tensors}
+    assert {t.name: t.tensor_type for t in a.tensors} == types
+    differ = {t.name for t, u in zip(a.tensors, b.tensors) if not np.array_equal(t.data, u.data)}
+    assert {types[n] for n in differ} == {T.IQ2_XXS, T.Q4_K, T.Q3_K}
+    seqs = [eval_tokens[:512], eval_tokens[512:1024]]
+    ref = base_logprobs(ref_f32_gguf, seqs)
+    kl = {p.name: np.mean([c.kld_mean for c in score_against(p, seqs, ref)]) for p in (llama, aware)}
+    assert kl[aware.name] < 0.95 * kl[llama.name], kl
+
+
+def test_rounding_aware_refusals(ref_rounded, tmp_path):
+    _, _, _, llama, _ = ref_rounded
+    calib = tmp_path.parent / "calib.txt"
+    calib.write_text(_text(2000))
+    ref = str(tiny_models.REF_MODEL)
+    cases = [
+        ((ref, "-o", str(tmp_path / "a.gguf"), "--type", "Q4_K", "--rounding", "aware"), "give --calib"),
+        ((ref, "-o", str(tmp_path / "b.gguf"), "--type", "Q4_K_M", "--rounding", "aware", "--calib",
+          str(calib)), "made by llama.cpp's quantizer"),
+        ((str(llama), "-o", str(tmp_path / "c.gguf"), "--type", "Q2_K", "--rounding", "aware", "--calib",
+          str(calib)), "needs the Hugging Face checkpoint"),
+        ((ref, "-o", str(tmp_path / "d.gguf"), "--type", "Q4_K", "--calib", str(calib)),
+         "--calib applies only with --budget or --rounding aware"),
+    ]
+    for args, message in cases:
+        proc = run("convert", *args)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not list(tmp_path.iterdir())
