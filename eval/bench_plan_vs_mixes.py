@@ -11,7 +11,8 @@ conversion, through llama.cpp). Calibration on calib.txt, streamed with local er
 writes eval/results/plan_vs_mixes_local.{md,json,png}; ``--sensitivity streamed`` (the streamed probes, carried by
 the calibration on the pieces of calib.txt it holds out; no llama.cpp run) writes plan_vs_mixes_streamed.*.
 Every file is also measured on a second text the calibration did not see, of another kind: this project's README
-and sources (``common.source_text``).
+and sources (``common.source_text``). ``--rounding aware`` also converts each plan with output-aware rounding (its
+inputs from the calibration text) and writes plan_vs_mixes[_SENSITIVITY]_aware.*, both roundings side by side.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ggufmoe.pipeline.planning import build_plan, options_from_plan  # noqa: E40
 from ggufmoe.prune.criteria import Criterion  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
+from ggufmoe.pipeline.rounding import RoundingOptions  # noqa: E402
 from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep intermediate files here (stats, sensitivities are cached)")
     ap.add_argument("--sensitivity", choices=("probes", "local", "streamed"), default="probes")
     ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
+    ap.add_argument("--rounding", choices=("llama", "aware"), default="llama")
     args = ap.parse_args()
     planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
@@ -104,11 +107,22 @@ def main() -> None:
         row["mix_kld_source"] = score_gguf(theirs, other, base_other, args.ctx)["kld"]
         row["ours_kld_source"] = score_gguf(ours, other, base_other, args.ctx)["kld"]
         row["ratio_source"] = row["ours_kld_source"] / row["mix_kld_source"]
+        if args.rounding == "aware":
+            aware = convert(args.model, options_from_plan(plan, ConvertOptions(
+                out=work / f"plan-{mix}-aware.gguf", types=TypeRules.parse("Q8_0"), progress=False,
+                rounding=RoundingOptions(calib))))[0]
+            row["aware_bytes"] = aware.stat().st_size
+            row["aware_kld"] = score_gguf(aware, chunks, base, args.ctx)["kld"]
+            row["aware_kld_source"] = score_gguf(aware, other, base_other, args.ctx)["kld"]
         rows.append(row)
         print(row, flush=True)
     out = ROOT / "eval" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = "plan_vs_mixes" + ("" if args.sensitivity == "probes" else f"_{args.sensitivity}")
+    if args.rounding == "aware":
+        write_aware(rows, out / f"{name}_aware.md", args, chunks)
+        (out / f"{name}_aware.json").write_text(json.dumps(rows, indent=1))
+        return
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, out / f"{name}.png")
     how = {"local": "local errors only, mapped to KL by the reference tables of ggufmoe/sensitivity/local_costs.py "
@@ -138,6 +152,31 @@ def main() -> None:
               f"{r['predicted_kld'] / r['ours_kld_source']:.2f} | {r['ratio_source']:.2f} |" for r in rows]
     lines += ["", f"![size vs KL]({name}.png)"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_aware(rows: list[dict], path: Path, args, chunks: list) -> None:
+    """The plans with both roundings against the mixes, and what the plan predicted (priced with llama.cpp's
+    rounding)."""
+    lines = ["# Budgeted plans with output-aware rounding vs llama.cpp's mixes at the same size", "",
+             f"Reference model; statistics, sensitivities ({args.sensitivity}) and the rounding's inputs from "
+             f"{'the first {:,} characters of '.format(args.chars) if args.chars else ''}calib.txt; KL to the F32 "
+             f"conversion over {len(chunks)} chunks of {args.ctx} tokens of eval_doc.txt and of the source text "
+             "(README and ggufmoe/*.py) through llama.cpp. The same plan written twice: llama.cpp's rounding and "
+             "output-aware rounding (same types, same bytes). Reproduce: "
+             f"`python eval/bench_plan_vs_mixes.py --sensitivity {args.sensitivity} --rounding aware"
+             f"{' --chars {}'.format(args.chars) if args.chars else ''}`.", "",
+             "| mix | bytes | eval_doc: mix KL | plan, llama rounding | plan, aware | aware / mix | predicted / "
+             "measured (aware) | sources: mix KL | plan, llama | plan, aware | aware / mix | predicted / measured |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mix']} | {r['aware_bytes']:,} | {r['mix_kld']:.4f} | {r['ours_kld']:.4f} | "
+                     f"{r['aware_kld']:.4f} | {r['aware_kld'] / r['mix_kld']:.2f} | "
+                     f"{r['predicted_kld'] / r['aware_kld']:.2f} | {r['mix_kld_source']:.4f} | "
+                     f"{r['ours_kld_source']:.4f} | {r['aware_kld_source']:.4f} | "
+                     f"{r['aware_kld_source'] / r['mix_kld_source']:.2f} | "
+                     f"{r['predicted_kld'] / r['aware_kld_source']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

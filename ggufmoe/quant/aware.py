@@ -8,9 +8,11 @@ inverse Hessian's Cholesky diagonal, is pushed onto the columns not rounded yet,
 llama.cpp's own block scales (its quantization of the tensor with the same importance row is the start: the scales
 are searched well there and the file format is untouched) and choose only the codes, with the format's exact code set
 (:mod:`ggufmoe.quant.formats`): one value at a time for the scalar types, the nearest lattice vector (eight values) for
-the IQ types, whose codes cannot be chosen value by value. Columns go in order of decreasing ``diag(H)`` (GPTQ's act
-order; groups of a lattice vector together), a damping of 1% of the mean diagonal keeps ``H`` invertible, and the
-updates are batched over ``BLOCK`` columns so the work is matrix products.
+the IQ types, whose codes cannot be chosen value by value, its values weighed by what an error in each costs once the
+later columns compensate (:func:`group_weight`). Columns go in order of decreasing ``diag(H)`` (GPTQ's act order;
+groups of a lattice vector together), a damping of 30% of the mean diagonal keeps ``H`` invertible and the fit from
+overfitting few tokens (a rare expert's), and the updates are batched over ``BLOCK`` columns so the work is matrix
+products. Scales refitted to the new codes gained 0.5-1.5% more on held-out errors at twice the time: not done.
 
 Never worse: :func:`round_tensor` measures both roundings on held-out inputs (tokens the rounding did not see) and
 keeps the one with the lower output error.
@@ -26,7 +28,8 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.quant.formats import FORMATS
 from ggufmoe.quant.ggml import Quantizer
 
-DAMP = 0.01  # of the mean of diag(H), added to its diagonal
+DAMP = 0.3  # of the mean of diag(H), added to its diagonal: a third of the mean diagonal beat 0.1%-100% on
+# the reference model's held-out errors at every type (less overfits the experts with few routed tokens)
 BLOCK = 128  # columns per lazy batch of updates
 
 
