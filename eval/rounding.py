@@ -29,7 +29,11 @@ TYPES = "Q4_K,Q3_K,Q2_K,IQ3_XXS,IQ2_XXS,IQ1_M"
 def main() -> None:
     ap = reference_parser(__doc__.splitlines()[0])
     ap.add_argument("--types", default=TYPES)
+    ap.add_argument("--redraw", action="store_true", help="only write the table and plot again from the JSON")
     args = ap.parse_args()
+    if args.redraw:
+        write(json.loads((ROOT / "eval" / "results" / "rounding.json").read_text()), args)
+        return
     work, stats, f32, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     text = (SHARED / "data" / "calib.txt").read_text()[:args.chars]
     src_chunks = eval_chunks(args.model, args.chunks, args.ctx, source_text())
@@ -50,6 +54,10 @@ def main() -> None:
             row[f"{mode}_sources"] = score(out, src_chunks, src_base, args.ctx)["kld"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
     res = ROOT / "eval" / "results"
     (res / "rounding.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Output-aware rounding vs llama.cpp's rounding (reference model)", "",
@@ -61,7 +69,34 @@ def main() -> None:
         lines.append(f"| {r['type']} | {r['aware_bytes']} | {r['llama_eval_doc']:.4f} | {r['aware_eval_doc']:.4f} | "
                      f"{r['aware_eval_doc'] / r['llama_eval_doc']:.3f} | {r['llama_sources']:.4f} | "
                      f"{r['aware_sources']:.4f} | {r['aware_sources'] / r['llama_sources']:.3f} | {r['aware_s']:.0f} |")
+    lines += ["", "![KL by type, both roundings](rounding.png)"]
     (res / "rounding.md").write_text("\n".join(lines) + "\n")
+    plot(rows, res / "rounding.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """KL of both roundings per type, on both texts (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = np.arange(len(rows))
+    for i, (text, label) in enumerate((("eval_doc", "eval_doc.txt"), ("sources", "README + sources"))):
+        for j, mode in enumerate(("llama", "aware")):
+            ax.bar(x + (2 * i + j - 1.5) * 0.2, [r[f"{mode}_{text}"] for r in rows], 0.2,
+                   label=f"{label}, {'llama.cpp rounding' if mode == 'llama' else 'output-aware'}",
+                   color=f"C{2 * i + j}")
+    ax.set_xticks(x, [r["type"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL divergence to F32 (nats/token)")
+    ax.set_title("refmoe-qwen3: same types and bytes, two roundings")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
