@@ -1,15 +1,13 @@
 """The cost of output-aware rounding at DeepSeek-V3 widths, and our block encoders against llama.cpp's quantizer.
 
-    python eval/bench_rounding.py [--types Q4_K,Q2_K,IQ2_XXS,IQ1_M] [--tokens 4096]
+    python eval/bench_rounding.py [--types Q4_K,IQ2_XXS] [--tokens 4096]
 
-Per matrix of DeepSeek-V3's shapes (:data:`MATRICES`; the tall ones measured on 2048 of their rows and scaled: the
-rows are independent), with Gaussian weights and inputs of a few strong directions: the seconds of the second moments over ``--tokens`` tokens, of the inverse
-Hessian's Cholesky factor and of the error feedback (our encoders' choose/pack inside), per type, on one thread; then
-our encoders' own throughput (unpack + pack) and llama.cpp's quantizer's on the same rows, per core. The 671B
-projection (61 layers: 3 dense, 58 with 256 routed experts and a shared one; the dense layers' down matrices, 3 of
-them, and MLA's k_b/v_b, which no hook sees, are left out) is written with its arithmetic to
-eval/results/bench_rounding.{md,json}.
-"""
+A routed expert's gate/up (7168 columns) and down (2048 columns) of DeepSeek-V3's shapes, Gaussian weights and inputs
+of a few strong directions: on one thread, the seconds of the second moments over ``--tokens`` tokens, of the column
+order and the inverse Hessian's Cholesky factor, and of the error feedback (our encoders' choose and pack inside) on
+:data:`MEASURED_ROWS` rows, per type; then our encoders' throughput (unpack + pack) next to llama.cpp's quantizer on
+the same rows. Every matmul of the 671B model is projected from those by its shape (:data:`MODEL`, the arithmetic in
+the output); written to eval/results/bench_rounding.{md,json}."""
 
 from __future__ import annotations
 
@@ -32,18 +30,24 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufmoe.quant.aware import gptq_codes, inverse_cholesky  # noqa: E402
+from ggufmoe.quant.aware import Feedback, gptq_codes  # noqa: E402
 from ggufmoe.quant.formats import FORMATS  # noqa: E402
 from ggufmoe.quant.ggml import Quantizer  # noqa: E402
 
-# name: (rows measured, columns, rows of the real matrix, matrices of this shape in the 671B model)
-MATRICES = {
-    "expert gate/up (routed and shared)": (2048, 7168, 2048, 58 * 257 * 2),
-    "expert down (routed and shared)": (7168, 2048, 7168, 58 * 257),
-    "dense FFN gate/up": (2048, 7168, 18432, 3 * 2),
-    "attention q_a + kv_a": (2112, 7168, 2112, 61),
-    "attention q_b": (2048, 1536, 24576, 61),
-    "attention output": (2048, 16384, 7168, 61),
+MEASURED_ROWS = 512  # rows of a matrix the error feedback runs on (rows are independent: the time scales by rows)
+# measured: name -> (columns, rows of the real matrix)
+MEASURED = {"expert gate/up": (7168, 2048), "expert down": (2048, 7168)}
+# every matmul of DeepSeek-V3 671B the rounding covers: name -> (columns, rows, how many); the routed and shared
+# experts, the dense layers' FFN, MLA's projections (k_b/v_b: no hook, left out)
+MODEL = {
+    "expert gate + up (256 routed + 1 shared; one factor for both)": (7168, 2 * 2048, 58 * 257),
+    "expert down": (2048, 7168, 58 * 257),
+    "dense FFN gate/up": (7168, 18432, 3 * 2),
+    "dense FFN down": (18432, 7168, 3),
+    "attention q_a, kv_a": (7168, 2112, 61),
+    "attention q_b": (1536, 24576, 61),
+    "attention output": (16384, 7168, 61),
+    "output": (7168, 129280, 1),
 }
 
 
@@ -55,27 +59,32 @@ def timed(fn, *args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q4_K,Q2_K,IQ2_XXS,IQ1_M")
+    ap.add_argument("--types", default="Q4_K,IQ2_XXS")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--redraw", action="store_true", help="only write the results again from the JSON")
     args = ap.parse_args()
+    if args.redraw:
+        kept = json.loads((ROOT / "eval" / "results" / "bench_rounding.json").read_text())
+        write(kept["matrices"], kept["encoders"], args)
+        return
     rng = np.random.default_rng(0)
     q = Quantizer(1)
     rows_out = []
-    for name, (rows, cols, real_rows, count) in MATRICES.items():
+    for name, (cols, real_rows) in MEASURED.items():
         basis = rng.standard_normal((64, cols)).astype(np.float32)
         x = (rng.standard_normal((args.tokens, 64)).astype(np.float32) @ basis
              + 0.1 * rng.standard_normal((args.tokens, cols)).astype(np.float32))
         h, t_h = timed(lambda: (x.T @ x).astype(np.float64))
-        _, t_chol = timed(inverse_cholesky, h)
-        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        w = rng.standard_normal((MEASURED_ROWS, cols)).astype(np.float32)
         imp = (x * x).mean(0)
         for tname in args.types.split(","):
             t = T[tname]
             raw, t_llama = timed(q.quantize, w, t, imp)
-            _, t_gptq = timed(gptq_codes, w, raw, t, h)
-            scale = real_rows / rows
-            row = dict(matrix=name, type=tname, rows=real_rows, cols=cols, count=count, tokens=args.tokens,
-                       moments_s=t_h, cholesky_s=t_chol, feedback_s=t_gptq * scale, llama_quantize_s=t_llama * scale)
+            feedback, t_chol = timed(Feedback.of, h, FORMATS[t].GROUP)
+            _, t_gptq = timed(gptq_codes, w, raw, t, h, feedback)
+            row = dict(matrix=name, type=tname, cols=cols, rows=real_rows, tokens=args.tokens, moments_s=t_h,
+                       cholesky_s=t_chol, feedback_s_per_row=t_gptq / MEASURED_ROWS,
+                       llama_quantize_s_per_row=t_llama / MEASURED_ROWS)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
     enc = []
@@ -93,32 +102,52 @@ def main() -> None:
     write(rows_out, enc, args)
 
 
+def projection(rows: list[dict]) -> tuple[list[str], float]:
+    """Core-seconds of every matmul of the 671B model, scaled from the measured matrices: the moments by n^2 per token,
+    the factor by n^3, the error feedback by rows x n^2 (its products; the per-column code choice is rows x n)."""
+    gate = [r for r in rows if r["matrix"] == "expert gate/up"]
+    n0 = gate[0]["cols"]
+    moments = gate[0]["moments_s"]
+    chol = float(np.mean([r["cholesky_s"] for r in gate]))
+    per_row = float(np.mean([r["feedback_s_per_row"] for r in gate]))
+    lines, total = [], 0.0
+    for name, (cols, n_rows, count) in MODEL.items():
+        s = (cols / n0) ** 2 * moments + (cols / n0) ** 3 * chol + n_rows * (cols / n0) ** 2 * per_row
+        total += s * count
+        lines.append(f"| {name} | {n_rows} x {cols} | {count} | {s:.0f} | {s * count / 3600:.0f} |")
+    return lines, total
+
+
 def write(rows: list[dict], enc: list[dict], args) -> None:
     res = ROOT / "eval" / "results"
     (res / "bench_rounding.json").write_text(json.dumps(dict(matrices=rows, encoders=enc), indent=1))
     lines = ["# Output-aware rounding at DeepSeek-V3 widths: cost and projection", "",
-             f"One thread ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other "
-             f"work), `python eval/bench_rounding.py`. Second moments over {args.tokens} tokens per matrix input.",
-             "", "| matrix | type | rows x cols | moments s | Cholesky s | error feedback s | llama.cpp quantize s |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             f"One thread, `python eval/bench_rounding.py` on this machine ({platform.machine()}, {os.cpu_count()} "
+             "cores, shared with other work while it ran: upper bounds). Second moments over "
+             f"{args.tokens} tokens per matrix input; the error feedback on {MEASURED_ROWS} rows (rows are independent).",
+             "", "| matrix | type | columns | moments s | order + factor s | feedback s per row | llama.cpp quantize s per row |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['matrix']} | {r['type']} | {r['rows']} x {r['cols']} | {r['moments_s']:.2f} | "
-                     f"{r['cholesky_s']:.2f} | {r['feedback_s']:.1f} | {r['llama_quantize_s']:.2f} |")
-    lines += ["", "## 671B projection (one type for all: the mean of the measured types)", ""]
-    total = 0.0
-    for name in MATRICES:
-        mine = [r for r in rows if r["matrix"] == name]
-        per = float(np.mean([r["feedback_s"] + r["cholesky_s"] for r in mine])) + mine[0]["moments_s"]
-        n = mine[0]["count"]
-        total += per * n
-        lines.append(f"- {name}: {n} matrices x {per:.1f} s = {per * n / 3600:.1f} core-hours")
-    lines += [f"- all: {total / 3600:.0f} core-hours; on a 64-core host (matrices are independent: one per core) "
-              f"{total / 3600 / 64:.1f} h, plus the streamed pass that runs the model (the calibration's own time).",
-              "- one H100/H200: not measured (the error feedback runs in numpy on the CPU; `--device cuda` runs the "
-              "model's forward there, not the rounding). The work is the same matrix products; a GPU port would batch "
-              "a layer's 256 experts in one column loop.", "",
+        lines.append(f"| {r['matrix']} | {r['type']} | {r['cols']} | {r['moments_s']:.1f} | {r['cholesky_s']:.1f} | "
+                     f"{r['feedback_s_per_row']:.4f} | {r['llama_quantize_s_per_row']:.5f} |")
+    table, total = projection(rows)
+    lines += ["", "## 671B projection", "",
+              "Each matmul's cost scaled from the expert gate/up measurement (mean over the types): moments x (n/7168)^2, "
+              "factor x (n/7168)^3, feedback per row x rows x (n/7168)^2; the moments are per 4096 tokens (a "
+              "routed expert sees about tokens x 8 / 256 of the calibration's tokens).", "",
+              "| matmul | rows x columns | count | core-s each | core-hours |", "|---|---|---:|---:|---:|", *table, "",
+              f"All: {total / 3600:.0f} core-hours: {total / 3600 / 64:.1f} h on a 64-core host if the matrices are "
+              "rounded one per core (they are independent), beside the streamed pass that runs the model (the "
+              "calibration's own time). Today's pass rounds one matrix at a time (BLAS threads share its products, "
+              "its column loop is serial): a pool over a layer's experts is what that projection needs.",
+              "", "One H100/H200: not measured (no GPU in this session; the error feedback runs in numpy on the CPU, "
+              "`--device cuda` moves the model's forward only). The same work is matrix products and a Cholesky "
+              "factorisation per input; at 50 TFLOP/s of float32 the factorisations alone "
+              f"({sum(c * (cols ** 3) * 4 / 3 for cols, _, c in MODEL.values()) / 1e15:.0f} PFLOP) take "
+              f"{sum(c * (cols ** 3) * 4 / 3 for cols, _, c in MODEL.values()) / 50e12 / 60:.0f} minutes; a port "
+              "would batch a layer's experts in one column loop.", "",
               "## Encoders (one core, 512 x 7168 rows)", "",
-              "| type | llama.cpp quantize MB/s | our unpack + pack MB/s |", "|---|---:|---:|"]
+              "| type | llama.cpp quantize MB/s | our unpack + pack MB/s (the codes given) |", "|---|---:|---:|"]
     lines += [f"| {e['type']} | {e['llama_quantize_mb_s']:.0f} | {e['unpack_pack_mb_s']:.0f} |" for e in enc]
     (res / "bench_rounding.md").write_text("\n".join(lines) + "\n")
 

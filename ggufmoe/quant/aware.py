@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as T
 
 from ggufmoe.quant.formats import FORMATS
@@ -38,15 +39,29 @@ def can_round(t: T) -> bool:
 
 
 def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped."""
-    h = np.array(h, np.float64)
-    diag = np.diag(h)
+    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped (torch's LAPACK: Cholesky, its inverse, Cholesky)."""
+    h = torch.from_numpy(np.array(h, np.float64))
+    diag = torch.diagonal(h)
     dead = diag <= 0
+    mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += DAMP * max(float(diag[~dead].mean()) if (~dead).any() else 1.0, 1e-30)
-    low = np.linalg.cholesky(h)
-    inv = np.linalg.inv(low)
-    return np.linalg.cholesky(inv.T @ inv).T
+    diag += DAMP * max(mean, 1e-30)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).numpy()
+
+
+@dataclass
+class Feedback:
+    """What the error feedback needs of one input's second moments for one column group size: the column order and
+    the upper Cholesky factor of the damped inverse in that order. Tensors that read the same input at types of the
+    same group size (an expert's gate and up) share it."""
+
+    order: np.ndarray
+    factor: np.ndarray
+
+    @classmethod
+    def of(cls, h: np.ndarray, group: int) -> "Feedback":
+        order = column_order(h, group)
+        return cls(order, inverse_cholesky(h[np.ix_(order, order)]))
 
 
 def column_order(h: np.ndarray, group: int) -> np.ndarray:
@@ -63,13 +78,14 @@ def group_weight(u: np.ndarray) -> np.ndarray:
     return np.diag(np.linalg.inv(u.T @ u))
 
 
-def gptq_codes(w: np.ndarray, raw: np.ndarray, t: T, h: np.ndarray) -> np.ndarray:
+def gptq_codes(w: np.ndarray, raw: np.ndarray, t: T, h: np.ndarray, feedback: Feedback | None = None) -> np.ndarray:
     """The bytes of ``w`` (rows x n float32) at type ``t`` with llama.cpp's scales from ``raw`` (its quantization of
-    ``w``) and codes chosen by error feedback for inputs whose second moment is ``h`` (n x n)."""
+    ``w``) and codes chosen by error feedback for inputs whose second moment is ``h`` (n x n; ``feedback``: made from
+    it already, for the type's group size)."""
     fmt = FORMATS[t].unpack(raw.reshape(len(w), -1))
     g = fmt.GROUP
-    perm = column_order(h, g)
-    u = inverse_cholesky(h[np.ix_(perm, perm)])
+    feedback = feedback or Feedback.of(h, g)
+    perm, u = feedback.order, feedback.factor
     work = np.array(w[:, perm], np.float64)
     n = work.shape[1]
     for i1 in range(0, n, BLOCK):
@@ -104,14 +120,20 @@ class Rounded:
     error_aware: float  # the same for the output-aware codes
 
 
+def group_of(t: T) -> int:
+    """Columns whose codes type ``t`` chooses together."""
+    return FORMATS[t].GROUP
+
+
 def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.ndarray, h_held: np.ndarray,
-                 q: Quantizer) -> Rounded:
+                 q: Quantizer, feedback: Feedback | None = None) -> Rounded:
     """``w`` (rows x n float32) at type ``t``: llama.cpp's rounding with ``importance`` and the output-aware codes
-    for inputs ``h_fit``; whichever has the lower output error on ``h_held`` is kept."""
+    for inputs ``h_fit`` (``feedback``: made from it already); whichever has the lower output error on ``h_held`` is
+    kept."""
     import gguf  # noqa: PLC0415  (gguf-py's dequantization, as the file's reader computes it)
 
     llama = q.quantize(w, t, importance)
-    ours = gptq_codes(w, llama, t, h_fit)
+    ours = gptq_codes(w, llama, t, h_fit, feedback)
     rows = len(w)
     e_llama = output_error(w, gguf.quants.dequantize(llama.reshape(rows, -1), t), h_held)
     e_ours = output_error(w, gguf.quants.dequantize(ours.reshape(rows, -1), t), h_held)

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from ggufmoe.files import replace_atomically
 from ggufmoe.model.parts import part_chunks
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.quant.aware import Rounded, can_round, round_tensor
+from ggufmoe.quant.aware import Feedback, Rounded, can_round, group_of, round_tensor
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.stats.imatrix import Imatrix, importance
@@ -68,6 +68,7 @@ class Moments:
 
     fit: torch.Tensor
     held: torch.Tensor
+    feedback: dict[int, Feedback] = field(default_factory=dict)  # by column group size, once the moments are complete
 
     @classmethod
     def of(cls, x: torch.Tensor, held: torch.Tensor, weight: torch.Tensor | None = None) -> "Moments":
@@ -172,7 +173,10 @@ class Rounder:
     def _round(self, name: str, rows: np.ndarray, importance_row: np.ndarray | None, m: Moments) -> None:
         t = self.request.types[name]
         fit = m.fit.double().numpy()
-        r = round_tensor(rows, t, importance_row, fit, m.held.double().numpy(), self.q)
+        group = group_of(t)
+        if group not in m.feedback:  # once per input and group size: an expert's gate and up share it
+            m.feedback[group] = Feedback.of(fit, group)
+        r = round_tensor(rows, t, importance_row, fit, m.held.double().numpy(), self.q, m.feedback[group])
         self.request.store.put(rows, t, r.data)
         self.report.setdefault(name, TensorReport()).add(r)
 
