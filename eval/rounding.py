@@ -62,7 +62,9 @@ def write(rows: list[dict], args) -> None:
     (res / "rounding.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Output-aware rounding vs llama.cpp's rounding (reference model)", "",
              f"Same types, same importance matrix, same bytes. Calibration: first {args.chars} characters of calib.txt; "
-             f"KL to F32 through llama.cpp, {args.chunks} chunks of {args.ctx} tokens of each text.", "",
+             f"KL to F32 through llama.cpp, {args.chunks} chunks of {args.ctx} tokens of each text (eval_doc.txt; the "
+             "README and ggufmoe/*.py). Rounding pass: wall seconds of the streamed pass on 2 cores (Q4_K to IQ3_XXS "
+             "while other benchmarks shared them).", "",
              "| type | bytes | KL eval_doc llama | aware | ratio | KL sources llama | aware | ratio | rounding pass s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
