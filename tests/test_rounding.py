@@ -104,6 +104,8 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
     _, _, _, llama, _ = ref_rounded
     calib = tmp_path.parent / "calib.txt"
     calib.write_text(_text(2000))
+    blank = tmp_path.parent / "blank.txt"
+    blank.write_text("\n\n")
     ref = str(tiny_models.REF_MODEL)
     cases = [
         ((ref, "-o", str(tmp_path / "a.gguf"), "--type", "Q4_K", "--rounding", "aware"), "give --calib"),
@@ -113,6 +115,8 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
           str(calib)), "needs the Hugging Face checkpoint"),
         ((ref, "-o", str(tmp_path / "d.gguf"), "--type", "Q4_K", "--calib", str(calib)),
          "--calib applies only with --budget or --rounding aware"),
+        ((ref, "-o", str(tmp_path / "e.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(blank)),
+         "empty"),
     ]
     for args, message in cases:
         proc = run("convert", *args)

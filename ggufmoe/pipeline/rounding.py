@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,10 @@ DONE = "done.json"
 @dataclass
 class RoundingOptions:
     """``--rounding aware``'s inputs: the calibration text (less the pieces calibration holds out), in chunks of
-    ``ctx``, run on ``device`` within ``max_memory`` (None: the streamed pass's default)."""
+    ``ctx``."""
 
     text: str
     ctx: int = CALIB_CTX
-    device: str = "cpu"
-    max_memory: int | None = None
 
 
 def rounding_dir(out: Path) -> Path:
@@ -63,12 +62,17 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
             raise GgufmoeError(f"{folder}: the rounding kept there was made for other types or another text; delete "
                                f"the folder to start over")
     if not done.exists():
+        created = not folder.exists()
         folder.mkdir(exist_ok=True)
-        stream_stats(model.path, hold_out(opts.text).calibration, ctx=opts.ctx, progress=progress,
-                     out=folder / "inputs.stats", resume=resume and folder.exists(), device=opts.device,
-                     measure_local=False, **({"max_memory": opts.max_memory} if opts.max_memory else {}),
-                     rounding=RoundingRequest(types, imatrix, store),
-                     resume_hint="run the same convert command with --resume")
+        try:
+            stream_stats(model.path, hold_out(opts.text).calibration, ctx=opts.ctx, progress=progress,
+                         out=folder / "inputs.stats", resume=resume, measure_local=False,
+                         rounding=RoundingRequest(types, imatrix, store),
+                         resume_hint="run the same convert command with --resume")
+        except BaseException:
+            if created and not len(store):  # nothing worth keeping for --resume
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
     report = folder / "tensors" / REPORT
     if report.exists():

@@ -120,17 +120,15 @@ class Rounder:
         if name not in self.wanted:
             return
         last = self._last
-        if last is not None and last[0] is x and last[1] == x._version:  # q, k and v: one input, one product
-            m = last[2]
-        else:
-            flat = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
-            m = Moments.of(flat, self.held(self.offset + torch.arange(len(flat))))
-            self._last = (x, x._version, m)  # the reference keeps x alive, so identity is safe
-        acc = self.moments.get(name)
-        if acc is None:
-            self.moments[name] = Moments(m.fit.clone(), m.held.clone())
-        else:
+        if last is not None and last[0] is x and last[1] == x._version:  # q, k and v: one input, one set of moments
+            self.moments.setdefault(name, last[2])
+            return
+        flat = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+        m = Moments.of(flat, self.held(self.offset + torch.arange(len(flat))))
+        acc = self.moments.setdefault(name, m)
+        if acc is not m:
             acc.add(m)
+        self._last = (x, x._version, acc)  # the reference keeps x alive, so identity is safe
 
     def plain(self, specs: list[TensorSpec]) -> None:
         """Round the plain tensors of ``specs`` whose inputs were sampled."""
