@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as T, GGUFReader
 
 import tiny_models
 from cli_run import run
+from hooked_cli import INTERRUPT_LAYER
 from ggufmoe.model.parts import part_chunks
 from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.convert import ConvertOptions, convert
@@ -123,3 +124,25 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not list(tmp_path.iterdir())
+
+
+def test_interrupted_rounding_resumes_to_the_same_file(tmp_path):
+    """A tiny DeepSeek-V3 (MLA, grouped sigmoid routing) interrupted in its second MoE layer keeps the rounding done so
+    far beside the output; without --resume that is refused, with it the file is the uninterrupted run's."""
+    model, text, stats = tmp_path / "hf", tmp_path / "calib.txt", tmp_path / "stats.gguf"
+    tiny_models.build("deepseek3", model)
+    text.write_text(_text(40_000))
+    assert run("calibrate", model, "--text", text, "--chunk", 128, "-o", stats, "-q").returncode == 0
+    args = [model, "--stats", stats, "--type", "Q4_K", "--rounding", "aware", "--calib", text, "-q"]
+    want, out = tmp_path / "want.gguf", tmp_path / "out.gguf"
+    proc = run("convert", *args, "-o", want)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("convert", *args, "-o", out, env={INTERRUPT_LAYER: "2"})
+    assert proc.returncode == 130, proc.stderr
+    assert rounding_dir(out).is_dir() and not out.exists()
+    proc = run("convert", *args, "-o", out)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and rounding_dir(out).is_dir()
+    proc = run("convert", *args, "-o", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == want.read_bytes()
+    assert not rounding_dir(out).exists()
