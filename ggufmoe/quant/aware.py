@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
@@ -73,7 +74,7 @@ def column_order(h: np.ndarray, group: int) -> np.ndarray:
 
 def group_weight(u: np.ndarray) -> np.ndarray:
     """What an error in each column of a group chosen together costs once the columns after it compensate: the diagonal
-    of ``((U^T U))^-1`` for the group's block ``u`` of the inverse Hessian's Cholesky factor (a lattice vector's
+    of ``(U^T U)^-1`` for the group's block ``u`` of the inverse Hessian's Cholesky factor (a lattice vector's
     search weighs its values by it; the off-diagonal terms are left out, which keeps the search exact per value)."""
     return np.diag(np.linalg.inv(u.T @ u))
 
@@ -130,8 +131,6 @@ def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.n
     """``w`` (rows x n float32) at type ``t``: llama.cpp's rounding with ``importance`` and the output-aware codes
     for inputs ``h_fit`` (``feedback``: made from it already); whichever has the lower output error on ``h_held`` is
     kept."""
-    import gguf  # noqa: PLC0415  (gguf-py's dequantization, as the file's reader computes it)
-
     llama = q.quantize(w, t, importance)
     ours = gptq_codes(w, llama, t, h_fit, feedback)
     rows = len(w)
