@@ -21,7 +21,7 @@ from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.quant.rules import TypedTensor
 from ggufmoe.stats.imatrix import Imatrix
 from ggufmoe.stats.opened import OpenedModel
-from ggufmoe.stats.rounding import REPORT, RoundingRequest, TensorReport, summary
+from ggufmoe.stats.rounding import RoundingRequest, load_report, summary
 from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import CALIB_CTX, hold_out
 
@@ -74,7 +74,6 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
-    report = folder / "tensors" / REPORT
-    if report.exists():
-        print(summary({n: TensorReport(**r) for n, r in json.loads(report.read_text()).items()}), file=sys.stderr)
+    if report := load_report(store):
+        print(summary(report), file=sys.stderr)
     return store

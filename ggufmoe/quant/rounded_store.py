@@ -24,7 +24,6 @@ class RoundedStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.used = 0  # tensors (parts) taken by :meth:`get`
 
     def put(self, rows: np.ndarray, t: T, data: np.ndarray) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -40,7 +39,6 @@ class RoundedStore:
         path = self.path / f"{rows_key(rows, t)}.npy"
         if not path.exists():
             return None
-        self.used += 1
         return np.load(path)
 
     def __len__(self) -> int:

@@ -100,9 +100,7 @@ class Rounder:
         self.q = Quantizer(self.threads)
         self.moments: dict[str, Moments] = {}
         self._last: tuple[torch.Tensor, int, Moments] | None = None
-        path = self.request.store.path / REPORT
-        if path.exists():  # a resumed pass: the layers done already
-            self.report = {n: TensorReport(**r) for n, r in json.loads(path.read_text()).items()}
+        self.report = load_report(self.request.store)  # a resumed pass: the layers done already
 
     def close(self) -> None:
         self.q.close()
@@ -186,6 +184,14 @@ class Rounder:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({n: asdict(r) for n, r in sorted(self.report.items())}, indent=1)
         replace_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_report(store: RoundedStore) -> dict[str, TensorReport]:
+    """What the pass kept in ``store`` has rounded so far, by tensor (nothing before its first layer)."""
+    path = store.path / REPORT
+    if not path.exists():
+        return {}
+    return {n: TensorReport(**r) for n, r in json.loads(path.read_text()).items()}
 
 
 def summary(report: dict[str, TensorReport]) -> str:
