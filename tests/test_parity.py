@@ -126,14 +126,6 @@ def test_multi_token_prediction_layer_is_left_out(tmp_path, eval_tokens, family,
     assert sorted(stats.layers) == moe_layers
 
 
-def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """ggml's block_mxfp4 bytes (exponent, then byte j = value j | value j+16 << 4) from a checkpoint's blocks
-    (value 2i in the low nibble of byte i) and E8M0 scales: the codes moved, none changed."""
-    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
-    qs = codes[..., :16] | (codes[..., 16:] << 4)
-    return np.concatenate([scales[..., None], qs], axis=-1).astype(np.uint8).reshape(-1)
-
-
 def test_gpt_oss_mxfp4_checkpoint(tmp_path, eval_tokens):
     """OpenAI's MXFP4 experts: converted to F32 they are the model transformers dequantizes; written as MXFP4
     (the default for them) they are the checkpoint's own codes and scales, and llama.cpp runs the file."""
@@ -158,7 +150,7 @@ def test_gpt_oss_mxfp4_checkpoint(tmp_path, eval_tokens):
         name = f"model.layers.{il}.mlp.experts.{'down_proj' if kind == 'ffn_down_exps' else 'gate_up_proj'}"
         rows = {"ffn_gate_exps": slice(0, None, 2), "ffn_up_exps": slice(1, None, 2)}.get(kind, slice(None))
         blocks, scales = source[name + "_blocks"][:, rows], source[name + "_scales"][:, rows]
-        assert np.array_equal(np.asarray(t.data).reshape(-1), repack_mxfp4(blocks, scales)), t.name
+        assert np.array_equal(np.asarray(t.data).reshape(-1), tiny_models.repack_mxfp4(blocks, scales)), t.name
     # llama.cpp quantizes activations for MXFP4 (and Q8_0) matmuls on the CPU, so the file is not bit-exact:
     # it stays closer to transformers than the same experts requantized to Q8_0
     q8 = convert(tmp_path / "hf", ConvertOptions(out=tmp_path / "q8.gguf", types=TypeRules.parse(None, ["_exps=Q8_0"]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +24,10 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
-UNCALIBRATED = ("llama4",)
+UNCALIBRATED = ("llama4", "deepseek4")
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
             "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe", "gemma4",
-            "glm-dsa")  # the keys of configs()
+            "glm-dsa", "deepseek4")  # the keys of configs()
 CALIBRATED = tuple(f for f in FAMILIES if f not in UNCALIBRATED)
 QWEN_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
                "+ '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -77,6 +78,7 @@ def configs() -> dict:
         "qwen35moe": qwen35moe_config(),
         "gemma4": gemma4_config(),
         "glm-dsa": glm_dsa_config(),
+        "deepseek4": deepseek4_config(),
     }
 
 
@@ -116,6 +118,27 @@ def glm_dsa_config(**overrides):
               index_n_heads=32, indexer_types=["full", "shared", "full", "shared"])
     kw.update(overrides)
     return T.GlmMoeDsaConfig(**kw)
+
+
+def deepseek4_config(**overrides):
+    """DeepSeek-V4: four hyper-connection streams; layer 0 routes by the token table (a hash layer) over a sliding
+    window only, layer 1 adds the ratio-4 compressed cache with its indexer, layer 2 the ratio-128 one, layer 3
+    both again; one key-value head of 64 (16 rotated), grouped low-rank output, sqrt-softplus routing with a
+    bias, one shared expert, gate/up clamped. A window of 32 and an indexer keeping 16 of the compressed
+    entries, so that both limits bite within a 128-token chunk. 32 indexer heads: with 4, many entries score
+    exactly 0 (every head's ReLU zero) and torch.topk and llama.cpp break such ties differently."""
+    import transformers as T
+
+    kw = dict(COMMON, num_hidden_layers=4, moe_intermediate_size=32, num_key_value_heads=1, head_dim=64,
+              q_lora_rank=32, partial_rotary_factor=0.25, n_routed_experts=16, num_experts_per_tok=3,
+              n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True, sliding_window=32, o_groups=2,
+              o_lora_rank=16, index_n_heads=32, index_head_dim=64, index_topk=16, swiglu_limit=10.0,
+              layer_types=[SLIDING_V4, CSA_V4, HCA_V4, CSA_V4], mlp_layer_types=["hash_moe", "moe", "moe", "moe"])
+    kw.update(overrides)
+    return T.DeepseekV4Config(**kw)
+
+
+SLIDING_V4, CSA_V4, HCA_V4 = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
 
 def qwen35moe_config(**text):
@@ -317,3 +340,80 @@ def save_mxfp4(model_dir: Path, mxfp4_dir: Path) -> None:
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (mxfp4_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def to_ue8m0_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 with one UE8M0 scale (a power of two) per block x block tile, as DeepSeek-V4 ships its matrices."""
+    rows, cols = w.shape
+    sr, sc = -(-rows // block), -(-cols // block)
+    exp = torch.empty(sr, sc)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(sr):
+        for j in range(sc):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            exp[i, j] = torch.ceil(torch.log2(tile.abs().max().clamp(min=2.0 ** -100) / 448.0))
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / torch.exp2(exp[i, j])).to(torch.float8_e4m3fn)
+    return q, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def to_v4_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's FP4 experts: int8 codes two to a byte (value 2i in the low nibble of byte i), (rows, cols/2),
+    and one UE8M0 scale per 32 values, (rows, cols/32)."""
+    blocks, scales = to_mxfp4(w)
+    return blocks.reshape(w.shape[0], -1).view(torch.int8), scales.view(torch.float8_e8m0fnu)
+
+
+def from_v4_fp4(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 values of DeepSeek-V4 FP4 codes and scales, by torch (the reference for ggufmoe's reader)."""
+    b = codes.view(torch.uint8)
+    nibbles = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1).long()
+    grid = torch.cat([E2M1_GRID, -E2M1_GRID])
+    return (grid[nibbles].reshape(b.shape[0], -1, 32) * scale.float()[..., None]).reshape(b.shape[0], -1)
+
+
+V4_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+                   "weight_block_size": [128, 128], "expert_dtype": "fp4"}
+
+
+def save_v4_quantized(model_dir: Path, out_dir: Path) -> None:
+    """Write ``model_dir`` (a DeepSeek-V4 saved by transformers) to ``out_dir`` in DeepSeek's own layout and formats:
+    its names without ``model.`` (``embed.weight``, ``hc_head_fn``, ``layers.N.attn.kv_norm.weight``), the
+    attention and shared-expert matrices FP8 with UE8M0 ``.scale`` blocks, the routed experts FP4; the weights in
+    ``model_dir`` become the values those define, so ``model_dir`` is the exact reference."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    renames = {"model.embed_tokens.weight": "embed.weight", "model.hc_head.hc_fn": "hc_head_fn",
+               "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+    shutil.copytree(model_dir, out_dir)
+    for f in sorted(model_dir.glob("*.safetensors")):
+        (out_dir / f.name).unlink()
+        sd = load_file(f)
+        packed, deq = {}, {}
+        for name, t in sd.items():
+            short = renames.get(name, name.removeprefix("model.")).replace(".attn.norm.weight", ".attn.kv_norm.weight")
+            base = short.removesuffix(".weight")
+            if ".experts." in short and short.endswith(".weight"):
+                codes, scale = to_v4_fp4(t)
+                packed[short], packed[base + ".scale"] = codes, scale
+                deq[name] = from_v4_fp4(codes, scale)
+            elif t.ndim == 2 and short.endswith(".weight") and (".attn.w" in short or ".shared_experts." in short):
+                q, scale = to_ue8m0_fp8_blocks(t)
+                packed[short], packed[base + ".scale"] = q, scale
+                deq[name] = from_fp8_blocks(q, scale.float())
+            else:
+                packed[short] = deq[name] = t
+        save_file(packed, out_dir / "model.safetensors", metadata={"format": "pt"})
+        save_file(deq, f, metadata={"format": "pt"})
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["quantization_config"] = V4_QUANTIZATION
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def repack_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """ggml's block_mxfp4 bytes (exponent, then byte j = value j | value j+16 << 4) from a checkpoint's blocks
+    (value 2i in the low nibble of byte i) and E8M0 scales: the codes moved, none changed."""
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], qs], axis=-1).astype(np.uint8).reshape(-1)

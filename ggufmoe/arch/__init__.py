@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # Importing a family module registers it.
 from ggufmoe.arch import (  # noqa: F401
-    deepseek2, dots1, ernie4_5_moe, gemma4, glm4moe, glm_dsa, gpt_oss, llama4, minimax_m2, mixtral, olmoe, qwen2moe,
+    deepseek2, deepseek4, dots1, ernie4_5_moe, gemma4, glm4moe, glm_dsa, gpt_oss, llama4, minimax_m2, mixtral, olmoe, qwen2moe,
     qwen3moe, qwen3next, qwen35moe)
 from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.gguf_model import GGUFModel

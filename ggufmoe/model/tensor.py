@@ -62,6 +62,8 @@ class TensorSpec:
     rows_of_source: bool = False  # some rows of ``hf_name``, shared with other specs: its matmul reads that input
     # column j multiplies element input_order[j] of the checkpoint matmul's input (columns reordered on conversion)
     input_order: tuple[int, ...] | None = None
+    # written at this type whatever the mix or plan (a table of integers, a weight llama.cpp's graph reads in F32)
+    fixed_type: gguf.GGMLQuantizationType | None = None
 
     def source_expert(self, part: int) -> int:
         return self.expert_ids[part] if self.expert_ids is not None else part

@@ -23,7 +23,7 @@ def always_f32(spec: TensorSpec) -> bool:
     them), norms, biases, routers, the weights of ops that take F32 only (:data:`F32_ONLY`) and a few small ones
     llama.cpp's converter keeps F32 (:data:`KEPT_F32`)."""
     n = spec.parsed
-    return (len(spec.shape) == 1 or n.suffix == "bias" or n.base.endswith("_norm") or n.tensor == ROUTER
+    return (spec.fixed_type == T.F32 or len(spec.shape) == 1 or n.suffix == "bias" or n.base.endswith("_norm") or n.tensor == ROUTER
             or n.tensor in F32_ONLY | KEPT_F32)
 
 
@@ -60,6 +60,8 @@ class TypeRules:
         return cls(parse_type(default) if default else None, parsed)
 
     def requested(self, spec: TensorSpec) -> T:
+        if spec.fixed_type is not None and spec.fixed_type != T.F32:  # a table of integers: never converted
+            return spec.fixed_type
         if self.names:  # a plan's: every tensor is named, none falls back to the default
             if spec.name not in self.names:
                 raise GgufmoeError(f"{spec.name}: the plan has no type for it (a plan for another model?)")
@@ -108,5 +110,6 @@ class TypedTensor:
 
 
 def quantizable(spec: TensorSpec) -> bool:
-    """Whether ``convert`` quantizes the tensor (not 1-D, norm, bias or router: those stay F32)."""
-    return TypeRules(T.F16).requested(spec) != T.F32
+    """Whether ``convert`` quantizes the tensor (not 1-D, norm, bias or router: those stay F32; not a table of
+    integers)."""
+    return spec.fixed_type is None and TypeRules(T.F16).requested(spec) != T.F32

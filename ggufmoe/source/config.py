@@ -57,6 +57,10 @@ class ConfigSource:
             raise GgufmoeError(f"{self.path}: the configuration defines no tensor {name}")
         return self.shapes[name]
 
+    def is_fp4(self, name: str) -> bool:
+        """Nothing is stored, FP4 or otherwise."""
+        return False
+
     def get(self, name: str) -> np.ndarray:
         raise GgufmoeError(f"{self.path}: a configuration alone has no weights (tensor {name})")
 

@@ -3,9 +3,12 @@
 Every shard's header is parsed and validated when the source is opened (a truncated or corrupt
 shard fails before anything is written). Tensor data is read with ``pread`` at the header's
 offsets, whole or a range of rows, and returned as float32 numpy arrays: nothing is memory-mapped, so
-pages read do not stay in the process's RSS. FP8 e4m3 weights with a ``weight_scale_inv`` companion
-(128x128 block scales, as DeepSeek-V3 ships) are dequantized one row-block at a time. The float32
-values are bit for bit torch's conversions of the same dtypes (NaNs included), without torch.
+pages read do not stay in the process's RSS. FP8 e4m3 weights with block scales (128x128, float32
+``weight_scale_inv`` as DeepSeek-V3 ships them, or UE8M0 exponents ``.scale`` as DeepSeek-V4 does) are
+dequantized one row-block at a time; FP4 weights packed two to a byte (int8) with one UE8M0 ``.scale``
+per 32 values (DeepSeek-V4's experts, OCP MXFP4) are dequantized, or read as their codes and scales to be
+copied. The float32 values are bit for bit torch's conversions of the same dtypes (NaNs included), without
+torch.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ from typing import Callable
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError, one_line
+from ggufmoe.source import mxfp4
 from ggufmoe.source.hf_config import read_config
 
-SCALE_SUFFIX = "_scale_inv"
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's float32 block scales: ``NAME_scale_inv`` beside ``NAME``
+SCALE_TENSOR = ".scale"  # DeepSeek-V4's UE8M0 scales: ``X.scale`` beside ``X.weight``
 FP8_BLOCK_SCALED = "F8_E4M3"  # the dtype that comes with block scales
+FP4_PACKED = frozenset({"I8", "U8"})  # the dtypes of FP4 codes packed two to a byte (with a UE8M0 scale per 32)
+UE8M0 = "F8_E8M0"
 MAX_HEADER = 100_000_000  # safetensors' own limit on the header's length
 QUIET_NAN = np.uint32(0x0040_0000)  # float32's quiet bit
 
@@ -44,6 +51,13 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
 def e5m2_to_f32(a: np.ndarray) -> np.ndarray:
     """FP8 e5m2 codes (uint8) as float32: each is the upper byte of a float16."""
     return f16_to_f32((a.astype(np.uint16) << 8).view(np.float16))
+
+
+def e8m0_to_f32(a: np.ndarray) -> np.ndarray:
+    """UE8M0 exponents (uint8) as float32: ``2^(a - 127)``; 255 is NaN (as torch's float8_e8m0fnu)."""
+    out = np.ldexp(np.float32(1.0), a.astype(np.int32) - 127).astype(np.float32)
+    out[a == 255] = np.nan
+    return out
 
 
 def _e4m3_values() -> np.ndarray:
@@ -81,7 +95,7 @@ class Dtype:
 # safetensors dtype -> how it is read (little-endian, as safetensors stores it)
 DTYPES: dict[str, Dtype] = {name: Dtype(np.dtype(stored), decode) for name, (stored, decode) in {
     "BOOL": ("?", None), "U8": ("u1", None), "I8": ("i1", None),
-    "F8_E4M3": ("u1", e4m3_to_f32), "F8_E5M2": ("u1", e5m2_to_f32),
+    "F8_E4M3": ("u1", e4m3_to_f32), "F8_E5M2": ("u1", e5m2_to_f32), UE8M0: ("u1", e8m0_to_f32),
     "I16": ("<i2", None), "U16": ("<u2", None), "F16": ("<f2", f16_to_f32), "BF16": ("<u2", bf16_to_f32),
     "I32": ("<i4", None), "U32": ("<u4", None), "F32": ("<f4", None),
     "I64": ("<i8", None), "U64": ("<u8", None), "F64": ("<f8", None),
@@ -280,10 +294,12 @@ class HFSource:
         return entry
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+        """The tensor's shape as float values (an FP4 matrix: twice the stored bytes per row)."""
+        shape = self._entry(name).shape
+        return (*shape[:-1], 2 * shape[-1]) if self.is_fp4(name) else shape
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as float32, FP8 block scales applied."""
+        """The tensor as float32, FP8 block scales applied, FP4 decoded."""
         return self.get_rows(name, 0, self._entry(name).rows).reshape(self.shape(name))
 
     def raw_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
@@ -296,18 +312,44 @@ class HFSource:
         return buf.view(DTYPES[e.dtype].stored).reshape(r1 - r0, *e.shape[1:])
 
     def get_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied."""
+        """Rows ``r0:r1`` of the outermost dimension as float32, FP8 block scales applied, FP4 decoded."""
         e = self._entry(name)
-        raw = self.raw_rows(name, r0, r1)
         if e.dtype == FP8_BLOCK_SCALED:
-            return dequant_fp8_blocks(raw, self._fp8_scale(name, e), self.fp8_block, r0)
-        return DTYPES[e.dtype].float32(raw)
+            return dequant_fp8_blocks(self.raw_rows(name, r0, r1), self._fp8_scale(name, e), self.fp8_block, r0)
+        if self.is_fp4(name):
+            return mxfp4.dequantize(*self.fp4_rows(name, r0, r1))
+        return DTYPES[e.dtype].float32(self.raw_rows(name, r0, r1))
+
+    def scale_of(self, name: str) -> str | None:
+        """The name of the scales that come with tensor ``name`` (``NAME_scale_inv`` or ``X.scale`` for ``X.weight``),
+        None when it has none."""
+        for scale in (name + SCALE_SUFFIX, name.removesuffix(".weight") + SCALE_TENSOR):
+            if scale != name and scale in self._tensors:
+                return scale
+        return None
+
+    def is_fp4(self, name: str) -> bool:
+        """Whether ``name`` holds FP4 codes packed two to a byte, with UE8M0 scales, one per 32 values."""
+        scale = self.scale_of(name)
+        return (self._entry(name).dtype in FP4_PACKED and scale is not None
+                and self._entry(scale).dtype == UE8M0)
+
+    def fp4_rows(self, name: str, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``r0:r1`` of FP4 matrix ``name`` as MXFP4 blocks (rows, G, 16) and exponents (rows, G), uint8, as
+        :mod:`ggufmoe.source.mxfp4` reads them."""
+        e, scale = self._entry(name), self.scale_of(name)
+        s = self._entry(scale)
+        if len(e.shape) != 2 or s.shape != (e.shape[0], e.shape[1] * 2 // mxfp4.BLOCK) or e.shape[1] % 16:
+            raise GgufmoeError(f"{e.file}: FP4 tensor {name} {e.shape} with scales {scale} {s.shape}: "
+                               f"expected (rows, columns / 32) for {e.shape[1] * 2} columns")
+        codes = self.raw_rows(name, r0, r1).view(np.uint8)
+        return codes.reshape(r1 - r0, -1, mxfp4.BLOCK // 2), self.raw_rows(scale, r0, r1).view(np.uint8)
 
     def _fp8_scale(self, name: str, e: TensorEntry) -> np.ndarray:
         """The block scales of FP8 matrix ``name``, their shape checked against it."""
-        scale_name = name + SCALE_SUFFIX
-        if scale_name not in self._tensors:
-            raise GgufmoeError(f"{e.file}: FP8 tensor {name} has no {scale_name}")
+        scale_name = self.scale_of(name)
+        if scale_name is None:
+            raise GgufmoeError(f"{e.file}: FP8 tensor {name} has no {name + SCALE_SUFFIX} (or .scale)")
         if len(e.shape) != 2:
             raise GgufmoeError(f"{e.file}: FP8 tensor {name} has shape {e.shape}, block scales need a matrix")
         scale = self.get(scale_name)

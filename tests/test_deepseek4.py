@@ -1,0 +1,93 @@
+"""DeepSeek-V4: DeepSeek's own checkpoint layout and formats (FP8 with UE8M0 block scales, FP4 experts), the token
+table written as llama.cpp reads it, and what llama.cpp cannot run refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T, GGUFReader
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import tiny_models
+from cli_run import assert_one_line_error, run
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.quant.rules import TypeRules
+from ggufmoe.runtime.logprobs import compare, hf_logprobs, llama_logprobs
+from ggufmoe.source.hf import HFSource
+
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def v4(tmp_path_factory):
+    """A tiny DeepSeek-V4 as transformers saves it (``hf``, the exact reference) and as DeepSeek ships it (``ds``)."""
+    d = tmp_path_factory.mktemp("v4")
+    tiny_models.build("deepseek4", d / "hf")
+    tiny_models.save_v4_quantized(d / "hf", d / "ds")
+    return d
+
+
+def test_deepseek_layout_and_formats_convert_to_the_model_they_define(v4, tmp_path, eval_tokens):
+    """FP8 matrices (UE8M0 128x128 scales) and FP4 experts read as torch dequantizes them: the F32 file is the model
+    the dequantized weights define, under DeepSeek's own tensor names."""
+    reference = AutoModelForCausalLM.from_pretrained(v4 / "hf", dtype=torch.float32).eval()
+    out = convert(v4 / "ds", ConvertOptions(out=tmp_path / "m.gguf", types=TypeRules.parse("F32"), progress=False))[0]
+    result = compare(llama_logprobs(out, eval_tokens), hf_logprobs(reference, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < TOL, result
+
+
+def test_fp4_experts_are_copied_and_the_token_table_is_written_as_int32(v4, tmp_path, eval_tokens):
+    """Written at the types the checkpoint stores (no --type), the experts are its own FP4 codes and scales as
+    MXFP4 blocks, byte for byte, and llama.cpp runs the file; the hash layer's token -> experts table is I32."""
+    out = convert(v4 / "ds", ConvertOptions(out=tmp_path / "kept.gguf", types=TypeRules.parse(None), progress=False))[0]
+    source = {k: v.view(torch.uint8).numpy() if v.dtype.itemsize == 1 else v.numpy()
+              for k, v in load_file(v4 / "ds" / "model.safetensors").items()}
+    tensors = {t.name: t for t in GGUFReader(out).tensors}
+    experts = [n for n in tensors if n.endswith("_exps.weight")]
+    assert len(experts) == 3 * 4
+    proj = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+    for name in experts:
+        t = tensors[name]
+        assert t.tensor_type == T.MXFP4, name
+        il, kind = int(name.split(".")[1]), name.split(".")[2]
+        codes = [source[f"layers.{il}.ffn.experts.{e}.{proj[kind]}.weight"] for e in range(16)]
+        scales = [source[f"layers.{il}.ffn.experts.{e}.{proj[kind]}.scale"] for e in range(16)]
+        want = [tiny_models.repack_mxfp4(c.reshape(len(c), -1, 16), s) for c, s in zip(codes, scales)]
+        assert np.array_equal(np.asarray(t.data).reshape(-1), np.concatenate(want)), name
+    table = tensors["blk.0.ffn_gate_tid2eid.weight"]
+    assert table.tensor_type == T.I32
+    assert np.array_equal(np.asarray(table.data).reshape(-1), source["layers.0.ffn.gate.tid2eid"].reshape(-1))
+    assert "blk.0.exp_probs_b.bias" not in tensors and "blk.1.exp_probs_b.bias" in tensors  # unused on a hash layer
+    assert not any(n.startswith("mtp") for n in tensors)
+    reference = AutoModelForCausalLM.from_pretrained(v4 / "hf", dtype=torch.float32).eval()
+    # llama.cpp quantizes the activations of MXFP4 and Q8_0 matmuls on the CPU: close, not exact
+    assert compare(llama_logprobs(out, eval_tokens), hf_logprobs(reference, eval_tokens), eval_tokens).kld_mean < 0.01
+
+
+def test_fp4_and_ue8m0_values_are_torch_s(v4):
+    """The reader's FP4 experts and UE8M0-scaled FP8 matrices equal torch's dequantization bit for bit."""
+    raw = load_file(v4 / "ds" / "model.safetensors")
+    src = HFSource(v4 / "ds")
+    for name in ("layers.1.ffn.experts.3.w2.weight", "layers.1.attn.wq_b.weight"):
+        scale = raw[name.removesuffix(".weight") + ".scale"]
+        want = (tiny_models.from_v4_fp4(raw[name], scale) if raw[name].dtype == torch.int8
+                else tiny_models.from_fp8_blocks(raw[name], scale.float()))
+        assert src.shape(name) == tuple(want.shape)
+        assert np.array_equal(src.get(name).view(np.uint32), want.numpy().view(np.uint32)), name
+        assert np.array_equal(src.get_rows(name, 3, 9), want[3:9].numpy()), name
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(layer_types=["sliding_attention", "compressed_sparse_attention"] * 2),
+     "llama.cpp runs only models with both 4 and 128 layers"),
+    (dict(mlp_layer_types=["moe", "hash_moe", "moe", "moe"]), "llama.cpp routes by the token table only in leading"),
+    (dict(hc_mult=2), "hc_mult 2 (llama.cpp's graph has 4 streams)"),
+    (dict(scoring_func="sigmoid"), "scoring_func 'sigmoid' (llama.cpp: sqrtsoftplus only)"),
+])
+def test_what_llama_cpp_cannot_run_is_refused(tmp_path, change, reason):
+    tiny_models.build("deepseek4", tmp_path / "hf", config=tiny_models.deepseek4_config(**change))
+    proc = run("convert", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--type", "F32")
+    assert_one_line_error(proc, reason)
+    assert not (tmp_path / "m.gguf").exists()
