@@ -61,7 +61,7 @@ os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
 print(json.dumps(dict(compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
                       kv=mib(r"CPU KV buffer size =\s*([\d.]+) MiB"),
-                      rs=mib(r"CPU RS buffer size =\s*([\d.]+) MiB"),
+                      rs=mib(r"CPU RS buffer size =\s*([\d.]+) MiB") + mib(r"CPU DSV4 \w+ state buffer size =\s*([\d.]+) MiB"),
                       mapped=mib(r"CPU_Mapped model buffer size =\s*([\d.]+) MiB"),
                       repack=mib(r"CPU_REPACK model buffer size =\s*([\d.]+) MiB"), peak=peak())))
 '''
@@ -83,7 +83,8 @@ os.dup2(saved, 2); log.seek(0); text = log.read().decode(errors="replace")
 mib = lambda pat: round(sum(float(x) for x in re.findall(pat, text)) * 2**20)
 print(json.dumps(dict(ok=ok, compute=mib(r"CPU compute buffer size =\s*([\d.]+) MiB"),
                       kv=mib(r"llama_kv_cache: size =\s*([\d.]+) MiB"),
-                      rs=mib(r"llama_memory_recurrent: size =\s*([\d.]+) MiB"))))
+                      rs=mib(r"llama_memory_recurrent: size =\s*([\d.]+) MiB")
+                         + mib(r"llama_dsv4_comp_state: \w+ ratio = .* size =\s*([\d.]+) MiB"))))
 '''
 
 

@@ -33,13 +33,14 @@ from gguf import GGMLQuantizationType as T
 
 from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.registry import register
+from ggufmoe.arch.shape import COMPRESS_HEAVY, COMPRESS_SPARSE, ModelShape
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source import mxfp4
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 HASH_MOE, MOE = "hash_moe", "moe"
-CSA_RATIO, HCA_RATIO = 4, 128  # the only compressions llama.cpp's cache implements
+CSA_RATIO, HCA_RATIO = COMPRESS_SPARSE, COMPRESS_HEAVY  # the only compressions llama.cpp's cache implements
 HC_STREAMS = 4  # llama.cpp's graph asserts four hyper-connection streams
 SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS (gguf-py 0.19 has no name for it)
 
@@ -272,6 +273,18 @@ class DeepseekV4(Architecture):
     @property
     def n_ff_exp(self) -> int:
         return int(self.cfg.moe_intermediate_size)
+
+    def model_shape(self) -> ModelShape:
+        """Every layer's raw keys over the sliding window (one head, K only), the compressed caches by layer type,
+        the indexer's keys on the sparse ones; one shared expert; four streams."""
+        c, ratios = self.cfg, self.compress_ratios
+        s = super().model_shape()
+        s.n_head_kv, s.k_only, s.n_ff_shexp = 1, True, int(c.n_shared_experts) * self.n_ff_exp
+        s.n_swa, s.n_layer_swa = int(c.sliding_window), self.n_layer
+        s.n_layer_csa, s.n_layer_hca = ratios.count(CSA_RATIO), ratios.count(HCA_RATIO)
+        s.head_indexer, s.n_head_indexer = int(c.index_head_dim), int(c.index_n_heads)
+        s.hc_streams = int(c.hc_mult)
+        return s
 
 
 def rope_kind(cfg, which: str) -> str:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from ggufmoe.model.names import NewKeys, arch_key
 
+# llama.cpp's compressed attention (DeepSeek-V4, llama-kv-cache-dsv4.cpp): the ratios it implements
+COMPRESS_SPARSE, COMPRESS_HEAVY = 4, 128
+COMPRESS_RATIOS_KEY = "attention.compress_ratios"
 
 @dataclass
 class ModelShape:
@@ -56,6 +59,13 @@ class ModelShape:
     n_layer_indexer: int = 0
     head_indexer: int = 0  # ``attention.indexer.key_length``
     n_head_indexer: int = 0  # ``attention.indexer.head_count``
+    # compressed attention (DeepSeek-V4): every layer caches its keys over the sliding window, K only (``k_only``: V
+    # is a view of K); the sparse layers (ratio 4) add a compressed key per 4 tokens and the indexer's key per 4
+    # tokens, the heavy ones (ratio 128) a compressed key per 128 tokens; each compressor keeps an F32 state
+    n_layer_csa: int = 0
+    n_layer_hca: int = 0
+    k_only: bool = False
+    hc_streams: int = 0  # hyper-connection streams of the hidden state (0: one plain stream)
 
     @property
     def n_layer_kv(self) -> int:
@@ -71,8 +81,8 @@ class ModelShape:
     def kv_row(self, swa: bool, v_trans: bool = False) -> tuple[int, int]:
         """(K, V) values per cache cell of a full or sliding-window layer (MLA: no V). ``v_trans`` (llama.cpp without
         flash attention) pads every layer's V row to the widest layer's."""
-        if self.mla:
-            return self.head_k, 0
+        if self.mla or self.k_only:
+            return self.n_head_kv * self.head_k, 0
         k, v = self.n_head_kv * self.head_k, self.n_head_kv * self.head_v
         k_swa = (self.n_head_kv_swa or self.n_head_kv) * (self.head_k_swa or self.head_k)
         v_swa = (self.n_head_kv_swa or self.n_head_kv) * (self.head_v_swa or self.head_v)
@@ -99,8 +109,12 @@ class ModelShape:
 
     @property
     def recurrent_elements_per_sequence(self) -> int:
-        """F32 values of recurrent state per sequence, all recurrent layers."""
-        return self.n_layer_recr * (self.n_embd_r + self.n_embd_s)
+        """F32 values of recurrent state per sequence, all recurrent layers, and the compressors' states: per
+        compressor a key and a score row per state slot (sparse: two blocks of 4 slots of two heads' width, for the
+        keys and for the indexer's; heavy: 128 slots of one head)."""
+        sparse = self.n_layer_csa * 2 * (2 * COMPRESS_SPARSE) * 2 * (self.head_k + self.head_indexer)
+        heavy = self.n_layer_hca * 2 * COMPRESS_HEAVY * self.head_k
+        return self.n_layer_recr * (self.n_embd_r + self.n_embd_s) + sparse + heavy
 
     @classmethod
     def from_fields(cls, f: dict, n_tensors: int, swa_pattern: int = 0, graph_nodes_per_token: int = 0) -> "ModelShape":
@@ -122,7 +136,10 @@ class ModelShape:
         lead = int(g("leading_dense_block_count", 0))
         n_dense = lead + sum((il + 1) % step != 0 for il in range(lead, n_layer))
         pattern = g("attention.sliding_window_pattern", swa_pattern)
-        if isinstance(pattern, list):
+        ratios = g(COMPRESS_RATIOS_KEY)  # compressed attention: every layer slides, K only
+        if ratios is not None:
+            swa_layers = [True] * n_layer
+        elif isinstance(pattern, list):
             swa_layers = [bool(p) for p in pattern]
         else:  # llama.cpp's set_swa_pattern: layer il slides unless il % n == n - 1
             swa_layers = [bool(pattern) and il % int(pattern) < int(pattern) - 1 for il in range(n_layer)]
@@ -142,7 +159,8 @@ class ModelShape:
         head_indexer = int(g("attention.indexer.key_length", 0))
         indexer_types = g(arch_key(NewKeys.INDEXER_TYPES, a))  # absent: llama.cpp indexes every layer
         n_layer_indexer = (sum(bool(t) for t in indexer_types[:n_layer]) if isinstance(indexer_types, list) else n_layer
-                           ) if head_indexer else 0
+                           ) if head_indexer and ratios is None else 0
+        ratios = list(ratios or [])[:n_layer]
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=kv_full[0], n_head_kv_swa=kv_swa[0] if kv_swa[0] != kv_full[0] else 0,
                    head_k_swa=int(g("attention.key_length_swa", 0)), head_v_swa=int(g("attention.value_length_swa", 0)),
@@ -160,4 +178,6 @@ class ModelShape:
                    ssm_d_inner=int(g("ssm.inner_size", 0)), ssm_d_state=int(g("ssm.state_size", 0)),
                    ssm_n_group=int(g("ssm.group_count", 0)), n_layer_indexer=n_layer_indexer,
                    head_indexer=head_indexer, n_head_indexer=int(g("attention.indexer.head_count", 0)),
+                   n_layer_csa=ratios.count(COMPRESS_SPARSE), n_layer_hca=ratios.count(COMPRESS_HEAVY),
+                   k_only=bool(ratios), hc_streams=int(g("hyper_connection.count", 0)),
                    n_tensors=n_tensors, graph_nodes_per_token=graph_nodes_per_token)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from ggufmoe.arch.shape import ModelShape
+from ggufmoe.arch.shape import COMPRESS_HEAVY, COMPRESS_SPARSE, ModelShape
 from ggufmoe.gguf.header import header_bytes
 from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.model.qtypes import FLOAT_TYPES
@@ -194,7 +194,8 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
     none with MLA, where V is a view of K; without flash attention V rows padded to the widest layer's), at the KV
     type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells; recurrent layers have none
     (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache; indexer layers (sparse attention)
-    add one key a cell."""
+    add one key a cell; compressed attention adds its compressed keys (:func:`compressed_cells`), and the sparse
+    layers their indexer's."""
     qt = kv_qtype(kv_type)
     full, swa = shape.kv_layers
 
@@ -202,8 +203,16 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
         return sum(_row_size(qt, n) for n in shape.kv_row(sliding, v_trans=not flash_attn))
 
     indexer = shape.n_layer_indexer * kv_size(ctx) * _row_size(qt, shape.head_indexer)
+    sparse, heavy = compressed_cells(ctx, COMPRESS_SPARSE), compressed_cells(ctx, COMPRESS_HEAVY)
+    compressed = (shape.n_layer_csa * sparse * (_row_size(qt, shape.head_k) + _row_size(qt, shape.head_indexer))
+                  + shape.n_layer_hca * heavy * _row_size(qt, shape.head_k))
     return (full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
-            + indexer)
+            + indexer + compressed)
+
+
+def compressed_cells(ctx: int, ratio: int) -> int:
+    """Cells of a compressed cache (a key per ``ratio`` tokens of the context), padded to 256."""
+    return -(-(-(-kv_size(ctx) // ratio)) // 256) * 256
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
