@@ -16,6 +16,7 @@ from torch import nn
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.prune.criteria import Pruning
+from ggufmoe.model.expert_table import redirected
 
 EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 ROUTER_TENSORS = ("weight", "bias", "e_score_correction_bias")
@@ -64,6 +65,9 @@ def prune_hf_model(model: nn.Module, plan: Pruning) -> nn.Module:
         elif hasattr(mod, "top_k") and isinstance(getattr(mod, "weight", None), torch.Tensor):
             if kept is not None:
                 _gather(mod, ROUTER_TENSORS, kept)
+                table = getattr(mod, "tid2eid", None)  # DeepSeek-V4's hash routing: token -> experts
+                if table is not None:
+                    mod.tid2eid = torch.from_numpy(redirected(table.numpy(), kept, plan.orders[il]))
             mod.top_k = plan.top_k
             touched.add(il)
         elif isinstance(getattr(mod, "per_expert_scale", None), torch.Tensor):  # Gemma 4's router

@@ -12,10 +12,15 @@ from transformers import AutoModelForCausalLM
 
 import tiny_models
 from cli_run import assert_one_line_error, run
+from ggufmoe.arch import architecture_for
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.prune.criteria import PruneRequest
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import compare, hf_logprobs, llama_logprobs
 from ggufmoe.source.hf import HFSource
+from ggufmoe.stats.collect import collect_stats
+from ggufmoe.stats.stream import stream_stats
 
 TOL = 1e-3
 
@@ -79,6 +84,21 @@ def test_fp4_and_ue8m0_values_are_torch_s(v4):
         assert np.array_equal(src.get_rows(name, 3, 9), want[3:9].numpy()), name
 
 
+def test_streamed_statistics_of_deepseek_s_checkpoint_are_the_whole_model_s(v4):
+    """Calibration one layer at a time, on DeepSeek's layout and formats (four streams between the layers, the hash
+    layer routed by the batch's token ids, the routed output added after the layer through each stream's weights):
+    the statistics of transformers' whole model on the dequantized weights."""
+    from test_stream import calib_text, worst_difference
+
+    args = {"ctx": 128, "max_tokens": 1024, "progress": False}
+    streamed = stream_stats(v4 / "ds", calib_text(), **args)
+    whole = collect_stats(v4 / "hf", calib_text(), **args)
+    whole.source = streamed.source
+    what, diff = worst_difference(streamed, whole)
+    assert diff < 1e-3, (what, diff)
+    assert sorted(streamed.layers) == [0, 1, 2, 3] and all(s.counts.sum() > 0 for s in streamed.layers.values())
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(layer_types=["sliding_attention", "compressed_sparse_attention"] * 2),
      "llama.cpp runs only models with both 4 and 128 layers"),
@@ -91,3 +111,61 @@ def test_what_llama_cpp_cannot_run_is_refused(tmp_path, change, reason):
     proc = run("convert", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--type", "F32")
     assert_one_line_error(proc, reason)
     assert not (tmp_path / "m.gguf").exists()
+
+
+
+@pytest.fixture(scope="module")
+def v4_stats(v4):
+    """Streamed statistics of the tiny DeepSeek-V4 (with the expert similarities its pruning probes measure)."""
+    from ggufmoe.prune.criteria import kept_sets
+    from ggufmoe.stats.file import save_stats
+    from test_stream import calib_text
+
+    arch = architecture_for(HFSource(v4 / "hf"))
+    save_stats(stream_stats(v4 / "hf", calib_text(), ctx=128, max_tokens=2048, progress=False,
+                            kept_sets=kept_sets(arch)), v4 / "stats.gguf")
+    return v4 / "stats.gguf"
+
+
+def test_pruned_hash_layer_redirects_its_tokens(v4, v4_stats, tmp_path, eval_tokens):
+    """Pruned to 10 of 16 experts: the hash layer's table sends each entry of a removed expert to the most similar
+    kept expert (by the similarities the calibration measured) that the token does not use yet, renumbered; the
+    GGUF equals the same pruning applied in transformers."""
+    from ggufmoe.prune.criteria import choose_experts
+    from ggufmoe.prune.redirect import with_table_orders
+    from ggufmoe.stats.file import load_stats
+    from ggufmoe.stats.local_errors import local_errors
+    from prune_hf import prune_hf_model
+
+    arch, stats = architecture_for(HFSource(v4 / "hf")), load_stats(v4_stats)
+    plan = with_table_orders(list(arch.tensors()), stats, choose_experts(arch, stats, PruneRequest(keep=10)))
+    similarity = np.asarray(local_errors(stats).similarity["0"])
+    assert np.array_equal(plan.orders[0][:, 0], np.argmax(similarity, axis=1))  # an expert is most like itself
+    out = convert(v4 / "hf", ConvertOptions(out=tmp_path / "p.gguf", types=TypeRules.parse("F32"), stats=v4_stats,
+                                            prune=PruneRequest(keep=10), progress=False))[0]
+    table = next(t for t in GGUFReader(out).tensors if t.name == "blk.0.ffn_gate_tid2eid.weight")
+    got = np.asarray(table.data).reshape(-1, 3)
+    source = load_file(v4 / "hf" / "model.safetensors")["model.layers.0.ffn.gate.tid2eid"].numpy()
+    kept = plan.kept[0]
+    assert got.min() >= 0 and got.max() < 10 and all(len(set(row)) == 3 for row in got.tolist())
+    still = np.isin(source, kept)
+    assert np.array_equal(np.asarray(kept)[got][still], source[still])  # kept entries only renumbered
+    model = prune_hf_model(AutoModelForCausalLM.from_pretrained(v4 / "hf", dtype=torch.float32).eval(), plan)
+    result = compare(llama_logprobs(out, eval_tokens), hf_logprobs(model, eval_tokens), eval_tokens)
+    assert result.mean_abs_dnll < TOL, result
+
+
+def test_pruning_errors_of_the_hash_layer_are_measured_and_top_k_stays(v4, v4_stats):
+    """The calibration measures what pruning costs in the hash layer too (its tokens rerouted through the redirected
+    table); a top-k change is refused with the reason."""
+    from ggufmoe.prune.criteria import choose_experts
+    from ggufmoe.stats.file import load_stats
+    from ggufmoe.stats.local_errors import local_errors
+
+    arch, stats = architecture_for(HFSource(v4 / "hf")), load_stats(v4_stats)
+    prune = local_errors(stats).prune
+    assert sorted(prune) == ["0", "1", "2", "3"]
+    costs = prune["0"]["routing"]
+    assert all(v > 0 for v in costs.values()) and not any("@" in k for k in costs)  # no top-k variants
+    with pytest.raises(GgufmoeError, match="cannot change: the first 1 layer"):
+        choose_experts(arch, stats, PruneRequest(keep=10, top_k=2))

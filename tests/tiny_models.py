@@ -24,7 +24,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
 GPT_OSS_YARN = dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=True,
                     original_max_position_embeddings=4096)
 # families whose transformers model ggufmoe cannot calibrate (Architecture.calibration_refused)
-UNCALIBRATED = ("llama4", "deepseek4")
+UNCALIBRATED = ("llama4",)
 FAMILIES = ("qwen3moe", "qwen2moe", "mixtral", "olmoe", "deepseek3", "glm4moe", "gpt-oss", "minimax-m2",
             "ernie4_5-moe", "llama4", "dots1", "qwen3next", "qwen35moe", "gemma4",
             "glm-dsa", "deepseek4")  # the keys of configs()
@@ -203,6 +203,9 @@ def build(name: str, out: Path, seed: int = 0, config=None):
                 b.copy_(1.0 + 0.1 * torch.randn_like(b))
             elif "e_score_correction_bias" in n:
                 b.copy_(ROUTING_BIAS_STD.get(name, 0.3) * torch.randn_like(b))
+            elif n.endswith("tid2eid"):  # DeepSeek-V4's token -> experts table: distinct experts per token
+                n_expert = config.get_text_config().n_routed_experts
+                b.copy_(torch.argsort(torch.rand(b.shape[0], n_expert), dim=-1)[:, :b.shape[1]])
     model.eval()
     if nested:
         save_as_shipped(model, out)

@@ -37,6 +37,9 @@ class Architecture:
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
     # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
     router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    # the buffer of the family's transformers router holding a token -> experts table, where layers route by one
+    # (DeepSeek-V4's hash layers): redirected when it is pruned (ggufmoe.prune.redirect)
+    router_table: ClassVar[str | None] = None
     # whether patches/per-layer-expert-count.patch makes llama.cpp's graph for the family load per-layer counts
     per_layer_expert_counts: ClassVar[bool] = False
     # whether the module writes key/value length (the config's head_dim; else llama.cpp takes n_embd / n_head)
@@ -53,6 +56,9 @@ class Architecture:
     # input (Gemma 4); the pruning probe routes that input (route_residual) and measures at the layer's output
     # (routed_tail). None: the module holding the experts routes their input
     residual_router: ClassVar[str | None] = None
+    # whether the family's decoder layers read the token ids (DeepSeek-V4's hash routing): a streamed calibration
+    # hands each layer its batch's ids as ``input_ids``
+    layers_read_tokens: ClassVar[bool] = False
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
     # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (source.tokenizer: SPM or GEMMA4)
@@ -161,6 +167,11 @@ class Architecture:
                 self.tokenizers[vocab] = tokenizer_keys(self.src.path, vocab, self.spm_tokenizer)
             self.tokenizers[vocab].write(w)
 
+    @property
+    def top_k_fixed(self) -> str | None:
+        """Why the experts used per token cannot change (None: they can)."""
+        return None
+
     def with_expert_counts(self, n_expert: int, top_k: int, per_layer: dict[int, int] | None = None) -> "Architecture":
         """A copy that writes ``n_expert`` experts per layer (``per_layer``: each MoE layer its own, ``n_expert``
         their largest) and ``top_k`` used per token (a pruned model)."""
@@ -187,6 +198,12 @@ class Architecture:
         """The factor transformers' input-embedding module multiplies the table's rows by; None: a plain
         ``nn.Embedding`` (the streamed calibration reads the rows itself and refuses any other module)."""
         return None
+
+    @property
+    def hidden_streams(self) -> int:
+        """Parallel streams of the hidden state between decoder layers (DeepSeek-V4's hyper-connections: 4, each
+        ``hidden_size`` wide); 1 for a plain residual stream."""
+        return 1
 
     @property
     def logit_softcap(self) -> float | None:

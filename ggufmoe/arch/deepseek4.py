@@ -30,6 +30,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
+from gguf.constants import MODEL_TENSOR
 
 from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.registry import register
@@ -85,9 +86,12 @@ class DeepseekV4(Architecture):
     hf_architectures = ("DeepseekV4ForCausalLM",)
     gguf_arch = "deepseek4"
     experts_key = "n_routed_experts"
+    per_expert_rows = Architecture.per_expert_rows | {MODEL_TENSOR.FFN_EXP_PROBS_B}  # the selection bias
+    router_tensors = ("weight", "e_score_correction_bias")
     writes_head_dim = True
     rope_kinds = ("default", "yarn")
-    calibration_refused = "its layers carry four hyper-connection streams (4-D hidden states) and route by token ids"
+    layers_read_tokens = True  # the hash layers route by the token ids
+    router_table = "tid2eid"
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv": "attn_k", "attn_output_a": "attn_output",
                            "attn_output_b": "attn_output", "attn_compressor_kv": "attn_k", "attn_compressor_gate": "attn_k",
                            "indexer.attn_q_b": "attn_q", "indexer_compressor_kv": "attn_k",
@@ -253,7 +257,8 @@ class DeepseekV4(Architecture):
         def load(_: int) -> np.ndarray:
             return raw(0).view("<i4").reshape(shape).astype(np.float32)
 
-        return TensorSpec(gguf_name, shape, load, hf_name=stored, source_type=T.I32, raw=raw, fixed_type=T.I32)
+        return TensorSpec(gguf_name, shape, load, hf_name=stored, source_type=T.I32, raw=raw, fixed_type=T.I32,
+                          holds_expert_ids=True)
 
     def experts(self, gguf_name: str, template: str) -> TensorSpec:
         """A 3-D expert tensor from the per-expert matrices; FP4 experts also as their MXFP4 bytes."""
@@ -268,6 +273,17 @@ class DeepseekV4(Architecture):
 
         spec.source_type, spec.raw = T.MXFP4, raw
         return spec
+
+    @property
+    def top_k_fixed(self) -> str | None:
+        if not self.n_hash:
+            return None
+        return (f"the first {self.n_hash} layer(s) route each token to the {self.top_k} experts of a fixed table "
+                f"(llama.cpp reads it {self.top_k} wide)")
+
+    @property
+    def hidden_streams(self) -> int:
+        return int(self.cfg.hc_mult)
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -284,6 +300,8 @@ class DeepseekV4(Architecture):
         s.n_layer_csa, s.n_layer_hca = ratios.count(CSA_RATIO), ratios.count(HCA_RATIO)
         s.head_indexer, s.n_head_indexer = int(c.index_head_dim), int(c.index_n_heads)
         s.hc_streams = int(c.hc_mult)
+        s.q_lora_rank, s.o_lora_rank, s.o_groups = int(c.q_lora_rank), int(c.o_lora_rank), int(c.o_groups)
+        s.indexer_top_k = int(c.index_topk)
         return s
 
 

@@ -64,6 +64,7 @@ class TensorSpec:
     input_order: tuple[int, ...] | None = None
     # written at this type whatever the mix or plan (a table of integers, a weight llama.cpp's graph reads in F32)
     fixed_type: gguf.GGMLQuantizationType | None = None
+    holds_expert_ids: bool = False  # its values are routed-expert ids (a token -> experts table): pruning renumbers
 
     def source_expert(self, part: int) -> int:
         return self.expert_ids[part] if self.expert_ids is not None else part

@@ -23,6 +23,7 @@ from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
 from ggufmoe.gguf.writer import CONVERSION
 from ggufmoe.outputs import check_outputs
 from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
+from ggufmoe.prune.redirect import with_table_orders
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.plan.per_layer import spread_experts
 from ggufmoe.prune.merge import merge_experts
@@ -121,6 +122,7 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
     if prune.n_expert != arch.n_expert:
         raise GgufmoeError(f"the plan is for a model with {prune.n_expert} experts per layer, "
                            f"{src.path} has {arch.n_expert}")
+    prune = with_table_orders(list(arch.tensors()), stats, prune)
     arch, specs = prune_model(arch, prune)
     typed = assign_types(specs, opts.types, imatrix)
     out = prepare_output(src, arch, typed, prune, opts.types, opts.out, opts.split_max_size, imatrix,

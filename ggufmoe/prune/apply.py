@@ -14,6 +14,7 @@ from ggufmoe.model.names import EXPERT_TENSORS
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.prune.criteria import Pruning
 from ggufmoe.prune.merge import Folds
+from ggufmoe.model.expert_table import ranking, redirected, weight_similarity
 
 # provenance keys (write_provenance)
 KEY_SOURCE = "ggufmoe.source"
@@ -35,6 +36,8 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
         folds = plan.folds.get(s.layer) if s.layer is not None else None
         if kept is None:
             out.append(s)
+        elif s.holds_expert_ids:
+            out.append(_redirected_table(s, kept, plan.orders.get(s.layer), [t for t in specs if t.layer == s.layer]))
         elif s.is_expert and folds:
             out.append(replace(s, shape=(len(kept), *s.shape[1:]), n_parts=len(kept), load=_folded_parts(s.load, folds),
                                raw=None, source_type=None, expert_ids=tuple(kept)))
@@ -51,6 +54,19 @@ def prune_model(arch: Architecture, plan: Pruning) -> tuple[Architecture, list[T
         else:
             out.append(s)
     return pruned, out
+
+
+def _redirected_table(s: TensorSpec, kept: list[int], order: np.ndarray | None,
+                      layer: list[TensorSpec]) -> TensorSpec:
+    """A token -> experts table with removed experts' entries redirected and every entry renumbered
+    (:mod:`ggufmoe.prune.redirect`; without an order from the statistics, by the experts' weights)."""
+    experts = [t for t in layer if t.is_expert]
+
+    def table() -> np.ndarray:
+        o = order if order is not None else ranking(weight_similarity(experts))
+        return redirected(s.raw(0).view("<i4").reshape(s.shape), kept, o).astype("<i4")
+
+    return replace(s, load=lambda _: table().astype(np.float32), raw=lambda _: table().view(np.uint8).reshape(-1))
 
 
 def _folded_parts(load: Callable[[int], np.ndarray], folds: Folds) -> Callable[[int], np.ndarray]:

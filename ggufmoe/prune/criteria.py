@@ -71,6 +71,9 @@ class Pruning:
     kept: dict[int, list[int]] = field(default_factory=dict)
     # merging (ggufmoe.prune.merge): per layer, per kept expert, the (source expert, weight) pairs it averages
     folds: dict[int, list[list[tuple[int, float]]]] = field(default_factory=dict)
+    # layers that route by a token -> experts table (ggufmoe.prune.redirect): per expert, every expert from the
+    # most to the least similar, where a removed expert's entries go
+    orders: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def prunes(self) -> bool:
@@ -128,6 +131,8 @@ def resolve(arch: Architecture, req: PruneRequest) -> tuple[int, int]:
     if req.top_k is not None and req.top_k_scale is not None:
         raise GgufmoeError("give --top-k or --top-k-scale, not both")
     top_k = req.top_k if req.top_k is not None else (math.ceil(req.top_k_scale * k - 1e-9) if req.top_k_scale else k)
+    if top_k != k and arch.top_k_fixed:
+        raise GgufmoeError(f"top-k {top_k}: the model's {k} experts per token cannot change: {arch.top_k_fixed}")
     groups = arch.expert_groups
     if groups and keep % groups[0]:
         n_group = groups[0]
@@ -150,7 +155,7 @@ def reachable_experts(arch: Architecture, keep: int) -> int:
 
 def top_k_variants(arch: Architecture) -> list[int]:
     """Experts per token the planner may use besides the model's own (``--top-k auto``): one fewer, one more."""
-    return [t for t in (arch.top_k - 1, arch.top_k + 1) if t >= 1]
+    return [] if arch.top_k_fixed else [t for t in (arch.top_k - 1, arch.top_k + 1) if t >= 1]
 
 
 def prune_key(keep: int, top_k: int, top_k_source: int) -> str:

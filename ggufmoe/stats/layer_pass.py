@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ggufmoe.arch.base import Architecture
+from ggufmoe.model.expert_table import ranking
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.stats.collect import Collector
@@ -31,7 +32,7 @@ from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
 from ggufmoe.stats.probe_streams import ProbeStreams
-from ggufmoe.stats.prune_error import KeptSets, PruneProbe, ResidualRouting
+from ggufmoe.stats.prune_error import KeptSets, PruneProbe, ResidualRouting, RouterTable, router_of
 from ggufmoe.stats.rounding import Rounder
 from ggufmoe.stats.routed_experts import expert_output, route_experts
 from ggufmoe.stats.skeleton import Skeleton, on_device, unsupported
@@ -63,7 +64,9 @@ class LayerPasses:
     device: torch.device
     progress: bool
     rows: int
-    width: int
+    width: int  # values of a token's hidden state between layers (every stream)
+    hidden_shape: tuple[int, ...]  # a token's hidden state as the layers take it: (width,) or (streams, hidden)
+    moe_width: int  # values of a token's input to the routed experts (and of their output)
     n_layers: int
     batches: list[torch.Tensor]
     offsets: list[int]
@@ -117,12 +120,13 @@ class LayerPasses:
                     gain, layer_out = 1.0, h_out.tensor[probe.positions]
                 else:
                     layer_out = None
-                errors = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]), residual,
-                                      self.arch.router_tensors, layer_out)
-                local.prune[str(k)] = {c: {n: v * gain for n, v in by.items()} for c, by in errors.items()}
                 similarity = probe.similarity(block, self.arch.n_expert) if probe.out else None
                 if similarity is not None:
                     local.similarity[str(k)] = similarity
+                table = self.router_table(block, similarity)
+                errors = probe.errors(block, experts, self.arch.n_expert, self.kept_sets(layers[k]), residual,
+                                      self.arch.router_tensors, layer_out, table)
+                local.prune[str(k)] = {c: {n: v * gain for n, v in by.items()} for c, by in errors.items()}
             if self.streams is not None:
                 self.streams.layer(skeleton, k, layer, specs, experts, adds, entries, layers.get(k), working.ahead)
             if self.rounder is not None:
@@ -195,7 +199,10 @@ class LayerPasses:
                         meter.plain(s, entry.importance_row(0) if entry.counts.sum() > 0 else None)
             if experts is not None:
                 if pos is not None:
-                    probe = PruneProbe(pos, moe_in.tensor[pos].clone(), idx[pos], weights[pos], routing=routing)
+                    tokens = torch.cat([t.reshape(-1) for t in self.batches])[pos] if self.arch.layers_read_tokens \
+                        else None
+                    probe = PruneProbe(pos, moe_in.tensor[pos].clone(), idx[pos], weights[pos], routing=routing,
+                                       tokens=tokens)
                 t1 = time.perf_counter()
                 self.run_experts(k, experts, moe_in, idx, weights, h_out, working, bar, 1.0 - 2 * share if again
                                  else 1.0 - share, probe)
@@ -212,6 +219,17 @@ class LayerPasses:
                                for n, by in local.quant.items()}
             bar.update(max(0.0, bar.total - bar.n))
         return collector.entries(), collector.layers(), local, probe, residual, gain
+
+    def router_table(self, block: nn.Module, similarity: list[list[float]] | None) -> RouterTable | None:
+        """The token -> experts table of the block's router, where it routes by one, with the order its removed
+        experts' entries are redirected in: by the experts' measured ``similarity`` (:mod:`ggufmoe.prune.redirect`)."""
+        name = self.arch.router_table
+        router = router_of(block, self.arch.n_expert)
+        if name is None or router is None or not isinstance(getattr(router, name, None), torch.Tensor):
+            return None
+        if similarity is None:
+            raise unsupported(self.arch, "a layer routed by a token table got no expert similarities to redirect by")
+        return RouterTable(name, ranking(np.asarray(similarity)))
 
     def residual_routing(self, layer: nn.Module, collector: Collector, pos: torch.Tensor, where: list[int],
                          pieces: list[torch.Tensor]) -> ResidualRouting | None:
@@ -237,11 +255,19 @@ class LayerPasses:
         """Layer ``k`` over batch ``i`` of ``h_in``, given what the layers before handed on for it (``carry``): its
         output and what it hands on (on the CPU)."""
         shape, a, b = tuple(self.batches[i].shape), self.offsets[i], self.offsets[i + 1]
-        args, kwargs = skeleton.layer_args(shape, k)
-        h = h_in.tensor[a:b].view(*shape, self.width).to(self.device)
-        handed = self.arch.layer_input(on_device(carry, self.device))
-        y, out = self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
+        h = h_in.tensor[a:b].view(*shape, *self.hidden_shape).to(self.device)
+        y, out = self.call_layer(skeleton, k, layer, h, self.batches[i], carry)
         return y, on_device(out, torch.device("cpu"))
+
+    def call_layer(self, skeleton: Skeleton, k: int, layer: nn.Module, h: torch.Tensor, tokens: torch.Tensor,
+                   carry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer ``k`` on hidden states ``h`` of the token ids ``tokens`` (batch, tokens), with what the model hands
+        its layers and what the layers before handed on (``carry``): its output and what it hands on."""
+        args, kwargs = skeleton.layer_args(tuple(tokens.shape), k)
+        handed = self.arch.layer_input(on_device(carry, self.device))
+        if self.arch.layers_read_tokens:
+            handed = {**handed, "input_ids": tokens.to(self.device)}
+        return self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
 
     def again(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore,
               h_out: RowStore, bar: tqdm, share: float, gain: bool) -> float:
@@ -253,7 +279,7 @@ class LayerPasses:
         experts.forward = lambda hs, *_, **__: routed[0].reshape(hs.shape).to(hs.device, hs.dtype)
         try:
             for i, (a, b) in enumerate(zip(self.offsets, self.offsets[1:])):
-                routed[0] = h_out.tensor[a:b].clone()
+                routed[0] = h_out.tensor[a:b, :self.moe_width].clone()
                 y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
                 if gain and i == 0:
                     measured = self.routed_gain(skeleton, k, layer, h_in, routed, y)
@@ -331,7 +357,8 @@ class LayerPasses:
 
         try:
             with torch.no_grad():
-                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor, step=working.batch_tokens,
+                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor[:, :self.moe_width],
+                              step=working.batch_tokens,
                               device=self.device, on_expert=measure if meter or rounder else None,
                               on_rows=rounder.expert_rows if rounder is not None else None)
         finally:
@@ -346,19 +373,19 @@ class LayerPasses:
         the whole chunk where the layer takes what the ones before handed it: that is for whole chunks)."""
         carry = {name: t[:1] for name, t in self.carry[0].items()}
         n = self.batches[0].shape[1] if carry else min(PROBE_TOKENS, self.batches[0].shape[1])
-        h = h_in.tensor[:n].reshape(1, n, self.width).to(self.device)
-        args, kwargs = skeleton.layer_args((1, n), k)
+        h = h_in.tensor[:n].reshape(1, n, *self.hidden_shape).to(self.device)
         gen = torch.Generator().manual_seed(k)
-        probe = (torch.randn(n, self.width, generator=gen) * float(h.std().clamp(min=1e-3))).to(self.device)
+        probe = (torch.randn(n, self.moe_width, generator=gen) * float(h.std().clamp(min=1e-3))).to(self.device)
         outs = []
         try:
             for r in (torch.zeros_like(probe), probe):
                 experts.forward = lambda hs, *_, r=r, **__: r.reshape(hs.shape).to(hs.dtype)
-                handed = self.arch.layer_input(on_device(carry, self.device))
                 with torch.no_grad():
-                    y, _ = self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
+                    y, _ = self.call_layer(skeleton, k, layer, h, self.batches[0][:1, :n], carry)
                 outs.append(y.reshape(n, self.width))
         finally:
             del experts.forward
+        if self.width != self.moe_width:  # the routed output goes into several streams, each weighed its own way
+            return False
         scale = float(outs[0].abs().max()) + float(probe.abs().max())
         return torch.allclose(outs[1] - outs[0], probe, rtol=0, atol=1e-4 * scale)

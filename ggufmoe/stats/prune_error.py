@@ -22,10 +22,12 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.expert_table import redirected
 from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
 from ggufmoe.stats.file import ExpertStats
 
@@ -116,6 +118,29 @@ def routing_top_k(router: nn.Module, top_k: int) -> Iterator[None]:
         router.top_k = before
 
 
+@dataclass
+class RouterTable:
+    """A router's token -> experts table (the name of its buffer) and, per expert, every expert from the most to
+    the least similar (:func:`ggufmoe.prune.redirect.ranking`)."""
+
+    name: str
+    order: np.ndarray
+
+
+@contextlib.contextmanager
+def redirected_table(router: nn.Module, table: RouterTable | None, kept: list[int]) -> Iterator[None]:
+    """The router's table redirected to ``kept`` (:func:`ggufmoe.prune.redirect.redirected`) while inside."""
+    if table is None:
+        yield
+        return
+    before = getattr(router, table.name)
+    _set(router, table.name, torch.from_numpy(redirected(before.cpu().numpy(), kept, table.order)).to(before.device))
+    try:
+        yield
+    finally:
+        _set(router, table.name, before)
+
+
 def _set(m: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace a parameter, buffer or plain tensor attribute without the checks ``setattr`` makes."""
     for table in (m._parameters, m._buffers):
@@ -136,8 +161,9 @@ class PruneProbe:
     """Gathers the sampled tokens' expert outputs of one MoE layer, then measures each candidate pruning."""
 
     def __init__(self, positions: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                 dim: int = PROBE_DIM, routing: ResidualRouting | None = None):
+                 dim: int = PROBE_DIM, routing: ResidualRouting | None = None, tokens: torch.Tensor | None = None):
         self.positions = positions  # (m,): the sampled tokens' rows in the calibration
+        self.tokens = tokens  # (m,): their token ids, for a block that routes by them (None: it does not)
         self.x = x  # (m, hidden): the experts' input at the sampled positions
         self.idx, self.weights = idx, weights  # (m, top_k): the unpruned routes
         self.routing = routing  # None: the MoE block routes the experts' input
@@ -177,10 +203,12 @@ class PruneProbe:
 
     def errors(self, block: nn.Module, experts: nn.Module, n_expert: int,
                kept: dict[str, dict[str, tuple[list[int], int]]], residual: float,
-               router_tensors: tuple[str, ...], layer_out: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+               router_tensors: tuple[str, ...], layer_out: torch.Tensor | None = None,
+               table: RouterTable | None = None) -> dict[str, dict[str, float]]:
         """criterion -> candidate -> mean ||y - y_pruned||^2 / residual, the block rerouting as pruned (to the
         candidate's kept experts, with its experts per token). ``y`` is the routed output, or with a residual router
-        the layer's output through its tail, checked against ``layer_out`` (the real one at the sampled tokens)."""
+        the layer's output through its tail, checked against ``layer_out`` (the real one at the sampled tokens).
+        ``table``: the router's token -> experts table and the redirection order of its removed experts' entries."""
         routing = self.routing
         router = router_of(block, n_expert) if routing is None else routing.router
         if router is None or residual <= 0:
@@ -206,7 +234,7 @@ class PruneProbe:
         out: dict[str, dict[str, float]] = {}
         for criterion, sets in kept.items():
             for name, (members, top_k) in sets.items():
-                routes = self.reroute(block, experts, router, members, top_k, router_tensors, n_expert, device)
+                routes = self.reroute(block, experts, router, members, top_k, router_tensors, n_expert, device, table)
                 if routes is None:
                     return {}
                 new_idx, new_w = routes
@@ -215,8 +243,8 @@ class PruneProbe:
         return out
 
     def reroute(self, block: nn.Module, experts: nn.Module, router: nn.Module, members: list[int], top_k: int,
-                router_tensors: tuple[str, ...], n_expert: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+                router_tensors: tuple[str, ...], n_expert: int, device: torch.device,
+                table: RouterTable | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(expert ids as positions in ``members``, weights) of the sampled tokens, the router cut to ``members``
         choosing ``top_k`` per token: the block's own routing (its experts module capturing the routes instead of
         computing), or the residual router's on its input. None where the block never called its experts."""
@@ -231,9 +259,11 @@ class PruneProbe:
                 got.append(self.routing.route(router, self.routing.x.to(device), top_k))
             else:
                 experts.forward = capture
+                tokens = {} if self.tokens is None else {"input_ids": self.tokens.to(device).reshape(1, -1)}
                 try:
-                    with pruned_router(block, members, router_tensors, n_expert), routing_top_k(router, top_k):
-                        block(self.x.to(device).reshape(1, len(self.x), -1))
+                    with (pruned_router(block, members, router_tensors, n_expert), routing_top_k(router, top_k),
+                          redirected_table(router, table, members)):
+                        block(self.x.to(device).reshape(1, len(self.x), -1), **tokens)
                 finally:
                     del experts.forward
         return (got[0][0].to("cpu"), got[0][1].to("cpu", torch.float32)) if got else None

@@ -23,7 +23,7 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.finite import checked_finite
 from ggufmoe.model.tensor import RowLoader, TensorSpec
-from ggufmoe.source.hf import SCALE_SUFFIX, HFSource
+from ggufmoe.source.hf import HFSource
 from ggufmoe.source.hf_config import transformers_config
 from ggufmoe.stats.collect import model_keys
 
@@ -65,6 +65,18 @@ class _Capture(nn.Module):
         return self.output(hidden_states)
 
 
+class _Inject(nn.Module):
+    """Stands in for the decoder layers in an output pass: returns ``hidden`` (the last layer's output) whatever it
+    gets, in the form a layer returns (``output``)."""
+
+    def __init__(self, hidden: torch.Tensor, output):
+        super().__init__()
+        self.hidden, self.output = hidden, output
+
+    def forward(self, *args, **kwargs):
+        return self.output(self.hidden)
+
+
 def on_device(obj, device: torch.device):
     """``obj`` with every tensor in it (tuples, lists, dicts) on ``device``."""
     if isinstance(obj, torch.Tensor):
@@ -104,13 +116,17 @@ class Skeleton:
             raise unsupported(arch, f"input embedding {type(embed).__name__}")
         self.embeddings = {id(embed), id(model.get_output_embeddings())}  # never materialized
         rotary = getattr(self.base, "rotary_emb", None)
-        if rotary is not None:  # its inverse frequencies are computed, not loaded: build it for real
-            self.base.rotary_emb = type(rotary)(config=cfg)
+        if rotary is not None:  # its inverse frequencies are computed, not loaded: build it (and its copies) for real
+            for parent in list(model.modules()):
+                for name, child in parent.named_children():
+                    if type(child) is type(rotary):
+                        setattr(parent, name, type(rotary)(config=cfg))
         self.paths = {id(m): path for path, m in model.named_modules()}
         # checkpoint names of the model's tensors (parameters and buffers), through transformers' renames
         experts = [s for s in specs if s.is_expert]
         instances = {s.hf_name.format(e=e) for s in experts for e in range(s.n_parts)}
-        names = [n for n in src.tensor_names() if not n.endswith(SCALE_SUFFIX) and n not in instances]
+        scales = {src.scale_of(n) for n in src.tensor_names()}  # FP8/FP4 scales: read with their tensors
+        names = [n for n in src.tensor_names() if n not in scales and n not in instances]
         firsts = [s.hf_name.format(e=0) for s in experts]
         keys = model_keys(model, names + firsts)
         self.checkpoint: dict[str, str] = {}
@@ -147,6 +163,8 @@ class Skeleton:
                         why = "several checkpoint tensors are merged into it" if name else "no checkpoint tensor"
                         raise unsupported(self.arch, f"cannot load {full} ({why})")
                     value = torch.from_numpy(checked_finite(name, self.src.get(name)))
+                    if not t.dtype.is_floating_point:  # a table of ids (DeepSeek-V4's token -> experts), exact in float32
+                        value = value.to(t.dtype)
                     if tuple(value.shape) != tuple(t.shape):
                         raise unsupported(self.arch, f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
                                                      f"the model's {full} {tuple(t.shape)}")
@@ -204,11 +222,12 @@ class Skeleton:
                                  for i, (_, a, kw) in records.items()}
 
     def output_pass(self, hidden: torch.Tensor) -> None:
-        """The model's forward with no decoder layers: final norm and the (patched) output matmul."""
-        self.base.layers = nn.ModuleList()
+        """The model's forward after its decoder layers: a stand-in for them hands on ``hidden`` (batch, tokens, and
+        the hidden state in the form the layers pass it on) to the final norm and the (patched) output matmul."""
+        self.base.layers = nn.ModuleList([_Inject(hidden, self.arch.stand_in_output)])
         try:
             with torch.no_grad():
-                self.model(inputs_embeds=hidden, use_cache=False)
+                self.model(inputs_embeds=torch.zeros(*hidden.shape[:2], int(self.cfg.hidden_size)), use_cache=False)
         finally:
             self.base.layers = self.layers
 

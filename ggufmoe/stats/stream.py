@@ -201,7 +201,9 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.rows = len(ids) + self.n_chunks * len(prefix)  # tokens, special prefixes included
         self.batches: list[torch.Tensor] = []  # laid out by working_set()
         self.offsets: list[int] = [0]
-        self.width = int(arch.cfg.hidden_size)
+        self.moe_width = int(arch.cfg.hidden_size)
+        self.width = arch.hidden_streams * self.moe_width
+        self.hidden_shape = (self.width,) if arch.hidden_streams == 1 else (arch.hidden_streams, self.moe_width)
         self.n_layers = int(arch.cfg.num_hidden_layers)
         self.by_layer: dict[int | None, list[TensorSpec]] = {}
         for s in specs:
@@ -277,7 +279,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
                                    f"delete the directory to start over")
         self.carry = state.load_carry(start - 1, len(self.batches))
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
-        moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.width, mem) if self.moe_layers else None
+        moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.moe_width, mem) if self.moe_layers else None
         for k in range(start, self.n_layers):
             entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, working)
             if k == 0 and embedded is not None:
@@ -349,7 +351,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         try:
             for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
                 self.set_offset(a)
-                skeleton.output_pass(h.tensor[a:b].view(*batch.shape, self.width))
+                skeleton.output_pass(h.tensor[a:b].view(*batch.shape, *self.hidden_shape))
         finally:
             collector.remove()
         if self.rounder is not None:
