@@ -248,7 +248,8 @@ def calibrate(src: Path, work: Path, tag: str, args) -> dict:
     timings.unlink(missing_ok=True)
     drop_cache(src.glob("*.safetensors"))
     cmd = [PY, __file__, "--_calibrate", str(timings), "calibrate", str(src), "--text", str(args.text), "-o",
-           str(stats), "--max-tokens", str(args.tokens), "--chunk", str(args.ctx), "--max-memory", args.max_memory, "-q"]
+           str(stats), "--max-tokens", str(args.tokens), "--chunk", str(args.ctx), "--max-memory", args.max_memory, "-q",
+           *getattr(args, "calibrate_arg", [])]
     m = step_retrying(cmd, work / f"{tag}.calibrate.log", "calibrate")
     m["timings"] = json.loads(timings.read_text()) if timings.is_file() else None
     m["stats"] = str(stats)
@@ -274,7 +275,7 @@ def chain(src: Path, stats: Path, work: Path, tag: str, args) -> dict:
     plan_file, out = work / f"{tag}.plan.json", work / f"{tag}.gguf"
     pins = [x for p in args.pin for x in ("--tensor-type", p)]
     base = [GGUFMOE, "plan", str(src), "--budget", args.budget, "--ctx", str(args.validate_ctx), *pins,
-            "-o", str(plan_file), "-q"]
+            "-o", str(plan_file), "-q", *getattr(args, "plan_arg", [])]
     plan_file.unlink(missing_ok=True)
     attempts = [("with --stats", base + ["--stats", str(stats)])]
     if args.plan_fallback:

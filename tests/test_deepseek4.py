@@ -169,3 +169,24 @@ def test_pruning_errors_of_the_hash_layer_are_measured_and_top_k_stays(v4, v4_st
     assert all(v > 0 for v in costs.values()) and not any("@" in k for k in costs)  # no top-k variants
     with pytest.raises(GgufmoeError, match="cannot change: the first 1 layer"):
         choose_experts(arch, stats, PruneRequest(keep=10, top_k=2))
+
+
+def test_a_gguf_source_prunes_as_the_checkpoint(v4, tmp_path):
+    """Pruning DeepSeek-V4 from a GGUF (an F32 one we wrote) writes what pruning its checkpoint writes: the token table
+    redirected the same way (by the experts' weights, without statistics), kept as I32 at any --type."""
+    from ggufmoe.prune.criteria import Pruning
+
+    arch = architecture_for(HFSource(v4 / "hf"))
+    kept = {il: [0, 2, 3, 5, 7, 8, 9, 11, 12, 15] for il in range(arch.n_layer)}
+    plan = Pruning(n_expert=16, top_k_source=3, keep=10, top_k=3, criterion="frequency", alpha=0.5, kept=kept)
+
+    def f32(src, name, pruning=None, types="F32"):
+        return convert(src, ConvertOptions(out=tmp_path / name, types=TypeRules.parse(types), pruning=pruning,
+                                           progress=False))[0]
+
+    files = [f32(v4 / "hf", "a.gguf", plan), f32(f32(v4 / "hf", "full.gguf"), "b.gguf", plan)]
+    a, b = ({t.name: np.array(t.data) for t in GGUFReader(f).tensors} for f in files)
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    q = {t.name: t for t in GGUFReader(f32(tmp_path / "full.gguf", "q.gguf", types="Q8_0")).tensors}
+    assert q["blk.0.ffn_gate_tid2eid.weight"].tensor_type == T.I32
+    assert q["blk.0.attn_q_b.weight"].tensor_type == T.Q8_0

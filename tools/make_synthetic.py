@@ -1,7 +1,20 @@
-"""A synthetic DeepSeek-V3 (or Qwen3.5-122B) checkpoint: the real per-layer shapes and layout, few layers and experts.
+"""A synthetic DeepSeek-V3 (or Qwen3.5-122B, DeepSeek-V4-Flash) checkpoint: the real per-layer shapes and layout,
+few layers and experts.
 
-    python tools/make_synthetic.py OUT_DIR [--family deepseek-v3|qwen3.5-122b] [--layers 3] [--experts 32]
-                                   [--seed 0] [--shard-size 2GB] [--tokenizer DIR_OR_VOCAB_GGUF] [--pow2-scales]
+    python tools/make_synthetic.py OUT_DIR [--family deepseek-v3|qwen3.5-122b|deepseek-v4-flash] [--layers 3]
+                                   [--experts 32] [--seed 0] [--shard-size 2GB] [--tokenizer DIR_OR_VOCAB_GGUF]
+                                   [--pow2-scales]
+
+``--family deepseek-v4-flash``: DeepSeek-V4-Flash as DeepSeek ships it (its own tensor names, no ``model.`` prefix,
+a legacy config.json with ``compress_ratios`` / ``num_hash_layers``): hidden 4096, 64 heads of 512 (one key-value
+head, 64 rotated), q_lora 1024, grouped output (8 groups of rank 1024), four hyper-connection streams (F32 mixes),
+attention sinks, a sliding window of 128 on every layer plus compressed caches by layer (ratio 4 with the
+lightning indexer of 64 heads of 128, or 128), routed experts of FFN 2048 (top-6, sqrt-softplus with a selection
+bias; the first layer routes by a token -> experts table) and one shared expert, vocabulary 129280. Matrices of the
+attention and the shared expert are FP8 e4m3 with one UE8M0 ``.scale`` per 128x128 block, the routed experts FP4
+(int8 codes two to a byte, one UE8M0 ``.scale`` per 32 values), the compressors, router, embedding and head BF16,
+the mixes, sinks and position biases F32. ``--layers`` (at least 3) alternates ratio 128 and 4 from the first; the
+routed experts are fewer.
 
 ``--family qwen3.5-122b``: Qwen3.5-122B-A10B's text model as Qwen ships it (``Qwen3_5MoeForConditionalGeneration``,
 the text configuration under ``text_config``, tensors under ``model.language_model.``, all BF16): hidden 3072,
@@ -112,14 +125,17 @@ EMBED_ROWS_PER_CHUNK = 2048
 FP8_ROWS = 8 * BLOCK  # rows generated at a time (a multiple of the block)
 
 # safetensors dtype names
-ST_DTYPE = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}
-ITEMSIZE = {torch.float8_e4m3fn: 1, torch.bfloat16: 2, torch.float32: 4}
+ST_DTYPE = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32",
+            torch.float8_e8m0fnu: "F8_E8M0", torch.int8: "I8", torch.int64: "I64"}
+ITEMSIZE = {torch.float8_e4m3fn: 1, torch.bfloat16: 2, torch.float32: 4, torch.float8_e8m0fnu: 1, torch.int8: 1,
+            torch.int64: 8}
 
 
 @dataclass
 class Tensor:
-    """One checkpoint tensor: how to make it. ``kind``: fp8 (weight), scale (its weight_scale_inv),
-    bf16 (normal random), norm (BF16 around 1), bias (F32 routing bias)."""
+    """One checkpoint tensor: how to make it. ``kind``: fp8 (weight), scale (its weight_scale_inv), fp8e8 (weight with
+    UE8M0 block scales), fp4 (FP4 codes, two a byte), scale8 (the UE8M0 ``.scale`` of either), bf16 (normal random),
+    f32 (normal random), norm (BF16 around 1), bias (F32 routing bias), ids (a token -> experts table)."""
 
     name: str
     shape: tuple[int, ...]
@@ -263,6 +279,106 @@ def qwen35_tensor_list(cfg: dict) -> list[Tensor]:
         t.index = i
     return out
 
+# DeepSeek-V4-Flash's configuration as DeepSeek ships it (legacy keys transformers folds in); layers/experts per run.
+DEEPSEEK_V4_FLASH = {
+    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "hidden_size": 4096,
+    "num_attention_heads": 64, "num_key_value_heads": 1, "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024,
+    "o_groups": 8, "o_lora_rank": 1024, "moe_intermediate_size": 2048, "num_experts_per_tok": 6,
+    "n_routed_experts": 256, "n_shared_experts": 1, "scoring_func": "sqrtsoftplus", "norm_topk_prob": True,
+    "routed_scaling_factor": 1.5, "swiglu_limit": 10.0, "sliding_window": 128, "hc_mult": 4, "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-6, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512, "num_nextn_predict_layers": 0,
+    "vocab_size": 129280, "max_position_embeddings": 1048576, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "compress_rope_theta": 160000.0, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                     "beta_slow": 1},
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128], "expert_dtype": "fp4"},
+}
+V4_RATIOS = (128, 4)  # --layers alternate from the first: heavily compressed, then compressed with the indexer
+FP4_BLOCK = 32
+
+
+def v4_config(layers: int, experts: int, bos: int, eos: int) -> dict:
+    cfg = dict(DEEPSEEK_V4_FLASH)
+    cfg.update(num_hidden_layers=layers, n_routed_experts=experts, bos_token_id=bos, eos_token_id=eos,
+               compress_ratios=[V4_RATIOS[il % 2] for il in range(layers)], num_hash_layers=1)
+    return cfg
+
+
+def v4_tensor_list(cfg: dict) -> list[Tensor]:
+    """Every tensor in file order, names and dtypes as DeepSeek ships them."""
+    h, v, heads, hd = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    qr, og, olr, ff = cfg["q_lora_rank"], cfg["o_groups"], cfg["o_lora_rank"], cfg["moe_intermediate_size"]
+    ih, idim, hc = cfg["index_n_heads"], cfg["index_head_dim"], cfg["hc_mult"]
+    bf16, f32 = torch.bfloat16, torch.float32
+    out: list[Tensor] = [Tensor("embed.weight", (v, h), bf16, "bf16")]
+
+    def scaled(name: str, rows: int, cols: int, kind: str) -> None:
+        w = Tensor(name, (rows, cols // 2) if kind == "fp4" else (rows, cols),
+                   torch.int8 if kind == "fp4" else torch.float8_e4m3fn, kind)
+        block = (1, FP4_BLOCK) if kind == "fp4" else (BLOCK, BLOCK)
+        out.extend([w, Tensor(name.removesuffix(".weight") + ".scale", (-(-rows // block[0]), -(-cols // block[1])),
+                              torch.float8_e8m0fnu, "scale8", weight=w)])
+
+    def compressor(p: str, width: int, head: int, ratio: int) -> None:
+        out.extend([Tensor(f"{p}.wkv.weight", (width, h), bf16, "bf16"), Tensor(f"{p}.wgate.weight", (width, h), bf16, "bf16"),
+                    Tensor(f"{p}.ape", (ratio, width), f32, "f32"), Tensor(f"{p}.norm.weight", (head,), bf16, "norm")])
+
+    for il, ratio in enumerate(cfg["compress_ratios"]):
+        p = f"layers.{il}"
+        out.append(Tensor(f"{p}.attn_norm.weight", (h,), bf16, "norm"))
+        for at in ("attn", "ffn"):
+            mix = (2 + hc) * hc
+            out.extend([Tensor(f"{p}.hc_{at}_fn", (mix, hc * h), f32, "f32"), Tensor(f"{p}.hc_{at}_base", (mix,), f32, "f32"),
+                        Tensor(f"{p}.hc_{at}_scale", (3,), f32, "f32")])
+        out.append(Tensor(f"{p}.attn.attn_sink", (heads,), f32, "f32"))
+        scaled(f"{p}.attn.wq_a.weight", qr, h, "fp8e8")
+        out.append(Tensor(f"{p}.attn.q_norm.weight", (qr,), bf16, "norm"))
+        scaled(f"{p}.attn.wq_b.weight", heads * hd, qr, "fp8e8")
+        scaled(f"{p}.attn.wkv.weight", hd, h, "fp8e8")
+        out.append(Tensor(f"{p}.attn.kv_norm.weight", (hd,), bf16, "norm"))
+        scaled(f"{p}.attn.wo_a.weight", og * olr, heads * hd // og, "fp8e8")
+        scaled(f"{p}.attn.wo_b.weight", h, og * olr, "fp8e8")
+        if ratio:
+            coff = 2 if ratio == 4 else 1
+            compressor(f"{p}.attn.compressor", coff * hd, hd, ratio)
+        if ratio == 4:
+            scaled(f"{p}.attn.indexer.wq_b.weight", ih * idim, qr, "fp8e8")
+            out.append(Tensor(f"{p}.attn.indexer.weights_proj.weight", (ih, h), bf16, "bf16"))
+            compressor(f"{p}.attn.indexer.compressor", 2 * idim, idim, ratio)
+        out.append(Tensor(f"{p}.ffn_norm.weight", (h,), bf16, "norm"))
+        out.append(Tensor(f"{p}.ffn.gate.weight", (cfg["n_routed_experts"], h), bf16, "bf16"))
+        out.append(Tensor(f"{p}.ffn.gate.bias", (cfg["n_routed_experts"],), f32, "bias"))
+        if il < cfg["num_hash_layers"]:
+            out.append(Tensor(f"{p}.ffn.gate.tid2eid", (v, cfg["num_experts_per_tok"]), torch.int64, "ids"))
+        for e in range(cfg["n_routed_experts"]):
+            scaled(f"{p}.ffn.experts.{e}.w1.weight", ff, h, "fp4")
+            scaled(f"{p}.ffn.experts.{e}.w2.weight", h, ff, "fp4")
+            scaled(f"{p}.ffn.experts.{e}.w3.weight", ff, h, "fp4")
+        scaled(f"{p}.ffn.shared_experts.w1.weight", ff, h, "fp8e8")
+        scaled(f"{p}.ffn.shared_experts.w2.weight", h, ff, "fp8e8")
+        scaled(f"{p}.ffn.shared_experts.w3.weight", ff, h, "fp8e8")
+    out.extend([Tensor("norm.weight", (h,), bf16, "norm"), Tensor("head.weight", (v, h), bf16, "bf16"),
+                Tensor("hc_head_fn", (hc, hc * h), f32, "f32"), Tensor("hc_head_base", (hc,), f32, "f32"),
+                Tensor("hc_head_scale", (1,), f32, "f32")])
+    for i, t in enumerate(out):
+        t.index = i
+    return out
+
+
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+
+
+def to_fp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 matrix -> (FP4 codes two a byte, value 2i in the low nibble of byte i, int8; UE8M0 exponent per 32
+    values, uint8), the nearest E2M1 value of each after dividing by ``2^(floor(log2 amax) - 2)``."""
+    x = w.reshape(w.shape[0], -1, FP4_BLOCK)
+    exp = np.floor(np.log2(np.maximum(np.abs(x).max(axis=-1), 2.0 ** -100))) - 2
+    scaled_ = x / np.exp2(exp)[..., None]
+    mag = np.abs(np.abs(scaled_)[..., None] - E2M1).argmin(axis=-1)
+    codes = (mag | ((scaled_ < 0) & (mag > 0)) << 3).astype(np.uint8).reshape(w.shape[0], -1)
+    return (codes[:, 0::2] | codes[:, 1::2] << 4).view(np.int8), (exp + 127).astype(np.uint8)
+
 
 def to_fp8_blocks(w: np.ndarray, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 matrix -> (float8_e4m3fn matrix, float32 inverse scale per 128x128 block), as DeepSeek
@@ -286,8 +402,8 @@ def to_fp8_blocks(w: np.ndarray, pow2: bool) -> tuple[torch.Tensor, torch.Tensor
 class Maker:
     """Generates tensors on demand; an FP8 weight's scale is made with it and handed out next."""
 
-    def __init__(self, seed: int, pow2: bool):
-        self.seed, self.pow2 = seed, pow2
+    def __init__(self, seed: int, pow2: bool, experts: int = 0):
+        self.seed, self.pow2, self.experts = seed, pow2, experts
         self._scale: tuple[str, torch.Tensor] | None = None
 
     def rng(self, t: Tensor) -> np.random.Generator:
@@ -304,12 +420,35 @@ class Maker:
                 scales.append(s)
                 yield q.view(torch.uint8).numpy()
             self._scale = (t.name + "_scale_inv", torch.cat(scales))
-        elif t.kind == "scale":
+        elif t.kind in ("fp8e8", "fp4"):  # UE8M0 scales: powers of two, their exponents stored
+            rng, scales = self.rng(t), []
+            rows = FP8_ROWS if t.kind == "fp8e8" else t.shape[0]
+            cols = t.shape[1] * (2 if t.kind == "fp4" else 1)
+            for r0 in range(0, t.shape[0], rows):
+                w = rng.standard_normal((min(rows, t.shape[0] - r0), cols), dtype=np.float32)
+                w *= STD
+                if t.kind == "fp4":
+                    q, e = to_fp4(w)
+                    scales.append(e)
+                    yield q
+                else:
+                    q, s = to_fp8_blocks(w, pow2=True)
+                    scales.append((np.log2(s.numpy()) + 127).astype(np.uint8))
+                    yield q.view(torch.uint8).numpy()
+            self._scale = (t.name.removesuffix(".weight") + ".scale", torch.from_numpy(np.concatenate(scales)))
+        elif t.kind in ("scale", "scale8"):
             name, s = self._scale or (None, None)
             if name != t.name:
                 raise RuntimeError(f"{t.name} must follow its weight")
             self._scale = None
             yield s.numpy()
+        elif t.kind == "f32":
+            yield (STD * self.rng(t).standard_normal(t.shape, dtype=np.float32)).astype(np.float32)
+        elif t.kind == "ids":  # distinct experts per token, as a trained table has them
+            rng, n_expert = self.rng(t), self.experts
+            for r0 in range(0, t.shape[0], EMBED_ROWS_PER_CHUNK):
+                n = min(EMBED_ROWS_PER_CHUNK, t.shape[0] - r0)
+                yield np.argsort(rng.random((n, n_expert)), axis=1)[:, :t.shape[1]].astype(np.int64)
         elif t.kind == "bf16":
             rng = self.rng(t)
             row = int(np.prod(t.shape[1:]))
@@ -334,7 +473,7 @@ def shard_groups(tensors: list[Tensor], shard_size: int) -> list[list[Tensor]]:
     groups: list[list[Tensor]] = [[]]
     size = 0
     for t in tensors:
-        if groups[-1] and size + t.nbytes > shard_size and t.kind != "scale":
+        if groups[-1] and size + t.nbytes > shard_size and t.kind not in ("scale", "scale8"):
             groups.append([])
             size = 0
         groups[-1].append(t)
@@ -459,14 +598,17 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
          tokenizer: Path | None = None, n_group: int = 8, topk_group: int = 4, pow2: bool = False,
          quiet: bool = False, family: str = "deepseek-v3") -> dict:
     """Write the checkpoint into ``out`` (created; must be empty or absent). Returns a summary."""
-    qwen = family == "qwen3.5-122b"
-    if qwen and (layers < 1 or experts < QWEN35_122B["num_experts_per_tok"]):
+    qwen, v4 = family == "qwen3.5-122b", family == "deepseek-v4-flash"
+    if v4 and (layers < 3 or experts < DEEPSEEK_V4_FLASH["num_experts_per_tok"]):
+        raise SystemExit(f"--layers must be at least 3 (both compressions and a hash layer) and --experts at least "
+                         f"{DEEPSEEK_V4_FLASH['num_experts_per_tok']}")
+    elif qwen and (layers < 1 or experts < QWEN35_122B["num_experts_per_tok"]):
         raise SystemExit(f"--layers must be at least 1 and --experts at least {QWEN35_122B['num_experts_per_tok']}")
-    elif not qwen and layers < 2:
+    elif not qwen and not v4 and layers < 2:
         raise SystemExit("--layers must be at least 2 (the first layer is dense, the others MoE)")
-    if not qwen and (experts < 32 or experts % n_group):
+    if not qwen and not v4 and (experts < 32 or experts % n_group):
         raise SystemExit(f"--experts must be at least 32 and divisible by n_group={n_group}")
-    if not qwen and (not 0 < topk_group < n_group or
+    if not qwen and not v4 and (not 0 < topk_group < n_group or
                      experts // n_group * topk_group < DEEPSEEK_V3["num_experts_per_tok"]):
         raise SystemExit(f"topk_group={topk_group} of {n_group} groups cannot reach top-8")
     out.mkdir(parents=True, exist_ok=True)
@@ -477,16 +619,16 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
         bos, eos = tokenizer_from_vocab_gguf(tokenizer, out)
     else:
         bos, eos = copy_tokenizer(tokenizer, out)
-    cfg = qwen35_config(layers, experts, bos, eos) if qwen else make_config(layers, experts, n_group, topk_group,
-                                                                            bos, eos)
+    cfg = (qwen35_config(layers, experts, bos, eos) if qwen else v4_config(layers, experts, bos, eos) if v4
+           else make_config(layers, experts, n_group, topk_group, bos, eos))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos, "do_sample": True,
          "temperature": 0.6, "top_p": 0.95}, indent=2))
 
-    tensors = qwen35_tensor_list(cfg) if qwen else tensor_list(cfg)
+    tensors = qwen35_tensor_list(cfg) if qwen else v4_tensor_list(cfg) if v4 else tensor_list(cfg)
     groups = shard_groups(tensors, shard_size)
-    maker = Maker(seed, pow2)
+    maker = Maker(seed, pow2, experts)
     weight_map, total = {}, 0
     t0 = time.perf_counter()
     for i, group in enumerate(groups, 1):
@@ -498,7 +640,8 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
                   flush=True)
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    params = sum(int(np.prod(t.shape)) for t in tensors if t.kind != "scale")
+    params = sum(int(np.prod(t.shape)) * (2 if t.kind == "fp4" else 1) for t in tensors
+                 if t.kind not in ("scale", "scale8", "ids"))
     return {"dir": str(out), "family": family, "layers": layers, "experts": experts, "seed": seed, "pow2_scales": pow2,
             "tensors": len(tensors), "shards": len(groups), "bytes": total, "params": params,
             "seconds": time.perf_counter() - t0}
@@ -507,7 +650,7 @@ def make(out: Path, layers: int = 3, experts: int = 32, seed: int = 0, shard_siz
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--family", choices=("deepseek-v3", "qwen3.5-122b"), default="deepseek-v3",
+    ap.add_argument("--family", choices=("deepseek-v3", "qwen3.5-122b", "deepseek-v4-flash"), default="deepseek-v3",
                     help="whose per-layer shapes (default deepseek-v3)")
     ap.add_argument("--layers", type=int, default=3,
                     help="layers (default 3): DeepSeek-V3 1 dense + the rest MoE; Qwen3.5 every 4th full attention")

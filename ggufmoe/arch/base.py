@@ -40,6 +40,8 @@ class Architecture:
     # the buffer of the family's transformers router holding a token -> experts table, where layers route by one
     # (DeepSeek-V4's hash layers): redirected when it is pruned (ggufmoe.prune.redirect)
     router_table: ClassVar[str | None] = None
+    # the GGUF tensor classes whose values are routed-expert ids (token -> experts tables), renumbered when pruning
+    expert_id_tables: ClassVar[frozenset[str]] = frozenset()
     # whether patches/per-layer-expert-count.patch makes llama.cpp's graph for the family load per-layer counts
     per_layer_expert_counts: ClassVar[bool] = False
     # whether the module writes key/value length (the config's head_dim; else llama.cpp takes n_embd / n_head)

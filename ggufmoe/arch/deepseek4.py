@@ -36,11 +36,13 @@ from ggufmoe.arch.base import Architecture
 from ggufmoe.arch.registry import register
 from ggufmoe.arch.shape import COMPRESS_HEAVY, COMPRESS_SPARSE, ModelShape
 from ggufmoe.errors import GgufmoeError
+from ggufmoe.model.names import TensorName
 from ggufmoe.model.tensor import RowLoader, TensorSpec
 from ggufmoe.source import mxfp4
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 HASH_MOE, MOE = "hash_moe", "moe"
+TABLE = "ffn_gate_tid2eid"  # the token -> experts table of a hash layer (I32, vocabulary x experts per token)
 CSA_RATIO, HCA_RATIO = COMPRESS_SPARSE, COMPRESS_HEAVY  # the only compressions llama.cpp's cache implements
 HC_STREAMS = 4  # llama.cpp's graph asserts four hyper-connection streams
 SQRT_SOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS (gguf-py 0.19 has no name for it)
@@ -92,6 +94,7 @@ class DeepseekV4(Architecture):
     rope_kinds = ("default", "yarn")
     layers_read_tokens = True  # the hash layers route by the token ids
     router_table = "tid2eid"
+    expert_id_tables = frozenset({TABLE})
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv": "attn_k", "attn_output_a": "attn_output",
                            "attn_output_b": "attn_output", "attn_compressor_kv": "attn_k", "attn_compressor_gate": "attn_k",
                            "indexer.attn_q_b": "attn_q", "indexer_compressor_kv": "attn_k",
@@ -235,7 +238,7 @@ class DeepseekV4(Architecture):
         yield self.copy(f"{b}.ffn_norm.weight", f"layers.{il}.ffn_norm.weight")
         yield self.copy(f"{b}.ffn_gate_inp.weight", f"{p}.gate.weight")
         if il < self.n_hash:
-            yield self.table(f"{b}.ffn_gate_tid2eid.weight", f"{p}.gate.tid2eid")
+            yield self.table(f"{b}.{TABLE}.weight", f"{p}.gate.tid2eid")
         else:
             yield self.copy(f"{b}.exp_probs_b.bias", f"{p}.gate.bias")
         for w, gguf_name in EXPERTS.items():
@@ -257,8 +260,8 @@ class DeepseekV4(Architecture):
         def load(_: int) -> np.ndarray:
             return raw(0).view("<i4").reshape(shape).astype(np.float32)
 
-        return TensorSpec(gguf_name, shape, load, hf_name=stored, source_type=T.I32, raw=raw, fixed_type=T.I32,
-                          holds_expert_ids=True)
+        return TensorSpec(gguf_name, shape, load, hf_name=stored, source_type=T.I32, raw=raw,
+                          holds_expert_ids=TensorName.parse(gguf_name).base in self.expert_id_tables)
 
     def experts(self, gguf_name: str, template: str) -> TensorSpec:
         """A 3-D expert tensor from the per-expert matrices; FP4 experts also as their MXFP4 bytes."""

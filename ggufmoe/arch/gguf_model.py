@@ -16,7 +16,7 @@ import gguf
 
 from ggufmoe.arch.registry import family_for_gguf
 from ggufmoe.arch.shape import ModelShape
-from ggufmoe.model.names import EXPERT_TENSORS, role
+from ggufmoe.model.names import EXPERT_TENSORS, TensorName, role
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.source.gguf_in import GGUFSource
 from ggufmoe.arch.base import Architecture
@@ -145,7 +145,13 @@ class GGUFModel(Architecture):
                 yield TensorSpec(name, shape, lambda e, n=name: src.get(n, e), n_parts=shape[0], source_type=qtype,
                                  raw=lambda e, n=name: src.raw(n, e))
             else:
-                yield TensorSpec(name, shape, RowLoader(src, name), source_type=qtype, raw=lambda _, n=name: src.raw(n))
+                yield TensorSpec(name, shape, RowLoader(src, name), source_type=qtype, raw=lambda _, n=name: src.raw(n),
+                                 holds_expert_ids=TensorName.parse(name).base in self.family.expert_id_tables)
+
+    @property
+    def top_k_fixed(self) -> str | None:
+        tables = [s.name for s in self.tensors() if s.holds_expert_ids]
+        return f"{', '.join(tables)} route(s) each token to {self.top_k} fixed experts" if tables else None
 
 
 def _is_expert(name: str, shape: tuple[int, ...]) -> bool:

@@ -56,6 +56,7 @@ TABLE: tuple[QuantType, ...] = (
 BY_TYPE: dict[T, QuantType] = {q.type: q for q in TABLE}
 
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
+INTEGER_TYPES = frozenset({T.I8, T.I16, T.I32, T.I64})  # tables of ids: written as they are, never converted
 # Types a user may ask for, by their llama.cpp names, most bits first.
 USER_TYPES: dict[str, T] = {q.type.name: q.type for q in sorted(
     (q for q in TABLE if q.user), key=lambda q: -GGML_QUANT_SIZES[q.type][1] / GGML_QUANT_SIZES[q.type][0])}

@@ -44,7 +44,7 @@ from ggufmoe.prune.apply import prune_model
 from ggufmoe.prune.criteria import (Criterion, Pruning, PruneRequest, choose, choose_experts, keep_counts,
                                     reachable_experts, resolve, top_k_variants)
 from ggufmoe.quant.ggml import requires_imatrix
-from ggufmoe.quant.rules import TypedTensor, TypeRules, always_f32
+from ggufmoe.quant.rules import TypedTensor, TypeRules, always_f32, kept_type
 from ggufmoe.sensitivity.cost import Sensitivity
 from ggufmoe.stats.file import Stats
 from ggufmoe.units import format_size
@@ -81,7 +81,7 @@ def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats
         host = padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0) if where[0] else 0
         return Option(t, host, cost, gpu_tensor_bytes(spec.shape, t, n) if where[1] else 0)
 
-    if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or always_f32(spec) or spec.fixed_type:
+    if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or always_f32(spec) or kept_type(spec):
         return [option(pins.type_for(spec), 0.0)]
     costs = sens.cost.get(spec.name, {})
     cap = spec.source_type

@@ -14,8 +14,16 @@ from gguf import GGMLQuantizationType as T, LlamaFileType
 from ggufmoe.model.names import EMBEDDING, F32_ONLY, KEPT_F32, ROUTER, role
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.model.qtypes import FILE_TYPE, effective_type, parse_type, row_bytes
+from ggufmoe.model.qtypes import FILE_TYPE, INTEGER_TYPES, effective_type, parse_type, row_bytes
 from ggufmoe.quant.ggml import requires_imatrix
+
+
+def kept_type(spec: TensorSpec) -> T | None:
+    """The type a tensor is written at whatever the mix or plan (its :attr:`TensorSpec.fixed_type`, or the integer
+    type a table of ids is stored at), else None."""
+    if spec.fixed_type is not None:
+        return spec.fixed_type
+    return spec.source_type if spec.source_type in INTEGER_TYPES else None
 
 
 def always_f32(spec: TensorSpec) -> bool:
@@ -60,8 +68,8 @@ class TypeRules:
         return cls(parse_type(default) if default else None, parsed)
 
     def requested(self, spec: TensorSpec) -> T:
-        if spec.fixed_type is not None and spec.fixed_type != T.F32:  # a table of integers: never converted
-            return spec.fixed_type
+        if (kept := kept_type(spec)) is not None and kept != T.F32:  # a table of integers: never converted
+            return kept
         if self.names:  # a plan's: every tensor is named, none falls back to the default
             if spec.name not in self.names:
                 raise GgufmoeError(f"{spec.name}: the plan has no type for it (a plan for another model?)")
@@ -112,4 +120,4 @@ class TypedTensor:
 def quantizable(spec: TensorSpec) -> bool:
     """Whether ``convert`` quantizes the tensor (not 1-D, norm, bias or router: those stay F32; not a table of
     integers)."""
-    return spec.fixed_type is None and TypeRules(T.F16).requested(spec) != T.F32
+    return kept_type(spec) is None and TypeRules(T.F16).requested(spec) != T.F32

@@ -114,6 +114,7 @@ class LayerPasses:
                                                                             h_out, moe_in, working, adds)
             finally:
                 collector.remove()
+            table = None
             if probe is not None and k in layers:
                 block = next(m for m in layer.modules() if any(c is experts for c in m.children()))
                 if probe.routing is not None:  # measured at the layer's output
@@ -128,7 +129,7 @@ class LayerPasses:
                                       self.arch.router_tensors, layer_out, table)
                 local.prune[str(k)] = {c: {n: v * gain for n, v in by.items()} for c, by in errors.items()}
             if self.streams is not None:
-                self.streams.layer(skeleton, k, layer, specs, experts, adds, entries, layers.get(k), working.ahead)
+                self.streams.layer(skeleton, k, layer, specs, experts, adds, entries, layers.get(k), working.ahead, table)
             if self.rounder is not None:
                 self.rounder.finish_layer()
             return entries, layers, local

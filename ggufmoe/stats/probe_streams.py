@@ -47,7 +47,7 @@ from ggufmoe.stats.held_weights import PlainWeights
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
 from ggufmoe.stats.probe_logits import REF, stream_kl
 from ggufmoe.stats.probe_results import ProbeRequest, StreamedProbes, Variant
-from ggufmoe.stats.prune_error import KeptSets, pruned_router, router_of
+from ggufmoe.stats.prune_error import KeptSets, RouterTable, pruned_router, redirected_table, router_of
 from ggufmoe.stats.routed_experts import ExpertWeights, expert_output
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, on_device
 from ggufmoe.stats.text import BATCH_TOKENS
@@ -81,7 +81,9 @@ class ProbeStreams:
         self.arch, self.request, self.device, self.kept_sets = arch, request, device, kept_sets
         self.progress = progress
         self.variants = request.variants
-        self.width = int(arch.cfg.hidden_size)
+        self.moe_width = int(arch.cfg.hidden_size)
+        self.width = arch.hidden_streams * self.moe_width  # every stream of a token's hidden state
+        self.hidden_shape = (self.width,) if arch.hidden_streams == 1 else (arch.hidden_streams, self.moe_width)
         order = sorted(range(len(request.chunks)), key=lambda i: -len(request.chunks[i]))  # rows by chunk length
         self.batches: list[torch.Tensor] = []
         group: list[list[int]] = []
@@ -103,6 +105,7 @@ class ProbeStreams:
         self.exact: set[str] = set()  # tensors a variant quantizes that no module holds as their rows: left exact
         self.pruned: set[str] = set()  # pruning variants that pruned some layer (others measure nothing)
         self.q = Quantizer()
+        self.table: RouterTable | None = None  # the layer running's token -> experts table, if it routes by one
         self.seconds = {part: 0.0 for part in SECONDS}  # where the streams' time went
 
     def nbytes(self, weights: int, expert: int) -> int:
@@ -144,8 +147,11 @@ class ProbeStreams:
     # --- one decoder layer ----------------------------------------------------------------------------------
 
     def layer(self, skeleton: Skeleton, k: int, layer: nn.Module, specs: list[TensorSpec], experts: nn.Module | None,
-              adds: bool, entries: dict[str, ImatrixEntry], layer_stats: ExpertStats | None, ahead: int) -> None:
-        """Every stream through layer ``k`` (made real, its statistics ``entries``/``layer_stats`` complete)."""
+              adds: bool, entries: dict[str, ImatrixEntry], layer_stats: ExpertStats | None, ahead: int,
+              table: RouterTable | None = None) -> None:
+        """Every stream through layer ``k`` (made real, its statistics ``entries``/``layer_stats`` complete); ``table``:
+        its router's token -> experts table, redirected in the pruned streams."""
+        self.table = table
         t0 = time.perf_counter()
         imatrix = Imatrix(entries, [], 0, 0)
         names = {s.name for s in specs}
@@ -198,6 +204,7 @@ class ProbeStreams:
             if members is not None:
                 n = self.arch.n_expert
                 stack.enter_context(pruned_router(router, members, self.arch.router_tensors, n))
+                stack.enter_context(redirected_table(router, self.table, members))
                 if not self.arch.residual_router:
                     stack.enter_context(pruned_router(block, members, self.arch.router_tensors, n))
             yield
@@ -209,7 +216,9 @@ class ProbeStreams:
             shape = tuple(batch.shape)
             args, kwargs = skeleton.layer_args(shape, k)
             handed = self.arch.layer_input(on_device(carry[i], self.device))
-            y, nxt = self.arch.layer_output(layer(h[a:b].view(*shape, self.width).to(self.device), *args,
+            if self.arch.layers_read_tokens:
+                handed = {**handed, "input_ids": batch.to(self.device)}
+            y, nxt = self.arch.layer_output(layer(h[a:b].view(*shape, *self.hidden_shape).to(self.device), *args,
                                                   **{**kwargs, **handed}), handed)
             out[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
             handed_on.append(on_device(nxt, torch.device("cpu")))
@@ -242,7 +251,7 @@ class ProbeStreams:
                  imatrix: Imatrix, ahead: int) -> dict[str, torch.Tensor]:
         """Each stream's routed output: every expert its streams use read once, computed at each stream's types."""
         n = self.arch.n_expert
-        routed = {name: torch.zeros(self.rows, self.width) for name in steps}
+        routed = {name: torch.zeros(self.rows, self.moe_width) for name in steps}
         used = torch.zeros(n + 1, dtype=torch.bool)
         for s in steps.values():
             flat = s.idx.reshape(-1).clamp(0, n)  # ids at or beyond the expert count contribute nothing
@@ -292,7 +301,7 @@ class ProbeStreams:
 
         def hand_back(hs: torch.Tensor, *_, **__):
             a = where[0]
-            where[0] += hs.reshape(-1, self.width).shape[0]
+            where[0] += hs.reshape(-1, self.moe_width).shape[0]
             return routed[a:where[0]].reshape(hs.shape).to(hs.device, hs.dtype)
 
         with torch.no_grad(), self._variant(block, router, weights, step.types, step.members):
@@ -327,7 +336,7 @@ class ProbeStreams:
                     if id(h) not in finals:
                         got.clear()
                         for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
-                            skeleton.output_pass(h[a:b].view(*batch.shape, self.width))
+                            skeleton.output_pass(h[a:b].view(*batch.shape, *self.hidden_shape))
                         finals[id(h)] = torch.cat(got)
         finally:
             del lm.forward

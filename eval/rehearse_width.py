@@ -1,21 +1,20 @@
-"""Scale rehearsal of a hybrid at Qwen3.5-122B-A10B width: calibrate (streamed) -> plan -> convert -> validate.
+"""Scale rehearsal of a 2026 family at its real width: calibrate (streamed) -> plan -> convert -> validate.
 
-    python eval/rehearse_qwen35.py [--sizes 4x32,8x32] [--chain 4x32] [--tokens 2048] [--ctx 512]
-                                   [--max-memory 4GiB] [--budget 2.2GiB] [--validate-ctx 4096] [--work DIR]
+    python eval/rehearse_width.py [--family qwen3.5-122b|deepseek-v4-flash] [--sizes 4x32,8x32] [--chain 4x32]
+                                  [--tokens 2048] [--ctx 512] [--max-memory 4GiB] [--budget 2.2GiB]
+                                  [--validate-ctx 4096] [--calibrate-arg ARG] [--plan-arg ARG] [--work DIR]
 
-A benchmark, not a test (issue 25, acceptance 4). Synthetic checkpoints from ``tools/make_synthetic.py --family
-qwen3.5-122b`` (Qwen3.5-122B-A10B's own per-layer shapes: hidden 3072, Gated DeltaNet layers of 16 key and 64 value
-heads of 128 with a gated full-attention layer every 4th, fused experts of FFN 1024 + a gated shared expert, top-8,
-vocabulary 248320, BF16, shipped as a vision-language checkpoint), ``LAYERSxEXPERTS`` at a time, through the real
-CLI, each step its own measured process (``eval/rehearse_ds3.py``'s steps: peak RSS of the process tree, wall, exit
-code, load average):
+A benchmark, not a test (issue 25, acceptance 4; issue 28, acceptance 4). Synthetic checkpoints from
+``tools/make_synthetic.py --family F`` (the family's own per-layer shapes and checkpoint formats, fewer layers and
+routed experts; :data:`FAMILIES` says which), ``LAYERSxEXPERTS`` at a time, through the real CLI, each step its own
+measured process (``eval/rehearse_ds3.py``'s steps: peak RSS of the process tree, wall, exit code, load average):
 
 * ``ggufmoe calibrate`` at every size (the same tokens), so peak RSS can be compared as the layers double;
 * at the ``--chain`` size: ``ggufmoe plan --budget B --ctx C --stats`` (the local errors of the calibration, as
   every model above 2 GiB is planned), ``ggufmoe convert --plan``, ``ggufmoe validate --memory-limit`` at the plan's
   predicted memory (must run) and at ``--below`` of it (must fail with one line).
 
-Writes eval/results/rehearse_qwen35.md and .json.
+Writes the family's eval/results/rehearse_*.md and .json.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import GIB, PY, ensure_model, machine  # noqa: E402
 from rehearse_ds3 import CALIB, TOKENIZER, calibrate, chain, step  # noqa: E402
 
-OUT = ROOT / "eval" / "results" / "rehearse_qwen35.md"
-FAMILY = "qwen3.5-122b"
+RESULTS = ROOT / "eval" / "results"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's rehearsal: its report, its checkpoints' folder prefix, its title and what its checkpoints are."""
+
+    out: str
+    prefix: str
+    title: str
+    checkpoint: str
+
+
+FAMILIES = {
+    "qwen3.5-122b": Family(
+        "rehearse_qwen35.md", "q35", "a hybrid at Qwen3.5-122B-A10B width",
+        "Qwen3.5-122B-A10B's own per-layer shapes (hidden 3072; Gated DeltaNet layers: 16 key / 64 value heads of 128, "
+        "conv kernel 4; a gated full-attention layer every 4th: 32 heads, 2 KV heads of 256, partial rope 0.25; fused "
+        "experts of FFN 1024 + a gated shared expert of 1024, top-8 softmax; vocabulary 248320; BF16, shipped as "
+        "`Qwen3_5MoeForConditionalGeneration`), fewer layers and routed experts."),
+    "deepseek-v4-flash": Family(
+        "rehearse_ds4.md", "ds4", "DeepSeek-V4 at V4-Flash width",
+        "DeepSeek-V4-Flash's own per-layer shapes and formats (hidden 4096, four hyper-connection streams; 64 heads of "
+        "512 over one key-value head, q_lora 1024, grouped output 8 x 1024, a window of 128 on every layer, compressed "
+        "caches alternating ratio 128 and ratio 4 with a lightning indexer of 64 heads of 128; experts of FFN 2048 in "
+        "FP4 with UE8M0 scales, top-6 sqrt-softplus, the first layer routed by a token table; one shared expert; "
+        "attention and shared expert FP8 with UE8M0 128x128 scales; vocabulary 129280; DeepSeek's own tensor names), "
+        "fewer layers and routed experts."),
+}
 
 
 def gib(x: float) -> str:
@@ -48,17 +75,17 @@ def row(what: str, m: dict) -> str:
 
 def report(res: dict) -> str:
     a = res["args"]
-    L = ["# Scale rehearsal of a hybrid at Qwen3.5-122B-A10B width: calibrate → plan → convert → validate", "",
-         f"Measured by `eval/rehearse_qwen35.py` ({res['date']}; `{res['command']}`), {res['total_wall'] / 60:.1f} min "
+    family = a.get("family", "qwen3.5-122b")
+    f = FAMILIES[family]
+    script = res["command"].split()[1]
+    extra = " ".join(a.get("calibrate_arg") or [])
+    L = [f"# Scale rehearsal of {f.title}: calibrate → plan → convert → validate", "",
+         f"Measured by `{script}` ({res['date']}; `{res['command']}`), {res['total_wall'] / 60:.1f} min "
          f"in all, on {res['machine']['cores']} cores ({res['machine']['cpu']}), shared with other work (load "
          "averages per step below).", "",
-         "Checkpoints: `tools/make_synthetic.py --family qwen3.5-122b --layers L --experts E` — Qwen3.5-122B-A10B's own "
-         "per-layer shapes (hidden 3072; Gated DeltaNet layers: 16 key / 64 value heads of 128, conv kernel 4; a gated "
-         "full-attention layer every 4th: 32 heads, 2 KV heads of 256, partial rope 0.25; fused experts of FFN 1024 + "
-         "a gated shared expert of 1024, top-8 softmax; vocabulary 248320; BF16, shipped as "
-         "`Qwen3_5MoeForConditionalGeneration`), fewer layers and routed experts.", "",
+         f"Checkpoints: `tools/make_synthetic.py --family {family} --layers L --experts E` — {f.checkpoint}", "",
          f"Calibration: `ggufmoe calibrate SRC --text tests/data/calib.txt --max-tokens {a['tokens']} --chunk {a['ctx']} "
-         f"--max-memory {a['max_memory']}` (streamed, the default).", "",
+         f"--max-memory {a['max_memory']}{' ' + extra if extra else ''}` (streamed, the default).", "",
          f"Baseline `python -c 'import torch, transformers'`: {gib(res['baseline']['peak_rss'])}.", "",
          "| step | exit | wall | peak RSS | load |", "|---|---:|---:|---:|---|"]
     for c in res["calibrate"]:
@@ -116,6 +143,9 @@ def report(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen3.5-122b")
+    ap.add_argument("--calibrate-arg", action="append", default=[], help="one more argument for calibrate")
+    ap.add_argument("--plan-arg", action="append", default=[], help="one more argument for plan")
     ap.add_argument("--sizes", default="4x32,8x32", help="LAYERSxEXPERTS to calibrate (default 4x32,8x32)")
     ap.add_argument("--chain", default="4x32", help="size through plan/convert/validate ('' to skip)")
     ap.add_argument("--tokens", type=int, default=2048)
@@ -131,12 +161,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/work/rehearse"))
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help="the report (default: the family's)")
     ap.add_argument("--render", action="store_true", help="only rewrite the report from its .json")
     ap.add_argument("--chain-only", action="store_true",
                     help="redo the chain from the statistics an earlier run left in WORK and merge it into the JSON")
     args = ap.parse_args()
     args.plan_fallback = False
+    args.out = args.out or RESULTS / FAMILIES[args.family].out
     if args.chain_only:
         chain_again(args)
     if args.render or args.chain_only:
@@ -148,16 +179,17 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                 "command": "python eval/rehearse_qwen35.py " + " ".join(sys.argv[1:]),
+                 "command": "python eval/rehearse_width.py " + " ".join(sys.argv[1:]),
                  "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "calibrate": []}
     res["baseline"] = step([PY, "-c", "import torch, transformers"], work / "baseline.log")
     sizes = [s for s in args.sizes.split(",") if s]
     for tag in sorted(sizes, key=lambda s: s != args.chain):  # the chain's size first, then deleted
         layers, experts = (int(v) for v in tag.split("x"))
-        d = work / f"q35-l{layers}-e{experts}"
-        info = ensure_model(d, layers, experts, args.seed, TOKENIZER, FAMILY)
+        prefix = FAMILIES[args.family].prefix
+        d = work / f"{prefix}-l{layers}-e{experts}"
+        info = ensure_model(d, layers, experts, args.seed, TOKENIZER, args.family)
         print(f"{tag}: {info['params'] / 1e9:.2f} B parameters, {info['bytes'] / 1e9:.2f} GB", flush=True)
-        st = calibrate(d, work, f"q35-{tag}", args)
+        st = calibrate(d, work, f"{prefix}-{tag}", args)
         res["calibrate"].append({"size": tag, "model": info, "step": st})
         if st["rc"] == 0 and tag == args.chain:
             res["chain"] = chain(d, Path(st["stats"]), work, tag, args)
@@ -176,16 +208,17 @@ def chain_again(args) -> None:
     """--chain-only: the chain on its size again (the checkpoint remade if deleted), merged into the earlier JSON."""
     res = json.loads(args.out.with_suffix(".json").read_text())
     layers, experts = (int(v) for v in args.chain.split("x"))
-    stats = args.work / f"q35-{args.chain}.stats.gguf"
+    prefix = FAMILIES[args.family].prefix
+    stats = args.work / f"{prefix}-{args.chain}.stats.gguf"
     if not stats.is_file():
         raise SystemExit(f"{stats}: no statistics from the earlier run; run without --chain-only")
     t0 = time.perf_counter()
-    d = args.work / f"q35-l{layers}-e{experts}"
-    ensure_model(d, layers, experts, args.seed, TOKENIZER, FAMILY)
+    d = args.work / f"{prefix}-l{layers}-e{experts}"
+    ensure_model(d, layers, experts, args.seed, TOKENIZER, args.family)
     res["chain_first"] = res.get("chain_first") or res.get("chain")
     res["chain"] = chain(d, stats, args.work, args.chain, args)
     res["chain_rerun"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "wall": time.perf_counter() - t0,
-                          "command": "python eval/rehearse_qwen35.py " + " ".join(sys.argv[1:])}
+                          "command": "python eval/rehearse_width.py " + " ".join(sys.argv[1:])}
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
