@@ -257,18 +257,8 @@ class LayerPasses:
         output and what it hands on (on the CPU)."""
         shape, a, b = tuple(self.batches[i].shape), self.offsets[i], self.offsets[i + 1]
         h = h_in.tensor[a:b].view(*shape, *self.hidden_shape).to(self.device)
-        y, out = self.call_layer(skeleton, k, layer, h, self.batches[i], carry)
+        y, out = skeleton.run_layer(k, layer, h, self.batches[i], carry)
         return y, on_device(out, torch.device("cpu"))
-
-    def call_layer(self, skeleton: Skeleton, k: int, layer: nn.Module, h: torch.Tensor, tokens: torch.Tensor,
-                   carry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Layer ``k`` on hidden states ``h`` of the token ids ``tokens`` (batch, tokens), with what the model hands
-        its layers and what the layers before handed on (``carry``): its output and what it hands on."""
-        args, kwargs = skeleton.layer_args(tuple(tokens.shape), k)
-        handed = self.arch.layer_input(on_device(carry, self.device))
-        if self.arch.layers_read_tokens:
-            handed = {**handed, "input_ids": tokens.to(self.device)}
-        return self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
 
     def again(self, skeleton: Skeleton, k: int, layer: nn.Module, experts: nn.Module, h_in: RowStore,
               h_out: RowStore, bar: tqdm, share: float, gain: bool) -> float:
@@ -382,7 +372,7 @@ class LayerPasses:
             for r in (torch.zeros_like(probe), probe):
                 experts.forward = lambda hs, *_, r=r, **__: r.reshape(hs.shape).to(hs.dtype)
                 with torch.no_grad():
-                    y, _ = self.call_layer(skeleton, k, layer, h, self.batches[0][:1, :n], carry)
+                    y, _ = skeleton.run_layer(k, layer, h, self.batches[0][:1, :n], carry)
                 outs.append(y.reshape(n, self.width))
         finally:
             del experts.forward

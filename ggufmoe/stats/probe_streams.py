@@ -213,13 +213,8 @@ class ProbeStreams:
                  carry: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         out, handed_on = torch.empty(self.rows, self.width), []
         for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
-            shape = tuple(batch.shape)
-            args, kwargs = skeleton.layer_args(shape, k)
-            handed = self.arch.layer_input(on_device(carry[i], self.device))
-            if self.arch.layers_read_tokens:
-                handed = {**handed, "input_ids": batch.to(self.device)}
-            y, nxt = self.arch.layer_output(layer(h[a:b].view(*shape, *self.hidden_shape).to(self.device), *args,
-                                                  **{**kwargs, **handed}), handed)
+            h_batch = h[a:b].view(*batch.shape, *self.hidden_shape).to(self.device)
+            y, nxt = skeleton.run_layer(k, layer, h_batch, batch, carry[i])
             out[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
             handed_on.append(on_device(nxt, torch.device("cpu")))
         return out, handed_on

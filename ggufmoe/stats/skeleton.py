@@ -216,6 +216,17 @@ class Skeleton:
             self.remember(shape, records)
         return self._args[shape][k]
 
+    def run_layer(self, k: int, layer: nn.Module, h: torch.Tensor, tokens: torch.Tensor,
+                  carry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Layer ``k`` on hidden states ``h`` of the token ids ``tokens`` (batch, tokens), with what the model hands
+        its layers, the ids where the layers read them, and what the layers before handed on (``carry``): its output
+        and what it hands on (:meth:`Architecture.layer_output`)."""
+        args, kwargs = self.layer_args(tuple(tokens.shape), k)
+        handed = self.arch.layer_input(on_device(carry, self.device))
+        if self.arch.layers_read_tokens:
+            handed = {**handed, "input_ids": tokens.to(self.device)}
+        return self.arch.layer_output(layer(h, *args, **{**kwargs, **handed}), handed)
+
     def remember(self, shape: tuple[int, ...], records: dict[int, tuple]) -> None:
         if shape not in self._args:
             self._args[shape] = {i: (on_device(a, self.device), on_device(kw, self.device))
