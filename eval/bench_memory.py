@@ -201,6 +201,11 @@ def real_shapes() -> dict:
         # transformers' defaults are Qwen3-Next-80B-A3B's: 3 linear-attention (recurrent) layers, then a full one
         "Qwen3-Next-80B-A3B": (T.Qwen3NextConfig(num_hidden_layers=n, max_position_embeddings=262144),
                                "Qwen3NextForCausalLM"),
+        # transformers' defaults are V4-Flash's; a sliding-only layer (the hash-routed one), then ratio 4, 128 and 4
+        "DeepSeek-V4-Flash": (T.DeepseekV4Config(
+            num_hidden_layers=n, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                              "heavily_compressed_attention", "compressed_sparse_attention"],
+            mlp_layer_types=["hash_moe", "moe", "moe", "moe"]), "DeepseekV4ForCausalLM"),
     }
 
 

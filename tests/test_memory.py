@@ -244,3 +244,19 @@ def test_recurrent_memory_within_5_percent(tmp_path, family, ctx):
     assert planned.kv_cache == kv_cache_bytes(shape, ctx) + rs
     assert abs(logged["kv"] - kv_cache_bytes(shape, ctx)) < 0.006 * MiB and abs(logged["rs"] - rs) < 0.006 * MiB
     assert abs(planned.total - peak) / peak < 0.05, (planned, peak)
+
+
+@pytest.mark.parametrize("ctx", [1024, 4096])
+def test_deepseek4_memory_within_5_percent(tmp_path, ctx):
+    """DeepSeek-V4 (raw keys over the window on every layer, compressed and indexer caches, compressor states, four
+    streams): planned total vs llama.cpp's peak RSS over a context of two sizes; the caches and states as logged."""
+    cfg = tiny_models.deepseek4_config(hidden_size=256, num_attention_heads=8, head_dim=128, q_lora_rank=64,
+                                       index_head_dim=64, moe_intermediate_size=128, o_lora_rank=32)
+    arch, path = built_q8("deepseek4", cfg, tmp_path)
+    shape = arch.model_shape()
+    assert shape == gguf_shape(path) and (shape.n_layer_csa, shape.n_layer_hca) == (2, 1)
+    planned, peak, logged = planned_and_measured(arch, path, ctx)
+    rs = recurrent_state_bytes(shape)
+    assert planned.kv_cache == kv_cache_bytes(shape, ctx) + rs
+    assert abs(logged["kv"] - kv_cache_bytes(shape, ctx)) < 5 * 0.006 * MiB and abs(logged["rs"] - rs) < 3 * 0.006 * MiB
+    assert abs(planned.total - peak) / peak < 0.05, (planned, peak)

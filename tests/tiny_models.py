@@ -254,8 +254,9 @@ def save_as_shipped(model, out: Path) -> None:
     model.config.save_pretrained(out)
 
 
-def to_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a matrix to FP8 e4m3 with one inverse scale per block x block tile (DeepSeek-V3 layout)."""
+def to_fp8_blocks(w: torch.Tensor, block: int = 128, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a matrix to FP8 e4m3 with one inverse scale per block x block tile (DeepSeek-V3 layout); ``pow2``: each
+    scale the power of two at or above ``amax / 448`` (DeepSeek-V4's UE8M0 scales)."""
     rows, cols = w.shape
     sr, sc = -(-rows // block), -(-cols // block)
     scale = torch.empty(sr, sc)
@@ -264,8 +265,8 @@ def to_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
         for j in range(sc):
             tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
             s = tile.abs().max().clamp(min=1e-12) / 448.0
-            scale[i, j] = s
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+            scale[i, j] = torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -345,18 +346,10 @@ def save_mxfp4(model_dir: Path, mxfp4_dir: Path) -> None:
     (mxfp4_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def to_ue8m0_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 e4m3 with one UE8M0 scale (a power of two) per block x block tile, as DeepSeek-V4 ships its matrices."""
-    rows, cols = w.shape
-    sr, sc = -(-rows // block), -(-cols // block)
-    exp = torch.empty(sr, sc)
-    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
-    for i in range(sr):
-        for j in range(sc):
-            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            exp[i, j] = torch.ceil(torch.log2(tile.abs().max().clamp(min=2.0 ** -100) / 448.0))
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / torch.exp2(exp[i, j])).to(torch.float8_e4m3fn)
-    return q, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+def to_ue8m0_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 with one UE8M0 scale (a power of two) per 128x128 tile, as DeepSeek-V4 ships its matrices."""
+    q, scale = to_fp8_blocks(w, pow2=True)
+    return q, (torch.log2(scale) + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
 def to_v4_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,7 @@ class DeepseekV4(Architecture):
     writes_head_dim = True
     rope_kinds = ("default", "yarn")
     layers_read_tokens = True  # the hash layers route by the token ids
+    graph_nodes_per_token = 40  # llama.cpp's graph budget for deepseek4: 40 nodes per ubatch token
     router_table = "tid2eid"
     expert_id_tables = frozenset({TABLE})
     sensitivity_aliases = {"attn_q_a": "attn_q", "attn_q_b": "attn_q", "attn_kv": "attn_k", "attn_output_a": "attn_output",
@@ -303,8 +304,6 @@ class DeepseekV4(Architecture):
         s.n_layer_csa, s.n_layer_hca = ratios.count(CSA_RATIO), ratios.count(HCA_RATIO)
         s.head_indexer, s.n_head_indexer = int(c.index_head_dim), int(c.index_n_heads)
         s.hc_streams = int(c.hc_mult)
-        s.q_lora_rank, s.o_lora_rank, s.o_groups = int(c.q_lora_rank), int(c.o_lora_rank), int(c.o_groups)
-        s.indexer_top_k = int(c.index_topk)
         return s
 
 

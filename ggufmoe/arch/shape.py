@@ -66,11 +66,6 @@ class ModelShape:
     n_layer_hca: int = 0
     k_only: bool = False
     hc_streams: int = 0  # hyper-connection streams of the hidden state (0: one plain stream)
-    # compressed attention's low-rank query and grouped low-rank output, and the entries its indexer keeps
-    q_lora_rank: int = 0
-    o_lora_rank: int = 0
-    o_groups: int = 0
-    indexer_top_k: int = 0
 
     @property
     def n_layer_kv(self) -> int:
@@ -165,7 +160,6 @@ class ModelShape:
         indexer_types = g(arch_key(NewKeys.INDEXER_TYPES, a))  # absent: llama.cpp indexes every layer
         n_layer_indexer = (sum(bool(t) for t in indexer_types[:n_layer]) if isinstance(indexer_types, list) else n_layer
                            ) if head_indexer and ratios is None else 0
-        compressed = ratios is not None
         ratios = list(ratios or [])[:n_layer]
         return cls(n_vocab=int(n_vocab), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                    n_head_kv=kv_full[0], n_head_kv_swa=kv_swa[0] if kv_swa[0] != kv_full[0] else 0,
@@ -186,7 +180,4 @@ class ModelShape:
                    head_indexer=head_indexer, n_head_indexer=int(g("attention.indexer.head_count", 0)),
                    n_layer_csa=ratios.count(COMPRESS_SPARSE), n_layer_hca=ratios.count(COMPRESS_HEAVY),
                    k_only=bool(ratios), hc_streams=int(g("hyper_connection.count", 0)),
-                   q_lora_rank=int(g("attention.q_lora_rank", 0)) if compressed else 0,
-                   o_lora_rank=int(g("attention.output_lora_rank", 0)), o_groups=int(g("attention.output_group_count", 0)),
-                   indexer_top_k=int(g("attention.indexer.top_k", 0)) if compressed else 0,
                    n_tensors=n_tensors, graph_nodes_per_token=graph_nodes_per_token)

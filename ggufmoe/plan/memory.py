@@ -18,6 +18,7 @@ from ggufmoe.gguf.header import header_bytes
 from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.source.gguf_file import read_gguf
+from ggufmoe.plan.compressed_attention import compressed_attention_peaks
 from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType, kv_qtype
 from ggufmoe.plan.process import process_bytes
 from ggufmoe.plan.sparse_attention import sparse_attention_peaks
@@ -244,7 +245,8 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     * output: logits n_vocab·n_outputs + 2·n_embd·n_outputs (n_outputs = T as reserved).
 
     A model with sliding-window layers has a second KQ mask, over the window's cells (:func:`swa_kv_size`); the
-    attention scores use the full cache's n_kv (its full layers). Sparse attention: :mod:`.sparse_attention`.
+    attention scores use the full cache's n_kv (its full layers). Sparse attention: :mod:`.sparse_attention`;
+    compressed attention (DeepSeek-V4: its own layer stack, no full layers): :mod:`.compressed_attention`.
 
     ``n_outputs`` set to 1 gives what a run that asks for the last token's logits only touches.
     The routed expert count enters only through router-sized tensors (n_expert·T), which fit in
@@ -259,6 +261,12 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     n_kv = kv_size(ctx)
     u = 4 * t
     e, s = shape.n_embd, shape
+    output = 4 * n_out * (s.n_vocab + 2 * e)
+    if s.n_layer_csa or s.n_layer_hca:
+        sparse = compressed_cells(ctx, COMPRESS_SPARSE) if s.n_layer_csa else 0
+        heavy = compressed_cells(ctx, COMPRESS_HEAVY) if s.n_layer_hca else 0
+        return int(max(compressed_attention_peaks(s, t, swa_kv_size(s, ctx, n_ubatch, swa_full), sparse, heavy,
+                                                  flash_attn) + [output]))
     if s.mla:
         n_q = s.n_head * s.head_k                       # absorbed query: kv_lora_rank + rope per head
         q_holes = n_q if flash_attn else n_q + s.n_head * (s.head_k_mla + s.head_v)
@@ -275,7 +283,7 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     if s.mla and not flash_attn:
         attn += n_kv * s.head_v * 2                    # V made contiguous from the latent cache (f16)
     k, ff = s.n_expert_used, s.n_ff_exp
-    peaks = [attn, stack + u * 3 * k * ff, 4 * n_out * (s.n_vocab + 2 * e)]
+    peaks = [attn, stack + u * 3 * k * ff, output]
     peaks += sparse_attention_peaks(s, attn, n_kv, t, flash_attn)
     if e > 2 * ff:
         peaks.append(stack + u * (3 * k * ff + k * e))
@@ -287,16 +295,21 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
 
 
 def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_attn: bool = False,
-                      kv_type: KvType = DEFAULT_KV_TYPE) -> int:
+                      kv_type: KvType = DEFAULT_KV_TYPE, swa_full: bool = True) -> int:
     """The CPU backend's work buffer (malloc'd outside the compute buffer): the largest matmul
     operand converted to the weight's dot-product type. Without flash attention that is the
-    KQ scores converted to the V cache type (f16: n_kv·T·n_head·2 bytes); otherwise the
-    activations of the widest weight matmul (at most 2 bytes a value)."""
+    KQ scores converted to the V cache type (f16: n_kv·T·n_head·2 bytes; compressed attention: n_kv the window's
+    raw cells and the widest layer's compressed cells); otherwise the activations of the widest weight matmul (at
+    most 2 bytes a value)."""
     t, s = min(n_ubatch, ctx), shape
     acts = 2 * t * max(s.n_embd, s.n_head * s.head_k, s.n_expert_used * s.n_ff_exp, s.n_ff_shexp, s.n_ff_dense)
     if flash_attn or kv_qtype(kv_type) == T.F32:
         return acts
-    return max(acts, kv_size(ctx) * t * s.n_head * 2)
+    n_kv = kv_size(ctx)
+    if s.n_layer_csa or s.n_layer_hca:
+        n_kv = swa_kv_size(s, ctx, n_ubatch, swa_full) + compressed_cells(
+            ctx, COMPRESS_SPARSE if s.n_layer_csa else COMPRESS_HEAVY)
+    return max(acts, n_kv * t * s.n_head * 2)
 
 
 # With every layer offloaded (a cuda target): estimates, NOT measured (no GPU was available): host memory
@@ -357,7 +370,7 @@ def runtime_memory(arch, weights_bytes: int, ctx: int, kv_type: KvType = DEFAULT
     kv = kv_cache_bytes(shape, ctx, kv_type, n_ubatch, swa_full, flash_attn) + recurrent_state_bytes(shape)
     n_out = n_batch if logits_all else 1
     graph = compute_buffer_bytes(shape, ctx, n_ubatch, flash_attn, None if logits_all else 1, swa_full)
-    work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type)
+    work = work_buffer_bytes(shape, ctx, n_ubatch, flash_attn, kv_type, swa_full)
     output = 4 * shape.n_vocab * n_out                                # output buffer (logits of n_out tokens)
     weights = weights_bytes + repacked_bytes
     nodes = max(0, shape.graph_max_nodes(n_ubatch) - GRAPH_NODES_MEASURED)
