@@ -49,9 +49,11 @@ the model's experts per token (the first layers' token -> experts table fixes it
 - The predictions rest on default sensitivities from tensor shapes and an even spread of routing over experts (no
   weights, no statistics): with the checkpoint, `ggufmoe calibrate` (streamed, FP4/FP8 read as shipped) and
   `plan --stats` measure both, and the choice of how many experts to keep can move.
-- DeepSeek-V4's KV cache is small (a window of raw keys on every layer, compressed keys on the others: {kv} at ctx
-  {ctx} for V4-Flash), so nearly the whole budget goes to weights; the compute buffers at ctx {ctx} without flash
-  attention are the second item (the attention scores over the window and the compressed entries).
+- DeepSeek-V4's KV cache is small (raw keys on every layer, compressed keys on the others: {kv} at ctx {ctx} for
+  V4-Flash, the window's keys cached for the whole context as llama-cpp-python's `swa_full` does), so nearly the
+  whole budget goes to weights. The second item is the compute buffer: {compute} at ctx {ctx} without flash attention
+  (llama-cpp-python's default; the attention scores over the raw and compressed cells,
+  `ggufmoe/plan/compressed_attention.py`).
 """
 
 
@@ -115,7 +117,8 @@ def main() -> None:
             f"{os.cpu_count()}-core machine), no weights: default sensitivities from tensor shapes, default pruning "
             "cost. Which experts are kept is decided at conversion from calibration statistics; the plan fixes how "
             "many.", ""]
-    paper = PAPER.format(ctx=CTX, rows="\n".join(rows), kv=f"{flash['memory']['kv_cache'] / GIB:.2f} GiB")
+    paper = PAPER.format(ctx=CTX, rows="\n".join(rows), kv=f"{flash['memory']['kv_cache'] / GIB:.2f} GiB",
+                         compute=f"{flash['memory']['compute'] / GIB:.2f} GiB")
     out = ROOT / "eval" / "results" / "deepseek_v4_plans.md"
     out.write_text("\n".join(head) + "\n" + paper + "\n" + "\n".join(text))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
