@@ -37,10 +37,8 @@ class Architecture:
     per_expert_rows: ClassVar[frozenset[MODEL_TENSOR]] = frozenset({MODEL_TENSOR.FFN_GATE_INP})
     # The per-expert tensors of the family's transformers router module (rows gathered when it is pruned).
     router_tensors: ClassVar[tuple[str, ...]] = ("weight", "bias")
-    # the buffer of the family's transformers router holding a token -> experts table, where layers route by one
-    # (DeepSeek-V4's hash layers): redirected when it is pruned (ggufmoe.prune.redirect)
+    # token -> experts tables (DeepSeek-V4's hash layers): the transformers router's buffer, and the GGUF tensor classes
     router_table: ClassVar[str | None] = None
-    # the GGUF tensor classes whose values are routed-expert ids (token -> experts tables), renumbered when pruning
     expert_id_tables: ClassVar[frozenset[str]] = frozenset()
     # whether patches/per-layer-expert-count.patch makes llama.cpp's graph for the family load per-layer counts
     per_layer_expert_counts: ClassVar[bool] = False
@@ -58,9 +56,7 @@ class Architecture:
     # input (Gemma 4); the pruning probe routes that input (route_residual) and measures at the layer's output
     # (routed_tail). None: the module holding the experts routes their input
     residual_router: ClassVar[str | None] = None
-    # whether the family's decoder layers read the token ids (DeepSeek-V4's hash routing): a streamed calibration
-    # hands each layer its batch's ids as ``input_ids``
-    layers_read_tokens: ClassVar[bool] = False
+    layers_read_tokens: ClassVar[bool] = False  # decoder layers take the token ids (``input_ids``: hash routing)
     # Rope scalings the family's llama.cpp graph runs as transformers does (checked by parity tests).
     rope_kinds: ClassVar[tuple[str, ...]] = ("default",)
     # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (source.tokenizer: SPM or GEMMA4)
@@ -70,8 +66,7 @@ class Architecture:
     # set when pruning: experts kept per layer and experts used per token
     n_expert_kept: int | None = field(default=None, init=False)
     n_expert_used: int | None = field(default=None, init=False)
-    # per-layer kept counts (block -> experts), written as an ``expert_count`` array; only for the families
-    # the patched llama.cpp of patches/per-layer-expert-count.patch runs (:attr:`per_layer_expert_counts`)
+    # per-layer kept counts (block -> experts) as an ``expert_count`` array (:attr:`per_layer_expert_counts` only)
     n_expert_per_layer: dict[int, int] | None = field(default=None, init=False)
     # the tokenizer read once (vocabulary size -> keys), shared by the copies pruning makes
     tokenizers: dict[int, TokenizerKeys] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -203,8 +198,7 @@ class Architecture:
 
     @property
     def hidden_streams(self) -> int:
-        """Parallel streams of the hidden state between decoder layers (DeepSeek-V4's hyper-connections: 4, each
-        ``hidden_size`` wide); 1 for a plain residual stream."""
+        """Streams of ``hidden_size`` the hidden state has between decoder layers (hyper-connections; else 1)."""
         return 1
 
     @property

@@ -37,7 +37,14 @@ query, and on how deep a stack, varies with depth and context. Widths between (h
 
 from __future__ import annotations
 
-from ggufmoe.arch.shape import ModelShape
+from ggufmoe.arch.shape import COMPRESS_HEAVY, COMPRESS_SPARSE, ModelShape
+
+
+def compressed_layer_cells(s: ModelShape, kv_cells: int) -> tuple[int, int]:
+    """(ratio-4, ratio-128) cells of the compressed caches for ``kv_cells`` cells of context (a key per 4 or per 128
+    tokens, each padded to 256), 0 for a kind the model has no layer of."""
+    return tuple(-(-(-(-kv_cells // ratio)) // 256) * 256 if n else 0
+                 for ratio, n in ((COMPRESS_SPARSE, s.n_layer_csa), (COMPRESS_HEAVY, s.n_layer_hca)))
 
 
 def _indexer_and_top_k(hole: int, query: int, score: int, fill: int, mask: int) -> int:

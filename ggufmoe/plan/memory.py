@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import gguf
 
-from ggufmoe.arch.shape import COMPRESS_HEAVY, COMPRESS_SPARSE, ModelShape
+from ggufmoe.arch.shape import ModelShape
 from ggufmoe.gguf.header import header_bytes
 from ggufmoe.model.names import EMBEDDING, EXPERT_TENSORS, OUTPUT, role
 from ggufmoe.model.qtypes import FLOAT_TYPES
 from ggufmoe.source.gguf_file import read_gguf
-from ggufmoe.plan.compressed_attention import compressed_attention_peaks
+from ggufmoe.plan.compressed_attention import compressed_attention_peaks, compressed_layer_cells
 from ggufmoe.plan.kv_types import DEFAULT_KV_TYPE, KvType, kv_qtype
 from ggufmoe.plan.process import process_bytes
 from ggufmoe.plan.sparse_attention import sparse_attention_peaks
@@ -195,7 +195,7 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
     none with MLA, where V is a view of K; without flash attention V rows padded to the widest layer's), at the KV
     type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells; recurrent layers have none
     (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache; indexer layers (sparse attention)
-    add one key a cell; compressed attention adds its compressed keys (:func:`compressed_cells`), and the sparse
+    add one key a cell; compressed attention adds its compressed keys (:func:`~ggufmoe.plan.compressed_attention.compressed_layer_cells`), and the sparse
     layers their indexer's."""
     qt = kv_qtype(kv_type)
     full, swa = shape.kv_layers
@@ -204,16 +204,12 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
         return sum(_row_size(qt, n) for n in shape.kv_row(sliding, v_trans=not flash_attn))
 
     indexer = shape.n_layer_indexer * kv_size(ctx) * _row_size(qt, shape.head_indexer)
-    sparse, heavy = compressed_cells(ctx, COMPRESS_SPARSE), compressed_cells(ctx, COMPRESS_HEAVY)
+    sparse, heavy = compressed_layer_cells(shape, kv_size(ctx))
     compressed = (shape.n_layer_csa * sparse * (_row_size(qt, shape.head_k) + _row_size(qt, shape.head_indexer))
                   + shape.n_layer_hca * heavy * _row_size(qt, shape.head_k))
     return (full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
             + indexer + compressed)
 
-
-def compressed_cells(ctx: int, ratio: int) -> int:
-    """Cells of a compressed cache (a key per ``ratio`` tokens of the context), padded to 256."""
-    return -(-(-(-kv_size(ctx) // ratio)) // 256) * 256
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
@@ -263,10 +259,8 @@ def compute_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash
     e, s = shape.n_embd, shape
     output = 4 * n_out * (s.n_vocab + 2 * e)
     if s.n_layer_csa or s.n_layer_hca:
-        sparse = compressed_cells(ctx, COMPRESS_SPARSE) if s.n_layer_csa else 0
-        heavy = compressed_cells(ctx, COMPRESS_HEAVY) if s.n_layer_hca else 0
-        return int(max(compressed_attention_peaks(s, t, swa_kv_size(s, ctx, n_ubatch, swa_full), sparse, heavy,
-                                                  flash_attn) + [output]))
+        return int(max(compressed_attention_peaks(s, t, swa_kv_size(s, ctx, n_ubatch, swa_full),
+                                                  *compressed_layer_cells(s, n_kv), flash_attn) + [output]))
     if s.mla:
         n_q = s.n_head * s.head_k                       # absorbed query: kv_lora_rank + rope per head
         q_holes = n_q if flash_attn else n_q + s.n_head * (s.head_k_mla + s.head_v)
@@ -307,8 +301,7 @@ def work_buffer_bytes(shape: ModelShape, ctx: int, n_ubatch: int = 512, flash_at
         return acts
     n_kv = kv_size(ctx)
     if s.n_layer_csa or s.n_layer_hca:
-        n_kv = swa_kv_size(s, ctx, n_ubatch, swa_full) + compressed_cells(
-            ctx, COMPRESS_SPARSE if s.n_layer_csa else COMPRESS_HEAVY)
+        n_kv = swa_kv_size(s, ctx, n_ubatch, swa_full) + max(compressed_layer_cells(s, n_kv))
     return max(acts, n_kv * t * s.n_head * 2)
 
 
