@@ -136,6 +136,8 @@ def report(res: dict) -> str:
                  + f"; its peak RSS where it ran: {gib(tries[-1]['peak_rss'])}. The chain was redone with the fix "
                  f"({rerun['date']}, `{rerun['command']}`).")
         L.append("")
+    for note in res.get("notes", []):
+        L += [note, ""]
     if ch and ch.get("failed"):
         L.append(f"The chain failed at **{ch['failed']}**; its log tail is in the JSON.")
     return "\n".join(L)
