@@ -265,15 +265,15 @@ class DeepseekV4(Architecture):
                           holds_expert_ids=TensorName.parse(gguf_name).base in self.expert_id_tables)
 
     def experts(self, gguf_name: str, template: str) -> TensorSpec:
-        """A 3-D expert tensor from the per-expert matrices; FP4 experts also as their MXFP4 bytes."""
-        src, names = self.src, [self.stored(template.format(e=e)) for e in range(self.n_expert)]
-        spec = TensorSpec(gguf_name, (self.n_expert, *src.shape(names[0])), lambda e: src.get(names[e]), self.n_expert,
-                          hf_name=template_of(names[0], template))
-        if not src.is_fp4(names[0]):
+        """A 3-D expert tensor from the per-expert matrices (DeepSeek's ``template``, spelled as the checkpoint spells
+        it); FP4 experts also as their MXFP4 bytes."""
+        src = self.src
+        spec = self.stacked_experts(gguf_name, template_of(self.stored(template.format(e=0)), template), self.n_expert)
+        if not src.is_fp4(spec.hf_name.format(e=0)):
             return spec
 
         def raw(e: int) -> np.ndarray:
-            return mxfp4.to_ggml(*src.fp4_rows(names[e], 0, spec.shape[1])).reshape(-1)
+            return mxfp4.to_ggml(*src.fp4_rows(spec.hf_name.format(e=e), 0, spec.shape[1])).reshape(-1)
 
         spec.source_type, spec.raw = T.MXFP4, raw
         return spec
