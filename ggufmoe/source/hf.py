@@ -26,6 +26,7 @@ import numpy as np
 from ggufmoe.errors import GgufmoeError, one_line
 from ggufmoe.source import mxfp4
 from ggufmoe.source.hf_config import read_config
+from ggufmoe.source.hub import repository_name
 
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3's float32 block scales: ``NAME_scale_inv`` beside ``NAME``
 SCALE_TENSOR = ".scale"  # DeepSeek-V4's UE8M0 scales: ``X.scale`` beside ``X.weight``
@@ -274,7 +275,7 @@ class HFSource:
 
     @property
     def name(self) -> str:
-        return self.path.resolve().name
+        return repository_name(self.path)  # a Hub snapshot's repository, not its commit
 
     @cached_property
     def fp8_block(self) -> tuple[int, int]:
