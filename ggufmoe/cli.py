@@ -7,7 +7,7 @@ import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
@@ -20,6 +20,7 @@ from ggufmoe.quant.modes import RoundingMode
 from ggufmoe.sensitivity.cost import PROBE_CHUNKS, SensitivityMode
 
 if TYPE_CHECKING:
+    from ggufmoe.cluster.ray_cluster import RayCluster
     from ggufmoe.plan.target import Target
 
 
@@ -191,6 +192,58 @@ def needs(options: tuple[str, ...], *others: str) -> None:
                            f"{' or '.join(map(flag, options))}")
 
 
+def from_hub(what: str, config_only: Callable[[dict], bool] | None = None):
+    """SRC may be a Hugging Face repository id (org/name): adds ``--revision`` and gives the command the local
+    snapshot folder holding the files it reads (:mod:`ggufmoe.source.hub`; ``what``: their help). ``config_only``:
+    whether, given the command's parameters, config.json alone does."""
+    def decorate(f):
+        @functools.wraps(f)
+        def command(**kw):
+            from ggufmoe.source.hub import Files, local_source
+
+            src, alone = kw["src"], config_only is not None and config_only(kw)
+            kw["src"] = local_source(src, kw.pop("revision"), Files.CONFIG if alone else Files.MODEL,
+                                     progress=not kw.get("quiet"))
+            if alone and kw["src"] != src:
+                click.echo(f"note: planning {src} from its configuration alone (no weights downloaded; with --stats "
+                           "they are)", err=True)
+            return f(**kw)
+
+        return click.option("--revision", metavar="REV",
+                            help="With SRC a Hugging Face repository id (org/name, when no such local path exists): "
+                                 f"its branch, tag or commit [default: main]. Downloads {what} into the Hugging Face "
+                                 "cache (HF_TOKEN, HF_HUB_OFFLINE and HF_HUB_CACHE apply).")(command)
+
+    return decorate
+
+
+def on_ray(what: str):
+    """``--ray [ADDRESS]``: the command runs ``what`` on a Ray cluster, handed to it as ``cluster`` (a
+    :class:`~ggufmoe.cluster.ray_cluster.RayCluster`, connected while it runs; None without the option)."""
+    def decorate(f):
+        @functools.wraps(f)
+        def command(**kw):
+            address = kw.pop("ray_address")
+            if address is None:
+                return f(cluster=None, **kw)
+            from ggufmoe.cluster.ray_cluster import RayCluster
+            from ggufmoe.cluster.session import RaySession
+
+            with RaySession(address) as session:
+                return f(cluster=RayCluster(session), **kw)
+
+        return click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[=ADDRESS]",
+                            help=f"Run {what} on a Ray cluster: --ray=ADDRESS connects to a running one (ray start "
+                                 "--head prints it), --ray alone starts one on this machine (or joins RAY_ADDRESS's). "
+                                 "Every node needs ggufmoe installed and the inputs and outputs at the same paths "
+                                 "(a shared filesystem). Needs pip install 'ggufmoe[ray]'.")(command)
+
+    return decorate
+
+
+HUB_MODEL = "config.json, the tokenizer files and the safetensors weights, no *.bin,"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ggufmoe")
 def cli() -> None:
@@ -199,6 +252,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
+@from_hub(HUB_MODEL)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--type", "qtype", default=None,
               help="Default type for weight matrices (F32 F16 BF16 Q8_0 Q6_K Q5_K Q4_K Q3_K Q2_K IQ4_XS "
@@ -247,12 +301,14 @@ def cli() -> None:
 @click.option("--allow-nonfinite", type=click.Choice(["zero"]),
               help="What to do with NaN/Inf in the source's weights, refused by default: 'zero' replaces them with 0 "
                    "(and says how many).")
+@on_ray("the quantization (each worker reads its pieces from SRC and sends back their bytes; written here in "
+        "order, the same bytes as without --ray)")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, alpha: float, top_k: int | str | None,
             top_k_scale: float | None, per_layer: bool, merge: bool, plan_file: Path | None, budget: Budget,
             calib: Path | None, rounding: str, threads: int | None, split_max_size: int | None, ollama: bool,
-            resume: bool, allow_nonfinite: str | None, quiet: bool) -> None:
+            resume: bool, allow_nonfinite: str | None, quiet: bool, cluster: RayCluster | None) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -298,7 +354,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     opts = ConvertOptions(out=out, types=TypeRules.parse(None, ()) if mix else TypeRules.parse(qtype, rules),
                           imatrix=imatrix, threads=threads, split_max_size=split_max_size or 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero",
-                          rounding=None)
+                          rounding=None, cluster=cluster)
     if aware:
         from ggufmoe.pipeline.rounding import RoundingOptions  # torch and transformers: only when the model runs
 
@@ -325,6 +381,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
+@from_hub(HUB_MODEL + " as inspect reads every shard's header,")
 @ctx_option("The memory is for it.")
 @kv_option("the memory is for.")
 @click.option("--target", default="host", show_default=True, type=TARGET, help=TARGET_HELP)
@@ -341,6 +398,7 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
+@from_hub(HUB_MODEL)
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
               help="Calibration text file (UTF-8).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
@@ -371,10 +429,13 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
 @click.option("--probe-chunks", type=click.IntRange(min=1), default=PROBE_CHUNKS, show_default=True,
               help="Chunks of --chunk tokens per text the probes run on (their standard error falls as the square "
                    "root of it; memory and time grow with it).")
+@on_ray("the calibration: its chunks split into one share per node, each streamed there with the node's CPUs and "
+        "--max-memory, the statistics added up here (the same sums); the first share also measures the local errors "
+        "and probes on its tokens")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chunk: int, resume: bool, device: str,
               max_memory: int, whole: bool, probes: bool | None, probe_files: tuple[Path, ...], probe_chunks: int,
-              quiet: bool) -> None:
+              quiet: bool, cluster: RayCluster | None) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
     Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
@@ -407,13 +468,15 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
         raise GgufmoeError("--probe-text is for the probes: it takes no --no-probes")
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
-    if whole and explicit:
-        raise GgufmoeError(f"--whole loads the whole model on the CPU; it takes no {', '.join(explicit)}")
+    if whole and (explicit or cluster):
+        raise GgufmoeError(f"--whole loads the whole model on the CPU; it takes no "
+                           f"{', '.join(explicit + ['--ray'] * bool(cluster))}")
     from ggufmoe.pipeline.calibrate import calibrate as run_calibration
 
     text = read_text(text_file)
     kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory, probes=probes,
-                               probe_texts={f.name: read_text(f) for f in probe_files}, probe_chunks=probe_chunks)
+                               probe_texts={f.name: read_text(f) for f in probe_files}, probe_chunks=probe_chunks,
+                               cluster=cluster)
     if whole and (probes or probe_files):
         raise GgufmoeError("the probes run in the streamed calibration: --whole takes no --probes or --probe-text")
     stats = run_calibration(src, text, whole=whole, ctx=chunk, max_tokens=max_tokens, progress=not quiet,
@@ -428,6 +491,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
+@from_hub("config.json alone to plan from the configuration (with --stats also the tokenizer and the weights)",
+          lambda kw: kw["stats"] is None)
 @budget_options("Memory budget, e.g. 128GiB or 20M.", required=True)
 @click.option("--stats", type=click.Path(path_type=Path), help="Statistics from `ggufmoe calibrate`.")
 @click.option("--calib", type=click.Path(path_type=Path),
@@ -463,6 +528,7 @@ def plan(src: Path, budget: Budget, stats: Path | None, calib: Path | None, rule
 
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
+@from_hub(HUB_MODEL)
 @click.option("--budgets", required=True, type=SIZES, help="Comma-separated budgets, e.g. 8M,10M,12M or 96G,128G.")
 @click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration text.")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="Evaluation text.")
@@ -478,10 +544,12 @@ def plan(src: Path, budget: Budget, stats: Path | None, calib: Path | None, rule
               help="Folder for the files and results (a second run resumes).")
 @click.option("--base-model", help="The model card's base_model [default: the source's name in the files].")
 @click.option("--license", "license_", help="The model card's license [default: general.license of the files].")
+@on_ray("the sweep: the calibration and the base conversion as calibrate --ray and convert --ray do, then every "
+        "point (plan, convert, validate, evaluate) a task")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Path, baselines: str, budget: Budget,
           eval_chunk: int, max_tokens: int, threads: int | None, out: Path, base_model: str | None,
-          license_: str | None, quiet: bool) -> None:
+          license_: str | None, quiet: bool, cluster: RayCluster | None) -> None:
     """Plan, convert, validate and evaluate SRC at several budgets, with llama.cpp's mixes as baselines.
 
     Writes results.json, results.md (one row per file), pareto.png (size vs KL divergence) and
@@ -494,7 +562,7 @@ def sweep(src: Path, budgets: list[tuple[str, int]], calib: Path, text_file: Pat
                         text=text_file, out=out, baselines=tuple(m.strip() for m in baselines.split(",") if m.strip()),
                         planning=budget, eval_chunk=eval_chunk, max_tokens=max_tokens, threads=threads,
                         progress=not quiet, base_model=base_model, license=license_)
-    rows = run(src, opts)
+    rows = run(src, opts, cluster)
     click.echo((out / "results.md").read_text())
     click.echo(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}, {out / 'README.md'} "
                f"({len(rows)} files)")

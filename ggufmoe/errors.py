@@ -15,6 +15,10 @@ class Interrupted(GgufmoeError):
     exit_code = 130
 
 
+class Resumable(GgufmoeError):
+    """An error that leaves the work done so far for ``--resume`` (a Ray cluster gone mid-run)."""
+
+
 def one_line(e: BaseException | str) -> str:
     """An exception's message (or a message) on one line (library messages may span several), or its type's name."""
     return " ".join(str(e).split()) or type(e).__name__

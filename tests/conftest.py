@@ -75,3 +75,17 @@ def chatml_gguf(chatml_model, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("chatml-gguf") / "tiny-chat.gguf"
     return convert(chatml_model, ConvertOptions(out=out, types=TypeRules.parse("Q8_0"), progress=False))[0]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> str:
+    """A real Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``), one CPU each; its address."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 << 20,
+                                                                include_dashboard=False))
+    cluster.add_node(num_cpus=1, object_store_memory=100 << 20)
+    cluster.wait_for_nodes()
+    yield cluster.address
+    cluster.shutdown()

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ggufmoe"
 # Stages by rank: a module imports only from lower ranks or from its own package.
 RANKS = {"errors": 0, "units": 0.5, "files": 0.4, "state_dir": 0.5, "model": 1, "source": 2, "outputs": 2.5, "arch": 3, "gguf": 4, "quant": 4,
-         "stats": 4.5, "prune": 5, "sensitivity": 6, "plan": 7, "runtime": 8, "pipeline": 9, "cli": 10, "__init__": 0}
+         "stats": 4.5, "prune": 5, "sensitivity": 6, "plan": 7, "runtime": 8, "pipeline": 9, "cluster": 9.5, "cli": 10, "__init__": 0}
 MAX_TOP_MODULES = 8
 MAX_LOCAL_IMPORTS = 5  # function-local imports of package modules outside cli.py
 

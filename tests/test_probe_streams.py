@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as T
 import tiny_models
 from cli_run import run
 from hooked_cli import INTERRUPT_LAYER
-from ggufmoe.pipeline.calibrate import HELD_OUT, calibrate
+from ggufmoe.pipeline.calibrate import calibrate
+from ggufmoe.pipeline.streamed_calibration import HELD_OUT
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.pipeline.measure import measure_sensitivity

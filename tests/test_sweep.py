@@ -2,10 +2,12 @@
 llama.cpp baseline, writes the three result files, and a second run redoes nothing."""
 
 import json
+import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 
 import tiny_models
@@ -13,15 +15,30 @@ from cli_run import GGUFMOE
 from ggufmoe.pipeline.sweep import Point, SweepOptions, format_table, load_results, pareto_front
 
 
-def test_sweep_end_to_end_and_resume(tmp_path):
-    calib = tmp_path / "calib.txt"
-    calib.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000])
-    out = tmp_path / "sweep"
-    cmd = [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
-           "--calib", calib, "--text", tiny_models.TEST_DATA / "eval_doc.txt", "--ctx", "1024",
-           "--max-tokens", "1024", "--threads", "2", "--target", "cpu", "-o", out, "-q"]
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+TIMINGS = ("peak_rss", "prompt_tps", "gen_tps")  # what a point measures of the machine, not of the file
+
+
+def sweep_command(out, *extra, calib=None) -> list[str]:
+    calib = calib or out.parent / "calib.txt"
+    if not calib.exists():
+        calib.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000])
+    return list(map(str, [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
+                          "--calib", calib, "--text", tiny_models.TEST_DATA / "eval_doc.txt", "--ctx", "1024",
+                          "--max-tokens", "1024", "--threads", "2", "--target", "cpu", "-o", out, "-q", *extra]))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A sweep of the reference model in one process: its folder and the process."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    proc = subprocess.run(sweep_command(out), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_sweep_end_to_end_and_resume(swept):
+    out, proc = swept
+    cmd = sweep_command(out)
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == ["plan-10M", "llama.cpp-Q2_K", "plan-14M"]  # by size
     for r in rows:
@@ -58,6 +75,24 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text()) == rows
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == stamps  # nothing redone
+
+
+def test_sweep_on_ray_makes_the_same_files(swept, ray_cluster, tmp_path):
+    """The points as tasks on a two-node cluster (the calibration and base conversion taken from the folder, as a
+    resumed sweep takes them): the same files, byte for byte, and the same rows but for the machine's timings."""
+    here, _ = swept
+    out = tmp_path / "sweep"
+    out.mkdir()
+    for name in ("stats.gguf", "base-F16.gguf", "sweep.json"):
+        shutil.copy(here / name, out / name)
+    proc = subprocess.run(sweep_command(out, f"--ray={ray_cluster}", calib=here.parent / "calib.txt"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, ours = (json.loads((d / "results.json").read_text()) for d in (here, out))
+    assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in ours] == \
+        [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+    for r in rows:
+        assert (out / r["file"]).read_bytes() == (here / r["file"]).read_bytes(), r["file"]
 
 
 def test_bad_budget_is_one_line(tmp_path):

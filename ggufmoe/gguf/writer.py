@@ -23,7 +23,7 @@ from typing import Iterable
 import gguf
 import numpy as np
 
-from ggufmoe.errors import GgufmoeError
+from ggufmoe.errors import GgufmoeError, Resumable
 from ggufmoe.files import replace_atomically
 from ggufmoe.state_dir import StateDir
 from ggufmoe.units import format_size
@@ -234,4 +234,4 @@ class GGUFOutput:
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
-            self.abort(keep=issubclass(exc_type, (KeyboardInterrupt, OSError)))
+            self.abort(keep=issubclass(exc_type, (KeyboardInterrupt, OSError, Resumable)))

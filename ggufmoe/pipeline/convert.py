@@ -6,20 +6,18 @@ slices included: no dequantization, no requantization loss.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-import numpy as np
 from tqdm import tqdm
 
-from ggufmoe.model.parts import part_chunks
-from ggufmoe.errors import GgufmoeError, Interrupted
+from ggufmoe.arch.base import Architecture
+from ggufmoe.errors import GgufmoeError, Interrupted, Resumable
 from ggufmoe.model.finite import NonFinite
-from ggufmoe.stats.imatrix import Imatrix, importance, load_imatrix
+from ggufmoe.stats.imatrix import Imatrix, load_imatrix
 from ggufmoe.gguf.writer import CONVERSION
 from ggufmoe.outputs import check_outputs
 from ggufmoe.prune.criteria import Pruning, PruneRequest, choose_experts
@@ -27,9 +25,7 @@ from ggufmoe.prune.redirect import with_table_orders
 from ggufmoe.prune.apply import prune_model
 from ggufmoe.plan.per_layer import spread_experts
 from ggufmoe.prune.merge import merge_experts
-from ggufmoe.quant.ggml import Quantizer
-from ggufmoe.pipeline.read_ahead import read_ahead
-from ggufmoe.quant.rounded_store import RoundedStore
+from ggufmoe.pipeline.pieces import Conversion, LocalEncoder
 from ggufmoe.source.config import check_shapes
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rules import TypedTensor, TypeRules
@@ -37,7 +33,9 @@ from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 
 if TYPE_CHECKING:
+    from ggufmoe.pipeline.distributed import Cluster
     from ggufmoe.pipeline.rounding import RoundingOptions
+
 
 @dataclass
 class ConvertOptions:
@@ -53,51 +51,7 @@ class ConvertOptions:
     resume: bool = False  # continue an interrupted conversion to ``out`` (same plan and inputs)
     zero_nonfinite: bool = False  # replace NaN/Inf in the weights with 0 instead of refusing them
     rounding: RoundingOptions | None = None  # output-aware rounding from these inputs (else llama.cpp's)
-
-
-@dataclass
-class Piece:
-    """One part of a tensor as read from the source, in write order: the stored bytes to copy, or
-    float32 rows to quantize with their importance rows (one row, or one per outermost slice)."""
-
-    tensor: TypedTensor
-    data: np.ndarray
-    importance: np.ndarray | None = None
-
-
-def read_pieces(typed: list[TypedTensor], imatrix: Imatrix | None, nonfinite: NonFinite) -> Iterator[Piece]:
-    """Every tensor's data, one part (expert slice, or row chunk of a big tensor) at a time, its non-finite
-    values set to 0 and counted by ``nonfinite``, which refuses them once the tensor is read."""
-    for p in typed:
-        name = p.spec.name
-        for i in range(p.spec.n_parts):
-            if p.copies:
-                yield Piece(p, nonfinite.clean(name, p.spec.raw(i), p.spec.source_type))
-                continue
-            rows = importance(p.spec, i, imatrix)
-            for r0, data in part_chunks(p.spec, i):
-                yield Piece(p, nonfinite.clean(name, data), rows if rows is None or len(rows) == 1 else rows[r0:])
-        nonfinite.check(name)
-
-
-def encode(piece: Piece, q: Quantizer, rounded: RoundedStore | None = None) -> np.ndarray:
-    """The bytes written for ``piece``: rounded ahead when ``rounded`` holds them, else quantized here. Quantized rows
-    are contiguous in GGUF, so parts are written in order."""
-    p, rows = piece.tensor, piece.importance
-    if p.copies:
-        return piece.data
-    if rounded is not None and (data := rounded.get(piece.data, p.qtype)) is not None:
-        return data
-    if rows is not None and len(rows) > 1:
-        return np.concatenate([q.quantize(s, p.qtype, r) for s, r in zip(piece.data, rows)])
-    return q.quantize(piece.data, p.qtype, None if rows is None else rows[0])
-
-
-def encoded(pieces: Iterable[Piece], q: Quantizer, bar: tqdm, rounded: RoundedStore | None) -> Iterator[np.ndarray]:
-    for piece in pieces:
-        data = encode(piece, q, rounded)
-        bar.update(data.nbytes)
-        yield data
+    cluster: Cluster | None = None  # where the pieces are quantized and a calibration runs (None: here)
 
 
 def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path]:
@@ -107,9 +61,51 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
     check_outputs([opts.out], [src_dir, opts.imatrix, opts.stats], kind=CONVERSION, split=opts.split_max_size > 0,
                   gguf=True)
     model = OpenedModel.open(source, opts.stats, config_ok=False)
-    src, arch = model.source, model.arch
-    for caveat in arch.caveats():
+    for caveat in model.arch.caveats():
         print(f"note: {caveat}", file=sys.stderr)
+    arch, prune, typed, imatrix = prepare(model, opts)
+    out = prepare_output(model.source, arch, typed, prune, opts.types, opts.out, opts.split_max_size, imatrix,
+                         opts.imatrix or opts.stats)
+    rounded = None
+    if opts.rounding is not None:
+        from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
+
+        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress)
+    conv = Conversion(model.path, opts, typed, imatrix, rounded, NonFinite(opts.zero_nonfinite))
+    try:
+        with out:
+            done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
+            if done:
+                tqdm.write(f"resuming: {done} of {len(typed)} tensors are written already", file=sys.stderr)
+            encoder = opts.cluster.encoder() if opts.cluster else LocalEncoder(opts.threads)
+            with tqdm(total=sum(p.nbytes for p in typed), unit="B", unit_scale=True, desc="convert",
+                      disable=not opts.progress) as bar:
+                bar.update(sum(p.nbytes for p in typed[:done]))
+                for name, parts in encoder.tensors(conv, done, bar):
+                    out.write_tensor(name, parts)
+            paths = out.finish()
+            if rounded is not None:
+                shutil.rmtree(rounded.path.parent, ignore_errors=True)  # the rounding folder, done with
+            if (replaced := conv.nonfinite.summary()) is not None:
+                tqdm.write(f"note: {replaced}", file=sys.stderr)
+            return paths
+    except KeyboardInterrupt:
+        if not out.kept:
+            raise
+        raise Interrupted(f"{out.tensors_done} of {len(typed)} tensors are kept in {out.state_dir}: "
+                          f"run the same command with --resume to continue") from None
+    except Resumable as e:
+        kept = f": {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""
+        raise GgufmoeError(f"{e}{kept}") from None
+    except OSError as e:
+        kept = f"; {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""
+        raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e}){kept}") from None
+
+
+def prepare(model: OpenedModel, opts: ConvertOptions) -> tuple[Architecture, Pruning, list[TypedTensor], Imatrix | None]:
+    """What ``opts`` converts ``model`` to: the (pruned) architecture, the pruning, every tensor at its type in write
+    order and the importance matrix. The same in every process given the same inputs."""
+    src, arch = model.source, model.arch
     check_shapes(src)
     stats = model.stats if opts.stats else None
     imatrix = load_imatrix(opts.imatrix) if opts.imatrix else stats.imatrix if stats else None
@@ -124,41 +120,7 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
                            f"{src.path} has {arch.n_expert}")
     prune = with_table_orders(list(arch.tensors()), stats, prune)
     arch, specs = prune_model(arch, prune)
-    typed = assign_types(specs, opts.types, imatrix)
-    out = prepare_output(src, arch, typed, prune, opts.types, opts.out, opts.split_max_size, imatrix,
-                         opts.imatrix or opts.stats)
-    rounded = None
-    if opts.rounding is not None:
-        from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
-
-        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress)
-    try:
-        with out:
-            done = out.begin(opts.resume, file_identity(input_files(src_dir, opts)))
-            if done:
-                tqdm.write(f"resuming: {done} of {len(typed)} tensors are written already", file=sys.stderr)
-            nonfinite = NonFinite(opts.zero_nonfinite)
-            with (Quantizer(opts.threads) as q,
-                  read_ahead(read_pieces(typed[done:], imatrix, nonfinite)) as pieces,
-                  tqdm(total=sum(p.nbytes for p in typed), unit="B", unit_scale=True, desc="convert",
-                       disable=not opts.progress) as bar):
-                bar.update(sum(p.nbytes for p in typed[:done]))
-                for name, group in itertools.groupby(pieces, key=lambda piece: piece.tensor.spec.name):
-                    out.write_tensor(name, encoded(group, q, bar, rounded))
-            paths = out.finish()
-            if rounded is not None:
-                shutil.rmtree(rounded.path.parent, ignore_errors=True)  # the rounding folder, done with
-            if (replaced := nonfinite.summary()) is not None:
-                tqdm.write(f"note: {replaced}", file=sys.stderr)
-            return paths
-    except KeyboardInterrupt:
-        if not out.kept:
-            raise
-        raise Interrupted(f"{out.tensors_done} of {len(typed)} tensors are kept in {out.state_dir}: "
-                          f"run the same command with --resume to continue") from None
-    except OSError as e:
-        kept = f"; {out.tensors_done} tensors are kept in {out.state_dir} for --resume" if out.kept else ""
-        raise GgufmoeError(f"{opts.out}: write failed ({e.strerror or e}){kept}") from None
+    return arch, prune, assign_types(specs, opts.types, imatrix), imatrix
 
 
 def input_files(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:

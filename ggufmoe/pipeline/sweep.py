@@ -16,6 +16,7 @@ import os
 import shlex
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -38,6 +39,9 @@ from ggufmoe.outputs import check_output_folder, write_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 from ggufmoe.model.qtypes import DEFAULT_BASELINES
 from ggufmoe.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from ggufmoe.pipeline.distributed import Cluster
 
 BASE_TYPE = "F16"
 SETTINGS = "sweep.json"  # what the folder's points were made from: another sweep into it must match
@@ -102,11 +106,36 @@ def save_results(points: dict[str, Point], path: Path) -> None:
     write_output(path, lambda tmp: tmp.write_text(text))
 
 
-def sweep(src: Path, opts: SweepOptions) -> list[Point]:
-    """Run every point not yet in ``results.json``; write the three result files; return the points."""
+@dataclass
+class PointTask:
+    """One point of a sweep to make and measure: plan and convert (``kind`` ggufmoe, ``what`` its budget) or
+    llama.cpp's mix ``what``; validate; evaluate. Plain data: a worker on another machine can be handed it."""
+
+    src: Path
+    kind: str
+    name: str
+    what: int | str
+    stats_path: Path
+    base: Path
+    calib: str
+    text: str
+    opts: SweepOptions
+
+    def run(self) -> Point:
+        arch = architecture_for(open_source(self.src))
+        make = _ours if self.kind == "ggufmoe" else _baseline
+        point = make(self.src, arch, self.name, self.what, self.stats_path, self.base, self.calib, self.opts)
+        point.bpw = file_facts(self.opts.out / point.file, self.opts.planning.ctx, self.opts.planning.kv_type).bpw
+        _measure(point, self.base, self.text, self.opts)
+        return point
+
+
+def sweep(src: Path, opts: SweepOptions, cluster: Cluster | None = None) -> list[Point]:
+    """Run every point not yet in ``results.json``, each saved as it ends (``cluster``: the points, the calibration
+    and the base conversion on its workers); write the three result files; return the points."""
     src = Path(src)
     source = open_source(src)
-    arch = architecture_for(source)
+    architecture_for(source)  # an unsupported model refused before anything is made
     if not source.has_weights:
         raise GgufmoeError(f"{src}: a sweep converts the model; it needs the weights, not a configuration alone")
     if not source.can_calibrate:
@@ -128,17 +157,18 @@ def sweep(src: Path, opts: SweepOptions) -> list[Point]:
     claim_folder(out / SETTINGS, settings)
     results_path = out / "results.json"
     points = load_results(results_path)
-    stats_path, base = _prepare(src, out, calib, opts)
-    bar = tqdm(todo, desc="sweep", unit="point", disable=not opts.progress)
-    for kind, name, what in bar:
-        if name in points:
-            continue
-        bar.set_postfix_str(name)
-        point = (_ours if kind == "ggufmoe" else _baseline)(src, arch, name, what, stats_path, base, calib, opts)
-        point.bpw = file_facts(out / point.file, opts.planning.ctx, opts.planning.kv_type).bpw
-        _measure(point, base, text, opts)
-        points[name] = point
-        save_results(points, results_path)
+    stats_path, base = _prepare(src, out, calib, opts, cluster)
+    pending = [PointTask(src, kind, name, what, stats_path, base, calib, text, opts)
+               for kind, name, what in todo if name not in points]
+    if any(t.kind == "ggufmoe" for t in pending):  # sensitivities measured once here, before points plan in parallel
+        build_plan(src, replace(opts.planning, total=todo[0][2]), stats_path, calib, progress=opts.progress)
+    with tqdm(total=len(todo), initial=len(todo) - len(pending), desc="sweep", unit="point",
+              disable=not opts.progress) as bar:
+        for point in cluster.points(pending) if cluster else (t.run() for t in pending):
+            points[point.name] = point
+            save_results(points, results_path)
+            bar.set_postfix_str(point.name)
+            bar.update()
     rows = sorted(points.values(), key=lambda p: p.file_bytes)
     table = format_table(rows, src, opts)
     write_output(out / "results.md", lambda tmp: tmp.write_text(table))
@@ -190,17 +220,17 @@ def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:
                   shlex.join(["ggufmoe", "convert", src.name, "--type", BASE_TYPE, "-o", f"base-{BASE_TYPE}.gguf"])])
 
 
-def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions) -> tuple[Path, Path]:
+def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions, cluster: Cluster | None) -> tuple[Path, Path]:
     """The statistics (calibrated once; an interrupted calibration continues after its last complete layer)
     and the base GGUF (converted once)."""
     stats_path = out / "stats.gguf"
     if not stats_path.is_file():
         calibrate(src, calib, progress=opts.progress, dataset=opts.calib.name, out=stats_path, resume=True,
-                     resume_hint="run the same sweep again")
+                  resume_hint="run the same sweep again", cluster=cluster)
     base = out / f"base-{BASE_TYPE}.gguf"
     if not base.is_file():
         convert(src, ConvertOptions(out=base, types=TypeRules.parse(BASE_TYPE), threads=opts.threads,
-                                    progress=opts.progress))
+                                    progress=opts.progress, cluster=cluster))
     return stats_path, base
 
 

@@ -101,7 +101,7 @@ from ggufmoe.stats.probe_results import KEY as PROBES_KEY
 from ggufmoe.stats.probe_streams import ProbeRequest, ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
-from ggufmoe.stats.text import CALIB_CTX, calibration_tokens, warn_if_few_tokens
+from ggufmoe.stats.text import CALIB_CTX, Share, calibration_tokens, share_of, warn_if_few_tokens
 from ggufmoe.stats.working_set import WorkingSet, WorkingSetBound
 
 DEFAULT_MAX_MEMORY = 4 * 1024**3
@@ -130,7 +130,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
                  in_memory: bool | None = None, keep_on_error: bool = True,
                  resume_hint: str = "run the same command with --resume", local: LocalOptions | None = None,
                  measure_local: bool = True, kept_sets: KeptSets | None = None,
-                 probes: ProbeRequest | None = None, rounding: RoundingRequest | None = None) -> Stats:
+                 probes: ProbeRequest | None = None, rounding: RoundingRequest | None = None,
+                 share: Share | None = None) -> Stats:
     """The statistics :func:`ggufmoe.stats.collect.collect_stats` gives, computed one layer at a time.
 
     With ``out`` the statistics are written there (atomically) and the state directory beside it
@@ -141,7 +142,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
     :mod:`ggufmoe.stats.prune_error`. ``probes``: end-to-end probes carried beside the calibration
     (:mod:`ggufmoe.stats.probe_streams`), their KL stored with the statistics. ``rounding``: round the tensors it
     names with their inputs as the pass goes (:mod:`ggufmoe.stats.rounding`), into its store. ``in_memory`` forces where the hidden
-    states live (None: decided by ``max_memory``).
+    states live (None: decided by ``max_memory``). ``share``: only that share of the text's chunks
+    (:func:`~ggufmoe.stats.text.share_of`), whose statistics summed with the other shares' are the text's.
 
     Interrupted (Ctrl-C, SIGTERM) after a complete layer, the state directory is kept and the
     :class:`Interrupted` error says so, ending with ``resume_hint`` (how to continue). Failed with
@@ -158,7 +160,10 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
         raise GgufmoeError("calibration text is empty")
     tokenizer = load_tokenizer(model_dir)
     ids, prefix = calibration_tokens(tokenizer, text, ctx, max_tokens)
-    warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
+    if share is None:
+        warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
+    else:
+        ids = share_of(ids, ctx - len(prefix), share)
     ids = torch.from_numpy(ids)
     local = (local or LocalOptions()) if measure_local else None
     fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local) + (probes.key() if probes else ""))

@@ -144,6 +144,17 @@ def calibration_tokens(tokenizer, text: str, ctx: int, max_tokens: int | None) -
     return ids, prefix
 
 
+Share = tuple[int, int]  # share i of n of a calibration's chunks
+
+
+def share_of(ids: np.ndarray, body: int, share: Share) -> np.ndarray:
+    """Share ``(i, n)`` of the chunks of ``body`` tokens that ``ids`` is cut into: whole chunks, contiguous, as the
+    chunks would be laid out for all of ``ids`` (the shares of ``0..n-1`` are ``ids`` in order)."""
+    i, n = share
+    n_chunks = -(-len(ids) // body)
+    return ids[i * n_chunks // n * body:(i + 1) * n_chunks // n * body]
+
+
 def warn_if_few_tokens(n_tokens: int, n_expert: int, top_k: int) -> None:
     """One ``warning:`` line on stderr when ``n_tokens`` of calibration text route fewer than
     :data:`MIN_ROUTED_PER_EXPERT` tokens to each of ``n_expert`` experts on average."""

@@ -1,0 +1,111 @@
+"""The commands on a real two-node Ray cluster (``--ray``): the same statistics and the same bytes as in one process,
+a worker killed mid-conversion, and the one-line errors when Ray is missing or the cluster does not answer."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_models
+from cli_run import GGUFMOE, assert_one_line_error, run
+from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.prune.criteria import PruneRequest
+from ggufmoe.quant.rules import TypeRules
+from ggufmoe.stats.file import load_stats
+
+REF, CALIB = tiny_models.REF_MODEL, tiny_models.TEST_DATA / "calib.txt"
+CALIBRATE = ("--text", CALIB, "--max-tokens", 4096, "--chunk", 256, "-q")  # 16 chunks: 8 a share
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory):
+    """The reference model calibrated in one process."""
+    out = tmp_path_factory.mktemp("stats") / "stats.gguf"
+    proc = run("calibrate", REF, *CALIBRATE, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def worst_relative(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float((np.abs(a - b) / np.maximum(np.abs(a), 1e-30)).max())
+
+
+def test_calibrate_on_ray_gives_the_same_statistics(ray_cluster, stats, tmp_path):
+    out = tmp_path / "ray.gguf"
+    proc = run("calibrate", REF, *CALIBRATE, "-o", out, f"--ray={ray_cluster}")
+    assert proc.returncode == 0, proc.stderr
+    one, two = load_stats(stats), load_stats(out)
+    assert two.imatrix.chunk_count == one.imatrix.chunk_count == 16
+    assert one.imatrix.entries.keys() == two.imatrix.entries.keys() and one.layers.keys() == two.layers.keys()
+    worst = 0.0
+    for name, e in one.imatrix.entries.items():
+        worst = max(worst, worst_relative(e.in_sum2, two.imatrix.entries[name].in_sum2),
+                    worst_relative(e.counts, two.imatrix.entries[name].counts))
+    for il, s in one.layers.items():
+        t = two.layers[il]
+        assert s.n_tokens == t.n_tokens
+        worst = max(worst, *(worst_relative(getattr(s, a), getattr(t, a)) for a in ("counts", "weight_mass", "reap_sum")))
+    assert worst < 1e-5
+    assert two.extras.keys() == one.extras.keys()  # the local errors, measured by the first share
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.gguf"]  # the shares' files and states are gone
+
+
+def encode_workers() -> list[int]:
+    """The processes running a conversion's pieces now (Ray titles a worker by the task it runs)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::encode_pieces"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, tmp_path):
+    here = convert(REF, ConvertOptions(out=tmp_path / "here.gguf", types=TypeRules.parse("IQ2_XXS"), stats=stats,
+                                       prune=PruneRequest(keep=16), progress=False))[0]
+    killed = []
+
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid in encode_workers():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    proc = subprocess.run([GGUFMOE, "convert", str(REF), "-o", str(tmp_path / "ray.gguf"), "--type", "IQ2_XXS",
+                           "--stats", str(stats), "--keep", "16", "-q", f"--ray={ray_cluster}"],
+                          capture_output=True, text=True)
+    killer.join()
+    assert proc.returncode == 0, proc.stderr
+    assert killed, "no encoding worker was seen running"
+    assert (tmp_path / "ray.gguf").read_bytes() == here.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here.gguf", "ray.gguf"]
+
+
+def test_without_ray_installed_the_option_is_one_line(tmp_path):
+    code = "import sys; sys.modules['ray'] = None; from ggufmoe.cli import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "convert", str(REF), "-o", str(tmp_path / "x.gguf"), "--ray"],
+                          capture_output=True, text=True)
+    assert_one_line_error(proc, "--ray needs Ray", "pip install 'ggufmoe[ray]'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
+    proc = run("convert", REF, "-o", tmp_path / "x.gguf", "--ray=127.0.0.1:9")
+    assert_one_line_error(proc, "--ray 127.0.0.1:9", "no Ray cluster answers there")
+    assert not list(tmp_path.iterdir())
