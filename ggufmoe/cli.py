@@ -699,6 +699,17 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
+    from ggufmoe.cluster import supervisor
+
+    if supervisor.wants_ray(sys.argv[1:]) and not supervisor.supervised():
+        sys.exit(supervisor.run_in_child(sys.argv))  # Ray may end the process itself: a parent says so
+    try:
+        _main()
+    finally:
+        supervisor.ended()
+
+
+def _main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(standalone_mode=False)

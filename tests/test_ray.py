@@ -4,7 +4,6 @@ a worker killed mid-conversion, and the one-line errors when Ray is missing or t
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -97,11 +96,14 @@ def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, tmp_
 
 
 def test_without_ray_installed_the_option_is_one_line(tmp_path):
-    code = "import sys; sys.modules['ray'] = None; from ggufmoe.cli import main; main()"
-    proc = subprocess.run([sys.executable, "-c", code, "convert", str(REF), "-o", str(tmp_path / "x.gguf"), "--ray"],
-                          capture_output=True, text=True)
+    hidden = tmp_path / "no-ray"
+    (hidden / "ray").mkdir(parents=True)
+    (hidden / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run("convert", REF, "-o", out / "x.gguf", "--ray", env={"PYTHONPATH": str(hidden)})
     assert_one_line_error(proc, "--ray needs Ray", "pip install 'ggufmoe[ray]'")
-    assert not list(tmp_path.iterdir())
+    assert not list(out.iterdir())
 
 
 def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
@@ -109,3 +111,34 @@ def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
     proc = run("convert", REF, "-o", tmp_path / "x.gguf", "--ray=127.0.0.1:9")
     assert_one_line_error(proc, "--ray 127.0.0.1:9", "no Ray cluster answers there")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, tmp_path):
+    """Ray ends a driver whose cluster goes away; the command says so in one line and keeps the complete tensors,
+    which --resume (here without a cluster) completes to the same bytes."""
+    from ray.cluster_utils import Cluster
+
+    here = convert(REF, ConvertOptions(out=tmp_path / "here.gguf", types=TypeRules.parse("IQ2_XXS"), stats=stats,
+                                       progress=False))[0]
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 << 20,
+                                                                include_dashboard=False))
+    out = tmp_path / "ray.gguf"
+    args = ["convert", REF, "-o", out, "--type", "IQ2_XXS", "--stats", stats, "-q"]
+    try:
+        cluster.wait_for_nodes()
+        proc = subprocess.Popen([GGUFMOE, *map(str, args), f"--ray={cluster.address}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        progress = tmp_path / ".ray.gguf.partial" / "progress.json"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and \
+                not (progress.exists() and '"tensors": 0' not in progress.read_text()):
+            time.sleep(0.05)
+    finally:
+        cluster.shutdown()
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and "Ray cluster went away" in lines[0], err
+    assert "--resume" in lines[0] and not out.exists() and progress.exists()
+    again = run(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming:" in again.stderr and out.read_bytes() == here.read_bytes()

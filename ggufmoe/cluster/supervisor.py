@@ -1,0 +1,51 @@
+"""A command with ``--ray`` runs in a child process this one waits for. Ray ends a driver whose cluster went away at
+once (its raylet or head gone: the process exits with no Python code run), which would end the command with no word
+of what happened; the parent then says it in one line, and that the work done is kept for ``--resume`` (a
+conversion's complete tensors, a calibration's complete shares and layers, a sweep's finished points)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = "GGUFMOE_RAY_CHILD"  # set in the child: the file its own end is recorded in
+
+
+def wants_ray(args: list[str]) -> bool:
+    return any(a == "--ray" or a.startswith("--ray=") for a in args)
+
+
+def supervised() -> bool:
+    """Whether this process is the child of :func:`run_in_child`."""
+    return CHILD in os.environ
+
+
+def ended() -> None:
+    """This process ends by itself (having said why, when it fails): recorded for the parent."""
+    if CHILD in os.environ:
+        Path(os.environ[CHILD]).touch()
+
+
+def run_in_child(argv: list[str]) -> int:
+    """The command ``argv`` (``sys.argv``) run again in a child process; its exit code. Ctrl-C reaches the child
+    (the terminal's process group), SIGTERM is handed on to it."""
+    script = Path(argv[0])
+    command = [sys.executable, str(script)] if script.is_file() else \
+        [sys.executable, "-c", "from ggufmoe.cli import main; main()"]
+    with tempfile.TemporaryDirectory(prefix="ggufmoe-ray-") as tmp:
+        marker = Path(tmp) / "ended"
+        quiet = {"RAY_BACKEND_LOG_LEVEL": "fatal"}  # Ray's own C++ log lines on stderr: the one line below says it
+        child = subprocess.Popen([*command, *argv[1:]], env={**quiet, **os.environ, CHILD: str(marker)})
+        signal.signal(signal.SIGINT, lambda *_: None)  # the child has it too, and ends as it does without --ray
+        signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        code = child.wait()
+        if not marker.exists():
+            print(f"error: the Ray cluster went away (Ray ended the command, exit code {code}); what was complete is "
+                  "kept: run the same command with --resume (on a cluster again, or without --ray) to continue",
+                  file=sys.stderr)
+            return code or 1
+        return code
