@@ -204,7 +204,7 @@ def from_hub(what: str, config_only: Callable[[dict], bool] | None = None):
             src, alone = kw["src"], config_only is not None and config_only(kw)
             kw["src"] = local_source(src, kw.pop("revision"), Files.CONFIG if alone else Files.MODEL,
                                      progress=not kw.get("quiet"))
-            if alone and kw["src"] != src:
+            if alone and kw["src"] != Path(src):
                 click.echo(f"note: planning {src} from its configuration alone (no weights downloaded; with --stats "
                            "they are)", err=True)
             return f(**kw)
@@ -224,6 +224,9 @@ def on_ray(what: str):
         @functools.wraps(f)
         def command(**kw):
             address = kw.pop("ray_address")
+            if address and Path(address).exists():
+                raise click.BadParameter(f"{address!r} is a path: give the address as --ray=ADDRESS, or --ray last",
+                                         param_hint="'--ray'")
             if address is None:
                 return f(cluster=None, **kw)
             from ggufmoe.cluster.ray_cluster import RayCluster
@@ -251,7 +254,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path())  # as typed: ./org/name stays a path (from_hub)
 @from_hub(HUB_MODEL)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--type", "qtype", default=None,
@@ -380,7 +383,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path())  # as typed: ./org/name stays a path (from_hub)
 @from_hub(HUB_MODEL + " as inspect reads every shard's header,")
 @ctx_option("The memory is for it.")
 @kv_option("the memory is for.")
@@ -397,7 +400,7 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path())  # as typed: ./org/name stays a path (from_hub)
 @from_hub(HUB_MODEL)
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
               help="Calibration text file (UTF-8).")
@@ -490,7 +493,7 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path())  # as typed: ./org/name stays a path (from_hub)
 @from_hub("config.json alone to plan from the configuration (with --stats also the tokenizer and the weights)",
           lambda kw: kw["stats"] is None)
 @budget_options("Memory budget, e.g. 128GiB or 20M.", required=True)
@@ -527,7 +530,7 @@ def plan(src: Path, budget: Budget, stats: Path | None, calib: Path | None, rule
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path())  # as typed: ./org/name stays a path (from_hub)
 @from_hub(HUB_MODEL)
 @click.option("--budgets", required=True, type=SIZES, help="Comma-separated budgets, e.g. 8M,10M,12M or 96G,128G.")
 @click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration text.")
@@ -712,7 +715,7 @@ def main() -> None:
 def _main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="ggufmoe")
     except GgufmoeError as e:
         click.echo(f"{e.label}: {e}", err=True)
         sys.exit(e.exit_code)

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ggufmoe.cluster.session import RETRIES, RaySession
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.finite import NonFinite
 from ggufmoe.pipeline.convert import ConvertOptions, prepare
 from ggufmoe.pipeline.pieces import Conversion, PieceRef, encode, piece_refs, read_piece
@@ -42,6 +43,14 @@ class Job:
     rounded: Path | None
 
 
+def job_of(conv: Conversion) -> Job:
+    """``conv`` as a worker makes it: every path absolute (a worker's directory is not this one)."""
+    opts = conv.opts
+    absolute = {k: getattr(opts, k).resolve() for k in ("imatrix", "stats", "out") if getattr(opts, k) is not None}
+    return Job(uuid.uuid4().hex, str(conv.source.resolve()), replace(opts, cluster=None, progress=False, **absolute),
+               conv.rounded.path.resolve() if conv.rounded else None)
+
+
 _JOBS: dict[str, Conversion] = {}  # per worker process: the conversion of the job it works on
 
 
@@ -49,6 +58,9 @@ def conversion(job: Job) -> Conversion:
     """The job's conversion, made once per worker process."""
     conv = _JOBS.get(job.key)
     if conv is None:
+        if job.rounded is not None and not job.rounded.is_dir():
+            raise GgufmoeError(f"{job.rounded}: this Ray worker does not see the rounded tensors (the output's folder "
+                               "must be on a filesystem every node shares)")
         _JOBS.clear()
         _, _, typed, imatrix = prepare(OpenedModel.open(job.source, job.opts.stats, config_ok=False), job.opts)
         rounded = RoundedStore(job.rounded) if job.rounded else None
@@ -101,8 +113,7 @@ class RayEncoder:
         """Every piece from tensor ``start`` on with its bytes, in order; tasks asked for ahead within the bound."""
         ray, typed = self.session.ray, conv.typed
         remote = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(encode_pieces)
-        job = ray.put(Job(uuid.uuid4().hex, str(conv.source.resolve()), replace(conv.opts, cluster=None, progress=False),
-                          conv.rounded.path if conv.rounded else None))
+        job = ray.put(job_of(conv))
         todo = batches(typed, piece_refs(typed, start))
         asked: deque[tuple[list[PieceRef], object, int]] = deque()
         in_flight = 0

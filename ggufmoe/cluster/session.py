@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
+import threading
 from types import ModuleType
+from typing import Callable, Iterator, TypeVar
 
 from ggufmoe.errors import GgufmoeError, Resumable, one_line
 
+Task = TypeVar("Task")
 LOCAL = ""  # ``--ray`` without an address: a local cluster started for the command (or RAY_ADDRESS's)
 RETRIES = 3  # times Ray runs a task again whose worker died
 REACH_TIMEOUT = 10  # seconds to wait for a cluster's address to answer (Ray itself retries for minutes)
@@ -37,8 +42,9 @@ class RaySession:
         if not ray.is_initialized():
             self._check_reachable()
             try:
-                ray.init(address=self.address or None, logging_level=logging.ERROR, log_to_driver=False,
-                         include_dashboard=False, configure_logging=True)
+                with _signals_kept():
+                    ray.init(address=self.address or None, logging_level=logging.ERROR, log_to_driver=False,
+                             include_dashboard=False, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"at {self.address}" if self.address else "here"
                 raise GgufmoeError(f"--ray: cannot start or reach a Ray cluster {where} ({one_line(e)})") from None
@@ -61,10 +67,25 @@ class RaySession:
             self.ray.shutdown()
             self._opened = False
 
-    @property
-    def cpus(self) -> int:
-        """CPUs the cluster has (what runs at once)."""
-        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+    def node_cpus(self) -> list[int]:
+        """The CPUs of each live node that has any."""
+        cpus = [int(n["Resources"].get("CPU", 0)) for n in self.ray.nodes() if n.get("Alive")]
+        return [c for c in cpus if c > 0] or [1]
+
+    def as_completed(self, fn: Callable, tasks: list[Task], what: Callable[[Task], str],
+                     **options) -> Iterator[tuple[Task, object]]:
+        """``fn(task)`` for each of ``tasks`` run on the cluster (Ray's ``options``, retried when a worker dies), each
+        with its result as it ends."""
+        ray = self.ray
+        remote = ray.remote(max_retries=RETRIES, retry_exceptions=False, **options)(fn)
+        futures = {remote.remote(t): t for t in tasks}
+        waiting = list(futures)
+        while waiting:
+            try:
+                (done,), waiting = ray.wait(waiting, num_returns=1)
+            except (ray.exceptions.RayError, ConnectionError) as e:
+                raise Resumable(f"the Ray cluster went away ({one_line(e)})") from None
+            yield futures[done], self.get(done, what(futures[done]))
 
     def get(self, future, what: str):
         """The result of ``future``; a task's own error raised as it is, Ray's own failures as one line (a cluster
@@ -80,3 +101,19 @@ class RaySession:
             raise GgufmoeError(f"{what}: its Ray worker died {RETRIES + 1} times ({one_line(e)})") from None
         except (ray.exceptions.RayError, ConnectionError) as e:
             raise Resumable(f"{what}: the Ray cluster went away ({one_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _signals_kept() -> Iterator[None]:
+    """Ray's start installs its own SIGTERM handler (exit at once), which would drop the work a SIGTERM keeps for
+    ``--resume``: the handlers before it are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            if handler is not None:
+                signal.signal(s, handler)

@@ -27,7 +27,10 @@ def supervised() -> bool:
 def ended() -> None:
     """This process ends by itself (having said why, when it fails): recorded for the parent."""
     if CHILD in os.environ:
-        Path(os.environ[CHILD]).touch()
+        try:
+            Path(os.environ[CHILD]).touch()
+        except OSError:  # a process that inherited the variable from a command long gone
+            pass
 
 
 def run_in_child(argv: list[str]) -> int:
@@ -38,14 +41,14 @@ def run_in_child(argv: list[str]) -> int:
         [sys.executable, "-c", "from ggufmoe.cli import main; main()"]
     with tempfile.TemporaryDirectory(prefix="ggufmoe-ray-") as tmp:
         marker = Path(tmp) / "ended"
-        quiet = {"RAY_BACKEND_LOG_LEVEL": "fatal"}  # Ray's own C++ log lines on stderr: the one line below says it
-        child = subprocess.Popen([*command, *argv[1:]], env={**quiet, **os.environ, CHILD: str(marker)})
+        child = subprocess.Popen([*command, *argv[1:]], env={**os.environ, CHILD: str(marker)})
         signal.signal(signal.SIGINT, lambda *_: None)  # the child has it too, and ends as it does without --ray
         signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
         code = child.wait()
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        code = 128 - code if code < 0 else code
         if not marker.exists():
-            print(f"error: the Ray cluster went away (Ray ended the command, exit code {code}); what was complete is "
-                  "kept: run the same command with --resume (on a cluster again, or without --ray) to continue",
-                  file=sys.stderr)
+            print(f"error: the command ended without finishing ({how}; Ray ends a command whose cluster went away); "
+                  "what was complete is kept: run the same command with --resume to continue", file=sys.stderr)
             return code or 1
         return code

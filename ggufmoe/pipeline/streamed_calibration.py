@@ -3,6 +3,7 @@ shares streamed on a cluster's workers and their sums added up (:func:`calibrate
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ def calibrate_streamed(src: str | Path, held: HeldOut, probes: bool | None, prob
     if probes:
         texts = {HELD_OUT: held.probes, **(probe_texts or {})}
         request = probe_request(arch, load_tokenizer(Path(src)), texts, kw.get("ctx", CALIB_CTX), probe_chunks)
+    if cluster is None and kw.get("out") is not None and kept_shares(Path(kw["out"]).resolve()):
+        raise GgufmoeError(f"{kw['out']}: an interrupted `--ray` calibration to it kept its shares: continue it with "
+                           "--ray --resume, or delete them to start over")
     if cluster is not None:
         return calibrate_shares(src, held.calibration, cluster, dict(kw, kept_sets=kept_sets(arch), probes=request))
     return stream_stats(src, held.calibration, kept_sets=kept_sets(arch), probes=request, **kw)
@@ -64,29 +68,38 @@ def share_path(out: Path, share: Share) -> Path:
     return out.with_name(f".{out.name}.share-{share[0] + 1}-of-{share[1]}.gguf")
 
 
+def kept_shares(out: Path) -> set[int]:
+    """Into how many shares the kept work of earlier runs to ``out`` was split (share files and their states)."""
+    found = re.compile(rf"\.?\.{re.escape(out.name)}\.share-\d+-of-(\d+)\.gguf(\.partial)?")
+    return {int(m.group(1)) for p in out.parent.glob(f"*.{out.name}.share-*") if (m := found.fullmatch(p.name))}
+
+
 def calibrate_shares(src: str | Path, text: str, cluster: Cluster, kw: dict) -> Stats:
     """The statistics of ``text``, its chunks split into as many contiguous shares as ``cluster`` has workers, each
     streamed on one and the shares' sums added up (:func:`~ggufmoe.stats.reduce.summed`): the importance matrix and
     routing statistics are those of one pass over all the chunks. The first share also measures what is measured
     beside the statistics (local and pruning errors, probes) on its tokens. With ``out``, each share is saved beside
-    it as it ends (and its state kept for ``--resume``), so a resumed run streams only the shares not done."""
-    src, out, resume = Path(src), kw.pop("out", None), kw.get("resume", False)
+    it as it ends and its state kept as it goes: ``resume`` takes up the shares of the run before (as many as it had,
+    whatever the cluster now), and a share whose worker died is resumed by the task Ray runs again."""
+    src, out, resume = Path(src).resolve(), kw.pop("out", None), kw.pop("resume", False)
     arch = architecture_for(HFSource(src))
     ctx = kw.get("ctx", CALIB_CTX)
     ids, prefix = calibration_tokens(load_tokenizer(src), text, ctx, kw.get("max_tokens"))
     warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)
     n = max(1, min(cluster.workers, -(-len(ids) // (ctx - len(prefix)))))
-    alone = dict(kw, measure_local=False, kept_sets=None, probes=None, progress=False)
-    tasks = [ShareTask(src, text, (i, n), dict(kw if i == 0 else alone, progress=False,
+    if out is not None:
+        out = Path(out).resolve()
+        if (kept := kept_shares(out)) and not resume:
+            raise GgufmoeError(f"{out.parent} holds shares of an interrupted calibration to {out.name}: add --resume "
+                               f"to continue it, or delete them (.{out.name}.share-*) to start over")
+        if len(kept) > 1:
+            raise GgufmoeError(f"{out.parent} holds shares of two calibrations to {out.name} (split {sorted(kept)} "
+                               f"ways): delete them (.{out.name}.share-*) to start over")
+        n = kept.pop() if kept else n
+    alone = dict(kw, measure_local=False, kept_sets=None, probes=None)
+    tasks = [ShareTask(src, text, (i, n), dict(kw if i == 0 else alone, progress=False, resume=True,
                                               out=share_path(out, (i, n)) if out else None)) for i in range(n)]
-    done: dict[Share, Stats] = {}
-    for t in tasks:
-        path = t.kw["out"]
-        if path is not None and path.is_file():
-            if not resume:
-                raise GgufmoeError(f"{path} holds a share of an interrupted calibration to {out.name}: add --resume "
-                                   "to continue it, or delete it to start over")
-            done[t.share] = load_stats(path, top_k=arch.top_k)
+    done = {t.share: load_stats(t.kw["out"], top_k=arch.top_k) for t in tasks if out and t.kw["out"].is_file()}
     with tqdm(total=n, initial=len(done), desc=f"calibrate ({n} shares)", unit="share",
               disable=not kw.get("progress", True)) as bar:
         for t, stats in cluster.calibrate([t for t in tasks if t.share not in done]):

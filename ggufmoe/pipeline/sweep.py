@@ -158,9 +158,10 @@ def sweep(src: Path, opts: SweepOptions, cluster: Cluster | None = None) -> list
     results_path = out / "results.json"
     points = load_results(results_path)
     stats_path, base = _prepare(src, out, calib, opts, cluster)
-    pending = [PointTask(src, kind, name, what, stats_path, base, calib, text, opts)
+    here = replace(opts, out=out.resolve())  # a point may run elsewhere: every path absolute
+    pending = [PointTask(src.resolve(), kind, name, what, stats_path.resolve(), base.resolve(), calib, text, here)
                for kind, name, what in todo if name not in points]
-    if any(t.kind == "ggufmoe" for t in pending):  # sensitivities measured once here, before points plan in parallel
+    if cluster is not None and any(t.kind == "ggufmoe" for t in pending):  # sensitivities measured once, here
         build_plan(src, replace(opts.planning, total=todo[0][2]), stats_path, calib, progress=opts.progress)
     with tqdm(total=len(todo), initial=len(todo) - len(pending), desc="sweep", unit="point",
               disable=not opts.progress) as bar:
