@@ -433,8 +433,8 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
               help="Chunks of --chunk tokens per text the probes run on (their standard error falls as the square "
                    "root of it; memory and time grow with it).")
 @on_ray("the calibration: its chunks split into one share per node, each streamed there with the node's CPUs and "
-        "--max-memory, the statistics added up here (the same sums); the first share also measures the local errors "
-        "and probes on its tokens")
+        "--max-memory, the statistics added up here (the same sums); the local errors split by layer over the "
+        "shares, the probes carried by the first")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chunk: int, resume: bool, device: str,
               max_memory: int, whole: bool, probes: bool | None, probe_files: tuple[Path, ...], probe_chunks: int,

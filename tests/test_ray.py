@@ -18,9 +18,11 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.prune.criteria import PruneRequest
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.stats.file import load_stats
+from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors
 
 REF, CALIB = tiny_models.REF_MODEL, tiny_models.TEST_DATA / "calib.txt"
-CALIBRATE = ("--text", CALIB, "--max-tokens", 4096, "--chunk", 256, "-q")  # 16 chunks: 8 a share
+CALIBRATE = ("--text", CALIB, "--max-tokens", 2048, "--chunk", 256, "-q")  # 8 chunks: 4 a share
+CONVERT = ("--type", "IQ2_XXS", "--keep", "16", "-q")  # slow enough to be caught mid-way
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,14 @@ def stats(tmp_path_factory):
     proc = run("calibrate", REF, *CALIBRATE, "-o", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def here(stats, tmp_path_factory):
+    """The reference model converted in one process (``CONVERT`` with ``stats``)."""
+    out = tmp_path_factory.mktemp("here") / "here.gguf"
+    return convert(REF, ConvertOptions(out=out, types=TypeRules.parse("IQ2_XXS"), stats=stats,
+                                       prune=PruneRequest(keep=16), progress=False))[0]
 
 
 def worst_relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,7 +52,7 @@ def test_calibrate_on_ray_gives_the_same_statistics(ray_cluster, stats, tmp_path
     proc = run("calibrate", REF, *CALIBRATE, "-o", out, f"--ray={ray_cluster}")
     assert proc.returncode == 0, proc.stderr
     one, two = load_stats(stats), load_stats(out)
-    assert two.imatrix.chunk_count == one.imatrix.chunk_count == 16
+    assert two.imatrix.chunk_count == one.imatrix.chunk_count == 8
     assert one.imatrix.entries.keys() == two.imatrix.entries.keys() and one.layers.keys() == two.layers.keys()
     worst = 0.0
     for name, e in one.imatrix.entries.items():
@@ -53,7 +63,10 @@ def test_calibrate_on_ray_gives_the_same_statistics(ray_cluster, stats, tmp_path
         assert s.n_tokens == t.n_tokens
         worst = max(worst, *(worst_relative(getattr(s, a), getattr(t, a)) for a in ("counts", "weight_mass", "reap_sum")))
     assert worst < 1e-5
-    assert two.extras.keys() == one.extras.keys()  # the local errors, measured by the first share
+    assert two.extras.keys() == one.extras.keys() == {LOCAL_KEY}
+    mine, theirs = (LocalErrors.from_json(x.extras[LOCAL_KEY]) for x in (one, two))  # each layer's by one share
+    assert theirs.quant.keys() == mine.quant.keys() and theirs.prune.keys() == mine.prune.keys()
+    assert all(theirs.quant[n].keys() == mine.quant[n].keys() for n in mine.quant)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.gguf"]  # the shares' files and states are gone
 
 
@@ -69,9 +82,7 @@ def encode_workers() -> list[int]:
     return pids
 
 
-def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, tmp_path):
-    here = convert(REF, ConvertOptions(out=tmp_path / "here.gguf", types=TypeRules.parse("IQ2_XXS"), stats=stats,
-                                       prune=PruneRequest(keep=16), progress=False))[0]
+def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, here, tmp_path):
     killed = []
 
     def kill_first_worker() -> None:
@@ -85,14 +96,13 @@ def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, tmp_
 
     killer = threading.Thread(target=kill_first_worker)
     killer.start()
-    proc = subprocess.run([GGUFMOE, "convert", str(REF), "-o", str(tmp_path / "ray.gguf"), "--type", "IQ2_XXS",
-                           "--stats", str(stats), "--keep", "16", "-q", f"--ray={ray_cluster}"],
-                          capture_output=True, text=True)
+    proc = subprocess.run([GGUFMOE, "convert", str(REF), "-o", str(tmp_path / "ray.gguf"), *map(str, CONVERT),
+                           "--stats", str(stats), f"--ray={ray_cluster}"], capture_output=True, text=True)
     killer.join()
     assert proc.returncode == 0, proc.stderr
     assert killed, "no encoding worker was seen running"
     assert (tmp_path / "ray.gguf").read_bytes() == here.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["here.gguf", "ray.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.gguf"]
 
 
 def wait_for_tensors(progress: Path, proc: subprocess.Popen) -> None:
@@ -103,20 +113,20 @@ def wait_for_tensors(progress: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def test_convert_on_ray_within_a_small_bound_and_resumed_after_sigterm(ray_cluster, stats, tmp_path):
+def test_convert_on_ray_within_a_small_bound_and_resumed_after_sigterm(ray_cluster, stats, here, tmp_path):
     """In this process with a bound of one byte in flight (each batch asked for only once the one before is written),
     and through the command: SIGTERM keeps the complete tensors, --resume on the cluster completes the same bytes."""
     from ggufmoe.cluster.ray_cluster import RayCluster
     from ggufmoe.cluster.session import RaySession
 
-    opts = dict(types=TypeRules.parse("IQ2_XXS"), stats=stats, progress=False)
-    here = convert(REF, ConvertOptions(out=tmp_path / "here.gguf", **opts))[0]
     with RaySession(ray_cluster) as session:
-        bounded = convert(REF, ConvertOptions(out=tmp_path / "bounded.gguf", cluster=RayCluster(session, 1), **opts))
+        bounded = convert(REF, ConvertOptions(out=tmp_path / "bounded.gguf", types=TypeRules.parse("IQ2_XXS"),
+                                              stats=stats, prune=PruneRequest(keep=16), progress=False,
+                                              cluster=RayCluster(session, 1)))
     assert bounded[0].read_bytes() == here.read_bytes()
 
     out = tmp_path / "ray.gguf"
-    args = ["convert", REF, "-o", out, "--type", "IQ2_XXS", "--stats", stats, "-q", f"--ray={ray_cluster}"]
+    args = ["convert", REF, "-o", out, *CONVERT, "--stats", stats, f"--ray={ray_cluster}"]
     proc = subprocess.Popen([GGUFMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress = tmp_path / ".ray.gguf.partial" / "progress.json"
     wait_for_tensors(progress, proc)
@@ -146,17 +156,15 @@ def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, tmp_path):
+def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, here, tmp_path):
     """Ray ends a driver whose cluster goes away; the command says so in one line and keeps the complete tensors,
     which --resume (here without a cluster) completes to the same bytes."""
     from ray.cluster_utils import Cluster
 
-    here = convert(REF, ConvertOptions(out=tmp_path / "here.gguf", types=TypeRules.parse("IQ2_XXS"), stats=stats,
-                                       progress=False))[0]
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=100 << 20,
                                                                 include_dashboard=False))
     out = tmp_path / "ray.gguf"
-    args = ["convert", REF, "-o", out, "--type", "IQ2_XXS", "--stats", stats, "-q"]
+    args = ["convert", REF, "-o", out, *CONVERT, "--stats", stats]
     try:
         cluster.wait_for_nodes()
         proc = subprocess.Popen([GGUFMOE, *map(str, args), f"--ray={cluster.address}"], stdout=subprocess.PIPE,

@@ -114,7 +114,7 @@ def test_rows_from_before_the_new_metrics_still_load(tmp_path):
     points = load_results(tmp_path / "results.json")
     assert points["plan-10M"].kld_p999 is None and points["plan-10M"].commands == []
     opts = SweepOptions([], Path("calib.txt"), Path("eval.txt"), tmp_path)
-    row = next(line for line in format_table(list(points.values()), Path("m"), opts).splitlines() if "plan-10M" in line)
+    row = next(line for line in format_table(list(points.values()), "m", opts).splitlines() if "plan-10M" in line)
     assert "| 0.500 | – |" in row  # p99, then no p99.9
 
 

@@ -77,10 +77,11 @@ def kept_shares(out: Path) -> set[int]:
 def calibrate_shares(src: str | Path, text: str, cluster: Cluster, kw: dict) -> Stats:
     """The statistics of ``text``, its chunks split into as many contiguous shares as ``cluster`` has workers, each
     streamed on one and the shares' sums added up (:func:`~ggufmoe.stats.reduce.summed`): the importance matrix and
-    routing statistics are those of one pass over all the chunks. The first share also measures what is measured
-    beside the statistics (local and pruning errors, probes) on its tokens. With ``out``, each share is saved beside
-    it as it ends and its state kept as it goes: ``resume`` takes up the shares of the run before (as many as it had,
-    whatever the cluster now), and a share whose worker died is resumed by the task Ray runs again."""
+    routing statistics are those of one pass over all the chunks. The local and pruning errors are split by layer
+    (layer k measured by share k mod n, on its tokens), the probes carried by the first share. With ``out``, each
+    share is saved beside it as it ends and its state kept as it goes: ``resume`` takes up the shares of the run
+    before (as many as it had, whatever the cluster now), and a share whose worker died is resumed by the task Ray
+    runs again."""
     src, out, resume = Path(src).resolve(), kw.pop("out", None), kw.pop("resume", False)
     arch = architecture_for(HFSource(src))
     ctx = kw.get("ctx", CALIB_CTX)
@@ -96,7 +97,7 @@ def calibrate_shares(src: str | Path, text: str, cluster: Cluster, kw: dict) -> 
             raise GgufmoeError(f"{out.parent} holds shares of two calibrations to {out.name} (split {sorted(kept)} "
                                f"ways): delete them (.{out.name}.share-*) to start over")
         n = kept.pop() if kept else n
-    alone = dict(kw, measure_local=False, kept_sets=None, probes=None)
+    alone = dict(kw, probes=None)
     tasks = [ShareTask(src, text, (i, n), dict(kw if i == 0 else alone, progress=False, resume=True,
                                               out=share_path(out, (i, n)) if out else None)) for i in range(n)]
     done = {t.share: load_stats(t.kw["out"], top_k=arch.top_k) for t in tasks if out and t.kw["out"].is_file()}

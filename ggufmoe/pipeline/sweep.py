@@ -122,9 +122,10 @@ class PointTask:
     opts: SweepOptions
 
     def run(self) -> Point:
-        arch = architecture_for(open_source(self.src))
+        source = open_source(self.src)
         make = _ours if self.kind == "ggufmoe" else _baseline
-        point = make(self.src, arch, self.name, self.what, self.stats_path, self.base, self.calib, self.opts)
+        point = make(self.src, architecture_for(source), self.name, self.what, self.stats_path, self.base, self.calib,
+                     self.opts, source.name)
         point.bpw = file_facts(self.opts.out / point.file, self.opts.planning.ctx, self.opts.planning.kv_type).bpw
         _measure(point, self.base, self.text, self.opts)
         return point
@@ -171,11 +172,11 @@ def sweep(src: Path, opts: SweepOptions, cluster: Cluster | None = None) -> list
             bar.set_postfix_str(point.name)
             bar.update()
     rows = sorted(points.values(), key=lambda p: p.file_bytes)
-    table = format_table(rows, src, opts)
+    table = format_table(rows, source.name, opts)
     write_output(out / "results.md", lambda tmp: tmp.write_text(table))
-    plot_pareto(rows, out / "pareto.png", src.name)
+    plot_pareto(rows, out / "pareto.png", source.name)
     write_card(build_card([file_facts(out / p.file, opts.planning.ctx, opts.planning.kv_type) for p in rows],
-                          {p.file: asdict(p) for p in rows}, card_inputs(src, opts)), out / "README.md")
+                          {p.file: asdict(p) for p in rows}, card_inputs(source.name, opts)), out / "README.md")
     return rows
 
 
@@ -203,7 +204,7 @@ def claim_folder(path: Path, settings: dict[str, str]) -> None:
     write_output(path, lambda tmp: tmp.write_text(text))
 
 
-def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:
+def card_inputs(model: str, opts: SweepOptions) -> CardInputs:
     """The model card's settings, evaluation and shared commands for a sweep of ``src``."""
     run = shlex.join(["ggufmoe", "eval", "FILE.gguf", "--base", f"base-{BASE_TYPE}.gguf", "--text", opts.text.name,
                       "--chunk", str(opts.eval_chunk), "--max-tokens", str(opts.max_tokens), "--kv-type", "f32",
@@ -217,8 +218,8 @@ def card_inputs(src: Path, opts: SweepOptions) -> CardInputs:
                     f"{opts.planning.ctx} (KV {opts.planning.kv_type}), every file validated under it. Bits per "
                     "weight count the source's parameters."],
         calib_text=opts.calib, plot="pareto.png",
-        commands=[shlex.join(["ggufmoe", "calibrate", src.name, "--text", opts.calib.name, "-o", "stats.gguf"]),
-                  shlex.join(["ggufmoe", "convert", src.name, "--type", BASE_TYPE, "-o", f"base-{BASE_TYPE}.gguf"])])
+        commands=[shlex.join(["ggufmoe", "calibrate", model, "--text", opts.calib.name, "-o", "stats.gguf"]),
+                  shlex.join(["ggufmoe", "convert", model, "--type", BASE_TYPE, "-o", f"base-{BASE_TYPE}.gguf"])])
 
 
 def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions, cluster: Cluster | None) -> tuple[Path, Path]:
@@ -235,7 +236,7 @@ def _prepare(src: Path, out: Path, calib: str, opts: SweepOptions, cluster: Clus
     return stats_path, base
 
 
-def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
+def _ours(src, arch, name, budget, stats_path, base, calib, opts, model) -> Point:
 
     path, plan_path = opts.out / f"{name}.gguf", opts.out / f"{name}.plan.json"
     if path.is_file() and plan_path.is_file():
@@ -252,15 +253,15 @@ def _ours(src, arch, name, budget, stats_path, base, calib, opts) -> Point:
     size = path.stat().st_size
     if size != plan.file_bytes:
         raise GgufmoeError(f"{path}: {size} bytes written, {plan.file_bytes} planned")
-    planning = ["ggufmoe", "plan", src.name, "--budget", name.removeprefix("plan-"), *opts.planning.command_options(),
+    planning = ["ggufmoe", "plan", model, "--budget", name.removeprefix("plan-"), *opts.planning.command_options(),
                 "--stats", stats_path.name, "--calib", opts.calib.name, "-o", plan_path.name]
     return Point(name, "ggufmoe", path.name, size, f"{plan.keep}/{plan.n_expert}", plan.top_k, plan.memory["total"],
                  budget=budget, predicted_kld=plan.predicted_kld["total"],
                  commands=[shlex.join(planning),
-                           shlex.join(["ggufmoe", "convert", src.name, "--plan", plan_path.name, "-o", path.name])])
+                           shlex.join(["ggufmoe", "convert", model, "--plan", plan_path.name, "-o", path.name])])
 
 
-def _baseline(src, arch, name, mix, stats_path, base, calib, opts) -> Point:
+def _baseline(src, arch, name, mix, stats_path, base, calib, opts, model) -> Point:
 
     path = opts.out / f"{name}.gguf"
     if not path.is_file():
@@ -296,10 +297,10 @@ def pareto_front(points: list[Point]) -> list[Point]:
     return front
 
 
-def format_table(rows: list[Point], src: Path, opts: SweepOptions) -> str:
+def format_table(rows: list[Point], model: str, opts: SweepOptions) -> str:
     front = {p.name for p in pareto_front(rows)}
     lines = [
-        f"# Budget sweep: {src.name}",
+        f"# Budget sweep: {model}",
         "",
         f"Budgets are {'file sizes' if opts.planning.weights_only else 'file + llama.cpp runtime memory'}; every file "
         f"is validated in llama.cpp under its predicted memory at ctx {opts.planning.ctx} "

@@ -75,6 +75,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -168,6 +169,8 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
     local = (local or LocalOptions()) if measure_local else None
     fingerprint = calibration_fingerprint(model_dir, ids, prefix, ctx, repr(local) + (probes.key() if probes else ""))
     run = StreamedRun(src, arch, specs, ids, prefix, ctx, dev, progress, local, kept_sets if local else None)
+    if share is not None:  # the shares split the local errors by layer: layer k on share k mod n
+        run.measures = lambda k: share[0] == (0 if k is None else k % share[1])
     if probes is not None:
         run.streams = ProbeStreams(arch, probes, dev, kept_sets, progress)
     if rounding is not None:
@@ -219,6 +222,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.carry: list[dict[str, torch.Tensor]] = []  # set per run (_run_layers)
         self.streams: ProbeStreams | None = None  # end-to-end probes carried beside the calibration
         self.rounder: Rounder | None = None  # the output-aware rounding carried beside it
+        # whose local errors this run measures: layer k, or None for the embedding and output (all: one process)
+        self.measures: Callable[[int | None], bool] = lambda k: True
 
     def run(self, state: CalibrationState, fingerprint: str, resume: bool, max_memory: int, in_memory: bool | None,
             out: Path | None = None, keep_on_error: bool = True,
@@ -285,8 +290,13 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.carry = state.load_carry(start - 1, len(self.batches))
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.moe_width, mem) if self.moe_layers else None
+        meter = self.meter
         for k in range(start, self.n_layers):
-            entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, working)
+            self.meter = meter if self.measures(k) else None  # a layer another share measures: statistics alone
+            try:
+                entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, working)
+            finally:
+                self.meter = meter
             if k == 0 and embedded is not None:
                 local.update(embedded)
             if self.durable:
@@ -294,7 +304,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
                 state.save_carry(k, self.carry)
                 if self.streams is not None:
                     self.streams.save(state)
-            state.save_layer(k, entries, layers, local if self.meter else None)
+            state.save_layer(k, entries, layers, local if self.meter and self.measures(k) else None)
             state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
             state.drop_carry(k - 1)
             h_in.drop_pages()
@@ -330,7 +340,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             h0.tensor[a:b] = records[0][0].reshape(b - a, self.width)
         if self.streams is not None:
             self.streams.embed(skeleton, spec)
-        if self.meter is None or not quantizable(spec):
+        if self.meter is None or not quantizable(spec) or not self.measures(None):
             return None
         self.meter.embedding(spec, torch.cat([b.reshape(-1) for b in self.batches]))
         return self.meter.finish([spec.name], None)
@@ -342,7 +352,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         out = [s for s in specs if s.parsed.base == "output"]
         if not out:
             return {}, LocalErrors()
-        meter = self.meter
+        meter = self.meter if self.measures(None) else None
         if meter is not None:
             meter.wanted = {s.name for s in out if quantizable(s)}
         if self.rounder is not None:
