@@ -200,36 +200,49 @@ def _specs(model: Path):
     return list(architecture_for(open_source(model)).tensors())
 
 
-def projection(rows: list[dict], overheads: dict, write_gbs: float) -> dict:
-    """A 10-variant sweep of DeepSeek-V3 671B (100k calibration tokens) on 1, 4 and 16 nodes of 64 cores."""
+def projection(rows: list[dict]) -> dict:
+    """A 10-variant sweep of DeepSeek-V3 671B (100k calibration tokens) on 1, 4 and 16 nodes of 64 cores, as `sweep
+    --ray` runs it (the calibration in shares, then each point on a node of its own), and one variant by `convert --ray`
+    over all the nodes."""
     ds3 = next((r for r in rows if "params" in r), None)
-    conv_cpu_per_param = (ds3["one"][1] / ds3["params"]) if ds3 else None
     out = dict(assumptions=dict(node_cores=NODE_CORES, disk_gbs=DISK_GBS, net_gbs=NET_GBS,
                                 shared_fs_gbs=SHARED_FS_GBS, eval_min=EVAL_MIN, calib_cpu_h=CALIB_CPU_H,
-                                weights_tb=WEIGHTS_TB, variant_gb=VARIANT_GB, variants=10),
-               conv_cpu_s_per_bparam=conv_cpu_per_param * 1e9 if conv_cpu_per_param else None, nodes={})
-    if conv_cpu_per_param is None:
+                                weights_tb=WEIGHTS_TB, variant_gb=VARIANT_GB, variants=10), nodes={})
+    if ds3 is None:
         return out
-    conv_cpu_h = conv_cpu_per_param * PARAMS_671B / 3600
+    out["conv_cpu_s_per_bparam"] = ds3["one"][1] / ds3["params"] * 1e9
+    conv_cpu_h = out["conv_cpu_s_per_bparam"] * PARAMS_671B / 1e9 / 3600
     out["conv_cpu_h"] = conv_cpu_h
+    read_min = WEIGHTS_TB * 1e3 / 60  # GB of the checkpoint, in GB-minutes: divide by a rate in GB/s
+
+    def fs(k: int) -> float:
+        """GB/s each of ``k`` nodes gets reading or writing the shared filesystem at once."""
+        return min(SHARED_FS_GBS / k, NET_GBS)
+
     for n in (1, 4, 16):
-        cores = n * NODE_CORES
-        # calibration: each node streams its share, reading every weight once: CPU / cores, or the reads
-        calib_cpu = CALIB_CPU_H * 60 / cores
-        calib_read = WEIGHTS_TB * 1e3 * n / min(SHARED_FS_GBS, n * DISK_GBS) / 60  # n full reads off the filesystem
+        # calibration: one share a node, each reading every weight once
+        calib_cpu = CALIB_CPU_H * 60 / (n * NODE_CORES)
+        calib_read = read_min / fs(n)
         calib = max(calib_cpu, calib_read)
-        # conversions: the cluster quantizes 10 variants; each reads the checkpoint once; the driver writes them
-        conv_cpu = 10 * conv_cpu_h * 60 / cores
-        conv_read = 10 * WEIGHTS_TB * 1e3 / min(SHARED_FS_GBS, n * DISK_GBS) / 60
-        conv_write = 10 * VARIANT_GB / min(write_gbs, DISK_GBS, NET_GBS if n > 1 else DISK_GBS) / 60
-        conv = max(conv_cpu, conv_read, conv_write)
-        evals = 10 / n * EVAL_MIN if n <= 10 else EVAL_MIN  # a variant's evaluation runs on one node
-        limit = max((("CPU", conv_cpu), ("shared filesystem reads", conv_read), ("the driver's writes", conv_write)),
-                    key=lambda kv: kv[1])[0]
-        out["nodes"][n] = dict(calibration_min=calib, calib_limit="CPU" if calib_cpu >= calib_read else
-                               "shared filesystem reads", conversions_min=conv, conv_limit=limit,
-                               conv_cpu_min=conv_cpu, conv_read_min=conv_read, conv_write_min=conv_write,
-                               evals_min=evals, total_h=(calib + conv + evals) / 60)
+        # points: each on a node of its own, k at once, in rounds; a point converts with its node's cores (reading the
+        # checkpoint, writing its file on the shared filesystem), then validates and evaluates there
+        k, rounds = min(n, 10), -(-10 // n)
+        point_cpu = conv_cpu_h * 60 / NODE_CORES
+        point_read = read_min / fs(k)
+        point_write = VARIANT_GB / fs(k) / 60
+        point = max(point_cpu, point_read) + point_write + EVAL_MIN
+        # one variant by convert --ray over all the nodes: the driver writes it
+        one_cpu = conv_cpu_h * 60 / (n * NODE_CORES)
+        one_read = read_min / SHARED_FS_GBS
+        one_write = VARIANT_GB / (min(DISK_GBS, NET_GBS) if n > 1 else DISK_GBS) / 60
+        out["nodes"][n] = dict(
+            calibration_min=calib, calib_limit="CPU" if calib_cpu >= calib_read else "shared filesystem reads",
+            rounds=rounds, at_once=k, point_min=point, point_cpu_min=point_cpu, point_read_min=point_read,
+            point_write_min=point_write, point_limit="CPU" if point_cpu >= point_read else "shared filesystem reads",
+            points_min=rounds * point, total_h=(calib + rounds * point) / 60,
+            one_variant_min=max(one_cpu, one_read, one_write),
+            one_limit=max((("CPU", one_cpu), ("shared filesystem reads", one_read), ("the driver's writes", one_write)),
+                          key=lambda kv: kv[1])[0])
     return out
 
 
@@ -247,37 +260,47 @@ def report(rows: list[dict], overheads: dict, write_gbs: float, proj: dict) -> s
                      f"| {r['one'][1]:.1f} s / {r['ray'][1]:.1f} s | {r['same']} |")
     lines += ["", f"Ray's own costs here: an empty task's round trip {1e3 * overheads['task_round_trip_s']:.1f} ms; "
               f"64 MiB results through the object store at {overheads['object_gbs']:.2f} GB/s; the driver writes "
-              f"at {write_gbs:.2f} GB/s (64 MiB parts, fsync per tensor). A conversion's task reads at least 16 MiB "
-              "of float32 (small tensors batched), so the round trip is under 1% of a task at these rates.", ""]
-    if proj.get("nodes"):
-        a = proj["assumptions"]
-        lines += ["## Projection: a 10-variant sweep of DeepSeek-V3 671B on nodes of 64 cores", "",
-                  f"Conversion CPU: {proj['conv_cpu_s_per_bparam']:.0f} CPU-s per billion parameters, measured above "
-                  f"(the DeepSeek-V3-width conversion, one process) -> {proj['conv_cpu_h']:.1f} CPU-hours per 671B "
-                  f"variant. Calibration: {a['calib_cpu_h']} CPU-hours for 100k tokens "
-                  "(`eval/results/rehearse_ds3.md`), split into one share per node; each share reads the "
-                  f"{a['weights_tb']} TB checkpoint once. Assumed, not measured: {a['node_cores']} cores a node, "
-                  f"{a['disk_gbs']} GB/s local disk, {a['net_gbs']} GB/s between nodes (25 Gb/s), a shared filesystem "
-                  f"serving {a['shared_fs_gbs']} GB/s in all, {a['variant_gb']:.0f} GB per variant written by the "
-                  f"driver, and {a['eval_min']:.0f} min of llama.cpp validate + eval per variant on one node "
-                  "(37B active parameters x 8192 tokens = 0.6 PFLOP at ~1-2 TFLOP/s of quantized CPU matmuls, plus "
-                  "loading 128 GB).", "",
-                  "| nodes | calibration | limit | 10 conversions | CPU / FS reads / driver writes | limit | "
-                  "10 evaluations | total |",
-                  "|---:|---:|---|---:|---|---|---:|---:|"]
-        for n, p in proj["nodes"].items():
-            lines.append(f"| {n} | {p['calibration_min']:.0f} min | {p['calib_limit']} | {p['conversions_min']:.0f} min "
-                         f"| {p['conv_cpu_min']:.0f} / {p['conv_read_min']:.0f} / {p['conv_write_min']:.0f} min | "
-                         f"{p['conv_limit']} | {p['evals_min']:.0f} min | **{p['total_h']:.1f} h** |")
-        lines += ["", "How: calibration = max(CPU-hours / cores, n reads of the checkpoint off the shared filesystem); "
-                  "conversions = max(10 x CPU-hours / cores, 10 reads of the checkpoint, 10 x 128 GB through the "
-                  "driver's disk or network); evaluations run one variant a node. What scales: the quantization (CPU) "
-                  "and the evaluations (one node each). What does not: every calibration share and every conversion "
-                  "reads the whole checkpoint, so the shared filesystem's aggregate rate becomes the limit first, "
-                  "and the calibration gets slower per node added once the reads outweigh the CPU (each node "
-                  "re-reads all weights: token-parallel, not layer-parallel); the driver writes every variant's "
-                  "bytes itself, in order, so 10 x 128 GB at its disk or network rate is a floor of about "
-                  f"{10 * a['variant_gb'] / min(a['disk_gbs'], a['net_gbs']) / 60:.0f} min whatever the nodes.", ""]
+              f"at {write_gbs:.2f} GB/s on this machine's virtual disk (64 MiB parts, fsync per tensor; the projection "
+              "below assumes a node's NVMe instead). A conversion's task reads at least 16 MiB of float32 (small "
+              "tensors batched), so the round trip is under 1% of a task at these rates.", ""]
+    if not proj.get("nodes"):
+        return "\n".join(lines)
+    a = proj["assumptions"]
+    lines += ["## Projection: a 10-variant sweep of DeepSeek-V3 671B on nodes of 64 cores", "",
+              f"Conversion CPU: {proj['conv_cpu_s_per_bparam']:.0f} CPU-s per billion parameters, measured above (the "
+              f"DeepSeek-V3-width conversion, one process) -> {proj['conv_cpu_h']:.1f} CPU-hours per 671B variant. "
+              f"Calibration: {a['calib_cpu_h']} CPU-hours for 100k tokens (`eval/results/rehearse_ds3.md`), one share "
+              f"per node, each reading the {a['weights_tb']} TB checkpoint once. Assumed, not measured: "
+              f"{a['node_cores']} cores a node, {a['disk_gbs']} GB/s local disk, {a['net_gbs']} GB/s a node's network "
+              f"(25 Gb/s), a shared filesystem serving {a['shared_fs_gbs']} GB/s in all, {a['variant_gb']:.0f} GB per "
+              f"variant, and {a['eval_min']:.0f} min of llama.cpp validate + eval per variant on its node (37B active "
+              "parameters x 8192 tokens = 0.6 PFLOP at ~1-2 TFLOP/s of quantized CPU matmuls, plus loading the file). "
+              "The base the variants are scored against is not counted: an F16 671B (1.34 TB) does not fit one such "
+              "node, so a sweep of it scores against a Q8_0 base (713 GB) on a node with the memory, or by perplexity.",
+              "",
+              "`sweep --ray` as it runs: the calibration in one share a node, then each point (plan, convert with its "
+              "node's cores, validate, evaluate) on a node of its own, as many at once as there are nodes; the last "
+              "column is one variant by `convert --ray` over all the nodes, written by the driver.", "",
+              "| nodes | calibration | limit | points at once x rounds | one point: convert CPU / reads / write + eval "
+              "| 10 points | sweep total | one variant by convert --ray | limit |",
+              "|---:|---:|---|---:|---|---:|---:|---:|---|"]
+    for n, p in proj["nodes"].items():
+        lines.append(f"| {n} | {p['calibration_min']:.0f} min | {p['calib_limit']} | {p['at_once']} x {p['rounds']} | "
+                     f"{p['point_cpu_min']:.0f} / {p['point_read_min']:.0f} / {p['point_write_min']:.1f} + "
+                     f"{a['eval_min']:.0f} min | {p['points_min']:.0f} min | **{p['total_h']:.1f} h** | "
+                     f"{p['one_variant_min']:.0f} min | {p['one_limit']} |")
+    lines += ["", "How: calibration = max(CPU-hours / (64 n), the checkpoint read by every node at once through the "
+              "shared filesystem); a point = max(its conversion's CPU-hours / 64, its read of the checkpoint at its "
+              "share of the filesystem) + writing its file + its evaluation; rounds of as many points as nodes; "
+              "one variant by `convert --ray` = max(CPU-hours / (64 n), one read of the checkpoint, 128 GB through the "
+              "driver's disk or network). What scales: the quantization and the evaluations, point by point, up to "
+              "ten nodes for ten variants (a point runs on one node: more nodes only help the calibration and a "
+              "single `convert --ray`). What does not: every calibration share and every point reads the whole "
+              "checkpoint, so the shared filesystem's aggregate rate becomes the limit as nodes are added, and the "
+              "calibration gets slower from some node count on (each share re-reads every weight: token-parallel, "
+              "not layer-parallel); a single `convert --ray` stops at the driver writing the file in order (128 GB at "
+              f"{min(a['disk_gbs'], a['net_gbs']):.1f} GB/s is {a['variant_gb'] / min(a['disk_gbs'], a['net_gbs']) / 60:.1f} min) and "
+              "at the one read of the checkpoint.", ""]
     return "\n".join(lines)
 
 
@@ -285,7 +308,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", type=Path, help="where the DeepSeek-V3-width checkpoint is (made if missing)")
     ap.add_argument("--skip-synthetic", action="store_true", help="only the reference model")
+    ap.add_argument("--from-json", action="store_true", help="no measuring: the report again from the JSON kept")
     args = ap.parse_args()
+    if args.from_json:
+        kept = json.loads(OUT.with_suffix(".json").read_text())
+        rows, overheads, write_gbs = kept["rows"], kept["overheads"], kept["write_gbs"]
+    else:
+        rows, overheads, write_gbs = measure(args)
+    proj = projection(rows)
+    OUT.with_suffix(".json").write_text(json.dumps(dict(rows=rows, overheads=overheads, write_gbs=write_gbs,
+                                                        projection=proj), indent=1))
+    OUT.with_suffix(".md").write_text(report(rows, overheads, write_gbs, proj))
+    print(OUT.with_suffix(".md").read_text())
+
+
+def measure(args) -> tuple[list[dict], dict, float]:
+    """The pairs, Ray's own costs and the driver's write rate, measured here."""
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         work = Path(tmp)
         ds3 = None if args.skip_synthetic else synthetic(args.synthetic or work)
@@ -296,11 +334,7 @@ def main() -> None:
         finally:
             cluster.shutdown()
         write_gbs = write_rate(work)
-    proj = projection(rows, overheads, write_gbs)
-    OUT.with_suffix(".json").write_text(json.dumps(dict(rows=rows, overheads=overheads, write_gbs=write_gbs,
-                                                        projection=proj), indent=1))
-    OUT.with_suffix(".md").write_text(report(rows, overheads, write_gbs, proj))
-    print(OUT.with_suffix(".md").read_text())
+    return rows, overheads, write_gbs
 
 
 if __name__ == "__main__":

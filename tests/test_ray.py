@@ -180,3 +180,15 @@ def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, here, tmp_
     again = run(*args, "--resume")
     assert again.returncode == 0, again.stderr
     assert "resuming:" in again.stderr and out.read_bytes() == here.read_bytes()
+
+
+def test_kept_shares_are_refused_without_resume_and_without_ray(tmp_path):
+    """The shares a `--ray` calibration keeps are its own: a new run without --resume, or a run without --ray, says so
+    in one line and leaves them."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
+    kept = tmp_path / ".stats.gguf.share-1-of-2.gguf"
+    kept.write_bytes(b"kept")
+    args = ["calibrate", REF, *CALIBRATE, "-o", tmp_path / "stats.gguf"]
+    assert_one_line_error(run(*args), "interrupted `--ray` calibration", "--ray --resume")
+    assert_one_line_error(run(*args, "--ray"), "holds shares of an interrupted calibration", "--resume")
+    assert kept.read_bytes() == b"kept" and sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
