@@ -79,7 +79,8 @@ def chatml_gguf(chatml_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> str:
-    """A real Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``), one CPU each; its address."""
+    """A real Ray cluster of two nodes on this machine (``ray.cluster_utils.Cluster``), one CPU each; its address.
+    Skips the test when Ray is not installed (it is an optional extra)."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
     from ray.cluster_utils import Cluster
 

@@ -26,6 +26,11 @@ CONVERT = ("--type", "IQ2_XXS", "--keep", "16", "-q")  # slow enough to be caugh
 
 
 @pytest.fixture(scope="module")
+def ray_installed() -> None:
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
+
+
+@pytest.fixture(scope="module")
 def stats(tmp_path_factory):
     """The reference model calibrated in one process."""
     out = tmp_path_factory.mktemp("stats") / "stats.gguf"
@@ -145,7 +150,7 @@ def test_convert_on_ray_within_a_small_bound_and_resumed_after_sigterm(ray_clust
 def test_without_ray_installed_the_option_is_one_line(tmp_path):
     hidden = tmp_path / "no-ray"
     (hidden / "ray").mkdir(parents=True)
-    (hidden / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    (hidden / "ray" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
     out = tmp_path / "out"
     out.mkdir()
     proc = run("convert", REF, "-o", out / "x.gguf", "--ray", env={"PYTHONPATH": str(hidden)})
@@ -153,14 +158,13 @@ def test_without_ray_installed_the_option_is_one_line(tmp_path):
     assert not list(out.iterdir())
 
 
-def test_a_cluster_that_does_not_answer_is_one_line(tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
+def test_a_cluster_that_does_not_answer_is_one_line(ray_installed, tmp_path):
     proc = run("convert", REF, "-o", tmp_path / "x.gguf", "--ray=127.0.0.1:9")
     assert_one_line_error(proc, "--ray 127.0.0.1:9", "no Ray cluster answers there")
     assert not list(tmp_path.iterdir())
 
 
-def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, here, tmp_path):
+def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(ray_installed, stats, here, tmp_path):
     """Ray ends a driver whose cluster goes away; the command says so in one line and keeps the complete tensors,
     which --resume (here without a cluster) completes to the same bytes."""
     from ray.cluster_utils import Cluster
@@ -186,10 +190,9 @@ def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(stats, here, tmp_
     assert "resuming:" in again.stderr and out.read_bytes() == here.read_bytes()
 
 
-def test_kept_shares_are_refused_without_resume_and_without_ray(tmp_path):
+def test_kept_shares_are_refused_without_resume_and_without_ray(ray_installed, tmp_path):
     """The shares a `--ray` calibration keeps are its own: a new run without --resume, or a run without --ray, says so
     in one line and leaves them."""
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ggufmoe[ray]')")
     kept = tmp_path / ".stats.gguf.share-1-of-2.gguf"
     kept.write_bytes(b"kept")
     args = ["calibrate", REF, *CALIBRATE, "-o", tmp_path / "stats.gguf"]

@@ -77,7 +77,7 @@ def test_sweep_end_to_end_and_resume(swept):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")} == stamps  # nothing redone
 
 
-def test_sweep_on_ray_makes_the_same_files(swept, ray_cluster, tmp_path):
+def test_sweep_on_ray_makes_the_same_files(ray_cluster, swept, tmp_path):
     """The points as tasks on a two-node cluster (the calibration and base conversion taken from the folder, as a
     resumed sweep takes them): the same files, byte for byte, and the same rows but for the machine's timings."""
     here, _ = swept
