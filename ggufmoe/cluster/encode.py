@@ -92,7 +92,7 @@ def batches(typed: list[TypedTensor], refs: Iterable[PieceRef]) -> Iterator[list
 
 
 class RayEncoder:
-    """Pieces quantized on the cluster of ``session``, for a conversion of ``source`` with ``opts``."""
+    """A conversion's pieces quantized on the cluster of ``session``, at most ``max_in_flight`` output bytes ahead."""
 
     def __init__(self, session: RaySession, max_in_flight: int = MAX_IN_FLIGHT):
         self.session, self.max_in_flight = session, max_in_flight
