@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Iterator
 from ggufmoe.cluster.calibrate import run_shares
 from ggufmoe.cluster.encode import MAX_IN_FLIGHT, RayEncoder
 from ggufmoe.cluster.session import RaySession
-from ggufmoe.cluster.sweep import run_points
-from ggufmoe.pipeline.sweep import Point, PointTask
 from ggufmoe.stats.file import Stats
 
 if TYPE_CHECKING:
     from ggufmoe.pipeline.streamed_calibration import ShareTask
+    from ggufmoe.pipeline.sweep import Point, PointTask
 
 
 class RayCluster:
@@ -33,4 +32,6 @@ class RayCluster:
         return run_shares(self.session, tasks)
 
     def points(self, tasks: list[PointTask]) -> Iterator[Point]:
+        from ggufmoe.cluster.sweep import run_points  # a sweep's modules import torch: a conversion's driver does not
+
         return run_points(self.session, tasks)
