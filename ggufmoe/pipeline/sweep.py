@@ -28,7 +28,7 @@ from ggufmoe.pipeline.planning import build_plan, check_budget_possible, options
 from ggufmoe.plan.budget import Budget, Plan
 from ggufmoe.plan.memory import gguf_runtime_memory
 from ggufmoe.quant.rules import TypeRules
-from ggufmoe.runtime.evaluate import TOP_P, evaluate
+from ggufmoe.runtime.evaluate import TOP_P, evaluate, score_base
 from ggufmoe.runtime.llama_quantize import llama_quantize
 from ggufmoe.runtime.validate import validate
 from ggufmoe.source import open_source
@@ -162,8 +162,11 @@ def sweep(src: Path, opts: SweepOptions, cluster: Cluster | None = None) -> list
     here = replace(opts, out=out.resolve())  # a point may run elsewhere: every path absolute
     pending = [PointTask(src.resolve(), kind, name, what, stats_path.resolve(), base.resolve(), calib, text, here)
                for kind, name, what in todo if name not in points]
-    if cluster is not None and any(t.kind == "ggufmoe" for t in pending):  # sensitivities measured once, here
-        build_plan(src, replace(opts.planning, total=todo[0][2]), stats_path, calib, progress=opts.progress)
+    if cluster is not None and pending:  # what every point would otherwise make at once: made once, here
+        if any(t.kind == "ggufmoe" for t in pending):
+            build_plan(src, replace(opts.planning, total=todo[0][2]), stats_path, calib, progress=opts.progress)
+        score_base(base, text, opts.eval_chunk, opts.max_tokens, threads=opts.threads, cache_dir=here.out / "cache",
+                   progress=opts.progress)
     with tqdm(total=len(todo), initial=len(todo) - len(pending), desc="sweep", unit="point",
               disable=not opts.progress) as bar:
         for point in cluster.points(pending) if cluster else (t.run() for t in pending):

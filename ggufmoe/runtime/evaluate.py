@@ -151,6 +151,13 @@ def cached_base_logprobs(base: Path, chunks: list[list[int]], kv_f32: bool = Tru
     return out
 
 
+def score_base(base: Path, text: str, ctx: int = 512, max_tokens: int = 8192, kv_f32: bool = True,
+                threads: int | None = None, cache_dir: Path | None = None, progress: bool = True) -> None:
+    """The base's log-probabilities on ``text`` into the cache ahead of the files :func:`evaluate` scores against it
+    (files scored at once elsewhere then find them instead of each scoring the base)."""
+    cached_base_logprobs(base, tokenize(base, text, ctx, max_tokens), kv_f32, threads, cache_dir, progress)
+
+
 def evaluate(path: Path, base: Path, text: str, ctx: int = 512, max_tokens: int = 8192, kv_f32: bool = True,
              threads: int | None = None, cache_dir: Path | None = None, progress: bool = True,
              top_p: float = TOP_P) -> EvalResult:
