@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from ggufmoe.arch import architecture_for
+from ggufmoe.arch.base import Architecture
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.prune.criteria import kept_sets
 from ggufmoe.sensitivity.probe_set import probe_request, too_big_to_probe
@@ -46,7 +47,8 @@ def calibrate_streamed(src: str | Path, held: HeldOut, probes: bool | None, prob
         raise GgufmoeError(f"{kw['out']}: an interrupted `--ray` calibration to it kept its shares: continue it with "
                            "--ray --resume, or delete them to start over")
     if cluster is not None:
-        return calibrate_shares(src, held.calibration, cluster, dict(kw, kept_sets=kept_sets(arch), probes=request))
+        return calibrate_shares(src, arch, held.calibration, cluster,
+                                dict(kw, kept_sets=kept_sets(arch), probes=request))
     return stream_stats(src, held.calibration, kept_sets=kept_sets(arch), probes=request, **kw)
 
 
@@ -74,7 +76,7 @@ def kept_shares(out: Path) -> set[int]:
     return {int(m.group(1)) for p in out.parent.glob(f"*.{out.name}.share-*") if (m := found.fullmatch(p.name))}
 
 
-def calibrate_shares(src: str | Path, text: str, cluster: Cluster, kw: dict) -> Stats:
+def calibrate_shares(src: str | Path, arch: Architecture, text: str, cluster: Cluster, kw: dict) -> Stats:
     """The statistics of ``text``, its chunks split into as many contiguous shares as ``cluster`` has workers, each
     streamed on one and the shares' sums added up (:func:`~ggufmoe.stats.reduce.summed`): the importance matrix and
     routing statistics are those of one pass over all the chunks. The local and pruning errors are split by layer
@@ -83,7 +85,6 @@ def calibrate_shares(src: str | Path, text: str, cluster: Cluster, kw: dict) -> 
     before (as many as it had, whatever the cluster now), and a share whose worker died is resumed by the task Ray
     runs again."""
     src, out, resume = Path(src).resolve(), kw.pop("out", None), kw.pop("resume", False)
-    arch = architecture_for(HFSource(src))
     ctx = kw.get("ctx", CALIB_CTX)
     ids, prefix = calibration_tokens(load_tokenizer(src), text, ctx, kw.get("max_tokens"))
     warn_if_few_tokens(len(ids), arch.n_expert, arch.top_k)

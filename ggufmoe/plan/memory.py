@@ -195,8 +195,8 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
     none with MLA, where V is a view of K; without flash attention V rows padded to the widest layer's), at the KV
     type's ggml row size; sliding-window layers have :func:`swa_kv_size` cells; recurrent layers have none
     (:func:`recurrent_state_bytes`), nor have layers that reuse another's cache; indexer layers (sparse attention)
-    add one key a cell; compressed attention adds its compressed keys (:func:`~ggufmoe.plan.compressed_attention.compressed_layer_cells`), and the sparse
-    layers their indexer's."""
+    add one key a cell; compressed attention adds its compressed keys
+    (:func:`~ggufmoe.plan.compressed_attention.compressed_layer_cells`), and the sparse layers their indexer's."""
     qt = kv_qtype(kv_type)
     full, swa = shape.kv_layers
 
@@ -209,7 +209,6 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: KvType = DEFAULT_KV_TYP
                   + shape.n_layer_hca * heavy * _row_size(qt, shape.head_k))
     return (full * kv_size(ctx) * per_cell(False) + swa * swa_kv_size(shape, ctx, n_ubatch, swa_full) * per_cell(True)
             + indexer + compressed)
-
 
 
 def recurrent_state_bytes(shape: ModelShape, n_seq: int = 1) -> int:
