@@ -705,7 +705,7 @@ def main() -> None:
     from ggufmoe.cluster import supervisor
 
     if supervisor.wants_ray(sys.argv[1:]) and not supervisor.supervised():
-        sys.exit(supervisor.run_in_child(sys.argv))  # Ray may end the process itself: a parent says so
+        sys.exit(supervisor.run_in_child())  # Ray may end the process itself: a parent says so
     try:
         _main()
     finally:

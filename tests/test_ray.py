@@ -14,6 +14,7 @@ import pytest
 
 import tiny_models
 from cli_run import GGUFMOE, assert_one_line_error, run
+from test_resume import run_paused
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.prune.criteria import PruneRequest
 from ggufmoe.quant.rules import TypeRules
@@ -114,14 +115,6 @@ def test_convert_on_ray_same_bytes_with_a_worker_killed(ray_cluster, stats, here
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ray.gguf"]
 
 
-def wait_for_tensors(progress: Path, proc: subprocess.Popen) -> None:
-    """Until the conversion whose progress record is ``progress`` has a complete tensor (or ``proc`` ended)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and \
-            not (progress.exists() and '"tensors": 0' not in progress.read_text()):
-        time.sleep(0.05)
-
-
 def test_convert_on_ray_within_a_small_bound_and_resumed_after_sigterm(ray_cluster, stats, here, tmp_path):
     """In this process with a bound of one byte in flight (each batch asked for only once the one before is written),
     and through the command: SIGTERM keeps the complete tensors, --resume on the cluster completes the same bytes."""
@@ -136,12 +129,9 @@ def test_convert_on_ray_within_a_small_bound_and_resumed_after_sigterm(ray_clust
 
     out = tmp_path / "ray.gguf"
     args = ["convert", REF, "-o", out, *CONVERT, "--stats", stats, f"--ray={ray_cluster}"]
-    proc = subprocess.Popen([GGUFMOE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = run_paused(args, lambda p: p.send_signal(signal.SIGTERM), after=1)
     progress = tmp_path / ".ray.gguf.partial" / "progress.json"
-    wait_for_tensors(progress, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in err and progress.exists() and not out.exists(), err
+    assert proc.returncode == 130 and "--resume" in proc.stderr and progress.exists() and not out.exists(), proc.stderr
     again = run(*args, "--resume")
     assert again.returncode == 0, again.stderr
     assert "resuming:" in again.stderr and out.read_bytes() == here.read_bytes()
@@ -175,16 +165,12 @@ def test_a_cluster_gone_mid_conversion_is_one_line_and_resumes(ray_installed, st
     args = ["convert", REF, "-o", out, *CONVERT, "--stats", stats]
     try:
         cluster.wait_for_nodes()
-        proc = subprocess.Popen([GGUFMOE, *map(str, args), f"--ray={cluster.address}"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        progress = tmp_path / ".ray.gguf.partial" / "progress.json"
-        wait_for_tensors(progress, proc)
+        proc = run_paused([*args, f"--ray={cluster.address}"], lambda p: cluster.shutdown(), after=1)
     finally:
         cluster.shutdown()
-    _, err = proc.communicate(timeout=120)
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert proc.returncode == 1 and len(lines) == 1 and "ended without finishing" in lines[0], err
-    assert "--resume" in lines[0] and not out.exists() and progress.exists()
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and len(lines) == 1 and "ended without finishing" in lines[0], proc.stderr
+    assert "--resume" in lines[0] and not out.exists() and (tmp_path / ".ray.gguf.partial").exists()
     again = run(*args, "--resume")
     assert again.returncode == 0, again.stderr
     assert "resuming:" in again.stderr and out.read_bytes() == here.read_bytes()

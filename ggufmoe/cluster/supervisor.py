@@ -33,15 +33,12 @@ def ended() -> None:
             pass
 
 
-def run_in_child(argv: list[str]) -> int:
-    """The command ``argv`` (``sys.argv``) run again in a child process; its exit code. Ctrl-C reaches the child
-    (the terminal's process group), SIGTERM is handed on to it."""
-    script = Path(argv[0])
-    command = [sys.executable, str(script)] if script.is_file() else \
-        [sys.executable, "-c", "from ggufmoe.cli import main; main()"]
+def run_in_child() -> int:
+    """This process's command line run again in a child process (with the files this process was handed); its exit
+    code. Ctrl-C reaches the child (the terminal's process group), SIGTERM is handed on to it."""
     with tempfile.TemporaryDirectory(prefix="ggufmoe-ray-") as tmp:
         marker = Path(tmp) / "ended"
-        child = subprocess.Popen([*command, *argv[1:]], env={**os.environ, CHILD: str(marker)})
+        child = subprocess.Popen(sys.orig_argv, env={**os.environ, CHILD: str(marker)}, close_fds=False)
         signal.signal(signal.SIGINT, lambda *_: None)  # the child has it too, and ends as it does without --ray
         signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
         code = child.wait()
