@@ -13,6 +13,9 @@ the calibration on the pieces of calib.txt it holds out; no llama.cpp run) write
 Every file is also measured on a second text the calibration did not see, of another kind: this project's README
 and sources (``common.source_text``). ``--rounding aware`` also converts each plan with output-aware rounding (its
 inputs from the calibration text) and writes plan_vs_mixes[_SENSITIVITY]_aware.*, both roundings side by side.
+``--sensitivity streamed --probe-texts``: the calibration also probes two texts of the evaluation texts' kinds
+(``common.probe_texts``: Python's language reference, the installed packages' READMEs), and each evaluation text is
+compared with what the plan predicts on the probe text of its kind; writes plan_vs_mixes_streamed_texts.*.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from common import eval_chunks, score as score_gguf, source_text  # noqa: E402
+from common import eval_chunks, probe_texts, score as score_gguf, source_text  # noqa: E402
 from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
@@ -42,6 +45,7 @@ from ggufmoe.stats.file import load_stats, save_stats  # noqa: E402
 from ggufmoe.quant.rules import TypeRules  # noqa: E402
 
 MIXES = ("IQ1_M", "IQ2_XXS", "IQ2_M", "Q2_K", "Q3_K_M")
+KIND = {"eval_doc.txt": "python-reference", "README": "package-readmes"}  # evaluation text -> probe text of its kind
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -75,7 +79,10 @@ def main() -> None:
     ap.add_argument("--sensitivity", choices=("probes", "local", "streamed"), default="probes")
     ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
     ap.add_argument("--rounding", choices=("llama", "aware"), default="llama")
+    ap.add_argument("--probe-texts", action="store_true", help="streamed: also probe common.probe_texts()")
     args = ap.parse_args()
+    if args.probe_texts and args.sensitivity != "streamed":
+        ap.error("--probe-texts is for --sensitivity streamed")
     planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     chunks = eval_chunks(args.model, args.chunks, args.ctx)
@@ -84,7 +91,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stats_path = work / "stats.gguf"
     if not stats_path.exists():
-        save_stats(calibrate(args.model, calib, probes=args.sensitivity == "streamed"), stats_path)
+        save_stats(calibrate(args.model, calib, probes=args.sensitivity == "streamed",
+                             probe_texts=probe_texts() if args.probe_texts else None), stats_path)
     f32 = work / "F32.gguf"
     if not f32.exists():
         convert(args.model, ConvertOptions(out=f32, types=TypeRules.parse("F32"), progress=False))
@@ -102,7 +110,8 @@ def main() -> None:
                                                                           progress=False)))[0]
         row = dict(mix=mix, mix_bytes=size, mix_kld=score_gguf(theirs, chunks, base, args.ctx)["kld"],
                    ours_bytes=ours.stat().st_size, planned_bytes=plan.file_bytes, keep=plan.keep,
-                   ours_kld=score_gguf(ours, chunks, base, args.ctx)["kld"], predicted_kld=plan.predicted_kld["total"])
+                   ours_kld=score_gguf(ours, chunks, base, args.ctx)["kld"], predicted_kld=plan.predicted_kld["total"],
+                   predicted_by_text=plan.predicted_by_text)
         row["ratio"] = row["ours_kld"] / row["mix_kld"]
         row["mix_kld_source"] = score_gguf(theirs, other, base_other, args.ctx)["kld"]
         row["ours_kld_source"] = score_gguf(ours, other, base_other, args.ctx)["kld"]
@@ -114,11 +123,18 @@ def main() -> None:
             row["aware_bytes"] = aware.stat().st_size
             row["aware_kld"] = score_gguf(aware, chunks, base, args.ctx)["kld"]
             row["aware_kld_source"] = score_gguf(aware, other, base_other, args.ctx)["kld"]
+            row["aware_predicted_kld"] = plan.rounding["predicted_kld"]["total"]  # priced with the rounding it got
+            row["aware_predicted_by_text"] = plan.rounding["predicted_by_text"]
         rows.append(row)
         print(row, flush=True)
     out = ROOT / "eval" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = "plan_vs_mixes" + ("" if args.sensitivity == "probes" else f"_{args.sensitivity}")
+    if args.probe_texts:
+        name += "_texts" + ("_aware" if args.rounding == "aware" else "")
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        write_texts(rows, out / f"{name}.md", args, chunks)
+        return
     if args.rounding == "aware":
         write_aware(rows, out / f"{name}_aware.md", args, chunks)
         (out / f"{name}_aware.json").write_text(json.dumps(rows, indent=1))
@@ -155,9 +171,56 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
+    """The plans against the mixes on each evaluation text, with what the plan predicts on all probe texts together
+    and on the probe text of the evaluation text's kind (and with output-aware rounding, when it was measured)."""
+    texts = {"eval_doc.txt": "", "README": "_source"}  # evaluation text -> its rows' key suffix
+    aware = "aware_kld" in rows[0]
+    lines = ["# Budgeted plans vs llama.cpp's mixes, predicted on probe texts of the evaluation texts' kinds", "",
+             f"Reference model; statistics from {'the first {:,} characters of '.format(args.chars) if args.chars else ''}"
+             "calib.txt; sensitivities and pruning costs from the streamed probes on three texts: the pieces of calib.txt "
+             "the calibration held out, the Python language reference as pydoc renders it (`python-reference`), the "
+             "installed packages' READMEs but this project's (`package-readmes`) (`eval/common.py: probe_texts`); no "
+             f"probe through llama.cpp. KL to the F32 conversion over {len(chunks)} chunks of {args.ctx} tokens of "
+             "eval_doc.txt (CPython's documentation) and of this project's README (the first chunks of "
+             "`common.source_text`), neither seen by the calibration nor the probes. The plan minimises its KL on the "
+             "three texts together; `on its kind` is what it predicts on the probe text of the evaluation text's kind "
+             f"({', '.join(f'{e}: {k}' for e, k in KIND.items())})"
+             + ("; `aware`: the same plan written with output-aware rounding, predicted with the output errors its "
+                "rounding pass measured (`Plan.price_rounding`)" if aware else "")
+             + f". Reproduce: `python eval/bench_plan_vs_mixes.py --sensitivity streamed --probe-texts"
+             f"{' --rounding aware' if aware else ''}{' --chars {}'.format(args.chars) if args.chars else ''}`.", "",
+             "| mix | bytes | kept | text | mix KL | plan KL | / the mix | predicted (together) / measured | "
+             "predicted on its kind | / measured |" + (" aware KL | / the mix | predicted on its kind | / measured |"
+                                                       if aware else ""),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if aware else "")]
+    within, better = [], []
+    for r in rows:
+        for text, k in texts.items():
+            mix, ours, kind = r[f"mix_kld{k}"], r[f"ours_kld{k}"], r["predicted_by_text"][KIND[text]]["total"]
+            line = (f"| {r['mix']} | {r['ours_bytes']:,} | {r['keep']} | {text} | {mix:.4f} | {ours:.4f} | "
+                    f"{ours / mix:.2f} | {r['predicted_kld'] / ours:.2f} | {kind:.4f} | {kind / ours:.2f} |")
+            within.append(abs(kind / ours - 1) <= 0.25)
+            better.append(ours <= 0.6 * mix)
+            if aware:
+                measured, predicted = r[f"aware_kld{k}"], r["aware_predicted_by_text"][KIND[text]]["total"]
+                line += f" {measured:.4f} | {measured / mix:.2f} | {predicted:.4f} | {predicted / measured:.2f} |"
+            lines.append(line)
+    lines += ["", f"Predicted on its kind within +-25% of measured: {sum(within)} of {len(within)}; the plans' KL "
+              f"<= 0.6x the mix: {sum(better)} of {len(better)}."]
+    if aware:
+        ok = [abs(r["aware_predicted_by_text"][KIND[t]]["total"] / r[f"aware_kld{k}"] - 1) <= 0.25
+              for r in rows for t, k in texts.items()]
+        half = [r[f"aware_kld{k}"] <= 0.5 * r[f"mix_kld{k}"] for r in rows for k in texts.values()]
+        lines.append(f"Aware: predicted on its kind within +-25%: {sum(ok)} of {len(ok)}; KL <= 0.5x the mix: "
+                     f"{sum(half)} of {len(half)}.")
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_aware(rows: list[dict], path: Path, args, chunks: list) -> None:
-    """The plans with both roundings against the mixes, and what the plan predicted (priced with llama.cpp's
-    rounding)."""
+    """The plans with both roundings against the mixes, and what the plan predicts for the aware file (priced with
+    the output errors its rounding pass measured)."""
     lines = ["# Budgeted plans with output-aware rounding vs llama.cpp's mixes at the same size", "",
              f"Reference model; statistics, sensitivities ({args.sensitivity}) and the rounding's inputs from "
              f"{'the first {:,} characters of '.format(args.chars) if args.chars else ''}calib.txt; KL to the F32 "
@@ -172,10 +235,10 @@ def write_aware(rows: list[dict], path: Path, args, chunks: list) -> None:
     for r in rows:
         lines.append(f"| {r['mix']} | {r['aware_bytes']:,} | {r['mix_kld']:.4f} | {r['ours_kld']:.4f} | "
                      f"{r['aware_kld']:.4f} | {r['aware_kld'] / r['mix_kld']:.2f} | "
-                     f"{r['predicted_kld'] / r['aware_kld']:.2f} | {r['mix_kld_source']:.4f} | "
+                     f"{r['aware_predicted_kld'] / r['aware_kld']:.2f} | {r['mix_kld_source']:.4f} | "
                      f"{r['ours_kld_source']:.4f} | {r['aware_kld_source']:.4f} | "
                      f"{r['aware_kld_source'] / r['mix_kld_source']:.2f} | "
-                     f"{r['predicted_kld'] / r['aware_kld_source']:.2f} |")
+                     f"{r['aware_predicted_kld'] / r['aware_kld_source']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -93,3 +93,18 @@ def source_text() -> str:
     sources, concatenated in path order."""
     files = [ROOT / "README.md", *sorted((ROOT / "ggufmoe").rglob("*.py"))]
     return "\n\n".join(f.read_text() for f in files)
+
+
+def probe_texts() -> dict[str, str]:
+    """Probe texts of the kinds of the two evaluation texts, from neither of them nor from the calibration text, and
+    found wherever this project is installed: the Python language reference as pydoc renders it (documentation
+    prose, the kind of eval_doc.txt) and the descriptions (READMEs, Markdown and reST) of the installed packages but
+    this one, in name order (the kind of this project's README)."""
+    import importlib.metadata
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    dists = {d.metadata["Name"].lower(): d for d in importlib.metadata.distributions()}
+    readmes = [dists[n].metadata.get_payload() or "" for n in sorted(dists) if n != "ggufmoe"]
+    return {"python-reference": "\n\n".join(topics[k] for k in sorted(topics)),
+            "package-readmes": "\n\n".join(r for r in readmes if r.strip())}

@@ -428,7 +428,8 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
                    "--sensitivity streamed` plans from. Default: on for a model above 2 GiB in F16 (too big to "
                    "probe through llama.cpp) or when --probe-text is given.")
 @click.option("--probe-text", "probe_files", multiple=True, type=click.Path(path_type=Path),
-              help="Another held-out text the probes also run on (repeatable); the plan reports the spread.")
+              help="Another text the probes also run on (repeatable), of a kind the model will serve: the plan "
+                   "minimises its KL on all the texts together and predicts it on text like each.")
 @click.option("--probe-chunks", type=click.IntRange(min=1), default=PROBE_CHUNKS, show_default=True,
               help="Chunks of --chunk tokens per text the probes run on (their standard error falls as the square "
                    "root of it; memory and time grow with it).")
@@ -469,6 +470,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     check_outputs([out], [src, text_file, *probe_files], kind=CALIBRATION, gguf=True)
     if probes is False and probe_files:
         raise GgufmoeError("--probe-text is for the probes: it takes no --no-probes")
+    if len({f.name for f in probe_files}) < len(probe_files):
+        raise GgufmoeError("two --probe-text files have the same name: the plan names each text by its file's name")
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
                 if click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if whole and (explicit or cluster):

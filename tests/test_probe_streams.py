@@ -17,14 +17,18 @@ from ggufmoe.pipeline.calibrate import calibrate
 from ggufmoe.pipeline.streamed_calibration import HELD_OUT
 from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.pipeline.measure import measure_sensitivity
 from ggufmoe.pipeline.planning import build_plan, options_from_plan, pruning_kl
+from ggufmoe.sensitivity.fit import layer_groups
+from ggufmoe.plan.allocate import priced
 from ggufmoe.plan.budget import Budget
-from ggufmoe.quant.rules import TypeRules
+from ggufmoe.plan.report import format_plan
+from ggufmoe.prune.apply import prune_model
+from ggufmoe.quant.rules import TypeRules, quantizable
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
-from ggufmoe.sensitivity.cost import JOINT_TYPES, PROBE_TYPE, SensitivityMode
-from ggufmoe.sensitivity.probe_set import prune_name
+from ggufmoe.sensitivity.cost import PROBE_TYPE, SensitivityMode
+from ggufmoe.sensitivity.probe_set import LAYER_PROBES, class_rules, probe_kinds, prune_name
 from ggufmoe.sensitivity.prune_cost import probe_prunings
+from ggufmoe.sensitivity.streamed import streamed_sensitivity
 from ggufmoe.stats.file import load_stats, save_stats
 from ggufmoe.stats.held_weights import locate
 from ggufmoe.stats.opened import OpenedModel
@@ -51,31 +55,56 @@ def ref_stats(tmp_path_factory) -> tuple[Path, str]:
     return out, text
 
 
-def test_streamed_probes_agree_with_the_probes_through_llama_cpp(ref_stats):
-    """Every class at Q3_K, every layer at Q3_K, the whole model at each joint type and both prunings: within 10% of
-    llama.cpp's KL (a conversion each, against the F16 conversion) on the same chunks."""
+def test_streamed_probes_agree_with_the_probes_through_llama_cpp(ref_stats, tmp_path):
+    """An attention class and an expert class at Q3_K, the first and the last layer at Q3_K, the whole model at
+    IQ2_XXS and the deeper pruning (a llama.cpp conversion each, against the F16 conversion, on the same chunks):
+    within 10% of llama.cpp's KL. All 20 probes: ``eval/results/streamed_probes.md`` (``eval/streamed_probes.py``)."""
     stats, text = ref_stats
     model = OpenedModel.open(tiny_models.REF_MODEL, stats)
     streamed = model.probes
     assert streamed.texts == [HELD_OUT, "eval_doc.txt"] and len(streamed.positions) == 2 * CHUNKS
-    sens = measure_sensitivity(model, text, chunks=CHUNKS, ctx=CTX, progress=False)
-    reqs = probe_prunings(model.arch, True)
-    a = PROBE_TYPE.name
-    llama = {f"class:{k}:{a}": v[a] for k, v in sens.probes.items()}
-    llama |= {f"layers:{g}:{a}": v for g, v in sens.layer_probes.items()}
-    llama |= {f"all:{t.name}": sens.info["uniform"][t.name]["measured"] for t in JOINT_TYPES}
-    llama |= {prune_name(r, model.arch): v for r, v in zip(reqs, pruning_kl(model, text, reqs, CTX, CHUNKS))}
-    assert len(llama) == 6 + 9 + 3 + 2 == len(streamed.kl)
-    ratios = {p: streamed.by_text(p)["eval_doc.txt"] / kl for p, kl in llama.items()}
+    assert len(streamed.kl) == 6 + 9 + 3 + 2  # every layer, class, whole-model type and pruning
+    specs = [s for s in model.arch.tensors() if quantizable(s)]
+    kinds, groups = probe_kinds(specs), layer_groups(specs, LAYER_PROBES)
+    a = PROBE_TYPE
+    rules = {f"class:{k}:{a.name}": class_rules(kinds[k], a) for k in ("attn_v", "ffn_down_exps")}
+    rules |= {f"layers:{g}:{a.name}": class_rules(groups[g], a) for g in (min(groups), max(groups))}
+    rules["all:IQ2_XXS"] = TypeRules(T.IQ2_XXS)
+    from transformers import AutoTokenizer
+
+    seqs = spread_chunks(token_chunks(AutoTokenizer.from_pretrained(model.path), text, CTX, MAX_TEXT_TOKENS), CHUNKS)
+
+    def kl(name: str, **opts) -> float:
+        path = convert(model, ConvertOptions(out=tmp_path / f"{name}.gguf", stats=stats, progress=False, **opts))[0]
+        return float(np.mean([c.kld_mean for c in score_against(path, seqs, base)]))
+
+    base = base_logprobs(convert(model, ConvertOptions(out=tmp_path / "f16.gguf", types=TypeRules(T.F16),
+                                                       progress=False))[0], seqs)
+    llama = {probe: kl(f"p{i}", types=r) for i, (probe, r) in enumerate(rules.items())}
+    req = probe_prunings(model.arch, True)[-1]
+    llama[prune_name(req, model.arch)] = kl("pruned", types=TypeRules(T.F16), prune=req)
+    ratios = {p: streamed.by_text(p)["eval_doc.txt"] / v for p, v in llama.items()}
     assert all(abs(r - 1) <= AGREE for r in ratios.values()), ratios
 
 
 def test_plan_from_streamed_probes(ref_stats, tmp_path):
-    """``--sensitivity streamed`` plans without a llama.cpp run, says so, and the plan's bytes are written."""
+    """``--sensitivity streamed`` plans without a llama.cpp run, says so, and the plan's bytes are written. Probed on
+    two texts, it also predicts its KL on text like each (the costs fitted on that text's probes alone), priced as
+    the allocation prices the plan."""
     stats, _ = ref_stats
     plan = build_plan(tiny_models.REF_MODEL, Budget(12_000_000, weights_only=True, sensitivity=SensitivityMode.STREAMED),
                       stats, None, progress=False)
     assert any("end-to-end probes in the streamed calibration" in n for n in plan.notes), plan.notes
+    assert set(plan.predicted_by_text) == {HELD_OUT, "eval_doc.txt"}
+    assert "on text like eval_doc.txt" in format_plan(plan)
+    model = OpenedModel.open(tiny_models.REF_MODEL, stats)
+    (sens, prune_kl), by_text = streamed_sensitivity(model, progress=False)
+    _, specs = prune_model(model.arch, plan.pruning())
+    types = {n: T[t] for n, t in plan.types.items()}
+    assert priced(specs, types, TypeRules(None), sens, True) == pytest.approx(plan.predicted_kld["quant"], rel=1e-9)
+    for text, (s, kl) in by_text.items():
+        on_text = priced(specs, types, TypeRules(None), s, True) + kl(plan.pruning())
+        assert on_text == pytest.approx(plan.predicted_by_text[text]["total"], rel=1e-9) and 0 < on_text < 1
     written = convert(tiny_models.REF_MODEL, options_from_plan(plan, ConvertOptions(
         out=tmp_path / "plan.gguf", types=TypeRules.parse("Q8_0"), progress=False)))[0]
     assert written.stat().st_size == plan.file_bytes
@@ -163,3 +192,17 @@ def test_the_summary_says_how_precise_the_probes_are():
     four = StreamedProbes(["a", "b"], [0, 0, 1, 1], [511] * 4, {"all:Q3_K": [0.1, 0.12, 0.11, 0.09]})
     assert four.rel_stderr("all:Q3_K") == pytest.approx(np.std([0.1, 0.12, 0.11, 0.09], ddof=1) / 2 / 0.105)
     assert "quantization up to 6% (4 chunks per text for 5%)" in four.summary()
+
+
+def test_probe_texts_are_named_by_their_files(tmp_path):
+    """A plan names each probe text by its file: two of the same name are refused in one line, nothing written."""
+    text = tmp_path / "calib.txt"
+    text.write_text(_text("calib.txt", 5_000))
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "docs.txt").write_text(_text("eval_doc.txt", 5_000))
+    out = tmp_path / "stats.gguf"
+    proc = run("calibrate", tiny_models.REF_MODEL, "--text", text, "--probe-text", tmp_path / "a" / "docs.txt",
+               "--probe-text", tmp_path / "b" / "docs.txt", "-o", out)
+    assert proc.returncode == 1 and "same name" in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "calib.txt"]

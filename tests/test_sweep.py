@@ -18,13 +18,14 @@ from ggufmoe.pipeline.sweep import Point, SweepOptions, format_table, load_resul
 TIMINGS = ("peak_rss", "prompt_tps", "gen_tps")  # what a point measures of the machine, not of the file
 
 
-def sweep_command(out, *extra, calib=None) -> list[str]:
+def sweep_command(out, *extra, calib=None, budgets="10M,14M") -> list[str]:
     calib = calib or out.parent / "calib.txt"
     if not calib.exists():
         calib.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:60_000])
-    return list(map(str, [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", "10M,14M", "--baselines", "Q2_K",
+    return list(map(str, [GGUFMOE, "sweep", tiny_models.REF_MODEL, "--budgets", budgets, "--baselines", "Q2_K",
                           "--calib", calib, "--text", tiny_models.TEST_DATA / "eval_doc.txt", "--ctx", "1024",
-                          "--max-tokens", "1024", "--threads", "2", "--target", "cpu", "-o", out, "-q", *extra]))
+                          "--max-tokens", "1024", "--threads", "2", "--target", "cpu", "--sensitivity", "local",
+                          "-o", out, "-q", *extra]))  # local: no probe conversions (tests/test_sensitivity.py has them)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +79,19 @@ def test_sweep_end_to_end_and_resume(swept):
 
 
 def test_sweep_on_ray_makes_the_same_files(ray_cluster, swept, tmp_path):
-    """The points as tasks on a two-node cluster (the calibration and base conversion taken from the folder, as a
-    resumed sweep takes them): the same files, byte for byte, and the same rows but for the machine's timings."""
+    """Two of the points (one per node) as tasks on a two-node cluster (the calibration and base conversion taken
+    from the folder, as a resumed sweep takes them): the same files, byte for byte, and the same rows but for the
+    machine's timings."""
     here, _ = swept
     out = tmp_path / "sweep"
     out.mkdir()
     for name in ("stats.gguf", "base-F16.gguf", "sweep.json"):
         shutil.copy(here / name, out / name)
-    proc = subprocess.run(sweep_command(out, f"--ray={ray_cluster}", calib=here.parent / "calib.txt"),
+    proc = subprocess.run(sweep_command(out, f"--ray={ray_cluster}", calib=here.parent / "calib.txt", budgets="10M"),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows, ours = (json.loads((d / "results.json").read_text()) for d in (here, out))
+    rows = [r for r in rows if r["name"] in ("plan-10M", "llama.cpp-Q2_K")]
     assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in ours] == \
         [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
     for r in rows:

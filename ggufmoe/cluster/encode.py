@@ -47,8 +47,8 @@ def job_of(conv: Conversion) -> Job:
     """``conv`` as a worker makes it: every path absolute (a worker's directory is not this one)."""
     opts = conv.opts
     absolute = {k: getattr(opts, k).resolve() for k in ("imatrix", "stats", "out") if getattr(opts, k) is not None}
-    return Job(uuid.uuid4().hex, str(conv.source.resolve()), replace(opts, cluster=None, progress=False, **absolute),
-               conv.rounded.path.resolve() if conv.rounded else None)
+    here = replace(opts, cluster=None, plan=None, progress=False, **absolute)
+    return Job(uuid.uuid4().hex, str(conv.source.resolve()), here, conv.rounded.path.resolve() if conv.rounded else None)
 
 
 _JOBS: dict[str, Conversion] = {}  # per worker process: the conversion of the job it works on

@@ -29,6 +29,7 @@ from ggufmoe.pipeline.pieces import Conversion, LocalEncoder
 from ggufmoe.source.config import check_shapes
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rules import TypedTensor, TypeRules
+from ggufmoe.plan.budget import Plan
 from ggufmoe.plan.layout import assign_types, prepare_output
 from ggufmoe.source.fingerprint import file_identity, model_files
 
@@ -52,6 +53,7 @@ class ConvertOptions:
     zero_nonfinite: bool = False  # replace NaN/Inf in the weights with 0 instead of refusing them
     rounding: RoundingOptions | None = None  # output-aware rounding from these inputs (else llama.cpp's)
     cluster: Cluster | None = None  # where the pieces are quantized and a calibration runs (None: here)
+    plan: Plan | None = None  # the budget plan these options carry out (priced with the rounding it gets)
 
 
 def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path]:
@@ -70,7 +72,8 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
     if opts.rounding is not None:
         from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
 
-        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress)
+        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress,
+                                       opts.plan)
     conv = Conversion(model.path, opts, typed, imatrix, rounded, NonFinite(opts.zero_nonfinite))
     try:
         with out:

@@ -85,6 +85,7 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
         raise GgufmoeError("--top-k auto prices each top-k from the local errors of the streamed `ggufmoe "
                            "calibrate`: pass --stats from it")
     notes = []
+    by_text = None  # costs fitted on each probe text alone (streamed probes on several texts)
     probe_text = calib_text
     if calib_text is not None:
         probe_text = hold_out(calib_text).probes or calib_text
@@ -94,7 +95,7 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
         if mode == SensitivityMode.AUTO:
             mode = auto_mode(model)
         if mode == SensitivityMode.STREAMED:
-            sens, prune_kl = streamed_sensitivity(model, progress)
+            (sens, prune_kl), by_text = streamed_sensitivity(model, progress)
             notes.append(f"sensitivities and pruning costs: local errors calibrated by end-to-end probes in the "
                          f"streamed calibration ({sens.info['summary']}; no llama.cpp run)")
         elif mode == SensitivityMode.LOCAL:
@@ -120,7 +121,8 @@ def build_plan(source: Path | OpenedModel, budget: Budget, stats_path: Path | No
                                    imatrix=stats is not None or not src.has_weights, aliases=arch.sensitivity_aliases)
         prune_kl = partial(prune_cost, stats=stats, scale=DEFAULT_PRUNE_SCALE)
         notes.append("sensitivities are defaults from tensor shapes (not measured)")
-    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, str(stats_path) if stats_path else None)
+    plan = allocate_budget(src, arch, stats, sens, budget, pins, prune_kl, str(stats_path) if stats_path else None,
+                           by_text)
     plan.notes += notes
     plan.model_fingerprint = model_fingerprint(arch)
     if not arch.writes_tokenizer:
@@ -196,7 +198,7 @@ def check_plan(plan: Plan, plan_path: Path, src: OpenedModel) -> None:
 def options_from_plan(plan: Plan, base: ConvertOptions) -> ConvertOptions:
     """``base`` convert options with the plan's types, pruning and statistics filled in."""
     stats = base.stats or (Path(plan.stats) if plan.stats else None)
-    return replace(base, types=plan.type_rules(), pruning=plan.pruning(), stats=stats, prune=None)
+    return replace(base, types=plan.type_rules(), pruning=plan.pruning(), stats=stats, prune=None, plan=plan)
 
 
 def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
@@ -240,7 +242,10 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
         plan = build_plan(model, budget, stats_path, text, pins, progress=base.progress)
         made.append(plan_path)
         plan.save(plan_path)
-        return plan, convert(model, options_from_plan(plan, base))
+        written = convert(model, options_from_plan(plan, base))
+        if plan.rounding:
+            plan.save(plan_path)  # with what the rounding it got predicts
+        return plan, written
     except BaseException as e:
         if _conversion_kept(base.out):  # --resume continues it from these statistics
             raise

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.files import replace_atomically
+from ggufmoe.plan.budget import Plan
 from ggufmoe.quant.aware import can_round
 from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.quant.rules import TypedTensor
@@ -42,9 +43,10 @@ def rounding_dir(out: Path) -> Path:
 
 
 def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix | None, opts: RoundingOptions,
-                out: Path, resume: bool, progress: bool) -> RoundedStore:
+                out: Path, resume: bool, progress: bool, plan: Plan | None = None) -> RoundedStore:
     """The store of ``typed``'s tensors rounded output-aware (the pass runs unless a finished one for the same text
-    and types is kept beside ``out``)."""
+    and types is kept beside ``out``). A ``plan`` of those types is priced with the rounding's measured output errors
+    (:meth:`~ggufmoe.plan.budget.Plan.price_rounding`)."""
     if not model.source.can_calibrate:
         raise GgufmoeError(f"{model.path}: --rounding aware runs the model over the calibration text: it needs the "
                            f"Hugging Face checkpoint, not a GGUF")
@@ -76,4 +78,9 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
         replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
     if report := load_report(store):
         print(summary(report), file=sys.stderr)
+        if plan is not None:
+            plan.price_rounding({n: r.ratio for n, r in report.items()})
+            kl = plan.rounding["predicted_kld"]
+            print(f"predicted KL with this rounding {kl['total']:.4f} (quantization {kl['quant']:.4f}, "
+                  f"{plan.predicted_kld['quant']:.4f} with llama.cpp's)", file=sys.stderr)
     return store

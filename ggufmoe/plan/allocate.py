@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -65,41 +65,54 @@ class Option:
         return self.nbytes + self.gpu_bytes
 
 
-def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool,
-                repack: dict | None = None, where: tuple[bool, bool] = (True, False)) -> list[Option]:
-    """Allowed (type, bytes, predicted cost) of one tensor, cheapest first, dominated ones dropped.
+def pinned(spec: TensorSpec, pins: TypeRules) -> bool:
+    """A tensor whose type is not the planner's to choose (a ``--tensor-type`` rule, kept F32 or as stored)."""
+    return bool(pins.rules and any(p.search(spec.name) for p, _ in pins.rules)) or always_f32(spec) or kept_type(spec)
 
-    Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
-    llama.cpp's CPU backend makes of it when ``repack`` (:meth:`ggufmoe.plan.target.Target.repack_types`)
-    holds its type; ``where`` says whether it is in host memory, in GPU memory (its CUDA buffer size), or
-    both (:func:`ggufmoe.plan.memory.placement`).
+
+def type_costs(spec: TensorSpec, sens: Sensitivity, with_stats: bool) -> dict[T, float]:
+    """The predicted cost of each type (as written: the effective one) ``spec`` may be stored at.
+
     A tensor with a ``source_type`` (GGUF) is offered that type (copied) and the candidates with fewer
-    bits, priced at their own cost plus the stored type's: requantizing keeps the error already there.
-    """
-    def option(t: T, cost: float) -> Option:
-        n = TypedTensor(spec, t).nbytes
-        host = padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0) if where[0] else 0
-        return Option(t, host, cost, gpu_tensor_bytes(spec.shape, t, n) if where[1] else 0)
-
-    if pins.rules and any(p.search(spec.name) for p, _ in pins.rules) or always_f32(spec) or kept_type(spec):
-        return [option(pins.type_for(spec), 0.0)]
+    bits, priced at their own cost plus the stored type's: requantizing keeps the error already there."""
     costs = sens.cost.get(spec.name, {})
     cap = spec.source_type
-    seen: dict[T, Option] = {}
+    out: dict[T, float] = {}
     for t in CANDIDATES:
         if (t in POOR_WITHOUT_IMATRIX and not with_stats) or (role(spec.name) == EMBEDDING and requires_imatrix(t)):
             continue
         eff = effective_type(t, spec.shape[-1])
-        if eff in seen or eff.name not in costs and t.name not in costs:
+        if eff in out or eff.name not in costs and t.name not in costs:
             continue
         cost = costs.get(t.name, costs.get(eff.name, 0.0))
         if cap is not None and eff != cap:
             if bits_per_weight(eff) >= bits_per_weight(cap):
                 continue
             cost += _cost_at(cap, costs)  # requantized: the stored type's error stays, the new one adds
-        seen[eff] = option(eff, cost)
+        out[eff] = cost
     if cap is not None:
-        seen[cap] = option(cap, _cost_at(cap, costs))
+        out[cap] = _cost_at(cap, costs)
+    return out
+
+
+def options_for(spec: TensorSpec, sens: Sensitivity, pins: TypeRules, with_stats: bool,
+                repack: dict | None = None, where: tuple[bool, bool] = (True, False)) -> list[Option]:
+    """Allowed (type, bytes, predicted cost) of one tensor (:func:`type_costs`), cheapest first, dominated ones
+    dropped.
+
+    Bytes are what the tensor takes from the budget: its padded size in the file, plus the copy
+    llama.cpp's CPU backend makes of it when ``repack`` (:meth:`ggufmoe.plan.target.Target.repack_types`)
+    holds its type; ``where`` says whether it is in host memory, in GPU memory (its CUDA buffer size), or
+    both (:func:`ggufmoe.plan.memory.placement`).
+    """
+    def option(t: T, cost: float) -> Option:
+        n = TypedTensor(spec, t).nbytes
+        host = padded(n) + (n if repack and is_repacked(spec.name, spec.shape, t, repack) else 0) if where[0] else 0
+        return Option(t, host, cost, gpu_tensor_bytes(spec.shape, t, n) if where[1] else 0)
+
+    if pinned(spec, pins):
+        return [option(pins.type_for(spec), 0.0)]
+    seen = {t: option(t, cost) for t, cost in type_costs(spec, sens, with_stats).items()}
     opts = sorted(seen.values(), key=lambda o: (o.size, o.cost))
     hull: list[Option] = []
     for o in opts:  # lower convex hull of (bytes, cost), cost falling
@@ -164,10 +177,18 @@ def keep_candidates(arch: Architecture, stats: Stats | None, config_only: bool =
     return keep_counts(arch)
 
 
+def priced(specs: list[TensorSpec], types: dict[str, T], pins: TypeRules, sens: Sensitivity, with_stats: bool) -> float:
+    """The quantization KL ``sens`` predicts for ``types`` (tensor -> type), priced as the allocation prices it."""
+    return sens.combined(sum(0.0 if pinned(s, pins) else type_costs(s, sens, with_stats)[types[s.name]]
+                             for s in specs))
+
+
 def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitivity, budget: Budget,
-                     pins: TypeRules, prune_kl: Callable[[Pruning], float], stats_path: str | None = None) -> Plan:
+                     pins: TypeRules, prune_kl: Callable[[Pruning], float], stats_path: str | None = None,
+                     by_text: Mapping[str, tuple[Sensitivity, Callable[[Pruning], float]]] | None = None) -> Plan:
     """The best plan over the candidate keep counts; a clear error when nothing fits. ``prune_kl`` is the
-    predicted KL of a pruning (:mod:`ggufmoe.sensitivity.prune_cost`)."""
+    predicted KL of a pruning (:mod:`ggufmoe.sensitivity.prune_cost`); ``by_text``: costs fitted on each probe
+    text alone, by which the plan also predicts its KL on text like each (``Plan.predicted_by_text``)."""
     best: Plan | None = None
     smallest = smallest_gpu = slowest = None
     candidates = []
@@ -249,6 +270,10 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             continue
         quant = sens.combined(sum(o.cost for o in choice.values()))
         pcost = prune_kl(pruning)
+        on_text = {}
+        for text, (s, kl) in (by_text or {}).items():
+            q, p = priced(specs, types, pins, s, stats is not None or config_only), kl(pruning)
+            on_text[text] = dict(prune=p, quant=q, total=p + q)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
                     kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
                     top_k_source=arch.top_k, keep=keep, top_k=pruning.top_k, criterion=crit, kept=pruning.kept,
@@ -256,7 +281,10 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
                     tensor_bytes={s.name: TypedTensor(s, types[s.name]).nbytes for s in specs}, file_bytes=size,
                     memory=_memory_dict(mem, target),
                     predicted_kld=dict(prune=pcost, quant=quant, total=pcost + quant), stats=stats_path,
-                    active_bytes=active, target=str(target))
+                    active_bytes=active, target=str(target), predicted_by_text=on_text,
+                    costs={s.name: [choice[s.name].cost, sens.exponents.get(s.kind, 1.0)] for s in specs
+                           if choice[s.name].cost > 0},
+                    joint=list(sens.joint))
         candidates.append(dict(keep=keep, top_k=pruning.top_k, file_bytes=size, active_bytes=active,
                                predicted_kld=plan.predicted_kld["total"]))
         if best is None or plan.predicted_kld["total"] < best.predicted_kld["total"]:

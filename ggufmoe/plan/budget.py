@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from gguf import GGMLQuantizationType as T
 
@@ -87,6 +88,26 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     target: str = "host"  # the --target planned for (plans saved before targets existed: host)
     model_fingerprint: str | None = None  # :func:`model_fingerprint` of the source (plans saved before it: None)
+    # probe text -> predicted KL (prune, quant, total) on text like it (streamed probes on several texts)
+    predicted_by_text: dict[str, dict[str, float]] = field(default_factory=dict)
+    costs: dict[str, list[float]] = field(default_factory=dict)  # tensor -> [its cost alone, its KL-vs-error exponent]
+    joint: list[float] = field(default_factory=lambda: [1.0, 1.0])  # the costs' joint map (a, b): KL = a * sum ** b
+    rounding: dict = field(default_factory=dict)  # what the KL is predicted to be with output-aware rounding
+
+    def price_rounding(self, error_ratio: Mapping[str, float]) -> None:
+        """Price the planned types as rounded output-aware (fills :attr:`rounding`): a tensor's cost follows its
+        error to the power of its exponent, so each cost is scaled by the ratio of its output error (held-out tokens)
+        to llama.cpp's rounding's to that power; the quantization KL by the joint map's ratio of the sums (the
+        pruning's is unchanged). Tensors without a ratio keep their cost."""
+        plain = sum(c for c, _ in self.costs.values())
+        rounded = sum(c * error_ratio.get(n, 1.0) ** b for n, (c, b) in self.costs.items())
+        factor = (rounded / plain) ** self.joint[1] if plain > 0 else 1.0
+
+        def scaled(kl: dict[str, float]) -> dict[str, float]:
+            return dict(prune=kl["prune"], quant=kl["quant"] * factor, total=kl["prune"] + kl["quant"] * factor)
+
+        self.rounding = dict(method="aware", quant_factor=factor, predicted_kld=scaled(self.predicted_kld),
+                             predicted_by_text={t: scaled(kl) for t, kl in self.predicted_by_text.items()})
 
     def save(self, path: Path) -> None:
         """Write PLAN.json atomically."""

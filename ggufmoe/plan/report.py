@@ -57,7 +57,11 @@ def format_plan(plan: Plan) -> str:
     lines += [f"budget       {format_size(plan.budget)}" + (" (weights only)" if plan.weights_only else ""),
               f"target       {plan.target}",
               f"predicted    KL {plan.predicted_kld['total']:.4f} (pruning {plan.predicted_kld['prune']:.4f}, "
-              f"quantization {plan.predicted_kld['quant']:.4f})",
+              f"quantization {plan.predicted_kld['quant']:.4f})"
+              + (" on the probe texts together" if plan.predicted_by_text else ""),
+              *(f"{'':<13}KL {kl['total']:.4f} on text like {t}" for t, kl in plan.predicted_by_text.items()),
+              *([f"rounded      KL {plan.rounding['predicted_kld']['total']:.4f} with output-aware rounding "
+                 f"(quantization x{plan.rounding['quant_factor']:.2f})"] if plan.rounding else []),
               f"per token    {format_size(plan.active_bytes)} of weights read"]
     if len(plan.candidates) > 1:
         lines.append("candidates   " + ", ".join(

@@ -10,12 +10,16 @@ standard error are kept in ``info``."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ggufmoe.errors import GgufmoeError
-from ggufmoe.prune.criteria import choose_experts
+from ggufmoe.model.tensor import TensorSpec
+
+from ggufmoe.prune.criteria import Pruning, choose_experts
 from ggufmoe.quant.rules import quantizable
-from ggufmoe.sensitivity.cost import JOINT_TYPES, METHOD_VERSION, PROBE_TYPE
+from ggufmoe.sensitivity.cost import JOINT_TYPES, METHOD_VERSION, PROBE_TYPE, Sensitivity
 from ggufmoe.sensitivity.defaults import default_sensitivity
 from ggufmoe.sensitivity.fit import calibrated, join, layer_groups
 from ggufmoe.sensitivity.probe_set import LAYER_PROBES, probe_kinds, prune_name
@@ -23,16 +27,21 @@ from ggufmoe.sensitivity.prune_cost import (PRUNE_FIT, PRUNE_LOCAL_KEY, fit_prun
                                           prune_unit)
 from ggufmoe.sensitivity.quant_error import measure_errors
 from ggufmoe.stats.opened import OpenedModel
+from ggufmoe.stats.probe_results import StreamedProbes
 
 
-def streamed_sensitivity(model: OpenedModel, progress: bool = True):
-    """(costs, predicted KL of a pruning) of ``model`` from its statistics' streamed probes and local errors."""
+Predictor = tuple[Sensitivity, Callable[[Pruning], float]]  # costs, and the predicted KL of a pruning
+
+
+def streamed_sensitivity(model: OpenedModel, progress: bool = True) -> tuple[Predictor, dict[str, Predictor]]:
+    """(costs, predicted KL of a pruning) of ``model`` from its statistics' streamed probes and local errors, fitted
+    on every text's probes together; and, when the probes ran on more than one text, the same fitted on each text's
+    alone (text name -> predictor: what a plan costs on text like that one)."""
     arch, stats, local, probes = model.arch, model.stats, model.local, model.probes
     if probes is None or local is None:
         raise GgufmoeError(f"{model.stats_path}: the statistics hold no streamed probes (they come from `ggufmoe "
                            "calibrate --probes`)")
     specs = [s for s in arch.tensors() if quantizable(s)]
-    anchor = PROBE_TYPE.name
     # a class the streams left exact (no module holds its elements as they are) measured nothing: priced from
     # shapes, as a model without statistics is
     left_exact = set(probes.info.get("left_exact", []))
@@ -42,6 +51,20 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
     rest = [s for s in specs if s.name not in error]  # no local error: the diagonal one
     if rest:
         error.update(measure_errors(rest, stats, None, arch.n_expert, arch.top_k, progress=progress))
+    shapes = default_sensitivity(unprobed, arch.n_expert, arch.top_k, imatrix=True,
+                                 aliases=arch.sensitivity_aliases) if unprobed else None
+    fitted = _fit(model, specs, error, shapes, probes)
+    fitted[0].info.update(shape_defaults=sorted(s.name for s in unprobed), diagonal_errors=sorted(s.name for s in rest))
+    by_text = {t: _fit(model, specs, error, shapes, probes.of_text(t)) for t in probes.texts} \
+        if len(probes.texts) > 1 else {}
+    return fitted, by_text
+
+
+def _fit(model: OpenedModel, specs: list[TensorSpec], error: dict[str, dict[str, float]],
+         shapes: Sensitivity | None, probes: StreamedProbes) -> Predictor:
+    """The fits of the module docstring through ``probes``; ``shapes`` prices what they left exact."""
+    arch, stats, local = model.arch, model.stats, model.local
+    anchor = PROBE_TYPE.name
     kinds = probe_kinds(specs)
     missing = [p for p in [f"class:{k}:{anchor}" for k in kinds] + [f"all:{t.name}" for t in JOINT_TYPES]
                if p not in probes.kl]
@@ -52,8 +75,7 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
     layer_kl = {g: probes.mean(f"layers:{g}:{anchor}") for g in groups if f"layers:{g}:{anchor}" in probes.kl}
     sens = calibrated(error, kinds, {k: {anchor: probes.mean(f"class:{k}:{anchor}")} for k in kinds},
                       {g: n for g, n in groups.items() if g in layer_kl}, layer_kl, anchor)
-    if unprobed:
-        shapes = default_sensitivity(unprobed, arch.n_expert, arch.top_k, imatrix=True, aliases=arch.sensitivity_aliases)
+    if shapes:
         sens.cost.update(shapes.cost)
         sens.error.update(shapes.error)
     uniform = join(sens, {t.name: probes.mean(f"all:{t.name}") for t in JOINT_TYPES})
@@ -71,6 +93,5 @@ def streamed_sensitivity(model: OpenedModel, progress: bool = True):
                      chunks=len(probes.positions), kl_tokens=int(np.sum(probes.positions)), uniform=uniform,
                      by_text=spread, rel_stderr={p: round(probes.rel_stderr(p), 4) for p in probes.kl
                                                  if len(probes.positions) > 1},
-                     pruning=pruning,
-                     shape_defaults=sorted(s.name for s in unprobed), diagonal_errors=sorted(s.name for s in rest))
+                     pruning=pruning)
     return sens, local_prune_kl(local, n_layers, sens.scales[PRUNE_LOCAL_KEY], stats, sens.scales[PRUNE_FIT])

@@ -65,6 +65,13 @@ class StreamedProbes:
         return {t: float(np.average(kl[of == i], weights=w[of == i])) for i, t in enumerate(self.texts)
                 if (of == i).any()}
 
+    def of_text(self, text: str) -> "StreamedProbes":
+        """The probes of one text's chunks alone."""
+        i = self.texts.index(text)
+        mine = [c for c, of in enumerate(self.text_of) if of == i]
+        return StreamedProbes([text], [0] * len(mine), [self.positions[c] for c in mine],
+                              {p: [kl[c] for c in mine] for p, kl in self.kl.items()}, self.info)
+
     def rel_stderr(self, probe: str) -> float:
         """The relative standard error of :meth:`mean` over the chunks (inf with one chunk)."""
         kl = np.array(self.kl[probe])

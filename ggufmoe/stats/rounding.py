@@ -61,6 +61,11 @@ class TensorReport:
         self.error_aware += r.error_aware
         self.error_kept += min(r.error_llama, r.error_aware)
 
+    @property
+    def ratio(self) -> float:
+        """The held-out output error kept, relative to llama.cpp's rounding's (1 without any)."""
+        return self.error_kept / self.error_llama if self.error_llama > 0 else 1.0
+
 
 @dataclass
 class Moments:
