@@ -422,6 +422,10 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
 @click.option("--whole", is_flag=True,
               help="Load the whole model into transformers (float32, CPU) instead of streaming it layer by "
                    "layer; the reference the streamed path is tested against. Needs RAM for all of it.")
+@click.option("--local-errors/--no-local-errors", default=True, show_default=True,
+              help="Measure each tensor's local quantization errors and each MoE layer's pruning errors (what a "
+                   "plan of a model too big to probe rests on). --no-local-errors: the importance matrix and the "
+                   "routing statistics alone (for llama-quantize, or pruning by statistics), in less time.")
 @click.option("--probes/--no-probes", default=None,
               help="Carry end-to-end probes beside the calibration (held-out tokens through the model with each "
                    "tensor class, run of layers and the whole model quantized, and pruned), which `plan "
@@ -438,8 +442,8 @@ def inspect(src: Path, ctx: int, kv_type: KvType, target: Target) -> None:
         "shares, the probes carried by the first")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chunk: int, resume: bool, device: str,
-              max_memory: int, whole: bool, probes: bool | None, probe_files: tuple[Path, ...], probe_chunks: int,
-              quiet: bool, cluster: RayCluster | None) -> None:
+              max_memory: int, whole: bool, local_errors: bool, probes: bool | None, probe_files: tuple[Path, ...],
+              probe_chunks: int, quiet: bool, cluster: RayCluster | None) -> None:
     """Run the Hugging Face model in SRC over calibration text; write its statistics.
 
     Per tensor (per expert for expert tensors): the importance matrix. Per MoE layer and
@@ -470,6 +474,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     check_outputs([out], [src, text_file, *probe_files], kind=CALIBRATION, gguf=True)
     if probes is False and probe_files:
         raise GgufmoeError("--probe-text is for the probes: it takes no --no-probes")
+    if not local_errors and (probes or probe_files):
+        raise GgufmoeError("the probes calibrate the local errors: --no-local-errors takes no --probes or --probe-text")
     if len({f.name for f in probe_files}) < len(probe_files):
         raise GgufmoeError("two --probe-text files have the same name: the plan names each text by its file's name")
     explicit = [f"--{name.replace('_', '-')}" for name in ("resume", "device", "max_memory")
@@ -480,7 +486,8 @@ def calibrate(src: Path, text_file: Path, out: Path, max_tokens: int | None, chu
     from ggufmoe.pipeline.calibrate import calibrate as run_calibration
 
     text = read_text(text_file)
-    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory, probes=probes,
+    kw = {} if whole else dict(out=out, resume=resume, device=device, max_memory=max_memory,
+                               measure_local=local_errors, probes=probes if local_errors else False,
                                probe_texts={f.name: read_text(f) for f in probe_files}, probe_chunks=probe_chunks,
                                cluster=cluster)
     if whole and (probes or probe_files):

@@ -18,6 +18,7 @@ from ggufmoe.errors import GgufmoeError
 from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry, load_imatrix, save_imatrix, write_imatrix_gguf
 from ggufmoe.source.hf import HFSource
 from ggufmoe.stats.file import ExpertStats, Stats, load_stats, save_stats
+from ggufmoe.stats.local_errors import KEY as LOCAL_KEY
 from ggufmoe.stats.collect import collect_stats
 from ggufmoe.stats.hf_model import load_model
 from test_imatrix import write_dat
@@ -317,14 +318,15 @@ def test_cli_calibrate(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(calib_text())
     out = tmp_path / "stats.gguf"
-    proc = run("calibrate", tiny_models.REF_MODEL, "--text", text, "--max-tokens", N_TOKENS, "-o", out)
+    proc = run("calibrate", tiny_models.REF_MODEL, "--text", text, "--max-tokens", N_TOKENS, "-o", out,
+               "--no-local-errors")  # the statistics alone (the local errors: test_local.py)
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stderr  # progress bar with the speed
     lines = proc.stdout.strip().splitlines()
     assert "never activated" in lines[0] and lines[-1] == f"wrote {out}"
     assert len(lines) == 1 + 6 + 1 and all(str(N_TOKENS) in line for line in lines[1:7])
     stats = load_stats(out)
-    assert stats.has_routing and stats.imatrix.datasets == ["calib.txt"]
+    assert stats.has_routing and stats.imatrix.datasets == ["calib.txt"] and LOCAL_KEY not in stats.extras
     assert all(s.n_tokens == N_TOKENS and s.counts.sum() == N_TOKENS * TOP_K for s in stats.layers.values())
     dead = [", ".join(map(str, np.flatnonzero(s.counts == 0))) or "-" for s in stats.layers.values()]
     assert [line.split("  ")[-1].strip() for line in lines[1:7]] == dead

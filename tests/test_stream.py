@@ -30,6 +30,7 @@ from ggufmoe.stats import skeleton
 from ggufmoe.stats.calib_state import HIDDEN
 from ggufmoe.stats.collect import collect_stats
 from ggufmoe.stats.file import Stats, load_stats, save_stats
+from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors
 from ggufmoe.stats.skeleton import embedding_rows
 from ggufmoe.stats.stream import stream_stats
 
@@ -201,18 +202,23 @@ def without_warnings(proc: subprocess.CompletedProcess) -> subprocess.CompletedP
     return proc
 
 
-def calibrate(model: Path, text: Path, out: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [*cli_command(env), "calibrate", model, "--text", text, "--chunk", CTX, "--max-tokens", 3000, "-o", out, "-q", *args]
+def calibrate(model: Path, text: Path, out: Path, *args, env: dict | None = None,
+              local: bool = False) -> subprocess.CompletedProcess:
+    """``ggufmoe calibrate``; without the local errors unless ``local`` (they are tested in test_local.py, and their
+    resumption in :func:`test_interrupt_in_a_layer_then_resume`)."""
+    cmd = [*cli_command(env), "calibrate", model, "--text", text, "--chunk", CTX, "--max-tokens", 3000, "-o", out, "-q",
+           *([] if local else ["--no-local-errors"]), *args]
     return without_warnings(subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=False,
                                            env={**os.environ, **(env or {})}))
 
 
-def calibrate_here(model: Path, text: Path, out: Path) -> None:
+def calibrate_here(model: Path, text: Path, out: Path, local: bool = False) -> None:
     """What :func:`calibrate` writes, in this process (no interpreter to start): the runs a resumed one is compared
     with."""
     from ggufmoe.pipeline.calibrate import calibrate as run_calibration
 
-    run_calibration(model, text.read_text(), ctx=CTX, max_tokens=3000, out=out, progress=False, dataset=text.name)
+    run_calibration(model, text.read_text(), ctx=CTX, max_tokens=3000, out=out, progress=False, dataset=text.name,
+                    measure_local=local)
 
 
 def assert_same_stats(a: Path, b: Path) -> None:
@@ -227,34 +233,41 @@ def assert_same_stats(a: Path, b: Path) -> None:
 
 
 def test_interrupt_in_a_layer_then_resume(models, tmp_path):
-    """SIGINT in the middle of a MoE layer keeps the layers before it; --resume gives the statistics of an
-    uninterrupted run, and the state directory goes away."""
+    """SIGINT in the middle of a MoE layer keeps the layers before it; --resume gives the statistics (and the local
+    errors) of an uninterrupted run, and the state directory goes away."""
     model = models["deepseek3"]  # layer 0 dense, 1 and 2 MoE
     layer = 2
     text = tmp_path / "calib.txt"
     text.write_text(calib_text())
     want = tmp_path / "want.gguf"
-    calibrate_here(model, text, want)
+    calibrate_here(model, text, want, local=True)
 
     out = tmp_path / "stats.gguf"
     state = tmp_path / ".stats.gguf.partial"
-    proc = calibrate(model, text, out, env={INTERRUPT_LAYER: str(layer)})
+    proc = calibrate(model, text, out, env={INTERRUPT_LAYER: str(layer)}, local=True)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == [(f"interrupted: {layer} of 3 layers are kept in {state}: "
                                                  f"run the same command with --resume to continue")]
     assert not out.exists() and state.is_dir()
 
-    assert_one_line_error(calibrate(model, text, out), "interrupted calibration", "--resume", "delete")
+    assert_one_line_error(calibrate(model, text, out, local=True), "interrupted calibration", "--resume", "delete")
     other = tmp_path / "other.txt"
     other.write_text(calib_text()[5000:])
-    assert_one_line_error(calibrate(model, other, out, "--resume"), "another source, text or context")
+    assert_one_line_error(calibrate(model, other, out, "--resume", local=True), "another source, text or context")
     assert state.is_dir()
 
-    proc = calibrate(model, text, out, "--resume")
+    proc = calibrate(model, text, out, "--resume", local=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == f"wrote {out}"
     assert not state.exists()
     assert_same_stats(out, want)
+    mine, theirs = (LocalErrors.from_json(load_stats(p).extras[LOCAL_KEY]) for p in (out, want))
+    assert mine.quant.keys() == theirs.quant.keys() and mine.prune.keys() == theirs.prune.keys() and mine.quant
+    for name, errors in theirs.quant.items():
+        assert mine.quant[name] == pytest.approx(errors, rel=1e-4), name
+    for il, by_criterion in theirs.prune.items():
+        for criterion, by_keep in by_criterion.items():
+            assert mine.prune[il][criterion] == pytest.approx(by_keep, rel=1e-4), (il, criterion)
 
 
 @pytest.mark.parametrize("family, layer", [("glm-dsa", 3), ("gemma4", 5)])
@@ -318,6 +331,7 @@ def test_bad_options(models, tmp_path):
     assert_one_line_error(calib("--max-memory", "1M"), "--max-memory", "too small")
     assert_one_line_error(calib("--whole", "--resume"), "--whole", "--resume")
     assert_one_line_error(calib("--whole", "--device", "cpu"), "--whole", "--device")
+    assert_one_line_error(calib("--no-local-errors", "--probes"), "--no-local-errors", "--probes")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
     # a second calibration to the same output while one runs
     state = tmp_path / ".stats.gguf.partial"
@@ -332,7 +346,7 @@ def test_bad_options(models, tmp_path):
     proc = calib("--whole")
     assert proc.returncode == 0, proc.stderr
     whole = load_stats(out)
-    proc = calib()
+    proc = calib("--no-local-errors")  # --whole measures none either
     assert proc.returncode == 0, proc.stderr
     assert worst_difference(load_stats(out), whole)[1] < TOLERANCE
     assert not state.exists()
