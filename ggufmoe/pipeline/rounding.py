@@ -78,7 +78,7 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
         replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
     if report := load_report(store):
         print(summary(report), file=sys.stderr)
-        if plan is not None:
+        if plan is not None and plan.costs:  # (a plan saved before plans kept their costs cannot be priced)
             plan.price_rounding({n: r.ratio for n, r in report.items()})
             kl = plan.rounding["predicted_kld"]
             print(f"predicted KL with this rounding {kl['total']:.4f} (quantization {kl['quant']:.4f}, "

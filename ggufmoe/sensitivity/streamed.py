@@ -6,7 +6,8 @@ scaled per tensor class by the class probes (:func:`~ggufmoe.sensitivity.fit.cal
 layer-group probes, what tensors cost together from the whole-model probes (:func:`~ggufmoe.sensitivity.fit.join`),
 and what pruning costs fitted through the pruning probes (:func:`~ggufmoe.sensitivity.prune_cost.fit_pruning`). The
 KL of each probe is its mean over every held-out chunk of every text; the spread over texts and the chunks'
-standard error are kept in ``info``."""
+standard error are kept in ``info``. Probed on several texts, the same fits on each text's probes alone say what a
+plan costs on text like that one (KL depends on the text: a plan is planned on all of them, and predicted on each)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import numpy as np
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.model.tensor import TensorSpec
-
 from ggufmoe.prune.criteria import Pruning, choose_experts
 from ggufmoe.quant.rules import quantizable
 from ggufmoe.sensitivity.cost import JOINT_TYPES, METHOD_VERSION, PROBE_TYPE, Sensitivity
