@@ -194,6 +194,7 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
     candidates = []
     crit = budget.criterion if stats is None or stats.has_routing else Criterion.FREQUENCY
     config_only = not src.has_weights
+    with_stats = stats is not None or config_only  # the types that need an importance matrix are allowed
     target = budget.target
     if target.offload and budget.weights_only:
         raise GgufmoeError(f"target {target} fits GPU memory, which a budget of the file alone does not count: "
@@ -214,7 +215,7 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
             pruning = choose_experts(arch, stats, PruneRequest(keep=keep, criterion=crit, top_k=k))
         pruned, specs = prune_model(arch, pruning)
         tied = not any(role(s.name) == OUTPUT for s in specs)
-        groups = {s.name: options_for(s, sens, pins, stats is not None or config_only, repack,
+        groups = {s.name: options_for(s, sens, pins, with_stats, repack,
                                       placement(s.name, target, tied)) for s in specs}
         first = {name: o[0].qtype for name, o in groups.items()}
         overhead = overhead_bytes(src, pruned, specs, first, pruning, stats, stats_path)
@@ -272,7 +273,7 @@ def allocate_budget(src, arch: Architecture, stats: Stats | None, sens: Sensitiv
         pcost = prune_kl(pruning)
         on_text = {}
         for text, (s, kl) in (by_text or {}).items():
-            q, p = priced(specs, types, pins, s, stats is not None or config_only), kl(pruning)
+            q, p = priced(specs, types, pins, s, with_stats), kl(pruning)
             on_text[text] = dict(prune=p, quant=q, total=p + q)
         plan = Plan(source=str(src.path), architecture=arch.gguf_arch, budget=budget.total, ctx=budget.ctx,
                     kv_type=budget.kv_type, weights_only=budget.weights_only, n_expert=arch.n_expert,
