@@ -39,15 +39,20 @@ def can_round(t: T) -> bool:
     return t in FORMATS
 
 
-def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped (torch's LAPACK: Cholesky, its inverse, Cholesky)."""
+def damped(h: np.ndarray) -> torch.Tensor:
+    """``H`` (float64) with :data:`DAMP` of its mean diagonal added to the diagonal (dead inputs: 1)."""
     h = torch.from_numpy(np.array(h, np.float64))
     diag = torch.diagonal(h)
     dead = diag <= 0
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
     h[dead, dead] = 1.0
     diag += DAMP * max(mean, 1e-30)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).numpy()
+    return h
+
+
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped (torch's LAPACK: Cholesky, its inverse, Cholesky)."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True).numpy()
 
 
 @dataclass
@@ -105,9 +110,10 @@ def gptq_codes(w: np.ndarray, raw: np.ndarray, t: T, h: np.ndarray, feedback: Fe
     return fmt.pack().reshape(-1)
 
 
-def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
-    """``sum over tokens ||(W - Q) x||^2`` for inputs whose second moment (sum of ``x x^T``) is ``h``."""
-    d = np.asarray(w, np.float64) - np.asarray(values, np.float64)
+def output_error(d: np.ndarray, h: np.ndarray) -> float:
+    """``sum over tokens ||D x||^2`` for a weight's change ``d`` and inputs whose second moment (sum of ``x x^T``) is
+    ``h``."""
+    d = np.asarray(d, np.float64)
     return float(((d @ h) * d).sum())
 
 
@@ -117,8 +123,8 @@ class Rounded:
 
     data: np.ndarray  # uint8, as written
     aware: bool  # whether the output-aware codes were kept (else llama.cpp's)
-    error_llama: float  # output error on the held-out inputs, llama.cpp's rounding
-    error_aware: float  # the same for the output-aware codes
+    error_llama: float  # output error of llama.cpp's rounding on the held-out inputs
+    error_aware: float  # the same for the output-aware codes, less what they correct of the error upstream (>= 0)
 
 
 def group_of(t: T) -> int:
@@ -126,15 +132,36 @@ def group_of(t: T) -> int:
     return FORMATS[t].GROUP
 
 
+def shift_of(h: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """``S`` such that ``W + W S`` is the weight whose outputs on the rounded model's inputs come nearest the model's
+    own outputs: ``cross`` (``sum (x - x') x'^T`` over the fitted tokens, ``x'`` what the rounded model feeds the
+    matmul, ``x`` what the model itself does) times the inverse of ``h`` (``sum x' x'^T``), damped as the feedback is."""
+    low = torch.linalg.cholesky(damped(h))
+    return torch.cholesky_solve(torch.from_numpy(np.asarray(cross, np.float64)).T, low).T.numpy()
+
+
 def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.ndarray, h_held: np.ndarray,
-                 q: Quantizer, feedback: Feedback | None = None) -> Rounded:
+                 q: Quantizer, feedback: Feedback | None = None, shift: np.ndarray | None = None,
+                 cross_held: np.ndarray | None = None) -> Rounded:
     """``w`` (rows x n float32) at type ``t``: llama.cpp's rounding with ``importance`` and the output-aware codes
     for inputs ``h_fit`` (``feedback``: made from it already); whichever has the lower output error on ``h_held`` is
-    kept."""
+    kept.
+
+    Fed the rounded model's inputs (:func:`shift_of`): the codes are chosen for ``W + W shift``, starting from
+    llama.cpp's scales for that weight, so that the outputs on those inputs come near the model's own, correcting what
+    the rounding upstream changed; the held-out error counts that too (``cross_held``: the held-out tokens' ``sum (x -
+    x') x'^T``). Measured against ``||(W x - Q x')||^2``, ours gains ``e(llama) - e(ours)`` over llama.cpp's rounding,
+    whose own error (its ``||(W - Q) x'||^2``) is ``error_llama``; ``error_aware`` is that less the gain."""
     llama = q.quantize(w, t, importance)
-    ours = gptq_codes(w, llama, t, h_fit, feedback)
     rows = len(w)
-    e_llama = output_error(w, gguf.quants.dequantize(llama.reshape(rows, -1), t), h_held)
-    e_ours = output_error(w, gguf.quants.dequantize(ours.reshape(rows, -1), t), h_held)
+    target = w if shift is None else (w + np.asarray(w, np.float64) @ shift).astype(np.float32)
+    start = llama if shift is None else q.quantize(target, t, importance)
+    ours = gptq_codes(target, start, t, h_fit, feedback)
+    d_llama = w - gguf.quants.dequantize(llama.reshape(rows, -1), t).astype(np.float64)
+    d_ours = w - gguf.quants.dequantize(ours.reshape(rows, -1), t).astype(np.float64)
+    e_llama, e_ours = output_error(d_llama, h_held), output_error(d_ours, h_held)
+    if cross_held is not None:  # ||D x' + W (x - x')||^2 = e(D) + 2 <D cross^T, W> + what both share
+        upstream = np.asarray(w, np.float64) @ np.asarray(cross_held, np.float64)
+        e_ours = max(0.0, e_ours + 2 * float((d_ours * upstream).sum()) - 2 * float((d_llama * upstream).sum()))
     keep = e_ours < e_llama
     return Rounded(ours if keep else llama, bool(keep), e_llama, e_ours)

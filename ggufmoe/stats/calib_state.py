@@ -40,6 +40,12 @@ STATE = "state.json"
 STATE_VERSION = 2  # 2: layers keep their local errors
 HIDDEN = ("hidden.0.f32", "hidden.1.f32")  # input of layer k: HIDDEN[k % 2]
 MOE_IN = "moe_in.f32"
+# the output-aware rounding's rounded model (:mod:`ggufmoe.stats.rounding`): its hidden states and experts' input as
+# above, and the model's own inputs of the layer's plain matmuls (slot, width)
+ROUNDED_HIDDEN = ("rounded.0.f32", "rounded.1.f32")
+ROUNDED_MOE_IN = "rounded.moe_in.f32"
+OWN_INPUTS = "own_inputs.{slot}.{width}.f32"
+CARRY, ROUNDED_CARRY = "carry", "rounded.carry"
 CALIBRATION = "calibration"  # the kind of run that owns the state directory
 
 
@@ -108,26 +114,26 @@ class CalibrationState(StateDir):
         path = self.layer_file(k)
         self.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration statistics")
 
-    def carry_file(self, k: int) -> Path:
-        return self.path / f"carry.{k}.npz"
+    def carry_file(self, k: int, model: str = CARRY) -> Path:
+        return self.path / f"{model}.{k}.npz"
 
-    def save_carry(self, k: int, carry: list[dict[str, torch.Tensor]]) -> None:
-        """What layer ``k`` handed the next besides its hidden states, per batch (when it hands anything), durably;
-        the previous layer's is removed."""
+    def save_carry(self, k: int, carry: list[dict[str, torch.Tensor]], model: str = CARRY) -> None:
+        """What layer ``k`` handed the next besides its hidden states, per batch (when it hands anything), durably
+        (``model``: :data:`CARRY`, or :data:`ROUNDED_CARRY` for the rounded model's)."""
         if any(carry):
             arrays = {f"{i}:{name}": t.numpy() for i, c in enumerate(carry) for name, t in c.items()}
-            path = self.carry_file(k)
+            path = self.carry_file(k, model)
             self.write(path, lambda f: np.savez(f, **arrays), f"{path}: cannot write calibration state")
 
-    def drop_carry(self, k: int) -> None:
-        self.carry_file(k).unlink(missing_ok=True)
+    def drop_carry(self, k: int, model: str = CARRY) -> None:
+        self.carry_file(k, model).unlink(missing_ok=True)
 
-    def load_carry(self, k: int, n_batches: int) -> list[dict[str, torch.Tensor]]:
+    def load_carry(self, k: int, n_batches: int, model: str = CARRY) -> list[dict[str, torch.Tensor]]:
         """What layer ``k`` handed the next (per batch; nothing when it kept no file)."""
         import torch
 
         carry: list[dict[str, torch.Tensor]] = [{} for _ in range(n_batches)]
-        path = self.carry_file(k)
+        path = self.carry_file(k, model)
         if not path.exists():
             return carry
         try:

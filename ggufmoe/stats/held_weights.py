@@ -1,5 +1,6 @@
 """A decoder layer's matmul weights as a file holds them at some types, put into the layer's transformers modules
-while a probe stream runs (:mod:`ggufmoe.stats.probe_streams`)."""
+while a probe stream runs (:mod:`ggufmoe.stats.probe_streams`), or as the output-aware rounding rounded them
+(:func:`put_values`)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,38 @@ def locate(s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | 
     return None
 
 
+def parameter_of(skeleton: Skeleton, s: TensorSpec,
+                 keys: dict[str, str] | None = None) -> tuple[nn.Module, str, torch.Tensor] | None:
+    """The made-real 2-D parameter GGUF tensor ``s`` is converted from, as (module, name, tensor), or None (``keys``:
+    checkpoint name -> model key, when the caller has it)."""
+    keys = keys if keys is not None else {name: key for key, name in skeleton.checkpoint.items()}
+    key = keys.get(s.hf_name)
+    if key is None:
+        return None
+    path, _, leaf = key.rpartition(".")
+    owner = skeleton.model.get_submodule(path)
+    w = getattr(owner, leaf, None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.is_meta:
+        return None
+    return owner, leaf, w
+
+
+def put_values(skeleton: Skeleton, s: TensorSpec, values: np.ndarray) -> bool:
+    """Put ``values`` (GGUF tensor ``s`` as the GGUF holds it) into the made-real parameter ``s`` comes from, each
+    element where :func:`locate` finds it; False, and nothing changed, where it is not found."""
+    param = parameter_of(skeleton, s)
+    at = None if param is None else locate(s, param[2].detach().cpu().numpy())
+    if at is None:
+        return False
+    owner, leaf, w = param
+    new = w.detach().clone()
+    rows, cols = (i.to(new.device) for i in at)
+    new[rows, cols] = torch.from_numpy(np.ascontiguousarray(values, np.float32).reshape(s.shape)).to(new.device,
+                                                                                                    new.dtype)
+    owner._parameters[leaf] = nn.Parameter(new, requires_grad=False)
+    return True
+
+
 class PlainWeights:
     """A layer's matmul weights as a variant's file holds them, put into the layer's modules while a stream runs.
 
@@ -84,14 +117,11 @@ class PlainWeights:
         if s.name in self.places:
             return self.places[s.name]
         found = None
-        key = self.keys.get(s.hf_name)
-        if key is not None and len(s.shape) in (2, 3):
-            path, _, leaf = key.rpartition(".")
-            owner = self.skeleton.model.get_submodule(path)
-            w = getattr(owner, leaf, None)
-            if isinstance(w, torch.Tensor) and w.ndim == 2 and not w.is_meta:
-                at = locate(s, w.detach().cpu().numpy())
-                found = None if at is None else (owner, leaf, *at)
+        param = parameter_of(self.skeleton, s, self.keys) if len(s.shape) in (2, 3) else None
+        if param is not None:
+            owner, leaf, w = param
+            at = locate(s, w.detach().cpu().numpy())
+            found = None if at is None else (owner, leaf, *at)
         if found is None:
             self.exact.add(s.name)
         self.places[s.name] = found

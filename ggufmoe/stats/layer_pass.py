@@ -28,6 +28,7 @@ from ggufmoe.stats.collect import Collector
 from ggufmoe.stats.error_meter import LocalMeter
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.file import ExpertStats
+from ggufmoe.stats.held_weights import put_values
 from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.imatrix import ImatrixEntry
 from ggufmoe.stats.local_errors import LocalErrors
@@ -75,6 +76,7 @@ class LayerPasses:
     carry: list[dict[str, torch.Tensor]]
     streams: ProbeStreams | None
     rounder: Rounder | None
+    own_moe_in: RowStore | None  # while the rounding runs a layer in the rounded model: the model's own expert inputs
 
     def sampler(self) -> Callable[[str, torch.Tensor], None] | None:
         """What every plain matmul's input goes through: the local errors' and the rounding's samplers."""
@@ -173,26 +175,35 @@ class LayerPasses:
         if self.rounder is not None:
             self.rounder.wanted = {s.name for s in self.by_layer.get(k, []) if not s.is_expert}
         t0 = time.perf_counter()
-        with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, desc=f"layer {k + 1}/{self.n_layers}",
-                                   disable=not self.progress) as bar:
-            for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
-                where[:] = a, b
-                self.set_offset(a)
-                y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
-                if again:  # phase 2 sums the routed output here; phase 3 gives the output and the hand-over
-                    h_out.tensor[a:b] = 0
-                else:
-                    self.carry[i] = carry
-                    h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
-                for store in (h_in, h_out, moe_in):
-                    if store is not None:
-                        store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
-                bar.update((b - a) * share)
+        rounds = self.rounder is not None and not self.rounder.recording  # the rounded model's run of the layer
+        with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, disable=not self.progress,
+                                   desc=f"layer {k + 1}/{self.n_layers}{' (rounded)' if rounds else ''}") as bar:
+            def phase1(share: float, last: bool = True) -> None:  # last: the run whose output the layer hands on
+                for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
+                    where[:] = a, b
+                    self.set_offset(a)
+                    y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
+                    if again:  # phase 2 sums the routed output here; phase 3 gives the output and the hand-over
+                        h_out.tensor[a:b] = 0
+                    elif last:
+                        self.carry[i] = carry
+                        h_out.tensor[a:b] = y.reshape(b - a, self.width).to("cpu", torch.float32)
+                    for store in (h_in, h_out, moe_in):
+                        if store is not None:
+                            store.drop_pages()  # mapped rows: what this batch touched goes back to the kernel
+                    bar.update((b - a) * share)
+
+            phase1(share / 2 if rounds else share, last=not rounds)
             if routing is not None:
                 routing.x = torch.cat(pieces)
             layer_half_done(k)
-            if self.rounder is not None:
-                self.rounder.plain(self.by_layer.get(k, []))
+            if rounds:  # the layer's plain tensors rounded, the rounded model's phase 1 again with them
+                rounded = self.rounder.plain(self.by_layer.get(k, []))
+                for spec in self.by_layer.get(k, []):
+                    if spec.name in rounded and not put_values(skeleton, spec, rounded[spec.name]):
+                        self.rounder.unfed.add(spec.name)
+                self.rounder.wanted = set()
+                phase1(share / 2)
             if meter is not None:
                 for s in measured:
                     if not s.is_expert and s.name in collector.acc:
@@ -322,14 +333,23 @@ class LayerPasses:
             last[0] = e
 
         loader = ExpertLoader(self.arch, experts, self.by_layer[k], order, self.device, working.ahead, advance)
-        meter, rounder = self.meter, self.rounder
+        meter = self.meter
+        rounder = self.rounder if self.rounder is not None and not self.rounder.recording else None
         specs = {s.name: s for s in self.by_layer[k]}
+        out = h_out.tensor[:, :self.moe_width]
 
         def measure(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
             if meter is not None:
                 local(e, ew, tokens, w, x2, mid2)
             if rounder is not None:
-                rounder.expert(specs, e, loader.parts(ew), loader.down.name)
+                rounded(e, ew, tokens, w)
+
+        def rounded(e: int, ew, tokens: torch.Tensor, w: torch.Tensor) -> None:
+            """Expert ``e`` rounded; its output as rounded replaces what it added."""
+            rows = tokens.cpu()
+            change = rounder.expert(experts, loader, specs, e, ew, rows, w, moe_in.tensor[rows].to(self.device),
+                                    self.own_moe_in.tensor[rows].to(self.device))
+            out.index_add_(0, rows, (change * w[:, None].to(change.device, change.dtype)).to(out.device, out.dtype))
 
         def local(e: int, ew, tokens: torch.Tensor, w: torch.Tensor, x2: torch.Tensor, mid2: torch.Tensor) -> None:
             """The local errors of expert ``e`` on a sample of its routing slots."""
@@ -348,10 +368,8 @@ class LayerPasses:
 
         try:
             with torch.no_grad():
-                route_experts(experts, moe_in.tensor, idx, weights, loader, h_out.tensor[:, :self.moe_width],
-                              step=working.batch_tokens,
-                              device=self.device, on_expert=measure if meter or rounder else None,
-                              on_rows=rounder.expert_rows if rounder is not None else None)
+                route_experts(experts, moe_in.tensor, idx, weights, loader, out, step=working.batch_tokens,
+                              device=self.device, on_expert=measure if meter or rounder else None)
         finally:
             loader.close()
         moe_in.drop_pages()

@@ -62,8 +62,7 @@ def expert_output(m: nn.Module, ew: ExpertWeights, x: torch.Tensor) -> tuple[tor
 
 def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                   weights: Callable[[int], ExpertWeights], out: torch.Tensor, step: int | None = None,
-                  device: torch.device | None = None, on_expert: Callable | None = None,
-                  on_rows: Callable | None = None) -> None:
+                  device: torch.device | None = None, on_expert: Callable | None = None) -> None:
     """Add the weighted routed-experts output of ``hidden`` (tokens, hidden) to ``out`` and record statistics.
 
     What transformers' experts kernels compute: routing slots sorted by expert with one sort, per
@@ -75,8 +74,8 @@ def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
     ``out`` may live on the CPU (the streamed path's stores) while the experts run on ``device``.
     Ids at or beyond the expert count (expert-parallel sentinels) contribute nothing, as in transformers.
     ``on_expert(e, weights, tokens, routing weights, gate/up input sums, down input sums)`` is called after
-    each expert with its routing slots (the streamed path's local errors); ``on_rows(e, tokens, x, mid, routing
-    weights)`` with every step of rows it computes (the output-aware rounding's inputs), before ``on_expert``.
+    each expert with its routing slots (the streamed path's local errors and output-aware rounding), once its
+    output is added.
     """
     state: ExpertsState = m._ggufmoe
     x_acc, mid_acc, routing = state.x_acc, state.mid_acc, state.routing
@@ -103,8 +102,6 @@ def route_experts(m: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
             if device is not None:
                 xe, we = xe.to(device), we.to(device)
             mid, ye = expert_output(m, ew, xe)
-            if on_rows is not None:
-                on_rows(e, tok, xe, mid, we)
             out.index_add_(0, tok, (ye * we[:, None].to(ye.dtype)).to(out.device, out.dtype))
             # statistics, float32 within these rows
             xf, mf, wf = xe.float(), mid.float(), we.float()

@@ -67,7 +67,8 @@ states (mapped: the pages touched since they were last handed back).
 Local errors (:mod:`ggufmoe.stats.local_errors`, :mod:`ggufmoe.stats.prune_error`) are measured on the way:
 plain tensors' inputs are sampled by the :class:`Collector`'s hooks in phase 1 and their errors computed
 (in a thread pool) once the layer's importance rows are complete; each routed expert's, while phase 2
-has it loaded; the pruning errors after phase 2, with the layer's own MoE block re-routing.
+has it loaded; the pruning errors after phase 2, with the layer's own MoE block re-routing. The output-aware
+rounding (``rounding``) runs each layer a second time in the model as rounded so far (:mod:`ggufmoe.stats.rounded_model`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ from ggufmoe.stats.imatrix import Imatrix, ImatrixEntry
 from ggufmoe.stats.layer_pass import LayerPasses
 from ggufmoe.stats.local_errors import KEY as LOCAL_KEY, LocalErrors, LocalOptions
 from ggufmoe.stats.error_meter import LocalMeter
+from ggufmoe.stats.rounded_model import RoundedModel
 from ggufmoe.stats.rounding import Rounder, RoundingRequest
 from ggufmoe.stats.probe_results import KEY as PROBES_KEY
 from ggufmoe.stats.probe_streams import ProbeRequest, ProbeStreams
@@ -222,6 +224,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.carry: list[dict[str, torch.Tensor]] = []  # set per run (_run_layers)
         self.streams: ProbeStreams | None = None  # end-to-end probes carried beside the calibration
         self.rounder: Rounder | None = None  # the output-aware rounding carried beside it
+        self.own_moe_in: RowStore | None = None
         # whose local errors this run measures: layer k, or None for the embedding and output (all: one process)
         self.measures: Callable[[int | None], bool] = lambda k: True
 
@@ -290,6 +293,8 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.carry = state.load_carry(start - 1, len(self.batches))
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.moe_width, mem) if self.moe_layers else None
+        rounded = None if self.rounder is None else \
+            RoundedModel.of(self, state, skeleton, self.embedding_spec(), start, mem)
         meter = self.meter
         for k in range(start, self.n_layers):
             self.meter = meter if self.measures(k) else None  # a layer another share measures: statistics alone
@@ -297,16 +302,22 @@ class StreamedRun(WorkingSetBound, LayerPasses):
                 entries, layers, local = self.layer(skeleton, k, h_in, h_out, moe_in, working)
             finally:
                 self.meter = meter
+            if rounded is not None:
+                rounded.layer(skeleton, k, moe_in, working)
             if k == 0 and embedded is not None:
                 local.update(embedded)
             if self.durable:
                 h_out.save()
                 state.save_carry(k, self.carry)
+                if rounded is not None:
+                    rounded.save(k)
                 if self.streams is not None:
                     self.streams.save(state)
             state.save_layer(k, entries, layers, local if self.meter and self.measures(k) else None)
             state.save(Progress(STATE_VERSION, fingerprint, k + 1, self.n_layers, self.rows, self.width))
             state.drop_carry(k - 1)
+            if rounded is not None:
+                rounded.done(k)
             h_in.drop_pages()
             h_in, h_out = h_out, h_in
         del h_out, moe_in
@@ -318,6 +329,9 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             if lo is not None:
                 local.update(lo)
         out_entries, out_local = self.output(skeleton, h_in)
+        if rounded is not None:  # the output matmul in the rounded model, rounded
+            self.rounder.begin(recording=False)
+            self.output(skeleton, rounded.h_in)
         entries.update(out_entries)
         stats = Stats(Imatrix(dict(sorted(entries.items())), [], 0, 0), dict(sorted(layers.items())),
                       source=str(self.src.path), has_routing=True)
@@ -331,9 +345,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
     def embed(self, skeleton: Skeleton, h0: RowStore) -> LocalErrors | None:
         """Layer 0's input: embedding rows through the model's own forward up to its first layer; the
         embedding's local errors."""
-        spec = next((s for s in self.by_layer.get(None, []) if s.parsed.base == "token_embd"), None)
-        if spec is None:
-            raise unsupported(self.arch, "no token embedding tensor")
+        spec = self.embedding_spec()
         for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
             records = skeleton.capture(skeleton.input_embeddings(embedding_rows(spec, batch)))
             skeleton.remember(tuple(batch.shape), records)
@@ -344,6 +356,12 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             return None
         self.meter.embedding(spec, torch.cat([b.reshape(-1) for b in self.batches]))
         return self.meter.finish([spec.name], None)
+
+    def embedding_spec(self) -> TensorSpec:
+        spec = next((s for s in self.by_layer.get(None, []) if s.parsed.base == "token_embd"), None)
+        if spec is None:
+            raise unsupported(self.arch, "no token embedding tensor")
+        return spec
 
     def output(self, skeleton: Skeleton, h: RowStore) -> tuple[dict[str, ImatrixEntry], LocalErrors]:
         """The output matmul's input: the model's final norm over every token (on the CPU; no logits); its

@@ -110,6 +110,9 @@ class WorkingSetBound:
         one = self.rows * self.width * 4
         need = (2 if working.in_memory else 3 if self.moe_layers else 2) * one \
             + 2 * self.rows * self.arch.layer_output_bytes(self.ctx)  # two layers' hand-over, for --resume
+        if self.rounder is not None:  # the rounded model's hidden states and the model's own matmul inputs
+            need += need + self.rows * 4 * max(sum({s.shape[-1] for s in specs if not s.is_expert})
+                                               for specs in self.by_layer.values())
         have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in (*HIDDEN, MOE_IN))
         free = shutil.disk_usage(state.path).free
         if need - have > free:
