@@ -38,7 +38,8 @@ from ggufmoe.files import replace_atomically
 from ggufmoe.model.parts import part_chunks
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.aware import Feedback, Rounded, can_round, group_of, round_tensor, shift_of
-from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.ggml import Quantizer, requires_imatrix
+from ggufmoe.quant.held import held_values
 from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.stats.expert_loader import ExpertLoader
 from ggufmoe.stats.hidden import RowStore
@@ -161,16 +162,13 @@ class Rounder:
 
     def as_written(self, spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
         """``rows`` of a tensor the pass does not round (the token embedding: no matmul) as the file will hold them:
-        llama.cpp's rounding at its type, as the conversion makes it (rows are rounded independently), or as they are
-        where the type is not one we have an encoder for."""
+        llama.cpp's rounding at its type, as the conversion makes it (rows are rounded independently); as they are
+        where the type is not one we round, or needs an importance matrix the statistics do not have for it."""
         t = self.request.types.get(spec.name)
-        if t is None:
-            return rows
-        flat = rows.reshape(-1, rows.shape[-1]).numpy()
         imp = importance(spec, 0, self.request.imatrix)
-        raw = self.q.quantize(flat, t, None if imp is None or len(imp) > 1 else imp[0])
-        values = gguf.quants.dequantize(raw.reshape(len(flat), -1), t).astype(np.float32)
-        return torch.from_numpy(values).reshape(rows.shape)
+        if t is None or (imp is None and requires_imatrix(t)) or (imp is not None and len(imp) > 1):
+            return rows
+        return torch.from_numpy(held_values(rows.numpy(), t, None if imp is None else imp[0], self.q))
 
     def begin(self, recording: bool) -> None:
         """A layer (or the output) about to run in the model itself (``recording``) or in the rounded model."""
