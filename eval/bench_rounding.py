@@ -3,9 +3,11 @@
     python eval/bench_rounding.py [--types Q4_K,IQ2_XXS] [--tokens 4096]
 
 A routed expert's gate/up (7168 columns) and down (2048 columns) of DeepSeek-V3's shapes, Gaussian weights and inputs
-of a few strong directions: on one thread, the seconds of the second moments over ``--tokens`` tokens, of the column
-order and the inverse Hessian's Cholesky factor, and of the error feedback (our encoders' choose and pack inside) on
-:data:`MEASURED_ROWS` rows, per type; then our encoders' throughput (unpack + pack) next to llama.cpp's quantizer on
+of a few strong directions (the rounded model's: the model's own plus a small change): on one thread, the seconds of
+the second moments and cross moments over ``--tokens`` tokens, of the column order, the inverse Hessian's Cholesky
+factor and the shift toward the model's own outputs (:func:`~ggufmoe.quant.aware.shift_of`), and per row of llama.cpp's
+two quantizations (of the weight and of the shifted weight) and the error feedback (our encoders' choose and pack
+inside) on :data:`MEASURED_ROWS` rows, per type; then our encoders' throughput (unpack + pack) next to llama.cpp's quantizer on
 the same rows. Every matmul of the 671B model is projected from those by its shape (:data:`MODEL`, the arithmetic in
 the output); written to eval/results/bench_rounding.{md,json}."""
 
@@ -30,7 +32,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufmoe.quant.aware import Feedback, gptq_codes  # noqa: E402
+from ggufmoe.quant.aware import Feedback, gptq_codes, shift_of  # noqa: E402
 from ggufmoe.quant.formats import FORMATS  # noqa: E402
 from ggufmoe.quant.ggml import Quantizer  # noqa: E402
 
@@ -72,16 +74,21 @@ def main() -> None:
     rows_out = []
     for name, (cols, real_rows) in MEASURED.items():
         basis = rng.standard_normal((64, cols)).astype(np.float32)
-        x = (rng.standard_normal((args.tokens, 64)).astype(np.float32) @ basis
-             + 0.1 * rng.standard_normal((args.tokens, cols)).astype(np.float32))
-        h, t_h = timed(lambda: (x.T @ x).astype(np.float64))
+        own = (rng.standard_normal((args.tokens, 64)).astype(np.float32) @ basis
+               + 0.1 * rng.standard_normal((args.tokens, cols)).astype(np.float32))
+        x = own + 0.05 * rng.standard_normal((args.tokens, cols)).astype(np.float32)
+        (h, cross), t_h = timed(lambda: ((x.T @ x).astype(np.float64), ((own - x).T @ x).astype(np.float64)))
         w = rng.standard_normal((MEASURED_ROWS, cols)).astype(np.float32)
         imp = (x * x).mean(0)
         for tname in args.types.split(","):
             t = T[tname]
-            raw, t_llama = timed(q.quantize, w, t, imp)
-            feedback, t_chol = timed(Feedback.of, h, FORMATS[t].GROUP)
-            _, t_gptq = timed(gptq_codes, w, raw, t, h, feedback)
+            _, t_llama = timed(q.quantize, w, t, imp)
+            feedback, t_factor = timed(Feedback.of, h, FORMATS[t].GROUP)
+            shift, t_shift = timed(shift_of, h, cross)
+            target = (w + w.astype(np.float64) @ shift).astype(np.float32)
+            start, t_start = timed(q.quantize, target, t, imp)
+            _, t_gptq = timed(gptq_codes, target, start, t, h, feedback)
+            t_chol, t_llama = t_factor + t_shift, t_llama + t_start
             row = dict(matrix=name, type=tname, cols=cols, rows=real_rows, tokens=args.tokens, moments_s=t_h,
                        cholesky_s=t_chol, feedback_s_per_row=t_gptq / MEASURED_ROWS,
                        llama_quantize_s_per_row=t_llama / MEASURED_ROWS)
@@ -104,15 +111,18 @@ def main() -> None:
 
 def projection(rows: list[dict]) -> tuple[list[str], float]:
     """Core-seconds of every matmul of the 671B model, scaled from the measured matrices: the moments by n^2 per token,
-    the factor by n^3, the error feedback by rows x n^2 (its products; the per-column code choice is rows x n)."""
+    the factor and shift by n^3, the error feedback by rows x n^2 (its products; the per-column code choice is rows x
+    n), llama.cpp's two quantizations by rows x n."""
     gate = [r for r in rows if r["matrix"] == "expert gate/up"]
     n0 = gate[0]["cols"]
     moments = gate[0]["moments_s"]
     chol = float(np.mean([r["cholesky_s"] for r in gate]))
     per_row = float(np.mean([r["feedback_s_per_row"] for r in gate]))
+    quantize = float(np.mean([r["llama_quantize_s_per_row"] for r in gate]))
     lines, total = [], 0.0
     for name, (cols, n_rows, count) in MODEL.items():
-        s = (cols / n0) ** 2 * moments + (cols / n0) ** 3 * chol + n_rows * (cols / n0) ** 2 * per_row
+        s = (cols / n0) ** 2 * moments + (cols / n0) ** 3 * chol + n_rows * (cols / n0) ** 2 * per_row \
+            + n_rows * cols / n0 * quantize
         total += s * count
         lines.append(f"| {name} | {n_rows} x {cols} | {count} | {s:.0f} | {s * count / 3600:.0f} |")
     return lines, total
@@ -125,7 +135,8 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
              f"One thread, `python eval/bench_rounding.py` on this machine ({platform.machine()}, {os.cpu_count()} "
              "cores, shared with other work while it ran: upper bounds). Second moments over "
              f"{args.tokens} tokens per matrix input; the error feedback on {MEASURED_ROWS} rows (rows are independent).",
-             "", "| matrix | type | columns | moments s | order + factor s | feedback s per row | llama.cpp quantize s per row |",
+             "", "| matrix | type | columns | moments + cross s | order + factor + shift s | feedback s per row | "
+             "llama.cpp's 2 quantizations s per row |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['matrix']} | {r['type']} | {r['cols']} | {r['moments_s']:.1f} | {r['cholesky_s']:.1f} | "
@@ -133,18 +144,21 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
     table, total = projection(rows)
     lines += ["", "## 671B projection", "",
               "Each matmul's cost scaled from the expert gate/up measurement (mean over the types): moments x (n/7168)^2, "
-              "factor x (n/7168)^3, feedback per row x rows x (n/7168)^2; the moments are per 4096 tokens (a "
-              "routed expert sees about tokens x 8 / 256 of the calibration's tokens).", "",
+              "factor and shift x (n/7168)^3, feedback per row x rows x (n/7168)^2, quantizations per row x rows x "
+              "n/7168; the moments are per 4096 tokens (a routed expert sees about tokens x 8 / 256 of the "
+              "calibration's tokens).", "",
               "| matmul | rows x columns | count | core-s each | core-hours |", "|---|---|---:|---:|---:|", *table, "",
               f"All: {total / 3600:.0f} core-hours: {total / 3600 / 64:.1f} h on a 64-core host if the matrices are "
-              "rounded one per core (they are independent), beside the streamed pass that runs the model (the "
-              "calibration's own time). Today's pass rounds one matrix at a time (BLAS threads share its products, "
-              "its column loop is serial): a pool over a layer's experts is what that projection needs.",
+              "rounded one per core (they are independent), beside the streamed pass that runs the model: three "
+              "forwards of each layer (the model's own, and the rounded model's before and after its plain tensors "
+              "are rounded), about three times a calibration's forward time. Today's pass rounds one matrix at a time "
+              "(BLAS threads share its products, its column loop is serial): a pool over a layer's experts is what "
+              "that projection needs.",
               "", "One H100/H200: not measured (no GPU in this session; the error feedback runs in numpy on the CPU, "
               "`--device cuda` moves the model's forward only). The same work is matrix products and a Cholesky "
-              "factorisation per input; at 50 TFLOP/s of float32 the factorisations alone "
-              f"({sum(c * (cols ** 3) * 4 / 3 for cols, _, c in MODEL.values()) / 1e15:.0f} PFLOP) take "
-              f"{sum(c * (cols ** 3) * 4 / 3 for cols, _, c in MODEL.values()) / 50e12 / 60:.0f} minutes; a port "
+              "factorisation and a solve per input; at 50 TFLOP/s of float32 those alone (4/3 n^3 + 7/3 n^3: "
+              f"{sum(c * (cols ** 3) * 11 / 3 for cols, _, c in MODEL.values()) / 1e15:.0f} PFLOP) take "
+              f"{sum(c * (cols ** 3) * 11 / 3 for cols, _, c in MODEL.values()) / 50e12 / 60:.0f} minutes; a port "
               "would batch a layer's experts in one column loop.", "",
               "## Encoders (one core, 512 x 7168 rows)", "",
               "| type | llama.cpp quantize MB/s | our unpack + pack MB/s (the codes given) |", "|---|---:|---:|"]

@@ -167,7 +167,7 @@ def main() -> None:
     out = ROOT / "eval" / "results" / "rounding_inputs"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = ["# Which inputs the output-aware rounding fits (reference model, torch)", "",
-             f"`python eval/rounding_inputs.py --types {args.types}`: every decoder matmul rounded layer by layer "
+             f"`python eval/rounding_inputs.py --types {args.types} --chars {args.chars}`: every decoder matmul rounded layer by layer "
              f"(embeddings and output in float32), calibration: the first {args.chars} characters of calib.txt; KL "
              f"to the float32 model on {args.chunks} x {CTX} tokens of eval_doc.txt and of this README, and the "
              f"ratio to llama.cpp's rounding.", "",

@@ -14,6 +14,12 @@ groups of a lattice vector together), a damping of 30% of the mean diagonal keep
 overfitting few tokens (a rare expert's), and the updates are batched over ``BLOCK`` columns so the work is matrix
 products. Scales refitted to the new codes gained 0.5-1.5% more on held-out errors at twice the time: not done.
 
+Fed the rounded model (:mod:`ggufmoe.stats.rounding`): a matmul deep in the model gets inputs ``X'`` that the rounding
+of the layers before it has changed from the model's own ``X``. Fitting ``X'`` alone (GPTQ's sequential inputs) gained
+nothing on the reference model; fitting the codes so that ``Q X'`` comes near the model's own output ``W X`` does: that
+is GPTQ for the weight ``W + W (X - X') X'^T (X' X'^T)^-1`` (:func:`shift_of`, damped as the feedback is) with
+``X' X'^T`` as its Hessian, so each layer corrects part of what was lost before it (``eval/rounding_inputs.py``).
+
 Never worse: :func:`round_tensor` measures both roundings on held-out inputs (tokens the rounding did not see) and
 keeps the one with the lower output error.
 """

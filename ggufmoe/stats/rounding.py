@@ -5,9 +5,10 @@ before this one written as the file will hold it). Each layer runs first in the 
 are kept (:attr:`Rounder.recording`; the routed experts' input is the run's own store of it), then in the rounded
 model, where each matmul's inputs ``x'`` are paired with the model's own ``x`` for the same tokens: the rounding
 chooses codes that bring ``Q x'`` near ``W x`` (:func:`~ggufmoe.quant.aware.shift_of`), so a layer corrects part of
-what the layers before it lost, and the rounded layer's outputs feed the next layer. On the reference model this
-measured 0.65x llama.cpp's KL at uniform Q4_K where the model's own inputs alone gave 0.78x and the rounded inputs
-alone 0.78x (``eval/rounding_inputs.py``).
+what the layers before it lost, and the rounded layer's outputs feed the next layer. On the reference model at uniform
+Q4_K (``eval/results/rounding_inputs.md``, in transformers) this gave 0.65x llama.cpp's KL where fitting the model's
+own inputs gave 0.75x and the rounded model's inputs alone 0.77x; through llama.cpp, 0.70x where the pass fitting the
+model's own inputs gave 0.78x (``eval/results/rounding.md``).
 
 The second moments ``sum x' x'^T`` and ``sum (x - x') x'^T`` are kept in two parts: the tokens of every
 :data:`HOLD_EVERY`-th chunk, held out to judge the rounding, and the rest, which the rounding fits. A layer's plain
