@@ -64,12 +64,9 @@ def locate(s: TensorSpec, w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | 
     return None
 
 
-def parameter_of(skeleton: Skeleton, s: TensorSpec,
-                 keys: dict[str, str] | None = None) -> tuple[nn.Module, str, torch.Tensor] | None:
-    """The made-real 2-D parameter GGUF tensor ``s`` is converted from, as (module, name, tensor), or None (``keys``:
-    checkpoint name -> model key, when the caller has it)."""
-    keys = keys if keys is not None else {name: key for key, name in skeleton.checkpoint.items()}
-    key = keys.get(s.hf_name)
+def parameter_of(skeleton: Skeleton, s: TensorSpec) -> tuple[nn.Module, str, torch.Tensor] | None:
+    """The made-real 2-D parameter GGUF tensor ``s`` is converted from, as (module, name, tensor), or None."""
+    key = skeleton.model_key.get(s.hf_name)
     if key is None:
         return None
     path, _, leaf = key.rpartition(".")
@@ -108,7 +105,6 @@ class PlainWeights:
     def __init__(self, skeleton: Skeleton, specs: list[TensorSpec], imatrix: Imatrix, q: Quantizer, exact: set[str]):
         self.skeleton, self.imatrix, self.q, self.exact = skeleton, imatrix, q, exact
         self.specs = {s.name: s for s in specs}
-        self.keys = {name: key for key, name in skeleton.checkpoint.items()}
         # tensor -> (module, parameter name, (row, column) of the parameter of each of its elements, in its shape)
         self.places: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor] | None] = {}
         self.cache: dict[tuple[int, str], tuple[tuple, torch.Tensor]] = {}  # one held copy per parameter
@@ -117,7 +113,7 @@ class PlainWeights:
         if s.name in self.places:
             return self.places[s.name]
         found = None
-        param = parameter_of(self.skeleton, s, self.keys) if len(s.shape) in (2, 3) else None
+        param = parameter_of(self.skeleton, s) if len(s.shape) in (2, 3) else None
         if param is not None:
             owner, leaf, w = param
             at = locate(s, w.detach().cpu().numpy())

@@ -173,7 +173,7 @@ class LayerPasses:
                 pieces: list[torch.Tensor] = []  # the residual router's input at ``pos``, batch by batch
                 routing = self.residual_routing(layer, collector, pos, where, pieces)
         if self.rounder is not None:
-            self.rounder.wanted = {s.name for s in self.by_layer.get(k, []) if not s.is_expert}
+            self.rounder.want(self.by_layer.get(k, []))
         t0 = time.perf_counter()
         rounds = self.rounder is not None and not self.rounder.recording  # the rounded model's run of the layer
         with torch.no_grad(), tqdm(total=self.rows, unit="tok", unit_scale=True, disable=not self.progress,

@@ -157,6 +157,10 @@ class Rounder:
         t = self.request.types.get(spec.name)
         return t is not None and can_round(t) and len(spec.shape) == 2 + spec.is_expert
 
+    def want(self, specs: list[TensorSpec]) -> None:
+        """The plain tensors of ``specs`` to round: their inputs are what :meth:`sample` takes."""
+        self.wanted = {s.name for s in specs if not s.is_expert and self.roundable(s)}
+
     def held(self, rows: torch.Tensor) -> torch.Tensor:
         """Which of the calibration rows ``rows`` are held out."""
         return (rows // self.ctx) % HOLD_EVERY == HOLD_EVERY - 1

@@ -136,6 +136,7 @@ class Skeleton:
             if key in self.checkpoint:
                 self.fused.add(key)
             self.checkpoint[key] = name
+        self.model_key = {name: key for key, name in self.checkpoint.items()}  # checkpoint name -> model key
         # the fused routed-expert tensors, never materialized: computed expert by expert from the specs
         self.expert_keys = {keys[s.hf_name.format(e=0)] for s in experts}
         self.experts_path = {s.layer: keys[s.hf_name.format(e=0)].rpartition(".")[0] for s in experts}

@@ -358,6 +358,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         return self.meter.finish([spec.name], None)
 
     def embedding_spec(self) -> TensorSpec:
+        """The token embedding table's tensor."""
         spec = next((s for s in self.by_layer.get(None, []) if s.parsed.base == "token_embd"), None)
         if spec is None:
             raise unsupported(self.arch, "no token embedding tensor")
@@ -374,7 +375,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         if meter is not None:
             meter.wanted = {s.name for s in out if quantizable(s)}
         if self.rounder is not None:
-            self.rounder.wanted = {s.name for s in out}
+            self.rounder.want(out)
         device, skeleton.device = skeleton.device, torch.device("cpu")
         try:
             skeleton.materialize(skeleton.model, skip=(skeleton.layers,))
