@@ -70,7 +70,7 @@ def main() -> None:
         write(kept["matrices"], kept["encoders"], args)
         return
     rng = np.random.default_rng(0)
-    q = Quantizer(1)
+    q, cores = Quantizer(1), Quantizer(os.cpu_count())
     rows_out = []
     for name, (cols, real_rows) in MEASURED.items():
         basis = rng.standard_normal((64, cols)).astype(np.float32)
@@ -88,9 +88,11 @@ def main() -> None:
             target = (w + w.astype(np.float64) @ shift).astype(np.float32)
             start, t_start = timed(q.quantize, target, t, imp)
             _, t_gptq = timed(gptq_codes, target, start, t, h, feedback)
+            _, t_split = timed(gptq_codes, target, start, t, h, feedback, cores)
             t_chol, t_llama = t_factor + t_shift, t_llama + t_start
             row = dict(matrix=name, type=tname, cols=cols, rows=real_rows, tokens=args.tokens, moments_s=t_h,
-                       cholesky_s=t_chol, feedback_s_per_row=t_gptq / MEASURED_ROWS,
+                       cholesky_s=t_chol, feedback_s_per_row=t_gptq / MEASURED_ROWS, threads=cores.threads,
+                       feedback_s_per_row_threads=t_split / MEASURED_ROWS,
                        llama_quantize_s_per_row=t_llama / MEASURED_ROWS)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
@@ -128,19 +130,37 @@ def projection(rows: list[dict]) -> tuple[list[str], float]:
     return lines, total
 
 
+def split_note(rows: list[dict]) -> str:
+    """How near a perfect split among the cores the feedback came, and what that leaves unmeasured."""
+    split = [r for r in rows if "feedback_s_per_row_threads" in r]
+    if not split:
+        return "not measured in this run."
+    eff = np.mean([r["feedback_s_per_row"] / (r["feedback_s_per_row_threads"] * r["threads"]) for r in split])
+    return (f"on this machine's {split[0]['threads']} cores it ran at {eff:.0%} of a perfect split (mean over the "
+            "matrices). Whether it holds to 64 cores is not measured: each thread's column loop takes Python's lock "
+            "between its numpy calls, and 4096 rows on 64 threads make those calls small; a pool over a layer's "
+            "experts (memory for each expert's moments in flight) is the other way to fill the cores.")
+
+
 def write(rows: list[dict], enc: list[dict], args) -> None:
     res = ROOT / "eval" / "results"
+    threads = next((r["threads"] for r in rows if "threads" in r), os.cpu_count())
     (res / "bench_rounding.json").write_text(json.dumps(dict(matrices=rows, encoders=enc), indent=1))
     lines = ["# Output-aware rounding at DeepSeek-V3 widths: cost and projection", "",
              f"One thread, `python eval/bench_rounding.py` on this machine ({platform.machine()}, {os.cpu_count()} "
              "cores, shared with other work while it ran: upper bounds). Second moments over "
              f"{args.tokens} tokens per matrix input; the error feedback on {MEASURED_ROWS} rows (rows are independent).",
+             f"Last column: the same feedback with its rows split among {threads} threads (one per core), as the pass "
+             "does (`ggufmoe.quant.aware.gptq_codes`), in core-seconds per row (wall time x threads): equal to "
+             "the one-thread figure where the split scales perfectly.",
              "", "| matrix | type | columns | moments + cross s | order + factor + shift s | feedback s per row | "
-             "llama.cpp's 2 quantizations s per row |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "llama.cpp's 2 quantizations s per row | feedback core-s per row, split |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        split = r.get("feedback_s_per_row_threads")
+        split = "-" if split is None else f"{split * r['threads']:.4f}"
         lines.append(f"| {r['matrix']} | {r['type']} | {r['cols']} | {r['moments_s']:.1f} | {r['cholesky_s']:.1f} | "
-                     f"{r['feedback_s_per_row']:.4f} | {r['llama_quantize_s_per_row']:.5f} |")
+                     f"{r['feedback_s_per_row']:.4f} | {r['llama_quantize_s_per_row']:.5f} | {split} |")
     table, total = projection(rows)
     lines += ["", "## 671B projection", "",
               "Each matmul's cost scaled from the expert gate/up measurement (mean over the types): moments x (n/7168)^2, "
@@ -151,9 +171,8 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
               f"All: {total / 3600:.0f} core-hours: {total / 3600 / 64:.1f} h on a 64-core host if the matrices are "
               "rounded one per core (they are independent), beside the streamed pass that runs the model: three "
               "forwards of each layer (the model's own, and the rounded model's before and after its plain tensors "
-              "are rounded), about three times a calibration's forward time. Today's pass rounds one matrix at a time "
-              "(BLAS threads share its products, its column loop is serial): a pool over a layer's experts is what "
-              "that projection needs.",
+              "are rounded), about three times a calibration's forward time. The pass rounds one matrix at a time, its "
+              "products on BLAS's threads and the feedback's rows split among one thread per core: " + split_note(rows),
               "", "One H100/H200: not measured (no GPU in this session; the error feedback runs in numpy on the CPU, "
               "`--device cuda` moves the model's forward only). The same work is matrix products and a Cholesky "
               "factorisation and a solve per input; at 50 TFLOP/s of float32 those alone (4/3 n^3 + 7/3 n^3: "

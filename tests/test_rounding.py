@@ -5,7 +5,7 @@ loads and runs in stock llama.cpp and is closer to the model there."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import gguf
 import numpy as np
@@ -21,12 +21,14 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert
 from ggufmoe.pipeline.rounding import RoundingOptions, round_ahead, rounding_dir
 from ggufmoe.plan.budget import Plan
 from ggufmoe.plan.layout import assign_types
-from ggufmoe.quant.aware import can_round, round_tensor, shift_of
+from ggufmoe.model.tensor import TensorSpec
+from ggufmoe.quant.aware import ROWS_PER_THREAD, can_round, gptq_codes, round_tensor, shift_of
 from ggufmoe.quant.ggml import Quantizer
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.stats.opened import OpenedModel
-from ggufmoe.stats.rounding import REPORT
+from ggufmoe.quant.rounded_store import RoundedStore
+from ggufmoe.stats.rounding import REPORT, Rounder, RoundingRequest, TensorReport
 
 # every tensor at one of three types: attention at a lattice type, the routed experts at a K-type, the rest at another
 RULES = ("attn_.*=IQ2_XXS", "ffn_.*_exps=Q4_K")
@@ -80,6 +82,33 @@ def test_fed_rounding_brings_the_outputs_on_rounded_inputs_near_the_models_own(t
     assert fed.aware and error(fed.data) < 0.9 * error(alone.data)
     gain = error(llama) - error(fed.data)
     assert fed.error_aware == pytest.approx(max(0.0, fed.error_llama - gain), rel=1e-6, abs=1e-6 * fed.error_llama)
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.IQ2_XXS])
+def test_the_feedback_split_among_threads_chooses_the_same_codes(t):
+    """Rows are independent: split among a quantizer's threads the error feedback writes the same bytes."""
+    rng = np.random.default_rng(2)
+    n, rows = 256, 2 * ROWS_PER_THREAD + 40
+    x = rng.standard_normal((2000, n)) @ (rng.standard_normal((n, n)) * rng.random(n) ** 3)
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    h = x.T @ x
+    with Quantizer(1) as one, Quantizer(3) as three:
+        raw = one.quantize(w, t, (x ** 2).mean(0).astype(np.float32))
+        assert np.array_equal(gptq_codes(w, raw, t, h, q=three), gptq_codes(w, raw, t, h, q=one))
+
+
+def test_a_rerun_layer_is_reported_once(tmp_path):
+    """A resumed pass reruns the layer an interruption stopped in, which may have written its report already: what the
+    report holds of that layer's tensors goes when the layer starts again, the rest stays."""
+    store = RoundedStore(tmp_path)
+    done, again = TensorReport(3, 2, 1.0, 0.5, 0.5), TensorReport(4, 4, 2.0, 1.0, 1.0)
+    (tmp_path / REPORT).write_text(json.dumps({"blk.0.ffn_up_exps.weight": asdict(done),
+                                               "blk.1.ffn_up_exps.weight": asdict(again)}))
+    rounder = Rounder(RoundingRequest({}, None, store), ctx=16, threads=1)
+    spec = TensorSpec("blk.1.ffn_up_exps.weight", (2, 8, 16), lambda i: np.zeros((8, 16), np.float32), n_parts=2)
+    rounder.want([spec])
+    rounder.close()
+    assert rounder.report == {"blk.0.ffn_up_exps.weight": done}
 
 
 @pytest.fixture(scope="module")

@@ -158,8 +158,12 @@ class Rounder:
         return t is not None and can_round(t) and len(spec.shape) == 2 + spec.is_expert
 
     def want(self, specs: list[TensorSpec]) -> None:
-        """The plain tensors of ``specs`` to round: their inputs are what :meth:`sample` takes."""
+        """A layer's (or the output's) tensors ``specs`` about to run: the plain ones to round are those whose inputs
+        :meth:`sample` takes. What the report holds of them goes: a resumed pass reruns a layer that an interruption
+        may have reported already, and counts its parts once."""
         self.wanted = {s.name for s in specs if not s.is_expert and self.roundable(s)}
+        for s in specs:
+            self.report.pop(s.name, None)
 
     def held(self, rows: torch.Tensor) -> torch.Tensor:
         """Which of the calibration rows ``rows`` are held out."""
