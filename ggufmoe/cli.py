@@ -294,7 +294,11 @@ def cli() -> None:
                    "streamed pass before writing; llama.cpp's scales and file format kept, and for each tensor "
                    "whichever rounding has the lower output error on held-out tokens; needs the Hugging Face "
                    "checkpoint).")
-@click.option("--threads", type=click.IntRange(min=1), help="Quantization threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Quantization threads, and the --rounding aware error feedback's [default: all cores].")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the model runs in the passes over --calib (--budget's calibration, the --rounding aware "
+                   "pass): cpu, or cuda / cuda:N when torch sees a GPU.")
 @click.option("--split-max-size", type=SIZE, help="Shard the output, each shard at most SIZE (e.g. 40G).")
 @click.option("--ollama", is_flag=True,
               help="Also write an Ollama Modelfile beside the output (num_ctx: --ctx if given).")
@@ -310,8 +314,8 @@ def cli() -> None:
 def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], imatrix: Path | None, stats: Path | None,
             keep: int | None, keep_ratio: float | None, alpha: float, top_k: int | str | None,
             top_k_scale: float | None, per_layer: bool, merge: bool, plan_file: Path | None, budget: Budget,
-            calib: Path | None, rounding: str, threads: int | None, split_max_size: int | None, ollama: bool,
-            resume: bool, allow_nonfinite: str | None, quiet: bool, cluster: RayCluster | None) -> None:
+            calib: Path | None, rounding: str, threads: int | None, device: str, split_max_size: int | None,
+            ollama: bool, resume: bool, allow_nonfinite: str | None, quiet: bool, cluster: RayCluster | None) -> None:
     """Convert SRC (a Hugging Face model directory, or a GGUF file or its first shard) to a GGUF
     file in one streaming pass. Tensors whose type stays are copied from a GGUF source unchanged.
 
@@ -342,6 +346,8 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
         raise GgufmoeError("--calib applies only with --budget or --rounding aware")
     if aware and calib is None:
         raise GgufmoeError("--rounding aware fits the codes to the layers' inputs on a text: give --calib FILE")
+    if device != "cpu" and not (aware or (budget.total and calib is not None)):
+        raise GgufmoeError("--device is where the model runs over --calib: for --rounding aware or --budget --calib")
     if (merge or per_layer) and keep is None and keep_ratio is None:
         raise GgufmoeError(f"{'--merge' if merge else '--keep-per-layer'} changes how --keep prunes; give --keep or "
                            "--keep-ratio")
@@ -357,7 +363,7 @@ def convert(src: Path, out: Path, qtype: str | None, rules: tuple[str, ...], ima
     opts = ConvertOptions(out=out, types=TypeRules.parse(None, ()) if mix else TypeRules.parse(qtype, rules),
                           imatrix=imatrix, threads=threads, split_max_size=split_max_size or 0, progress=not quiet,
                           stats=stats, prune=prune, resume=resume, zero_nonfinite=allow_nonfinite == "zero",
-                          rounding=None, cluster=cluster)
+                          rounding=None, cluster=cluster, device=device)
     if aware:
         from ggufmoe.pipeline.rounding import RoundingOptions  # torch and transformers: only when the model runs
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 import gguf
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T, GGUFReader
 
 import tiny_models
@@ -183,7 +184,14 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
          "--calib applies only with --budget or --rounding aware"),
         ((ref, "-o", str(tmp_path / "e.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(blank)),
          "empty"),
+        ((ref, "-o", str(tmp_path / "f.gguf"), "--type", "Q4_K", "--device", "cuda"),
+         "--device is where the model runs over --calib"),
+        ((ref, "-o", str(tmp_path / "g.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(calib),
+          "--device", "gpu0"), "not a device"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(((ref, "-o", str(tmp_path / "h.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib",
+                       str(calib), "--device", "cuda"), "torch sees no GPU"))
     for args, message in cases:
         proc = run("convert", *args)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr

@@ -54,6 +54,7 @@ class ConvertOptions:
     rounding: RoundingOptions | None = None  # output-aware rounding from these inputs (else llama.cpp's)
     cluster: Cluster | None = None  # where the pieces are quantized and a calibration runs (None: here)
     plan: Plan | None = None  # the budget plan these options carry out (priced with the rounding it gets)
+    device: str = "cpu"  # where the model runs over the calibration text (a budget's calibration, the rounding pass)
 
 
 def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path]:
@@ -73,7 +74,7 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
         from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
 
         rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress,
-                                       opts.plan)
+                                       opts.plan, opts.device, opts.threads)
     conv = Conversion(model.path, opts, typed, imatrix, rounded, NonFinite(opts.zero_nonfinite))
     try:
         with out:

@@ -236,7 +236,7 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
         # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
         if not (stats_path.is_file() and (base.resume or _conversion_kept(base.out))):
             calibrate(src, text, progress=base.progress, dataset=calib_file.name, out=stats_path,
-                      resume=base.resume, keep_on_error=False, cluster=base.cluster)
+                      resume=base.resume, keep_on_error=False, cluster=base.cluster, device=base.device)
             made.append(stats_path)
     try:
         plan = build_plan(model, budget, stats_path, text, pins, progress=base.progress)

@@ -43,10 +43,11 @@ def rounding_dir(out: Path) -> Path:
 
 
 def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix | None, opts: RoundingOptions,
-                out: Path, resume: bool, progress: bool, plan: Plan | None = None) -> RoundedStore:
+                out: Path, resume: bool, progress: bool, plan: Plan | None = None, device: str = "cpu",
+                threads: int | None = None) -> RoundedStore:
     """The store of ``typed``'s tensors rounded output-aware (the pass runs unless a finished one for the same text
-    and types is kept beside ``out``). A ``plan`` of those types is priced with the rounding's measured output errors
-    (:meth:`~ggufmoe.plan.budget.Plan.price_rounding`)."""
+    and types is kept beside ``out``; the model on ``device``, the rounding on ``threads`` threads). A ``plan`` of
+    those types is priced with the rounding's measured output errors (:meth:`~ggufmoe.plan.budget.Plan.price_rounding`)."""
     if not model.source.can_calibrate:
         raise GgufmoeError(f"{model.path}: --rounding aware runs the model over the calibration text: it needs the "
                            f"Hugging Face checkpoint, not a GGUF")
@@ -68,8 +69,8 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
         folder.mkdir(exist_ok=True)
         try:
             stream_stats(model.path, hold_out(opts.text).calibration, ctx=opts.ctx, progress=progress,
-                         out=folder / "inputs.stats", resume=resume, measure_local=False,
-                         rounding=RoundingRequest(types, imatrix, store),
+                         out=folder / "inputs.stats", resume=resume, measure_local=False, device=device,
+                         rounding=RoundingRequest(types, imatrix, store, threads),
                          resume_hint="run the same convert command with --resume")
         except BaseException:
             if created and not len(store):  # nothing worth keeping for --resume

@@ -54,11 +54,12 @@ REPORT = "report.json"
 @dataclass
 class RoundingRequest:
     """What to round: the type each GGUF tensor is written at (the plan's), the importance rows the conversion gives
-    llama.cpp's quantizer, and where the rounded tensors go."""
+    llama.cpp's quantizer, where the rounded tensors go, and on how many threads (None: one per core)."""
 
     types: dict[str, T]
     imatrix: Imatrix | None
     store: RoundedStore
+    threads: int | None = None
 
 
 @dataclass
