@@ -47,9 +47,9 @@ def can_round(t: T) -> bool:
     return t in FORMATS
 
 
-def damped(h: np.ndarray) -> torch.Tensor:
-    """``H`` (float64) with :data:`DAMP` of its mean diagonal added to the diagonal (dead inputs: 1)."""
-    h = torch.from_numpy(np.array(h, np.float64))
+def damped(h: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """``H`` (float64, on ``device``) with :data:`DAMP` of its mean diagonal added to the diagonal (dead inputs: 1)."""
+    h = torch.tensor(np.asarray(h, np.float64), device=device)
     diag = torch.diagonal(h)
     dead = diag <= 0
     mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
@@ -58,9 +58,11 @@ def damped(h: np.ndarray) -> torch.Tensor:
     return h
 
 
-def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped (torch's LAPACK: Cholesky, its inverse, Cholesky)."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True).numpy()
+def inverse_cholesky(h: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    """Upper Cholesky factor of ``H^-1`` (float64), ``H`` damped (torch on ``device``: Cholesky, its inverse,
+    Cholesky)."""
+    low = torch.linalg.cholesky(damped(h, device))
+    return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True).cpu().numpy()
 
 
 @dataclass
@@ -73,9 +75,10 @@ class Feedback:
     factor: np.ndarray
 
     @classmethod
-    def of(cls, h: np.ndarray, group: int) -> "Feedback":
+    def of(cls, h: np.ndarray, group: int, device: torch.device | None = None) -> "Feedback":
+        """For inputs whose second moment is ``h``, the factor computed on ``device`` (a GPU's: the n^3 work)."""
         order = column_order(h, group)
-        return cls(order, inverse_cholesky(h[np.ix_(order, order)]))
+        return cls(order, inverse_cholesky(h[np.ix_(order, order)], device))
 
 
 def column_order(h: np.ndarray, group: int) -> np.ndarray:
@@ -153,12 +156,13 @@ def group_of(t: T) -> int:
     return FORMATS[t].GROUP
 
 
-def shift_of(h: np.ndarray, cross: np.ndarray) -> np.ndarray:
+def shift_of(h: np.ndarray, cross: np.ndarray, device: torch.device | None = None) -> np.ndarray:
     """``S`` such that ``W + W S`` is the weight whose outputs on the rounded model's inputs come nearest the model's
     own outputs: ``cross`` (``sum (x - x') x'^T`` over the fitted tokens, ``x'`` what the rounded model feeds the
-    matmul, ``x`` what the model itself does) times the inverse of ``h`` (``sum x' x'^T``), damped as the feedback is."""
-    low = torch.linalg.cholesky(damped(h))
-    return torch.cholesky_solve(torch.from_numpy(np.asarray(cross, np.float64)).T, low).T.numpy()
+    matmul, ``x`` what the model itself does) times the inverse of ``h`` (``sum x' x'^T``), damped as the feedback is;
+    solved on ``device``."""
+    low = torch.linalg.cholesky(damped(h, device))
+    return torch.cholesky_solve(torch.as_tensor(np.asarray(cross, np.float64), device=device).T, low).T.cpu().numpy()
 
 
 def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.ndarray, h_held: np.ndarray,

@@ -114,10 +114,10 @@ class Moments:
         self.cross_fit += other.cross_fit
         self.cross_held += other.cross_held
 
-    def shift(self) -> np.ndarray:
-        """:func:`~ggufmoe.quant.aware.shift_of` for these inputs (once)."""
+    def shift(self, device: torch.device | None = None) -> np.ndarray:
+        """:func:`~ggufmoe.quant.aware.shift_of` for these inputs (once; solved on ``device``)."""
         if self._shift is None:
-            self._shift = shift_of(self.fit.double().numpy(), self.cross_fit.double().numpy())
+            self._shift = shift_of(self.fit.double().numpy(), self.cross_fit.double().numpy(), device)
         return self._shift
 
 
@@ -132,6 +132,7 @@ class Rounder:
     ctx: int
     store: Callable[[int, int], RowStore] | None = None  # set by the run
     threads: int | None = None
+    device: torch.device | None = None  # where the n^3 work of each input's factor and shift runs (the model's)
     offset: int = 0
     recording: bool = True
     wanted: set[str] = field(default_factory=set)
@@ -270,9 +271,9 @@ class Rounder:
         group = group_of(t)
         fit = m.fit.double().numpy()
         if group not in m.feedback:  # once per input and group size: an expert's gate and up share it
-            m.feedback[group] = Feedback.of(fit, group)
+            m.feedback[group] = Feedback.of(fit, group, self.device)
         r = round_tensor(rows, t, importance_row, fit, m.held.double().numpy(), self.q, m.feedback[group],
-                         m.shift(), m.cross_held.double().numpy())
+                         m.shift(self.device), m.cross_held.double().numpy())
         self.request.store.put(rows, t, r.data)
         self.report.setdefault(name, TensorReport()).add(r)
         return gguf.quants.dequantize(r.data.reshape(len(rows), -1), t).astype(np.float32)
