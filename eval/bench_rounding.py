@@ -111,23 +111,25 @@ def main() -> None:
     write(rows_out, enc, args)
 
 
-def projection(rows: list[dict]) -> tuple[list[str], float]:
+def projection(rows: list[dict]) -> tuple[list[str], float, float]:
     """Core-seconds of every matmul of the 671B model, scaled from the measured matrices: the moments by n^2 per token,
     the factor and shift by n^3, the error feedback by rows x n^2 (its products; the per-column code choice is rows x
-    n), llama.cpp's two quantizations by rows x n."""
+    n), llama.cpp's two quantizations by rows x n. Returns the table's lines, the total and the factors' and shifts'
+    part of it."""
     gate = [r for r in rows if r["matrix"] == "expert gate/up"]
     n0 = gate[0]["cols"]
     moments = gate[0]["moments_s"]
     chol = float(np.mean([r["cholesky_s"] for r in gate]))
     per_row = float(np.mean([r["feedback_s_per_row"] for r in gate]))
     quantize = float(np.mean([r["llama_quantize_s_per_row"] for r in gate]))
-    lines, total = [], 0.0
+    lines, total, factors = [], 0.0, 0.0
     for name, (cols, n_rows, count) in MODEL.items():
+        factors += (cols / n0) ** 3 * chol * count
         s = (cols / n0) ** 2 * moments + (cols / n0) ** 3 * chol + n_rows * (cols / n0) ** 2 * per_row \
             + n_rows * cols / n0 * quantize
         total += s * count
         lines.append(f"| {name} | {n_rows} x {cols} | {count} | {s:.0f} | {s * count / 3600:.0f} |")
-    return lines, total
+    return lines, total, factors
 
 
 def split_note(rows: list[dict]) -> str:
@@ -161,7 +163,8 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
         split = "-" if split is None else f"{split * r['threads']:.4f}"
         lines.append(f"| {r['matrix']} | {r['type']} | {r['cols']} | {r['moments_s']:.1f} | {r['cholesky_s']:.1f} | "
                      f"{r['feedback_s_per_row']:.4f} | {r['llama_quantize_s_per_row']:.5f} | {split} |")
-    table, total = projection(rows)
+    table, total, factors = projection(rows)
+    flop = sum(c * (cols ** 3) * 11 / 3 for cols, _, c in MODEL.values())
     lines += ["", "## 671B projection", "",
               "Each matmul's cost scaled from the expert gate/up measurement (mean over the types): moments x (n/7168)^2, "
               "factor and shift x (n/7168)^3, feedback per row x rows x (n/7168)^2, quantizations per row x rows x "
@@ -173,12 +176,15 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
               "forwards of each layer (the model's own, and the rounded model's before and after its plain tensors "
               "are rounded), about three times a calibration's forward time. The pass rounds one matrix at a time, its "
               "products on BLAS's threads and the feedback's rows split among one thread per core: " + split_note(rows),
-              "", "One H100/H200: not measured (no GPU in this session; the error feedback runs in numpy on the CPU, "
-              "`--device cuda` moves the model's forward only). The same work is matrix products and a Cholesky "
-              "factorisation and a solve per input; at 50 TFLOP/s of float32 those alone (4/3 n^3 + 7/3 n^3: "
-              f"{sum(c * (cols ** 3) * 11 / 3 for cols, _, c in MODEL.values()) / 1e15:.0f} PFLOP) take "
-              f"{sum(c * (cols ** 3) * 11 / 3 for cols, _, c in MODEL.values()) / 50e12 / 60:.0f} minutes; a port "
-              "would batch a layer's experts in one column loop.", "",
+              "", "One H100/H200: not measured (no GPU lent to this task). `--device cuda` runs the model's forwards and "
+              "each input's factor and shift (torch, float64) on the GPU; the moments are summed on the CPU, and the "
+              "feedback's code choice is numpy on the host's cores. On the GPU the factors and shifts, "
+              f"{factors / 3600:.0f} of the core-hours here, are {flop / 1e15:.0f} PFLOP (4/3 n^3 + 7/3 n^3 per "
+              f"input): {flop / 40e12 / 60:.0f} minutes at 40 TFLOP/s of float64 (an H100's or H200's tensor cores "
+              f"peak at 67). The rest, {(total - factors) / 3600:.0f} core-hours, stays on the host: "
+              f"{(total - factors) / 3600 / 16:.0f} h on the 16 cores of the H100 machine lent here, if the row split "
+              "holds there; a GPU port of the code choice (the formats' nearest-code search in torch) is what "
+              "would move it.", "",
               "## Encoders (one core, 512 x 7168 rows)", "",
               "| type | llama.cpp quantize MB/s | our unpack + pack MB/s (the codes given) |", "|---|---:|---:|"]
     lines += [f"| {e['type']} | {e['llama_quantize_mb_s']:.0f} | {e['unpack_pack_mb_s']:.0f} |" for e in enc]
