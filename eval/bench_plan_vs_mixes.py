@@ -80,9 +80,17 @@ def main() -> None:
     ap.add_argument("--chars", type=int, help="calibrate on the first CHARS characters of calib.txt [all]")
     ap.add_argument("--rounding", choices=("llama", "aware"), default="llama")
     ap.add_argument("--probe-texts", action="store_true", help="streamed: also probe common.probe_texts()")
+    ap.add_argument("--redraw", action="store_true", help="--probe-texts: only write the table again from the JSON")
     args = ap.parse_args()
     if args.probe_texts and args.sensitivity != "streamed":
         ap.error("--probe-texts is for --sensitivity streamed")
+    if args.redraw:
+        if not args.probe_texts:
+            ap.error("--redraw is for --probe-texts")
+        name = ROOT / "eval" / "results" / f"plan_vs_mixes_streamed_texts{'_aware' if args.rounding == 'aware' else ''}"
+        write_texts(json.loads(name.with_suffix(".json").read_text()), name.with_suffix(".md"), args,
+                    range(args.chunks))
+        return
     planner = dict(sensitivity=args.sensitivity, criterion=Criterion.REAP)  # as the committed results were made
     calib = (SHARED / "data" / "calib.txt").read_text()[: args.chars]
     chunks = eval_chunks(args.model, args.chunks, args.ctx)
@@ -186,14 +194,15 @@ def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
              "`common.source_text`), neither seen by the calibration nor the probes. The plan minimises its KL on the "
              "three texts together; `on its kind` is what it predicts on the probe text of the evaluation text's kind "
              f"({', '.join(f'{e}: {k}' for e, k in KIND.items())})"
-             + ("; `aware`: the same plan written with output-aware rounding, predicted with the output errors its "
-                "rounding pass measured (`Plan.price_rounding`)" if aware else "")
+             + ("; `aware`: the same plan written with output-aware rounding (`/ the plan's KL`: against the same "
+                "plan rounded by llama.cpp), predicted with the output errors its rounding pass measured "
+                "(`Plan.price_rounding`)" if aware else "")
              + f". Reproduce: `python eval/bench_plan_vs_mixes.py --sensitivity streamed --probe-texts"
              f"{' --rounding aware' if aware else ''}{' --chars {}'.format(args.chars) if args.chars else ''}`.", "",
              "| mix | bytes | kept | text | mix KL | plan KL | / the mix | predicted (together) / measured | "
-             "predicted on its kind | / measured |" + (" aware KL | / the mix | predicted on its kind | / measured |"
-                                                       if aware else ""),
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if aware else "")]
+             "predicted on its kind | / measured |" + (" aware KL | / the mix | / the plan's KL | predicted on its "
+                                                       "kind | / measured |" if aware else ""),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|---:|" if aware else "")]
     within, better = [], []
     for r in rows:
         for text, k in texts.items():
@@ -204,7 +213,8 @@ def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
             better.append(ours <= 0.6 * mix)
             if aware:
                 measured, predicted = r[f"aware_kld{k}"], r["aware_predicted_by_text"][KIND[text]]["total"]
-                line += f" {measured:.4f} | {measured / mix:.2f} | {predicted:.4f} | {predicted / measured:.2f} |"
+                line += (f" {measured:.4f} | {measured / mix:.2f} | {measured / ours:.2f} | {predicted:.4f} | "
+                         f"{predicted / measured:.2f} |")
             lines.append(line)
     lines += ["", f"Predicted on its kind within +-25% of measured: {sum(within)} of {len(within)}; the plans' KL "
               f"<= 0.6x the mix: {sum(better)} of {len(better)}."]
