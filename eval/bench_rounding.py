@@ -36,7 +36,7 @@ from ggufmoe.quant.aware import Feedback, gptq_codes, shift_of  # noqa: E402
 from ggufmoe.quant.formats import FORMATS  # noqa: E402
 from ggufmoe.quant.ggml import Quantizer  # noqa: E402
 
-MEASURED_ROWS = 512  # rows of a matrix the error feedback runs on (rows are independent: the time scales by rows)
+MEASURED_ROWS = 1024  # rows of a matrix the error feedback runs on (rows are independent: the time scales by rows)
 # measured: name -> (columns, rows of the real matrix)
 MEASURED = {"expert gate/up": (7168, 2048), "expert down": (2048, 7168)}
 # every matmul of DeepSeek-V3 671B the rounding covers: name -> (columns, rows, how many); the routed and shared

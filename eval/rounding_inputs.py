@@ -7,7 +7,10 @@ decoder matmul rounded, the embeddings and the output left in float32), KL to th
 Modes, each rounding layer by layer with :func:`ggufmoe.quant.aware.round_tensor` (held-out chunks as the pass holds
 them out): ``llama``: llama.cpp's rounding; ``own``: fitted to the model's own inputs (the pass before this lab);
 ``rounded``: fitted to the rounded model's inputs (GPTQ's usual sequential inputs); ``fed``: fitted to the rounded
-model's inputs to bring its outputs near the model's own (what the pass does now, :mod:`ggufmoe.stats.rounding`).
+model's inputs to bring its outputs near the model's own, one matmul input after another (q, k and v rounded before
+the attention output's inputs are taken: what the pass does, :mod:`ggufmoe.stats.rounding`); ``fed-layer``: the
+same, every plain matmul of a layer fitted to the rounded model's inputs before any of the layer is rounded (the pass
+before it).
 Writes eval/results/rounding_inputs.{md,json}.
 """
 
@@ -32,7 +35,7 @@ from ggufmoe.quant.aware import round_tensor, shift_of  # noqa: E402
 from ggufmoe.quant.ggml import Quantizer  # noqa: E402
 from ggufmoe.stats.rounding import HOLD_EVERY  # noqa: E402
 
-MODES = ("llama", "own", "rounded", "fed")
+MODES = ("llama", "own", "rounded", "fed", "fed-layer")
 CTX = 512
 
 
@@ -75,7 +78,7 @@ def rounded(w: torch.Tensor, t: T, m: dict, mode: str, q: Quantizer) -> torch.Te
     a = w.detach().float().numpy()
     if mode == "llama":
         raw = q.quantize(a, t, m["imp"])
-    elif mode == "fed":
+    elif mode.startswith("fed"):
         raw = round_tensor(a, t, m["imp"], m["fit"], m["held"], q, shift=shift_of(m["fit"], m["cross"]),
                            cross_held=m["cross_held"]).data
     else:
@@ -87,13 +90,16 @@ def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    feeds = mode in ("rounded", "fed")  # fitted to the rounded model's inputs
+    feeds = mode not in ("llama", "own")  # fitted to the rounded model's inputs
+    paired = mode.startswith("fed")  # with the model's own
     for k in range(len(model.model.layers)):
         layer, own_layer = model.model.layers[k], own_model.model.layers[k]
-        for where, names in (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",))):
+        groups = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)))
+        taken = {where: inputs(model, k, where, calib) for where, _ in groups} if mode == "fed-layer" else {}
+        for where, names in groups:
             own = inputs(own_model, k, where, calib)
-            x = inputs(model, k, where, calib) if feeds else own
-            m = moments(x, own if mode == "fed" else x, held_rows[:len(x)])
+            x = taken[where] if where in taken else inputs(model, k, where, calib) if feeds else own
+            m = moments(x, own if paired else x, held_rows[:len(x)])
             for n in names:
                 lin = getattr(layer.self_attn, n)
                 lin.weight.data = rounded(lin.weight, t, m, mode, q)
@@ -108,7 +114,7 @@ def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], 
             if not len(tok):
                 continue
             w2, held = route_w[tok, slot].detach() ** 2, held_rows[tok]
-            x, own = h[tok], own_h[tok] if mode == "fed" else h[tok]
+            x, own = h[tok], own_h[tok] if paired else h[tok]
             m = moments(x, own, held, w2)
             gu = ex.gate_up_proj.data[e]
             ex.gate_up_proj.data[e] = torch.cat([rounded(gu[:ff], t, m, mode, q), rounded(gu[ff:], t, m, mode, q)])
@@ -117,7 +123,7 @@ def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], 
                 mid = ex.act_fn(g) * u
                 g, u = torch.nn.functional.linear(own, own_ex.gate_up_proj[e]).chunk(2, dim=-1)
                 own_mid = own_ex.act_fn(g) * u
-            ex.down_proj.data[e] = rounded(ex.down_proj.data[e], t, moments(mid, own_mid if mode == "fed" else mid,
+            ex.down_proj.data[e] = rounded(ex.down_proj.data[e], t, moments(mid, own_mid if paired else mid,
                                                                             held, w2), mode, q)
     return model
 
@@ -140,6 +146,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_K,Q2_K")
     ap.add_argument("--chars", type=int, default=400_000)
     ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -157,7 +164,7 @@ def main() -> None:
     rows = []
     with Quantizer(1) as q:
         for name in args.types.split(","):
-            for mode in MODES:
+            for mode in args.modes.split(","):
                 t0 = time.perf_counter()
                 model = quantize(args.model, T[name], mode, own_model, calib, held_rows, q)
                 row = {"type": name, "mode": mode, "s": time.perf_counter() - t0,
@@ -165,6 +172,10 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = ROOT / "eval" / "results" / "rounding_inputs"
+    if out.with_suffix(".json").exists():  # the rows of the modes not run this time stay (same --chars, --chunks)
+        done = {(r["type"], r["mode"]) for r in rows}
+        rows += [r for r in json.loads(out.with_suffix(".json").read_text()) if (r["type"], r["mode"]) not in done]
+    rows.sort(key=lambda r: (r["type"], MODES.index(r["mode"])))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = ["# Which inputs the output-aware rounding fits (reference model, torch)", "",
              f"`python eval/rounding_inputs.py --types {args.types} --chars {args.chars}`: every decoder matmul rounded layer by layer "
@@ -176,6 +187,10 @@ def main() -> None:
         base = next(b for b in rows if b["type"] == r["type"] and b["mode"] == "llama")
         lines.append(f"| {r['type']} | {r['mode']} | {r['eval_doc']:.4f} | {r['eval_doc'] / base['eval_doc']:.3f} | "
                      f"{r['readme']:.4f} | {r['readme'] / base['readme']:.3f} |")
+    lines += ["", "`llama`: llama.cpp's rounding; `own`: fitted to the model's own inputs; `rounded`: to the rounded model's "
+              "inputs; `fed`: to the rounded model's inputs, toward the model's own outputs, one input at a time (q, k "
+              "and v rounded before the attention output's inputs are taken: what the pass does); `fed-layer`: the "
+              "same, every matmul of a layer fitted before any of it is rounded (the pass before it)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

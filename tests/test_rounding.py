@@ -29,6 +29,7 @@ from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rounded_store import RoundedStore
+from ggufmoe.stats.hidden import RowStore
 from ggufmoe.stats.rounding import REPORT, Rounder, RoundingRequest, TensorReport
 
 # every tensor at one of three types: attention at a lattice type, the routed experts at a K-type, the rest at another
@@ -110,6 +111,41 @@ def test_a_rerun_layer_is_reported_once(tmp_path):
     rounder.want([spec])
     rounder.close()
     assert rounder.report == {"blk.0.ffn_up_exps.weight": done}
+
+
+def test_a_layer_is_rounded_one_input_at_a_time_in_forward_order(tmp_path):
+    """In the rounded model's run q, k and v (one input) and the attention output (another) are paired with the
+    model's own inputs; the first input's tensors are rounded and handed back first, the other's moments forgotten
+    until a run with them rounded takes them again."""
+    width, rows = 32, 64
+    gen = torch.Generator().manual_seed(0)
+    weights = {n: torch.randn(width, width, generator=gen).numpy() for n in ("q", "k", "v", "o")}
+    specs = [TensorSpec(n, (width, width), lambda i, n=n: weights[n]) for n in weights]
+    rounder = Rounder(RoundingRequest({s.name: T.Q8_0 for s in specs}, None, RoundedStore(tmp_path)), ctx=16,
+                      threads=1)
+    rounder.store = lambda slot, w: RowStore.create(tmp_path / f"{slot}.rows", rows, w, in_memory=True)
+    own = [torch.randn(rows, width, generator=gen) for _ in range(2)]
+
+    def run(recording: bool) -> None:
+        rounder.begin(recording)
+        x = own if recording else [a + 0.01 * torch.randn(rows, width, generator=gen) for a in own]
+        for name in ("q", "k", "v"):
+            rounder.sample(name, x[0])
+        rounder.sample("o", x[1])
+
+    rounder.want(specs)
+    run(True)
+    assert set(rounder.inputs) == {"q", "k", "v", "o"} and len({id(s) for s in rounder.inputs.values()}) == 2
+    run(False)
+    assert rounder.inputs_taken() == 2
+    put = {}
+    rounder.round_next(specs, lambda s, v: put.setdefault(s.name, v) is v)
+    assert set(put) == {"q", "k", "v"} and rounder.wanted == {"o"} and rounder.inputs_taken() == 0
+    run(False)
+    rounder.round_next(specs, lambda s, v: put.setdefault(s.name, v) is v)
+    assert set(put) == {"q", "k", "v", "o"} and not rounder.wanted
+    rounder.close()
+    assert {n: r.parts for n, r in rounder.report.items()} == {"q": 1, "k": 1, "v": 1, "o": 1}
 
 
 @pytest.fixture(scope="module")

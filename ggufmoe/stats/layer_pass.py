@@ -197,13 +197,11 @@ class LayerPasses:
             if routing is not None:
                 routing.x = torch.cat(pieces)
             layer_half_done(k)
-            if rounds:  # the layer's plain tensors rounded, the rounded model's phase 1 again with them
-                rounded = self.rounder.plain(self.by_layer.get(k, []))
-                for spec in self.by_layer.get(k, []):
-                    if spec.name in rounded and not put_values(skeleton, spec, rounded[spec.name]):
-                        self.rounder.unfed.add(spec.name)
-                self.rounder.wanted = set()
-                phase1(share / 2)
+            if rounds:  # the plain tensors rounded one input at a time in forward order, phase 1 again after each
+                groups = max(1, self.rounder.inputs_taken())
+                for g in range(groups):
+                    self.rounder.round_next(self.by_layer.get(k, []), lambda s, v: put_values(skeleton, s, v))
+                    phase1(share / 2 / groups, last=g == groups - 1)
             if meter is not None:
                 for s in measured:
                     if not s.is_expert and s.name in collector.acc:

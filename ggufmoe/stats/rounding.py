@@ -12,9 +12,12 @@ model's own inputs gave 0.78x (``eval/results/rounding.md``).
 
 The second moments ``sum x' x'^T`` and ``sum (x - x') x'^T`` are kept in two parts: the tokens of every
 :data:`HOLD_EVERY`-th chunk, held out to judge the rounding, and the rest, which the rounding fits. A layer's plain
-tensors are rounded once the rounded model's phase 1 has seen every token, in the row chunks the conversion reads
-(:func:`~ggufmoe.model.parts.part_chunks`), and handed back for the rounded model to run with; a routed expert as
-soon as the rounded model has routed its tokens to it (one expert's inputs at a time), its gate and up first (the down
+tensors are rounded one input at a time, in the order the forward reads them (q, k and v together, then the attention
+output, ...; :meth:`Rounder.round_next`): each input's tensors once the rounded model's phase 1 has seen every token
+with the tensors before them rounded, in the row chunks the conversion reads
+(:func:`~ggufmoe.model.parts.part_chunks`), and handed back for the rounded model to run with (fitting the attention
+output to inputs of a rounded q, k and v rather than of the layer as it came gave 0.65x llama.cpp's KL instead of
+0.75x in ``eval/results/rounding_inputs.md``); a routed expert as soon as the rounded model has routed its tokens to it (one expert's inputs at a time), its gate and up first (the down
 matmul's inputs are then those of the rounded gate and up). Each result (whichever of llama.cpp's rounding and ours
 has the lower error on the held-out tokens) goes into a :class:`~ggufmoe.quant.rounded_store.RoundedStore` for the
 conversion, with the same importance row the conversion gives llama.cpp's quantizer, so that llama.cpp's candidate is
@@ -233,6 +236,23 @@ class Rounder:
             out[s.name] = np.concatenate([self._round(s.name, data, None if rows is None else rows[0], m)
                                           for _, data in part_chunks(s, 0)])
         return out
+
+    def inputs_taken(self) -> int:
+        """How many distinct matmul inputs the rounded model's run has paired (q, k and v read one)."""
+        return len({id(m) for m in self.moments.values()})
+
+    def round_next(self, specs: list[TensorSpec], put: Callable[[TensorSpec, np.ndarray], bool]) -> None:
+        """Round the plain tensors of ``specs`` that read the input the rounded model's run reached first (q, k and v
+        together), handing each to ``put`` to run rounded from now on (False: it could not). The other inputs'
+        moments are forgotten: they are taken again from a run with these rounded."""
+        first = next(iter(self.moments.values()), None)
+        group = [s for s in specs if first is not None and self.moments.get(s.name) is first]
+        rounded = self.plain(group)
+        self.wanted -= {s.name for s in group}
+        self.moments.clear()
+        for spec in group:
+            if spec.name in rounded and not put(spec, rounded[spec.name]):
+                self.unfed.add(spec.name)
 
     def expert(self, experts: nn.Module, loader: ExpertLoader, specs: dict[str, TensorSpec], e: int,
                ew: ExpertWeights, tokens: torch.Tensor, weights: torch.Tensor, x: torch.Tensor,
