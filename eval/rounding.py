@@ -63,8 +63,8 @@ def write(rows: list[dict], args) -> None:
     lines = ["# Output-aware rounding vs llama.cpp's rounding (reference model)", "",
              f"Same types, same importance matrix, same bytes. Calibration: first {args.chars} characters of calib.txt; "
              f"KL to F32 through llama.cpp, {args.chunks} chunks of {args.ctx} tokens of each text (eval_doc.txt; the "
-             "README and ggufmoe/*.py). The rounding fed the rounded model (each layer fitted to bring the rounded "
-             "model's outputs near the model's own). Conversion with the rounding pass: wall seconds on 2 cores, "
+             "README and ggufmoe/*.py). The rounding fed the rounded model (each matmul fitted to bring the rounded "
+             "model's outputs near the model's own, one input at a time in forward order). Conversion with the rounding pass: wall seconds on 2 cores, "
              "shared with the test suite and other benchmarks while they ran (upper bounds).", "",
              "| type | bytes | KL eval_doc llama | aware | ratio | KL sources llama | aware | ratio | conversion s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
