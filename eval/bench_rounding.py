@@ -172,9 +172,10 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
               "calibration's tokens).", "",
               "| matmul | rows x columns | count | core-s each | core-hours |", "|---|---|---:|---:|---:|", *table, "",
               f"All: {total / 3600:.0f} core-hours: {total / 3600 / 64:.1f} h on a 64-core host if the matrices are "
-              "rounded one per core (they are independent), beside the streamed pass that runs the model: three "
-              "forwards of each layer (the model's own, and the rounded model's before and after its plain tensors "
-              "are rounded), about three times a calibration's forward time. The pass rounds one matrix at a time, its "
+              "rounded one per core (they are independent), beside the streamed pass that runs the model: a "
+              "forward of each layer in the model and, in the rounded model, one before its plain tensors are rounded "
+              "and one more after each input's tensors are (five inputs in an MLA layer with a shared expert: q_a and kv_a, "
+              "q_b, the attention output, the shared expert's gate and up, its down). The pass rounds one matrix at a time, its "
               "products on BLAS's threads and the feedback's rows split among one thread per core: " + split_note(rows),
               "", "One H100/H200: not measured (no GPU lent to this task). `--device cuda` runs the model's forwards and "
               "each input's factor and shift (torch, float64) on the GPU; the moments are summed on the CPU, and the "
