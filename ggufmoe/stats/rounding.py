@@ -7,8 +7,8 @@ model, where each matmul's inputs ``x'`` are paired with the model's own ``x`` f
 chooses codes that bring ``Q x'`` near ``W x`` (:func:`~ggufmoe.quant.aware.shift_of`), so a layer corrects part of
 what the layers before it lost, and the rounded layer's outputs feed the next layer. On the reference model at uniform
 Q4_K (``eval/results/rounding_inputs.md``, in transformers) this gave 0.65x llama.cpp's KL where fitting the model's
-own inputs gave 0.75x and the rounded model's inputs alone 0.77x; through llama.cpp, 0.70x where the pass fitting the
-model's own inputs gave 0.78x (``eval/results/rounding.md``).
+own inputs gave 0.75x and the rounded model's inputs alone 0.77x; through llama.cpp, 0.70x on eval_doc.txt and 0.74x
+on the project's sources where the pass fitting the model's own inputs gave 0.78x and 0.87x (``eval/results/rounding.md``).
 
 The second moments ``sum x' x'^T`` and ``sum (x - x') x'^T`` are kept in two parts: the tokens of every
 :data:`HOLD_EVERY`-th chunk, held out to judge the rounding, and the rest, which the rounding fits. A layer's plain
