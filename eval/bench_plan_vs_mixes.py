@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--rounding", choices=("llama", "aware"), default="llama")
     ap.add_argument("--probe-texts", action="store_true", help="streamed: also probe common.probe_texts()")
     ap.add_argument("--redraw", action="store_true", help="--probe-texts: only write the table again from the JSON")
+    ap.add_argument("--mixes", default=",".join(MIXES),
+                    help="only these sizes: their rows are printed, the results files are written for all five")
     args = ap.parse_args()
     if args.probe_texts and args.sensitivity != "streamed":
         ap.error("--probe-texts is for --sensitivity streamed")
@@ -109,7 +111,7 @@ def main() -> None:
         base_other = [score(c) for c in other]
     imatrix = load_stats(stats_path).imatrix
     rows = []
-    for mix in MIXES:
+    for mix in args.mixes.split(","):
         theirs = llama_quantize(f32, work / f"mix-{mix}.gguf", mix, imatrix=imatrix)
         size = theirs.stat().st_size
         plan = build_plan(args.model, Budget(size, weights_only=True, **planner), stats_path, calib)
@@ -135,6 +137,8 @@ def main() -> None:
             row["aware_predicted_by_text"] = plan.rounding["predicted_by_text"]
         rows.append(row)
         print(row, flush=True)
+    if len(rows) < len(MIXES):
+        return
     out = ROOT / "eval" / "results"
     out.mkdir(parents=True, exist_ok=True)
     name = "plan_vs_mixes" + ("" if args.sensitivity == "probes" else f"_{args.sensitivity}")
