@@ -32,7 +32,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from ggufmoe.quant.aware import Feedback, gptq_codes, shift_of  # noqa: E402
+from ggufmoe.quant.aware import ROWS_PER_THREAD, Feedback, gptq_codes, shift_of  # noqa: E402
 from ggufmoe.quant.formats import FORMATS  # noqa: E402
 from ggufmoe.quant.ggml import Quantizer  # noqa: E402
 
@@ -124,9 +124,9 @@ def projection(rows: list[dict]) -> tuple[list[str], float, float]:
     quantize = float(np.mean([r["llama_quantize_s_per_row"] for r in gate]))
     lines, total, factors = [], 0.0, 0.0
     for name, (cols, n_rows, count) in MODEL.items():
-        factors += (cols / n0) ** 3 * chol * count
-        s = (cols / n0) ** 2 * moments + (cols / n0) ** 3 * chol + n_rows * (cols / n0) ** 2 * per_row \
-            + n_rows * cols / n0 * quantize
+        factor = (cols / n0) ** 3 * chol
+        factors += factor * count
+        s = (cols / n0) ** 2 * moments + factor + n_rows * (cols / n0) ** 2 * per_row + n_rows * cols / n0 * quantize
         total += s * count
         lines.append(f"| {name} | {n_rows} x {cols} | {count} | {s:.0f} | {s * count / 3600:.0f} |")
     return lines, total, factors
@@ -139,9 +139,10 @@ def split_note(rows: list[dict]) -> str:
         return "not measured in this run."
     eff = np.mean([r["feedback_s_per_row"] / (r["feedback_s_per_row_threads"] * r["threads"]) for r in split])
     return (f"on this machine's {split[0]['threads']} cores it ran at {eff:.0%} of a perfect split (mean over the "
-            "matrices). Whether it holds to 64 cores is not measured: each thread's column loop takes Python's lock "
-            "between its numpy calls, and 4096 rows on 64 threads make those calls small; a pool over a layer's "
-            "experts (memory for each expert's moments in flight) is the other way to fill the cores.")
+            f"matrices). It does not reach 64 cores: a thread takes at least {ROWS_PER_THREAD} rows (a 4096-row "
+            f"matrix at most {4096 // ROWS_PER_THREAD} threads), each thread's column loop takes Python's lock between its numpy calls, and the "
+            "wide matrices' updates are bound by memory bandwidth; a pool over a layer's experts (memory for each "
+            "expert's moments in flight) is the other way to fill the cores.")
 
 
 def write(rows: list[dict], enc: list[dict], args) -> None:
@@ -174,9 +175,10 @@ def write(rows: list[dict], enc: list[dict], args) -> None:
               f"All: {total / 3600:.0f} core-hours: {total / 3600 / 64:.1f} h on a 64-core host if the matrices are "
               "rounded one per core (they are independent), beside the streamed pass that runs the model: a "
               "forward of each layer in the model and, in the rounded model, one before its plain tensors are rounded "
-              "and one more after each input's tensors are (five inputs in an MLA layer with a shared expert: q_a and kv_a, "
-              "q_b, the attention output, the shared expert's gate and up, its down). The pass rounds one matrix at a time, its "
-              "products on BLAS's threads and the feedback's rows split among one thread per core: " + split_note(rows),
+              "and one more after each input's tensors are (five inputs in an MLA layer with a shared expert: q_a "
+              "and kv_a, q_b, the attention output, the shared expert's gate and up, its down). The pass rounds one "
+              "matrix at a time, its products on BLAS's threads and the feedback's rows split among one thread per "
+              "core: " + split_note(rows),
               "", "One H100/H200: not measured (no GPU lent to this task). `--device cuda` runs the model's forwards and "
               "each input's factor and shift (torch, float64) on the GPU; the moments are summed on the CPU, and the "
               "feedback's code choice is numpy on the host's cores. On the GPU the factors and shifts, "

@@ -8,7 +8,8 @@ chooses codes that bring ``Q x'`` near ``W x`` (:func:`~ggufmoe.quant.aware.shif
 what the layers before it lost, and the rounded layer's outputs feed the next layer. On the reference model at uniform
 Q4_K (``eval/results/rounding_inputs.md``, in transformers) this gave 0.65x llama.cpp's KL where fitting the model's
 own inputs gave 0.75x and the rounded model's inputs alone 0.77x; through llama.cpp, 0.70x on eval_doc.txt and 0.74x
-on the project's sources where the pass fitting the model's own inputs gave 0.78x and 0.87x (``eval/results/rounding.md``).
+on the project's sources where the pass fitting the model's own inputs gave 0.78x and 0.87x
+(``eval/results/rounding.md``).
 
 The second moments ``sum x' x'^T`` and ``sum (x - x') x'^T`` are kept in two parts: the tokens of every
 :data:`HOLD_EVERY`-th chunk, held out to judge the rounding, and the rest, which the rounding fits. A layer's plain
@@ -17,8 +18,9 @@ output, ...; :meth:`Rounder.round_next`): each input's tensors once the rounded 
 with the tensors before them rounded, in the row chunks the conversion reads
 (:func:`~ggufmoe.model.parts.part_chunks`), and handed back for the rounded model to run with (fitting the attention
 output to inputs of a rounded q, k and v rather than of the layer as it came gave 0.65x llama.cpp's KL instead of
-0.75x in ``eval/results/rounding_inputs.md``); a routed expert as soon as the rounded model has routed its tokens to it (one expert's inputs at a time), its gate and up first (the down
-matmul's inputs are then those of the rounded gate and up). Each result (whichever of llama.cpp's rounding and ours
+0.75x in ``eval/results/rounding_inputs.md``); a routed expert as soon as the rounded model has routed its tokens to
+it (one expert's inputs at a time), its gate and up first (the down matmul's inputs are then those of the rounded gate
+and up). Each result (whichever of llama.cpp's rounding and ours
 has the lower error on the held-out tokens) goes into a :class:`~ggufmoe.quant.rounded_store.RoundedStore` for the
 conversion, with the same importance row the conversion gives llama.cpp's quantizer, so that llama.cpp's candidate is
 exactly what the conversion would write.

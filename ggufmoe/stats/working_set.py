@@ -113,7 +113,8 @@ class WorkingSetBound:
         if self.rounder is not None:  # the rounded model's hidden states and the model's own matmul inputs
             need += need + self.rows * 4 * max(sum({s.shape[-1] for s in specs if not s.is_expert})
                                                for specs in self.by_layer.values())
-        have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in (*HIDDEN, MOE_IN, *ROUNDED_HIDDEN, ROUNDED_MOE_IN))
+        kept = (*HIDDEN, MOE_IN, *ROUNDED_HIDDEN, ROUNDED_MOE_IN)
+        have = sum(f.stat().st_size for f in state.path.iterdir() if f.name in kept)
         free = shutil.disk_usage(state.path).free
         if need - have > free:
             raise GgufmoeError(f"{state.path.parent}: not enough free disk for the calibration activations: "
