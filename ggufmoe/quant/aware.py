@@ -12,8 +12,15 @@ the IQ types, whose codes cannot be chosen value by value, its values weighed by
 later columns compensate (:func:`group_weight`). Columns go in order of decreasing ``diag(H)`` (GPTQ's act order;
 groups of a lattice vector together), a damping of 30% of the mean diagonal keeps ``H`` invertible and the fit from
 overfitting few tokens (a rare expert's), and the updates are batched over ``BLOCK`` columns so the work is matrix
-products; rows are independent, and are split among the quantizer's threads (one per core). Scales refitted to
-the new codes gained 0.5-1.5% more on held-out errors at twice the time: not done.
+products; rows are independent, and are split among the quantizer's threads (one per core).
+
+Tried and not kept: scales refitted to the new codes (0.5-1.5% lower held-out errors at twice the time); and, in
+``eval/rounding_inputs.py``'s lab (uniform Q4_K, 100,000 characters, KL against llama.cpp's rounding on eval_doc.txt /
+the README: 0.649 / 0.780 as done here), coordinate descent on the codes after the feedback, one level at a time
+(lower fitted errors, but 0.656 / 0.783 after one pass over the columns, 0.686 / 0.788 after two), damping each
+column by 30% of its own diagonal as well (0.671 / 0.749: a trade between the texts), and each expert's moments pulled
+toward the layer's pooled ones by 256 tokens' worth (0.687 / 0.794; from 10,000 characters 0.813 / 0.957 against
+0.849 / 0.951).
 
 Fed the rounded model (:mod:`ggufmoe.stats.rounding`): a matmul deep in the model gets inputs ``X'`` that the rounding
 of the layers before it has changed from the model's own ``X``. Fitting ``X'`` alone (GPTQ's sequential inputs) gained
