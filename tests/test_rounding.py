@@ -30,7 +30,7 @@ from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.stats.hidden import RowStore
-from ggufmoe.stats.rounding import REPORT, Rounder, RoundingRequest, TensorReport
+from ggufmoe.stats.rounding import REPORT, Rounder, RoundingRequest, TensorReport, summary
 
 # every tensor at one of three types: attention at a lattice type, the routed experts at a K-type, the rest at another
 RULES = ("attn_.*=IQ2_XXS", "ffn_.*_exps=Q4_K")
@@ -186,6 +186,21 @@ def test_every_tensor_is_rounded_and_never_worse_on_held_out_tokens(ref_rounded)
     assert sum(r["aware"] for r in report.values()) > parts / 2
     assert sum(r["error_kept"] for r in report.values()) < 0.9 * sum(r["error_llama"] for r in report.values())
     assert not rounding_dir(aware).exists()
+
+
+def test_the_report_says_how_many_tokens_each_part_was_fitted_to(ref_rounded):
+    """Plain matmuls are fitted to every fitted token, the same count per input column at the same input width; a
+    routed expert to the tokens routed to it, fewer; the summary names the tensor fitted to the fewest."""
+    _, typed, report, _, _ = ref_rounded
+    specs = {p.spec.name: p.spec for p in typed}
+    reports = {n: TensorReport(**r) for n, r in report.items()}
+    plain = {n: r.tokens_per_column * specs[n].shape[-1] for n, r in reports.items() if not specs[n].is_expert}
+    experts = {n: r.tokens_per_column * specs[n].shape[-1] for n, r in reports.items() if specs[n].is_expert}
+    tokens = next(iter(plain.values()))
+    assert experts and all(v == pytest.approx(tokens) for v in plain.values())  # every plain matmul saw them all
+    assert all(0 < e < tokens for e in experts.values()), experts
+    fewest = min(reports, key=lambda n: reports[n].tokens_per_column)
+    assert specs[fewest].is_expert and f"{fewest}'s parts, {reports[fewest].tokens_per_column:.1f}" in summary(reports)
 
 
 def test_aware_file_has_llama_cpps_types_and_bytes_and_runs_closer_to_the_model(ref_rounded, ref_f32_gguf,

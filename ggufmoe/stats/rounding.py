@@ -69,17 +69,19 @@ class RoundingRequest:
 
 @dataclass
 class TensorReport:
-    """One tensor's parts (expert slices, row chunks): how many kept the output-aware codes, and the held-out output
-    errors of both roundings, summed."""
+    """One tensor's parts (expert slices, row chunks): how many kept the output-aware codes, the held-out output
+    errors of both roundings, and the tokens fitted per input column, summed."""
 
     parts: int = 0
     aware: int = 0
     error_llama: float = 0.0
     error_aware: float = 0.0
     error_kept: float = 0.0
+    tokens: float = 0.0
 
-    def add(self, r: Rounded) -> None:
+    def add(self, r: Rounded, tokens_per_column: float) -> None:
         self.parts += 1
+        self.tokens += tokens_per_column
         self.aware += r.aware
         self.error_llama += r.error_llama
         self.error_aware += r.error_aware
@@ -89,6 +91,12 @@ class TensorReport:
     def ratio(self) -> float:
         """The held-out output error kept, relative to llama.cpp's rounding's (1 without any)."""
         return self.error_kept / self.error_llama if self.error_llama > 0 else 1.0
+
+    @property
+    def tokens_per_column(self) -> float:
+        """The calibration tokens a part was fitted to, over its input's width, on average (an expert's: those routed
+        to it)."""
+        return self.tokens / self.parts if self.parts else 0.0
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Moments:
     held: torch.Tensor
     cross_fit: torch.Tensor
     cross_held: torch.Tensor
+    tokens: int  # fitted
     feedback: dict[int, Feedback] = field(default_factory=dict)  # by column group size, once the moments are complete
     _shift: np.ndarray | None = None
 
@@ -111,13 +120,14 @@ class Moments:
         wx, wd = x * w[:, None], (own - x) * w[:, None]
         both = wx.T @ x, wd.T @ x
         kept = wx[held].T @ x[held], wd[held].T @ x[held]
-        return cls(both[0] - kept[0], kept[0], both[1] - kept[1], kept[1])
+        return cls(both[0] - kept[0], kept[0], both[1] - kept[1], kept[1], int((~held).sum()))
 
     def add(self, other: "Moments") -> None:
         self.fit += other.fit
         self.held += other.held
         self.cross_fit += other.cross_fit
         self.cross_held += other.cross_held
+        self.tokens += other.tokens
 
     def shift(self, device: torch.device | None = None) -> np.ndarray:
         """:func:`~ggufmoe.quant.aware.shift_of` for these inputs (once; solved on ``device``)."""
@@ -297,7 +307,7 @@ class Rounder:
         r = round_tensor(rows, t, importance_row, fit, m.held.double().numpy(), self.q, m.feedback[group],
                          m.shift(self.device), m.cross_held.double().numpy())
         self.request.store.put(rows, t, r.data)
-        self.report.setdefault(name, TensorReport()).add(r)
+        self.report.setdefault(name, TensorReport()).add(r, m.tokens / rows.shape[1])
         return gguf.quants.dequantize(r.data.reshape(len(rows), -1), t).astype(np.float32)
 
     def finish_layer(self) -> None:
@@ -322,12 +332,16 @@ def load_report(store: RoundedStore) -> dict[str, TensorReport]:
 
 
 def summary(report: dict[str, TensorReport]) -> str:
-    """One line: tensors and parts rounded, how many kept the output-aware codes, and the held-out output error kept
-    against llama.cpp's rounding."""
+    """One line: tensors and parts rounded, how many kept the output-aware codes, the held-out output error kept
+    against llama.cpp's rounding, and the tensor fitted to the fewest tokens per input column (the gain shrinks with
+    them: ``eval/results/rounding_inputs.md``)."""
     parts = sum(r.parts for r in report.values())
     aware = sum(r.aware for r in report.values())
     llama = sum(r.error_llama for r in report.values())
     kept = sum(r.error_kept for r in report.values())
     ratio = kept / llama if llama > 0 else 1.0
+    fewest = min(report, key=lambda n: report[n].tokens_per_column, default=None)
+    least = "" if fewest is None else (f"; the fewest fitted tokens per input column: {fewest}'s parts, "
+                                       f"{report[fewest].tokens_per_column:.1f} on average")
     return (f"output-aware rounding: {len(report)} tensors ({parts} parts), the output-aware codes kept in {aware}; "
-            f"output error on held-out tokens {ratio:.3f}x llama.cpp's rounding")
+            f"output error on held-out tokens {ratio:.3f}x llama.cpp's rounding{least}")
