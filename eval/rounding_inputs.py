@@ -4,6 +4,10 @@ decoder matmul rounded, the embeddings and the output left in float32), KL to th
 
     python eval/rounding_inputs.py [--types Q4_K,Q2_K] [--chars 400000]
 
+Rows are kept by type, mode and calibration size: runs at other ``--chars`` add rows (how the gain depends on the
+tokens each expert is fitted to: the table says how many fitted tokens, routing-weighted, each routed expert had per
+input column on average).
+
 Modes, each rounding layer by layer with :func:`ggufmoe.quant.aware.round_tensor` (held-out chunks as the pass holds
 them out): ``llama``: llama.cpp's rounding; ``own``: fitted to the model's own inputs (the pass before this lab);
 ``rounded``: fitted to the rounded model's inputs (GPTQ's usual sequential inputs); ``fed``: fitted to the rounded
@@ -41,6 +45,10 @@ CTX = 512
 
 class Stop(Exception):
     pass
+
+
+def key(row: dict) -> tuple[str, str, int]:
+    return row["type"], row["mode"], row["chars"]
 
 
 def inputs(model, k: int, where: str, calib: list[torch.Tensor]) -> torch.Tensor:
@@ -86,12 +94,15 @@ def rounded(w: torch.Tensor, t: T, m: dict, mode: str, q: Quantizer) -> torch.Te
     return torch.from_numpy(gguf.quants.dequantize(raw.reshape(len(a), -1), t).astype(np.float32))
 
 
-def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], held_rows: torch.Tensor, q: Quantizer):
+def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], held_rows: torch.Tensor,
+             q: Quantizer) -> tuple[object, float]:
+    """The model rounded in ``mode``, and its routed experts' mean count of fitted tokens per input column."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     feeds = mode not in ("llama", "own")  # fitted to the rounded model's inputs
     paired = mode.startswith("fed")  # with the model's own
+    per_column = []
     for k in range(len(model.model.layers)):
         layer, own_layer = model.model.layers[k], own_model.model.layers[k]
         groups = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)))
@@ -114,6 +125,7 @@ def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], 
             if not len(tok):
                 continue
             w2, held = route_w[tok, slot].detach() ** 2, held_rows[tok]
+            per_column.append(float((~held).sum()) / h.shape[1])
             x, own = h[tok], own_h[tok] if paired else h[tok]
             m = moments(x, own, held, w2)
             gu = ex.gate_up_proj.data[e]
@@ -125,7 +137,7 @@ def quantize(path: Path, t: T, mode: str, own_model, calib: list[torch.Tensor], 
                 own_mid = own_ex.act_fn(g) * u
             ex.down_proj.data[e] = rounded(ex.down_proj.data[e], t, moments(mid, own_mid if paired else mid,
                                                                             held, w2), mode, q)
-    return model
+    return model, float(np.mean(per_column))
 
 
 def kl(model, own_model, chunks: list[torch.Tensor]) -> float:
@@ -166,31 +178,38 @@ def main() -> None:
         for name in args.types.split(","):
             for mode in args.modes.split(","):
                 t0 = time.perf_counter()
-                model = quantize(args.model, T[name], mode, own_model, calib, held_rows, q)
-                row = {"type": name, "mode": mode, "s": time.perf_counter() - t0,
+                model, per_column = quantize(args.model, T[name], mode, own_model, calib, held_rows, q)
+                row = {"type": name, "mode": mode, "chars": args.chars, "tokens_per_column": per_column,
+                       "s": time.perf_counter() - t0,
                        **{text: kl(model, own_model, c) for text, c in texts.items()}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = ROOT / "eval" / "results" / "rounding_inputs"
-    if out.with_suffix(".json").exists():  # the rows of the modes not run this time stay (same --chars, --chunks)
-        done = {(r["type"], r["mode"]) for r in rows}
-        rows += [r for r in json.loads(out.with_suffix(".json").read_text()) if (r["type"], r["mode"]) not in done]
-    rows.sort(key=lambda r: (r["type"], MODES.index(r["mode"])))
+    if out.with_suffix(".json").exists():  # the rows not run this time stay (same --chunks)
+        done = {key(r) for r in rows}
+        rows += [r for r in json.loads(out.with_suffix(".json").read_text()) if key(r) not in done]
+    rows.sort(key=lambda r: (r["type"], -r["chars"], MODES.index(r["mode"])))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    per_column = {r["chars"]: r["tokens_per_column"] for r in rows if r["mode"] != "llama" and "tokens_per_column" in r}
     lines = ["# Which inputs the output-aware rounding fits (reference model, torch)", "",
-             f"`python eval/rounding_inputs.py --types {args.types} --chars {args.chars}`: every decoder matmul rounded layer by layer "
-             f"(embeddings and output in float32), calibration: the first {args.chars} characters of calib.txt; KL "
-             f"to the float32 model on {args.chunks} x {CTX} tokens of eval_doc.txt and of this README, and the "
-             f"ratio to llama.cpp's rounding.", "",
-             "| type | inputs fitted | KL eval_doc | ratio | KL README | ratio |", "|---|---|---:|---:|---:|---:|"]
+             "`python eval/rounding_inputs.py --types TYPES --chars CHARS [--modes ...]`: every decoder matmul rounded "
+             "layer by layer (embeddings and output in float32), calibration: the first CHARS characters of calib.txt "
+             "(a quarter of it held out, as the pass does); KL to the float32 model on "
+             f"{args.chunks} x {CTX} tokens of eval_doc.txt and of this README, and the ratio to llama.cpp's rounding "
+             "from the same calibration. `tokens per expert column`: the fitted tokens each routed expert had, over "
+             "its input's width, on average.", "",
+             "| type | calib chars | tokens per expert column | inputs fitted | KL eval_doc | ratio | KL README "
+             "| ratio |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        base = next(b for b in rows if b["type"] == r["type"] and b["mode"] == "llama")
-        lines.append(f"| {r['type']} | {r['mode']} | {r['eval_doc']:.4f} | {r['eval_doc'] / base['eval_doc']:.3f} | "
+        base = next(b for b in rows if key(b) == (r["type"], "llama", r["chars"]))
+        lines.append(f"| {r['type']} | {r['chars']} | {per_column.get(r['chars'], float('nan')):.1f} | {r['mode']} | "
+                     f"{r['eval_doc']:.4f} | {r['eval_doc'] / base['eval_doc']:.3f} | "
                      f"{r['readme']:.4f} | {r['readme'] / base['readme']:.3f} |")
-    lines += ["", "`llama`: llama.cpp's rounding; `own`: fitted to the model's own inputs; `rounded`: to the rounded model's "
-              "inputs; `fed`: to the rounded model's inputs, toward the model's own outputs, one input at a time (q, k "
-              "and v rounded before the attention output's inputs are taken: what the pass does); `fed-layer`: the "
-              "same, every matmul of a layer fitted before any of it is rounded (the pass before it)."]
+    lines += ["", "`llama`: llama.cpp's rounding; `own`: fitted to the model's own inputs; `rounded`: to the rounded "
+              "model's inputs; `fed`: to the rounded model's inputs, toward the model's own outputs, one input at a "
+              "time (q, k and v rounded before the attention output's inputs are taken: what the pass does); "
+              "`fed-layer`: the same, every matmul of a layer fitted before any of it is rounded (the pass before it)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
