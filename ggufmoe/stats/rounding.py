@@ -340,7 +340,8 @@ def summary(report: dict[str, TensorReport]) -> str:
     llama = sum(r.error_llama for r in report.values())
     kept = sum(r.error_kept for r in report.values())
     ratio = kept / llama if llama > 0 else 1.0
-    fewest = min(report, key=lambda n: report[n].tokens_per_column, default=None)
+    counted = [n for n, r in report.items() if r.tokens]  # (a pass resumed from an older version's report: not)
+    fewest = min(counted, key=lambda n: report[n].tokens_per_column, default=None)
     least = "" if fewest is None else (f"; the fewest fitted tokens per input column: {fewest}'s parts, "
                                        f"{report[fewest].tokens_per_column:.1f} on average")
     return (f"output-aware rounding: {len(report)} tensors ({parts} parts), the output-aware codes kept in {aware}; "
