@@ -5,8 +5,8 @@ decoder matmul rounded, the embeddings and the output left in float32), KL to th
     python eval/rounding_inputs.py [--types Q4_K,Q2_K] [--chars 400000]
 
 Rows are kept by type, mode and calibration size: runs at other ``--chars`` add rows (how the gain depends on the
-tokens each expert is fitted to: the table says how many fitted tokens, routing-weighted, each routed expert had per
-input column on average).
+tokens each expert is fitted to: the table says how many fitted tokens were routed to each expert, over its input's
+width, on average).
 
 Modes, each rounding layer by layer with :func:`ggufmoe.quant.aware.round_tensor` (held-out chunks as the pass holds
 them out): ``llama``: llama.cpp's rounding; ``own``: fitted to the model's own inputs (the pass before this lab);
