@@ -1,10 +1,11 @@
 """Output-aware rounding against llama.cpp's rounding on the reference model, at equal types and bytes.
 
-    python eval/rounding.py [--types Q4_K,Q3_K,...] [--chunks 8] [--work DIR]
+    python eval/rounding.py [--types Q4_K,Q3_K,...] [--chars 400000] [--chunks 8] [--work DIR]
 
-Statistics (the importance matrix both roundings use) and the rounding's inputs from the first 400k characters of
+Statistics (the importance matrix both roundings use) and the rounding's inputs from the first CHARS characters of
 calib.txt; KL divergence to the F32 conversion through llama.cpp on two texts the calibration did not see:
-eval_doc.txt and this project's README and sources (another kind of text). Writes eval/results/rounding.{md,json}.
+eval_doc.txt and this project's README and sources (another kind of text). Rows are kept by type and calibration
+size (a run at other ``--chars`` adds rows). Writes eval/results/rounding.{md,json}.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--redraw", action="store_true", help="only write the table and plot again from the JSON")
     args = ap.parse_args()
+    saved = ROOT / "eval" / "results" / "rounding.json"
     if args.redraw:
-        write(json.loads((ROOT / "eval" / "results" / "rounding.json").read_text()), args)
+        write(json.loads(saved.read_text()), args)
         return
     work, stats, f32, chunks, base = reference_work(args.model, args.work, args.chars, args.chunks, args.ctx)
     text = (SHARED / "data" / "calib.txt").read_text()[:args.chars]
@@ -41,7 +43,7 @@ def main() -> None:
         src_base = [s(c) for c in src_chunks]
     rows = []
     for t in args.types.split(","):
-        row = {"type": t}
+        row = {"type": t, "chars": args.chars}
         for mode in ("llama", "aware"):
             out = work / f"{t}-{mode}.gguf"
             t0 = time.perf_counter()
@@ -54,23 +56,36 @@ def main() -> None:
             row[f"{mode}_sources"] = score(out, src_chunks, src_base, args.ctx)["kld"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if saved.exists():  # the rows of other types and calibration sizes stay
+        done = {key(r) for r in rows}
+        rows += [r for r in json.loads(saved.read_text()) if key(r) not in done]
     write(rows, args)
+
+
+def key(row: dict) -> tuple[str, int]:
+    return row["type"], row.get("chars", 400_000)  # rows of an older run: 400,000 characters
 
 
 def write(rows: list[dict], args) -> None:
     res = ROOT / "eval" / "results"
+    order = TYPES.split(",")
+    rows.sort(key=lambda r: (order.index(r["type"]) if r["type"] in order else len(order), key(r)[1]))
     (res / "rounding.json").write_text(json.dumps(rows, indent=1))
     lines = ["# Output-aware rounding vs llama.cpp's rounding (reference model)", "",
-             f"Same types, same importance matrix, same bytes. Calibration: first {args.chars} characters of calib.txt; "
+             "Same types, same importance matrix, same bytes. Calibration (statistics and rounding): the first `calib "
+             "chars` characters of calib.txt; "
              f"KL to F32 through llama.cpp, {args.chunks} chunks of {args.ctx} tokens of each text (eval_doc.txt; the "
              "README and ggufmoe/*.py). The rounding fed the rounded model (each matmul fitted to bring the rounded "
-             "model's outputs near the model's own, one input at a time in forward order). Conversion with the rounding pass: wall seconds on 2 cores, "
-             "shared with the test suite and other benchmarks while they ran (upper bounds).", "",
-             "| type | bytes | KL eval_doc llama | aware | ratio | KL sources llama | aware | ratio | conversion s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "model's outputs near the model's own, one input at a time in forward order). Conversion with the "
+             "rounding pass: wall seconds on 2 cores, shared with the test suite and other benchmarks while they ran "
+             "(upper bounds).", "",
+             "| type | calib chars | bytes | KL eval_doc llama | aware | ratio | KL sources llama | aware | ratio "
+             "| conversion s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['type']} | {r['aware_bytes']} | {r['llama_eval_doc']:.4f} | {r['aware_eval_doc']:.4f} | "
-                     f"{r['aware_eval_doc'] / r['llama_eval_doc']:.3f} | {r['llama_sources']:.4f} | "
+        lines.append(f"| {r['type']} | {key(r)[1]} | {r['aware_bytes']} | {r['llama_eval_doc']:.4f} | "
+                     f"{r['aware_eval_doc']:.4f} | {r['aware_eval_doc'] / r['llama_eval_doc']:.3f} | "
+                     f"{r['llama_sources']:.4f} | "
                      f"{r['aware_sources']:.4f} | {r['aware_sources'] / r['llama_sources']:.3f} | {r['aware_s']:.0f} |")
     lines += ["", "![KL by type, both roundings](rounding.png)"]
     (res / "rounding.md").write_text("\n".join(lines) + "\n")
@@ -92,7 +107,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.bar(x + (2 * i + j - 1.5) * 0.2, [r[f"{mode}_{text}"] for r in rows], 0.2,
                    label=f"{label}, {'llama.cpp rounding' if mode == 'llama' else 'output-aware'}",
                    color=f"C{2 * i + j}")
-    ax.set_xticks(x, [r["type"] for r in rows])
+    ax.set_xticks(x, [r["type"] if key(r)[1] == 400_000 else f"{r['type']}\n{key(r)[1]:,} ch." for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("KL divergence to F32 (nats/token)")
     ax.set_title("refmoe-qwen3: same types and bytes, two roundings")
