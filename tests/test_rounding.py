@@ -23,13 +23,14 @@ from ggufmoe.pipeline.rounding import RoundingOptions, round_ahead, rounding_dir
 from ggufmoe.plan.budget import Plan
 from ggufmoe.plan.layout import assign_types
 from ggufmoe.model.tensor import TensorSpec
-from ggufmoe.quant.aware import ROWS_PER_THREAD, can_round, gptq_codes, round_tensor, shift_of
-from ggufmoe.quant.ggml import Quantizer
+from ggufmoe.quant.aware import ROWS_PER_THREAD, can_round, gptq_codes, round_table, round_tensor, shift_of
+from ggufmoe.quant.ggml import Quantizer, requires_imatrix
 from ggufmoe.quant.rules import TypeRules
 from ggufmoe.runtime.logprobs import base_logprobs, score_against
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.stats.hidden import RowStore
+from ggufmoe.stats.rounded_embedding import MIN_EXPLAINED, norm_gain, reader_moments
 from ggufmoe.stats.rounding import REPORT, Rounder, RoundingRequest, TensorReport, summary
 
 # every tensor at one of three types: attention at a lattice type, the routed experts at a K-type, the rest at another
@@ -52,6 +53,41 @@ def test_round_tensor_lowers_the_output_error_of_correlated_inputs(t):
     with Quantizer(1) as q:
         r = round_tensor(w, t, (fit ** 2).mean(0).astype(np.float32), fit.T @ fit, held.T @ held, q)
     assert r.aware and r.error_aware < 0.9 * r.error_llama
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q3_K, T.IQ2_XXS])
+def test_the_embedding_is_rounded_for_what_its_first_readers_make_of_it(ref_model, eval_tokens, t):
+    """Layer 0's input and its q, k and v's input (transformers): the fitted gain is the attention norm's weight up to
+    one scale; the table rounded for ``diag(a) (W^T W) diag(a)`` changes what q, k and v compute from the tokens'
+    rows less than llama.cpp's rounding does, at the same bytes."""
+    layer = ref_model.model.layers[0]
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda _m, a: seen.update(r=a[0][0])),  # (None: the inputs stay)
+             layer.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: seen.update(x=a[0][0]))]
+    with torch.no_grad():
+        ref_model(torch.tensor([eval_tokens[:512]]))
+    for h in hooks:
+        h.remove()
+    gain, explained = norm_gain(seen["x"], seen["r"])
+    norm = layer.input_layernorm.weight.detach().double().numpy()
+    assert explained > MIN_EXPLAINED and np.corrcoef(gain, norm)[0, 1] > 0.99
+    attn = layer.self_attn
+    weights = [m.weight.detach().float().numpy() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    h = reader_moments(weights, gain)
+    table = ref_model.model.embed_tokens.weight.detach().float().numpy()
+    counts = np.bincount(eval_tokens, minlength=len(table)).astype(np.float64)
+    with Quantizer(1) as q:
+        r = round_table(table, t, None if not requires_imatrix(t) else np.ones(table.shape[1], np.float32), h,
+                        counts, q)
+        llama = q.quantize(table, t, None if not requires_imatrix(t) else np.ones(table.shape[1], np.float32))
+    assert r.aware and len(r.data) == len(llama)
+    rows = torch.tensor(eval_tokens[:512])
+    change = {}
+    for name, data in (("llama", llama), ("aware", r.data)):
+        values = torch.from_numpy(gguf.quants.dequantize(data.reshape(len(table), -1), t))
+        d = (values[rows] - torch.from_numpy(table)[rows]).double() * torch.from_numpy(gain)
+        change[name] = sum(float(((d @ torch.from_numpy(w).double().T) ** 2).sum()) for w in weights)
+    assert change["aware"] < 0.9 * change["llama"], change
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K, T.IQ4_XS])
@@ -173,7 +209,7 @@ def test_every_tensor_is_rounded_and_never_worse_on_held_out_tokens(ref_rounded)
     """Every matmul the plan quantizes was rounded: each part (row chunk; expert slice the rounded model routed tokens
     to) kept the rounding with the lower output error on the held-out tokens, mostly ours."""
     model, typed, report, _, aware = ref_rounded
-    matmuls = {p.spec.name: p.spec for p in typed if can_round(p.qtype) and p.spec.parsed.base != "token_embd"}
+    matmuls = {p.spec.name: p.spec for p in typed if can_round(p.qtype)}  # and the token embedding (its readers')
     assert set(report) == set(matmuls)
     for name, r in report.items():
         spec = matmuls[name]
@@ -190,10 +226,12 @@ def test_every_tensor_is_rounded_and_never_worse_on_held_out_tokens(ref_rounded)
 
 def test_the_report_says_how_many_tokens_each_part_was_fitted_to(ref_rounded):
     """Plain matmuls are fitted to every fitted token, the same count per input column at the same input width; a
-    routed expert to the tokens routed to it, fewer; the summary names the tensor fitted to the fewest."""
+    routed expert to the tokens routed to it, fewer; the token embedding to none (its readers' weights); the summary
+    names the tensor fitted to the fewest tokens."""
     _, typed, report, _, _ = ref_rounded
     specs = {p.spec.name: p.spec for p in typed}
     reports = {n: TensorReport(**r) for n, r in report.items()}
+    assert reports.pop("token_embd.weight").tokens == 0
     plain = {n: r.tokens_per_column * specs[n].shape[-1] for n, r in reports.items() if not specs[n].is_expert}
     experts = {n: r.tokens_per_column * specs[n].shape[-1] for n, r in reports.items() if specs[n].is_expert}
     tokens = next(iter(plain.values()))

@@ -141,11 +141,21 @@ def _row_codes(w: np.ndarray, raw: np.ndarray, t: T, feedback: Feedback) -> np.n
     return fmt.pack().reshape(-1)
 
 
-def output_error(d: np.ndarray, h: np.ndarray) -> float:
-    """``sum over tokens ||D x||^2`` for a weight's change ``d`` and inputs whose second moment (sum of ``x x^T``) is
-    ``h``."""
+def row_errors(d: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per row of a weight's change ``d``, ``sum over tokens (d_r . x)^2`` for inputs whose second moment (sum of
+    ``x x^T``) is ``h``."""
     d = np.asarray(d, np.float64)
-    return float(((d @ h) * d).sum())
+    return ((d @ h) * d).sum(axis=1)
+
+
+def output_error(d: np.ndarray, h: np.ndarray) -> float:
+    """``sum over tokens ||D x||^2`` for a weight's change ``d`` and inputs whose second moment is ``h``."""
+    return float(row_errors(d, h).sum())
+
+
+def change(w: np.ndarray, raw: np.ndarray, t: T) -> np.ndarray:
+    """What rounding ``w`` (rows x n) to the bytes ``raw`` at type ``t`` changes (float64)."""
+    return w - gguf.quants.dequantize(raw.reshape(len(w), -1), t).astype(np.float64)
 
 
 @dataclass
@@ -185,15 +195,28 @@ def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.n
     x') x'^T``). Measured against ``||(W x - Q x')||^2``, ours gains ``e(llama) - e(ours)`` over llama.cpp's rounding,
     whose own error (its ``||(W - Q) x'||^2``) is ``error_llama``; ``error_aware`` is that less the gain."""
     llama = q.quantize(w, t, importance)
-    rows = len(w)
     target = w if shift is None else (w + np.asarray(w, np.float64) @ shift).astype(np.float32)
     start = llama if shift is None else q.quantize(target, t, importance)
     ours = gptq_codes(target, start, t, h_fit, feedback, q)
-    d_llama = w - gguf.quants.dequantize(llama.reshape(rows, -1), t).astype(np.float64)
-    d_ours = w - gguf.quants.dequantize(ours.reshape(rows, -1), t).astype(np.float64)
+    d_llama, d_ours = change(w, llama, t), change(w, ours, t)
     e_llama, e_ours = output_error(d_llama, h_held), output_error(d_ours, h_held)
     if cross_held is not None:  # ||D x' + W (x - x')||^2 = e(D) + 2 <D cross^T, W> + what both share
         upstream = np.asarray(w, np.float64) @ np.asarray(cross_held, np.float64)
         e_ours = max(0.0, e_ours + 2 * float((d_ours * upstream).sum()) - 2 * float((d_llama * upstream).sum()))
+    keep = e_ours < e_llama
+    return Rounded(ours if keep else llama, bool(keep), e_llama, e_ours)
+
+
+def round_table(w: np.ndarray, t: T, importance: np.ndarray | None, h: np.ndarray, row_weight: np.ndarray,
+                q: Quantizer) -> Rounded:
+    """Rows ``w`` of a lookup table (the token embedding) at type ``t``: llama.cpp's rounding with ``importance``, and
+    codes chosen by the error feedback for ``h``, what the matmuls reading a row make of a change in it, started from
+    llama.cpp's scales for the importance ``diag(h)``. Whichever has the lower error on the held-out tokens (each row's
+    error weighted by ``row_weight``: how often they read it, over its scale) is kept."""
+    llama = q.quantize(w, t, importance)
+    diag = np.diag(h)
+    start = q.quantize(w, t, (diag + 1e-6 * max(float(diag.mean()), 1e-30)).astype(np.float32))
+    ours = gptq_codes(w, start, t, h, None, q)
+    e_llama, e_ours = (float(row_weight @ row_errors(change(w, raw, t), h)) for raw in (llama, ours))
     keep = e_ours < e_llama
     return Rounded(ours if keep else llama, bool(keep), e_llama, e_ours)

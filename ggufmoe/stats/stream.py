@@ -294,7 +294,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         h_out = RowStore.create(paths[(start + 1) % 2], self.rows, self.width, mem)
         moe_in = RowStore.create(state.path / MOE_IN, self.rows, self.moe_width, mem) if self.moe_layers else None
         rounded = None if self.rounder is None else \
-            RoundedModel.of(self, state, skeleton, self.embedding_spec(), start, mem)
+            RoundedModel.of(self, state, self.embedding_spec(), start, mem)
         meter = self.meter
         for k in range(start, self.n_layers):
             self.meter = meter if self.measures(k) else None  # a layer another share measures: statistics alone
@@ -303,7 +303,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
             finally:
                 self.meter = meter
             if rounded is not None:
-                rounded.layer(skeleton, k, moe_in, working)
+                rounded.layer(skeleton, k, h_in, moe_in, working)
             if k == 0 and embedded is not None:
                 local.update(embedded)
             if self.durable:
