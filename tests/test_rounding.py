@@ -157,9 +157,10 @@ def test_a_layer_is_rounded_one_input_at_a_time_in_forward_order(tmp_path):
     gen = torch.Generator().manual_seed(0)
     weights = {n: torch.randn(width, width, generator=gen).numpy() for n in ("q", "k", "v", "o")}
     specs = [TensorSpec(n, (width, width), lambda i, n=n: weights[n]) for n in weights]
-    rounder = Rounder(RoundingRequest({s.name: T.Q8_0 for s in specs}, None, RoundedStore(tmp_path)), ctx=16,
+    rounder = Rounder(RoundingRequest({n: T.Q8_0 for n in [*weights, "wide"]}, None, RoundedStore(tmp_path)), ctx=16,
                       threads=1)
     rounder.store = lambda slot, w: RowStore.create(tmp_path / f"{slot}.rows", rows, w, in_memory=True)
+    rounder.tokens = rows  # one forward of every row
     own = [torch.randn(rows, width, generator=gen) for _ in range(2)]
 
     def run(recording: bool) -> None:
@@ -168,8 +169,9 @@ def test_a_layer_is_rounded_one_input_at_a_time_in_forward_order(tmp_path):
         for name in ("q", "k", "v"):
             rounder.sample(name, x[0])
         rounder.sample("o", x[1])
+        rounder.sample("wide", torch.randn(2 * rows, width))  # not one row per token: not taken
 
-    rounder.want(specs)
+    rounder.want(specs + [TensorSpec("wide", (width, width), lambda i: weights["o"])])
     run(True)
     assert set(rounder.inputs) == {"q", "k", "v", "o"} and len({id(s) for s in rounder.inputs.values()}) == 2
     run(False)
@@ -309,6 +311,31 @@ def test_interrupted_rounding_resumes_to_the_same_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == want.read_bytes()
     assert not rounding_dir(out).exists()
+
+
+# family -> whether its token embedding is rounded for its readers
+EMBEDDING_ROUNDED = {"qwen3next": True, "gemma4": True, "ernie4_5-moe": False, "deepseek4": False}
+
+
+@pytest.mark.parametrize("family", list(EMBEDDING_ROUNDED))
+def test_the_pass_rounds_models_of_other_layouts(tmp_path, family):
+    """The pass runs on models unlike the reference: Qwen3-Next (linear attention first), Gemma 4 (its embedding
+    scaled on the way in), ERNIE 4.5 (its embedding tied to the output: llama.cpp's rounding kept for it), DeepSeek-V4
+    (matmul inputs that are not one row per token; rotary modules inside its layers, computed, not loaded, through two
+    runs of each layer; a first layer reading four streams of the residual, not a row through a norm: the embedding
+    keeps llama.cpp's rounding). Every tensor it rounds keeps the lower held-out error."""
+    tiny_models.build(family, tmp_path / "hf")
+    text = _text(8_000)
+    stats = tmp_path / "stats.gguf"
+    calibrate(tmp_path / "hf", text, out=stats, measure_local=False, progress=False, probes=False)
+    model = OpenedModel.open(tmp_path / "hf", stats)
+    opts = ConvertOptions(out=tmp_path / "out.gguf", types=TypeRules.parse("Q4_K"), stats=stats, progress=False,
+                          rounding=RoundingOptions(text))
+    typed = assign_types(list(model.arch.tensors()), opts.types, model.stats.imatrix)
+    store = round_ahead(model, typed, model.stats.imatrix, opts.rounding, opts.out, resume=False, progress=False)
+    report = json.loads((store.path / REPORT).read_text())
+    assert len(report) > 10 and all(r["error_kept"] <= r["error_llama"] for r in report.values())
+    assert ("token_embd.weight" in report) is EMBEDDING_ROUNDED[family]
 
 
 def test_a_plan_is_priced_with_the_rounding_it_gets():

@@ -90,11 +90,13 @@ class LayerPasses:
 
         return sample
 
-    def set_offset(self, row: int) -> None:
-        """The first calibration row of the forward about to run, for those that sample its inputs."""
+    def set_offset(self, row: int, end: int) -> None:
+        """The calibration rows ``row:end`` of the forward about to run, for those that sample its inputs."""
         for taker in (self.meter, self.rounder):
             if taker is not None:
                 taker.offset = row
+        if self.rounder is not None:
+            self.rounder.tokens = end - row
 
     def layer(self, skeleton: Skeleton, k: int, h_in: RowStore, h_out: RowStore, moe_in: RowStore | None,
               working: WorkingSet) -> tuple[dict[str, ImatrixEntry], dict[int, ExpertStats], LocalErrors]:
@@ -136,7 +138,7 @@ class LayerPasses:
                 self.rounder.finish_layer()
             return entries, layers, local
         finally:
-            layer.to("meta")
+            skeleton.release(layer)
 
     def _layer(self, skeleton: Skeleton, k: int, layer: nn.Module, collector: Collector, h_in: RowStore,
                h_out: RowStore, moe_in: RowStore | None, working: WorkingSet, adds: bool):
@@ -181,7 +183,7 @@ class LayerPasses:
             def phase1(share: float, last: bool = True) -> None:  # last: the run whose output the layer hands on
                 for i, (batch, a, b) in enumerate(zip(self.batches, self.offsets, self.offsets[1:])):
                     where[:] = a, b
-                    self.set_offset(a)
+                    self.set_offset(a, b)
                     y, carry = self.run_batch(skeleton, k, layer, h_in, i, self.carry[i])
                     if again:  # phase 2 sums the routed output here; phase 3 gives the output and the hand-over
                         h_out.tensor[a:b] = 0

@@ -141,7 +141,8 @@ class Rounder:
     """The rounding's part of a streamed pass. While :attr:`recording`, the model itself runs and :meth:`sample`
     keeps its plain matmul inputs (in stores ``store(slot, width)`` makes); else the rounded model runs: :meth:`sample`
     pairs its inputs with those, :meth:`plain` rounds a layer's plain tensors, :meth:`expert` one routed expert,
-    :meth:`finish_layer` records what was done. The run sets :attr:`offset`, the first row of the forward running."""
+    :meth:`finish_layer` records what was done. The run sets :attr:`offset`, the first row of the forward running,
+    and :attr:`tokens`, its count of tokens."""
 
     request: RoundingRequest
     ctx: int
@@ -149,6 +150,7 @@ class Rounder:
     threads: int | None = None
     device: torch.device | None = None  # where the n^3 work of each input's factor and shift runs (the model's)
     offset: int = 0
+    tokens: int = 0
     recording: bool = True
     wanted: set[str] = field(default_factory=set)
     report: dict[str, TensorReport] = field(default_factory=dict)
@@ -215,6 +217,9 @@ class Rounder:
                 self.moments.setdefault(name, self.moments[last[2]])
             return
         flat = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+        if len(flat) != self.tokens:  # not one row per token (compressed or widened streams): llama.cpp's rounding
+            self.wanted.discard(name)
+            return
         rows = slice(self.offset, self.offset + len(flat))
         self._last = (x, x._version, name)  # the reference keeps x alive, so identity is safe
         if self.recording:

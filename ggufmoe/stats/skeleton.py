@@ -143,6 +143,18 @@ class Skeleton:
         self._args: dict[tuple[int, ...], dict[int, tuple]] = {}
 
     # --- weights
+    def release(self, module: nn.Module) -> None:
+        """``module``'s tensors back on meta, but the buffers the model computes rather than loads (the rotary
+        inverse frequencies of a layer's own rotary modules): :meth:`materialize` could not make those again."""
+        for mod in module.modules():
+            path = self.paths[id(mod)]
+            for leaf, t in list(mod._parameters.items()):
+                if t is not None:
+                    mod._parameters[leaf] = nn.Parameter(t.to("meta"), requires_grad=False)
+            for leaf, t in list(mod._buffers.items()):
+                if t is not None and f"{path}.{leaf}" in self.checkpoint:
+                    mod._buffers[leaf] = t.to("meta")
+
     def materialize(self, module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> None:
         """Every meta parameter and buffer of ``module`` read from the checkpoint, float32 on the device; the
         fused routed-expert tensors, the embeddings and the modules in ``skip`` (with theirs) stay on meta."""

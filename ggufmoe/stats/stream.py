@@ -384,7 +384,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         collector = Collector(skeleton.model, specs, sample=self.sampler())
         try:
             for batch, a, b in zip(self.batches, self.offsets, self.offsets[1:]):
-                self.set_offset(a)
+                self.set_offset(a, b)
                 skeleton.output_pass(h.tensor[a:b].view(*batch.shape, *self.hidden_shape))
         finally:
             collector.remove()
