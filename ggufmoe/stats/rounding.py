@@ -189,8 +189,9 @@ class Rounder:
         return (rows // self.ctx) % HOLD_EVERY == HOLD_EVERY - 1
 
     def as_written(self, spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` of a tensor the pass does not round (the token embedding: no matmul) as the file will hold them:
-        llama.cpp's rounding at its type, as the conversion makes it (rows are rounded independently); as they are
+        """``rows`` of the token embedding where the pass does not round it for its readers
+        (:mod:`~ggufmoe.stats.rounded_embedding`) as the file will hold them: llama.cpp's rounding at its type, as the
+        conversion makes it (rows are rounded independently); as they are
         where the type is not one we round, or needs an importance matrix the statistics do not have for it."""
         t = self.request.types.get(spec.name)
         imp = importance(spec, 0, self.request.imatrix)
