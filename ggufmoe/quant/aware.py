@@ -217,15 +217,16 @@ def round_tensor(w: np.ndarray, t: T, importance: np.ndarray | None, h_fit: np.n
 
 
 def round_table(w: np.ndarray, t: T, importance: np.ndarray | None, h: np.ndarray, row_weight: np.ndarray,
-                q: Quantizer) -> Rounded:
+                q: Quantizer, feedback: Feedback | None = None) -> Rounded:
     """Rows ``w`` of a lookup table (the token embedding) at type ``t``: llama.cpp's rounding with ``importance``, and
-    codes chosen by the error feedback for ``h``, what the matmuls reading a row make of a change in it, started from
-    llama.cpp's scales for the importance ``diag(h)``. Whichever has the lower error on the held-out tokens (each row's
-    error weighted by ``row_weight``: how often they read it, over its scale) is kept."""
+    codes chosen by the error feedback for ``h`` (``feedback``: made from it already), what the matmuls reading a row
+    make of a change in it, started from llama.cpp's scales for the importance ``diag(h)``. Whichever has the lower
+    error on the held-out tokens (each row's error weighted by ``row_weight``: how often they read it, over its scale)
+    is kept."""
     llama = q.quantize(w, t, importance)
     diag = np.diag(h)
     start = q.quantize(w, t, (diag + 1e-6 * max(float(diag.mean()), 1e-30)).astype(np.float32))
-    ours = gptq_codes(w, start, t, h, None, q)
+    ours = gptq_codes(w, start, t, h, feedback, q)
     e_llama, e_ours = (float(row_weight @ row_errors(change(w, raw, t), h)) for raw in (llama, ours))
     keep = e_ours < e_llama
     return Rounded(ours if keep else llama, bool(keep), e_llama, e_ours)
