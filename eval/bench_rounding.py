@@ -141,8 +141,8 @@ def split_note(rows: list[dict]) -> str:
     return (f"on this machine's {split[0]['threads']} cores it ran at {eff:.0%} of a perfect split (mean over the "
             f"matrices). It does not reach 64 cores: a thread takes at least {ROWS_PER_THREAD} rows (a 4096-row "
             f"matrix at most {4096 // ROWS_PER_THREAD} threads), each thread's column loop takes Python's lock "
-            "between its numpy calls, and the wide matrices' updates are bound by memory bandwidth; a pool over a layer's experts (memory for each "
-            "expert's moments in flight) is the other way to fill the cores.")
+            "between its numpy calls, and the wide matrices' updates are bound by memory bandwidth; a pool over a "
+            "layer's experts (memory for each expert's moments in flight) is the other way to fill the cores.")
 
 
 def write(rows: list[dict], enc: list[dict], args) -> None:

@@ -25,6 +25,7 @@ from ggufmoe.quant.rules import TypeRules  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
 
 TYPES = "Q4_K,Q3_K,Q2_K,IQ3_XXS,IQ2_XXS,IQ1_M"
+CHARS = 400_000  # the calibration size of the main rows (and of an older run's rows, which do not say)
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
 
 
 def key(row: dict) -> tuple[str, int]:
-    return row["type"], row.get("chars", 400_000)  # rows of an older run: 400,000 characters
+    return row["type"], row.get("chars", CHARS)
 
 
 def write(rows: list[dict], args) -> None:
@@ -107,7 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.bar(x + (2 * i + j - 1.5) * 0.2, [r[f"{mode}_{text}"] for r in rows], 0.2,
                    label=f"{label}, {'llama.cpp rounding' if mode == 'llama' else 'output-aware'}",
                    color=f"C{2 * i + j}")
-    ax.set_xticks(x, [r["type"] if key(r)[1] == 400_000 else f"{r['type']}\n{key(r)[1]:,} ch." for r in rows])
+    ax.set_xticks(x, [r["type"] if key(r)[1] == CHARS else f"{r['type']}\n{key(r)[1]:,} ch." for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("KL divergence to F32 (nats/token)")
     ax.set_title("refmoe-qwen3: same types and bytes, two roundings")

@@ -76,10 +76,10 @@ def test_the_embedding_is_rounded_for_what_its_first_readers_make_of_it(ref_mode
     h = reader_moments(weights, gain)
     table = ref_model.model.embed_tokens.weight.detach().float().numpy()
     counts = np.bincount(eval_tokens, minlength=len(table)).astype(np.float64)
+    imp = np.ones(table.shape[1], np.float32) if requires_imatrix(t) else None
     with Quantizer(1) as q:
-        r = round_table(table, t, None if not requires_imatrix(t) else np.ones(table.shape[1], np.float32), h,
-                        counts, q)
-        llama = q.quantize(table, t, None if not requires_imatrix(t) else np.ones(table.shape[1], np.float32))
+        r = round_table(table, t, imp, h, counts, q)
+        llama = q.quantize(table, t, imp)
     assert r.aware and len(r.data) == len(llama)
     rows = torch.tensor(eval_tokens[:512])
     change = {}
@@ -186,6 +186,14 @@ def test_a_layer_is_rounded_one_input_at_a_time_in_forward_order(tmp_path):
     assert {n: r.parts for n, r in rounder.report.items()} == {"q": 1, "k": 1, "v": 1, "o": 1}
 
 
+def _rounding_pass(model: OpenedModel, opts: ConvertOptions) -> tuple[list, dict]:
+    """The rounding pass of a conversion (kept beside its output as ``--resume`` keeps it): the typed tensors and
+    the pass's report."""
+    typed = assign_types(list(model.arch.tensors()), opts.types, model.stats.imatrix)
+    store = round_ahead(model, typed, model.stats.imatrix, opts.rounding, opts.out, resume=False, progress=False)
+    return typed, json.loads((store.path / REPORT).read_text())
+
+
 @pytest.fixture(scope="module")
 def ref_rounded(tmp_path_factory):
     """Statistics of a piece of calib.txt; the reference model's rounding pass from them (kept as ``--resume`` keeps
@@ -200,9 +208,7 @@ def ref_rounded(tmp_path_factory):
     llama = convert(model, base)[0]
     aware = tmp / "aware.gguf"
     opts = replace(base, out=aware, rounding=RoundingOptions(text))
-    typed = assign_types(list(model.arch.tensors()), opts.types, model.stats.imatrix)
-    store = round_ahead(model, typed, model.stats.imatrix, opts.rounding, aware, resume=False, progress=False)
-    report = json.loads((store.path / REPORT).read_text())
+    typed, report = _rounding_pass(model, opts)
     convert(model, replace(opts, resume=True))  # takes the kept rounding: no second pass
     return model, typed, report, llama, aware
 
@@ -331,9 +337,7 @@ def test_the_pass_rounds_models_of_other_layouts(tmp_path, family):
     model = OpenedModel.open(tmp_path / "hf", stats)
     opts = ConvertOptions(out=tmp_path / "out.gguf", types=TypeRules.parse("Q4_K"), stats=stats, progress=False,
                           rounding=RoundingOptions(text))
-    typed = assign_types(list(model.arch.tensors()), opts.types, model.stats.imatrix)
-    store = round_ahead(model, typed, model.stats.imatrix, opts.rounding, opts.out, resume=False, progress=False)
-    report = json.loads((store.path / REPORT).read_text())
+    _, report = _rounding_pass(model, opts)
     assert len(report) > 10 and all(r["error_kept"] <= r["error_llama"] for r in report.values())
     assert ("token_embd.weight" in report) is EMBEDDING_ROUNDED[family]
 

@@ -22,8 +22,6 @@ import torch
 from ggufmoe.model.parts import part_chunks
 from ggufmoe.model.tensor import TensorSpec
 from ggufmoe.quant.aware import Feedback, can_round, group_of, round_table
-from ggufmoe.quant.ggml import requires_imatrix
-from ggufmoe.stats.imatrix import importance
 from ggufmoe.stats.rounding import Rounder, TensorReport
 
 ROWS = 1 << 16  # calibration rows per step of the gain's sums
@@ -57,11 +55,10 @@ def round_embedding(rounder: Rounder, spec: TensorSpec, layer0: list[TensorSpec]
     that the model's own run sampled (``own_in``: the layer's input; ``ids``: the token of each calibration row), and
     put each calibration token's rounded row in ``out``. False (nothing done) where its type is not one the pass
     rounds or that first input is not the layer's input through a per-column gain (a norm)."""
-    t = rounder.request.types.get(spec.name)
-    imp = importance(spec, 0, rounder.request.imatrix)
-    if t is None or not can_round(t) or len(spec.shape) != 2 or (imp is None and requires_imatrix(t)) \
-            or (imp is not None and len(imp) > 1) or not rounder.inputs:
+    typed = rounder.table_type(spec)
+    if typed is None or not can_round(typed[0]) or len(spec.shape) != 2 or not rounder.inputs:
         return False
+    t, imp = typed
     first = next(iter(rounder.inputs.values()))
     names = {n for n, store in rounder.inputs.items() if store is first}
     readers = [s for s in layer0 if s.name in names]
@@ -73,12 +70,11 @@ def round_embedding(rounder: Rounder, spec: TensorSpec, layer0: list[TensorSpec]
     h = reader_moments([np.concatenate([c for _, c in part_chunks(s, 0)]) for s in readers], gain)
     feedback = Feedback.of(h, group_of(t), rounder.device)  # once for every row chunk
     held = torch.bincount(ids[rounder.held(torch.arange(len(ids)))], minlength=spec.shape[0]).double().numpy()
-    rounder.report.pop(spec.name, None)  # a pass started over
-    report = rounder.report[spec.name] = TensorReport()
+    report = rounder.report[spec.name] = TensorReport()  # (a pass started over: anew)
     for r0, rows in part_chunks(spec, 0):
         scale = (np.asarray(rows, np.float64) ** 2).mean(axis=1)
         weight = np.where(scale > 0, held[r0:r0 + len(rows)] / np.maximum(scale, 1e-30), 0.0)
-        r = round_table(rows, t, None if imp is None else imp[0], h, weight, rounder.q, feedback)
+        r = round_table(rows, t, imp, h, weight, rounder.q, feedback)
         rounder.request.store.put(rows, t, r.data)
         report.add(r, 0.0)
         mine = (ids >= r0) & (ids < r0 + len(rows))

@@ -188,16 +188,24 @@ class Rounder:
         """Which of the calibration rows ``rows`` are held out."""
         return (rows // self.ctx) % HOLD_EVERY == HOLD_EVERY - 1
 
-    def as_written(self, spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` of the token embedding where the pass does not round it for its readers
-        (:mod:`~ggufmoe.stats.rounded_embedding`) as the file will hold them: llama.cpp's rounding at its type, as the
-        conversion makes it (rows are rounded independently); as they are
-        where the type is not one we round, or needs an importance matrix the statistics do not have for it."""
+    def table_type(self, spec: TensorSpec) -> tuple[T, np.ndarray | None] | None:
+        """The type the file writes the token embedding ``spec`` at and the importance row the conversion gives
+        llama.cpp's quantizer for it; None where the conversion does not quantize it so (no type, or one that needs an
+        importance matrix the statistics do not have for it)."""
         t = self.request.types.get(spec.name)
         imp = importance(spec, 0, self.request.imatrix)
         if t is None or (imp is None and requires_imatrix(t)) or (imp is not None and len(imp) > 1):
+            return None
+        return t, None if imp is None else imp[0]
+
+    def as_written(self, spec: TensorSpec, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` of the token embedding where the pass does not round it for its readers
+        (:mod:`~ggufmoe.stats.rounded_embedding`) as the file will hold them: llama.cpp's rounding at its type, as the
+        conversion makes it (rows are rounded independently); as they are where :meth:`table_type` has none."""
+        typed = self.table_type(spec)
+        if typed is None:
             return rows
-        return torch.from_numpy(held_values(rows.numpy(), t, None if imp is None else imp[0], self.q))
+        return torch.from_numpy(held_values(rows.numpy(), *typed, self.q))
 
     def begin(self, recording: bool) -> None:
         """A layer (or the output) about to run in the model itself (``recording``) or in the rounded model."""
