@@ -37,7 +37,7 @@ from ggufmoe.pipeline.convert import ConvertOptions, convert  # noqa: E402
 from ggufmoe.runtime.llama_quantize import llama_quantize  # noqa: E402
 from ggufmoe.runtime.logprobs import LlamaScorer  # noqa: E402
 from ggufmoe.pipeline.planning import build_plan, options_from_plan  # noqa: E402
-from ggufmoe.prune.criteria import Criterion  # noqa: E402
+from ggufmoe.prune.criteria import Criterion, Pruning  # noqa: E402
 from ggufmoe.plan.budget import Budget  # noqa: E402
 from ggufmoe.pipeline.calibrate import calibrate  # noqa: E402
 from ggufmoe.pipeline.rounding import RoundingOptions  # noqa: E402
@@ -135,6 +135,8 @@ def main() -> None:
             row["aware_kld_source"] = score_gguf(aware, other, base_other, args.ctx)["kld"]
             row["aware_predicted_kld"] = plan.rounding["predicted_kld"]["total"]  # priced with the rounding it got
             row["aware_predicted_by_text"] = plan.rounding["predicted_by_text"]
+            row.update(pruning_alone(args.model, plan.pruning(), work / f"pruned-{mix}.gguf", (chunks, base),
+                                     (other, base_other), args.ctx))
         rows.append(row)
         print(row, flush=True)
     if len(rows) < len(MIXES):
@@ -183,6 +185,15 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def pruning_alone(model: Path, pruning: Pruning, out: Path, *texts: tuple[list, list], ctx: int) -> dict:
+    """The KL of the plan's pruning alone (every tensor F32) on each text (chunks, base logits): what neither
+    rounding changes."""
+    path = convert(model, ConvertOptions(out=out, types=TypeRules.parse("F32"), pruning=pruning, progress=False))[0]
+    kl = [score_gguf(path, chunks, base, ctx)["kld"] for chunks, base in texts]
+    path.unlink()
+    return dict(zip(("pruned_kld", "pruned_kld_source"), kl))
+
+
 def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
     """The plans against the mixes on each evaluation text, with what the plan predicts on all probe texts together
     and on the probe text of the evaluation text's kind (and with output-aware rounding, when it was measured)."""
@@ -200,13 +211,17 @@ def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
              f"({', '.join(f'{e}: {k}' for e, k in KIND.items())})"
              + ("; `aware`: the same plan written with output-aware rounding (`/ the plan's KL`: against the same "
                 "plan rounded by llama.cpp), predicted with the output errors its rounding pass measured "
-                "(`Plan.price_rounding`)" if aware else "")
+                "(`Plan.price_rounding`); `pruning alone`: the plan's pruning with every tensor F32, what neither "
+                "rounding changes, and `rounding's part`: (aware KL - it) / (plan KL - it), the rounding's own ratio "
+                "(- where not measured)" if aware else "")
              + f". Reproduce: `python eval/bench_plan_vs_mixes.py --sensitivity streamed --probe-texts"
              f"{' --rounding aware' if aware else ''}{' --chars {}'.format(args.chars) if args.chars else ''}`.", "",
              "| mix | bytes | kept | text | mix KL | plan KL | / the mix | predicted (together) / measured | "
              "predicted on its kind | / measured |" + (" aware KL | / the mix | / the plan's KL | predicted on its "
-                                                       "kind | / measured |" if aware else ""),
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|---:|" if aware else "")]
+                                                       "kind | / measured | pruning alone | rounding's part |"
+                                                       if aware else ""),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|---:|---:|---:|" if aware
+                                                                       else "")]
     within, better = [], []
     for r in rows:
         for text, k in texts.items():
@@ -219,6 +234,8 @@ def write_texts(rows: list[dict], path: Path, args, chunks: list) -> None:
                 measured, predicted = r[f"aware_kld{k}"], r["aware_predicted_by_text"][KIND[text]]["total"]
                 line += (f" {measured:.4f} | {measured / mix:.2f} | {measured / ours:.2f} | {predicted:.4f} | "
                          f"{predicted / measured:.2f} |")
+                floor = r.get(f"pruned_kld{k}")
+                line += " - | - |" if floor is None else f" {floor:.4f} | {(measured - floor) / (ours - floor):.2f} |"
             lines.append(line)
     lines += ["", f"Predicted on its kind within +-25% of measured: {sum(within)} of {len(within)}; the plans' KL "
               f"<= 0.6x the mix: {sum(better)} of {len(better)}."]
