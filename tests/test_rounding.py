@@ -285,6 +285,8 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
          "--device is where the model runs over --calib"),
         ((ref, "-o", str(tmp_path / "g.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(calib),
           "--device", "gpu0"), "not a device"),
+        ((ref, "-o", str(tmp_path / "i.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(calib)),
+         "give a text of more than 1,536 tokens"),  # 500 tokens: no chunk to hold out
     ]
     if not torch.cuda.is_available():
         cases.append(((ref, "-o", str(tmp_path / "h.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib",

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from gguf import GGMLQuantizationType as T
 
+from ggufmoe.errors import GgufmoeError
 from ggufmoe.files import replace_atomically
 from ggufmoe.model.parts import part_chunks
 from ggufmoe.model.tensor import TensorSpec
@@ -163,6 +164,17 @@ class Rounder:
         self._last: tuple[torch.Tensor, int, str] | None = None
         self.unfed: set[str] = set()  # rounded, but run as the model holds them (the run could not put them back)
         self.report = load_report(self.request.store)  # a resumed pass: the layers done already
+
+    @classmethod
+    def for_rows(cls, request: RoundingRequest, ctx: int, rows: int, device: torch.device | None = None) -> "Rounder":
+        """The rounder of a pass over ``rows`` calibration rows in chunks of ``ctx``; refused when none of them would
+        be held out to judge the rounding."""
+        if rows <= (HOLD_EVERY - 1) * ctx:
+            raise GgufmoeError(f"--rounding aware: the calibration text makes {rows:,} tokens; the rounding fits "
+                               f"{HOLD_EVERY - 1} of every {HOLD_EVERY} chunks of {ctx} tokens and is judged on the "
+                               f"others: give a text of more than {(HOLD_EVERY - 1) * ctx:,} tokens (far more to "
+                               f"gain: each routed expert is fitted to the tokens routed to it)")
+        return cls(request, ctx, threads=request.threads, device=device)
 
     def close(self) -> None:
         self.q.close()

@@ -176,7 +176,7 @@ def stream_stats(model_dir: str | Path, text: str, ctx: int = CALIB_CTX, max_tok
     if probes is not None:
         run.streams = ProbeStreams(arch, probes, dev, kept_sets, progress)
     if rounding is not None:
-        run.rounder = Rounder(rounding, ctx, threads=rounding.threads, device=dev)
+        run.rounder = Rounder.for_rows(rounding, ctx, run.rows, device=dev)
     n_chunks = run.n_chunks
     if out is None:
         with tempfile.TemporaryDirectory(prefix="ggufmoe-calibrate-") as tmp:
