@@ -298,6 +298,17 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
         assert not list(tmp_path.iterdir())
 
 
+def test_nothing_to_round_runs_no_pass(tmp_path):
+    """Every tensor at a type the rounding has no encoder for (F16): no pass over the text, the file written."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_text(2000))  # too short for a pass: it would be refused
+    out = tmp_path / "f16.gguf"
+    proc = run("convert", str(tiny_models.REF_MODEL), "-o", str(out), "--type", "F16", "--rounding", "aware",
+               "--calib", str(calib), "-q")
+    assert proc.returncode == 0 and "nothing to round" in proc.stderr, proc.stderr
+    assert out.exists() and not rounding_dir(out).exists()
+
+
 def test_interrupted_rounding_resumes_to_the_same_file(tmp_path):
     """A tiny DeepSeek-V3 (MLA, grouped sigmoid routing) interrupted in its second MoE layer keeps the rounding done so
     far beside the output; without --resume that is refused, with it the file is the uninterrupted run's."""

@@ -44,14 +44,19 @@ def rounding_dir(out: Path) -> Path:
 
 def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix | None, opts: RoundingOptions,
                 out: Path, resume: bool, progress: bool, plan: Plan | None = None, device: str = "cpu",
-                threads: int | None = None) -> RoundedStore:
+                threads: int | None = None) -> RoundedStore | None:
     """The store of ``typed``'s tensors rounded output-aware (the pass runs unless a finished one for the same text
-    and types is kept beside ``out``; the model on ``device``, the rounding on ``threads`` threads). A ``plan`` of
-    those types is priced with the rounding's measured output errors (:meth:`~ggufmoe.plan.budget.Plan.price_rounding`)."""
+    and types is kept beside ``out``; the model on ``device``, the rounding on ``threads`` threads); None when no
+    tensor is at a type it rounds. A ``plan`` of those types is priced with the rounding's measured output errors
+    (:meth:`~ggufmoe.plan.budget.Plan.price_rounding`)."""
     if not model.source.can_calibrate:
         raise GgufmoeError(f"{model.path}: --rounding aware runs the model over the calibration text: it needs the "
                            f"Hugging Face checkpoint, not a GGUF")
     types = {p.spec.name: p.qtype for p in typed if not p.copies and can_round(p.qtype)}
+    if not types:
+        print("output-aware rounding: no tensor is written at a type it rounds (the K-, IQ- and legacy types): "
+              "nothing to round", file=sys.stderr)
+        return None
     key = hashlib.sha256(json.dumps([opts.text, opts.ctx, sorted((n, t.name) for n, t in types.items())])
                          .encode()).hexdigest()
     folder = rounding_dir(out)
