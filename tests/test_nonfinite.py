@@ -136,6 +136,16 @@ def test_calibrate_refuses_them(bad_up, tmp_path):
     assert digests(bad_up) == before
 
 
+def test_rounding_aware_refuses_them_even_when_zeroed(bad_up, tmp_path):
+    """The rounding pass runs the model: the values the conversion would replace with 0 are refused, with a hint."""
+    text = tmp_path / "calib.txt"
+    text.write_text((tiny_models.TEST_DATA / "calib.txt").read_text()[:8000])
+    proc = run("convert", bad_up, "-o", tmp_path / "o.gguf", "--type", "Q4_K", "--rounding", "aware", "--calib", text,
+               "--allow-nonfinite", "zero", "-q")
+    assert_one_line_error(proc, "non-finite", "--rounding aware runs the model", "without it, --allow-nonfinite zero")
+    assert [f.name for f in tmp_path.iterdir()] == ["calib.txt"]
+
+
 @pytest.mark.parametrize("bad, error", [
     ({f"model.layers.0.mlp.experts.{e}.up_proj.weight": [((3, 4), np.inf)] for e in range(24)},
      rf"^{UP} \(expert \d+\): 1 non-finite value \(NaN/Inf\) in the source; calibration cannot use them$"),

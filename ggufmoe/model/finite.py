@@ -15,6 +15,8 @@ from ggufmoe.errors import GgufmoeError
 
 ZERO_HINT = "pass --allow-nonfinite zero to replace them with 0"
 CALIBRATION_HINT = "calibration cannot use them"
+ROUNDING_HINT = ("--rounding aware runs the model over the text and cannot use them (without it, "
+                 "--allow-nonfinite zero replaces them with 0)")
 BF16_EXPONENT = 0x7F80  # all ones: Inf or NaN
 
 # how the stored bytes of a copied tensor are viewed as its values (BF16: its bits)
@@ -28,15 +30,23 @@ def finite_mask(values: np.ndarray) -> np.ndarray:
     return np.isfinite(values)
 
 
-def nonfinite_error(name: str, n: int, hint: str) -> GgufmoeError:
-    return GgufmoeError(f"{name}: {n} non-finite value{'' if n == 1 else 's'} (NaN/Inf) in the source; {hint}")
+class NonFiniteError(GgufmoeError):
+    """``count`` non-finite values in tensor ``name``, and what the user can do (``hint``)."""
+
+    def __init__(self, name: str, count: int, hint: str):
+        super().__init__(f"{name}: {count} non-finite value{'' if count == 1 else 's'} (NaN/Inf) in the source; {hint}")
+        self.name, self.count = name, count
+
+    def hinting(self, hint: str) -> "NonFiniteError":
+        """The same values, another hint."""
+        return NonFiniteError(self.name, self.count, hint)
 
 
 def checked_finite(name: str, values: np.ndarray, hint: str = CALIBRATION_HINT) -> np.ndarray:
     """``values`` (of tensor ``name``), refused when one is not finite."""
     finite = finite_mask(values)
     if not finite.all():
-        raise nonfinite_error(name, finite.size - np.count_nonzero(finite), hint)
+        raise NonFiniteError(name, finite.size - np.count_nonzero(finite), hint)
     return values
 
 
@@ -70,7 +80,7 @@ class NonFinite:
         """Tensor ``name`` is read whole: refused when it held non-finite values, unless they are replaced."""
         n = self.counts.get(name, 0)
         if n and not self.replace:
-            raise nonfinite_error(name, n, ZERO_HINT)
+            raise NonFiniteError(name, n, ZERO_HINT)
 
     def summary(self) -> str | None:
         """One line on the values replaced, or None when there were none."""

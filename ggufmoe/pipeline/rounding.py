@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ggufmoe.errors import GgufmoeError
 from ggufmoe.files import replace_atomically
+from ggufmoe.model.finite import ROUNDING_HINT, NonFiniteError
 from ggufmoe.plan.budget import Plan
 from ggufmoe.quant.aware import can_round
 from ggufmoe.quant.rounded_store import RoundedStore
@@ -77,9 +78,11 @@ def round_ahead(model: OpenedModel, typed: list[TypedTensor], imatrix: Imatrix |
                          out=folder / "inputs.stats", resume=resume, measure_local=False, device=device,
                          rounding=RoundingRequest(types, imatrix, store, threads),
                          resume_hint="run the same convert command with --resume")
-        except BaseException:
+        except BaseException as e:
             if created and not len(store):  # nothing worth keeping for --resume
                 shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(e, NonFiniteError):
+                raise e.hinting(ROUNDING_HINT) from None
             raise
         replace_atomically(done, lambda tmp: Path(tmp).write_text(json.dumps({"key": key})))
     if report := load_report(store):
