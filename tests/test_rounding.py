@@ -287,6 +287,8 @@ def test_rounding_aware_refusals(ref_rounded, tmp_path):
           "--device", "gpu0"), "not a device"),
         ((ref, "-o", str(tmp_path / "i.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib", str(calib)),
          "give a text of more than 1,536 tokens"),  # 500 tokens: no chunk to hold out
+        ((ref, "-o", str(tmp_path / "j.gguf"), "--budget", "20M", "--weights-only", "--rounding", "aware", "--calib",
+          str(calib)), "give a text of more than 1,536 tokens"),  # before the plan's calibration: no statistics left
     ]
     if not torch.cuda.is_available():
         cases.append(((ref, "-o", str(tmp_path / "h.gguf"), "--type", "Q4_K", "--rounding", "aware", "--calib",

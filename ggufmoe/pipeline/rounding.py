@@ -23,9 +23,10 @@ from ggufmoe.quant.rounded_store import RoundedStore
 from ggufmoe.quant.rules import TypedTensor
 from ggufmoe.stats.imatrix import Imatrix
 from ggufmoe.stats.opened import OpenedModel
-from ggufmoe.stats.rounding import RoundingRequest, load_report, summary
+from ggufmoe.stats.hf_model import load_tokenizer
+from ggufmoe.stats.rounding import RoundingRequest, load_report, require_held_out, summary
 from ggufmoe.stats.stream import stream_stats
-from ggufmoe.stats.text import CALIB_CTX, hold_out
+from ggufmoe.stats.text import CALIB_CTX, calibration_rows, calibration_tokens, hold_out
 
 DONE = "done.json"
 
@@ -37,6 +38,12 @@ class RoundingOptions:
 
     text: str
     ctx: int = CALIB_CTX
+
+
+def check_text(model: OpenedModel, opts: RoundingOptions) -> None:
+    """Refuse, before any pass runs, a calibration text too short for the rounding to hold a chunk out."""
+    ids, prefix = calibration_tokens(load_tokenizer(model.path), hold_out(opts.text).calibration, opts.ctx, None)
+    require_held_out(calibration_rows(len(ids), len(prefix), opts.ctx)[1], opts.ctx)
 
 
 def rounding_dir(out: Path) -> Path:

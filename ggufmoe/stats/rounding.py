@@ -137,6 +137,15 @@ class Moments:
         return self._shift
 
 
+def require_held_out(rows: int, ctx: int) -> None:
+    """Refuse calibration rows (tokens) that make no chunk of ``ctx`` to hold out of the rounding and judge it by."""
+    if rows <= (HOLD_EVERY - 1) * ctx:
+        raise GgufmoeError(f"--rounding aware: the calibration text makes {rows:,} tokens; the rounding fits "
+                           f"{HOLD_EVERY - 1} of every {HOLD_EVERY} chunks of {ctx} tokens and is judged on the "
+                           f"others: give a text of more than {(HOLD_EVERY - 1) * ctx:,} tokens (far more to gain: "
+                           f"each routed expert is fitted to the tokens routed to it)")
+
+
 @dataclass
 class Rounder:
     """The rounding's part of a streamed pass. While :attr:`recording`, the model itself runs and :meth:`sample`
@@ -169,11 +178,7 @@ class Rounder:
     def for_rows(cls, request: RoundingRequest, ctx: int, rows: int, device: torch.device | None = None) -> "Rounder":
         """The rounder of a pass over ``rows`` calibration rows in chunks of ``ctx``; refused when none of them would
         be held out to judge the rounding."""
-        if rows <= (HOLD_EVERY - 1) * ctx:
-            raise GgufmoeError(f"--rounding aware: the calibration text makes {rows:,} tokens; the rounding fits "
-                               f"{HOLD_EVERY - 1} of every {HOLD_EVERY} chunks of {ctx} tokens and is judged on the "
-                               f"others: give a text of more than {(HOLD_EVERY - 1) * ctx:,} tokens (far more to "
-                               f"gain: each routed expert is fitted to the tokens routed to it)")
+        require_held_out(rows, ctx)
         return cls(request, ctx, threads=request.threads, device=device)
 
     def close(self) -> None:

@@ -104,7 +104,7 @@ from ggufmoe.stats.probe_results import KEY as PROBES_KEY
 from ggufmoe.stats.probe_streams import ProbeRequest, ProbeStreams
 from ggufmoe.stats.prune_error import KeptSets
 from ggufmoe.stats.skeleton import Skeleton, embedding_rows, unsupported
-from ggufmoe.stats.text import CALIB_CTX, Share, calibration_tokens, share_of, warn_if_few_tokens
+from ggufmoe.stats.text import CALIB_CTX, Share, calibration_rows, calibration_tokens, share_of, warn_if_few_tokens
 from ggufmoe.stats.working_set import WorkingSet, WorkingSetBound
 
 DEFAULT_MAX_MEMORY = 4 * 1024**3
@@ -207,8 +207,7 @@ class StreamedRun(WorkingSetBound, LayerPasses):
         self.local, self.kept_sets = local, kept_sets
         self.meter: LocalMeter | None = None  # while running, when local errors are measured
         self.ids, self.prefix, self.ctx = ids, prefix, ctx
-        self.n_chunks = -(-len(ids) // (ctx - len(prefix)))
-        self.rows = len(ids) + self.n_chunks * len(prefix)  # tokens, special prefixes included
+        self.n_chunks, self.rows = calibration_rows(len(ids), len(prefix), ctx)  # rows: tokens, prefixes included
         self.batches: list[torch.Tensor] = []  # laid out by working_set()
         self.offsets: list[int] = [0]
         self.moe_width = int(arch.cfg.hidden_size)

@@ -144,6 +144,13 @@ def calibration_tokens(tokenizer, text: str, ctx: int, max_tokens: int | None) -
     return ids, prefix
 
 
+def calibration_rows(n_ids: int, prefix: int, ctx: int) -> tuple[int, int]:
+    """The chunks of ``ctx`` tokens that ``n_ids`` token ids make, each opening with ``prefix`` special tokens, and
+    the rows (tokens) they fill."""
+    n_chunks = -(-n_ids // (ctx - prefix))
+    return n_chunks, n_ids + n_chunks * prefix
+
+
 Share = tuple[int, int]  # share i of n of a calibration's chunks
 
 
