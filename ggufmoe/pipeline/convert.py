@@ -71,10 +71,8 @@ def convert(source: str | Path | OpenedModel, opts: ConvertOptions) -> list[Path
                          opts.imatrix or opts.stats)
     rounded = None
     if opts.rounding is not None:
-        from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
-
-        rounded = rounding.round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress,
-                                       opts.plan, opts.device, opts.threads)
+        rounded = _rounding().round_ahead(model, typed, imatrix, opts.rounding, opts.out, opts.resume, opts.progress,
+                                          opts.plan, opts.device, opts.threads)
     conv = Conversion(model.path, opts, typed, imatrix, rounded, NonFinite(opts.zero_nonfinite))
     try:
         with out:
@@ -131,3 +129,15 @@ def input_files(src_dir: str | Path, opts: ConvertOptions) -> list[Path]:
     """Every input file that decides the output's data: the source's files, the imatrix and the statistics
     (a missing source is left for ``open_source`` to report)."""
     return model_files(src_dir) + [p for p in (opts.imatrix, opts.stats) if p is not None and p.exists()]
+
+
+def check_rounding_text(model: OpenedModel, opts: ConvertOptions) -> None:
+    """With ``--rounding aware``, refuse a calibration text too short for it before any pass over the model."""
+    if opts.rounding is not None:
+        _rounding().check_text(model, opts.rounding)
+
+
+def _rounding():
+    from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
+
+    return rounding

@@ -14,7 +14,7 @@ from ggufmoe.errors import GgufmoeError, Interrupted
 from ggufmoe.gguf.writer import CONVERSION, Progress
 from ggufmoe.outputs import check_outputs
 from ggufmoe.pipeline.calibrate import calibrate
-from ggufmoe.pipeline.convert import ConvertOptions, convert
+from ggufmoe.pipeline.convert import ConvertOptions, check_rounding_text, convert
 from ggufmoe.pipeline.measure import measure_sensitivity
 from ggufmoe.plan.allocate import allocate_budget
 from ggufmoe.plan.budget import Budget, Plan, model_fingerprint
@@ -231,10 +231,7 @@ def convert_to_budget(src: Path, base, budget: Budget, calib_file: Path | None,
         if text is None:
             raise GgufmoeError("--budget needs --calib FILE (calibration text) or --stats")
         check_budget_possible(src, budget, pins)
-        if base.rounding is not None:  # before the plan's calibration, not after it
-            from ggufmoe.pipeline import rounding  # torch and transformers: only when the model runs
-
-            rounding.check_text(model, base.rounding)
+        check_rounding_text(model, base)  # before the plan's calibration, not after it
         stats_path = base.out.with_suffix(".stats.gguf")
         # a resumed conversion plans from the statistics it was made from (kept beside it); so does a run that
         # finds one kept without --resume, which the writer then refuses, saying so, with those statistics intact
