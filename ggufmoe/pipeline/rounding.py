@@ -24,7 +24,7 @@ from ggufmoe.quant.rules import TypedTensor
 from ggufmoe.stats.imatrix import Imatrix
 from ggufmoe.stats.opened import OpenedModel
 from ggufmoe.stats.hf_model import load_tokenizer
-from ggufmoe.stats.rounding import RoundingRequest, load_report, require_held_out, summary
+from ggufmoe.stats.rounding import HOLD_EVERY, RoundingRequest, load_report, require_held_out, summary
 from ggufmoe.stats.stream import stream_stats
 from ggufmoe.stats.text import CALIB_CTX, calibration_rows, calibration_tokens, hold_out
 
@@ -41,8 +41,10 @@ class RoundingOptions:
 
 
 def check_text(model: OpenedModel, opts: RoundingOptions) -> None:
-    """Refuse, before any pass runs, a calibration text too short for the rounding to hold a chunk out."""
-    ids, prefix = calibration_tokens(load_tokenizer(model.path), hold_out(opts.text).calibration, opts.ctx, None)
+    """Refuse, before any pass runs, a calibration text too short for the rounding to hold a chunk out (tokenized
+    only as far as the shortest text it takes)."""
+    enough = (HOLD_EVERY - 1) * opts.ctx + 1
+    ids, prefix = calibration_tokens(load_tokenizer(model.path), hold_out(opts.text).calibration, opts.ctx, enough)
     require_held_out(calibration_rows(len(ids), len(prefix), opts.ctx)[1], opts.ctx)
 
 
